@@ -1,0 +1,270 @@
+"""Tests for the packaged prompt set and the prompt loader (envs/prompts.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from envs.prompts import (
+    CATEGORIES,
+    DEFAULT_CATEGORY,
+    NUM_CATEGORY_SLOTS,
+    SPLITS,
+    Prompt,
+    category_index,
+    load_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def packaged() -> list[Prompt]:
+    return load_prompts()
+
+
+def _write_jsonl(path, records) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+
+
+# --- the packaged set --------------------------------------------------------------
+
+
+def test_categories_fixed_order():
+    assert CATEGORIES == (
+        "creative_writing",
+        "explanation",
+        "code",
+        "brainstorming",
+        "factual_question",
+        "summarisation",
+    )
+    assert NUM_CATEGORY_SLOTS == len(CATEGORIES) + 1
+
+
+def test_packaged_size_and_balance(packaged):
+    assert len(packaged) >= 300
+    counts = Counter(p.category for p in packaged)
+    assert set(counts) == set(CATEGORIES)
+    assert all(counts[c] >= 50 for c in CATEGORIES), counts
+
+
+def test_packaged_every_split_nonempty_per_category(packaged):
+    counts = Counter((p.category, p.split) for p in packaged)
+    for category in CATEGORIES:
+        for split in SPLITS:
+            assert counts[category, split] > 0, (category, split)
+        # roughly 70/15/15
+        total = sum(counts[category, s] for s in SPLITS)
+        assert counts[category, "train"] / total >= 0.6
+
+
+def test_packaged_ids_and_texts_unique(packaged):
+    ids = [p.id for p in packaged]
+    assert len(set(ids)) == len(ids)
+    texts = [" ".join(p.text.lower().split()) for p in packaged]
+    assert len(set(texts)) == len(texts)
+
+
+def test_packaged_prompts_short(packaged):
+    words = [len(p.text.split()) for p in packaged]
+    assert max(words) <= 120
+    assert sum(w < 40 for w in words) > len(words) / 2
+
+
+def test_packaged_summarisation_contains_passage(packaged):
+    # The passage to summarise is part of the prompt, so these are the longest prompts.
+    for p in packaged:
+        if p.category == "summarisation":
+            assert len(p.text.split()) >= 25, p.id
+
+
+def test_packaged_fields_valid(packaged):
+    for p in packaged:
+        assert isinstance(p, Prompt)
+        assert p.text.strip() == p.text and p.text
+        assert p.split in SPLITS
+
+
+def test_splits_disjoint_and_complete(packaged):
+    by_split = {s: load_prompts(split=s) for s in SPLITS}
+    ids = {s: {p.id for p in ps} for s, ps in by_split.items()}
+    texts = {s: {p.text for p in ps} for s, ps in by_split.items()}
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not ids[a] & ids[b]
+        assert not texts[a] & texts[b]
+    assert set().union(*ids.values()) == {p.id for p in packaged}
+    for s, ps in by_split.items():
+        assert all(p.split == s for p in ps)
+
+
+def test_filter_by_category_and_split(packaged):
+    code = load_prompts(categories=["code"])
+    assert code and all(p.category == "code" for p in code)
+    assert len(code) == sum(p.category == "code" for p in packaged)
+
+    two = load_prompts(split="test", categories=["explanation", "summarisation"])
+    assert {p.category for p in two} == {"explanation", "summarisation"}
+    assert all(p.split == "test" for p in two)
+
+    # a single name is accepted as well as a list
+    assert load_prompts(categories="code") == code
+
+
+def test_loading_is_deterministic(packaged):
+    assert load_prompts() == packaged
+
+
+# --- user files ----------------------------------------------------------------------
+
+
+def test_user_jsonl_defaults(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(
+        json.dumps({"text": "Write a haiku about tea.", "category": "creative_writing"})
+        + "\n\n"  # blank lines are skipped
+        + json.dumps({"text": "  Say hello.  ", "id": "hello", "extra": 1})
+        + "\n"
+        + json.dumps({"text": "Plan a picnic.", "category": "planning", "id": 7})
+        + "\n",
+        encoding="utf-8",
+    )
+    prompts = load_prompts(path)
+    assert prompts == [
+        Prompt("Write a haiku about tea.", "creative_writing", "mine-1", None),
+        Prompt("Say hello.", DEFAULT_CATEGORY, "hello", None),
+        Prompt("Plan a picnic.", "planning", "7", None),
+    ]
+    # no split fields in the file: any split keeps every prompt
+    assert load_prompts(str(path), split="test") == prompts
+    # categories found in the file are valid filter names
+    assert [p.id for p in load_prompts(path, categories=["planning"])] == ["7"]
+
+
+def test_user_jsonl_with_splits(tmp_path):
+    path = tmp_path / "split.jsonl"
+    _write_jsonl(
+        path,
+        [
+            {"text": "a", "split": "train"},
+            {"text": "b", "split": "test"},
+            {"text": "c"},
+        ],
+    )
+    assert [p.text for p in load_prompts(path, split="test")] == ["b"]
+    with pytest.raises(ValueError, match=r"split='validation'.*splits \[test, train\]"):
+        load_prompts(path, split="validation")
+
+
+def test_user_txt(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("First prompt.\n\n   \nSecond prompt.  \n", encoding="utf-8")
+    prompts = load_prompts(path)
+    assert prompts == [
+        Prompt("First prompt.", "general", "list-1", None),
+        Prompt("Second prompt.", "general", "list-4", None),
+    ]
+    assert load_prompts(path, split="train") == prompts
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"absent\.jsonl.*does not exist.*\.jsonl.*\.txt"):
+        load_prompts(path)
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        load_prompts(tmp_path)
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("text\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unsupported extension '\.csv'.*Accepted formats"):
+        load_prompts(path)
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.txt", "\n  \n")])
+def test_empty_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="contains no prompts"):
+        load_prompts(path)
+
+
+def test_malformed_json_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "broken"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        load_prompts(path)
+
+
+def test_line_not_an_object(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('["text", "hi"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object"):
+        load_prompts(path)
+
+
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        ({"category": "code"}, r"notext\.jsonl:2: field 'text' is missing"),
+        ({"text": "   "}, r"notext\.jsonl:2: field 'text' is empty"),
+        ({"text": 3}, r"notext\.jsonl:2: field 'text' is empty or not a string"),
+    ],
+)
+def test_missing_or_empty_text(tmp_path, record, match):
+    path = tmp_path / "notext.jsonl"
+    _write_jsonl(path, [{"text": "fine"}, record])
+    with pytest.raises(ValueError, match=match):
+        load_prompts(path)
+
+
+def test_invalid_split_value_in_file(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    _write_jsonl(path, [{"text": "a", "split": "tset"}])
+    with pytest.raises(ValueError, match=r"dev\.jsonl:1: field 'split'.*did you mean 'test'"):
+        load_prompts(path)
+
+
+def test_duplicate_id(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    _write_jsonl(path, [{"text": "a", "id": "x"}, {"text": "b", "id": "x"}])
+    with pytest.raises(ValueError, match=r"dup\.jsonl:2: duplicate id 'x' \(first used on line 1"):
+        load_prompts(path)
+
+
+def test_unknown_split_name_suggests_closest():
+    with pytest.raises(ValueError, match=r"Unknown split 'validaton' \(did you mean 'validation'"):
+        load_prompts(split="validaton")
+
+
+def test_unknown_category_filter_suggests_closest():
+    with pytest.raises(
+        ValueError, match=r"Unknown category 'summarization'.*did you mean 'summarisation'"
+    ):
+        load_prompts(categories=["code", "summarization"])
+
+
+def test_no_prompts_after_filtering(tmp_path):
+    path = tmp_path / "few.jsonl"
+    _write_jsonl(path, [{"text": "a", "category": "code", "split": "train"}])
+    # 'explanation' is a built-in name, so it is valid, but the file has none of it
+    with pytest.raises(
+        ValueError, match=r"No prompts .* categories=\['explanation'\].*categories \[code\]"
+    ):
+        load_prompts(path, categories=["explanation"])
+
+
+# --- category_index ------------------------------------------------------------------------
+
+
+def test_category_index():
+    assert [category_index(c) for c in CATEGORIES] == list(range(len(CATEGORIES)))
+    assert category_index("general") == len(CATEGORIES)
+    assert category_index("no_such_category") == NUM_CATEGORY_SLOTS - 1
