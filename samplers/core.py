@@ -1,0 +1,389 @@
+"""Signed-temperature sampling: truncation, temperature, draw.
+
+Every function takes a batch of logits ``(B, V)`` (one row per sequence, ``V`` the
+vocabulary), works in pure torch on the logits' device with no Python loop over rows, and
+returns new tensors: inputs are never edited in place.
+
+Signed temperature
+------------------
+``p_i`` is proportional to ``exp(z_i / T)`` for any real ``T``:
+
+* ``T > 0``: the ordinary tempered distribution (``T < 1`` sharpens, ``T > 1`` smooths).
+* ``T < 0``: the ranking among the kept (finite) tokens is inverted; ``T = -1`` gives the
+  least likely token the probability the most likely one had. Tokens masked with ``-inf``
+  stay masked for every ``T``, negative ones included (a masked token is never drawn).
+* ``T = 0`` (either sign of zero) is greedy: a one-hot on the argmax.
+* ``0 < |T| < eps`` is the limit of its sign: argmax for ``T > 0``, argmin over the kept
+  tokens for ``T < 0``. No division by a tiny ``T`` happens on this path.
+* ``|T| = inf``: uniform over the kept tokens.
+* Ties in the greedy / limit path resolve to the **first** index (``torch.max`` and
+  ``torch.min`` semantics, as greedy decoding does), so those rows are deterministic.
+
+The tempered logits are shifted so that their row maximum is exactly 0 (we compute
+``(z - shift) / T`` with ``shift`` the row max for ``T >= 0`` and the row min of the kept
+tokens for ``T < 0``): no overflow and no NaN for ``|T|`` down to ``eps`` and logits of
+any magnitude float32 can subtract.
+
+Order of operations
+-------------------
+1. **Truncation** (top-k, top-p, min-p, top-n-sigma) is computed on the *base*
+   distribution, ``softmax(logits)`` at ``T = 1``; every rule looks at the same base
+   distribution and the kept set is the intersection of the rules (rules are not applied
+   one after another with renormalisation). The argmax always survives.
+2. **Temperature** is applied to the kept set. So a negative ``T`` with truncation means
+   "the least likely token of the plausible set"; without truncation it inverts the whole
+   vocabulary (the anomalous-token regime).
+3. **Draw**: ``torch.multinomial`` on the softmax of the tempered logits; greedy / limit
+   rows return exactly their argmax / argmin.
+
+NaN / inf policy
+----------------
+* ``-inf`` in the logits means "masked" and is allowed anywhere, except that a row must
+  keep at least one finite token (an all ``-inf`` row raises ``ValueError``).
+* ``NaN`` or ``+inf`` in the logits raises ``ValueError`` naming the rows: it almost
+  always means a broken forward pass (float16 overflow, bad weights); it is never turned
+  into a silent NaN draw.
+* A ``NaN`` temperature raises ``ValueError`` naming the rows; ``+-inf`` is allowed.
+* Half-precision logits (float16 / bfloat16) are computed and returned in float32 by
+  :func:`apply_temperature` and :func:`tempered_probs`; float64 stays float64.
+  :func:`truncate` keeps the input dtype.
+
+Float boundaries
+----------------
+Inclusive thresholds are compared with a slack of ``1e-6`` so that boundary cases survive
+float rounding: min-p keeps ``p_i >= min_p * max(p) * (1 - 1e-6)`` (compared in log space)
+and top-p keeps a token when the tokens strictly before it in the sorted order sum to less
+than ``top_p - 1e-6``. Tokens tied with the last kept value of top-k / top-p are all kept.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply_temperature", "truncate", "tempered_probs", "sample"]
+
+# Slack on inclusive float thresholds (min-p in log space, top-p on cumulative probability).
+_BOUNDARY_SLACK = 1e-6
+# Most row indices listed in an error message.
+_MAX_ROWS_SHOWN = 10
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _rows(mask: Tensor) -> str:
+    """Row indices where the (B,) bool ``mask`` holds, for error messages."""
+    idx = mask.nonzero().flatten().tolist()
+    shown = ", ".join(str(i) for i in idx[:_MAX_ROWS_SHOWN])
+    more = f", ... ({len(idx)} rows in all)" if len(idx) > _MAX_ROWS_SHOWN else ""
+    return f"[{shown}{more}]"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half / int inputs, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _as_logits(logits: Tensor) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor of shape (B, V); got {type(logits).__name__}")
+    if logits.ndim != 2 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits must have shape (B, V) with V >= 1; got shape {tuple(logits.shape)} "
+            "(use logits.unsqueeze(0) for a single row)"
+        )
+    return logits
+
+
+def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torch.dtype):
+    """A python float, or a (B,) tensor on ``device`` for per-row temperatures."""
+    if isinstance(temperature, Tensor):
+        if temperature.ndim == 0:
+            temperature = temperature.item()
+        elif temperature.shape != (batch,):
+            raise ValueError(
+                f"temperature must be a float or a tensor of shape (B,) = ({batch},); "
+                f"got shape {tuple(temperature.shape)}"
+            )
+        else:
+            return temperature.to(device=device, dtype=dtype)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number or a (B,) tensor; got {temperature!r}")
+    temperature = float(temperature)
+    if math.isnan(temperature):
+        raise ValueError(
+            "temperature is NaN (for all rows); temperatures must be real numbers "
+            "(+-inf allowed, meaning uniform over the kept tokens)"
+        )
+    return temperature
+
+
+def _inspect(z: Tensor, temperature, eps: float):
+    """Validate logits (and a per-row temperature) with a single device sync.
+
+    Returns ``(zmax, argmax, flags)``: ``zmax``/``argmax`` are (B,) and ``flags`` a dict of
+    python bools describing the temperature rows (only for a tensor temperature).
+    """
+    zmax, amax = z.max(dim=-1)  # (B,), (B,); NaN propagates into zmax, +inf shows as +inf
+    bad = torch.isnan(zmax) | (zmax == math.inf)  # (B,) rows holding NaN or +inf
+    empty = zmax == -math.inf  # (B,) rows with every token masked
+    checks = [bad.any(), empty.any()]
+    per_row = isinstance(temperature, Tensor)
+    if per_row:
+        t = temperature
+        checks += [torch.isnan(t).any(), (t < 0).any(), _is_limit(t, eps).any(), torch.isinf(t).any()]
+    flags = torch.stack(checks).tolist()  # the one sync
+
+    if flags[0]:
+        nan_rows = torch.isnan(z).any(dim=-1)
+        inf_rows = (z == math.inf).any(dim=-1)
+        raise ValueError(
+            f"logits contain NaN or +inf in rows {_rows(bad)} (NaN in rows {_rows(nan_rows)}, "
+            f"+inf in rows {_rows(inf_rows)}). Check the model outputs (float16 overflow? run the "
+            "model in float32 or bfloat16); mask tokens with -inf, never with NaN or +inf."
+        )
+    if flags[1]:
+        raise ValueError(
+            f"logits rows {_rows(empty)} are entirely -inf (every token masked); "
+            "each row must keep at least one finite logit"
+        )
+    info = {}
+    if per_row:
+        if flags[2]:
+            raise ValueError(
+                f"temperature is NaN in rows {_rows(torch.isnan(temperature))}; temperatures must "
+                "be real numbers (+-inf allowed, meaning uniform over the kept tokens)"
+            )
+        info = {"negative": flags[3], "limit": flags[4], "infinite": flags[5]}
+    return zmax, amax, info
+
+
+def _is_limit(t: Tensor, eps: float) -> Tensor:
+    """(B,) bool: rows taking the greedy / limit path (``|T| < eps``, or ``T == 0`` exactly)."""
+    return (t.abs() < eps) | (t == 0)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
+    return float(eps)
+
+
+def _check_truncation(top_k, top_p, min_p, top_n_sigma):
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off); got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1.0 = off); got {top_p!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not (0 <= min_p <= 1):
+        raise ValueError(f"min_p must be a number in [0, 1] (0.0 = off); got {min_p!r}")
+    if top_n_sigma is not None and (
+        isinstance(top_n_sigma, bool)
+        or not isinstance(top_n_sigma, numbers.Real)
+        or not (0 < top_n_sigma < math.inf)
+    ):
+        raise ValueError(f"top_n_sigma must be None (off) or a finite number > 0; got {top_n_sigma!r}")
+    return int(top_k), float(top_p), float(min_p), None if top_n_sigma is None else float(top_n_sigma)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _keep_mask(z: Tensor, zmax: Tensor, top_k: int, top_p: float, min_p: float, top_n_sigma):
+    """(B, V) bool of the tokens every active rule keeps, or None when no rule is active.
+
+    ``z`` (B, V) in the compute dtype, ``zmax`` (B,) its row max. Every rule keeps all
+    tokens with ``z >= zmax``, so the argmax always survives the intersection.
+    """
+    vocab = z.shape[-1]
+    keep = None
+
+    def both(a: Tensor | None, b: Tensor) -> Tensor:
+        return b if a is None else a & b
+
+    if 0 < top_k < vocab:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (B, 1) k-th largest logit
+        keep = both(keep, z >= kth)  # ties with the k-th value are kept
+    if min_p > 0:
+        # p_i >= min_p * p_max  <=>  z_i - z_max >= log(min_p)
+        threshold = math.log(min_p) - _BOUNDARY_SLACK
+        keep = both(keep, (z - zmax[:, None]) >= threshold)
+    if top_n_sigma is not None:
+        finite = z > -math.inf  # (B, V)
+        count = finite.sum(dim=-1, keepdim=True)  # (B, 1), >= 1 after validation
+        mean = torch.where(finite, z, 0.0).sum(dim=-1, keepdim=True) / count  # (B, 1)
+        var = torch.where(finite, (z - mean).square(), 0.0).sum(dim=-1, keepdim=True) / count
+        keep = both(keep, z >= zmax[:, None] - top_n_sigma * var.sqrt())
+    if top_p < 1:
+        sorted_z = torch.sort(z, dim=-1, descending=True).values  # (B, V)
+        probs = torch.softmax(sorted_z, dim=-1)  # (B, V) base probabilities, descending
+        before = probs.cumsum(dim=-1) - probs  # (B, V) mass strictly before each token
+        n_keep = (before < top_p - _BOUNDARY_SLACK).sum(dim=-1, keepdim=True).clamp_min(1)  # (B, 1)
+        last = sorted_z.gather(-1, n_keep - 1)  # (B, 1) smallest kept logit
+        keep = both(keep, z >= last)
+    return keep
+
+
+def _temper(z: Tensor, zmax: Tensor, amax: Tensor, temperature, eps: float, info: dict):
+    """Tempered logits (B, V) with row max 0, and the greedy/limit override (or None).
+
+    ``z`` (B, V) validated logits (``-inf`` = masked), ``zmax``/``amax`` (B,) its row max and
+    argmax. Returns ``(y, limit)`` where ``limit`` is None or ``(rows, index)``: ``index``
+    (B,) the exact token of the greedy / limit rows, ``rows`` a (B,) bool of those rows or
+    None when every row is one (single scalar temperature).
+    """
+    neg_inf = -math.inf
+    vocab = z.shape[-1]
+    if not isinstance(temperature, Tensor):  # one temperature for all rows
+        t = temperature
+        if abs(t) < eps or t == 0:  # greedy (t >= 0, includes -0.0) or argmin limit (t < 0)
+            if t >= 0:
+                index = amax
+            else:
+                index = z.masked_fill(z == neg_inf, math.inf).min(dim=-1).indices  # (B,)
+            onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
+            y = torch.full_like(z, neg_inf).masked_fill(onehot, 0.0)
+            return y, (None, index)
+        if math.isinf(t):
+            return torch.full_like(z, neg_inf).masked_fill(z > neg_inf, 0.0), None
+        if t > 0:
+            return (z - zmax[:, None]) / t, None  # -inf stays -inf
+        kept = z > neg_inf  # (B, V)
+        zmin = torch.where(kept, z, math.inf).amin(dim=-1, keepdim=True)  # (B, 1)
+        return torch.where(kept, (z - zmin) / t, neg_inf), None
+
+    # One temperature per row: t (B,), validated (no NaN).
+    t = temperature
+    shift = zmax  # (B,)
+    amin = None
+    kept = None
+    if info["negative"]:
+        kept = z > neg_inf  # (B, V)
+        zmin, amin = torch.where(kept, z, math.inf).min(dim=-1)  # (B,), (B,)
+        shift = torch.where(t >= 0, zmax, zmin)  # (B,)
+    limit_rows = None
+    if info["limit"]:
+        limit_rows = _is_limit(t, eps)  # (B,)
+        t = torch.where(limit_rows, 1.0, t)  # no division by ~0; rows overwritten below
+    y = (z - shift[:, None]) / t[:, None]  # (B, V), row max 0 over kept tokens
+    if info["negative"] or info["infinite"]:
+        if kept is None:
+            kept = z > neg_inf
+        y = torch.where(kept, y, neg_inf)  # -inf / (-T) = +inf and -inf / inf = NaN: re-mask
+    limit = None
+    if limit_rows is not None:
+        index = amax if amin is None else torch.where(temperature >= 0, amax, amin)  # (B,)
+        onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
+        y = torch.where(limit_rows[:, None], torch.where(onehot, 0.0, neg_inf), y)
+        limit = (limit_rows, index)
+    return y, limit
+
+
+def _prepare(logits: Tensor, temperature, eps: float, truncation: dict):
+    """Shared path of the public functions: validate, truncate, temper."""
+    logits = _as_logits(logits)
+    eps = _check_eps(eps)
+    top_k, top_p, min_p, top_n_sigma = _check_truncation(**truncation)
+    z = logits.to(_compute_dtype(logits.dtype))  # (B, V); no copy for float32/64
+    t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
+    zmax, amax, info = _inspect(z, t, eps)
+    keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
+    if keep is not None:
+        z = z.masked_fill(~keep, -math.inf)  # (B, V); argmax kept, so zmax/amax still hold
+    return _temper(z, zmax, amax, t, eps, info)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def apply_temperature(logits: Tensor, temperature, eps: float = 1e-6) -> Tensor:
+    """Tempered logits: new logits whose softmax is ``p_i ∝ exp(z_i / T)`` (signed ``T``).
+
+    Args:
+        logits: (B, V) float; ``-inf`` marks masked tokens (at least one finite per row).
+        temperature: a float for all rows or a (B,) tensor, any real value or ``+-inf``.
+        eps: ``|T| < eps`` takes the limit path (argmax for ``T >= 0``, argmin over the
+            finite tokens for ``T < 0``, first index on ties).
+
+    Returns:
+        (B, V) tensor, row max exactly 0, ``-inf`` where a token has probability 0
+        (masked tokens, and all but one token on greedy / limit rows). float32 for half
+        inputs. Raises ``ValueError`` on NaN temperatures, NaN / +inf logits, all -inf rows.
+    """
+    no_truncation = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
+    return _prepare(logits, temperature, eps, no_truncation)[0]
+
+
+def truncate(
+    logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, top_n_sigma=None
+) -> Tensor:
+    """Mask with ``-inf`` the tokens outside the kept set of the base distribution (T = 1).
+
+    Args:
+        logits: (B, V) float; ``-inf`` marks already masked tokens.
+        top_k: keep the ``top_k`` largest logits (ties with the k-th are kept); 0 = off.
+        top_p: keep the smallest set of most likely tokens whose cumulative probability
+            reaches ``top_p`` (the token that crosses it is kept); 1.0 = off.
+        min_p: keep tokens with ``p >= min_p * max(p)``; 0.0 = off.
+        top_n_sigma: keep tokens with ``logit >= max(logit) - n * std`` (population std of
+            the row's finite logits); None = off.
+
+    Active rules intersect; the argmax always survives. Returns a new (B, V) tensor in the
+    input dtype (a copy when every rule is off).
+    """
+    logits = _as_logits(logits)
+    top_k, top_p, min_p, top_n_sigma = _check_truncation(top_k, top_p, min_p, top_n_sigma)
+    z = logits.to(_compute_dtype(logits.dtype))  # (B, V)
+    zmax, _, _ = _inspect(z, None, 0.0)
+    keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
+    return logits.clone() if keep is None else logits.masked_fill(~keep, -math.inf)
+
+
+def tempered_probs(logits: Tensor, temperature, eps: float = 1e-6, **truncation) -> Tensor:
+    """(B, V) probabilities of a draw: ``softmax(apply_temperature(truncate(logits)))``.
+
+    ``truncation`` takes the keyword arguments of :func:`truncate`. Greedy / limit rows are
+    exactly one-hot; every row sums to 1.
+    """
+    defaults = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
+    for name in truncation:
+        if name not in defaults:
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(defaults)}"
+            raise TypeError(f"tempered_probs() got an unknown truncation argument {name!r}{hint}")
+    truncation = {**defaults, **truncation}
+    return torch.softmax(_prepare(logits, temperature, eps, truncation)[0], dim=-1)
+
+
+def sample(
+    logits: Tensor,
+    temperature,
+    generator: torch.Generator | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_n_sigma=None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Draw one token per row: truncate (base distribution), temper, ``torch.multinomial``.
+
+    ``generator`` must live on the logits' device (``torch.Generator(device=logits.device)``)
+    for reproducible draws. Greedy / limit rows (``|T| < eps``) return exactly their argmax
+    / argmin. Returns (B,) int64 token ids.
+    """
+    truncation = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "top_n_sigma": top_n_sigma}
+    y, limit = _prepare(logits, temperature, eps, truncation)  # (B, V)
+    if y.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=y.device)
+    if limit is not None and limit[0] is None:
+        return limit[1].clone()  # every row greedy / limit: no draw needed
+    probs = torch.softmax(y, dim=-1)  # (B, V)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    if limit is not None:
+        rows, index = limit
+        tokens = torch.where(rows, index, tokens)  # exact argmax / argmin
+    return tokens
