@@ -1,0 +1,299 @@
+"""The one featurizer: observations a temperature policy sees, computed from logits and history.
+
+The same :class:`Featurizer` runs inside the training environment and inside every exported
+sampler (transformers ``LogitsProcessor``, llama.cpp, vLLM), so a policy sees identical inputs in
+training and in deployment. It only uses what an inference engine has: the next-token logits
+and the tokens generated so far (plus the temperatures it chose itself).
+
+Observation table, ``FEATURE_SPEC_VERSION = 1`` (column order is part of the spec):
+
+| # | name             | meaning                                                                        | range        |
+|---|------------------|--------------------------------------------------------------------------------|--------------|
+| 0 | entropy          | H(p) of the base (T = 1) next-token distribution over the finite logits, nats | [0, ln V]    |
+| 1 | entropy_norm     | H(p) / ln(n), n = number of finite logits (1 token -> 0)                       | [0, 1]       |
+| 2 | varentropy       | Var_p[-ln p], nats^2                                                           | >= 0         |
+| 3 | max_prob         | max_i p_i                                                                      | (0, 1]       |
+| 4 | top2_margin      | p_(1) - p_(2) (0 when only one token is finite)                                | [0, 1]       |
+| 5 | logit_std        | population std of the finite logits                                            | >= 0         |
+| 6 | median_top_prob  | median of the ``median_k`` (64) largest probabilities (all, if fewer)          | (0, 1]       |
+| 7 | position         | tokens generated so far / ``horizon``                                          | >= 0         |
+| 8 | prev_temperature | temperature used for the previous token (``initial_temperature`` at start)     | any real     |
+| 9 | last_surprise    | -ln p_base(previous drawn token); 0 at start                                   | >= 0         |
+|10 | mean_surprise    | running mean (EMA) of last_surprise; 0 at start                                | >= 0         |
+|11 | mean_drawn_prob  | running mean (EMA) of p_base(drawn token); 1 at start                          | [0, 1]       |
+|12 | repetition       | running mean (EMA) of "the drawn token occurred in the last ``repeat_window``" | [0, 1]       |
+|13 | quality          | mean_drawn_prob * (1 - repetition): the inference-time quality signal          | [0, 1]       |
+|14 | anomaly          | running mean (EMA) of the per-token anomaly indicator (see below)              | [0, 1]       |
+|15+| category_*       | one-hot of the prompt category (when ``include_category``), last slot "other"  | {0, 1}       |
+| + | diversity_weight | the reward's diversity weight (when ``include_diversity_weight``)              | >= 0         |
+
+Running means are exponential moving averages with decay ``ema_decay`` and bias correction
+(like Adam's), so the first token already gets its full value; before the first token they
+hold the values given in the table. The per-token anomaly indicator is
+``max(token_prior[token], 1[last_surprise > anomaly_surprise])``: ``token_prior`` is a (V,)
+tensor of per-token anomaly priors from :mod:`policies.anomaly` (zeros when not given), and the
+surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
+(default e^-9.21 = 1e-4): the collapse of the base probability that negative temperatures cause.
+
+``max_prob`` / ``entropy`` / ``median_top_prob`` are the inputs of the seed's confidence rules
+(T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
+because the median over a 49k vocabulary is ~1e-9 for every context (uninformative) and costs a
+full selection per row per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "distribution_features"]
+
+FEATURE_SPEC_VERSION = 1
+
+DISTRIBUTION_FEATURES = ("entropy", "entropy_norm", "varentropy", "max_prob", "top2_margin", "logit_std",
+                         "median_top_prob")
+HISTORY_FEATURES = ("position", "prev_temperature", "last_surprise", "mean_surprise", "mean_drawn_prob",
+                    "repetition", "quality", "anomaly")
+BASE_FEATURES = DISTRIBUTION_FEATURES + HISTORY_FEATURES
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that defines the observation vector; exported with every policy."""
+
+    horizon: int = 64
+    """Scale of ``position`` (the episode's max_new_tokens in training)."""
+    initial_temperature: float = 1.0
+    """``prev_temperature`` before the first token."""
+    ema_decay: float = 0.8
+    """Decay of the running means (0.8 ~ a window of 5 tokens)."""
+    repeat_window: int = 16
+    """How many previous tokens count for ``repetition``."""
+    anomaly_surprise: float = 9.21
+    """A drawn token with -ln p_base above this counts as anomalous (9.21 = ln 1e4)."""
+    median_k: int = 64
+    """``median_top_prob`` runs over this many most likely tokens."""
+    categories: tuple[str, ...] = ()
+    """Category names of the one-hot (a final "other" slot is added); empty = no category features."""
+    include_diversity_weight: bool = False
+    """Append the reward's diversity weight (for policies conditioned on it)."""
+    version: int = FEATURE_SPEC_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "categories", tuple(self.categories))
+        if self.horizon < 1:
+            raise ValueError(f"features.horizon={self.horizon} must be >= 1 (the episode's max_new_tokens)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"features.ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.repeat_window < 1:
+            raise ValueError(f"features.repeat_window={self.repeat_window} must be >= 1")
+        if self.median_k < 1:
+            raise ValueError(f"features.median_k={self.median_k} must be >= 1")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        names = list(BASE_FEATURES)
+        if self.categories:
+            names += [f"category_{c}" for c in self.categories] + ["category_other"]
+        if self.include_diversity_weight:
+            names.append("diversity_weight")
+        return tuple(names)
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"no feature named {name!r}{hint}") from None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["categories"] = list(self.categories)
+        d["names"] = list(self.names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        d = dict(d)
+        d.pop("names", None)
+        version = d.get("version", FEATURE_SPEC_VERSION)
+        if version != FEATURE_SPEC_VERSION:
+            raise ValueError(
+                f"feature spec version {version} does not match this Kelvin's version {FEATURE_SPEC_VERSION}; "
+                "retrain the policy or use the Kelvin release it was trained with"
+            )
+        return cls(**d)
+
+
+def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features 0-6 of the table for logits (B, V); also returns the base log-probs (B, V).
+
+    -inf logits (masked tokens) are allowed; NaN / +inf are not (checked by the sampler core).
+    """
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+    p = logp.exp()  # (B, V)
+    finite = torch.isfinite(logits)  # (B, V)
+    plogp = torch.where(finite, p * logp, torch.zeros_like(p))  # (B, V), 0 * -inf -> 0
+    entropy = -plogp.sum(-1)  # (B,)
+    second = torch.where(finite, p * logp * logp, torch.zeros_like(p)).sum(-1)  # E[(ln p)^2]
+    varentropy = (second - entropy * entropy).clamp_min(0.0)  # (B,)
+    n_finite = finite.sum(-1)  # (B,)
+    entropy_norm = torch.where(n_finite > 1, entropy / torch.log(n_finite.clamp_min(2).float()),
+                               torch.zeros_like(entropy)).clamp(0.0, 1.0)
+    k = min(median_k, logits.shape[-1])
+    top = p.topk(k, dim=-1).values  # (B, k), descending
+    max_prob = top[:, 0]
+    top2_margin = top[:, 0] - top[:, 1] if k > 1 else top[:, 0]
+    # median over the k most likely (fewer when fewer tokens are finite): mean of the middle two
+    kk = n_finite.clamp(max=k)  # (B,)
+    lo_idx = ((kk - 1) // 2).view(-1, 1)
+    hi_idx = (kk // 2).view(-1, 1)
+    median = 0.5 * (top.gather(1, lo_idx) + top.gather(1, hi_idx)).squeeze(1)  # (B,)
+    z = torch.where(finite, logits, torch.zeros_like(logits))
+    mean = z.sum(-1) / n_finite  # (B,)
+    var = (z * z).sum(-1) / n_finite - mean * mean
+    logit_std = var.clamp_min(0.0).sqrt()
+    feats = torch.stack([entropy, entropy_norm, varentropy, max_prob, top2_margin, logit_std, median], dim=-1)
+    return feats, logp  # (B, 7), (B, V)
+
+
+@dataclass
+class _RowState:
+    """Per-row history, all tensors with a leading batch axis on the featurizer's device."""
+
+    position: torch.Tensor  # (B,) long
+    prev_temperature: torch.Tensor  # (B,)
+    last_surprise: torch.Tensor  # (B,)
+    ema_surprise: torch.Tensor  # (B,) biased EMA sums
+    ema_prob: torch.Tensor  # (B,)
+    ema_repeat: torch.Tensor  # (B,)
+    ema_anomaly: torch.Tensor  # (B,)
+    ema_weight: torch.Tensor  # (B,) 1 - decay^n, for bias correction
+    recent: torch.Tensor  # (B, W) long, -1 = empty
+    category: torch.Tensor  # (B,) long, index into categories (+ other)
+    diversity_weight: torch.Tensor  # (B,)
+
+
+class Featurizer:
+    """Batched, stateful featurizer: ``observe(logits) -> obs``, then ``update(tokens, T)``.
+
+    Usage per step: ``obs = f.observe(logits)``; the policy picks temperatures; a token is drawn;
+    ``f.update(tokens, temperatures)``. ``reset(rows)`` starts rows afresh (new episode / request).
+    """
+
+    def __init__(self, spec: FeatureSpec, batch_size: int, device: torch.device | str = "cpu",
+                 token_prior: torch.Tensor | None = None):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.token_prior = None if token_prior is None else token_prior.to(self.device, torch.float32)
+        self._logp: torch.Tensor | None = None
+        self._dist: torch.Tensor | None = None
+        self.state = self._fresh(batch_size)
+
+    # ------------------------------------------------------------------ state
+    def _fresh(self, batch_size: int) -> _RowState:
+        z = torch.zeros(batch_size, device=self.device)
+        return _RowState(
+            position=torch.zeros(batch_size, dtype=torch.long, device=self.device),
+            prev_temperature=torch.full_like(z, self.spec.initial_temperature),
+            last_surprise=z.clone(), ema_surprise=z.clone(), ema_prob=z.clone(), ema_repeat=z.clone(),
+            ema_anomaly=z.clone(), ema_weight=z.clone(),
+            recent=torch.full((batch_size, self.spec.repeat_window), -1, dtype=torch.long, device=self.device),
+            category=torch.full((batch_size,), len(self.spec.categories), dtype=torch.long, device=self.device),
+            diversity_weight=z.clone(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.position.shape[0]
+
+    def resize(self, batch_size: int) -> None:
+        """Start over with a new batch size (every row fresh)."""
+        self.state = self._fresh(batch_size)
+        self._logp = self._dist = None
+
+    def reset(self, rows: torch.Tensor | Sequence[int] | None = None, category: torch.Tensor | Sequence[int] | None = None,
+              diversity_weight: torch.Tensor | Sequence[float] | float | None = None) -> None:
+        """Start ``rows`` (indices or a (B,) bool mask; None = all) as fresh episodes.
+
+        ``category`` gives their category indices (into ``spec.categories``; ``len`` = other) and
+        ``diversity_weight`` their conditioning weight, when the spec uses them.
+        """
+        s = self.state
+        if rows is None:
+            idx = torch.arange(self.batch_size, device=self.device)
+        else:
+            idx = torch.as_tensor(rows, device=self.device)
+            idx = torch.nonzero(idx).flatten() if idx.dtype == torch.bool else idx.long().flatten()
+        if idx.numel() == 0:
+            return
+        fresh = self._fresh(idx.numel())
+        for name in fresh.__dataclass_fields__:
+            getattr(s, name)[idx] = getattr(fresh, name)
+        if category is not None:
+            s.category[idx] = torch.as_tensor(category, dtype=torch.long, device=self.device).flatten()
+        if diversity_weight is not None:
+            s.diversity_weight[idx] = torch.as_tensor(diversity_weight, dtype=torch.float32,
+                                                      device=self.device).flatten()
+
+    # ------------------------------------------------------------------ per step
+    def observe(self, logits: torch.Tensor) -> torch.Tensor:
+        """Observation (B, F) float32 for next-token logits (B, V) and the current history."""
+        if logits.shape[0] != self.batch_size:
+            raise ValueError(f"logits have {logits.shape[0]} rows but the featurizer tracks {self.batch_size}")
+        dist, logp = distribution_features(logits, self.spec.median_k)  # (B, 7), (B, V)
+        self._logp, self._dist = logp, dist
+        s = self.state
+        w = s.ema_weight.clamp_min(1e-12)
+        started = s.ema_weight > 0
+        mean_surprise = torch.where(started, s.ema_surprise / w, torch.zeros_like(w))
+        mean_prob = torch.where(started, s.ema_prob / w, torch.ones_like(w))
+        repetition = torch.where(started, s.ema_repeat / w, torch.zeros_like(w))
+        anomaly = torch.where(started, s.ema_anomaly / w, torch.zeros_like(w))
+        quality = (mean_prob * (1.0 - repetition)).clamp(0.0, 1.0)
+        history = torch.stack([
+            s.position.float() / self.spec.horizon, s.prev_temperature, s.last_surprise, mean_surprise,
+            mean_prob, repetition, quality, anomaly,
+        ], dim=-1)  # (B, 8)
+        parts = [dist, history]
+        if self.spec.categories:
+            parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.categories) + 1).float())
+        if self.spec.include_diversity_weight:
+            parts.append(s.diversity_weight.view(-1, 1))
+        return torch.cat(parts, dim=-1)  # (B, F)
+
+    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+        """Record the drawn tokens (B,) and the temperatures used (B,); returns base log p of the tokens (B,)."""
+        if self._logp is None:
+            raise RuntimeError("Featurizer.update called before observe(); call observe(logits) first")
+        s = self.state
+        tokens = tokens.to(self.device).long().view(-1)  # (B,)
+        token_logp = self._logp.gather(1, tokens.view(-1, 1)).squeeze(1)  # (B,)
+        surprise = -token_logp
+        repeated = (s.recent == tokens.view(-1, 1)).any(dim=1).float()  # (B,)
+        anomalous = (surprise > self.spec.anomaly_surprise).float()
+        if self.token_prior is not None:
+            anomalous = torch.maximum(anomalous, self.token_prior[tokens])
+        d = self.spec.ema_decay
+        s.ema_surprise = d * s.ema_surprise + (1 - d) * surprise
+        s.ema_prob = d * s.ema_prob + (1 - d) * token_logp.exp()
+        s.ema_repeat = d * s.ema_repeat + (1 - d) * repeated
+        s.ema_anomaly = d * s.ema_anomaly + (1 - d) * anomalous
+        s.ema_weight = d * s.ema_weight + (1 - d)
+        s.last_surprise = surprise
+        s.recent = torch.cat([s.recent[:, 1:], tokens.view(-1, 1)], dim=1)
+        s.prev_temperature = torch.as_tensor(temperatures, dtype=torch.float32, device=self.device).view(-1).clone()
+        s.position = s.position + 1
+        self._logp = None
+        return token_logp
