@@ -480,3 +480,14 @@ def test_bad_shapes_raise():
 def test_unknown_truncation_argument_suggests_name():
     with pytest.raises(TypeError, match=r"unknown truncation argument 'topk'; did you mean 'top_k'\?"):
         tempered_probs(P4, 1.0, topk=2)
+
+
+def test_sample_return_tempered_matches_apply_temperature_after_truncate():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+    t = torch.tensor([-0.5, 2.0])
+    g = torch.Generator().manual_seed(3)
+    tokens, y = sample(logits, t, generator=g, top_k=3, return_tempered=True)
+    expected = apply_temperature(truncate(logits, top_k=3), t)
+    torch.testing.assert_close(y, expected)
+    assert tokens.shape == (2,)
+    assert torch.isfinite(y.gather(1, tokens.view(-1, 1))).all()  # drawn tokens are in the kept set
