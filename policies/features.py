@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "distribution_features"]
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "TokenStats", "distribution_features"]
 
 FEATURE_SPEC_VERSION = 1
 
@@ -168,6 +168,13 @@ def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[tor
     return feats, logp  # (B, 7), (B, V)
 
 
+class TokenStats(NamedTuple):
+    """What :meth:`Featurizer.update` learned about the drawn tokens."""
+
+    logp: torch.Tensor  # (B,) base-model (T = 1) log-probability of each drawn token
+    anomalous: torch.Tensor  # (B,) per-token anomaly indicator in [0, 1] (see the module doc)
+
+
 @dataclass
 class _RowState:
     """Per-row history, all tensors with a leading batch axis on the featurizer's device."""
@@ -273,8 +280,12 @@ class Featurizer:
             parts.append(s.diversity_weight.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)
 
-    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        """Record the drawn tokens (B,) and the temperatures used (B,); returns base log p of the tokens (B,)."""
+    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor) -> "TokenStats":
+        """Record the drawn tokens (B,) and the temperatures used (B,).
+
+        Returns the base-model log-probability of each drawn token and its anomaly indicator
+        (both (B,)), which the reward reuses instead of computing them again.
+        """
         if self._logp is None:
             raise RuntimeError("Featurizer.update called before observe(); call observe(logits) first")
         s = self.state
@@ -296,4 +307,4 @@ class Featurizer:
         s.prev_temperature = torch.as_tensor(temperatures, dtype=torch.float32, device=self.device).view(-1).clone()
         s.position = s.position + 1
         self._logp = None
-        return token_logp
+        return TokenStats(logp=token_logp, anomalous=anomalous)
