@@ -296,7 +296,7 @@ class GenerationCore:
     def episode_info(self, row: int) -> dict[str, Any]:
         """SB3-style ``episode`` stats plus Kelvin's breakdown for a row that just finished."""
         n = int(self.length[row])
-        temps = self.temps[row, :n].cpu().numpy()
+        temps = self.temps[row, :n].cpu().numpy().copy()  # a copy: on CPU .numpy() shares memory the reset zeroes
         prompt = self.prompts[self.row_prompt[row]]
         return {
             "episode": {"r": float(self.ep_return[row]), "l": n, "t": round(time.perf_counter() - self.ep_start[row], 6)},

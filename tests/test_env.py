@@ -1,0 +1,535 @@
+"""The temperature environments: exact autoreset on a stub LM, the same contract on the real model,
+Gymnasium / SB3 ``check_env``, reward directions, seeding, and bad input.
+
+The stub LM (:class:`StubLM`) implements the :class:`envs.lm.CausalLM` interface over an 8-token
+vocabulary (EOS = 0). A prompt's text says how its episode goes: ``"len=3 ..."`` ends with EOS as the
+3rd token (EOS is the only finite logit once 2 tokens are generated), ``"loop=1,2 ..."`` forces the
+non-EOS tokens to cycle 1, 2, 1, 2, ... (otherwise a fixed distribution over tokens 1..7). So the
+episode lengths, and hence the ``dones`` array at every step, are known in advance (the pattern of
+SB3's ``test_vecenv_terminal_obs`` and Gymnasium's autoreset tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+import envs
+from envs.generation import EnvConfig, GenerationCore, TemperatureEnv, TemperatureVecEnv
+from envs.lm import CausalLM
+from envs.prompts import CATEGORIES, Prompt
+from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
+
+V = 8
+EOS = 0
+NO_EMBEDDER = RewardConfig(coherence=0.0, novelty=0.0)
+# The fixed non-EOS distribution of the stub: EOS masked, tokens 1..7 with increasing logits.
+BASE_LOGITS = torch.tensor([-math.inf, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for this module: on a shared 2-core machine, 2 OpenMP threads competing
+    with other processes make the real model's forward passes ~10x slower (measured: batch-4
+    decode 4.4 s vs 0.18 s). Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- stub LM
+
+
+class StubState:
+    """Per-row progress of the stub: which prompt (registry key) and how many tokens so far."""
+
+    def __init__(self, keys: list[int]):
+        self.key = torch.tensor(keys, dtype=torch.long)  # (B,)
+        self.generated = torch.zeros(len(keys), dtype=torch.long)  # (B,)
+        self.fed: list[torch.Tensor] = []  # tokens given to decode(), one (B,) tensor per call
+
+
+class StubLM:
+    """A deterministic CausalLM with a known episode length per prompt (see the module doc)."""
+
+    def __init__(self, max_context: int = 64):
+        self.vocab_size = V
+        self.eos_token_ids = torch.tensor([EOS])
+        self.device = torch.device("cpu")
+        self.tokenizer = None
+        self.name = "stub"
+        self.max_context = max_context
+        self._episodes: list[tuple[int, tuple[int, ...]]] = []  # key -> (length, forced cycle)
+        self._keys: dict[str, int] = {}
+
+    check_fits = CausalLM.check_fits  # the real check and message
+    is_eos = CausalLM.is_eos
+
+    def encode(self, prompts, chat=None) -> list[list[int]]:
+        out = []
+        for text in prompts:
+            if text not in self._keys:
+                fields = dict(w.split("=", 1) for w in text.split() if "=" in w)
+                length = int(fields.get("len", 10**6))
+                cycle = tuple(int(t) for t in fields["loop"].split(",")) if "loop" in fields else ()
+                self._keys[text] = len(self._episodes)
+                self._episodes.append((length, cycle))
+            out.append([self._keys[text]] * len(text.split()))  # one id per word: prompt length = words
+        return out
+
+    def decode_text(self, ids, skip_special_tokens=True) -> str:
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i == EOS))
+
+    def _logits(self, state: StubState, rows: torch.Tensor) -> torch.Tensor:
+        out = []
+        for r in rows.tolist():
+            length, cycle = self._episodes[int(state.key[r])]
+            n = int(state.generated[r])
+            if n >= length - 1:
+                row = torch.full((V,), -math.inf)
+                row[EOS] = 0.0
+            elif cycle:
+                row = torch.full((V,), -math.inf)
+                row[cycle[n % len(cycle)]] = 0.0
+            else:
+                row = BASE_LOGITS.clone()
+            out.append(row)
+        return torch.stack(out)  # (R, V)
+
+    def prefill(self, prompt_ids):
+        state = StubState([ids[0] for ids in prompt_ids])
+        return self._logits(state, torch.arange(len(prompt_ids))), state
+
+    def decode(self, state: StubState, tokens: torch.Tensor) -> torch.Tensor:
+        state.fed.append(tokens.clone())
+        state.generated += 1
+        return self._logits(state, torch.arange(state.key.shape[0]))
+
+    def replace_rows(self, state: StubState, rows, prompt_ids) -> torch.Tensor:
+        rows = torch.as_tensor(rows, dtype=torch.long).view(-1)
+        state.key[rows] = torch.tensor([ids[0] for ids in prompt_ids])
+        state.generated[rows] = 0
+        return self._logits(state, rows)
+
+
+def _prompt(i: int, text: str, category: str | None = None) -> Prompt:
+    return Prompt(text=text, category=category or CATEGORIES[i], id=f"p{i}")
+
+
+def _obs_col(env, name: str) -> int:
+    return env.feature_spec.index(name)
+
+
+def _category_slot(env, obs_row: np.ndarray) -> int:
+    start = _obs_col(env, f"category_{CATEGORIES[0]}")
+    onehot = obs_row[start:]
+    assert sorted(onehot.tolist()) == [0.0] * (len(onehot) - 1) + [1.0]
+    return int(onehot.argmax())
+
+
+# --------------------------------------------------------------------------- 1. exact autoreset (stub)
+
+# Five prompts with episode lengths 1, 2, 3, 4, 6 (EOS as token L); max_new_tokens = 4, so prompt 3
+# ends with EOS exactly at the limit (terminated, not truncated) and prompt 4 is truncated at 4.
+STUB_LENGTHS = [1, 2, 3, 4, 6]
+STUB_PROMPTS = [_prompt(i, f"len={n} tell me something") for i, n in enumerate(STUB_LENGTHS)]
+HORIZON = 4
+# seed 0: order = permutation(5) = [2, 4, 3, 0, 1]; 2 groups, group g's k-th prompt is
+# order[(g + 2k) % 5]: group 0 (rows 0, 1) plays prompts 2, 3, 1, 4, 0 (lengths 3, 4, 2, 4T, 1),
+# group 1 (rows 2, 3) plays 4, 0, 2, 3, 1 (lengths 4T, 1, 3, 4, 2). T = truncated.
+GROUP_PROMPTS = {0: [2, 3, 1, 4, 0, 2], 1: [4, 0, 2, 3, 1, 4]}  # k = 5 wraps around
+EXPECTED_DONES = [  # step 1 .. 14
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],
+    [1, 1, 0, 0],  # group 0: prompt 2 (len 3) ends with EOS
+    [0, 0, 1, 1],  # group 1: prompt 4 truncated at 4 tokens
+    [0, 0, 1, 1],  # group 1: prompt 0 (len 1): EOS as its first token
+    [0, 0, 0, 0],
+    [1, 1, 0, 0],  # group 0: prompt 3 (len 4): EOS exactly at the limit -> terminated
+    [0, 0, 1, 1],  # group 1: prompt 2 (len 3)
+    [1, 1, 0, 0],  # group 0: prompt 1 (len 2)
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],
+    [0, 0, 1, 1],  # group 1: prompt 3 (len 4)
+    [1, 1, 0, 0],  # group 0: prompt 4 truncated
+    [1, 1, 1, 1],  # group 0: prompt 0 (len 1); group 1: prompt 1 (len 2)
+]
+
+
+def _stub_env(batch_size=4, group_size=2, max_new_tokens=HORIZON, prompts=STUB_PROMPTS, seed=0, **kw):
+    config = EnvConfig(batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
+                       token_prior=False, seed=seed, **kw)
+    return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=prompts)
+
+
+def test_stub_autoreset_exact_arrays_at_every_step():
+    assert np.random.default_rng(0).permutation(5).tolist() == [2, 4, 3, 0, 1]  # the schedule below
+    env = _stub_env()
+    pos, prev_t = _obs_col(env, "position"), _obs_col(env, "prev_temperature")
+    surprise, drawn = _obs_col(env, "last_surprise"), _obs_col(env, "mean_drawn_prob")
+    entropy = _obs_col(env, "entropy")
+    obs = env.reset()
+    assert obs.shape == (4, env.feature_spec.dim) and obs.dtype == np.float32
+    episode = {r: 0 for r in range(4)}  # index k of each row's current episode
+    prompt_of = lambda r: GROUP_PROMPTS[r // 2][episode[r]]  # noqa: E731
+    assert [_category_slot(env, obs[r]) for r in range(4)] == [prompt_of(r) for r in range(4)]
+    assert obs[:, pos].tolist() == [0.0] * 4 and obs[:, prev_t].tolist() == [1.0] * 4
+    n_tokens = np.zeros(4, dtype=int)
+    returns = np.zeros(4)
+    rng = np.random.default_rng(123)
+    for step, expected in enumerate(EXPECTED_DONES, start=1):
+        actions = rng.uniform(-1, 1, size=(4, 1)).astype(np.float32)
+        temps = (2.0 * actions[:, 0]).astype(np.float32)  # linear mapping on [-2, 2]: T = 2a
+        obs, rewards, dones, infos = env.step(actions)
+        n_tokens += 1
+        returns += rewards
+        assert dones.dtype == bool and dones.astype(int).tolist() == expected, f"step {step}"
+        assert obs.shape == (4, env.feature_spec.dim) and obs.dtype == np.float32
+        assert rewards.shape == (4,) and np.isfinite(rewards).all()
+        assert [i["temperature"] for i in infos] == pytest.approx(temps.tolist(), abs=1e-6)
+        for r in range(4):
+            info = infos[r]
+            old_prompt = prompt_of(r)
+            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS)
+            if not dones[r]:  # the row goes on, untouched by the others' resets
+                assert "terminal_observation" not in info and "episode" not in info
+                assert "TimeLimit.truncated" not in info
+                assert obs[r, pos] == pytest.approx(n_tokens[r] / HORIZON)
+                assert obs[r, prev_t] == pytest.approx(temps[r], abs=1e-6)
+                assert _category_slot(env, obs[r]) == old_prompt
+                continue
+            length = min(STUB_LENGTHS[old_prompt], HORIZON)
+            truncated = STUB_LENGTHS[old_prompt] > HORIZON
+            assert n_tokens[r] == length
+            assert info["TimeLimit.truncated"] is truncated
+            assert info["episode"]["l"] == length
+            assert info["episode"]["r"] == pytest.approx(returns[r], rel=1e-6, abs=1e-6)
+            assert info["prompt_id"] == f"p{old_prompt}"
+            assert len(info["temperatures"]) == length and info["temperatures"][-1] == pytest.approx(temps[r], abs=1e-6)
+            # the terminal observation is the one computed after the last token, before the reset
+            term = info["terminal_observation"]
+            assert term.shape == (env.feature_spec.dim,) and term.dtype == np.float32
+            assert term[pos] == pytest.approx(length / HORIZON)
+            assert term[prev_t] == pytest.approx(temps[r], abs=1e-6)
+            assert _category_slot(env, term) == old_prompt
+            # the returned observation is the first one of the next episode
+            episode[r] += 1
+            new_prompt = prompt_of(r)
+            assert obs[r, pos] == 0.0 and obs[r, prev_t] == 1.0
+            assert obs[r, surprise] == 0.0 and obs[r, drawn] == 1.0
+            assert _category_slot(env, obs[r]) == new_prompt
+            # a len-1 prompt starts with EOS as the only finite logit: zero entropy; others do not
+            assert (obs[r, entropy] == 0.0) == (STUB_LENGTHS[new_prompt] == 1)
+            n_tokens[r] = 0
+            returns[r] = 0.0
+    assert [episode[r] for r in range(4)] == [5, 5, 5, 5]
+
+
+def test_stub_rows_receive_their_drawn_tokens_and_eos_only_at_the_end():
+    env = _stub_env()
+    env.reset()
+    state = env.core.state
+    for _ in range(6):
+        env.step(np.zeros((4, 1), dtype=np.float32))  # T = 0: greedy = token 7 (largest logit) until EOS
+    fed = torch.stack(state.fed)  # (6, B) tokens the env fed back to the model
+    # group 0: prompt 2 (len 3): 7 7 EOS, then prompt 3 (len 4): 7 7 7 ...
+    # group 1: prompt 4 (len 6, truncated at 4): 7 7 7 7, then prompt 0 (len 1): EOS, then prompt 2: 7
+    assert fed[:, 0].tolist() == [7, 7, 0, 7, 7, 7]
+    assert fed[:, 2].tolist() == [7, 7, 7, 7, 0, 7]
+    assert torch.equal(fed[:, 0], fed[:, 1]) and torch.equal(fed[:, 2], fed[:, 3])
+
+
+def test_stub_step_before_reset_is_a_clear_error():
+    env = _stub_env()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros((4, 1), dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- 2. real model contract
+
+
+def test_real_model_vecenv_contract(lm):
+    config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, seed=0)
+    env = TemperatureVecEnv(config, lm=lm)  # default reward: the real MiniLM embedder
+    steps: list = []
+    core_step = env.core.step
+    env.core.step = lambda a: steps.append(core_step(a)) or steps[-1]  # spy on the drawn tokens
+    dim = env.feature_spec.dim
+    pos = _obs_col(env, "position")
+    obs = env.reset()
+    assert obs.shape == (4, dim) and obs.dtype == np.float32 and np.isfinite(obs).all()
+    n_tokens = np.zeros(4, dtype=int)
+    returns = np.zeros(4)
+    finished = 0
+    for _ in range(8):
+        obs, rewards, dones, infos = env.step(np.full((4, 1), 0.3, dtype=np.float32))  # T = 0.6
+        tokens = steps[-1].tokens
+        n_tokens += 1
+        returns += rewards
+        assert obs.shape == (4, dim) and obs.dtype == np.float32 and np.isfinite(obs).all()
+        assert rewards.shape == (4,) and rewards.dtype == np.float32 and np.isfinite(rewards).all()
+        eos = lm.is_eos(tokens).numpy()
+        assert dones.tolist() == (eos | (n_tokens == 6)).tolist()
+        for r, info in enumerate(infos):
+            assert info["temperature"] == pytest.approx(0.6)
+            assert ("terminal_observation" in info) == bool(dones[r]) == ("episode" in info)
+            if not dones[r]:
+                continue
+            finished += 1
+            assert info["TimeLimit.truncated"] is bool(n_tokens[r] == 6 and not eos[r])
+            assert info["episode"]["l"] == n_tokens[r]
+            assert info["temperatures"].tolist() == pytest.approx([0.6] * n_tokens[r])  # not zeroed by the reset
+            assert info["episode"]["r"] == pytest.approx(returns[r], rel=1e-5, abs=1e-5)
+            assert math.isfinite(info["episode"]["t"]) and info["episode"]["t"] >= 0
+            term = info["terminal_observation"]
+            assert term.shape == (dim,) and term.dtype == np.float32
+            assert term[pos] == pytest.approx(n_tokens[r] / 6)
+            assert obs[r, pos] == 0.0
+            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS)
+            assert all(math.isfinite(v) for v in info["reward_components"].values())
+            assert isinstance(info["completion"], str)
+            if info["TimeLimit.truncated"]:
+                assert len(info["completion"]) > 0
+            n_tokens[r] = 0
+            returns[r] = 0.0
+    assert finished >= 4  # every row ended at least once (at 6 tokens at the latest)
+
+
+# --------------------------------------------------------------------------- 3. check_env
+
+
+def test_gymnasium_check_env(lm):
+    from gymnasium.utils.env_checker import check_env
+
+    env = gymnasium.make(envs.ENV_ID, lm=lm, max_new_tokens=4).unwrapped
+    assert isinstance(env, TemperatureEnv) and env.core.lm is lm
+    with pytest.warns(UserWarning, match="infinity"):  # the unbounded Box: raw features by design
+        check_env(env, skip_render_check=True)
+
+
+def test_sb3_check_env(lm):
+    from stable_baselines3.common.env_checker import check_env
+
+    env = gymnasium.make(envs.ENV_ID, lm=lm, max_new_tokens=4).unwrapped
+    check_env(env, warn=True)
+    obs, info = env.reset(seed=3)
+    assert obs.dtype == np.float32 and env.observation_space.contains(obs)
+
+
+def test_gymnasium_env_episode_end_and_options(lm):
+    env = TemperatureEnv(lm=lm, max_new_tokens=3, reward=NO_EMBEDDER)
+    obs, info = env.reset(seed=0, options={"prompt": "Name a colour."})
+    assert info["prompt"] == "Name a colour." and obs.shape == env.observation_space.shape
+    ends = []
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = env.step(np.array([0.5], dtype=np.float32))  # T = 1
+        assert isinstance(reward, float) and math.isfinite(reward)
+        ends.append((terminated, truncated))
+        if terminated or truncated:
+            break
+    assert ends[-1] in [(True, False), (False, True)] and all(e == (False, False) for e in ends[:-1])
+    assert info["episode"]["l"] == len(ends)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([0.0], dtype=np.float32))
+    env.reset()
+    assert info["temperatures"].tolist() == [1.0] * len(ends)  # the finished episode's trace survives a reset
+
+
+# --------------------------------------------------------------------------- 4. reward directions
+
+
+def test_repeated_ngram_detection_and_distinct_on_forced_loops():
+    prompts = [_prompt(0, "loop=5 go"), _prompt(1, "loop=1,2 go"), _prompt(2, "loop=1,2,3,4,5,6,7 go")]
+    config = EnvConfig(batch_size=3, group_size=1, max_new_tokens=8, token_prior=False)
+    core = GenerationCore(config, StubLM(), NO_EMBEDDER, prompts)
+    core.reset_rows(None, prompt_indices=[0, 1, 2])
+    repetition, last = [], None
+    for _ in range(8):
+        last = core.step(np.full(3, 0.5, dtype=np.float32))  # one finite token per step: forced
+        repetition.append(last.components["repetition"].tolist())
+    assert core.tokens.tolist() == [[5] * 8, [1, 2] * 4, [1, 2, 3, 4, 5, 6, 7, 1]]
+    rep = np.array(repetition).T  # (rows, steps); -1 where the token closes a trigram seen before
+    assert rep[0].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]  # 5 5 5 | 5: (5,5,5) again
+    assert rep[1].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]  # 1 2 1 2 | 1: (1,2,1) again
+    assert rep[2].tolist() == [0] * 8
+    assert last.truncated.tolist() == [True] * 3
+    distinct = last.components["distinct"]  # distinct-2 over 7 bigrams
+    assert distinct.tolist() == pytest.approx([1 / 7, 2 / 7, 1.0])
+
+
+def test_closes_repeated_ngram_directly():
+    config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=6, token_prior=False)
+    core = GenerationCore(config, StubLM(), NO_EMBEDDER, [_prompt(0, "len=9 go")])
+    core.reset_rows(None)
+    core.tokens[:] = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
+    closes = [core._closes_repeated_ngram(torch.tensor([p, p])).tolist() for p in range(6)]
+    assert closes == [[False, False], [False, False], [False, False], [False, False], [False, False],
+                      [True, False]]
+
+
+def test_reward_model_distinct_prefers_varied_tokens():
+    model = RewardModel(NO_EMBEDDER)
+    out = model.episode_components(["a", "b"], ["x", "x"], ["loop", "varied"], [[5, 6] * 5, list(range(10))])
+    assert out["distinct"].tolist() == pytest.approx([2 / 9, 1.0])
+    assert out["coherence"].tolist() == [0.0, 0.0] and out["novelty"].tolist() == [0.0, 0.0]
+
+
+def test_coherence_prefers_the_on_topic_reply():
+    model = RewardModel(RewardConfig())
+    prompt = "How do volcanoes erupt?"
+    on = "Magma rises through cracks in the crust and erupts as lava and ash."
+    off = "My favourite pasta recipe uses garlic and basil."
+    out = model.episode_components(["v1", "v2"], [prompt, prompt], [on, off], [[1, 2, 3], [1, 2, 3]])
+    on_c, off_c = out["coherence"].tolist()
+    assert -1.0 <= off_c < on_c <= 1.0
+    assert on_c - off_c > 0.2
+
+
+def test_text_anomaly_penalises_glitch_tokens():
+    model = RewardModel(NO_EMBEDDER)
+    glitch = ("MetaInfo Citizortunatelyemeteriesrossover Confuciforgettable]// advocroximately "
+              "MetaInfoemeteries")
+    prose = "Magma rises through cracks in the crust and erupts as lava and ash."
+    out = model.episode_components(["a", "b"], ["x", "x"], [glitch, prose], [[1, 2], [1, 2]])
+    bad, good = out["text_anomaly"].tolist()
+    assert good == 0.0
+    assert -1.0 <= bad < -0.3
+
+
+def test_novelty_is_zero_for_a_repeat_and_high_for_a_new_reply():
+    model = RewardModel(RewardConfig())
+    prompt = "How do volcanoes erupt?"
+    a = "Magma rises through cracks in the crust and erupts as lava and ash."
+    b = "My favourite pasta recipe uses garlic and basil."
+    ids = [[1, 2, 3]] * 4
+    out = model.episode_components(["v", "v", "v", "w"], [prompt] * 4, [a, a, b, a], ids)
+    first, repeat, new, other_prompt = out["novelty"].tolist()
+    assert first == 0.0  # nothing to compare with yet
+    assert abs(repeat) < 1e-4  # identical to an earlier completion of the same prompt
+    assert new > 0.3
+    assert other_prompt == 0.0  # memory is per prompt
+    model.reset_memory()
+    again = model.episode_components(["v"], [prompt], [a], ids[:1])
+    assert again["novelty"].tolist() == [0.0]
+
+
+def test_step_components_clipping_and_entropy_cap():
+    model = RewardModel(RewardConfig())  # logprob_clip 10, entropy_cap 3
+    tempered = torch.full((3, 64), -math.inf)
+    tempered[0, :4] = 0.0  # uniform over 4 kept tokens: ln 4 nats
+    tempered[1] = 0.0  # uniform over 64: ln 64 = 4.16 nats > cap
+    tempered[2, 7] = 5.0  # one token: 0 nats
+    comps = model.step_components(torch.tensor([-20.0, -5.0, 0.0]), tempered,
+                                  torch.tensor([False, True, False]), torch.tensor([0.0, 1.0, 0.5]))
+    assert comps["logprob"].tolist() == pytest.approx([-1.0, -0.5, 0.0])
+    assert comps["repetition"].tolist() == [0.0, -1.0, 0.0]
+    assert comps["anomaly"].tolist() == [0.0, -1.0, -0.5]
+    assert comps["entropy"].tolist() == pytest.approx([math.log(4) / 3, 1.0, 0.0], abs=1e-6)
+    assert math.log(4) / 3 == pytest.approx(0.4621, abs=1e-4)
+    # weights 1, 0.5, 1, 0.5
+    expected = [-1.0 + 0.5 * math.log(4) / 3, -0.5 - 0.5 - 1.0 + 0.5, -0.5]
+    assert model.combine(comps).tolist() == pytest.approx(expected, abs=1e-6)
+    off = RewardModel(RewardConfig(entropy=0.0)).step_components(
+        torch.zeros(3), tempered, torch.zeros(3, dtype=torch.bool), torch.zeros(3))
+    assert off["entropy"].tolist() == [0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- 5. seeding
+
+
+def _rollout(env, seed: int, steps: int = 6):
+    recorded: list = []
+    core_step = env.core.step
+    env.core.step = lambda a: recorded.append(core_step(a)) or recorded[-1]
+    try:
+        env.seed(seed)
+        out = [env.reset()]
+        for _ in range(steps):
+            obs, rewards, dones, _ = env.step(np.full((4, 1), 0.5, dtype=np.float32))  # T = 1
+            out += [obs, rewards, dones]
+    finally:
+        env.core.step = core_step
+    return out, torch.stack([r.tokens for r in recorded])  # (steps, B)
+
+
+def test_same_seed_same_rollout_different_seed_different_tokens(lm):
+    config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6)
+    prompt = [Prompt("Write one sentence about the sea.", "creative_writing", "sea")]
+    env = TemperatureVecEnv(config, lm=lm, reward=NO_EMBEDDER, prompts=prompt)
+    first, tokens_a = _rollout(env, 7)
+    second, tokens_b = _rollout(env, 7)
+    assert len(first) == len(second) == 19
+    for x, y in zip(first, second):
+        assert np.array_equal(x, y)
+    assert torch.equal(tokens_a, tokens_b)
+    _, tokens_c = _rollout(env, 8)
+    assert not torch.equal(tokens_a, tokens_c)
+    assert not torch.equal(tokens_a[:, 0], tokens_a[:, 1])  # rows of a group draw independently
+
+
+# --------------------------------------------------------------------------- 6. bad input
+
+
+def test_nan_action_raises_naming_action():
+    env = _stub_env()
+    env.reset()
+    actions = np.zeros((4, 1), dtype=np.float32)
+    actions[2] = np.nan
+    with pytest.raises(ValueError, match="action"):
+        env.step(actions)
+
+
+def test_out_of_range_actions_are_clipped():
+    env = _stub_env()
+    env.reset()
+    _, _, _, infos = env.step(np.array([[5.0], [-5.0], [1.5], [-1.0001]], dtype=np.float32))
+    assert [i["temperature"] for i in infos] == [2.0, -2.0, 2.0, -2.0]
+    config = dict(action_mapping="inverse", max_delta=0.5)
+    env = _stub_env(**config)
+    env.reset()
+    _, _, _, infos = env.step(np.array([[1e6], [-1e6], [0.0], [-0.0]], dtype=np.float32))
+    first = [i["temperature"] for i in infos]
+    assert all(-2.0 <= t <= 2.0 for t in first)
+    _, _, _, infos = env.step(np.array([[-1e6], [1e6], [1.0], [-1.0]], dtype=np.float32))
+    assert all(-2.0 <= i["temperature"] <= 2.0 for i in infos)
+    assert all(abs(i["temperature"] - t) <= 0.5 + 1e-6 for i, t in zip(infos, first))  # rate limit
+
+
+def test_empty_prompt_file_is_a_clear_error(tmp_path):
+    for name, content in [("empty.jsonl", ""), ("blank.txt", "\n  \n")]:
+        path = tmp_path / name
+        path.write_text(content)
+        config = EnvConfig(prompts=str(path), batch_size=2, group_size=1, token_prior=False)
+        with pytest.raises(ValueError, match="contains no prompts"):
+            TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER)
+
+
+def test_prompt_longer_than_the_context_window():
+    config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=4, token_prior=False)
+    long_prompt = [_prompt(0, "len=3 " + "word " * 12)]  # 13 tokens + 4 > 16
+    with pytest.raises(ValueError, match="context window"):
+        GenerationCore(config, StubLM(max_context=16), NO_EMBEDDER, long_prompt)
+    GenerationCore(config, StubLM(max_context=17), NO_EMBEDDER, long_prompt)  # exactly fits
+
+
+def test_huge_max_new_tokens_on_the_real_model(lm):
+    config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=lm.max_context)
+    with pytest.raises(ValueError, match="context window"):
+        TemperatureVecEnv(config, lm=lm, reward=NO_EMBEDDER)
+
+
+def test_unknown_category_filter():
+    with pytest.raises(ValueError, match=r"Unknown category 'creative'.*did you mean 'creative_writing'"):
+        TemperatureVecEnv(EnvConfig(categories=["creative"], token_prior=False), lm=StubLM(), reward=NO_EMBEDDER)
+
+
+@pytest.mark.parametrize("batch_size, group_size", [(4, 3), (4, 0), (2, 4)])
+def test_group_size_must_divide_batch_size(batch_size, group_size):
+    with pytest.raises(ValueError, match=f"group_size={group_size}"):
+        EnvConfig(batch_size=batch_size, group_size=group_size)
