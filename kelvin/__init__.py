@@ -1,0 +1,1 @@
+"""Kelvin orchestration: run configs, rollouts shared by training and evaluation, PPO training."""

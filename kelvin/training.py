@@ -1,0 +1,359 @@
+"""PPO training of a temperature policy on the batched environment, with TensorBoard monitoring.
+
+``train(config, run_dir)`` writes into ``run_dir``:
+
+| file                          | what                                                              |
+|-------------------------------|-------------------------------------------------------------------|
+| ``config.yaml``               | the resolved config (every default filled in)                     |
+| ``command.txt``               | the command line(s) that produced the run (resumes append)        |
+| ``model.zip``                 | the final (or interrupted) PPO model                              |
+| ``vecnormalize.pkl``          | observation (and reward) normalisation statistics of the model    |
+| ``checkpoints/step_N.zip``    | periodic checkpoints, each with ``step_N_vecnormalize.pkl``       |
+| ``tb/PPO_1/events.*``         | TensorBoard event files (resumes keep writing into ``PPO_1``)      |
+| ``validation.json``           | the last validation: learned policy vs every fixed temperature    |
+
+TensorBoard tags: ``rollout/*`` (SB3's episode stats plus temperature mean/std/histogram, negative
+and near-greedy fractions, anomaly rate), ``reward/*`` (per-token components, mean per step),
+``episode/*`` (every component summed per episode), ``perf/*`` (tokens/s, share of time in the
+model vs the env), ``train/*`` (PPO's losses), ``validation/*`` (learned vs best fixed
+temperature on validation prompts, same prompts and seeds), ``hparams``, and text samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import sys
+import time
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
+from stable_baselines3.common.vec_env import VecNormalize
+
+from envs.generation import TemperatureVecEnv
+from envs.lm import load_causal_lm
+from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
+from kelvin.config import KelvinConfig, load_config
+from kelvin.rollout import collect_episodes
+from policies.learned import LearnedPolicy
+from policies.registry import make_policy
+
+__all__ = ["train", "latest_checkpoint", "CheckpointError", "summarize_episodes"]
+
+TB_NAME = "PPO"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or cannot be loaded; the message says which file and what to do."""
+
+
+def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
+    """Mean return, length and temperature statistics of a list of end-of-episode infos."""
+    if not episodes:
+        return {}
+    temps = np.concatenate([e["temperatures"] for e in episodes]) if episodes else np.zeros(0)
+    out = {
+        "reward": float(np.mean([e["episode"]["r"] for e in episodes])),
+        "length": float(np.mean([e["episode"]["l"] for e in episodes])),
+        "temperature_mean": float(temps.mean()) if temps.size else 0.0,
+        "temperature_std": float(temps.std()) if temps.size else 0.0,
+        "negative_fraction": float((temps < 0).mean()) if temps.size else 0.0,
+    }
+    for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
+        out[k] = float(np.mean([e["reward_components"][k] for e in episodes]))
+    return out
+
+
+class KelvinCallback(BaseCallback):
+    """Monitoring, validation and checkpoints (one callback, so rollouts are read once)."""
+
+    def __init__(self, config: KelvinConfig, run_dir: Path, train_env: TemperatureVecEnv,
+                 vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv):
+        super().__init__(verbose=0)
+        self.config = config
+        self.run_dir = run_dir
+        self.train_env = train_env
+        self.vec_normalize = vec_normalize
+        self.val_env = val_env
+        self.n_rollouts = 0
+        self._fixed_cache: dict[float, dict] | None = None
+        self._last_checkpoint = 0
+        self._reset_accumulators()
+        self._timings = dict(train_env.core.timings)
+        self._t_rollout = time.perf_counter()
+        self.last_validation: dict | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _reset_accumulators(self):
+        self._temps: list[np.ndarray] = []
+        self._step_sums = {k: 0.0 for k in STEP_COMPONENTS}
+        self._n_steps = 0
+        self._episodes: list[dict] = []
+
+    def _writer(self):
+        for fmt in self.logger.output_formats:
+            if isinstance(fmt, TensorBoardOutputFormat):
+                return fmt.writer
+        return None
+
+    def _on_training_start(self) -> None:
+        if self.model.num_timesteps == 0:
+            hparams = {"env/batch_size": self.config.env.batch_size, "env/max_new_tokens": self.config.env.max_new_tokens,
+                       "env/action_mapping": self.config.env.action_mapping, "env/t_min": self.config.env.t_min,
+                       "env/t_max": self.config.env.t_max, "train/total_timesteps": self.config.train.total_timesteps}
+            for k, v in self.config.ppo.items():
+                hparams[f"ppo/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in self.config.reward.weights().items():
+                hparams[f"reward/{k}"] = v
+            self.logger.record("hparams", HParam(hparams, {"validation/learned_reward": 0.0, "rollout/ep_rew_mean": 0.0}),
+                               exclude=("stdout", "log", "json", "csv"))
+        self._t_rollout = time.perf_counter()
+        self._timings = dict(self.train_env.core.timings)
+
+    def _on_step(self) -> bool:
+        infos = self.locals["infos"]
+        temps = np.fromiter((info["temperature"] for info in infos), dtype=np.float32, count=len(infos))
+        self._temps.append(temps)
+        for info in infos:
+            comps = info["reward_components"]
+            for k in STEP_COMPONENTS:
+                self._step_sums[k] += comps[k]
+            if "episode" in info:
+                self._episodes.append(info)
+        self._n_steps += len(infos)
+        every = self.config.train.checkpoint_every
+        if every and self.model.num_timesteps - self._last_checkpoint >= every:
+            self._save_checkpoint()
+        return True
+
+    def _save_checkpoint(self) -> None:
+        ckpt = self.run_dir / "checkpoints"
+        ckpt.mkdir(exist_ok=True)
+        step = self.model.num_timesteps
+        self.model.save(ckpt / f"step_{step}.zip")
+        if self.vec_normalize is not None:
+            self.vec_normalize.save(str(ckpt / f"step_{step}_vecnormalize.pkl"))
+        self._last_checkpoint = step
+
+    def _on_rollout_end(self) -> None:
+        self.n_rollouts += 1
+        rec = self.logger.record
+        temps = np.concatenate(self._temps) if self._temps else np.zeros(1, dtype=np.float32)
+        rec("rollout/temperature_mean", float(temps.mean()))
+        rec("rollout/temperature_std", float(temps.std()))
+        rec("rollout/temperature_hist", torch.as_tensor(temps), exclude=("stdout", "log", "json", "csv"))
+        rec("rollout/negative_fraction", float((temps < 0).mean()))
+        rec("rollout/near_greedy_fraction", float((np.abs(temps) < 0.05).mean()))
+        n = max(self._n_steps, 1)
+        for k, v in self._step_sums.items():
+            rec(f"reward/{k}", v / n)
+        rec("rollout/anomaly_rate", -self._step_sums["anomaly"] / n)
+        if self._episodes:
+            for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
+                rec(f"episode/{k}", float(np.mean([e["reward_components"][k] for e in self._episodes])))
+            rec("episode/truncated_fraction", float(np.mean([e["TimeLimit.truncated"] for e in self._episodes])))
+        t = self.train_env.core.timings
+        model_s = t["model_s"] - self._timings["model_s"]
+        env_s = t["env_s"] - self._timings["env_s"]
+        tokens = t["tokens"] - self._timings["tokens"]
+        wall = time.perf_counter() - self._t_rollout
+        rec("perf/tokens_per_s", tokens / wall if wall > 0 else 0.0)
+        rec("perf/model_share", model_s / wall if wall > 0 else 0.0)
+        rec("perf/env_share", env_s / wall if wall > 0 else 0.0)
+        rec("perf/model_vs_env", model_s / env_s if env_s > 0 else 0.0)
+        self._timings = dict(t)
+        self._reset_accumulators()
+        every = self.config.train.validate_every
+        if every and self.n_rollouts % every == 0:
+            self.validate()
+        self._t_rollout = time.perf_counter()
+
+    # ------------------------------------------------------------------ validation
+    def _policy(self):
+        return LearnedPolicy.from_sb3(self.model, self.vec_normalize, self.val_env.feature_spec,
+                                      self.val_env.action_mapping)
+
+    def _run(self, policy) -> dict:
+        tc = self.config.train
+        n_groups = self.val_env.num_envs // self.config.env.group_size
+        per_row = max(1, math.ceil(tc.validation_prompts / n_groups))
+        result = collect_episodes(self.val_env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007)
+        result["summary"] = summarize_episodes(result["episodes"])
+        return result
+
+    def validate(self) -> dict:
+        """Learned policy vs every fixed temperature on the validation prompts (same prompts, same seeds)."""
+        tc = self.config.train
+        spec, mapping = self.val_env.feature_spec, self.val_env.action_mapping
+        if self._fixed_cache is None:  # fixed baselines do not change during training: run them once
+            self._fixed_cache = {}
+            for t in tc.validation_temperatures:
+                self._fixed_cache[float(t)] = self._run(make_policy(f"fixed:{t}", spec, mapping))
+        learned = self._run(self._policy())
+        fixed = {t: r["summary"]["reward"] for t, r in self._fixed_cache.items()}
+        best_t = max(fixed, key=fixed.get)
+        rec = self.logger.record
+        lr = learned["summary"]
+        rec("validation/learned_reward", lr["reward"])
+        rec("validation/best_fixed_reward", fixed[best_t])
+        rec("validation/best_fixed_temperature", best_t)
+        rec("validation/margin_vs_best_fixed", lr["reward"] - fixed[best_t])
+        rec("validation/learned_temperature_mean", lr["temperature_mean"])
+        rec("validation/learned_temperature_std", lr["temperature_std"])
+        for t, v in fixed.items():
+            rec(f"validation/fixed_{t:g}_reward", v)
+        writer = self._writer()
+        if writer is not None and tc.samples_to_log:
+            lines = []
+            for e in learned["episodes"][: tc.samples_to_log]:
+                trace = ", ".join(f"{x:.2f}" for x in e["temperatures"][:64])
+                lines.append(f"**{e['prompt_id']}** ({e['category']}), return {e['episode']['r']:.2f}\n\n"
+                             f"    {e['completion']!r}\n\ntemperatures: [{trace}]")
+            writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
+        self.last_validation = {
+            "step": int(self.model.num_timesteps),
+            "learned": lr,
+            "fixed": {f"{t:g}": r["summary"] for t, r in self._fixed_cache.items()},
+            "best_fixed_temperature": best_t,
+            "best_fixed_reward": fixed[best_t],
+            "margin_vs_best_fixed": lr["reward"] - fixed[best_t],
+            "episodes_per_policy": len(learned["episodes"]),
+        }
+        (self.run_dir / "validation.json").write_text(json.dumps(self.last_validation, indent=2))
+        return self.last_validation
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, Path | None]:
+    """The newest model of a run (by step; ``model.zip`` counts as the newest) and its normaliser file."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: no such run directory; give the --run-dir of an earlier run")
+    candidates: list[tuple[int, Path, Path]] = []
+    for path in (run_dir / "checkpoints").glob("step_*.zip"):
+        m = re.fullmatch(r"step_(\d+)\.zip", path.name)
+        if m:
+            candidates.append((int(m.group(1)), path, path.with_name(f"step_{m.group(1)}_vecnormalize.pkl")))
+    final = run_dir / "model.zip"
+    if final.is_file():
+        candidates.append((sys.maxsize, final, run_dir / "vecnormalize.pkl"))
+    if not candidates:
+        raise CheckpointError(f"--resume {run_dir}: no model.zip and no checkpoints/step_*.zip in it; "
+                              "nothing to resume (start a new run without --resume)")
+    _, model_path, norm_path = max(candidates, key=lambda c: c[0])
+    return model_path, norm_path if norm_path.is_file() else None
+
+
+def _load_checkpoint(model_path: Path, norm_path: Path | None, env, config: KelvinConfig):
+    try:
+        with zipfile.ZipFile(model_path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"corrupt member {bad}")
+        vec = VecNormalize.load(str(norm_path), env) if norm_path is not None else None
+        model = PPO.load(model_path, env=vec or env, device=config.train.policy_device)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {model_path} ({type(exc).__name__}: {exc}). Delete it to resume from the "
+            "previous checkpoint, or start a new run without --resume."
+        ) from exc
+    return model, vec
+
+
+def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None) -> dict:
+    """Train (or resume) a PPO temperature policy; returns a summary with the last validation."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.dump(run_dir / "config.yaml")
+    with open(run_dir / "command.txt", "a") as fh:
+        fh.write((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    lm = load_causal_lm(config.model)
+    env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
+    val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
+                                reward=config.reward)
+    gamma = config.ppo.get("gamma", 0.99)
+    if resume:
+        model_path, norm_path = latest_checkpoint(run_dir)
+        model, vec = _load_checkpoint(model_path, norm_path, env, config)
+        if vec is not None:
+            vec.training = True
+    else:
+        vec = None
+        if tc.normalize_obs or tc.normalize_reward:
+            vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=gamma)
+        model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run_dir / "tb"),
+                    device=tc.policy_device, verbose=0, **config.ppo)
+    model.tensorboard_log = str(run_dir / "tb")
+    callback = KelvinCallback(config, run_dir, env, vec, val_env)
+    callback._last_checkpoint = model.num_timesteps
+    remaining = tc.total_timesteps - model.num_timesteps
+    interrupted = False
+    t0 = time.perf_counter()
+    try:
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
+                        reset_num_timesteps=not resume, progress_bar=tc.progress_bar)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        model.save(run_dir / "model.zip")
+        if vec is not None:
+            vec.save(str(run_dir / "vecnormalize.pkl"))
+    validation = None
+    if not interrupted:
+        validation = callback.validate()
+        callback.logger.dump(model.num_timesteps)
+    env.close()
+    val_env.close()
+    summary = {"run_dir": str(run_dir), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
+               "wall_s": time.perf_counter() - t0, "validation": validation}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``train.py``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train a temperature policy with PPO (Kelvin).")
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint (its config.yaml is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                        help="override a config value, e.g. --set ppo.learning_rate=1e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not run_dir.is_dir():
+                raise CheckpointError(f"--resume {run_dir}: no such run directory; give the --run-dir of an earlier run")
+            cfg_path = run_dir / "config.yaml"
+            if not cfg_path.is_file():
+                raise CheckpointError(f"--resume {run_dir}: no config.yaml in it; is this a Kelvin run directory?")
+            config = load_config(cfg_path, args.overrides)
+            summary = train(config, run_dir, resume=True, command=command)
+        else:
+            config = load_config(args.config, args.overrides)
+            run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+            summary = train(config, run_dir, resume=False, command=command)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    v = summary.get("validation")
+    status = "interrupted (model saved)" if summary["interrupted"] else "done"
+    print(f"{status}: {summary['timesteps']} steps in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
+    if v:
+        print(f"validation reward: learned {v['learned']['reward']:.3f} vs best fixed T={v['best_fixed_temperature']:g} "
+              f"{v['best_fixed_reward']:.3f} (margin {v['margin_vs_best_fixed']:+.3f})")
+    return 130 if summary["interrupted"] else 0

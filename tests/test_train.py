@@ -1,0 +1,160 @@
+"""train.py end to end: a real PPO run on the real model with smoke.yaml, in a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+PROMISED_SCALARS = {
+    "rollout/ep_rew_mean", "rollout/ep_len_mean", "rollout/temperature_mean", "rollout/temperature_std",
+    "rollout/negative_fraction", "rollout/near_greedy_fraction", "rollout/anomaly_rate",
+    "reward/logprob", "reward/repetition", "reward/anomaly", "reward/entropy",
+    "episode/coherence", "episode/text_anomaly", "episode/distinct", "episode/novelty",
+    "perf/tokens_per_s", "perf/model_share", "perf/env_share",
+    "train/value_loss", "train/policy_gradient_loss", "train/entropy_loss", "train/approx_kl",
+    "validation/learned_reward", "validation/best_fixed_reward", "validation/best_fixed_temperature",
+    "validation/margin_vs_best_fixed",
+}
+
+
+def _run(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def _tags(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tb" / "PPO_1"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    t0 = time.perf_counter()
+    proc = _run(["--config", str(SMOKE), "--run-dir", str(run_dir)])
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc, elapsed
+
+
+def test_smoke_run_writes_every_promised_file(smoke_run):
+    run_dir, proc, _ = smoke_run
+    for name in ["config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "validation.json", "summary.json"]:
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.zip")) == ["step_32.zip", "step_64.zip",
+                                                                                    "step_96.zip"]
+    assert list((run_dir / "tb" / "PPO_1").glob("events.out.tfevents.*"))
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["env"]["batch_size"] == 4 and resolved["ppo"]["n_steps"] == 8
+    assert "gamma" in resolved["ppo"] and "total_timesteps" in resolved["train"]  # defaults filled in
+    assert "train.py" in (run_dir / "command.txt").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["timesteps"] == 96 and not summary["interrupted"]
+    val = json.loads((run_dir / "validation.json").read_text())
+    assert set(val["fixed"]) == {"0.7", "1"}
+    assert val["fixed"]["0.7"]["temperature_mean"] == pytest.approx(0.7, abs=1e-5)
+    assert "validation reward: learned" in proc.stdout
+
+
+def test_event_files_hold_the_promised_tags(smoke_run):
+    run_dir, _, _ = smoke_run
+    ea = _tags(run_dir)
+    tags = ea.Tags()
+    missing = PROMISED_SCALARS - set(tags["scalars"])
+    assert not missing, missing
+    assert "rollout/temperature_hist" in tags["histograms"]
+    assert any(t.startswith("validation/samples") for t in tags["tensors"])
+    temps = [e.value for e in ea.Scalars("rollout/temperature_mean")]
+    assert all(-2.0 <= t <= 2.0 for t in temps)
+
+
+def test_saved_model_loads_and_acts(smoke_run):
+    import numpy as np
+    from stable_baselines3 import PPO
+
+    run_dir, _, _ = smoke_run
+    model = PPO.load(run_dir / "model.zip", device="cpu")
+    obs = np.zeros((3, model.observation_space.shape[0]), dtype=np.float32)
+    actions, _ = model.predict(obs, deterministic=True)
+    assert actions.shape == (3, 1) and np.all(np.abs(actions) <= 1.0)
+
+
+def test_resume_continues_the_step_count(smoke_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(smoke_run[0], run_dir)
+    proc = _run(["--resume", str(run_dir), "--set", "train.total_timesteps=128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["timesteps"] == 128
+    steps = [e.step for e in _tags(run_dir).Scalars("rollout/ep_rew_mean")]
+    assert max(steps) > 96  # the curve continues past the first run's last step, in the same PPO_1 directory
+    assert len((run_dir / "command.txt").read_text().splitlines()) == 2
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, smoke_run):
+    proc = _run(["--resume", str(tmp_path / "nope")])
+    assert proc.returncode == 2 and "no such run directory" in proc.stderr
+    import shutil
+
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(smoke_run[0], run_dir)
+    (run_dir / "model.zip").write_bytes(b"not a zip file")
+    proc = _run(["--resume", str(run_dir)])
+    assert proc.returncode == 2
+    assert "cannot load checkpoint" in proc.stderr and "model.zip" in proc.stderr
+
+
+def test_ctrl_c_leaves_a_loadable_model(tmp_path):
+    from stable_baselines3 import PPO
+
+    run_dir = tmp_path / "interrupted"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
+                             "--set", "train.total_timesteps=100000", "--set", "train.validate_every=0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_*.zip")):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (model saved)" in out
+    model = PPO.load(run_dir / "model.zip", device="cpu")
+    assert model.num_timesteps >= 32
+    assert (run_dir / "vecnormalize.pkl").is_file()
+
+
+def test_bad_config_names_the_key_and_suggests(tmp_path):
+    from kelvin.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="learning_rat.*Did you mean 'learning_rate'"):
+        load_config(SMOKE, ["ppo.learning_rat=1e-4"])
+    with pytest.raises(ConfigError, match="env.max_new_token.*max_new_tokens"):
+        load_config(SMOKE, ["env.max_new_token=5"])
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(SMOKE, ["env.group_size=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    cfg = load_config(SMOKE, ["ppo.learning_rate=1e-4", "env.t_min=-1.5"])
+    assert cfg.ppo["learning_rate"] == 1e-4 and cfg.env.t_min == -1.5
+    proc = _run(["--config", str(SMOKE), "--run-dir", str(tmp_path / "x"), "--set", "ppo.n_step=4"])
+    assert proc.returncode == 2 and "n_steps" in proc.stderr
