@@ -242,6 +242,10 @@ class CausalLM:
     def __init__(self, model, tokenizer, device: torch.device, chat_template: bool = True,
                  system_prompt: str | None = None, name: str = "model"):
         self.model = model.to(device).eval()
+        if device.type == "cpu":
+            # Under-trained (anomalous) token embeddings of dequantised GGUF weights can push float32
+            # activations into the denormal range, where x86 matmuls run many times slower.
+            torch.set_flush_denormal(True)
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
