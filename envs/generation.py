@@ -68,6 +68,9 @@ class EnvConfig:
     """Extra FeatureSpec fields (ema_decay, repeat_window, anomaly_surprise, median_k, initial_temperature)."""
     token_prior: bool = True
     """Use the vocabulary's anomaly priors (policies/anomaly.py) in the featurizer's anomaly signal."""
+    discovered_anomalies: bool = True
+    """Raise the priors of the model's discovered anomalous tokens (policies/discovery.py; cached on disk,
+    probed once per model when missing). Only with ``token_prior``."""
     seed: int = 0
     """Seed of the prompt order and of the token draws."""
 
@@ -141,9 +144,15 @@ class GenerationCore:
         self.n_groups = self.B // config.group_size
         token_prior = None
         if config.token_prior:
-            from policies.anomaly import token_flags
+            from policies.anomaly import combine_token_flags, token_flags
 
             token_prior = token_flags(lm.tokenizer)
+            if config.discovered_anomalies and getattr(lm, "model", None) is not None:
+                from policies.discovery import discovered_token_weights
+
+                weights = discovered_token_weights(lm)[: token_prior.shape[0]]  # (V,), disk-cached
+                ids = torch.nonzero(weights).flatten()
+                token_prior = combine_token_flags(token_prior, ids, weights[ids])
             if token_prior.shape[0] < lm.vocab_size:  # logits may have padded vocabulary rows
                 token_prior = torch.nn.functional.pad(token_prior, (0, lm.vocab_size - token_prior.shape[0]))
             token_prior = token_prior[: lm.vocab_size]
