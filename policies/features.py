@@ -34,6 +34,9 @@ hold the values given in the table. The per-token anomaly indicator is
 tensor of per-token anomaly priors from :mod:`policies.anomaly` (zeros when not given), and the
 surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
 (default e^-9.21 = 1e-4): the collapse of the base probability that negative temperatures cause.
+The indicator is computed by the one anomaly detector, :class:`policies.detector.AnomalyDetector`
+(built from ``token_prior``, or passed in full as ``detector=``); its complete per-step verdict
+(score and named reasons) is kept in ``Featurizer.last_detection`` after every ``update``.
 
 ``max_prob`` / ``entropy`` / ``median_top_prob`` are the inputs of the seed's confidence rules
 (T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
@@ -45,9 +48,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from policies.detector import AnomalyDetector, Detection
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "TokenStats", "distribution_features"]
 
@@ -200,13 +206,34 @@ class Featurizer:
     """
 
     def __init__(self, spec: FeatureSpec, batch_size: int, device: torch.device | str = "cpu",
-                 token_prior: torch.Tensor | None = None):
+                 token_prior: torch.Tensor | None = None, detector: "AnomalyDetector | None" = None):
+        from policies.detector import AnomalyDetector
+
         self.spec = spec
         self.device = torch.device(device)
-        self.token_prior = None if token_prior is None else token_prior.to(self.device, torch.float32)
+        if detector is None:
+            detector = AnomalyDetector(token_prior, surprise_threshold=spec.anomaly_surprise, device=self.device)
+        else:
+            if token_prior is not None:
+                raise ValueError("give the Featurizer either token_prior or detector, not both "
+                                 "(the detector carries its own token prior)")
+            if detector.surprise_threshold != spec.anomaly_surprise:
+                raise ValueError(
+                    f"detector.surprise_threshold={detector.surprise_threshold} differs from the feature spec's "
+                    f"anomaly_surprise={spec.anomaly_surprise}; build the detector with "
+                    "surprise_threshold=spec.anomaly_surprise so the anomaly feature keeps its meaning"
+                )
+            detector.to(self.device)
+        self.detector = detector
+        self.last_detection: "Detection | None" = None
         self._logp: torch.Tensor | None = None
         self._dist: torch.Tensor | None = None
         self.state = self._fresh(batch_size)
+
+    @property
+    def token_prior(self) -> torch.Tensor | None:
+        """(V,) per-token anomaly prior of the detector (None = zeros)."""
+        return self.detector.token_prior
 
     # ------------------------------------------------------------------ state
     def _fresh(self, batch_size: int) -> _RowState:
@@ -293,15 +320,16 @@ class Featurizer:
         token_logp = self._logp.gather(1, tokens.view(-1, 1)).squeeze(1)  # (B,)
         surprise = -token_logp
         repeated = (s.recent == tokens.view(-1, 1)).any(dim=1).float()  # (B,)
-        anomalous = (surprise > self.spec.anomaly_surprise).float()
-        if self.token_prior is not None:
-            anomalous = torch.maximum(anomalous, self.token_prior[tokens])
         d = self.spec.ema_decay
-        s.ema_surprise = d * s.ema_surprise + (1 - d) * surprise
         s.ema_prob = d * s.ema_prob + (1 - d) * token_logp.exp()
+        s.ema_weight = d * s.ema_weight + (1 - d)
+        # The one anomaly detector (policies/detector.py): its indicator is what the feature averages.
+        detection = self.detector.step(tokens, token_logp, recent=s.recent, mean_drawn_prob=s.ema_prob / s.ema_weight)
+        anomalous = detection.indicator  # (B,) max(token_prior[token], 1[surprise > anomaly_surprise])
+        self.last_detection = detection
+        s.ema_surprise = d * s.ema_surprise + (1 - d) * surprise
         s.ema_repeat = d * s.ema_repeat + (1 - d) * repeated
         s.ema_anomaly = d * s.ema_anomaly + (1 - d) * anomalous
-        s.ema_weight = d * s.ema_weight + (1 - d)
         s.last_surprise = surprise
         s.recent = torch.cat([s.recent[:, 1:], tokens.view(-1, 1)], dim=1)
         s.prev_temperature = torch.as_tensor(temperatures, dtype=torch.float32, device=self.device).view(-1).clone()
