@@ -15,6 +15,7 @@ from policies.baselines import (
 )
 from policies.detector import AnomalyDetector
 from policies.features import FEATURE_SPEC_VERSION, FeatureSpec, Featurizer
+from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, all_baselines, make_policy, policy_from_config
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "FeatureSpec",
     "Featurizer",
     "FixedTemperature",
+    "GuardedPolicy",
     "MaxProbRule",
     "MedianRule",
     "PIDController",

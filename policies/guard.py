@@ -1,0 +1,245 @@
+r"""Guard rails around any temperature policy: bounds, rate limit, anomaly reset, fallback.
+
+:class:`GuardedPolicy` wraps a policy (a baseline, a :class:`~policies.learned.LearnedPolicy`, an
+exported one: anything with ``feature_spec``, ``action_mapping`` and ``temperatures`` or
+``predict``) and answers the same interface. Per step and per row, in this exact order:
+
+1. **Fallback**: a row whose observation holds NaN / inf, or for which the policy raised or
+   returned a non-finite temperature, gets ``fallback_temperature`` (the policy sees the bad rows
+   zeroed, so one bad row does not take the batch down; when the policy raises, every row falls
+   back). Counter ``fallback``: rows that fell back.
+2. **Clamp**: ``T = clamp(T, t_min, t_max)``. Counter ``clamp``: rows whose (finite) policy output
+   was outside the bounds.
+3. **Rate limit**: ``|T_t - T_(t-1)| <= max_delta`` against the guard's own previous output of the
+   row; not on a row's first step (``episode_start``, first call, new batch size, :meth:`reset`),
+   and not on fallback rows (a fallback is applied at once). Counter ``rate_limit``: rows the
+   limit changed.
+4. **Anomaly reset**: where the observation's ``anomaly`` feature exceeds ``anomaly_threshold``,
+   ``T = clamp(T, *safe_range)``, ignoring the rate limit (safety first); the next step is rate
+   limited against this value. Counter ``anomaly_reset``: rows the reset changed.
+
+``guard.counters`` is a dict ``{clamp, rate_limit, anomaly_reset, fallback}`` of intervention
+counts since construction or :meth:`GuardedPolicy.reset_counters`; ``guard.decisions`` counts the
+(row, step) pairs seen, so ``counters[k] / decisions`` is a rate. Counting happens on the device
+(no sync per step); reading ``counters`` syncs once. With ``enabled=False`` the guard passes the
+policy's temperatures through untouched and counts nothing.
+
+Defaults: bounds from the wrapped policy's action mapping, ``max_delta = 0.5`` per token,
+``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the anomalous-token regime of
+negative temperatures ends), ``fallback_temperature = 0.7``, ``anomaly_threshold = 0.5`` (the
+``anomaly`` feature is an EMA of the per-token indicator of :class:`policies.detector.AnomalyDetector`;
+0.5 fires after about four anomalous draws in a row).
+
+Serialisation: ``to_config()`` -> ``{"name": "guarded", "params": {...}, "policy": inner config}``;
+:meth:`GuardedPolicy.from_config` rebuilds it (pass ``policy=`` for a policy that is not a baseline).
+
+Typical use (an exported sampler)::
+
+    policy = GuardedPolicy(load_my_policy())            # on by default
+    policy = GuardedPolicy(load_my_policy(), **spec.get("guard", {}))  # from an artifact's JSON
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.base import TemperaturePolicy, check_real
+
+__all__ = ["GUARD_COUNTERS", "GuardedPolicy"]
+
+GUARD_COUNTERS = ("clamp", "rate_limit", "anomaly_reset", "fallback")
+"""Intervention kinds, the keys of :attr:`GuardedPolicy.counters`."""
+
+
+class GuardedPolicy(TemperaturePolicy):
+    """A temperature policy wrapped in guard rails (see the module doc for the exact rules)."""
+
+    name = "guarded"
+    display_name = "Guarded"
+    reads = ("anomaly",)
+    optional_params = frozenset({"t_min", "t_max", "max_delta", "anomaly_threshold"})
+    stateful = True
+
+    def __init__(self, policy, *, t_min: float | None = None, t_max: float | None = None,
+                 max_delta: float | None = 0.5, safe_range: tuple[float, float] = (0.1, 0.7),
+                 fallback_temperature: float = 0.7, anomaly_threshold: float | None = 0.5, enabled: bool = True):
+        owner = "GuardedPolicy"
+        spec = getattr(policy, "feature_spec", None)
+        mapping = getattr(policy, "action_mapping", None)
+        if spec is None or mapping is None:
+            raise TypeError(f"{owner} wraps a policy with feature_spec and action_mapping attributes (a baseline, "
+                            f"a LearnedPolicy, ...); got {type(policy).__name__}")
+        if not any(hasattr(policy, m) for m in ("temperatures", "actions", "predict")):
+            raise TypeError(f"{owner}: {type(policy).__name__} has none of temperatures(), actions(), predict()")
+        t_min = mapping.t_min if t_min is None else check_real(owner, "t_min", t_min)
+        t_max = mapping.t_max if t_max is None else check_real(owner, "t_max", t_max)
+        if not t_min < t_max:
+            raise ValueError(f"{owner} bounds t_min={t_min} >= t_max={t_max}: the temperature range is empty; "
+                             "set t_min below t_max")
+        max_delta = check_real(owner, "max_delta", max_delta, optional=True, finite=False)
+        if max_delta is not None and math.isinf(max_delta) and max_delta > 0:
+            max_delta = None  # inf = no rate limit
+        if max_delta is not None and not max_delta > 0:
+            raise ValueError(f"{owner} max_delta={max_delta} must be > 0, or None to switch the rate limit off")
+        if not isinstance(safe_range, (tuple, list)) or len(safe_range) != 2:
+            raise ValueError(f"{owner} safe_range={safe_range!r} must be a pair (lo, hi), e.g. (0.1, 0.7)")
+        safe_lo, safe_hi = (check_real(owner, n, v) for n, v in zip(("safe_range[0]", "safe_range[1]"), safe_range))
+        if not t_min <= safe_lo <= safe_hi <= t_max:
+            raise ValueError(f"{owner} safe_range=({safe_lo}, {safe_hi}) must be ordered and inside the bounds "
+                             f"[t_min={t_min}, t_max={t_max}]")
+        fallback = check_real(owner, "fallback_temperature", fallback_temperature)
+        if not t_min <= fallback <= t_max:
+            raise ValueError(f"{owner} fallback_temperature={fallback} must lie in the bounds [t_min={t_min}, "
+                             f"t_max={t_max}]")
+        anomaly_threshold = check_real(owner, "anomaly_threshold", anomaly_threshold, optional=True)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"{owner} enabled={enabled!r} must be True or False")
+        super().__init__(spec, mapping, t_min=t_min, t_max=t_max, max_delta=max_delta,
+                         safe_range=(safe_lo, safe_hi), fallback_temperature=fallback,
+                         anomaly_threshold=anomaly_threshold, enabled=enabled)
+        self.policy = policy
+        self.t_min, self.t_max, self.max_delta = t_min, t_max, max_delta
+        self.safe_range = (safe_lo, safe_hi)
+        self.fallback_temperature, self.anomaly_threshold, self.enabled = fallback, anomaly_threshold, enabled
+        self.last_error: BaseException | None = None
+        self._warned = False
+        self._deterministic = True
+        self.reset_counters()
+
+    # ------------------------------------------------------------------ counters
+    def reset_counters(self) -> None:
+        """Set every intervention counter (and ``decisions``) to 0."""
+        self._counts: torch.Tensor | None = None  # (4,) int64 on the observations' device
+        self._decisions = 0
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Interventions per kind since construction / :meth:`reset_counters` (see the module doc)."""
+        values = [0] * len(GUARD_COUNTERS) if self._counts is None else self._counts.tolist()
+        return dict(zip(GUARD_COUNTERS, (int(v) for v in values)))
+
+    @property
+    def decisions(self) -> int:
+        """(row, step) pairs the guard has decided (the denominator of intervention rates)."""
+        return self._decisions
+
+    # ------------------------------------------------------------------ serialisation
+    @property
+    def params(self) -> dict[str, Any]:
+        params = super().params
+        params["safe_range"] = list(params["safe_range"])  # JSON-safe
+        return params
+
+    def to_config(self) -> dict:
+        inner = self.policy.to_config() if hasattr(self.policy, "to_config") else {"name": getattr(
+            self.policy, "name", type(self.policy).__name__)}
+        return {"name": self.name, "params": self.params, "policy": inner}
+
+    @classmethod
+    def from_config(cls, config: dict, feature_spec=None, action_mapping=None, policy=None) -> "GuardedPolicy":
+        """Rebuild from :meth:`to_config`; ``policy`` is the wrapped policy, or None to rebuild a baseline
+        from ``config["policy"]`` (then ``feature_spec`` / ``action_mapping`` are needed)."""
+        if not isinstance(config, dict) or config.get("name") != cls.name:
+            raise ValueError(f"GuardedPolicy config must be a dict with name {cls.name!r}; got {config!r}")
+        extra = set(config) - {"name", "params", "policy"}
+        if extra:
+            raise ValueError(f"GuardedPolicy config has unknown keys {sorted(extra)}; expected name, params, policy")
+        if policy is None:
+            from policies.registry import policy_from_config
+
+            if feature_spec is None or "policy" not in config:
+                raise ValueError("GuardedPolicy.from_config needs policy=... or a baseline config under 'policy' "
+                                 "and the feature_spec to rebuild it")
+            policy = policy_from_config(config["policy"], feature_spec, action_mapping)
+        params = dict(config.get("params") or {})
+        if "safe_range" in params:
+            params["safe_range"] = tuple(params["safe_range"])
+        return cls(policy, **params)
+
+    @property
+    def label(self) -> str:
+        inner = getattr(self.policy, "label", type(self.policy).__name__)
+        return f"Guarded({inner})" if self.enabled else str(inner)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
+        return f"GuardedPolicy({self.policy!r}, {args})"
+
+    # ------------------------------------------------------------------ per step
+    def reset(self, batch_size: int | None = None) -> None:
+        """Forget the rate limiter's per-row state (and the wrapped policy's)."""
+        super().reset(batch_size)
+        if hasattr(self.policy, "reset"):
+            self.policy.reset(batch_size)
+
+    def _initial_state(self, batch_size, device):
+        return {"t_prev": torch.zeros(batch_size, dtype=torch.float32, device=device),  # (B,)
+                "has_prev": torch.zeros(batch_size, dtype=torch.bool, device=device)}  # (B,)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        self._deterministic = deterministic
+        return super().predict(observation, state, episode_start, deterministic)
+
+    def _inner_temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None) -> torch.Tensor:
+        """The wrapped policy's temperatures (B,); NaN where it produced no usable value."""
+        policy = self.policy
+        if isinstance(policy, TemperaturePolicy) or not (hasattr(policy, "actions") or hasattr(policy, "predict")):
+            t = policy.temperatures(obs, episode_start)
+        else:  # an action policy (ExportedPolicy, LearnedPolicy): map per row, a NaN action spoils only its row
+            if hasattr(policy, "actions"):  # ExportedPolicy's torch fast path: stays on obs's device
+                a = torch.as_tensor(policy.actions(obs)).to(obs.device, torch.float32).reshape(-1)
+            else:
+                starts = None if episode_start is None else episode_start.cpu().numpy()
+                actions, _ = policy.predict(obs, None, starts, self._deterministic)
+                a = torch.as_tensor(np.asarray(actions, dtype=np.float32)).reshape(-1).to(obs.device)
+            ok = torch.isfinite(a)
+            t = self.action_mapping.to_temperature(torch.where(ok, a, torch.zeros_like(a)))
+            t = torch.where(ok, t, torch.full_like(t, math.nan))
+        t = torch.as_tensor(t).to(device=obs.device, dtype=torch.float32).reshape(-1)
+        if t.shape[0] != obs.shape[0]:
+            raise ValueError(f"the wrapped policy returned {t.shape[0]} temperatures for {obs.shape[0]} rows")
+        return t
+
+    def temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.enabled:
+            return self._inner_temperatures(obs, episode_start)
+        b = obs.shape[0]
+        s, _ = self._begin_step(b, episode_start, obs.device)
+        finite_obs = torch.isfinite(obs).all(dim=1)  # (B,)
+        clean = torch.where(finite_obs.unsqueeze(1), obs, torch.zeros_like(obs))  # (B, F)
+        try:
+            raw = self._inner_temperatures(clean, episode_start)  # (B,)
+        except Exception as err:  # noqa: BLE001 - any failure of the policy falls back, by design
+            self.last_error = err
+            if not self._warned:
+                warnings.warn(f"GuardedPolicy: the wrapped policy raised {type(err).__name__}: {err}; falling back "
+                              f"to T = {self.fallback_temperature} (counted in guard.counters['fallback'])",
+                              RuntimeWarning, stacklevel=3)
+                self._warned = True
+            raw = torch.full((b,), math.nan, dtype=torch.float32, device=obs.device)
+        fallback = ~finite_obs | ~torch.isfinite(raw)  # (B,)
+        t = torch.where(fallback, torch.full_like(raw, self.fallback_temperature), raw)
+        clamped = ~fallback & ((t < self.t_min) | (t > self.t_max))
+        t = t.clamp(self.t_min, self.t_max)
+        limited = torch.zeros_like(fallback)
+        if self.max_delta is not None:
+            bounded = torch.minimum(torch.maximum(t, s["t_prev"] - self.max_delta), s["t_prev"] + self.max_delta)
+            apply = s["has_prev"] & ~fallback
+            limited = apply & (bounded != t)
+            t = torch.where(apply, bounded, t)
+        reset = torch.zeros_like(fallback)
+        if self.anomaly_threshold is not None:
+            anomalous = clean[:, self._col["anomaly"]] > self.anomaly_threshold  # (B,); NaN rows were zeroed
+            safe = t.clamp(*self.safe_range)
+            reset = anomalous & (safe != t)
+            t = torch.where(anomalous, safe, t)
+        counts = torch.stack([clamped.sum(), limited.sum(), reset.sum(), fallback.sum()])  # (4,)
+        self._counts = counts if self._counts is None else self._counts.to(counts.device) + counts
+        self._decisions += b
+        self._state = {"t_prev": t, "has_prev": torch.ones_like(s["has_prev"])}
+        return t  # (B,)
