@@ -1,0 +1,408 @@
+"""Negative-temperature safety: anomalous-token discovery, the anomaly detector, the guard rails.
+
+Model tests use the real SmolLM2-135M-Instruct (``lm`` fixture) with a small probe (16 prompts x
+12 tokens) in a temporary cache directory; the detector and guard tests on crafted inputs need no
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from policies import ActionMapping, FeatureSpec, Featurizer, make_policy
+from policies.anomaly import token_table
+from policies.detector import STEP_REASONS, AnomalyDetector
+from policies.guard import GUARD_COUNTERS, GuardedPolicy
+
+PROBE = dict(n_tokens=12, seed=0)  # small probe: 16 prompts x 12 tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads make the model ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("anomalous_tokens")
+
+
+@pytest.fixture(scope="module")
+def discovered(lm, probe_cache):
+    from policies.discovery import discover_anomalous_tokens
+
+    return discover_anomalous_tokens(lm, top=50, cache_dir=probe_cache, **PROBE)
+
+
+@pytest.fixture(scope="module")
+def ordinary(lm):
+    """The 16 probe prompts continued at T = 0.7 (24 tokens): tokens and base log-probs (16, 24)."""
+    from policies.discovery import DEFAULT_PROBE_PROMPTS
+
+    return _generate(lm, list(DEFAULT_PROBE_PROMPTS), 0.7, 24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def inverted(lm):
+    """8 probe prompts continued at T = -0.001 (16 tokens): tokens and base log-probs (8, 16)."""
+    from policies.discovery import DEFAULT_PROBE_PROMPTS
+
+    return _generate(lm, list(DEFAULT_PROBE_PROMPTS[:8]), -0.001, 16, seed=1)
+
+
+@torch.inference_mode()
+def _generate(lm, prompts, temperature: float, n_tokens: int, seed: int = 0):
+    """Plain (chat=False) continuations: tokens (B, n) and their base log-probs (B, n)."""
+    from samplers.core import sample
+
+    logits, state = lm.prefill(lm.encode(prompts, chat=False))
+    gen = torch.Generator(device=lm.device).manual_seed(seed)
+    tokens, logps = [], []
+    for step in range(n_tokens):
+        tok = sample(logits, temperature, generator=gen)  # (B,)
+        tokens.append(tok)
+        logps.append(torch.log_softmax(logits.float(), -1).gather(1, tok.view(-1, 1)).squeeze(1))
+        if step + 1 < n_tokens:
+            logits = lm.decode(state, tok)
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+# =========================================================================== discovery
+def test_discovery_surfaces_the_known_smollm2_tokens(discovered):
+    pieces = [t.piece.strip() for t in discovered[:10]]
+    assert "emeteries" in pieces and "MetaInfo" in pieces, pieces
+    scores = [t.score for t in discovered]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert len(discovered) == 50
+    for t in discovered[:10]:
+        assert isinstance(t, tuple) and len(t) == 5 and t.probe_count >= 1  # the probe found every top-10 token
+
+
+def test_discovery_is_stable_and_cached(lm, discovered, probe_cache, monkeypatch):
+    import policies.discovery as discovery
+
+    path = discovery.discovery_cache_path(lm, cache_dir=probe_cache, **PROBE)
+    assert path.is_file() and path.parent == probe_cache
+    data = json.loads(path.read_text())
+    assert data["settings"]["vocab_size"] == lm.vocab_size and data["settings"]["n_tokens"] == 12
+    # A second run hits the cache: the probe must not run again.
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the second run should read the cache")
+
+    monkeypatch.setattr(discovery, "probe_counts", no_probe)
+    assert discovery.discover_anomalous_tokens(lm, top=50, cache_dir=probe_cache, **PROBE) == discovered
+    assert discovery.discover_anomalous_tokens(lm, top=10, cache_dir=probe_cache, **PROBE) == discovered[:10]
+    monkeypatch.undo()
+    # Recomputed without the cache, with the same seed: the same list.
+    again = discovery.discover_anomalous_tokens(lm, top=50, cache=False, **PROBE)
+    assert again == discovered
+
+
+def test_top_discovered_tokens_are_never_emitted_at_positive_temperature(discovered, ordinary, inverted):
+    top10 = torch.tensor([t.token_id for t in discovered[:10]])
+    tokens, _ = ordinary  # the same 16 prompts at T = 0.7
+    emitted = int(torch.isin(tokens, top10).sum())
+    assert emitted == 0, f"{emitted} of the {tokens.numel()} tokens drawn at T = 0.7 are top-10 anomalous tokens"
+    inverted_tokens, _ = inverted  # ...while they make up much of what T = -0.001 draws
+    assert int(torch.isin(inverted_tokens, top10).sum()) > inverted_tokens.numel() // 5
+
+
+def test_discovery_rejects_bad_settings(lm):
+    from policies.discovery import discover_anomalous_tokens
+
+    with pytest.raises(ValueError, match="negative"):
+        discover_anomalous_tokens(lm, temperature=0.7, cache=False)
+    with pytest.raises(ValueError, match="n_tokens"):
+        discover_anomalous_tokens(lm, n_tokens=0, cache=False)
+
+
+def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypatch):
+    import policies.discovery as discovery
+    from envs.generation import EnvConfig, GenerationCore
+    from envs.rewards import RewardConfig
+
+    weights = torch.zeros(lm.vocab_size)
+    weights[discovered[0].token_id] = 1.0
+    monkeypatch.setattr(discovery, "discovered_token_weights", lambda lm: weights)
+    no_embedder = RewardConfig(coherence=0.0, novelty=0.0)
+    on = GenerationCore(EnvConfig(batch_size=1, group_size=1), lm, no_embedder)
+    off = GenerationCore(EnvConfig(batch_size=1, group_size=1, discovered_anomalies=False), lm, no_embedder)
+    i = discovered[0].token_id
+    assert float(on.featurizer.token_prior[i]) == 1.0 and float(off.featurizer.token_prior[i]) == 0.0
+    changed = torch.nonzero(on.featurizer.token_prior != off.featurizer.token_prior).flatten().tolist()
+    assert changed == [i]
+
+
+# =========================================================================== detector on the real model
+def test_detector_flags_negative_temperature_text_and_passes_ordinary_text(lm, discovered, ordinary, inverted):
+    detector = AnomalyDetector.from_tokenizer(lm.tokenizer, vocab_size=lm.vocab_size, discovered=discovered)
+    results = {}
+    for name, (tokens, logp) in (("inverted", inverted), ("ordinary", ordinary)):
+        scan = detector.scan(tokens, logp)
+        texts = [lm.decode_text(row) for row in tokens]
+        results[name] = (scan, detector.text_scores(texts))
+    neg, neg_text = results["inverted"]
+    pos, pos_text = results["ordinary"]
+    print(f"T=-0.001: running min {float(neg.running.min()):.3f}, score mean {float(neg.score.mean()):.3f}, "
+          f"text {neg_text.round(2).tolist()}; T=0.7: running max {float(pos.running.max()):.3f}, score mean "
+          f"{float(pos.score.mean()):.3f}, text max {float(pos_text.max()):.3f}")
+    # T = -0.001: every row is anomalous at once and stays so (running = the anomaly feature's trajectory).
+    assert float(neg.running.min()) > 0.9
+    assert float(neg.score.mean()) > 0.95
+    # The text rules agree on average; on 16 tokens some rows are too short for `glued_words` to reach
+    # its floor of 12 words, which is why the per-token detector is the one the policy and guard read.
+    assert float(neg_text.mean()) > 0.5
+    # Ordinary T = 0.7: the anomaly feature never gets near the guard's threshold.
+    assert float(pos.running.max()) < 0.5
+    assert float(pos.score.mean()) < 0.1
+    assert float(pos_text.max()) < 0.5
+
+
+# =========================================================================== detector, crafted
+class _StubTokenizer:
+    name_or_path = "stub-detector-vocabulary"
+
+    def __init__(self, pieces, special):
+        self.pieces, self.all_special_ids = pieces, special
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def batch_decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        return ["".join(self.pieces[i] for i in row) for row in ids]
+
+
+PIECES = ["<s>", " the", " cat", " sat", " on", " mat", "!!", "!", "@$", "^~", " мир", " hello", " 世界", " مرحبا",
+          "\x00", "aб", " emeteries", "----"]
+ID = {p: i for i, p in enumerate(PIECES)}
+
+
+@pytest.fixture(scope="module")
+def stub_detector():
+    discovered = torch.zeros(len(PIECES))
+    discovered[ID[" emeteries"]] = 0.8
+    return AnomalyDetector.from_tokenizer(_StubTokenizer(PIECES, [0]), discovered=discovered)
+
+
+def _detect(detector, pieces, logp=-1.0, mean=0.3):
+    ids = torch.tensor([[ID[p] for p in pieces]] * 2)  # two identical rows: batched
+    d = detector.step(ids[:, -1], torch.full((2,), logp), ids[:, :-1], torch.full((2,), mean))
+    assert torch.equal(d.score[0], d.score[1])
+    return {k: float(v[0]) for k, v in d.reasons.items()}, float(d.score[0]), float(d.indicator[0])
+
+
+@pytest.mark.parametrize("pieces, kwargs, reason, value", [
+    ([" the", " emeteries"], {}, "discovered_token", 0.8),
+    ([" the", "\x00"], {}, "token_prior", 1.0),
+    ([" the", "\x00"], {}, "symbol_soup", 1.0),  # non-printable
+    (["!!"] * 6, {}, "char_run", 1.0),  # 12 "!" across 6 tokens
+    ([" the"] + ["!"] * 7, {}, "char_run", (7 - 3) / 9),  # run of 7 single-"!" tokens
+    (["----"] * 12, {}, "char_run", (48 - 40) / 120),  # separators: the long ramp
+    (["@$", "^~", "@$", "^~"], {}, "symbol_soup", 1.0),  # soup spread over tokens
+    ([" the", "aб"], {}, "script_mixing", 1.0),  # two scripts inside one token
+    ([" мир", " hello", " 世界", " مرحبا"], {}, "script_mixing", 1.0),  # 4 scripts in the window
+    ([" the", " cat"], {"logp": -12.0}, "surprise", 1.0),
+    ([" the", " cat"], {"mean": 1e-5}, "prob_collapse", 1.0),
+    ([" the", " cat"], {"mean": 10 ** -3.25}, "prob_collapse", 0.5),
+])
+def test_detector_crafted_reasons(stub_detector, pieces, kwargs, reason, value):
+    reasons, score, _ = _detect(stub_detector, pieces, **kwargs)
+    assert set(reasons) == set(STEP_REASONS)
+    assert reasons[reason] == pytest.approx(value, abs=1e-6)
+    assert score == pytest.approx(max(reasons.values()))
+
+
+def test_detector_clean_sequence_and_indicator(stub_detector):
+    reasons, score, indicator = _detect(stub_detector, [" the", " cat", " sat", " on", " the", " mat"])
+    assert score == 0.0 and indicator == 0.0
+    _, _, indicator = _detect(stub_detector, [" the", " emeteries"])
+    assert indicator == pytest.approx(0.8)  # token_prior = max(flags, discovered)
+    _, _, indicator = _detect(stub_detector, [" the", " cat"], logp=-12.0)
+    assert indicator == 1.0
+    _, _, indicator = _detect(stub_detector, ["!!"] * 6)
+    assert indicator == 0.0  # the window reasons raise the score, not the feature's indicator
+
+
+def test_detector_text_level_check():
+    scores = AnomalyDetector.text_scores(["The cat sat on the mat.", "!!!!!!!!!!!!!!"])
+    assert scores[0] < 0.3 and scores[1] == pytest.approx(1.0)
+    assert AnomalyDetector.text_reasons(["@#$%^&*~|\\`@#$^~"])["symbol_soup"][0] == pytest.approx(1.0)
+
+
+def test_detector_validates_inputs():
+    with pytest.raises(ValueError, match="surprise_threshold"):
+        AnomalyDetector(surprise_threshold=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        AnomalyDetector(torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match="collapse"):
+        AnomalyDetector(collapse=(4.0, 2.0))
+
+
+def test_featurizer_anomaly_feature_is_the_detectors_indicator():
+    """The featurizer delegates to the detector; the feature keeps its documented formula."""
+    spec = FeatureSpec(horizon=8)
+    prior = torch.tensor([0.0, 0.0, 0.6, 1.0])
+    f = Featurizer(spec, 3, token_prior=prior)
+    assert isinstance(f.detector, AnomalyDetector) and torch.equal(f.token_prior, prior)
+    logits = torch.tensor([[4.0, 1.0, 0.0, -12.0]] * 3)
+    col = spec.index("anomaly")
+    expected_ema, weight = torch.zeros(3), 0.0
+    for tokens in ([0, 2, 3], [1, 3, 0], [0, 0, 2]):
+        f.observe(logits)
+        tokens = torch.tensor(tokens)
+        stats = f.update(tokens, torch.ones(3))
+        surprise = -torch.log_softmax(logits, -1).gather(1, tokens.view(-1, 1)).squeeze(1)
+        indicator = torch.maximum(prior[tokens], (surprise > spec.anomaly_surprise).float())
+        assert torch.equal(stats.anomalous, indicator)
+        assert torch.equal(f.last_detection.indicator, indicator)
+        expected_ema = 0.8 * expected_ema + 0.2 * indicator
+        weight = 0.8 * weight + 0.2
+        obs = f.observe(logits)
+        assert torch.allclose(obs[:, col], expected_ema / weight)
+    with pytest.raises(ValueError, match="anomaly_surprise"):
+        Featurizer(spec, 1, detector=AnomalyDetector(prior, surprise_threshold=5.0))
+    with pytest.raises(ValueError, match="not both"):
+        Featurizer(spec, 1, token_prior=prior, detector=AnomalyDetector(prior, surprise_threshold=spec.anomaly_surprise))
+
+
+# =========================================================================== guard rails
+SPEC = FeatureSpec(horizon=8)
+ANOMALY = SPEC.index("anomaly")
+
+
+class _Scripted:
+    """A policy that returns scripted temperatures (one list per call), or raises."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.feature_spec, self.action_mapping = SPEC, ActionMapping()
+        self.script = list(script)
+
+    def temperatures(self, obs, episode_start=None):
+        value = self.script.pop(0)
+        if isinstance(value, Exception):
+            raise value
+        return torch.tensor(value, dtype=torch.float32)
+
+    def to_config(self):
+        return {"name": self.name}
+
+
+def _obs(b, anomaly=0.0):
+    obs = torch.zeros(b, SPEC.dim)
+    obs[:, ANOMALY] = torch.as_tensor(anomaly)
+    return obs
+
+
+def test_guard_nan_policy_falls_back():
+    guard = GuardedPolicy(_Scripted([[math.nan, 0.5, math.inf]]), fallback_temperature=0.7)
+    t = guard.temperatures(_obs(3))
+    assert t.tolist() == pytest.approx([0.7, 0.5, 0.7])
+    assert guard.counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 0, "fallback": 2}
+
+
+def test_guard_raising_policy_and_bad_observations_fall_back():
+    guard = GuardedPolicy(_Scripted([RuntimeError("boom"), [0.4, 0.4]]), fallback_temperature=0.6)
+    with pytest.warns(RuntimeWarning, match="boom"):
+        assert guard.temperatures(_obs(2)).tolist() == pytest.approx([0.6, 0.6])
+    assert isinstance(guard.last_error, RuntimeError)
+    obs = _obs(2)
+    obs[1, 0] = math.nan  # a non-finite observation: that row falls back, the other goes on
+    assert guard.temperatures(obs).tolist() == pytest.approx([0.4, 0.6])
+    assert guard.counters["fallback"] == 3 and guard.decisions == 4
+
+
+def test_guard_rate_limits_a_jump_from_minus_two_to_two():
+    guard = GuardedPolicy(_Scripted([[-2.0], [2.0], [2.0], [2.0], [-2.0]]), max_delta=1.5, anomaly_threshold=None)
+    out = [float(guard.temperatures(_obs(1))[0]) for _ in range(4)]
+    assert out == pytest.approx([-2.0, -0.5, 1.0, 2.0])
+    assert guard.counters == {"clamp": 0, "rate_limit": 2, "anomaly_reset": 0, "fallback": 0}
+    # A new episode is not rate limited against the previous one.
+    assert float(guard.temperatures(_obs(1), episode_start=torch.tensor([True]))[0]) == -2.0
+    assert guard.counters["rate_limit"] == 2
+
+
+def test_guard_clamps_out_of_bounds():
+    guard = GuardedPolicy(_Scripted([[-5.0, 3.0, 0.5]]), t_min=-1.0, t_max=1.5, safe_range=(0.1, 0.7))
+    assert guard.temperatures(_obs(3)).tolist() == pytest.approx([-1.0, 1.5, 0.5])
+    assert guard.counters == {"clamp": 2, "rate_limit": 0, "anomaly_reset": 0, "fallback": 0}
+
+
+def test_guard_anomaly_resets_into_safe_range_ignoring_rate_limit():
+    guard = GuardedPolicy(_Scripted([[-1.5, -1.5, 0.3], [-1.5, -1.5, 0.3], [-1.5, -1.5, 0.3]]),
+                          max_delta=0.2, safe_range=(0.1, 0.7), anomaly_threshold=0.5)
+    guard.temperatures(_obs(3))
+    t = guard.temperatures(_obs(3, anomaly=[0.9, 0.1, 0.9]))  # rows 0 and 2 hit the detector
+    assert t.tolist() == pytest.approx([0.1, -1.5, 0.3])  # row 2 already safe: no intervention
+    assert guard.counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 1, "fallback": 0}
+    t = guard.temperatures(_obs(3))  # the anomaly is gone: rate limited from the safe value
+    assert t.tolist() == pytest.approx([-0.1, -1.5, 0.3])
+    assert guard.counters == {"clamp": 0, "rate_limit": 1, "anomaly_reset": 1, "fallback": 0}
+
+
+def test_guard_counts_exactly_over_a_batch_run():
+    script = [[3.0, -3.0, math.nan, 0.5]] * 3
+    guard = GuardedPolicy(_Scripted(script), max_delta=None, anomaly_threshold=0.5, safe_range=(0.1, 0.7))
+    for anomaly in (0.0, 0.0, 1.0):
+        guard.temperatures(_obs(4, anomaly=anomaly))
+    # clamp: rows 0, 1 on 3 steps = 6; fallback: row 2 on 3 steps = 3;
+    # anomaly reset on the last step: rows 0 (2.0), 1 (-2.0), 2 (fallback 0.7 is inside) -> 2
+    assert guard.counters == {"clamp": 6, "rate_limit": 0, "anomaly_reset": 2, "fallback": 3}
+    assert guard.decisions == 12 and tuple(guard.counters) == GUARD_COUNTERS
+    guard.reset_counters()
+    assert guard.counters == dict.fromkeys(GUARD_COUNTERS, 0)
+
+
+def test_guard_disabled_passes_through():
+    guard = GuardedPolicy(_Scripted([[5.0, -5.0]]), enabled=False)
+    assert guard.temperatures(_obs(2, anomaly=1.0)).tolist() == [5.0, -5.0]
+    assert guard.counters == dict.fromkeys(GUARD_COUNTERS, 0)
+
+
+def test_guard_wraps_baselines_predict_and_serialises():
+    pid = make_policy("pid", SPEC)
+    guard = GuardedPolicy(pid, max_delta=0.3, safe_range=(-0.3, -0.1))
+    actions, state = guard.predict(np.zeros((2, SPEC.dim), np.float32), episode_start=np.array([True, True]))
+    assert actions.shape == (2, 1) and state is None and np.all(np.abs(actions) <= 1)
+    config = guard.to_config()
+    assert config["name"] == "guarded" and config["policy"] == pid.to_config()
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = GuardedPolicy.from_config(config, SPEC)
+    assert rebuilt.to_config() == config
+    assert rebuilt.label.startswith("Guarded(PID")
+
+
+def test_guard_wraps_an_action_policy_row_by_row():
+    """A policy that only answers predict (a LearnedPolicy, an exported one): NaN actions fall back per row."""
+
+    class ActionOnly:
+        feature_spec, action_mapping = SPEC, ActionMapping()
+
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.array([[0.0], [np.nan]], dtype=np.float32), state
+
+    guard = GuardedPolicy(ActionOnly(), fallback_temperature=0.5)
+    assert guard.temperatures(_obs(2)).tolist() == pytest.approx([0.0, 0.5])
+    assert guard.counters["fallback"] == 1
+
+
+def test_guard_validates_arguments():
+    pid = make_policy("pid", SPEC)
+    with pytest.raises(ValueError, match="safe_range"):
+        GuardedPolicy(pid, safe_range=(0.7, 0.1))
+    with pytest.raises(ValueError, match="fallback_temperature"):
+        GuardedPolicy(pid, fallback_temperature=5.0)
+    with pytest.raises(ValueError, match="max_delta"):
+        GuardedPolicy(pid, max_delta=-1.0)
+    with pytest.raises(TypeError, match="feature_spec"):
+        GuardedPolicy(object())
