@@ -11,6 +11,7 @@
 | ``checkpoints/step_N.zip``    | periodic checkpoints, each with ``step_N_vecnormalize.pkl``       |
 | ``tb/PPO_1/events.*``         | TensorBoard event files (resumes keep writing into ``PPO_1``)      |
 | ``validation.json``           | the last validation: learned policy vs every fixed temperature    |
+| ``export/``                   | the policy exported for samplers (``policies/export.py``)         |
 
 TensorBoard tags: ``rollout/*`` (SB3's episode stats plus temperature mean/std/histogram, negative
 and near-greedy fractions, anomaly rate), ``reward/*`` (per-token components, mean per step),
@@ -27,6 +28,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -267,6 +269,22 @@ def _load_checkpoint(model_path: Path, norm_path: Path | None, env, config: Kelv
     return model, vec
 
 
+def _export(run_dir: Path, env: TemperatureVecEnv) -> Path | None:
+    """Write ``run_dir/export/`` for the samplers; a failure warns and leaves the saved model alone."""
+    try:
+        from policies.export import export_run
+
+        return export_run(run_dir, run_dir / "export", lm=env.lm, token_prior=env.core.featurizer.token_prior)
+    except Exception as exc:  # the model is saved already: never lose a run to an export problem
+        stale = run_dir / "export" / "spec.json"
+        if stale.is_file():  # an export of an earlier save must not pass for this model
+            stale.unlink()
+        warnings.warn(f"could not export the policy to {run_dir / 'export'} ({type(exc).__name__}: {exc}); the model "
+                      f"is saved in {run_dir / 'model.zip'}: export it later with "
+                      f"`python -m policies.export {run_dir} OUT_DIR`", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None) -> dict:
     """Train (or resume) a PPO temperature policy; returns a summary with the last validation."""
     run_dir = Path(run_dir)
@@ -308,6 +326,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         model.save(run_dir / "model.zip")
         if vec is not None:
             vec.save(str(run_dir / "vecnormalize.pkl"))
+    export_dir = _export(run_dir, env)
     validation = None
     if not interrupted:
         validation = callback.validate()
@@ -315,7 +334,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     env.close()
     val_env.close()
     summary = {"run_dir": str(run_dir), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
-               "wall_s": time.perf_counter() - t0, "validation": validation}
+               "wall_s": time.perf_counter() - t0, "validation": validation,
+               "export": None if export_dir is None else str(export_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 

@@ -1,6 +1,7 @@
-"""Policies: the featurizer, the action mapping, the policy interface and the baselines."""
+"""Policies: the featurizer, the action mapping, the policy interface, the baselines, exported artifacts."""
 
 from policies.actions import ActionMapping
+from policies.artifact import ArtifactError, ExportedPolicy, PolicyArtifact, load_artifact, load_policy
 from policies.base import TemperaturePolicy
 from policies.baselines import (
     CombinedRule,
@@ -21,11 +22,13 @@ from policies.registry import BASELINE_NAMES, all_baselines, make_policy, policy
 __all__ = [
     "ActionMapping",
     "AnomalyDetector",
+    "ArtifactError",
     "BASELINE_NAMES",
     "CombinedRule",
     "DynaTemp",
     "EntropyDynamicTemperature",
     "EntropyRule",
+    "ExportedPolicy",
     "FEATURE_SPEC_VERSION",
     "FeatureSpec",
     "Featurizer",
@@ -34,9 +37,12 @@ __all__ = [
     "MaxProbRule",
     "MedianRule",
     "PIDController",
+    "PolicyArtifact",
     "SurpriseController",
     "TemperaturePolicy",
     "all_baselines",
+    "load_artifact",
+    "load_policy",
     "make_policy",
     "policy_from_config",
 ]

@@ -1,0 +1,356 @@
+"""Load exported temperature policies with torch alone (no stable-baselines3 at inference).
+
+An export directory (written by :mod:`policies.export`) holds:
+
+| file              | what                                                                               |
+|-------------------|------------------------------------------------------------------------------------|
+| ``spec.json``     | the JSON spec below (always)                                                       |
+| ``policy.pt``     | learned policies: TorchScript module, raw obs (B, F) -> actions (B, 1) in [-1, 1]  |
+| ``token_prior.pt``| per-token anomaly priors (V,) the featurizer used in training (when it used them)  |
+
+``spec.json`` (``format_version`` 1):
+
+| key                 | meaning                                                                                   |
+|---------------------|-------------------------------------------------------------------------------------------|
+| ``format_version``  | 1; a newer number means a newer Kelvin wrote it (upgrade Kelvin to load it)               |
+| ``kind``            | ``"learned"`` (``policy.pt``) or ``"baseline"`` (parameters only, see ``baseline``)       |
+| ``feature_spec``    | :meth:`FeatureSpec.to_dict` (its ``version`` must match this Kelvin's featurizer)         |
+| ``obs_normalization`` | ``{mean, var, clip, epsilon}`` baked into ``policy.pt`` (null: none / baselines)        |
+| ``action_mapping``  | :meth:`ActionMapping.to_dict`: action -> temperature, bounds, rate limit                  |
+| ``truncation``      | ``{top_k, top_p, min_p, top_n_sigma}`` applied before the temperature (as in training)    |
+| ``model``           | ``{name, vocab_size}``: the base model the policy was trained / configured with           |
+| ``baseline``        | baselines: ``policy.to_config()`` (``{"name", "params"}``); null for learned policies     |
+| ``files``           | ``{"policy": "policy.pt" or null, "token_prior": "token_prior.pt" or null}``              |
+| ``label``, ``source``, ``created``, ``kelvin_version`` | provenance (label for tables, run dir, ISO time)  |
+
+The learned network is ``clip(net(clip((obs - mean) / sqrt(var + eps), -clip, clip)), -1, 1)``, with
+``net`` the SB3 actor (``mlp_extractor.policy_net`` + ``action_net``): the deterministic action of
+:class:`policies.learned.LearnedPolicy`, without SB3.
+
+:func:`load_policy` returns an object with the one policy interface
+(``predict(obs, state, episode_start, deterministic) -> (actions (B, 1), state)`` and
+``temperatures(obs, episode_start) -> (B,)``): an :class:`ExportedPolicy` for learned policies, the
+baseline's own class (e.g. :class:`~policies.baselines.PIDController`) for baselines.
+:func:`load_artifact` returns that policy together with everything a sampler needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.actions import ActionMapping
+from policies.features import FEATURE_SPEC_VERSION, FeatureSpec
+
+__all__ = [
+    "ARTIFACT_FORMAT_VERSION",
+    "ArtifactError",
+    "ExportedPolicy",
+    "PolicyArtifact",
+    "SPEC_FILE",
+    "POLICY_FILE",
+    "TOKEN_PRIOR_FILE",
+    "check_truncation",
+    "load_artifact",
+    "load_policy",
+]
+
+ARTIFACT_FORMAT_VERSION = 1
+SPEC_FILE = "spec.json"
+POLICY_FILE = "policy.pt"
+TOKEN_PRIOR_FILE = "token_prior.pt"
+KINDS = ("learned", "baseline")
+REQUIRED_KEYS = ("format_version", "kind", "feature_spec", "action_mapping", "truncation", "model")
+TRUNCATION_DEFAULTS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
+
+
+class ArtifactError(ValueError):
+    """An export directory that cannot be loaded; the message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def quiet_jit():
+    """TorchScript is deprecated in recent torch (it still works): keep its warnings out of user logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit.*")
+        yield
+
+
+# ---------------------------------------------------------------------- learned policy
+class ExportedPolicy:
+    """A learned policy loaded from ``policy.pt``: the SB3 actor's deterministic action, torch only.
+
+    Stateless. ``actions(obs)`` is the fast path samplers use (a (B,) tensor on ``obs``'s device,
+    no host copy); ``predict`` answers SB3's ``PolicyPredictor`` protocol with numpy.
+    """
+
+    name = "learned"
+    stateful = False
+
+    def __init__(self, module: torch.nn.Module, feature_spec: FeatureSpec, action_mapping: ActionMapping,
+                 label: str = "learned (PPO)"):
+        self.module = module
+        self.feature_spec = feature_spec
+        self.action_mapping = action_mapping
+        self.label = label
+        self._device = torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return f"ExportedPolicy(label={self.label!r}, features={self.feature_spec.dim})"
+
+    def _as_obs(self, observation) -> torch.Tensor:
+        if isinstance(observation, torch.Tensor):
+            obs = observation.detach().to(torch.float32)
+        elif isinstance(observation, (np.ndarray, list, tuple)):
+            obs = torch.as_tensor(np.asarray(observation, dtype=np.float32))
+        else:
+            raise TypeError(f"observation must be an np.ndarray or torch.Tensor of shape (B, F) or (F,); "
+                            f"got {type(observation).__name__}")
+        dim = self.feature_spec.dim
+        if obs.ndim not in (1, 2) or obs.shape[-1] != dim:
+            raise ValueError(f"observation has shape {tuple(obs.shape)}; this policy expects (B, {dim}) or ({dim},) "
+                             f"for its feature spec ({', '.join(self.feature_spec.names)})")
+        return obs
+
+    def actions(self, obs: torch.Tensor) -> torch.Tensor:
+        """Actions (B,) float32 in [-1, 1] on ``obs``'s device for raw observations (B, F)."""
+        obs = self._as_obs(obs)
+        if obs.ndim == 1:
+            obs = obs.unsqueeze(0)  # (1, F)
+        if obs.device != self._device:
+            self.module = self.module.to(obs.device)
+            self._device = obs.device
+        with torch.no_grad():
+            return self.module(obs).reshape(-1)  # (B,)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        """SB3 ``PolicyPredictor.predict``: actions (B, 1) float32 numpy (``(1,)`` for one (F,) observation)."""
+        obs = self._as_obs(observation)
+        actions = self.actions(obs).to("cpu").numpy().reshape(-1, 1)  # (B, 1)
+        if obs.ndim == 1:
+            actions = actions[0]
+        return actions, state
+
+    def temperatures(self, obs, episode_start=None) -> torch.Tensor:
+        """Temperatures (B,) of the actions, through the mapping (no rate limit: that needs the history)."""
+        return self.action_mapping.to_temperature(self.actions(obs))
+
+    def reset(self, batch_size: int | None = None) -> None:
+        """Stateless: nothing to clear."""
+
+
+# ---------------------------------------------------------------------- artifact
+@dataclass
+class PolicyArtifact:
+    """Everything an export directory holds, loaded: the policy and what a sampler needs around it."""
+
+    path: Path
+    spec: dict
+    policy: Any
+    feature_spec: FeatureSpec
+    action_mapping: ActionMapping
+    truncation: dict = field(default_factory=lambda: dict(TRUNCATION_DEFAULTS))
+    token_prior: torch.Tensor | None = None  # (V,) float32, or None
+
+    @property
+    def kind(self) -> str:
+        return self.spec["kind"]
+
+    @property
+    def model(self) -> dict:
+        return dict(self.spec.get("model") or {})
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.model.get("vocab_size")
+        return None if v is None else int(v)
+
+
+def _read_spec(path: Path) -> dict:
+    spec_path = path / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no export directory at {path}; export one with "
+                                f"`python -m policies.export RUN_DIR {path}`")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file; give the export directory that holds {SPEC_FILE}")
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{spec_path} is missing: {path} is not a Kelvin export directory "
+                                "(export one with `python -m policies.export RUN_DIR OUT_DIR`)")
+    text = spec_path.read_text(encoding="utf-8", errors="replace")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{spec_path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                            "the file is corrupted or truncated: export the policy again") from None
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"{spec_path} must hold a JSON object; got {type(spec).__name__}: export the policy again")
+    version = spec.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{spec_path}: format_version={version!r} must be an integer; export the policy again")
+    if version > ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(f"{spec_path} has format_version {version}, newer than this Kelvin reads "
+                            f"({ARTIFACT_FORMAT_VERSION}): it was exported by a newer Kelvin; "
+                            "upgrade Kelvin to load it")
+    if version < 1:
+        raise ArtifactError(f"{spec_path}: format_version={version} is not a valid version (>= 1)")
+    missing = [k for k in REQUIRED_KEYS if k not in spec]
+    if missing:
+        raise ArtifactError(f"{spec_path} lacks the keys {missing}; the file is incomplete: export the policy again")
+    if spec["kind"] not in KINDS:
+        raise ArtifactError(f"{spec_path}: kind={spec['kind']!r} is unknown; expected one of {KINDS}")
+    return spec
+
+
+def _feature_spec(spec: dict, spec_path: Path) -> FeatureSpec:
+    d = spec["feature_spec"]
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{spec_path}: feature_spec must be an object")
+    version = d.get("version", FEATURE_SPEC_VERSION)
+    if version != FEATURE_SPEC_VERSION:
+        raise ArtifactError(
+            f"{spec_path}: the policy was trained on feature spec version {version}, but this Kelvin's featurizer "
+            f"is version {FEATURE_SPEC_VERSION}; its observations would mean something else. Retrain the policy, or "
+            "use the Kelvin release it was exported with")
+    try:
+        fs = FeatureSpec.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{spec_path}: invalid feature_spec ({exc}); export the policy again") from None
+    names = d.get("names")
+    if names is not None and list(names) != list(fs.names):
+        raise ArtifactError(f"{spec_path}: feature names {names} differ from this featurizer's {list(fs.names)} "
+                            "for the same spec; retrain the policy or use the Kelvin release it was exported with")
+    return fs
+
+
+def _action_mapping(spec: dict, spec_path: Path) -> ActionMapping:
+    try:
+        return ActionMapping(**spec["action_mapping"])
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{spec_path}: invalid action_mapping ({exc}); export the policy again") from None
+
+
+def check_truncation(truncation: dict | None) -> dict:
+    """``{top_k, top_p, min_p, top_n_sigma}`` with defaults filled in, or a ValueError naming the bad key."""
+    t = dict(truncation or {})
+    unknown = set(t) - set(TRUNCATION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown truncation keys {sorted(unknown)}; valid: {', '.join(TRUNCATION_DEFAULTS)}")
+    t = {**TRUNCATION_DEFAULTS, **t}
+    top_k, top_p, min_p, sigma = t["top_k"], t["top_p"], t["min_p"], t["top_n_sigma"]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 = off)")
+    for name, value, lo, hi in (("top_p", top_p, 0.0, 1.0), ("min_p", min_p, 0.0, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
+    if top_p == 0:
+        raise ValueError("top_p=0 keeps no token; use a value in (0, 1] (1.0 = off)")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+                              or not 0 < sigma < float("inf")):
+        raise ValueError(f"top_n_sigma={sigma!r} must be None (off) or a finite number > 0")
+    return {"top_k": int(top_k), "top_p": float(top_p), "min_p": float(min_p),
+            "top_n_sigma": None if sigma is None else float(sigma)}
+
+
+def _truncation(spec: dict, spec_path: Path) -> dict:
+    t = spec["truncation"]
+    if t is not None and not isinstance(t, dict):
+        raise ArtifactError(f"{spec_path}: truncation must be an object like {TRUNCATION_DEFAULTS}; got {t!r}")
+    try:
+        return check_truncation(t)
+    except ValueError as exc:
+        raise ArtifactError(f"{spec_path}: invalid truncation ({exc}); export the policy again") from None
+
+
+def _load_module(path: Path, feature_spec: FeatureSpec) -> torch.nn.Module:
+    file = path / POLICY_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: a learned-policy export needs its network; export the run again")
+    try:
+        with quiet_jit():
+            module = torch.jit.load(str(file), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError / ValueError / zip errors for damaged files
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ArtifactError(f"{file} cannot be loaded ({type(exc).__name__}: {first}); "
+                            "the file is corrupted: export the run again") from None
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, feature_spec.dim))
+    except Exception as exc:
+        raise ArtifactError(f"{file} does not accept observations of {feature_spec.dim} features "
+                            f"({type(exc).__name__}); it does not belong to this spec.json: "
+                            "export the run again") from None
+    if tuple(out.shape) != (2, 1):
+        raise ArtifactError(f"{file} returns shape {tuple(out.shape)} for (2, {feature_spec.dim}) observations; "
+                            "expected (2, 1) actions: export the run again")
+    return module
+
+
+def _load_token_prior(path: Path, name: str | None) -> torch.Tensor | None:
+    if not name:
+        return None
+    file = path / name
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing (spec.json lists it as the token prior); export the policy again")
+    try:
+        prior = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{file} cannot be loaded ({type(exc).__name__}); the file is corrupted: "
+                            "export again") from None
+    if not isinstance(prior, torch.Tensor) or prior.ndim != 1:
+        raise ArtifactError(f"{file} must hold a 1-D (V,) tensor of per-token priors; export again")
+    return prior.to(torch.float32)
+
+
+def load_artifact(path: str | Path) -> PolicyArtifact:
+    """Load an export directory: the policy, its feature spec, action mapping, truncation and token prior.
+
+    Raises ``FileNotFoundError`` naming a missing file and :class:`ArtifactError` (a ``ValueError``)
+    for a newer ``format_version`` (upgrade Kelvin), a feature-spec version mismatch, corrupted JSON
+    or network, or an inconsistent spec.
+    """
+    path = Path(path).expanduser()
+    spec = _read_spec(path)
+    spec_path = path / SPEC_FILE
+    feature_spec = _feature_spec(spec, spec_path)
+    mapping = _action_mapping(spec, spec_path)
+    truncation = _truncation(spec, spec_path)
+    files = spec.get("files") or {}
+    if spec["kind"] == "learned":
+        module = _load_module(path, feature_spec)
+        policy: Any = ExportedPolicy(module, feature_spec, mapping, label=str(spec.get("label") or "learned (PPO)"))
+    else:
+        from policies.registry import policy_from_config
+
+        config = spec.get("baseline")
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{spec_path}: kind='baseline' needs a 'baseline' object ({{'name', 'params'}})")
+        try:
+            policy = policy_from_config(config, feature_spec, mapping)
+        except ValueError as exc:
+            raise ArtifactError(f"{spec_path}: cannot rebuild baseline {config.get('name')!r}: {exc}") from None
+    prior = _load_token_prior(path, files.get("token_prior"))
+    vocab = (spec.get("model") or {}).get("vocab_size")
+    if prior is not None and vocab is not None and prior.shape[0] != int(vocab):
+        raise ArtifactError(f"{path / files['token_prior']} has {prior.shape[0]} entries but the model's vocabulary "
+                            f"has {vocab}; export the policy again")
+    return PolicyArtifact(path=path, spec=spec, policy=policy, feature_spec=feature_spec, action_mapping=mapping,
+                          truncation=truncation, token_prior=prior)
+
+
+def load_policy(path: str | Path):
+    """The policy of an export directory, with the one policy interface; needs torch only.
+
+    Learned policies load as :class:`ExportedPolicy`; baselines as their own class with the
+    exported parameters (``type(load_policy(d)) is PIDController``).
+    """
+    return load_artifact(path).policy
+

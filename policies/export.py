@@ -1,0 +1,392 @@
+"""Export a trained run (or a baseline) into a directory that samplers load with torch alone.
+
+Command line::
+
+    python -m policies.export runs/default runs/default/export          # a training run
+    python -m policies.export edt:theta=1.0 exports/edt --config configs/default.yaml
+    python -m policies.export fixed:-0.5 exports/neg --config configs/default.yaml --set env.top_k=20
+
+A run directory is exported from its ``model.zip`` (or ``--checkpoint``), ``vecnormalize.pkl`` and
+``config.yaml``; a baseline spec string (``pid``, ``edt:theta=1.0``, see :mod:`policies.registry`)
+is exported with the feature spec, action mapping and truncation of ``--config``. The format of the
+directory is documented in :mod:`policies.artifact`; load it with :func:`policies.load_policy` or
+:meth:`samplers.hf.PolicyLogitsProcessor.from_pretrained`.
+
+What an export needs from the base model (its vocabulary size, and the per-token anomaly priors
+the featurizer used in training when ``env.token_prior`` is on) comes from a loaded
+:class:`envs.lm.CausalLM`: :func:`kelvin.training.train` passes its own; the command line loads
+the configured model on the CPU. This module imports stable-baselines3 and the envs only inside
+the export functions: loading an export (:mod:`policies.artifact`) never needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.actions import ActionMapping
+from policies.artifact import (
+    ARTIFACT_FORMAT_VERSION,
+    POLICY_FILE,
+    SPEC_FILE,
+    TOKEN_PRIOR_FILE,
+    ArtifactError,
+    check_truncation,
+    quiet_jit,
+)
+from policies.base import TemperaturePolicy
+from policies.features import FeatureSpec
+
+__all__ = ["ActorModule", "actor_module", "export_learned", "export_baseline", "export_run", "export_baseline_spec",
+           "main"]
+
+
+class ActorModule(torch.nn.Module):
+    """Raw observations (B, F) -> actions (B, 1) in [-1, 1]: normalise, actor MLP, clip.
+
+    ``clip((obs - mean) / sqrt(var + epsilon), -clip, clip)`` with VecNormalize's statistics (skipped
+    when ``mean`` is None), then ``net`` (SB3's ``mlp_extractor.policy_net`` + ``action_net``: the
+    Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)`` as SB3's ``predict`` clips.
+    """
+
+    def __init__(self, net: torch.nn.Sequential, mean: torch.Tensor | None, var: torch.Tensor | None,
+                 clip: float = 10.0, epsilon: float = 1e-8):
+        super().__init__()
+        dim = int(net[0].in_features)
+        self.net = net
+        self.normalize = mean is not None
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("var", torch.ones(dim) if var is None else torch.as_tensor(var, dtype=torch.float32))
+        self.clip = float(clip)
+        self.epsilon = float(epsilon)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.to(torch.float32)  # (B, F)
+        if self.normalize:
+            x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+        return torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+
+
+def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
+    """A plain torch copy of a Linear or an activation layer (no SB3 classes inside the export)."""
+    if isinstance(module, torch.nn.Linear):
+        out = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(module.weight.detach().float().cpu())
+            if module.bias is not None:
+                out.bias.copy_(module.bias.detach().float().cpu())
+        return out
+    if type(module).__module__ == "torch.nn.modules.activation" or isinstance(module, torch.nn.Identity):
+        return copy.deepcopy(module).cpu()
+    raise ArtifactError(f"cannot export layer {type(module).__name__} in {where}: only Linear layers and torch "
+                        "activations (the MlpPolicy of stable-baselines3) are supported")
+
+
+def actor_module(sb3_policy, obs_mean=None, obs_var=None, clip: float = 10.0, epsilon: float = 1e-8) -> ActorModule:
+    """The deterministic actor of an SB3 ``ActorCriticPolicy`` (PPO ``MlpPolicy``) as a plain torch module."""
+    from stable_baselines3.common.distributions import DiagGaussianDistribution
+    from stable_baselines3.common.torch_layers import FlattenExtractor
+
+    name = type(sb3_policy).__name__
+    if not isinstance(getattr(sb3_policy, "action_dist", None), DiagGaussianDistribution):
+        raise ArtifactError(f"{name} uses {type(getattr(sb3_policy, 'action_dist', None)).__name__}; only PPO's "
+                            "Gaussian MlpPolicy (use_sde=False) can be exported")
+    if getattr(sb3_policy, "squash_output", False):
+        raise ArtifactError(f"{name} squashes its output (gSDE); only PPO's Gaussian MlpPolicy can be exported")
+    extractor = getattr(sb3_policy, "pi_features_extractor", None) or getattr(sb3_policy, "features_extractor", None)
+    if not isinstance(extractor, FlattenExtractor):
+        raise ArtifactError(f"{name} uses the features extractor {type(extractor).__name__}; only the default "
+                            "FlattenExtractor (flat Box observations) can be exported")
+    layers = [_plain_copy(m, "mlp_extractor.policy_net") for m in sb3_policy.mlp_extractor.policy_net]
+    layers.append(_plain_copy(sb3_policy.action_net, "action_net"))
+    if not isinstance(layers[0], torch.nn.Linear):
+        raise ArtifactError(f"{name}: the actor must start with a Linear layer (net_arch with at least one layer, "
+                            "or a bare action_net)")
+    net = torch.nn.Sequential(*layers).eval()
+    mean = None if obs_mean is None else torch.as_tensor(np.asarray(obs_mean, dtype=np.float32))
+    var = None if obs_var is None else torch.as_tensor(np.asarray(obs_var, dtype=np.float32))
+    return ActorModule(net, mean, var, clip, epsilon).eval()
+
+
+# ---------------------------------------------------------------------- writing
+def _kelvin_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kelvin")
+    except Exception:
+        return "unknown"
+
+
+def _finite_list(values, name: str) -> list[float]:
+    out = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    if not all(math.isfinite(v) for v in out):
+        raise ArtifactError(f"{name} holds non-finite values; the normalisation statistics are broken")
+    return out
+
+
+def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prior: torch.Tensor | None) -> Path:
+    """Write the files; ``spec.json`` last, so an interrupted export has none and fails to load clearly."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / SPEC_FILE
+    if stale.exists():
+        stale.unlink()
+    files = {"policy": None, "token_prior": None}
+    if module is not None:
+        with quiet_jit():
+            scripted = torch.jit.script(module)
+            torch.jit.save(scripted, str(out_dir / POLICY_FILE))
+        files["policy"] = POLICY_FILE
+    elif (out_dir / POLICY_FILE).exists():
+        (out_dir / POLICY_FILE).unlink()
+    if token_prior is not None:
+        torch.save(token_prior.detach().to("cpu", torch.float32).contiguous(), str(out_dir / TOKEN_PRIOR_FILE))
+        files["token_prior"] = TOKEN_PRIOR_FILE
+    elif (out_dir / TOKEN_PRIOR_FILE).exists():
+        (out_dir / TOKEN_PRIOR_FILE).unlink()
+    spec = {**spec, "files": files}
+    tmp = out_dir / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, out_dir / SPEC_FILE)
+    return out_dir
+
+
+def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping, truncation: dict | None,
+               model: dict | None, label: str, source: dict | None) -> dict:
+    model = dict(model or {})
+    if model.get("vocab_size") is not None:
+        model["vocab_size"] = int(model["vocab_size"])
+    return {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "kind": kind,
+        "label": label,
+        "feature_spec": feature_spec.to_dict(),
+        "obs_normalization": None,
+        "action_mapping": action_mapping.to_dict(),
+        "truncation": check_truncation(truncation),
+        "model": {"name": model.get("name"), "vocab_size": model.get("vocab_size"),
+                  **{k: v for k, v in model.items() if k not in ("name", "vocab_size")}},
+        "baseline": None,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kelvin_version": _kelvin_version(),
+        "source": source or {},
+    }
+
+
+def _check_prior(token_prior: torch.Tensor | None, model: dict | None) -> torch.Tensor | None:
+    if token_prior is None:
+        return None
+    prior = torch.as_tensor(token_prior, dtype=torch.float32).reshape(-1)
+    vocab = (model or {}).get("vocab_size")
+    if vocab is not None and prior.shape[0] != int(vocab):
+        raise ValueError(f"token_prior has {prior.shape[0]} entries but model vocab_size is {vocab}")
+    return prior
+
+
+def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, action_mapping: ActionMapping,
+                   truncation: dict | None = None, model: dict | None = None, obs_normalization: dict | None = None,
+                   token_prior: torch.Tensor | None = None, label: str = "learned (PPO)",
+                   source: dict | None = None) -> Path:
+    """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip) and ``spec.json``.
+
+    ``obs_normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (VecNormalize's ``obs_rms`` and
+    settings) or None when the policy saw raw observations.
+    """
+    obs_space = getattr(sb3_policy, "observation_space", None)
+    if obs_space is not None and tuple(obs_space.shape) != (feature_spec.dim,):
+        raise ArtifactError(f"the policy observes shape {tuple(obs_space.shape)} but the feature spec has "
+                            f"{feature_spec.dim} features ({', '.join(feature_spec.names)}); export it with the "
+                            "config it was trained with")
+    norm = None
+    if obs_normalization is not None:
+        norm = {"mean": _finite_list(obs_normalization["mean"], "obs_normalization.mean"),
+                "var": _finite_list(obs_normalization["var"], "obs_normalization.var"),
+                "clip": float(obs_normalization.get("clip", 10.0)),
+                "epsilon": float(obs_normalization.get("epsilon", 1e-8))}
+        if len(norm["mean"]) != feature_spec.dim or len(norm["var"]) != feature_spec.dim:
+            raise ArtifactError(f"normalisation statistics have {len(norm['mean'])} entries; the feature spec has "
+                                f"{feature_spec.dim}")
+    module = actor_module(sb3_policy, None if norm is None else norm["mean"], None if norm is None else norm["var"],
+                          10.0 if norm is None else norm["clip"], 1e-8 if norm is None else norm["epsilon"])
+    spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source)
+    spec["obs_normalization"] = norm
+    spec["network"] = {"layers": [repr(m) for m in module.net]}
+    return _write(Path(out_dir), spec, module, _check_prior(token_prior, model))
+
+
+def export_baseline(policy: TemperaturePolicy, out_dir: str | Path, truncation: dict | None = None,
+                    model: dict | None = None, token_prior: torch.Tensor | None = None,
+                    source: dict | None = None) -> Path:
+    """Export a baseline: its ``to_config()`` (parameters only) with its feature spec and action mapping."""
+    if not isinstance(policy, TemperaturePolicy):
+        raise TypeError(f"export_baseline needs a baseline TemperaturePolicy (policies.make_policy('pid', ...)); "
+                        f"got {type(policy).__name__}")
+    spec = _base_spec("baseline", policy.feature_spec, policy.action_mapping, truncation, model, policy.label, source)
+    spec["baseline"] = json.loads(json.dumps(policy.to_config()))  # JSON-safe check (inf -> Infinity)
+    return _write(Path(out_dir), spec, None, _check_prior(token_prior, model))
+
+
+# ---------------------------------------------------------------------- from configs and runs
+def _model_info(config, lm) -> dict:
+    return {"name": config.model.name, "vocab_size": int(lm.vocab_size), "label": getattr(lm, "name", None)}
+
+
+def _token_prior(config, lm) -> torch.Tensor | None:
+    """The token prior the training env's featurizer uses for ``config``, built by the env code itself.
+
+    A :class:`envs.generation.GenerationCore` of one group is constructed (prompts encoded, no
+    forward pass) so that export and training share one definition of the prior, whatever the env
+    combines into it (vocabulary flags, discovered anomalous tokens, ...).
+    """
+    if not getattr(config.env, "token_prior", True):
+        return None
+    from dataclasses import replace
+
+    from envs.generation import GenerationCore
+
+    core = GenerationCore(replace(config.env, batch_size=config.env.group_size), lm, config.reward)
+    prior = core.featurizer.token_prior
+    return None if prior is None else prior.detach().to("cpu", torch.float32).clone()
+
+
+def _load_lm(config, lm):
+    if lm is not None:
+        return lm
+    from dataclasses import replace
+
+    from envs.lm import load_causal_lm
+
+    return load_causal_lm(replace(config.model, device="cpu"))
+
+
+def _load_vecnormalize(path: Path):
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)  # VecNormalize pickles without its venv
+    except Exception as exc:
+        raise ArtifactError(f"cannot read {path} ({type(exc).__name__}: {exc}); the normalisation statistics are "
+                            "needed to export the policy") from None
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
+               checkpoint: str | Path | None = None, token_prior: torch.Tensor | None | str = "auto") -> Path:
+    """Export the policy of a training run (``run_dir/model.zip`` or ``checkpoint``); returns the export dir.
+
+    ``out_dir`` defaults to ``run_dir/export``. ``lm`` is the run's loaded :class:`envs.lm.CausalLM`
+    (vocabulary size and token prior); without it the configured model is loaded on the CPU.
+    ``token_prior`` is the (V,) prior the training featurizer used (``train`` passes its env's);
+    ``"auto"`` rebuilds it from the run's config with the env code.
+    """
+    from stable_baselines3 import PPO
+
+    from kelvin.config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}; give the --run-dir of a training run")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: is {run_dir} a Kelvin run directory?")
+    config = load_config(cfg_path)
+    if checkpoint is None:
+        model_path, norm_path = run_dir / "model.zip", run_dir / "vecnormalize.pkl"
+    else:
+        model_path = Path(checkpoint)
+        if not model_path.is_absolute() and not model_path.exists():
+            model_path = run_dir / "checkpoints" / model_path
+        if model_path.suffix != ".zip":
+            model_path = model_path.with_name(model_path.name + ".zip")
+        norm_path = model_path.with_name(model_path.stem + "_vecnormalize.pkl")
+    if not model_path.is_file():
+        hint = " (the run has checkpoints: pass --checkpoint step_N)" if list(run_dir.glob("checkpoints/*.zip")) else ""
+        raise FileNotFoundError(f"{model_path} is missing: nothing to export{hint}")
+    try:
+        model = PPO.load(str(model_path), device="cpu")
+    except Exception as exc:
+        raise ArtifactError(f"cannot load {model_path} ({type(exc).__name__}: {exc}); "
+                            "the model file is damaged") from None
+    norm = None
+    if norm_path.is_file():
+        vec = _load_vecnormalize(norm_path)
+        if getattr(vec, "norm_obs", False):
+            norm = {"mean": vec.obs_rms.mean, "var": vec.obs_rms.var, "clip": vec.clip_obs, "epsilon": vec.epsilon}
+    elif config.train.normalize_obs:
+        raise FileNotFoundError(f"{norm_path} is missing, but the run normalised its observations "
+                                "(train.normalize_obs): the policy cannot be exported without those statistics")
+    lm = _load_lm(config, lm)
+    model_info = _model_info(config, lm)
+    source = {"run_dir": str(run_dir.resolve()), "model_file": str(model_path.resolve()),
+              "timesteps": int(getattr(model, "num_timesteps", 0))}
+    return export_learned(model.policy, out_dir if out_dir is not None else run_dir / "export",
+                          config.env.feature_spec(), config.env.action_mapping_obj(), config.env.truncation,
+                          model_info, norm, _token_prior(config, lm) if isinstance(token_prior, str) else token_prior,
+                          label="learned (PPO)", source=source)
+
+
+def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path = "configs/default.yaml",
+                         overrides: list[str] | None = None, lm=None) -> Path:
+    """Export a baseline spec string (``pid``, ``edt:theta=1.0``) with the env settings of a config file."""
+    from kelvin.config import load_config
+    from policies.registry import make_policy
+
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config {config_path} is missing; pass --config with the YAML the policy is for")
+    config = load_config(config_path, overrides or [])
+    policy = make_policy(spec, config.env.feature_spec(), config.env.action_mapping_obj())
+    lm = _load_lm(config, lm)
+    return export_baseline(policy, out_dir, config.env.truncation, _model_info(config, lm), _token_prior(config, lm),
+                           source={"config": str(config_path.resolve()), "spec": spec})
+
+
+# ---------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m policies.export",
+        description="Export a trained run, or a baseline spec, into a directory samplers load without SB3.")
+    parser.add_argument("source", help="a run directory (holds model.zip, config.yaml) or a baseline spec "
+                                       "such as 'pid' or 'edt:theta=1.0'")
+    parser.add_argument("out_dir", help="export directory to write (spec.json, policy.pt, token_prior.pt)")
+    parser.add_argument("--config", default=None,
+                        help="baselines: the YAML whose env block gives features, action mapping and truncation "
+                             "(default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                        help="baselines: override a config value, e.g. --set env.top_k=20 (repeatable)")
+    parser.add_argument("--checkpoint", default=None, help="runs: export checkpoints/step_N.zip instead of model.zip")
+    args = parser.parse_args(argv)
+    source = Path(args.source)
+    try:
+        if source.is_dir():
+            if args.config or args.overrides:
+                raise ValueError("--config/--set apply to baselines; a run is exported with its own config.yaml")
+            out = export_run(source, args.out_dir, checkpoint=args.checkpoint)
+        else:
+            if os.sep in args.source or args.source.endswith((".zip", ".yaml")):
+                raise FileNotFoundError(f"no run directory at {args.source}")
+            if args.checkpoint:
+                raise ValueError("--checkpoint applies to run directories, not to baseline specs")
+            out = export_baseline_spec(args.source, args.out_dir, args.config or "configs/default.yaml",
+                                       args.overrides)
+    except (ArtifactError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spec: dict[str, Any] = json.loads((out / SPEC_FILE).read_text())
+    what = spec["baseline"]["name"] if spec["kind"] == "baseline" else "learned policy"
+    print(f"exported {what} ({spec['label']}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

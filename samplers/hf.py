@@ -1,0 +1,138 @@
+"""A Kelvin temperature policy inside transformers' ``generate``: :class:`PolicyLogitsProcessor`.
+
+Usage::
+
+    from transformers import LogitsProcessorList
+    from samplers.hf import PolicyLogitsProcessor
+
+    proc = PolicyLogitsProcessor.from_pretrained("runs/default/export")
+    out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         logits_processor=LogitsProcessorList([proc]), max_new_tokens=64)
+    proc.temperature_trace()   # (B, steps) temperatures the policy chose
+
+How transformers (v5, ``generation/utils.py::_sample``) calls it: at every step
+``next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=float32)`` goes through the
+processor list as ``scores`` (B, V), with ``input_ids`` (B, prompt + generated so far); then
+``softmax(scores)`` and ``torch.multinomial``. ``-inf`` entries get probability 0 and are never drawn,
+so the truncation and one-hot (greedy / argmin) rows this processor returns are sampled exactly.
+``generate`` builds its own processors from the generation config: the penalties and biases run
+*before* custom processors, the warpers (temperature, top-k, top-p, min-p, typical, ...) *after*.
+Pass ``temperature=1.0, top_k=0, top_p=1.0`` (and leave ``min_p``, ``typical_p``, ``epsilon_cutoff``,
+``repetition_penalty`` at their neutral defaults) so nothing re-warps the policy's distribution:
+many models ship a ``generation_config`` with ``temperature`` / ``top_p`` set, and ``generate``
+falls back to those when the call does not override them. ``do_sample=True`` is required (greedy
+decoding ignores the temperature; a policy's ``T = 0`` rows are already one-hot).
+
+Per step the processor runs :class:`samplers.runtime.PolicyRuntime`: the same featurizer, policy,
+action mapping (rate limit included), truncation and signed temperature as training, so a policy
+chooses the same temperatures in ``generate`` as in the environment on the same tokens.
+
+A new ``generate`` call is detected (featurizer and policy state start afresh, the recorded
+temperatures are cleared) on the first call, when the batch size changes, when ``input_ids`` is not
+one token longer than at the previous call, or when its previous tokens are not the ones seen then.
+Call :meth:`PolicyLogitsProcessor.reset` to force it. Rows that already finished keep being
+processed (``generate`` feeds them padding); their temperatures after EOS are meaningless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor
+
+from policies.actions import ActionMapping
+from policies.features import FeatureSpec
+from samplers.runtime import PolicyRuntime
+
+__all__ = ["PolicyLogitsProcessor"]
+
+
+class PolicyLogitsProcessor(LogitsProcessor):
+    """transformers ``LogitsProcessor`` that applies a temperature policy's per-token signed temperature.
+
+    Arguments: ``policy`` (a baseline, :func:`policies.load_policy` output, or any object with the
+    one policy interface), ``feature_spec`` / ``action_mapping`` (default: the policy's),
+    ``truncation`` (``{top_k, top_p, min_p, top_n_sigma}``, computed on the base distribution before
+    the temperature, as in training), ``token_prior`` ((V,) anomaly priors the featurizer used in
+    training; :meth:`from_pretrained` loads them), ``category`` (the prompt category of every row,
+    or one per row, for policies conditioned on it; default "other"), ``diversity_weight``.
+
+    Attributes: ``temperatures`` (list of (B,) tensors, one per step of the last ``generate``),
+    :meth:`temperature_trace` ((B, steps)).
+    """
+
+    def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
+                 truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
+                 diversity_weight=None):
+        self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
+                                     category=category, diversity_weight=diversity_weight)
+        self._last_len: int | None = None
+        self._last_tokens: torch.Tensor | None = None  # (B,) last column of the previous input_ids
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "PolicyLogitsProcessor":
+        """From an export directory (``python -m policies.export``); keyword arguments as the constructor's."""
+        from policies.artifact import load_artifact
+
+        art = load_artifact(path)
+        kwargs.setdefault("token_prior", art.token_prior)
+        return cls(art.policy, art.feature_spec, art.action_mapping, art.truncation, **kwargs)
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def policy(self):
+        return self.runtime.policy
+
+    @property
+    def truncation(self) -> dict:
+        return dict(self.runtime.truncation)
+
+    @property
+    def category(self):
+        return self.runtime.category
+
+    @category.setter
+    def category(self, value) -> None:
+        """Category (one name, or one per row) of the rows of the *next* ``generate`` call."""
+        self.runtime.category = value
+
+    @property
+    def temperatures(self) -> list[torch.Tensor]:
+        return self.runtime.temperatures
+
+    def temperature_trace(self) -> torch.Tensor:
+        """(B, steps) temperatures chosen in the last ``generate`` call."""
+        return self.runtime.temperature_trace()
+
+    def reset(self) -> None:
+        """Make the next call start a new generation (all rows fresh)."""
+        self._last_len = None
+        self._last_tokens = None
+
+    # ------------------------------------------------------------------ the processor
+    def _is_continuation(self, input_ids: torch.Tensor) -> bool:
+        if self._last_len is None or self._last_tokens is None:
+            return False
+        batch, length = input_ids.shape
+        if batch != self._last_tokens.shape[0] or length != self._last_len + 1:
+            return False
+        return bool(torch.equal(input_ids[:, -2], self._last_tokens))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
+            raise ValueError(f"scores must be a (batch, vocab) tensor; got {getattr(scores, 'shape', type(scores))}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[0] != scores.shape[0]:
+            raise ValueError(f"input_ids must be a (batch, length) tensor with the {scores.shape[0]} rows of scores; "
+                             f"got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty; generation needs at least one prompt token per row")
+        if self._is_continuation(input_ids):
+            tokens = input_ids[:, -1]  # (B,) drawn at the previous step
+        else:
+            self.runtime.start(scores.shape[0], scores.device)
+            tokens = None
+        out = self.runtime.step(scores, tokens)  # (B, V) new tensor
+        self._last_len = input_ids.shape[1]
+        self._last_tokens = input_ids[:, -1].clone()
+        return out

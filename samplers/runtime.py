@@ -1,0 +1,274 @@
+"""The deployment line shared by every engine adapter: logits -> featurizer -> policy -> temperature.
+
+:class:`PolicyRuntime` runs, for a batch of rows, exactly what :class:`envs.generation.GenerationCore`
+runs in training, minus the reward and the draw (the engine draws)::
+
+    step(scores (B, V), tokens (B,) drawn since the last step or None)
+        featurizer.update(tokens, T_prev)          # the history, as GenerationCore.step after its draw
+        obs = featurizer.observe(scores)           # (B, F) raw features, policies/features.py
+        a   = policy actions(obs, episode_start)   # (B,) in [-1, 1]
+        T   = mapping.to_temperature(a, previous=T_prev, first_step=position == 0)   # rate limit as in training
+        return apply_temperature(truncate(scores, **truncation), T)                  # (B, V), a new tensor
+
+The engine then samples from ``softmax`` of the returned logits with its own temperature at 1.0
+and its own truncation off. Rows whose temperature is 0 (or ``|T| < 1e-6``) come back one-hot
+(every other token ``-inf``), so any sampler draws the argmax / argmin exactly.
+
+Adapters: :mod:`samplers.hf` (transformers ``LogitsProcessor``), :mod:`samplers.llama_cpp`
+(llama-cpp-python, numpy), :mod:`samplers.vllm` (vLLM v1 batch-level logits processor, which also
+uses :meth:`PolicyRuntime.reorder` when the engine's persistent batch changes).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from policies.actions import ActionMapping
+from policies.base import TemperaturePolicy
+from policies.features import FeatureSpec, Featurizer
+from samplers.core import _check_truncation, apply_temperature, truncate
+
+__all__ = ["PolicyRuntime", "category_indices"]
+
+_TRUNCATION_KEYS = ("top_k", "top_p", "min_p", "top_n_sigma")
+
+
+def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] | None:
+    """One-hot slots (B,) for ``category``: None, a name / index for every row, or one per row.
+
+    Names index ``spec.categories``; ``"other"`` (or None inside a list) is the final slot. Returns
+    None when ``category`` is None (rows keep the "other" slot a fresh featurizer row starts with).
+    """
+    if category is None:
+        return None
+    if not spec.categories:
+        raise ValueError("category was given, but this policy has no category features (it was trained with "
+                         "env.include_category=false); drop the category argument")
+    items = [category] * batch_size if isinstance(category, (str, int)) else list(category)
+    if len(items) != batch_size:
+        raise ValueError(f"category has {len(items)} entries for a batch of {batch_size} rows; give one per row "
+                         "or a single name for all")
+    out = []
+    other = len(spec.categories)
+    for c in items:
+        if c is None or c == "other":
+            out.append(other)
+        elif isinstance(c, str):
+            if c not in spec.categories:
+                close = difflib.get_close_matches(c, list(spec.categories), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown category {c!r}; {hint}known: {', '.join(spec.categories)} (or 'other')")
+            out.append(spec.categories.index(c))
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= int(c) <= other:
+            out.append(int(c))
+        else:
+            raise ValueError(f"category {c!r} must be a name ({', '.join(spec.categories)}, other) or an index "
+                             f"in [0, {other}]")
+    return out
+
+
+class PolicyRuntime:
+    """Featurizer + policy + action mapping + truncation for a batch of rows (see the module doc).
+
+    Arguments: ``policy`` (anything with the one policy interface: a baseline, an
+    :class:`~policies.artifact.ExportedPolicy`, a :class:`~policies.learned.LearnedPolicy`),
+    ``feature_spec`` / ``action_mapping`` (default: the policy's), ``truncation`` (``top_k``,
+    ``top_p``, ``min_p``, ``top_n_sigma``; default off), ``token_prior`` ((V,) per-token anomaly
+    priors the featurizer used in training), ``category`` / ``diversity_weight`` (the conditioning
+    inputs, when the feature spec has them; applied to every row a :meth:`start` begins).
+
+    ``temperatures`` holds the (B,) temperatures of every step since the last :meth:`start`.
+    """
+
+    def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
+                 truncation: dict | None = None, token_prior: torch.Tensor | None = None,
+                 category=None, diversity_weight=None, record: bool = True):
+        if not hasattr(policy, "predict"):
+            raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) (a Kelvin policy "
+                            f"or policies.load_policy(path)); got {type(policy).__name__}")
+        feature_spec = feature_spec if feature_spec is not None else getattr(policy, "feature_spec", None)
+        action_mapping = action_mapping if action_mapping is not None else getattr(policy, "action_mapping", None)
+        if not isinstance(feature_spec, FeatureSpec):
+            raise TypeError(f"feature_spec must be a policies.features.FeatureSpec; got {type(feature_spec).__name__}")
+        if not isinstance(action_mapping, ActionMapping):
+            raise TypeError(f"action_mapping must be a policies.actions.ActionMapping; "
+                            f"got {type(action_mapping).__name__}")
+        pol_spec = getattr(policy, "feature_spec", None)
+        if isinstance(pol_spec, FeatureSpec) and pol_spec.names != feature_spec.names:
+            raise ValueError(f"the policy reads features {list(pol_spec.names)} but feature_spec describes "
+                             f"{list(feature_spec.names)}; pass the spec the policy was trained with")
+        t = dict(truncation or {})
+        unknown = set(t) - set(_TRUNCATION_KEYS)
+        if unknown:
+            close = difflib.get_close_matches(sorted(unknown)[0], _TRUNCATION_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown truncation keys {sorted(unknown)}{hint}; valid: {', '.join(_TRUNCATION_KEYS)}")
+        top_k, top_p, min_p, top_n_sigma = _check_truncation(t.get("top_k", 0), t.get("top_p", 1.0),
+                                                             t.get("min_p", 0.0), t.get("top_n_sigma"))
+        self.truncation = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "top_n_sigma": top_n_sigma}
+        self._truncating = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_n_sigma is not None
+        if token_prior is not None:
+            token_prior = torch.as_tensor(token_prior, dtype=torch.float32).reshape(-1)
+        self.policy = policy
+        self.feature_spec = feature_spec
+        self.action_mapping = action_mapping
+        self.token_prior = token_prior
+        self.category = category
+        self.diversity_weight = diversity_weight
+        self.record = record
+        if category is not None:  # validate the names now, not at the first generate step
+            category_indices(feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
+        if diversity_weight is not None and not feature_spec.include_diversity_weight:
+            raise ValueError("diversity_weight was given, but this policy is not conditioned on it "
+                             "(features.include_diversity_weight is false); drop the argument")
+        self.featurizer: Featurizer | None = None
+        self.temperatures: list[torch.Tensor] = []
+        self._last_t: torch.Tensor | None = None  # (B,) temperatures of the previous step
+        self._episode_start: torch.Tensor | None = None  # (B,) bool: rows whose next step is their first
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.featurizer is None else self.featurizer.batch_size
+
+    def _prior_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.token_prior is not None and self.token_prior.device != device:
+            self.token_prior = self.token_prior.to(device)
+        return self.token_prior
+
+    def start(self, batch_size: int, device: torch.device | str = "cpu", category=None, diversity_weight=None) -> None:
+        """Fresh episodes on every row (a new generate call): featurizer, policy state, recorded temperatures.
+
+        ``category`` / ``diversity_weight`` override the constructor's for these rows.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        device = torch.device(device)
+        self.featurizer = Featurizer(self.feature_spec, batch_size, device, token_prior=self._prior_on(device))
+        cats = category_indices(self.feature_spec, self.category if category is None else category, batch_size)
+        dw = self.diversity_weight if diversity_weight is None else diversity_weight
+        if cats is not None or dw is not None:
+            self.featurizer.reset(None, category=cats, diversity_weight=dw)
+        if hasattr(self.policy, "reset"):
+            self.policy.reset(batch_size)
+        self._last_t = torch.full((batch_size,), self.feature_spec.initial_temperature, device=device)
+        self._episode_start = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.temperatures = []
+
+    def reorder(self, source: Sequence[int], fresh_category: dict[int, Any] | None = None) -> None:
+        """Rebuild the rows from the previous ones: new row ``i`` continues old row ``source[i]`` (-1 = fresh).
+
+        For engines whose batch changes between steps (vLLM's persistent batch). Featurizer state,
+        the previous step's log-probs (needed by the next update), the policy's per-row state and the
+        previous temperatures move with their rows; fresh rows start a new episode
+        (``fresh_category`` maps a fresh row to its category).
+        """
+        if self.featurizer is None:
+            raise RuntimeError("PolicyRuntime.reorder called before start(batch_size, device)")
+        src = torch.as_tensor(list(source), dtype=torch.long)
+        f = self.featurizer
+        device = f.device
+        src = src.to(device)
+        old_b = f.batch_size
+        if bool(((src < -1) | (src >= old_b)).any()):
+            raise ValueError(f"reorder source {src.tolist()} points outside the {old_b} previous rows")
+        fresh = src < 0  # (n,)
+        idx = src.clamp_min(0)
+        state = f.state
+        for name in state.__dataclass_fields__:
+            setattr(state, name, getattr(state, name)[idx])
+        if f._logp is not None:  # the next update reads the previous observation's log-probs
+            f._logp = f._logp[idx]
+        f._dist = None
+        self._last_t = self._last_t[idx]
+        self._episode_start = self._episode_start[idx] | fresh
+        policy_state = getattr(self.policy, "_state", None)
+        if isinstance(self.policy, TemperaturePolicy) and policy_state:
+            self.policy._state = {k: v[idx.to(v.device)] for k, v in policy_state.items()}
+        rows = torch.nonzero(fresh).flatten()
+        if rows.numel():
+            f.reset(rows)
+            self._last_t[rows] = self.feature_spec.initial_temperature
+            for row, cat in (fresh_category or {}).items():
+                if fresh[row] and cat is not None:
+                    f.reset([row], category=category_indices(self.feature_spec, cat, 1))
+
+    # ------------------------------------------------------------------ per step
+    def _actions(self, obs: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
+        """(B,) actions in [-1, 1] on ``obs``'s device, through each policy's own fast path."""
+        policy = self.policy
+        with torch.no_grad():
+            if isinstance(policy, TemperaturePolicy):  # == predict(), without the numpy round trip
+                return policy.action_mapping.to_action(policy.temperatures(obs, episode_start))
+            if hasattr(policy, "actions"):  # policies.artifact.ExportedPolicy
+                return policy.actions(obs)
+            actions, _ = policy.predict(obs.cpu().numpy(), state=None, episode_start=episode_start.cpu().numpy(),
+                                        deterministic=True)
+        return torch.as_tensor(np.asarray(actions, dtype=np.float32).reshape(-1), device=obs.device)
+
+    def step(self, scores: torch.Tensor, tokens: torch.Tensor | None = None,
+             drew: torch.Tensor | None = None) -> torch.Tensor:
+        """Tempered logits (B, V) for next-token ``scores`` (B, V); ``scores`` is left unchanged.
+
+        ``tokens`` (B,) are the tokens drawn since the previous step (None on a first step);
+        ``drew`` (B,) bool limits the update to the rows that drew one (None = every row).
+        """
+        f = self.featurizer
+        if f is None:
+            raise RuntimeError("PolicyRuntime.step called before start(batch_size, device)")
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
+            raise ValueError(f"scores must be a (B, V) tensor; got {getattr(scores, 'shape', type(scores).__name__)}")
+        if scores.shape[0] != f.batch_size:
+            raise ValueError(f"scores have {scores.shape[0]} rows but {f.batch_size} rows are tracked; call start()")
+        if f.token_prior is not None and f.token_prior.shape[0] != scores.shape[1]:
+            raise ValueError(
+                f"the logits have {scores.shape[1]} columns but the policy's token prior covers a vocabulary of "
+                f"{f.token_prior.shape[0]}: it was exported for another model; use the model it was trained with "
+                "(see spec.json 'model')")
+        zmax = scores.amax(dim=-1)  # (B,): NaN, +inf and all -inf rows show here
+        if not bool(torch.isfinite(zmax).all()):  # check before the featurizer reads them
+            rows = torch.nonzero(~torch.isfinite(zmax)).flatten().tolist()
+            raise ValueError(
+                f"logits rows {rows[:10]} contain NaN or +inf, or are entirely -inf. Check the model outputs "
+                "(float16 overflow? run the model in float32 or bfloat16); mask tokens with -inf, never with NaN "
+                "or +inf, and keep at least one finite logit per row")
+        if tokens is not None:
+            tokens = torch.as_tensor(tokens, device=f.device).long().reshape(-1)  # (B,)
+            if drew is None:
+                f.update(tokens, self._last_t)
+            else:
+                self._masked_update(tokens, drew.to(f.device).bool().reshape(-1))
+        obs = f.observe(scores)  # (B, F)
+        starts = self._episode_start
+        actions = self._actions(obs, starts)  # (B,)
+        s = f.state
+        temperature = self.action_mapping.to_temperature(actions.to(f.device), previous=s.prev_temperature,
+                                                         first_step=s.position == 0)  # (B,)
+        self._last_t = temperature
+        self._episode_start = torch.zeros_like(starts)
+        if self.record:
+            self.temperatures.append(temperature)
+        kept = truncate(scores, **self.truncation) if self._truncating else scores  # (B, V)
+        return apply_temperature(kept, temperature.to(scores.device))  # (B, V), new tensor
+
+    def _masked_update(self, tokens: torch.Tensor, drew: torch.Tensor) -> None:
+        """``featurizer.update`` on the rows where ``drew``; the other rows keep their state."""
+        f = self.featurizer
+        if not bool(drew.any()):
+            return
+        before = {name: getattr(f.state, name) for name in f.state.__dataclass_fields__}
+        f.update(torch.where(drew, tokens, torch.zeros_like(tokens)), self._last_t)  # new tensors, no in-place
+        for name, old in before.items():
+            new = getattr(f.state, name)
+            mask = drew.view((-1,) + (1,) * (new.ndim - 1))
+            setattr(f.state, name, torch.where(mask, new, old))
+
+    def temperature_trace(self) -> torch.Tensor:
+        """(B, steps) temperatures chosen since the last :meth:`start` (steps = 0 before the first)."""
+        if not self.temperatures:
+            return torch.zeros((self.batch_size, 0))
+        return torch.stack(self.temperatures, dim=1)

@@ -1,0 +1,691 @@
+"""Exported policies: artifact round trip, loading without SB3, engine adapters, parity with the env.
+
+The parity tests roll out the real environment (TemperatureVecEnv, 2 rows, the smoke config) with
+the learned policy of a smoke-trained run and with the ``pid`` and ``surprise`` baselines, record
+the prompts, the model's logits, the drawn tokens and the temperatures, then feed the same prompt
+ids, tokens and logits through ``PolicyLogitsProcessor`` built from the *exported* artifact, step by
+step with growing ``input_ids``: the temperatures must agree to 1e-5.
+"""
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from policies import FeatureSpec, load_artifact, load_policy
+from policies.actions import ActionMapping
+from policies.artifact import ARTIFACT_FORMAT_VERSION, ArtifactError, ExportedPolicy
+from policies.baselines import FixedTemperature, PIDController
+from policies.export import export_baseline, export_learned
+from policies.features import Featurizer
+from policies.registry import BASELINE_NAMES, make_policy
+from samplers.core import apply_temperature, truncate
+from samplers.hf import PolicyLogitsProcessor
+from samplers.llama_cpp import LlamaCppPolicyProcessor
+from samplers.runtime import PolicyRuntime
+from samplers.vllm import KelvinLogitsProcessor, PersistentBatch, VLLM_AVAILABLE, plan_batch_update
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+SPEC = FeatureSpec(horizon=8, categories=("code", "creative"))
+MAPPING = ActionMapping(kind="linear", t_min=-2.0, t_max=2.0, max_delta=0.75)
+V = 50
+
+
+def _dummy_ppo(spec: FeatureSpec):
+    """An untrained SB3 PPO MlpPolicy with the observation space of ``spec`` (no LLM needed)."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    class _Env(gym.Env):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (spec.dim,), np.float32)
+        action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(spec.dim, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(spec.dim, np.float32), 0.0, False, False, {}
+
+    return PPO("MlpPolicy", _Env(), policy_kwargs={"net_arch": [32, 32]}, device="cpu", seed=0)
+
+
+def _random_obs(spec: FeatureSpec, n: int, seed: int = 0) -> np.ndarray:
+    """Raw observations from the real featurizer on random logits (realistic ranges), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    f = Featurizer(spec, n)
+    obs = f.observe(torch.randn(n, V, generator=g) * 3)
+    for _ in range(3):
+        f.update(torch.randint(0, V, (n,), generator=g), torch.rand(n, generator=g) * 2)
+        obs = f.observe(torch.randn(n, V, generator=g) * 3)
+    return obs.numpy()
+
+
+@pytest.fixture(scope="module")
+def dummy_export(tmp_path_factory):
+    """A learned-policy export of an untrained PPO with made-up normalisation statistics."""
+    model = _dummy_ppo(SPEC)
+    rng = np.random.default_rng(1)
+    norm = {"mean": rng.normal(size=SPEC.dim), "var": rng.uniform(0.2, 3.0, SPEC.dim), "clip": 5.0, "epsilon": 1e-8}
+    out = export_learned(model.policy, tmp_path_factory.mktemp("exp") / "learned", SPEC, MAPPING, {"top_k": 5},
+                         {"name": "toy", "vocab_size": V}, norm, torch.rand(V))
+    return out, model, norm
+
+
+# =========================================================================== artifact round trip
+def test_learned_export_files_and_spec(dummy_export):
+    out, _, norm = dummy_export
+    assert sorted(p.name for p in out.iterdir()) == ["policy.pt", "spec.json", "token_prior.pt"]
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["format_version"] == 1 and spec["kind"] == "learned" and spec["baseline"] is None
+    assert spec["feature_spec"] == SPEC.to_dict()
+    assert spec["action_mapping"] == MAPPING.to_dict()
+    assert spec["truncation"] == {"top_k": 5, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
+    assert spec["model"]["name"] == "toy" and spec["model"]["vocab_size"] == V
+    assert spec["obs_normalization"]["clip"] == 5.0 and spec["obs_normalization"]["epsilon"] == 1e-8
+    np.testing.assert_allclose(spec["obs_normalization"]["mean"], norm["mean"])
+    assert spec["files"] == {"policy": "policy.pt", "token_prior": "token_prior.pt"}
+    assert spec["created"].endswith("+00:00")
+
+
+def test_learned_export_matches_sb3_in_process(dummy_export):
+    from policies.learned import LearnedPolicy
+
+    out, model, norm = dummy_export
+    reference = LearnedPolicy(model.policy, SPEC, MAPPING, norm["mean"], norm["var"], norm["clip"], norm["epsilon"])
+    loaded = load_policy(out)
+    assert isinstance(loaded, ExportedPolicy)
+    obs = _random_obs(SPEC, 64)
+    obs[:8] *= 50  # some observations beyond the normalisation clip
+    a_ref, _ = reference.predict(obs)
+    a_exp, state = loaded.predict(obs, state="kept", episode_start=np.ones(64, bool))
+    assert a_exp.shape == (64, 1) and a_exp.dtype == np.float32 and state == "kept"
+    np.testing.assert_allclose(a_exp, a_ref, atol=1e-6, rtol=0)
+    assert np.abs(a_exp).max() <= 1.0
+    single, _ = loaded.predict(obs[0])
+    assert single.shape == (1,)
+    torch.testing.assert_close(loaded.temperatures(torch.as_tensor(obs)),
+                               MAPPING.to_temperature(torch.as_tensor(a_ref).reshape(-1)), atol=1e-5, rtol=0)
+    art = load_artifact(out)
+    assert art.truncation["top_k"] == 5 and art.token_prior.shape == (V,) and art.vocab_size == V
+
+
+ROUND_TRIP_SCRIPT = r"""
+import json, sys
+import numpy as np
+import policies
+policy = policies.load_policy(sys.argv[1])
+obs = np.load(sys.argv[2])
+actions, _ = policy.predict(obs, episode_start=np.ones(len(obs), bool))
+temps = policy.temperatures(obs)
+np.save(sys.argv[3], actions)
+print(json.dumps({"sb3": "stable_baselines3" in sys.modules, "type": type(policy).__name__,
+                  "temps_finite": bool(np.isfinite(temps.numpy()).all())}))
+"""
+
+
+def _load_in_fresh_process(export_dir: Path, obs: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, dict]:
+    np.save(tmp_path / "obs.npy", obs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP_SCRIPT, str(export_dir), str(tmp_path / "obs.npy"),
+                           str(tmp_path / "actions.npy")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(tmp_path / "actions.npy"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_round_trip_in_fresh_process_without_sb3(dummy_export, tmp_path):
+    out, model, norm = dummy_export
+    from policies.learned import LearnedPolicy
+
+    obs = _random_obs(SPEC, 32, seed=3)
+    actions, info = _load_in_fresh_process(out, obs, tmp_path)
+    assert info == {"sb3": False, "type": "ExportedPolicy", "temps_finite": True}
+    reference, _ = LearnedPolicy(model.policy, SPEC, MAPPING, norm["mean"], norm["var"], norm["clip"],
+                                 norm["epsilon"]).predict(obs)
+    np.testing.assert_allclose(actions, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_every_baseline_round_trips_to_its_class(name, tmp_path):
+    policy = make_policy(name, SPEC, MAPPING)
+    out = export_baseline(policy, tmp_path / name, {"min_p": 0.05}, {"name": "toy", "vocab_size": V})
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["kind"] == "baseline" and spec["baseline"] == policy.to_config()
+    assert spec["files"] == {"policy": None, "token_prior": None} and not (out / "policy.pt").exists()
+    loaded = load_policy(out)
+    assert type(loaded) is type(policy) and loaded.params == policy.params and loaded.name == policy.name
+    assert loaded.feature_spec == SPEC and loaded.action_mapping == MAPPING
+    policy.reset(4)
+    loaded.reset(4)
+    for step in range(3):  # stateful baselines keep per-row state: same sequence of actions
+        obs = _random_obs(SPEC, 4, seed=step)
+        starts = np.array([step == 0, False, step == 1, False]) if step else np.ones(4, bool)
+        a1, _ = policy.predict(obs, episode_start=starts)
+        a2, _ = loaded.predict(obs, episode_start=starts)
+        np.testing.assert_array_equal(a1, a2)
+
+
+def test_baseline_params_survive_json(tmp_path):
+    policy = make_policy("edt:theta=1.0,t0=0.8", SPEC, MAPPING)
+    loaded = load_policy(export_baseline(policy, tmp_path / "edt"))
+    assert loaded.params["theta"] == 1.0 and loaded.params["t0"] == 0.8 and loaded.label == policy.label
+
+
+# =========================================================================== bad artifacts
+def _spec(path: Path) -> dict:
+    return json.loads((path / "spec.json").read_text())
+
+
+def _rewrite(path: Path, **changes) -> None:
+    spec = _spec(path)
+    spec.update(changes)
+    (path / "spec.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture
+def baseline_dir(tmp_path):
+    return export_baseline(make_policy("pid", SPEC, MAPPING), tmp_path / "pid", None, {"name": "toy", "vocab_size": V})
+
+
+def test_newer_format_version_says_upgrade(baseline_dir):
+    _rewrite(baseline_dir, format_version=ARTIFACT_FORMAT_VERSION + 1)
+    with pytest.raises(ArtifactError, match="newer Kelvin; upgrade Kelvin"):
+        load_policy(baseline_dir)
+
+
+def test_missing_files_are_named(baseline_dir, dummy_export, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no export directory"):
+        load_policy(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"spec\.json is missing"):
+        load_policy(empty)
+    import shutil
+
+    learned = tmp_path / "learned"
+    shutil.copytree(dummy_export[0], learned)
+    (learned / "policy.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"policy\.pt is missing"):
+        load_policy(learned)
+    shutil.copytree(dummy_export[0], tmp_path / "learned2")
+    (tmp_path / "learned2" / "token_prior.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"token_prior\.pt is missing"):
+        load_artifact(tmp_path / "learned2")
+
+
+def test_feature_spec_version_mismatch(baseline_dir):
+    spec = _spec(baseline_dir)
+    spec["feature_spec"]["version"] = 99
+    (baseline_dir / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match="feature spec version 99.*Retrain the policy"):
+        load_policy(baseline_dir)
+
+
+def test_corrupted_json_and_network(baseline_dir, dummy_export, tmp_path):
+    text = (baseline_dir / "spec.json").read_text()
+    (baseline_dir / "spec.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ArtifactError, match=r"not valid JSON \(line \d+, column \d+"):
+        load_policy(baseline_dir)
+    import shutil
+
+    learned = tmp_path / "learned"
+    shutil.copytree(dummy_export[0], learned)
+    (learned / "policy.pt").write_bytes(b"not a torchscript archive")
+    with pytest.raises(ArtifactError, match=r"policy\.pt cannot be loaded.*corrupted"):
+        load_policy(learned)
+
+
+def test_inconsistent_specs_are_rejected(baseline_dir):
+    _rewrite(baseline_dir, kind="oracle")
+    with pytest.raises(ArtifactError, match="kind='oracle' is unknown"):
+        load_policy(baseline_dir)
+    _rewrite(baseline_dir, kind="baseline", truncation={"top_k": -3})
+    with pytest.raises(ArtifactError, match="invalid truncation.*top_k"):
+        load_policy(baseline_dir)
+    _rewrite(baseline_dir, truncation=None, baseline={"name": "pdi", "params": {}})
+    with pytest.raises(ArtifactError, match="did you mean 'pid'"):
+        load_policy(baseline_dir)
+    spec = _spec(baseline_dir)
+    del spec["action_mapping"]
+    (baseline_dir / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match=r"lacks the keys \['action_mapping'\]"):
+        load_policy(baseline_dir)
+
+
+def test_export_rejects_a_mismatched_policy(tmp_path):
+    model = _dummy_ppo(FeatureSpec(horizon=8))  # 15 features, SPEC has 18
+    with pytest.raises(ArtifactError, match="observes shape"):
+        export_learned(model.policy, tmp_path / "x", SPEC, MAPPING)
+    with pytest.raises(TypeError, match="baseline TemperaturePolicy"):
+        export_baseline(object(), tmp_path / "y")
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from policies.export import main
+
+    assert main([str(tmp_path / "no_run/"), str(tmp_path / "o")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert main(["pdi", str(tmp_path / "o"), "--config", str(SMOKE)]) == 2
+    assert "unknown policy 'pdi'; did you mean 'pid'" in capsys.readouterr().err
+    assert main(["pid", str(tmp_path / "o"), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml is missing" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main([str(run), str(tmp_path / "o")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
+
+
+# =========================================================================== processors on synthetic logits
+def _logit_stream(batch: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, V, generator=g) * 2 for _ in range(steps)]
+
+
+def _drive(proc, prompts: torch.Tensor, logits: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
+    """Call ``proc`` like generate does: growing input_ids, tokens drawn from its output."""
+    g = torch.Generator().manual_seed(seed)
+    ids = prompts
+    for z in logits:
+        before = z.clone()
+        out = proc(ids, z)
+        assert out is not z and torch.equal(z, before)  # a new tensor; the input is untouched
+        tokens = torch.multinomial(torch.softmax(out, -1), 1, generator=g)  # (B, 1)
+        ids = torch.cat([ids, tokens], dim=1)
+    return ids
+
+
+def test_processor_matches_the_policy_step_by_step():
+    policy = make_policy("pid", SPEC, MAPPING)
+    proc = PolicyLogitsProcessor(policy, truncation={"top_k": 10}, category=["code", "other", "creative"])
+    logits = _logit_stream(3, 6)
+    ids = _drive(proc, torch.randint(0, V, (3, 4)), logits)
+    trace = proc.temperature_trace()
+    assert trace.shape == (3, 6) and len(proc.temperatures) == 6 and proc.temperatures[0].shape == (3,)
+    # reference: the env's own line (featurizer -> predict -> to_temperature with rate limit)
+    ref_policy = make_policy("pid", SPEC, MAPPING)
+    f = Featurizer(SPEC, 3)
+    f.reset(None, category=[0, 2, 1])
+    starts = np.ones(3, bool)
+    for step, z in enumerate(logits):
+        obs = f.observe(z)
+        actions, _ = ref_policy.predict(obs, episode_start=starts)
+        t = MAPPING.to_temperature(torch.as_tensor(actions).reshape(-1), previous=f.state.prev_temperature,
+                                   first_step=f.state.position == 0)
+        torch.testing.assert_close(trace[:, step], t, atol=1e-6, rtol=0)
+        f.update(ids[:, 4 + step], t)
+        starts = np.zeros(3, bool)
+
+
+def test_processor_output_is_truncated_and_tempered():
+    proc = PolicyLogitsProcessor(FixedTemperature(SPEC, MAPPING, t=-0.5), truncation={"top_k": 3})
+    z = torch.randn(2, V)
+    out = proc(torch.zeros(2, 5, dtype=torch.long), z)
+    torch.testing.assert_close(out, apply_temperature(truncate(z, top_k=3), -0.5))
+    assert (torch.isfinite(out).sum(-1) == 3).all()
+    # negative T inside top-3: the least likely of the three becomes the most likely
+    kept = z.topk(3).indices
+    assert torch.equal(out.argmax(-1), kept[:, 2])
+
+
+def test_new_generation_is_detected():
+    policy = make_policy("surprise", SPEC, MAPPING)
+    proc = PolicyLogitsProcessor(policy)
+    ids = torch.randint(0, V, (2, 5))
+    z = _logit_stream(2, 4)
+    proc(ids, z[0])
+    ids2 = torch.cat([ids, torch.tensor([[1], [2]])], 1)
+    proc(ids2, z[1])
+    assert len(proc.temperatures) == 2 and proc.runtime.featurizer.state.position.tolist() == [1, 1]
+    proc(torch.randint(0, V, (2, 9)), z[2])  # a longer jump: a new generate call
+    assert len(proc.temperatures) == 1 and proc.runtime.featurizer.state.position.tolist() == [0, 0]
+    proc(torch.randint(0, V, (3, 10)), torch.randn(3, V))  # batch size changed
+    assert proc.temperature_trace().shape == (3, 1)
+    same_len = torch.randint(0, V, (3, 11))
+    same_len[:, -2] = (same_len[:, -2] + 1) % V  # one longer, but not the tokens seen before
+    proc(same_len, torch.randn(3, V))
+    assert proc.temperature_trace().shape == (3, 1)
+    proc.reset()
+    proc(torch.cat([same_len, same_len[:, -1:]], 1), torch.randn(3, V))
+    assert proc.temperature_trace().shape == (3, 1)
+
+
+def test_stateful_baseline_keeps_per_row_state():
+    """Rows of one batch evolve exactly as the same rows run alone."""
+    logits = _logit_stream(3, 5, seed=4)
+    prompts = torch.randint(0, V, (3, 3))
+    batched = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING))
+    ids = _drive(batched, prompts, logits)
+    for row in range(3):
+        alone = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING))
+        for step, z in enumerate(logits):
+            alone(ids[row:row + 1, : 3 + step], z[row:row + 1])
+        torch.testing.assert_close(alone.temperature_trace()[0], batched.temperature_trace()[row], atol=1e-6, rtol=0)
+
+
+def test_processor_bad_inputs():
+    proc = PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING))
+    with pytest.raises(ValueError, match=r"scores must be a \(batch, vocab\)"):
+        proc(torch.zeros(1, 3, dtype=torch.long), torch.zeros(V))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(1, V))
+    with pytest.raises(ValueError, match=r"rows \[0\] contain NaN or \+inf"):
+        proc(torch.zeros(1, 3, dtype=torch.long), torch.full((1, V), float("nan")))
+    with pytest.raises(ValueError, match="unknown category 'cod'; did you mean 'code'"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), category="cod")
+    with pytest.raises(ValueError, match="category has 2 entries for a batch of 3 rows"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), category=["code", "other"])(
+            torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, V))
+    with pytest.raises(ValueError, match="unknown truncation keys.*did you mean 'top_k'"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), truncation={"topk": 5})
+    with pytest.raises(ValueError, match="top_p"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), truncation={"top_p": 0.0})
+    with pytest.raises(TypeError, match="policy must answer predict"):
+        PolicyLogitsProcessor(object(), SPEC, MAPPING)
+    with pytest.raises(ValueError, match="reads features"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), FeatureSpec(horizon=8), MAPPING)
+    prior_proc = PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), token_prior=torch.zeros(V + 1))
+    with pytest.raises(ValueError, match="exported for another model"):
+        prior_proc(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, V))
+
+
+def test_exported_learned_policy_runs_in_the_processor(dummy_export):
+    out, _, _ = dummy_export
+    proc = PolicyLogitsProcessor.from_pretrained(out, category="creative")
+    assert proc.truncation["top_k"] == 5 and isinstance(proc.policy, ExportedPolicy)
+    _drive(proc, torch.randint(0, V, (2, 3)), _logit_stream(2, 4))
+    trace = proc.temperature_trace()
+    assert trace.shape == (2, 4) and torch.isfinite(trace).all()
+    assert ((trace >= MAPPING.t_min) & (trace <= MAPPING.t_max)).all()
+    assert (trace[:, 1:] - trace[:, :-1]).abs().max() <= MAPPING.max_delta + 1e-6  # the rate limit
+
+
+# =========================================================================== llama.cpp (numpy, one sequence)
+def test_llama_cpp_processor_matches_the_hf_processor(dummy_export):
+    out, _, _ = dummy_export
+    hf = PolicyLogitsProcessor.from_pretrained(out)
+    llama = LlamaCppPolicyProcessor.from_pretrained(out)
+    logits = _logit_stream(1, 5, seed=7)
+    ids = torch.randint(0, V, (1, 6))
+    for z in logits:
+        expected = hf(ids, z)  # (1, V)
+        arr = z[0].numpy().copy()
+        before = arr.copy()
+        res = llama(ids[0].numpy().astype(np.intc), arr)
+        assert isinstance(res, np.ndarray) and res.dtype == np.float32 and res.shape == (V,)
+        np.testing.assert_array_equal(arr, before)  # input untouched
+        np.testing.assert_allclose(res, expected[0].numpy(), atol=1e-6, rtol=0)
+        ids = torch.cat([ids, expected.argmax(-1, keepdim=True)], dim=1)
+    np.testing.assert_allclose(llama.temperature_trace(), hf.temperature_trace()[0].numpy(), atol=1e-6, rtol=0)
+    llama(ids[0, :3].numpy().astype(np.intc), logits[0][0].numpy())  # a new completion starts afresh
+    assert len(llama.temperatures) == 1
+    with pytest.raises(ValueError, match="one sequence"):
+        llama(ids[0, :3].numpy(), np.zeros((2, V), np.float32))
+
+
+# =========================================================================== vLLM (pure state logic)
+def test_vllm_import_guard_message():
+    if VLLM_AVAILABLE:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match="pip install vllm"):
+        KelvinLogitsProcessor(None, torch.device("cpu"), False)
+
+
+def test_plan_batch_update_follows_vllm_order():
+    # rows 0..3; remove 1; add a new request at 1; move 3 -> 2 (unidirectional); shrink to 3 rows
+    source, added = plan_batch_update(4, 3, removed=[1, 2], added=[1], moved=[(3, 2, "UNIDIRECTIONAL")])
+    assert source == [0, -1, 3] and added == {1: 0}
+    source, added = plan_batch_update(3, 3, [], [], [(0, 2, SimpleNamespace(name="SWAP"))])
+    assert source == [2, 1, 0] and added == {}
+    source, added = plan_batch_update(0, 2, [], [0, 1], [(0, 1, "SWAP")])  # moves apply to new rows too
+    assert source == [-1, -1] and added == {0: 1, 1: 0}
+    with pytest.raises(ValueError, match="unknown move direction"):
+        plan_batch_update(2, 2, [], [], [(0, 1, "SIDEWAYS")])
+
+
+def _batch_update(size, removed=(), added=(), moved=()):
+    return SimpleNamespace(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def _params(**extra):
+    return SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, extra_args=extra or None)
+
+
+def test_persistent_batch_follows_requests_through_moves():
+    """Each request's temperatures equal those of the same request run alone, whatever its row."""
+    g = torch.Generator().manual_seed(0)
+    streams = {r: [torch.randn(V, generator=g) * 2 for _ in range(6)] for r in "ABC"}
+    outputs = {r: [] for r in "ABC"}
+    batch = PersistentBatch(PolicyRuntime(make_policy("pid", SPEC, MAPPING), category=None, record=False))
+    got = {r: [] for r in "ABC"}
+    # schedule of (batch update, rows -> request) per engine step
+    schedule = [
+        (_batch_update(2, added=[(0, _params(kelvin_category="code"), [1], outputs["A"]),
+                                 (1, _params(), [2], outputs["B"])]), ["A", "B"]),
+        (None, ["A", "B"]),
+        (_batch_update(3, added=[(2, _params(), [3], outputs["C"])], moved=[(0, 1, "SWAP")]), ["B", "A", "C"]),
+        (None, ["B", "A", "C"]),
+        (_batch_update(2, removed=[0], moved=[(2, 0, "UNIDIRECTIONAL")]), ["C", "A"]),
+        (None, ["C", "A"]),
+    ]
+    step_of = {r: 0 for r in "ABC"}
+    for update, rows in schedule:
+        batch.update(update)
+        logits = torch.stack([streams[r][step_of[r]] for r in rows])
+        out = batch.apply(logits)
+        temps = batch.runtime._last_t
+        for i, r in enumerate(rows):
+            got[r].append(float(temps[i]))
+            token = int(torch.argmax(out[i]))
+            outputs[r].append(token)  # the engine appends the drawn token to the live list
+            step_of[r] += 1
+    for r, cat in (("A", "code"), ("B", None), ("C", None)):
+        alone = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING), category=cat)
+        ids = torch.tensor([[7]])
+        for step in range(len(got[r])):
+            alone(ids, streams[r][step].view(1, -1))
+            ids = torch.cat([ids, torch.tensor([[outputs[r][step]]])], 1)
+        np.testing.assert_allclose(got[r], alone.temperature_trace()[0].numpy(), atol=1e-6, rtol=0)
+
+
+def test_persistent_batch_opt_out_rows_are_untouched():
+    batch = PersistentBatch(PolicyRuntime(FixedTemperature(SPEC, MAPPING, t=0.5), record=False))
+    batch.update(_batch_update(2, added=[(0, _params(kelvin=False), [1], []), (1, _params(), [1], [])]))
+    z = torch.randn(2, V)
+    out = batch.apply(z)
+    assert torch.equal(out[0], z[0]) and torch.allclose(out[1], apply_temperature(z[1:], 0.5)[0])
+    with pytest.raises(ValueError, match="temperature=0.7.*use temperature=1.0"):
+        KelvinLogitsProcessor.validate_params(SimpleNamespace(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0,
+                                                              extra_args=None))
+    KelvinLogitsProcessor.validate_params(SimpleNamespace(temperature=0.7, extra_args={"kelvin": False}))
+
+
+# =========================================================================== the real model
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A short real training run (smoke config) in a subprocess; train() writes run_dir/export."""
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
+                           "--set", "train.total_timesteps=32", "--set", "train.checkpoint_every=0",
+                           "--set", "train.validate_every=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_training_writes_the_export(smoke_run):
+    export = smoke_run / "export"
+    spec = json.loads((export / "spec.json").read_text())
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["export"] == str(export)
+    assert spec["kind"] == "learned" and spec["model"]["name"] == "smollm2-135m-instruct"
+    assert spec["model"]["vocab_size"] == 49152 and spec["files"]["token_prior"] == "token_prior.pt"
+    assert spec["feature_spec"]["horizon"] == 8 and spec["obs_normalization"] is not None
+    assert spec["source"]["run_dir"] == str(smoke_run.resolve())
+
+
+def test_trained_policy_round_trips_without_sb3(smoke_run, tmp_path):
+    from stable_baselines3 import PPO
+
+    from policies.learned import LearnedPolicy
+
+    export = smoke_run / "export"
+    art = load_artifact(export)
+    with open(smoke_run / "vecnormalize.pkl", "rb") as fh:
+        vec = pickle.load(fh)
+    reference = LearnedPolicy.from_sb3(PPO.load(smoke_run / "model.zip", device="cpu"), vec, art.feature_spec,
+                                       art.action_mapping)
+    obs = _random_obs(art.feature_spec, 32, seed=5)
+    actions, info = _load_in_fresh_process(export, obs, tmp_path)
+    assert info["sb3"] is False and info["type"] == "ExportedPolicy"
+    np.testing.assert_allclose(actions, reference.predict(obs)[0], atol=1e-6, rtol=0)
+
+
+def _rollout(env, policy, steps: int):
+    """Run the env, recording per step the logits it sampled from, the tokens and temperatures."""
+    core = env.core
+    rec = {"logits": [], "tokens": [], "temps": []}
+    original = core.step
+
+    def spy(actions):
+        rec["logits"].append(core.logits.clone())  # the logits this step samples from
+        result = original(actions)
+        rec["tokens"].append(result.tokens.clone())
+        rec["temps"].append(result.temperature.clone())
+        return result
+
+    core.step = spy
+    env.seed(123)
+    obs = env.reset()
+    prompts = [core.prompts[i] for i in core.row_prompt]
+    if hasattr(policy, "reset"):
+        policy.reset(env.num_envs)
+    starts = np.ones(env.num_envs, bool)
+    length = np.zeros(env.num_envs, dtype=int)  # first episode length of each row (0 = running)
+    for step in range(steps):
+        actions, _ = policy.predict(obs, episode_start=starts)
+        obs, _, dones, _ = env.step(np.asarray(actions, np.float32).reshape(env.num_envs, 1))
+        length[(length == 0) & dones] = step + 1
+        starts = dones
+        if (length > 0).all():
+            break
+    core.step = original
+    return prompts, length, {k: torch.stack(v) for k, v in rec.items()}  # (S, B, ...) each
+
+
+def _replay(proc, lm, prompts, length, rec) -> torch.Tensor:
+    """Feed the recorded prompt ids + tokens + logits through ``proc`` step by step; its (B, S) trace."""
+    ids = lm.encode([p.text for p in prompts])
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[lm.pad_token_id] * (width - len(x)) + x for x in ids])  # (B, P) left padded
+    for step in range(int(length.max())):
+        proc(input_ids, rec["logits"][step])
+        input_ids = torch.cat([input_ids, rec["tokens"][step].view(-1, 1)], dim=1)
+    return proc.temperature_trace()
+
+
+@pytest.fixture(scope="module")
+def parity_env(smoke_run, lm):
+    from envs.generation import TemperatureVecEnv
+    from envs.rewards import RewardConfig
+    from kelvin.config import load_config
+
+    config = load_config(smoke_run / "config.yaml")
+    env_config = replace(config.env, batch_size=2, group_size=1)
+    env = TemperatureVecEnv(env_config, lm=lm, reward=RewardConfig(coherence=0.0, novelty=0.0))
+    yield config, env
+    env.close()
+
+
+@pytest.mark.parametrize("which", ["learned", "pid", "surprise"])
+def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
+    from stable_baselines3 import PPO
+
+    from policies.export import export_baseline_spec
+    from policies.learned import LearnedPolicy
+
+    config, env = parity_env
+    if which == "learned":
+        export = smoke_run / "export"
+        with open(smoke_run / "vecnormalize.pkl", "rb") as fh:
+            vec = pickle.load(fh)
+        policy = LearnedPolicy.from_sb3(PPO.load(smoke_run / "model.zip", device="cpu"), vec, env.feature_spec,
+                                        env.action_mapping)
+    else:
+        export = export_baseline_spec(which, tmp_path / which, smoke_run / "config.yaml", lm=lm)
+        policy = make_policy(which, env.feature_spec, env.action_mapping)
+    prompts, length, rec = _rollout(env, policy, config.env.max_new_tokens)
+    assert (length > 0).all()
+    proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts])
+    assert proc.runtime.token_prior is not None
+    torch.testing.assert_close(proc.runtime.token_prior, env.core.featurizer.token_prior.cpu())
+    trace = _replay(proc, lm, prompts, length, rec)
+    for row in range(2):
+        n = int(length[row])
+        torch.testing.assert_close(trace[row, :n], rec["temps"][:n, row], atol=1e-5, rtol=0)
+
+
+def _left_padded(lm, texts):
+    ids = lm.encode(texts)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[lm.pad_token_id] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return input_ids, mask
+
+
+def test_generate_with_negative_temperature_inside_top_k(lm):
+    from transformers import LogitsProcessorList
+
+    spec = FeatureSpec(horizon=16)
+    proc = PolicyLogitsProcessor(FixedTemperature(spec, ActionMapping(), t=-0.5), truncation={"top_k": 20})
+    texts = ["Write a haiku about rain.", "What is 2 + 2?", "Name three colours.",
+             "Explain in one long sentence why the sky looks blue during the day."]
+    input_ids, mask = _left_padded(lm, texts)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                top_p=1.0, max_new_tokens=10, pad_token_id=lm.pad_token_id,
+                                logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
+                                output_logits=True, output_scores=True)
+    new = out.sequences[:, input_ids.shape[1]:]  # (4, steps)
+    steps = new.shape[1]
+    trace = proc.temperature_trace()
+    assert trace.shape == (4, steps) and steps >= 1
+    assert torch.equal(trace, torch.full((4, steps), -0.5))
+    texts_out = [lm.decode_text(row) for row in new]
+    assert all(isinstance(t, str) for t in texts_out) and any(t.strip() for t in texts_out)
+    eos = set(lm.eos_token_ids.tolist())
+    for step in range(steps):
+        raw, final = out.logits[step], out.scores[step]  # (4, V) model logits / what was sampled from
+        # nothing after the processor re-warped the distribution
+        torch.testing.assert_close(final, apply_temperature(truncate(raw, top_k=20), -0.5))
+        for row in range(4):
+            if any(int(t) in eos for t in new[row, :step]):
+                continue  # finished rows get padding
+            assert int(new[row, step]) in raw[row].topk(20).indices.tolist()  # drawn inside the top 20
+
+
+def test_generate_with_the_trained_export(smoke_run, lm):
+    from transformers import LogitsProcessorList
+
+    proc = PolicyLogitsProcessor.from_pretrained(smoke_run / "export", category="creative_writing")
+    input_ids, mask = _left_padded(lm, ["Tell me a story.", "List two fruits.", "Hi!", "Describe a cat."])
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                top_p=1.0, max_new_tokens=6, pad_token_id=lm.pad_token_id,
+                                logits_processor=LogitsProcessorList([proc]))
+    trace = proc.temperature_trace()
+    assert trace.shape == (4, out.shape[1] - input_ids.shape[1])
+    mapping = proc.runtime.action_mapping
+    assert torch.isfinite(trace).all() and ((trace >= mapping.t_min) & (trace <= mapping.t_max)).all()
