@@ -353,4 +353,3 @@ def load_policy(path: str | Path):
     exported parameters (``type(load_policy(d)) is PIDController``).
     """
     return load_artifact(path).policy
-

@@ -286,8 +286,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
 
     ``out_dir`` defaults to ``run_dir/export``. ``lm`` is the run's loaded :class:`envs.lm.CausalLM`
     (vocabulary size and token prior); without it the configured model is loaded on the CPU.
-    ``token_prior`` is the (V,) prior the training featurizer used (``train`` passes its env's);
-    ``"auto"`` rebuilds it from the run's config with the env code.
+    ``token_prior`` is the (V,) prior the training featurizer used (``train`` passes its env's).
+    ``"auto"`` reuses the one ``train`` saved in ``run_dir/export/token_prior.pt``, or, when there is
+    none, rebuilds it from the run's config with the current env code (which can differ from the
+    training's if the vocabulary flags or the discovered anomalous tokens changed since);
+    ``spec.json`` records which (``source.token_prior``).
     """
     from stable_baselines3 import PPO
 
@@ -327,12 +330,31 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
                                 "(train.normalize_obs): the policy cannot be exported without those statistics")
     lm = _load_lm(config, lm)
     model_info = _model_info(config, lm)
+    prior_source = "given by the caller"
+    if isinstance(token_prior, str):
+        if token_prior != "auto":
+            raise ValueError(f"token_prior={token_prior!r}: give a (V,) tensor, None, or 'auto'")
+        token_prior, prior_source = _run_token_prior(run_dir, config, lm)
     source = {"run_dir": str(run_dir.resolve()), "model_file": str(model_path.resolve()),
-              "timesteps": int(getattr(model, "num_timesteps", 0))}
+              "timesteps": int(getattr(model, "num_timesteps", 0)), "token_prior": prior_source}
     return export_learned(model.policy, out_dir if out_dir is not None else run_dir / "export",
                           config.env.feature_spec(), config.env.action_mapping_obj(), config.env.truncation,
-                          model_info, norm, _token_prior(config, lm) if isinstance(token_prior, str) else token_prior,
-                          label="learned (PPO)", source=source)
+                          model_info, norm, token_prior, label="learned (PPO)", source=source)
+
+
+def _run_token_prior(run_dir: Path, config, lm) -> tuple[torch.Tensor | None, str]:
+    """The training-time token prior of a run if ``train`` saved one, else rebuilt; and where it came from."""
+    if not getattr(config.env, "token_prior", True):
+        return None, "off (env.token_prior: false)"
+    saved = run_dir / "export" / TOKEN_PRIOR_FILE
+    if saved.is_file():
+        try:
+            prior = torch.load(str(saved), map_location="cpu", weights_only=True)
+        except Exception:
+            prior = None
+        if isinstance(prior, torch.Tensor) and prior.shape == (int(lm.vocab_size),):
+            return prior.to(torch.float32), f"training env ({saved})"
+    return _token_prior(config, lm), "rebuilt from config.yaml with the current env code"
 
 
 def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path = "configs/default.yaml",

@@ -535,6 +535,19 @@ def test_training_writes_the_export(smoke_run):
     assert spec["source"]["run_dir"] == str(smoke_run.resolve())
 
 
+def test_re_export_of_a_run_and_a_checkpoint(smoke_run, lm, tmp_path):
+    from policies.export import export_run
+
+    again = export_run(smoke_run, tmp_path / "again", lm=lm)
+    first, second = load_artifact(smoke_run / "export"), load_artifact(again)
+    assert second.spec["source"]["token_prior"].startswith("training env")  # train()'s prior, reused
+    assert torch.equal(first.token_prior, second.token_prior)
+    obs = torch.as_tensor(_random_obs(first.feature_spec, 16, seed=9))
+    assert torch.equal(first.policy.actions(obs), second.policy.actions(obs))
+    with pytest.raises(FileNotFoundError, match=r"step_7\.zip is missing"):
+        export_run(smoke_run, tmp_path / "ckpt", lm=lm, checkpoint="step_7")
+
+
 def test_trained_policy_round_trips_without_sb3(smoke_run, tmp_path):
     from stable_baselines3 import PPO
 
