@@ -208,6 +208,7 @@ class GenerationCore:
             self.tokens = torch.full((self.B, self.config.max_new_tokens), -1, dtype=torch.long, device=self.device)
             self.length = torch.zeros(self.B, dtype=torch.long, device=self.device)
             self.temps = torch.zeros((self.B, self.config.max_new_tokens), device=self.device)
+            self.logps = torch.zeros((self.B, self.config.max_new_tokens), device=self.device)  # exact ln p_base
             self.ep_return = np.zeros(self.B, dtype=np.float64)
             self.ep_components = {k: np.zeros(self.B) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
             self.ep_start = np.full(self.B, time.perf_counter())
@@ -222,6 +223,7 @@ class GenerationCore:
         self.tokens[rows_t] = -1
         self.length[rows_t] = 0
         self.temps[rows_t] = 0.0
+        self.logps[rows_t] = 0.0
         self.ep_return[rows] = 0.0
         for v in self.ep_components.values():
             v[rows] = 0.0
@@ -246,6 +248,7 @@ class GenerationCore:
         pos = self.length.clone()  # (B,) index this token is written at
         self.tokens.scatter_(1, pos.view(-1, 1), tokens.view(-1, 1))
         self.temps.scatter_(1, pos.view(-1, 1), temperature.view(-1, 1))
+        self.logps.scatter_(1, pos.view(-1, 1), stats.logp.view(-1, 1).float())
         self.length = pos + 1
         repeated = self._closes_repeated_ngram(pos)
         comps = self.reward.step_components(stats.logp, tempered, repeated, stats.anomalous)
@@ -306,6 +309,7 @@ class GenerationCore:
         """SB3-style ``episode`` stats plus Kelvin's breakdown for a row that just finished."""
         n = int(self.length[row])
         temps = self.temps[row, :n].cpu().numpy().copy()  # a copy: on CPU .numpy() shares memory the reset zeroes
+        logps = self.logps[row, :n].cpu().numpy().copy()
         prompt = self.prompts[self.row_prompt[row]]
         return {
             "episode": {"r": float(self.ep_return[row]), "l": n, "t": round(time.perf_counter() - self.ep_start[row], 6)},
@@ -315,6 +319,8 @@ class GenerationCore:
             "negative_fraction": float((temps < 0).mean()) if n else 0.0,
             "near_greedy_fraction": float((np.abs(temps) < 0.05).mean()) if n else 0.0,
             "temperatures": temps,
+            "logprobs": logps,  # exact (unclipped) ln p_base(token) at T = 1 of every drawn token, EOS included
+            "token_ids": self.completion_ids(row),
             "prompt_id": prompt.id,
             "category": prompt.category,
             "completion": self.completion_text(row),
@@ -354,7 +360,8 @@ class TemperatureVecEnv(VecEnv):
     Termination: the drawn token is EOS. Truncation: ``max_new_tokens`` tokens without EOS
     (``info["TimeLimit.truncated"] = True``). A finished row is reset at once (per-row autoreset):
     its ``info`` carries ``terminal_observation``, ``episode`` (``r``, ``l``, ``t``), the reward
-    breakdown, the temperature trace and the completion text, and the returned observation is the
+    breakdown, the temperature trace (``temperatures``), the exact base log-probability of every drawn
+    token (``logprobs``), the completion (``completion``, ``token_ids``), and the returned observation is the
     first of its next episode.
 
     ## Arguments
