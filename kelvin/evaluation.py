@@ -15,7 +15,7 @@ writes into ``out_dir``:
 | ``fronts.png``                   | quality-diversity fronts of the baseline families, the learned policy a star |
 | ``temperature_trajectories.png`` | temperature over token position, every policy on the same prompts       |
 | ``temperature_hist.png``         | distribution of the temperatures each policy used                       |
-| ``tb/events.*``                  | TensorBoard: ``<metric>/<policy>`` scalars, paired differences, the report |
+| ``tb/events.*``                  | TensorBoard: ``<metric>/<policy>`` means, paired differences, hypervolumes, the report and plots |
 
 Statistics. Every metric is first reduced to **one value per prompt** (the mean over the prompt's
 ``K`` samples, or a set statistic over them such as Self-BLEU), then a percentile bootstrap over
@@ -65,6 +65,7 @@ __all__ = [
     "SWEEP_GRIDS",
     "FRONT_AXES",
     "evaluate",
+    "group_by_prompt",
     "hypervolume_2d",
     "main",
     "parse_policy_specs",
@@ -175,6 +176,14 @@ AXIS_LABELS = {
 }
 
 NEAR_GREEDY = 0.05
+LEARNED_COLOR = "crimson"
+
+
+def _palette() -> list:
+    """tab10 without its red, which is reserved for the learned policy."""
+    import matplotlib
+
+    return [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3]
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -623,14 +632,12 @@ def paired_differences(reference: PolicyResult, other: PolicyResult, n_resamples
 
 def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[PolicyEntry],
                  sweeps: dict[str, list[PolicyEntry]], fronts: list[dict], subtitle: str):
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(fronts), figsize=(7.2 * len(fronts), 6.0), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    family_color = {f: colors[i % 10] for i, f in enumerate(sweeps)}
+    fig = Figure(figsize=(7.2 * len(fronts), 6.2))
+    axes = fig.subplots(1, len(fronts), squeeze=False)
+    colors = _palette()
+    family_color = {f: colors[i % len(colors)] for i, f in enumerate(sweeps)}
     for ax, front in zip(axes[0], fronts):
         xm, ym, ref = front["x"], front["y"], front["reference"]
         for family, entries in sweeps.items():
@@ -639,8 +646,15 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
             ys = [p[1]["mean"] for p in pts]
             hv = front["families"][family]["hypervolume"]
             param = front["families"][family]["param"]
-            ax.plot(xs, ys, "-o", color=family_color[family], ms=5, lw=1.5,
-                    label=f"{entries[0].label.split('(')[0]} sweep over {param} (HV {hv:.3g})")
+            label = f"{entries[0].label.split('(')[0]} sweep over {param} (HV {hv:.3g})"
+            if family == "fixed":  # T < 0 and T > 0 are two regimes: a dashed and a solid line, not one zigzag
+                neg = [i for i, e in enumerate(entries) if e.params.get("t", 0) < 0]
+                pos = [i for i, e in enumerate(entries) if e.params.get("t", 0) >= 0]
+                ax.plot([xs[i] for i in pos], [ys[i] for i in pos], "-o", color=family_color[family], ms=5, lw=1.5,
+                        label=label + ", T > 0 solid, T < 0 dashed")
+                ax.plot([xs[i] for i in neg], [ys[i] for i in neg], "--o", color=family_color[family], ms=5, lw=1.2)
+            else:
+                ax.plot(xs, ys, "-o", color=family_color[family], ms=5, lw=1.5, label=label)
             ax.errorbar(xs, ys, xerr=[[p[0]["mean"] - p[0]["low"] for p in pts], [p[0]["high"] - p[0]["mean"] for p in pts]],
                         yerr=[[p[1]["mean"] - p[1]["low"] for p in pts], [p[1]["high"] - p[1]["mean"] for p in pts]],
                         fmt="none", ecolor=family_color[family], alpha=0.25, lw=1)
@@ -654,8 +668,8 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
             x, y = r.stats[xm], r.stats[ym]
             if e.family == "learned":
                 ax.errorbar([x["mean"]], [y["mean"]], xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-                            yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt="*", ms=18, color="crimson",
-                            mec="black", mew=0.8, ecolor="crimson", elinewidth=1.2, capsize=3, zorder=5,
+                            yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt="*", ms=18, color=LEARNED_COLOR,
+                            mec="black", mew=0.8, ecolor=LEARNED_COLOR, elinewidth=1.2, capsize=3, zorder=5,
                             label=f"{e.label} (95% CI)")
             elif e.cache_key not in swept:
                 ax.plot([x["mean"]], [y["mean"]], "D", ms=7, mfc="none", mew=1.5, color="dimgray", zorder=4)
@@ -675,25 +689,33 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
 
 def _plot_trajectories(path: Path, results: dict[str, PolicyResult], main: list[PolicyEntry], max_new_tokens: int,
                        subtitle: str, n_prompts: int = 3):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     first = results[main[0].cache_key]
     shown = min(n_prompts, len(first.groups))
-    fig, axes = plt.subplots(1, shown + 1, figsize=(4.6 * (shown + 1), 4.2), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    n_cols = 2 if shown + 1 > 2 else shown + 1
+    n_rows = math.ceil((shown + 1) / n_cols)
+    fig = Figure(figsize=(6.4 * n_cols, 3.9 * n_rows + 1.0))
+    grid = fig.subplots(n_rows, n_cols, squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][shown + 1:]:
+        ax.set_visible(False)
+    colors = _palette()
+
+    def style(c: int, e: PolicyEntry) -> dict:
+        if e.family == "learned":
+            return dict(lw=2.6, color=LEARNED_COLOR, zorder=5)
+        return dict(lw=1.4, color=colors[c % len(colors)])
+
     for j in range(shown):
         ax = axes[0][j]
         prompt = first.groups[j][0]["prompt_id"]
         for c, e in enumerate(main):
             ep = results[e.cache_key].groups[j][0]
             t = np.asarray(ep["temperatures"])
-            style = dict(lw=2.4, color="crimson", zorder=5) if e.family == "learned" else dict(lw=1.3, color=colors[c % 10])
-            ax.plot(np.arange(len(t)), t, marker=".", ms=4, label=e.label, **style)
+            ax.plot(np.arange(len(t)), t, marker=".", ms=4, label=e.label, **style(c, e))
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"prompt {prompt} (sample 1)", fontsize=9)
+        ax.set_title(f"prompt {prompt} (sample 1 of K)", fontsize=10)
         ax.set_xlabel("token position")
         ax.set_ylabel("temperature T")
         ax.grid(alpha=0.3)
@@ -707,37 +729,35 @@ def _plot_trajectories(path: Path, results: dict[str, PolicyResult], main: list[
                 sums[: len(t)] += t
                 counts[: len(t)] += 1
         ok = counts > 0
-        style = dict(lw=2.4, color="crimson", zorder=5) if e.family == "learned" else dict(lw=1.3, color=colors[c % 10])
-        ax.plot(np.flatnonzero(ok), sums[ok] / counts[ok], label=e.label, **style)
+        ax.plot(np.flatnonzero(ok), sums[ok] / counts[ok], label=e.label, **style(c, e))
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_title("mean over all prompts and samples", fontsize=9)
+    ax.set_title("mean over all prompts and samples (completions still running)", fontsize=10)
     ax.set_xlabel("token position")
     ax.set_ylabel("mean temperature T")
     ax.grid(alpha=0.3)
     handles, labels = axes[0][shown].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    n_leg_rows = math.ceil(len(labels) / 3)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9, frameon=False)
     fig.suptitle(f"Temperature over token position, same prompts and seeds for every policy\n{subtitle}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.035 * n_leg_rows * 2 / n_rows + 0.01, 1, 1))
     fig.savefig(path, dpi=120)
     return fig
 
 
 def _plot_histograms(path: Path, results: dict[str, PolicyResult], main: list[PolicyEntry], t_range: tuple[float, float],
                      subtitle: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     n = len(main)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.25 * n + 1.6), sharex=True, squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    fig = Figure(figsize=(8, 1.25 * n + 1.6))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
+    colors = _palette()
     bins = np.linspace(t_range[0], t_range[1], 81)
     for i, e in enumerate(main):
         ax = axes[i][0]
         temps = np.concatenate([np.asarray(ep["temperatures"]) for eps in results[e.cache_key].groups for ep in eps])
         weights = np.full(temps.shape, 1.0 / max(len(temps), 1))
-        color = "crimson" if e.family == "learned" else colors[i % 10]
+        color = LEARNED_COLOR if e.family == "learned" else colors[i % len(colors)]
         ax.hist(np.clip(temps, t_range[0], t_range[1]), bins=bins, weights=weights, color=color, alpha=0.85)
         ax.axvline(0, color="black", lw=0.6)
         ax.set_ylabel("share of\ntokens", fontsize=8)
@@ -802,6 +822,11 @@ def _write_report(path: Path, data: dict, main: list[PolicyEntry], results: dict
     lines.append(f"Paired differences `{reference.label} - baseline` over the same prompts. \"Better\" means the 95% "
                  "interval of the difference excludes zero in the metric's good direction; otherwise the data do "
                  "not separate the two policies.\n")
+    counts = {v: sum(paired[e.name]["reward"]["verdict"] == v for e in main if e is not reference)
+              for v in ("better", "no difference", "worse")}
+    if len(main) > 1:
+        lines.append(f"On the composite reward {who} is better than {counts['better']} of {len(main) - 1} baselines, "
+                     f"indistinguishable from {counts['no difference']} and worse than {counts['worse']}.\n")
     for e in main:
         if e is reference:
             continue
@@ -835,6 +860,19 @@ def _write_report(path: Path, data: dict, main: list[PolicyEntry], results: dict
     lines.append("\nPerplexity is exp(-logprob), its interval exp(-interval of logprob). tokens/s is one timing per "
                  "run on this machine (no interval); runs share the CPU/GPU with nothing else only if the machine "
                  "was idle.\n")
+    cats = list(OrderedDict.fromkeys(eps[0]["category"] for eps in results[main[0].cache_key].groups))
+    if len(cats) > 1:
+        lines.append("## Composite reward by category (mean over the category's prompts; no interval)\n")
+        rows = []
+        for e in main:
+            r = results[e.cache_key]
+            by_cat = {c: [] for c in cats}
+            for eps, value in zip(r.groups, r.per_prompt["reward"]):
+                by_cat[eps[0]["category"]].append(value)
+            rows.append([e.label] + [_fmt(float(np.mean(by_cat[c]))) for c in cats])
+        sizes = {c: sum(eps[0]["category"] == c for eps in results[main[0].cache_key].groups) for c in cats}
+        lines.append(_table(["policy"] + [f"{c} (n={sizes[c]})" for c in cats], rows))
+        lines.append("")
     lines.append("## Paired differences vs " + reference.label + "\n")
     diff_metrics = [m for m in HEADLINE if m not in ("perplexity", "tokens_per_s")]
     rows = []
@@ -1072,23 +1110,20 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     }
     subtitle = (f"{config.model.name}, split {split}, {n_prompts} prompts x {k} samples, "
                 f"{env_cfg.max_new_tokens} tokens, seed {seed}")
-    figures = {}
+    figures: dict[str, Path] = {}
     if fronts:
-        figures["fronts"] = _plot_fronts(out / "fronts.png", results, main, sweeps, fronts, subtitle)
-    figures["temperature_trajectories"] = _plot_trajectories(out / "temperature_trajectories.png", results, main,
-                                                             env_cfg.max_new_tokens, subtitle)
-    figures["temperature_hist"] = _plot_histograms(out / "temperature_hist.png", results, main,
-                                                   (env_cfg.t_min, env_cfg.t_max), subtitle)
+        figures["fronts"] = out / "fronts.png"
+        _plot_fronts(figures["fronts"], results, main, sweeps, fronts, subtitle)
+    figures["temperature_trajectories"] = out / "temperature_trajectories.png"
+    _plot_trajectories(figures["temperature_trajectories"], results, main, env_cfg.max_new_tokens, subtitle)
+    figures["temperature_hist"] = out / "temperature_hist.png"
+    _plot_histograms(figures["temperature_hist"], results, main, (env_cfg.t_min, env_cfg.t_max), subtitle)
     setup["wall_s"] = time.perf_counter() - t_start
     _write_report(out / "report.md", data, main, results, reference, paired, fronts, warnings)
     (out / "metrics.json").write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
     _write_csv(out / "metrics.csv", data)
     _write_samples(out / "samples.jsonl", main, results)
     _write_tensorboard(out / "tb", data, main, (out / "report.md").read_text(), figures)
-    import matplotlib.pyplot as plt
-
-    for fig in figures.values():
-        plt.close(fig)
     return data
 
 
@@ -1131,10 +1166,7 @@ def _write_tensorboard(path: Path, data: dict, main: list[PolicyEntry], report: 
         for name, block in data["policies"].items():
             slug = _slug(name)
             for m, s in block["metrics"].items():
-                writer.add_scalar(f"{m}/{slug}", s["mean"], 0)
-                if s["low"] is not None:
-                    writer.add_scalar(f"{m}_ci_low/{slug}", s["low"], 0)
-                    writer.add_scalar(f"{m}_ci_high/{slug}", s["high"], 0)
+                writer.add_scalar(f"{m}/{slug}", s["mean"], 0)  # intervals: metrics.json / report
         for name, diffs in data["paired_differences"]["baselines"].items():
             for m, s in diffs.items():
                 writer.add_scalar(f"paired_difference/{m}/{_slug(name)}", s["mean"], 0)
@@ -1148,8 +1180,11 @@ def _write_tensorboard(path: Path, data: dict, main: list[PolicyEntry], report: 
             for name, info in f["learned"].items():
                 writer.add_scalar(f"hypervolume/{f['x']}_vs_{f['y']}/{_slug(name)}", info["hypervolume"], 0)
         writer.add_text("report", report, 0)
-        for tag, fig in figures.items():
-            writer.add_figure(f"plots/{tag}", fig, 0, close=False)
+        import matplotlib.image
+
+        for tag, png in figures.items():  # the written PNGs, not a second rendering
+            image = matplotlib.image.imread(str(png))  # (H, W, 4) float in [0, 1]
+            writer.add_image(f"plots/{tag}", image[..., :3], 0, dataformats="HWC")
     finally:
         writer.close()
 
