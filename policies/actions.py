@@ -81,6 +81,10 @@ class ActionMapping:
         a = a.clamp(-1.0, 1.0)
         if self.kind == "linear":
             t = self.t_min + (a + 1.0) * 0.5 * (self.t_max - self.t_min)
+            # One float32 step of the action moves T by ~(t_max - t_min) * 2^-24, so a |T| that small is the
+            # rounding of T = 0 (greedy through to_action gave T = -6e-8 for [-1, 2.4]: argmin, the least
+            # likely token), not a choice: make it exactly 0.
+            t = torch.where(t.abs() <= 4.0 * (self.t_max - self.t_min) * 2.0 ** -24, torch.zeros_like(t), t)
         else:
             beta_max = 1.0 / self.min_abs_temperature
             b_neg_hi = -1.0 / abs(self.t_min)  # beta at a -> 0-

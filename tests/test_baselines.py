@@ -320,6 +320,14 @@ def test_predict_with_inverse_mapping():
     assert mapping.to_temperature(torch.from_numpy(actions[:, 0])).tolist() == pytest.approx([0.7, 0.7], abs=1e-5)
 
 
+def test_greedy_survives_the_linear_mapping_round_trip():
+    # T = 0 -> action -> T used to come back as -6e-8 for [-1, 2.4] in float32: argmin, the least likely token.
+    for mapping in (ActionMapping(t_min=-1.0, t_max=2.4), ActionMapping(), ActionMapping(t_min=-0.3, t_max=1.7)):
+        actions, _ = make_policy("greedy", SPEC, mapping).predict(make_obs([PEAKED]).numpy())
+        assert mapping.to_temperature(torch.from_numpy(actions[:, 0])).tolist() == [0.0]
+        assert mapping.to_temperature(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([mapping.t_min, mapping.t_max])
+
+
 def test_predict_rejects_wrong_width():
     policy = make_policy("edt", SPEC)
     with pytest.raises(ValueError, match=f"\\(B, {SPEC.dim}\\)"):
