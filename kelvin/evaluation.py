@@ -640,6 +640,7 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
     family_color = {f: colors[i % len(colors)] for i, f in enumerate(sweeps)}
     for ax, front in zip(axes[0], fronts):
         xm, ym, ref = front["x"], front["y"], front["reference"]
+        offscale: list[tuple[float, float, str, object]] = []  # (x, y, label, colour) of every drawn point
         for family, entries in sweeps.items():
             pts = [(results[e.cache_key].stats[xm], results[e.cache_key].stats[ym], e) for e in entries]
             xs = [p[0]["mean"] for p in pts]
@@ -658,10 +659,13 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
             ax.errorbar(xs, ys, xerr=[[p[0]["mean"] - p[0]["low"] for p in pts], [p[0]["high"] - p[0]["mean"] for p in pts]],
                         yerr=[[p[1]["mean"] - p[1]["low"] for p in pts], [p[1]["high"] - p[1]["mean"] for p in pts]],
                         fmt="none", ecolor=family_color[family], alpha=0.25, lw=1)
+            spots: OrderedDict[tuple, list[str]] = OrderedDict()  # points at the same place share one label
             for px, py, e in pts:
-                value = e.name.split("=", 1)[-1]
-                ax.annotate(value, (px["mean"], py["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                spots.setdefault((round(px["mean"], 2), round(py["mean"], 2)), []).append(e.name.split("=", 1)[-1])
+            for (px, py), values in spots.items():
+                ax.annotate(", ".join(values), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=family_color[family])
+                offscale.append((px, py, f"{param}={', '.join(values)}", family_color[family]))
         swept = {e.cache_key for entries in sweeps.values() for e in entries}
         for e in main:
             r = results[e.cache_key]
@@ -671,10 +675,27 @@ def _plot_fronts(path: Path, results: dict[str, PolicyResult], main: list[Policy
                             yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt="*", ms=18, color=LEARNED_COLOR,
                             mec="black", mew=0.8, ecolor=LEARNED_COLOR, elinewidth=1.2, capsize=3, zorder=5,
                             label=f"{e.label} (95% CI)")
+                offscale.append((x["mean"], y["mean"], e.label, LEARNED_COLOR))
             elif e.cache_key not in swept:
                 ax.plot([x["mean"]], [y["mean"]], "D", ms=7, mfc="none", mew=1.5, color="dimgray", zorder=4)
                 ax.annotate(e.label, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, -10), fontsize=7,
                             color="dimgray")
+                offscale.append((x["mean"], y["mean"], e.label, "dimgray"))
+        # Points behind the reference x add nothing to the hypervolume; when they would squeeze the rest into a
+        # corner, the axis starts just before the reference and they are drawn as arrows on its left edge.
+        xs_all = [x for x, _, _, _ in offscale]
+        inside = [x for x in xs_all if x >= ref[0]]
+        if inside and min(xs_all) < ref[0]:
+            span = max(inside) - min(min(inside), ref[0])
+            left = min(min(inside), ref[0]) - 0.08 * max(span, 1e-6)
+            if min(xs_all) < left:
+                ax.set_xlim(left, max(inside) + 0.08 * max(span, 1e-6))
+                for x, y, label, color in offscale:
+                    if x < left:
+                        ax.plot([left], [y], "<", ms=8, color=color, clip_on=False, zorder=6)
+                        ax.annotate(f"{label} at x={x:.1f}", (left, y), textcoords="offset points", xytext=(8, -3),
+                                    fontsize=7, color=color)
+        ax.axvline(ref[0], color="gray", lw=0.8, ls=":")
         ax.set_xlabel(AXIS_LABELS.get(xm, xm) + "  → better")
         ax.set_ylabel(AXIS_LABELS.get(ym, ym) + "  → more diverse")
         ax.set_title(f"{xm} vs {ym}\nHV reference point ({ref[0]:g}, {ref[1]:g})", fontsize=10)
