@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from envs.text_metrics import distinct_n
-from policies.anomaly import text_anomaly_scores
+from policies.detector import AnomalyDetector
 
 __all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS"]
 
@@ -152,7 +152,7 @@ class RewardModel:
         c = self.config
         r = len(completions)
         out = {
-            "text_anomaly": -text_anomaly_scores(completions).astype(np.float32),
+            "text_anomaly": -AnomalyDetector.text_scores(completions).astype(np.float32),  # the one detector's text rules
             "distinct": np.asarray([distinct_n(t, 2) for t in completion_tokens], dtype=np.float32),
             "coherence": np.zeros(r, dtype=np.float32),
             "novelty": np.zeros(r, dtype=np.float32),

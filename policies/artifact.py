@@ -20,6 +20,7 @@ An export directory (written by :mod:`policies.export`) holds:
 | ``truncation``      | ``{top_k, top_p, min_p, top_n_sigma}`` applied before the temperature (as in training)    |
 | ``model``           | ``{name, vocab_size}``: the base model the policy was trained / configured with           |
 | ``baseline``        | baselines: ``policy.to_config()`` (``{"name", "params"}``); null for learned policies     |
+| ``guard``           | guard rails the samplers put around the policy (:mod:`policies.guard`): ``{enabled, t_min, t_max, max_delta, safe_range, fallback_temperature, anomaly_threshold, hold}``; absent (older exports): the defaults, on |
 | ``files``           | ``{"policy": "policy.pt" or null, "token_prior": "token_prior.pt" or null}``              |
 | ``label``, ``source``, ``created``, ``kelvin_version`` | provenance (label for tables, run dir, ISO time)  |
 
@@ -163,6 +164,13 @@ class PolicyArtifact:
     @property
     def kind(self) -> str:
         return self.spec["kind"]
+
+    @property
+    def guard(self) -> dict:
+        """The export's guard settings (``spec.json`` ``guard``; the defaults when it has none), resolved."""
+        from policies.guard import resolve_guard_settings
+
+        return resolve_guard_settings(self.spec.get("guard"), self.action_mapping)
 
     @property
     def model(self) -> dict:
@@ -337,6 +345,17 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
             policy = policy_from_config(config, feature_spec, mapping)
         except ValueError as exc:
             raise ArtifactError(f"{spec_path}: cannot rebuild baseline {config.get('name')!r}: {exc}") from None
+    guard = spec.get("guard")
+    if guard is not None:
+        from policies.guard import resolve_guard_settings
+
+        if not isinstance(guard, dict):
+            raise ArtifactError(f"{spec_path}: guard={guard!r} must be an object of guard settings "
+                                "({\"enabled\": true, \"max_delta\": 0.5, ...}); export the policy again")
+        try:
+            resolve_guard_settings(guard, mapping, owner=f"{spec_path} guard")
+        except ValueError as exc:
+            raise ArtifactError(f"{exc}; fix the guard block or export the policy again") from None
     prior = _load_token_prior(path, files.get("token_prior"))
     vocab = (spec.get("model") or {}).get("vocab_size")
     if prior is not None and vocab is not None and prior.shape[0] != int(vocab):

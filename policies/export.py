@@ -163,8 +163,19 @@ def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prio
     return out_dir
 
 
+def _guard_block(guard: bool | dict, action_mapping: ActionMapping) -> dict:
+    """The resolved ``guard`` block of spec.json (True = defaults, False = off, dict = settings)."""
+    from policies.guard import resolve_guard_settings
+
+    if isinstance(guard, bool):
+        guard = {"enabled": guard}
+    if not isinstance(guard, dict):
+        raise ValueError(f"guard={guard!r} must be True, False or a dict of guard settings")
+    return resolve_guard_settings(guard, action_mapping, owner="export guard")
+
+
 def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping, truncation: dict | None,
-               model: dict | None, label: str, source: dict | None) -> dict:
+               model: dict | None, label: str, source: dict | None, guard: bool | dict = True) -> dict:
     model = dict(model or {})
     if model.get("vocab_size") is not None:
         model["vocab_size"] = int(model["vocab_size"])
@@ -179,6 +190,7 @@ def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMappi
         "model": {"name": model.get("name"), "vocab_size": model.get("vocab_size"),
                   **{k: v for k, v in model.items() if k not in ("name", "vocab_size")}},
         "baseline": None,
+        "guard": _guard_block(guard, action_mapping),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "kelvin_version": _kelvin_version(),
         "source": source or {},
@@ -198,11 +210,12 @@ def _check_prior(token_prior: torch.Tensor | None, model: dict | None) -> torch.
 def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, action_mapping: ActionMapping,
                    truncation: dict | None = None, model: dict | None = None, obs_normalization: dict | None = None,
                    token_prior: torch.Tensor | None = None, label: str = "learned (PPO)",
-                   source: dict | None = None) -> Path:
+                   source: dict | None = None, guard: bool | dict = True) -> Path:
     """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip) and ``spec.json``.
 
     ``obs_normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (VecNormalize's ``obs_rms`` and
-    settings) or None when the policy saw raw observations.
+    settings) or None when the policy saw raw observations. ``guard`` (True = the defaults, False =
+    off, a dict of settings) is the guard rails the samplers put around the policy by default.
     """
     obs_space = getattr(sb3_policy, "observation_space", None)
     if obs_space is not None and tuple(obs_space.shape) != (feature_spec.dim,):
@@ -220,7 +233,7 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
                                 f"{feature_spec.dim}")
     module = actor_module(sb3_policy, None if norm is None else norm["mean"], None if norm is None else norm["var"],
                           10.0 if norm is None else norm["clip"], 1e-8 if norm is None else norm["epsilon"])
-    spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source)
+    spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source, guard)
     spec["obs_normalization"] = norm
     spec["network"] = {"layers": [repr(m) for m in module.net]}
     return _write(Path(out_dir), spec, module, _check_prior(token_prior, model))
@@ -228,12 +241,13 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
 
 def export_baseline(policy: TemperaturePolicy, out_dir: str | Path, truncation: dict | None = None,
                     model: dict | None = None, token_prior: torch.Tensor | None = None,
-                    source: dict | None = None) -> Path:
+                    source: dict | None = None, guard: bool | dict = True) -> Path:
     """Export a baseline: its ``to_config()`` (parameters only) with its feature spec and action mapping."""
     if not isinstance(policy, TemperaturePolicy):
         raise TypeError(f"export_baseline needs a baseline TemperaturePolicy (policies.make_policy('pid', ...)); "
                         f"got {type(policy).__name__}")
-    spec = _base_spec("baseline", policy.feature_spec, policy.action_mapping, truncation, model, policy.label, source)
+    spec = _base_spec("baseline", policy.feature_spec, policy.action_mapping, truncation, model, policy.label, source,
+                      guard)
     spec["baseline"] = json.loads(json.dumps(policy.to_config()))  # JSON-safe check (inf -> Infinity)
     return _write(Path(out_dir), spec, None, _check_prior(token_prior, model))
 
@@ -281,7 +295,8 @@ def _load_vecnormalize(path: Path):
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
-               checkpoint: str | Path | None = None, token_prior: torch.Tensor | None | str = "auto") -> Path:
+               checkpoint: str | Path | None = None, token_prior: torch.Tensor | None | str = "auto",
+               guard: bool | dict = True) -> Path:
     """Export the policy of a training run (``run_dir/model.zip`` or ``checkpoint``); returns the export dir.
 
     ``out_dir`` defaults to ``run_dir/export``. ``lm`` is the run's loaded :class:`envs.lm.CausalLM`
@@ -339,7 +354,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
               "timesteps": int(getattr(model, "num_timesteps", 0)), "token_prior": prior_source}
     return export_learned(model.policy, out_dir if out_dir is not None else run_dir / "export",
                           config.env.feature_spec(), config.env.action_mapping_obj(), config.env.truncation,
-                          model_info, norm, token_prior, label="learned (PPO)", source=source)
+                          model_info, norm, token_prior, label="learned (PPO)", source=source, guard=guard)
 
 
 def _run_token_prior(run_dir: Path, config, lm) -> tuple[torch.Tensor | None, str]:
@@ -358,7 +373,7 @@ def _run_token_prior(run_dir: Path, config, lm) -> tuple[torch.Tensor | None, st
 
 
 def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path = "configs/default.yaml",
-                         overrides: list[str] | None = None, lm=None) -> Path:
+                         overrides: list[str] | None = None, lm=None, guard: bool | dict = True) -> Path:
     """Export a baseline spec string (``pid``, ``edt:theta=1.0``) with the env settings of a config file."""
     from kelvin.config import load_config
     from policies.registry import make_policy
@@ -370,10 +385,33 @@ def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path
     policy = make_policy(spec, config.env.feature_spec(), config.env.action_mapping_obj())
     lm = _load_lm(config, lm)
     return export_baseline(policy, out_dir, config.env.truncation, _model_info(config, lm), _token_prior(config, lm),
-                           source={"config": str(config_path.resolve()), "spec": spec})
+                           source={"config": str(config_path.resolve()), "spec": spec}, guard=guard)
 
 
 # ---------------------------------------------------------------------- CLI
+def parse_guard_settings(items: list[str]) -> dict:
+    """``["max_delta=0.3", "safe_range=0.2,0.6", "anomaly_threshold=none"]`` -> guard settings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise ValueError(f"--guard {item!r}: expected KEY=VALUE, e.g. --guard max_delta=0.3")
+        try:
+            if value.lower() in ("none", "null", "off"):
+                out[key] = None
+            elif key == "safe_range":
+                out[key] = [float(v) for v in value.split(",")]
+            elif key == "enabled":
+                out[key] = {"true": True, "false": False}[value.lower()]
+            else:
+                out[key] = float(value)
+        except (ValueError, KeyError):
+            raise ValueError(f"--guard {item!r}: {value!r} is not a valid value for {key} (a number; safe_range "
+                             "takes two: lo,hi; 'none' switches a rule off)") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m policies.export",
@@ -387,20 +425,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                         help="baselines: override a config value, e.g. --set env.top_k=20 (repeatable)")
     parser.add_argument("--checkpoint", default=None, help="runs: export checkpoints/step_N.zip instead of model.zip")
+    parser.add_argument("--guard", dest="guard", action="append", default=[], metavar="KEY=VALUE",
+                        help="guard rail setting written to spec.json, e.g. --guard max_delta=0.3 --guard "
+                             "safe_range=0.2,0.6 (repeatable; keys: t_min, t_max, max_delta, safe_range, "
+                             "fallback_temperature, anomaly_threshold, hold; 'none' switches one rule off)")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="export with the guard rails off (samplers then apply the policy's temperatures as "
+                             "they are, unless the caller passes guard=True)")
     args = parser.parse_args(argv)
     source = Path(args.source)
     try:
+        guard = False if args.no_guard else parse_guard_settings(args.guard) or True
         if source.is_dir():
             if args.config or args.overrides:
                 raise ValueError("--config/--set apply to baselines; a run is exported with its own config.yaml")
-            out = export_run(source, args.out_dir, checkpoint=args.checkpoint)
+            out = export_run(source, args.out_dir, checkpoint=args.checkpoint, guard=guard)
         else:
             if os.sep in args.source or args.source.endswith((".zip", ".yaml")):
                 raise FileNotFoundError(f"no run directory at {args.source}")
             if args.checkpoint:
                 raise ValueError("--checkpoint applies to run directories, not to baseline specs")
             out = export_baseline_spec(args.source, args.out_dir, args.config or "configs/default.yaml",
-                                       args.overrides)
+                                       args.overrides, guard=guard)
     except (ArtifactError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,8 +15,11 @@ exported one: anything with ``feature_spec``, ``action_mapping`` and ``temperatu
    and not on fallback rows (a fallback is applied at once). Counter ``rate_limit``: rows the
    limit changed.
 4. **Anomaly reset**: where the observation's ``anomaly`` feature exceeds ``anomaly_threshold``,
-   ``T = clamp(T, *safe_range)``, ignoring the rate limit (safety first); the next step is rate
-   limited against this value. Counter ``anomaly_reset``: rows the reset changed.
+   ``T = clamp(T, *safe_range)``, ignoring the rate limit (safety first), and the row stays in the
+   safe range for the next ``hold`` tokens even when the feature drops (without the hold a policy
+   stuck at T < 0 alternates: one anomalous token, one reset, one anomalous token ...); after that
+   the rate limit brings it back gradually. Counter ``anomaly_reset``: row-steps the reset or the
+   hold changed.
 
 ``guard.counters`` is a dict ``{clamp, rate_limit, anomaly_reset, fallback}`` of intervention
 counts since construction or :meth:`GuardedPolicy.reset_counters`; ``guard.decisions`` counts the
@@ -24,19 +27,23 @@ counts since construction or :meth:`GuardedPolicy.reset_counters`; ``guard.decis
 (no sync per step); reading ``counters`` syncs once. With ``enabled=False`` the guard passes the
 policy's temperatures through untouched and counts nothing.
 
-Defaults: bounds from the wrapped policy's action mapping, ``max_delta = 0.5`` per token,
-``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the anomalous-token regime of
-negative temperatures ends), ``fallback_temperature = 0.7``, ``anomaly_threshold = 0.5`` (the
+Defaults (:func:`resolve_guard_settings`): bounds from the wrapped policy's action mapping,
+``max_delta = 0.5`` per token, ``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the
+anomalous-token regime of negative temperatures ends) and ``fallback_temperature = 0.7``, both
+clipped into the bounds, ``hold = 8`` tokens, ``anomaly_threshold = 0.5`` (the
 ``anomaly`` feature is an EMA of the per-token indicator of :class:`policies.detector.AnomalyDetector`;
 0.5 fires after about four anomalous draws in a row).
 
 Serialisation: ``to_config()`` -> ``{"name": "guarded", "params": {...}, "policy": inner config}``;
 :meth:`GuardedPolicy.from_config` rebuilds it (pass ``policy=`` for a policy that is not a baseline).
 
-Typical use (an exported sampler)::
+The samplers (:class:`samplers.runtime.PolicyRuntime` and every engine adapter on it) guard every
+policy by default through :func:`apply_guard`: ``guard=True`` (the defaults, or the ``guard`` block
+an export wrote into ``spec.json``), ``guard={"max_delta": 0.3}`` (settings), ``guard=False`` (off).
+By hand::
 
-    policy = GuardedPolicy(load_my_policy())            # on by default
-    policy = GuardedPolicy(load_my_policy(), **spec.get("guard", {}))  # from an artifact's JSON
+    policy = GuardedPolicy(load_policy("runs/default/export"), max_delta=0.3)
+    policy.counters    # {"clamp": 0, "rate_limit": 12, "anomaly_reset": 0, "fallback": 0}
 """
 
 from __future__ import annotations
@@ -50,10 +57,115 @@ import torch
 
 from policies.base import TemperaturePolicy, check_real
 
-__all__ = ["GUARD_COUNTERS", "GuardedPolicy"]
+__all__ = ["GUARD_COUNTERS", "GUARD_SETTINGS", "GuardedPolicy", "apply_guard", "resolve_guard_settings"]
 
 GUARD_COUNTERS = ("clamp", "rate_limit", "anomaly_reset", "fallback")
 """Intervention kinds, the keys of :attr:`GuardedPolicy.counters`."""
+
+
+DEFAULT_MAX_DELTA = 0.5
+DEFAULT_SAFE_RANGE = (0.1, 0.7)
+DEFAULT_FALLBACK_TEMPERATURE = 0.7
+DEFAULT_ANOMALY_THRESHOLD = 0.5
+DEFAULT_HOLD = 8
+GUARD_SETTINGS = ("t_min", "t_max", "max_delta", "safe_range", "fallback_temperature", "anomaly_threshold", "hold",
+                  "enabled")
+"""Keys of a guard setting (the ``guard`` block of an export's ``spec.json``, a sampler's ``guard={...}``)."""
+
+
+def resolve_guard_settings(settings: dict | None, action_mapping, owner: str = "guard") -> dict:
+    """Every guard setting, checked, with the defaults filled in for ``action_mapping``.
+
+    ``settings`` holds any of :data:`GUARD_SETTINGS` (missing or None = default, except that
+    ``max_delta`` / ``anomaly_threshold`` = None switch the rate limit / the anomaly reset off):
+    bounds default to the mapping's ``[t_min, t_max]``; ``safe_range`` to (0.1, 0.7) and
+    ``fallback_temperature`` to 0.7, each clipped into the bounds (a policy trained on [-2, -0.1]
+    gets safe range and fallback -0.1). Returns a JSON-safe dict (``safe_range`` a list); raises
+    ValueError naming the key for anything else.
+    """
+    s = dict(settings or {})
+    unknown = sorted(set(s) - set(GUARD_SETTINGS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], GUARD_SETTINGS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{owner}: unknown setting {unknown[0]!r}; {hint}valid: {', '.join(GUARD_SETTINGS)}")
+    t_min = action_mapping.t_min if s.get("t_min") is None else check_real(owner, "t_min", s["t_min"])
+    t_max = action_mapping.t_max if s.get("t_max") is None else check_real(owner, "t_max", s["t_max"])
+    if not t_min < t_max:
+        raise ValueError(f"{owner} bounds t_min={t_min} >= t_max={t_max}: the temperature range is empty; "
+                         "set t_min below t_max")
+    max_delta = check_real(owner, "max_delta", s.get("max_delta", DEFAULT_MAX_DELTA), optional=True, finite=False)
+    if max_delta is not None and math.isinf(max_delta) and max_delta > 0:
+        max_delta = None  # inf = no rate limit
+    if max_delta is not None and not max_delta > 0:
+        raise ValueError(f"{owner} max_delta={max_delta} must be > 0, or None to switch the rate limit off")
+
+    def clip(x: float) -> float:
+        return min(max(x, t_min), t_max)
+
+    safe_range = s.get("safe_range")
+    if safe_range is None:
+        safe_lo, safe_hi = clip(DEFAULT_SAFE_RANGE[0]), clip(DEFAULT_SAFE_RANGE[1])
+    else:
+        if not isinstance(safe_range, (tuple, list)) or len(safe_range) != 2:
+            raise ValueError(f"{owner} safe_range={safe_range!r} must be a pair (lo, hi), e.g. (0.1, 0.7)")
+        safe_lo, safe_hi = (check_real(owner, n, v) for n, v in zip(("safe_range[0]", "safe_range[1]"), safe_range))
+        if not t_min <= safe_lo <= safe_hi <= t_max:
+            raise ValueError(f"{owner} safe_range=({safe_lo}, {safe_hi}) must be ordered and inside the bounds "
+                             f"[t_min={t_min}, t_max={t_max}]")
+    fallback = s.get("fallback_temperature")
+    if fallback is None:
+        fallback = clip(DEFAULT_FALLBACK_TEMPERATURE)
+    else:
+        fallback = check_real(owner, "fallback_temperature", fallback)
+        if not t_min <= fallback <= t_max:
+            raise ValueError(f"{owner} fallback_temperature={fallback} must lie in the bounds [t_min={t_min}, "
+                             f"t_max={t_max}]")
+    anomaly_threshold = check_real(owner, "anomaly_threshold", s.get("anomaly_threshold", DEFAULT_ANOMALY_THRESHOLD),
+                                   optional=True)
+    hold = s.get("hold", DEFAULT_HOLD)
+    hold = 0 if hold is None else hold
+    if isinstance(hold, float) and hold.is_integer():
+        hold = int(hold)
+    if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
+        raise ValueError(f"{owner} hold={hold!r} must be a whole number of tokens >= 0 (0 = no hold after a reset)")
+    enabled = s.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{owner} enabled={enabled!r} must be true or false")
+    return {"t_min": t_min, "t_max": t_max, "max_delta": max_delta, "safe_range": [safe_lo, safe_hi],
+            "fallback_temperature": fallback, "anomaly_threshold": anomaly_threshold, "hold": hold, "enabled": enabled}
+
+
+def apply_guard(policy, guard: "bool | dict | None" = True):
+    """``policy`` behind guard rails as a sampler's ``guard`` argument asks.
+
+    ``True``: :class:`GuardedPolicy` with the defaults; a dict: with those settings
+    (:func:`resolve_guard_settings`; ``{"enabled": False}`` = off); ``False`` / None: the policy
+    itself. A policy that is already a :class:`GuardedPolicy` is returned as it is (``guard=False``
+    unwraps it).
+    """
+    if isinstance(policy, GuardedPolicy):
+        if guard is False or guard is None:
+            return policy.policy
+        if isinstance(guard, dict) and guard:
+            raise ValueError("the policy is already a GuardedPolicy; give guard settings either there or here, "
+                             "not both")
+        return policy
+    if guard is None or guard is False:
+        return policy
+    if guard is True:
+        return GuardedPolicy(policy)
+    if isinstance(guard, dict):
+        mapping = getattr(policy, "action_mapping", None)
+        if mapping is not None:  # check the keys and values first: the error names the setting
+            guard = resolve_guard_settings(guard, mapping, owner="guard")
+        if guard.get("enabled", True) is False:
+            return policy
+        return GuardedPolicy(policy, **{k: v for k, v in guard.items() if k != "enabled"})
+    raise TypeError(f"guard={guard!r} must be True (default guard rails), False (none) or a dict of settings "
+                    f"({', '.join(GUARD_SETTINGS)})")
 
 
 class GuardedPolicy(TemperaturePolicy):
@@ -66,8 +178,9 @@ class GuardedPolicy(TemperaturePolicy):
     stateful = True
 
     def __init__(self, policy, *, t_min: float | None = None, t_max: float | None = None,
-                 max_delta: float | None = 0.5, safe_range: tuple[float, float] = (0.1, 0.7),
-                 fallback_temperature: float = 0.7, anomaly_threshold: float | None = 0.5, enabled: bool = True):
+                 max_delta: float | None = DEFAULT_MAX_DELTA, safe_range: tuple[float, float] | None = None,
+                 fallback_temperature: float | None = None, anomaly_threshold: float | None = DEFAULT_ANOMALY_THRESHOLD,
+                 hold: int = DEFAULT_HOLD, enabled: bool = True):
         owner = "GuardedPolicy"
         spec = getattr(policy, "feature_spec", None)
         mapping = getattr(policy, "action_mapping", None)
@@ -76,36 +189,22 @@ class GuardedPolicy(TemperaturePolicy):
                             f"a LearnedPolicy, ...); got {type(policy).__name__}")
         if not any(hasattr(policy, m) for m in ("temperatures", "actions", "predict")):
             raise TypeError(f"{owner}: {type(policy).__name__} has none of temperatures(), actions(), predict()")
-        t_min = mapping.t_min if t_min is None else check_real(owner, "t_min", t_min)
-        t_max = mapping.t_max if t_max is None else check_real(owner, "t_max", t_max)
-        if not t_min < t_max:
-            raise ValueError(f"{owner} bounds t_min={t_min} >= t_max={t_max}: the temperature range is empty; "
-                             "set t_min below t_max")
-        max_delta = check_real(owner, "max_delta", max_delta, optional=True, finite=False)
-        if max_delta is not None and math.isinf(max_delta) and max_delta > 0:
-            max_delta = None  # inf = no rate limit
-        if max_delta is not None and not max_delta > 0:
-            raise ValueError(f"{owner} max_delta={max_delta} must be > 0, or None to switch the rate limit off")
-        if not isinstance(safe_range, (tuple, list)) or len(safe_range) != 2:
-            raise ValueError(f"{owner} safe_range={safe_range!r} must be a pair (lo, hi), e.g. (0.1, 0.7)")
-        safe_lo, safe_hi = (check_real(owner, n, v) for n, v in zip(("safe_range[0]", "safe_range[1]"), safe_range))
-        if not t_min <= safe_lo <= safe_hi <= t_max:
-            raise ValueError(f"{owner} safe_range=({safe_lo}, {safe_hi}) must be ordered and inside the bounds "
-                             f"[t_min={t_min}, t_max={t_max}]")
-        fallback = check_real(owner, "fallback_temperature", fallback_temperature)
-        if not t_min <= fallback <= t_max:
-            raise ValueError(f"{owner} fallback_temperature={fallback} must lie in the bounds [t_min={t_min}, "
-                             f"t_max={t_max}]")
-        anomaly_threshold = check_real(owner, "anomaly_threshold", anomaly_threshold, optional=True)
-        if not isinstance(enabled, bool):
-            raise ValueError(f"{owner} enabled={enabled!r} must be True or False")
-        super().__init__(spec, mapping, t_min=t_min, t_max=t_max, max_delta=max_delta,
-                         safe_range=(safe_lo, safe_hi), fallback_temperature=fallback,
-                         anomaly_threshold=anomaly_threshold, enabled=enabled)
+        if isinstance(policy, GuardedPolicy):
+            raise TypeError(f"{owner}: the policy is already guarded ({policy.label}); wrap the inner policy "
+                            "(guard.policy) instead of guarding twice")
+        p = resolve_guard_settings(dict(t_min=t_min, t_max=t_max, max_delta=max_delta, safe_range=safe_range,
+                                        fallback_temperature=fallback_temperature,
+                                        anomaly_threshold=anomaly_threshold, hold=hold, enabled=enabled), mapping,
+                                   owner)
+        super().__init__(spec, mapping, **{k: p[k] for k in GUARD_SETTINGS})
+        t_min, t_max, max_delta, fallback, anomaly_threshold, enabled = (
+            p["t_min"], p["t_max"], p["max_delta"], p["fallback_temperature"], p["anomaly_threshold"], p["enabled"])
+        safe_lo, safe_hi = p["safe_range"]
         self.policy = policy
         self.t_min, self.t_max, self.max_delta = t_min, t_max, max_delta
         self.safe_range = (safe_lo, safe_hi)
         self.fallback_temperature, self.anomaly_threshold, self.enabled = fallback, anomaly_threshold, enabled
+        self.hold = p["hold"]
         self.last_error: BaseException | None = None
         self._warned = False
         self._deterministic = True
@@ -179,7 +278,8 @@ class GuardedPolicy(TemperaturePolicy):
 
     def _initial_state(self, batch_size, device):
         return {"t_prev": torch.zeros(batch_size, dtype=torch.float32, device=device),  # (B,)
-                "has_prev": torch.zeros(batch_size, dtype=torch.bool, device=device)}  # (B,)
+                "has_prev": torch.zeros(batch_size, dtype=torch.bool, device=device),  # (B,)
+                "hold_left": torch.zeros(batch_size, dtype=torch.long, device=device)}  # (B,) tokens of hold left
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         self._deterministic = deterministic
@@ -205,15 +305,25 @@ class GuardedPolicy(TemperaturePolicy):
             raise ValueError(f"the wrapped policy returned {t.shape[0]} temperatures for {obs.shape[0]} rows")
         return t
 
-    def temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+    def temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None,
+                     inner=None) -> torch.Tensor:
+        """Guarded temperatures (B,) for raw observations ``obs`` (B, F).
+
+        ``inner(clean_obs) -> (B,)`` replaces the wrapped policy's own temperatures: a sampler passes
+        the policy's temperatures *as training applied them* (through the action mapping, with its
+        rate limit), so that the guard's decision is the last word (a reset is not rate limited again).
+        """
+        inner = inner if inner is not None else (lambda o: self._inner_temperatures(o, episode_start))
         if not self.enabled:
-            return self._inner_temperatures(obs, episode_start)
+            return inner(obs)
         b = obs.shape[0]
         s, _ = self._begin_step(b, episode_start, obs.device)
         finite_obs = torch.isfinite(obs).all(dim=1)  # (B,)
         clean = torch.where(finite_obs.unsqueeze(1), obs, torch.zeros_like(obs))  # (B, F)
         try:
-            raw = self._inner_temperatures(clean, episode_start)  # (B,)
+            raw = torch.as_tensor(inner(clean)).to(device=obs.device, dtype=torch.float32).reshape(-1)  # (B,)
+            if raw.shape[0] != b:
+                raise ValueError(f"the wrapped policy returned {raw.shape[0]} temperatures for {b} rows")
         except Exception as err:  # noqa: BLE001 - any failure of the policy falls back, by design
             self.last_error = err
             if not self._warned:
@@ -233,13 +343,16 @@ class GuardedPolicy(TemperaturePolicy):
             limited = apply & (bounded != t)
             t = torch.where(apply, bounded, t)
         reset = torch.zeros_like(fallback)
+        hold_left = s["hold_left"]  # (B,)
         if self.anomaly_threshold is not None:
             anomalous = clean[:, self._col["anomaly"]] > self.anomaly_threshold  # (B,); NaN rows were zeroed
+            held = anomalous | (hold_left > 0)  # (B,) fired now, or still inside the hold of an earlier reset
             safe = t.clamp(*self.safe_range)
-            reset = anomalous & (safe != t)
-            t = torch.where(anomalous, safe, t)
+            reset = held & (safe != t)
+            t = torch.where(held, safe, t)
+            hold_left = torch.where(anomalous, torch.full_like(hold_left, self.hold), (hold_left - 1).clamp_min(0))
         counts = torch.stack([clamped.sum(), limited.sum(), reset.sum(), fallback.sum()])  # (4,)
         self._counts = counts if self._counts is None else self._counts.to(counts.device) + counts
         self._decisions += b
-        self._state = {"t_prev": t, "has_prev": torch.ones_like(s["has_prev"])}
+        self._state = {"t_prev": t, "has_prev": torch.ones_like(s["has_prev"]), "hold_left": hold_left}
         return t  # (B,)

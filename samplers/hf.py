@@ -56,28 +56,28 @@ class PolicyLogitsProcessor(LogitsProcessor):
     ``truncation`` (``{top_k, top_p, min_p, top_n_sigma}``, computed on the base distribution before
     the temperature, as in training), ``token_prior`` ((V,) anomaly priors the featurizer used in
     training; :meth:`from_pretrained` loads them), ``category`` (the prompt category of every row,
-    or one per row, for policies conditioned on it; default "other"), ``diversity_weight``.
+    or one per row, for policies conditioned on it; default "other"), ``diversity_weight``,
+    ``guard`` (guard rails, **on by default**: bounds, a rate limit, a reset into a safe range when
+    the anomaly detector fires, a fallback on non-finite input; ``False`` switches them off, a dict
+    sets them, see :mod:`policies.guard`; :meth:`from_pretrained` takes the export's settings).
 
     Attributes: ``temperatures`` (list of (B,) tensors, one per step of the last ``generate``),
-    :meth:`temperature_trace` ((B, steps)).
+    :meth:`temperature_trace` ((B, steps)), ``guard`` and ``guard_counters`` (interventions).
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
                  truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None):
+                 diversity_weight=None, guard: bool | dict | None = True):
         self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight)
+                                     category=category, diversity_weight=diversity_weight, guard=guard)
         self._last_len: int | None = None
         self._last_tokens: torch.Tensor | None = None  # (B,) last column of the previous input_ids
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "PolicyLogitsProcessor":
         """From an export directory (``python -m policies.export``); keyword arguments as the constructor's."""
-        from policies.artifact import load_artifact
-
-        art = load_artifact(path)
-        kwargs.setdefault("token_prior", art.token_prior)
-        return cls(art.policy, art.feature_spec, art.action_mapping, art.truncation, **kwargs)
+        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
+        return cls(*args, **kwargs)
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -96,6 +96,16 @@ class PolicyLogitsProcessor(LogitsProcessor):
     def category(self, value) -> None:
         """Category (one name, or one per row) of the rows of the *next* ``generate`` call."""
         self.runtime.category = value
+
+    @property
+    def guard(self):
+        """The :class:`policies.guard.GuardedPolicy` around the policy (None when ``guard=False``)."""
+        return self.runtime.guard
+
+    @property
+    def guard_counters(self) -> dict[str, int]:
+        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since construction."""
+        return self.runtime.guard_counters
 
     @property
     def temperatures(self) -> list[torch.Tensor]:

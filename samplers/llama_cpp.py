@@ -54,25 +54,32 @@ class LlamaCppPolicyProcessor:
     """``(input_ids (n,), scores (V,)) -> scores (V,)`` numpy logits processor for one sequence.
 
     Arguments as :class:`samplers.hf.PolicyLogitsProcessor`: ``policy``, ``feature_spec``,
-    ``action_mapping``, ``truncation``, ``token_prior``, ``category``, ``diversity_weight``.
+    ``action_mapping``, ``truncation``, ``token_prior``, ``category``, ``diversity_weight``, ``guard``.
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
                  truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None):
+                 diversity_weight=None, guard: bool | dict | None = True):
         self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight)
+                                     category=category, diversity_weight=diversity_weight, guard=guard)
         self._last_len: int | None = None
         self._last_token: int | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "LlamaCppPolicyProcessor":
         """From an export directory (``python -m policies.export``)."""
-        from policies.artifact import load_artifact
+        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
+        return cls(*args, **kwargs)
 
-        art = load_artifact(path)
-        kwargs.setdefault("token_prior", art.token_prior)
-        return cls(art.policy, art.feature_spec, art.action_mapping, art.truncation, **kwargs)
+    @property
+    def guard(self):
+        """The :class:`policies.guard.GuardedPolicy` around the policy (None when ``guard=False``)."""
+        return self.runtime.guard
+
+    @property
+    def guard_counters(self) -> dict[str, int]:
+        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since construction."""
+        return self.runtime.guard_counters
 
     @property
     def temperatures(self) -> list[float]:

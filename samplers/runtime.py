@@ -6,7 +6,7 @@ runs in training, minus the reward and the draw (the engine draws)::
     step(scores (B, V), tokens (B,) drawn since the last step or None)
         featurizer.update(tokens, T_prev)          # the history, as GenerationCore.step after its draw
         obs = featurizer.observe(scores)           # (B, F) raw features, policies/features.py
-        a   = policy actions(obs, episode_start)   # (B,) in [-1, 1]
+        a   = policy actions(obs, episode_start)   # (B,) in [-1, 1]; the policy behind its guard rails (on by default)
         T   = mapping.to_temperature(a, previous=T_prev, first_step=position == 0)   # rate limit as in training
         return apply_temperature(truncate(scores, **truncation), T)                  # (B, V), a new tensor
 
@@ -30,11 +30,31 @@ import torch
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
+from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
 from samplers.core import _check_truncation, apply_temperature, truncate
 
-__all__ = ["PolicyRuntime", "category_indices"]
+__all__ = ["PolicyRuntime", "category_indices", "merge_guard"]
 
 _TRUNCATION_KEYS = ("top_k", "top_p", "min_p", "top_n_sigma")
+
+
+def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | dict:
+    """The guard setting of a sampler built from an export: the export's ``guard`` block, then the caller's.
+
+    ``requested`` None keeps ``exported``; False switches the guard off; True switches it on with
+    the exported settings; a dict updates the exported settings (and switches the guard on unless
+    it says ``enabled``).
+    """
+    if requested is None:
+        return exported
+    if requested is False:
+        return False
+    base = dict(exported) if isinstance(exported, dict) else {}
+    if requested is True:
+        return {**base, "enabled": True}
+    if isinstance(requested, dict):
+        return {**base, "enabled": True, **requested}
+    raise TypeError(f"guard={requested!r} must be None (the export's setting), True, False or a dict of settings")
 
 
 def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] | None:
@@ -80,13 +100,18 @@ class PolicyRuntime:
     ``top_p``, ``min_p``, ``top_n_sigma``; default off), ``token_prior`` ((V,) per-token anomaly
     priors the featurizer used in training), ``category`` / ``diversity_weight`` (the conditioning
     inputs, when the feature spec has them; applied to every row a :meth:`start` begins).
+    ``guard``: guard rails around the policy (:mod:`policies.guard`), **on by default**: ``True``
+    (default settings), a dict of settings (``{"max_delta": 0.3, "safe_range": (0.2, 0.6)}``) or
+    ``False`` (the policy's temperatures as they are). :attr:`guard` is the
+    :class:`~policies.guard.GuardedPolicy` (None when off), :attr:`guard_counters` its intervention
+    counts since construction (they add up over generate calls; ``runtime.guard.reset_counters()``).
 
     ``temperatures`` holds the (B,) temperatures of every step since the last :meth:`start`.
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
                  truncation: dict | None = None, token_prior: torch.Tensor | None = None,
-                 category=None, diversity_weight=None, record: bool = True):
+                 category=None, diversity_weight=None, record: bool = True, guard: bool | dict | None = True):
         if not hasattr(policy, "predict"):
             raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) (a Kelvin policy "
                             f"or policies.load_policy(path)); got {type(policy).__name__}")
@@ -113,6 +138,8 @@ class PolicyRuntime:
         self._truncating = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_n_sigma is not None
         if token_prior is not None:
             token_prior = torch.as_tensor(token_prior, dtype=torch.float32).reshape(-1)
+        policy = apply_guard(policy, guard)
+        self.guard: GuardedPolicy | None = policy if isinstance(policy, GuardedPolicy) else None
         self.policy = policy
         self.feature_spec = feature_spec
         self.action_mapping = action_mapping
@@ -129,6 +156,31 @@ class PolicyRuntime:
         self.temperatures: list[torch.Tensor] = []
         self._last_t: torch.Tensor | None = None  # (B,) temperatures of the previous step
         self._episode_start: torch.Tensor | None = None  # (B,) bool: rows whose next step is their first
+
+    @property
+    def guard_counters(self) -> dict[str, int]:
+        """The guard's interventions ``{clamp, rate_limit, anomaly_reset, fallback}`` plus ``decisions``
+        (row-steps seen); all 0 when the guard is off."""
+        if self.guard is None:
+            return {**dict.fromkeys(GUARD_COUNTERS, 0), "decisions": 0}
+        return {**self.guard.counters, "decisions": self.guard.decisions}
+
+    @classmethod
+    def pretrained_arguments(cls, path, kwargs: dict) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for an adapter's constructor from an export directory (``from_pretrained``).
+
+        The artifact gives policy, feature spec, action mapping, truncation and token prior; its
+        ``guard`` block gives the guard settings. The caller's ``guard`` decides: None (default)
+        = the export's setting, False = off, True = on with the export's settings, a dict = the
+        export's settings updated with these.
+        """
+        from policies.artifact import load_artifact
+
+        art = load_artifact(path)
+        kwargs = dict(kwargs)
+        kwargs.setdefault("token_prior", art.token_prior)
+        kwargs["guard"] = merge_guard(art.guard, kwargs.get("guard"))
+        return (art.policy, art.feature_spec, art.action_mapping, art.truncation), kwargs
 
     # ------------------------------------------------------------------ rows
     @property
@@ -186,9 +238,10 @@ class PolicyRuntime:
         f._dist = None
         self._last_t = self._last_t[idx]
         self._episode_start = self._episode_start[idx] | fresh
-        policy_state = getattr(self.policy, "_state", None)
-        if isinstance(self.policy, TemperaturePolicy) and policy_state:
-            self.policy._state = {k: v[idx.to(v.device)] for k, v in policy_state.items()}
+        for policy in (self.policy, getattr(self.guard, "policy", None)):  # the guard's and its inner policy's
+            policy_state = getattr(policy, "_state", None)
+            if isinstance(policy, TemperaturePolicy) and policy_state:
+                policy._state = {k: v[idx.to(v.device)] for k, v in policy_state.items()}
         rows = torch.nonzero(fresh).flatten()
         if rows.numel():
             f.reset(rows)
@@ -198,9 +251,8 @@ class PolicyRuntime:
                     f.reset([row], category=category_indices(self.feature_spec, cat, 1))
 
     # ------------------------------------------------------------------ per step
-    def _actions(self, obs: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
-        """(B,) actions in [-1, 1] on ``obs``'s device, through each policy's own fast path."""
-        policy = self.policy
+    def _actions(self, policy, obs: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
+        """(B,) actions in [-1, 1] of ``policy`` on ``obs``'s device, through each policy's own fast path."""
         with torch.no_grad():
             if isinstance(policy, TemperaturePolicy):  # == predict(), without the numpy round trip
                 return policy.action_mapping.to_action(policy.temperatures(obs, episode_start))
@@ -244,10 +296,18 @@ class PolicyRuntime:
                 self._masked_update(tokens, drew.to(f.device).bool().reshape(-1))
         obs = f.observe(scores)  # (B, F)
         starts = self._episode_start
-        actions = self._actions(obs, starts)  # (B,)
         s = f.state
-        temperature = self.action_mapping.to_temperature(actions.to(f.device), previous=s.prev_temperature,
-                                                         first_step=s.position == 0)  # (B,)
+
+        def policy_temperatures(o: torch.Tensor) -> torch.Tensor:  # (B,) exactly as the env applies them
+            actions = self._actions(self.policy if self.guard is None else self.guard.policy, o, starts)
+            return self.action_mapping.to_temperature(actions.to(f.device), previous=s.prev_temperature,
+                                                      first_step=s.position == 0)
+
+        if self.guard is None:
+            temperature = policy_temperatures(obs)  # (B,)
+        else:  # the guard sees the policy's temperatures after the mapping's own rate limit and has the last word
+            with torch.no_grad():
+                temperature = self.guard.temperatures(obs, starts, inner=policy_temperatures).to(f.device)
         self._last_t = temperature
         self._episode_start = torch.zeros_like(starts)
         if self.record:

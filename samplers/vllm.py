@@ -236,12 +236,14 @@ class KelvinLogitsProcessor(_VLLMLogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         if not VLLM_AVAILABLE:
             raise ImportError(_INSTALL_HINT.format(error=_VLLM_IMPORT_ERROR))
-        from policies.artifact import load_artifact
-
-        art = load_artifact(self._path())
-        runtime = PolicyRuntime(art.policy, art.feature_spec, art.action_mapping, art.truncation,
-                                token_prior=art.token_prior, record=False)
+        args, kwargs = PolicyRuntime.pretrained_arguments(self._path(), {"record": False})
+        runtime = PolicyRuntime(*args, **kwargs)  # guard rails as the export's spec.json says (on by default)
         self.batch = PersistentBatch(runtime, device)
+
+    @property
+    def guard_counters(self) -> dict[str, int]:
+        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since the engine started."""
+        return self.batch.runtime.guard_counters
 
     def is_argmax_invariant(self) -> bool:
         """False: negative and zero temperatures change the argmax, so vLLM applies this before its own steps."""

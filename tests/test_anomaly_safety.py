@@ -338,16 +338,21 @@ def test_guard_clamps_out_of_bounds():
     assert guard.counters == {"clamp": 2, "rate_limit": 0, "anomaly_reset": 0, "fallback": 0}
 
 
-def test_guard_anomaly_resets_into_safe_range_ignoring_rate_limit():
-    guard = GuardedPolicy(_Scripted([[-1.5, -1.5, 0.3], [-1.5, -1.5, 0.3], [-1.5, -1.5, 0.3]]),
-                          max_delta=0.2, safe_range=(0.1, 0.7), anomaly_threshold=0.5)
+def test_guard_anomaly_resets_into_safe_range_ignoring_rate_limit_and_holds():
+    guard = GuardedPolicy(_Scripted([[-1.5, -1.5, 0.3]] * 5), max_delta=0.2, safe_range=(0.1, 0.7),
+                          anomaly_threshold=0.5, hold=2)
     guard.temperatures(_obs(3))
     t = guard.temperatures(_obs(3, anomaly=[0.9, 0.1, 0.9]))  # rows 0 and 2 hit the detector
     assert t.tolist() == pytest.approx([0.1, -1.5, 0.3])  # row 2 already safe: no intervention
     assert guard.counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 1, "fallback": 0}
-    t = guard.temperatures(_obs(3))  # the anomaly is gone: rate limited from the safe value
+    for _ in range(2):  # the anomaly is gone, but the hold keeps row 0 in the safe range for 2 more tokens
+        t = guard.temperatures(_obs(3))
+        assert t.tolist() == pytest.approx([0.1, -1.5, 0.3])
+    # each held step: the rate limit moved -1.5 to -0.1 first (counted), then the hold moved it to 0.1 (counted)
+    assert guard.counters == {"clamp": 0, "rate_limit": 2, "anomaly_reset": 3, "fallback": 0}
+    t = guard.temperatures(_obs(3))  # the hold is over: rate limited from the safe value
     assert t.tolist() == pytest.approx([-0.1, -1.5, 0.3])
-    assert guard.counters == {"clamp": 0, "rate_limit": 1, "anomaly_reset": 1, "fallback": 0}
+    assert guard.counters == {"clamp": 0, "rate_limit": 3, "anomaly_reset": 3, "fallback": 0}
 
 
 def test_guard_counts_exactly_over_a_batch_run():
@@ -406,3 +411,47 @@ def test_guard_validates_arguments():
         GuardedPolicy(pid, max_delta=-1.0)
     with pytest.raises(TypeError, match="feature_spec"):
         GuardedPolicy(object())
+
+
+# =========================================================================== the guard in a real generate call
+def test_default_guard_breaks_the_negative_temperature_stream_in_generate(lm, discovered):
+    """transformers ``generate`` with a T = -0.001 policy: without the guard every token is the model's
+    least likely one ("emeteries" ...); with the sampler's default guard the detector fires after the
+    first draw, the guard resets into its safe range, and most tokens are ordinary again."""
+    from transformers import LogitsProcessorList
+
+    from policies.baselines import FixedTemperature
+    from samplers.hf import PolicyLogitsProcessor
+
+    detector = AnomalyDetector.from_tokenizer(lm.tokenizer, vocab_size=lm.vocab_size, discovered=discovered)
+    spec, mapping = FeatureSpec(), ActionMapping(t_min=-1.0, t_max=2.4)
+    enc = lm.encode(["Temperature is a concept", "The history of the printing press"], chat=False)
+    width = max(map(len, enc))
+    input_ids = torch.tensor([[lm.pad_token_id] * (width - len(x)) + x for x in enc])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc])
+    runs = {}
+    for guard in (False, True):
+        proc = PolicyLogitsProcessor(FixedTemperature(spec, mapping, t=-0.001), token_prior=detector.token_prior,
+                                     guard=guard)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            out = lm.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                    top_k=0, top_p=1.0, max_new_tokens=16, min_new_tokens=16,
+                                    pad_token_id=lm.pad_token_id, logits_processor=LogitsProcessorList([proc]),
+                                    return_dict_in_generate=True, output_logits=True)
+        new = out.sequences[:, width:]  # (2, 16)
+        logp = torch.stack([torch.log_softmax(z.float(), -1).gather(1, new[:, i:i + 1]).squeeze(1)
+                            for i, z in enumerate(out.logits)], 1)  # (2, 16) base log-probs of the draws
+        scan = detector.scan(new, logp)
+        runs[guard] = (proc, float((scan.score > 0.5).float().mean()), [lm.decode_text(r) for r in new])
+    raw_proc, raw_rate, raw_text = runs[False]
+    safe_proc, safe_rate, safe_text = runs[True]
+    print(f"anomalous share without guard {raw_rate:.2f} {raw_text}; with guard {safe_rate:.2f} {safe_text}; "
+          f"counters {safe_proc.guard_counters}")
+    torch.testing.assert_close(raw_proc.temperature_trace(), torch.full((2, 16), -0.001))
+    trace = safe_proc.temperature_trace()
+    assert trace[:, 0].tolist() == pytest.approx([-0.001, -0.001], abs=1e-6)  # nothing drawn yet: the policy's own T
+    torch.testing.assert_close(trace[:, 1], torch.full((2,), 0.1))  # one argmin draw, the detector fires, reset to 0.1
+    assert safe_proc.guard_counters["anomaly_reset"] >= 2 and raw_proc.guard_counters["decisions"] == 0
+    # after a hold the EMA needs ~3 anomalous draws to pass 0.5 again, then 8 held tokens: about 3 / 11
+    assert raw_rate > 0.9 and safe_rate < 0.4

@@ -307,7 +307,8 @@ def _drive(proc, prompts: torch.Tensor, logits: list[torch.Tensor], seed: int = 
 
 def test_processor_matches_the_policy_step_by_step():
     policy = make_policy("pid", SPEC, MAPPING)
-    proc = PolicyLogitsProcessor(policy, truncation={"top_k": 10}, category=["code", "other", "creative"])
+    proc = PolicyLogitsProcessor(policy, truncation={"top_k": 10}, category=["code", "other", "creative"],
+                                 guard=False)  # the policy line itself; the guard is tested on its own
     logits = _logit_stream(3, 6)
     ids = _drive(proc, torch.randint(0, V, (3, 4)), logits)
     trace = proc.temperature_trace()
@@ -328,7 +329,7 @@ def test_processor_matches_the_policy_step_by_step():
 
 
 def test_processor_output_is_truncated_and_tempered():
-    proc = PolicyLogitsProcessor(FixedTemperature(SPEC, MAPPING, t=-0.5), truncation={"top_k": 3})
+    proc = PolicyLogitsProcessor(FixedTemperature(SPEC, MAPPING, t=-0.5), truncation={"top_k": 3}, guard=False)
     z = torch.randn(2, V)
     out = proc(torch.zeros(2, 5, dtype=torch.long), z)
     torch.testing.assert_close(out, apply_temperature(truncate(z, top_k=3), -0.5))
@@ -364,7 +365,7 @@ def test_stateful_baseline_keeps_per_row_state():
     """Rows of one batch evolve exactly as the same rows run alone."""
     logits = _logit_stream(3, 5, seed=4)
     prompts = torch.randint(0, V, (3, 3))
-    batched = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING))
+    batched = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING))  # guarded (default): per-row guard state too
     ids = _drive(batched, prompts, logits)
     for row in range(3):
         alone = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING))
@@ -402,12 +403,127 @@ def test_processor_bad_inputs():
 def test_exported_learned_policy_runs_in_the_processor(dummy_export):
     out, _, _ = dummy_export
     proc = PolicyLogitsProcessor.from_pretrained(out, category="creative")
-    assert proc.truncation["top_k"] == 5 and isinstance(proc.policy, ExportedPolicy)
+    assert proc.truncation["top_k"] == 5 and isinstance(proc.guard.policy, ExportedPolicy)
     _drive(proc, torch.randint(0, V, (2, 3)), _logit_stream(2, 4))
     trace = proc.temperature_trace()
     assert trace.shape == (2, 4) and torch.isfinite(trace).all()
     assert ((trace >= MAPPING.t_min) & (trace <= MAPPING.t_max)).all()
     assert (trace[:, 1:] - trace[:, :-1]).abs().max() <= MAPPING.max_delta + 1e-6  # the rate limit
+
+
+# =========================================================================== guard rails, on by default
+class _Jumper(FixedTemperature):
+    """Alternates T = -2, +2 every call: the policy a guard must hold to its rate limit."""
+
+    stateful = True
+
+    def temperatures(self, obs, episode_start=None):
+        self._calls = getattr(self, "_calls", 0) + 1
+        return torch.full((obs.shape[0],), -2.0 if self._calls % 2 else 2.0)
+
+
+def test_export_writes_the_guard_block_and_samplers_turn_it_on(dummy_export, tmp_path):
+    out, _, _ = dummy_export
+    block = _spec(out)["guard"]
+    assert block == {"t_min": -2.0, "t_max": 2.0, "max_delta": 0.5, "safe_range": [0.1, 0.7],
+                     "fallback_temperature": 0.7, "anomaly_threshold": 0.5, "hold": 8, "enabled": True}
+    for proc in (PolicyLogitsProcessor.from_pretrained(out), LlamaCppPolicyProcessor.from_pretrained(out)):
+        assert isinstance(proc.guard.policy, ExportedPolicy) and proc.guard.max_delta == 0.5
+        assert proc.guard_counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 0, "fallback": 0, "decisions": 0}
+    off = PolicyLogitsProcessor.from_pretrained(out, guard=False)
+    assert off.guard is None and isinstance(off.policy, ExportedPolicy)
+    tuned = PolicyLogitsProcessor.from_pretrained(out, guard={"max_delta": 0.25})
+    assert tuned.guard.max_delta == 0.25 and tuned.guard.safe_range == (0.1, 0.7)
+    # an export written with the guard off stays off unless the caller asks for it
+    bare = export_baseline(make_policy("edt", SPEC, MAPPING), tmp_path / "bare", guard=False)
+    assert _spec(bare)["guard"]["enabled"] is False
+    assert PolicyLogitsProcessor.from_pretrained(bare).guard is None
+    assert PolicyLogitsProcessor.from_pretrained(bare, guard=True).guard is not None
+    # settings are clipped into the policy's bounds: a policy living in [-2, -0.1] gets safe range/fallback -0.1
+    neg = export_baseline(make_policy("pid", SPEC, ActionMapping(t_min=-2.0, t_max=-0.1)), tmp_path / "neg")
+    assert _spec(neg)["guard"]["safe_range"] == [-0.1, -0.1] and _spec(neg)["guard"]["fallback_temperature"] == -0.1
+
+
+def test_default_guard_holds_a_jumping_policy_in_generate_loops():
+    mapping = ActionMapping(t_min=-2.0, t_max=2.0)  # no rate limit of its own: the guard's is the only one
+    logits = _logit_stream(2, 6, seed=3)
+    prompts = torch.randint(0, V, (2, 3))
+    raw = PolicyLogitsProcessor(_Jumper(SPEC, mapping, t=0.0), guard=False)
+    _drive(raw, prompts, logits)
+    assert raw.temperature_trace()[0].tolist() == [-2.0, 2.0, -2.0, 2.0, -2.0, 2.0]
+    guarded = PolicyLogitsProcessor(_Jumper(SPEC, mapping, t=0.0))
+    _drive(guarded, prompts, logits)
+    trace = guarded.temperature_trace()
+    torch.testing.assert_close(trace[0], torch.tensor([-2.0, -1.5, -2.0, -1.5, -2.0, -1.5]))  # +-0.5 per token
+    counters = guarded.guard_counters
+    assert counters["rate_limit"] == 2 * 3 and counters["decisions"] == 12  # every upward jump, both rows
+    assert counters["clamp"] == counters["fallback"] == 0
+
+
+def test_default_guard_resets_into_the_safe_range_when_the_detector_fires():
+    # every token is flagged anomalous by the prior: after the first draw the anomaly EMA is 1 > 0.5
+    proc = PolicyLogitsProcessor(FixedTemperature(SPEC, MAPPING, t=-1.5), token_prior=torch.ones(V))
+    _drive(proc, torch.randint(0, V, (2, 3)), _logit_stream(2, 5, seed=1))
+    trace = proc.temperature_trace()
+    assert trace[:, 0].tolist() == [-1.5, -1.5]  # nothing drawn yet, nothing detected
+    assert torch.equal(trace[:, 1:], torch.full((2, 4), 0.1))  # clamp(-1.5, 0.1, 0.7), ignoring the rate limit
+    assert proc.guard_counters["anomaly_reset"] == 2 * 4
+
+
+def test_default_guard_falls_back_when_the_policy_fails():
+    class Broken(FixedTemperature):
+        def temperatures(self, obs, episode_start=None):
+            raise RuntimeError("policy server down")
+
+    proc = PolicyLogitsProcessor(Broken(SPEC, MAPPING, t=0.3))
+    z = torch.randn(2, V)
+    with pytest.warns(RuntimeWarning, match="policy server down"):
+        out = proc(torch.zeros(2, 3, dtype=torch.long), z)
+    torch.testing.assert_close(proc.temperature_trace()[:, 0], torch.tensor([0.7, 0.7]))
+    torch.testing.assert_close(out, apply_temperature(z, 0.7))
+    assert proc.guard_counters["fallback"] == 2
+    with pytest.raises(RuntimeError, match="policy server down"):  # without the guard the error reaches the caller
+        PolicyLogitsProcessor(Broken(SPEC, MAPPING, t=0.3), guard=False)(torch.zeros(1, 3, dtype=torch.long),
+                                                                           torch.randn(1, V))
+
+
+def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
+    from policies.export import parse_guard_settings
+
+    out, _, _ = dummy_export
+    with pytest.raises(ValueError, match="unknown setting 'max_delt'; did you mean 'max_delta'"):
+        PolicyLogitsProcessor.from_pretrained(out, guard={"max_delt": 0.3})
+    with pytest.raises(ValueError, match=r"safe_range=\(0.7, 0.1\) must be ordered"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), guard={"safe_range": (0.7, 0.1)})
+    with pytest.raises(TypeError, match="guard='yes' must be"):
+        PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), guard="yes")
+    _rewrite(baseline_dir, guard={"max_delta": -1})
+    with pytest.raises(ArtifactError, match="spec.json guard max_delta=-1.0 must be > 0"):
+        load_artifact(baseline_dir)
+    _rewrite(baseline_dir, guard="on")
+    with pytest.raises(ArtifactError, match="guard='on' must be an object"):
+        load_artifact(baseline_dir)
+    assert parse_guard_settings(["max_delta=0.3", "safe_range=0.2,0.6", "anomaly_threshold=none"]) == {
+        "max_delta": 0.3, "safe_range": [0.2, 0.6], "anomaly_threshold": None}
+    with pytest.raises(ValueError, match="--guard 'max_delta': expected KEY=VALUE"):
+        parse_guard_settings(["max_delta"])
+    with pytest.raises(ValueError, match="'abc' is not a valid value for max_delta"):
+        parse_guard_settings(["max_delta=abc"])
+
+
+def test_export_cli_guard_options(lm, tmp_path, capsys):
+    from policies.export import main
+
+    # lm: the session's loaded model, which the CLI's load_causal_lm finds in the in-process cache
+    assert main(["edt", str(tmp_path / "g"), "--config", str(SMOKE), "--guard", "max_delta=0.3",
+                 "--guard", "safe_range=0.2,0.6", "--guard", "hold=4"]) == 0
+    block = _spec(tmp_path / "g")["guard"]
+    assert (block["max_delta"], block["safe_range"], block["hold"], block["enabled"]) == (0.3, [0.2, 0.6], 4, True)
+    assert PolicyLogitsProcessor.from_pretrained(tmp_path / "g").guard.hold == 4
+    assert main(["edt", str(tmp_path / "n"), "--config", str(SMOKE), "--no-guard"]) == 0
+    assert _spec(tmp_path / "n")["guard"]["enabled"] is False
+    assert main(["edt", str(tmp_path / "b"), "--config", str(SMOKE), "--guard", "hold=-1"]) == 2
+    assert "hold=-1 must be a whole number of tokens" in capsys.readouterr().err
 
 
 # =========================================================================== llama.cpp (numpy, one sequence)
@@ -640,7 +756,8 @@ def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
         policy = make_policy(which, env.feature_spec, env.action_mapping)
     prompts, length, rec = _rollout(env, policy, config.env.max_new_tokens)
     assert (length > 0).all()
-    proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts])
+    # guard=False: training runs the policy without guard rails, and this checks the policy line itself
+    proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts], guard=False)
     assert proc.runtime.token_prior is not None
     torch.testing.assert_close(proc.runtime.token_prior, env.core.featurizer.token_prior.cpu())
     trace = _replay(proc, lm, prompts, length, rec)
@@ -661,7 +778,8 @@ def test_generate_with_negative_temperature_inside_top_k(lm):
     from transformers import LogitsProcessorList
 
     spec = FeatureSpec(horizon=16)
-    proc = PolicyLogitsProcessor(FixedTemperature(spec, ActionMapping(), t=-0.5), truncation={"top_k": 20})
+    proc = PolicyLogitsProcessor(FixedTemperature(spec, ActionMapping(), t=-0.5), truncation={"top_k": 20},
+                                 guard=False)  # the guard would pull T = -0.5 into its safe range
     texts = ["Write a haiku about rain.", "What is 2 + 2?", "Name three colours.",
              "Explain in one long sentence why the sky looks blue during the day."]
     input_ids, mask = _left_padded(lm, texts)
