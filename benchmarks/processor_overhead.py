@@ -1,6 +1,6 @@
 """Cost of running a temperature policy inside ``model.generate`` (samplers/hf.py).
 
-Two variants, interleaved in one process (plain, policy, plain, policy, ... once per repeat), on the
+Three variants, interleaved in one process (plain, policy, unguarded, ... once per repeat), on the
 same batch of B chat prompts of varied lengths (left padded), each generating exactly T new tokens
 (``min_new_tokens = max_new_tokens = T``, so EOS cannot shorten one variant):
 
@@ -9,7 +9,9 @@ same batch of B chat prompts of varied lengths (left padded), each generating ex
 * **policy**: ``generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
   logits_processor=[PolicyLogitsProcessor])``: every step the featurizer (softmax statistics over
   the vocabulary, history), the policy, the action mapping and the signed temperature (plus the
-  truncation of the export, if any) run on the (B, V) logits before the same softmax + multinomial.
+  truncation of the export, if any) run on the (B, V) logits before the same softmax + multinomial,
+  with the sampler's default guard rails (policies/guard.py).
+* **unguarded**: the same with ``guard=False``: the guard's own cost is ``policy / unguarded``.
 
 Reported: median seconds per generate call of each variant, the median of the paired ratios
 policy / plain (each repeat's two calls ran next to each other), and the share of the policy call
@@ -86,17 +88,18 @@ def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, t
     return input_ids.to(device), mask.to(device)
 
 
-def build_processor(spec: str, lm):
+def build_processor(spec: str, lm, guard: bool | None = None):
     from samplers.hf import PolicyLogitsProcessor
 
     if Path(spec).is_dir():
-        return PolicyLogitsProcessor.from_pretrained(spec), f"export {spec}"
+        return PolicyLogitsProcessor.from_pretrained(spec, guard=guard), f"export {spec}"
     from envs.generation import EnvConfig
     from policies.registry import make_policy
 
     env = EnvConfig()
     policy = make_policy(spec, env.feature_spec(), env.action_mapping_obj())
-    return PolicyLogitsProcessor(policy, truncation=env.truncation), f"baseline {policy.label}"
+    return (PolicyLogitsProcessor(policy, truncation=env.truncation, guard=True if guard is None else guard),
+            f"baseline {policy.label}")
 
 
 def main(argv=None) -> int:
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
 
     proc, what = build_processor(args.policy, lm)
     timed = TimedProcessor(proc, lm.device)
+    timed_bare = TimedProcessor(build_processor(args.policy, lm, guard=False)[0], lm.device)
     ids = benchmark_prompt_ids(lm, args.batch, args.seed)
     input_ids, mask = left_pad(ids, lm.pad_token_id, lm.device)  # (B, L), as the env's prefill
     common = dict(input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
     variants = {
         "plain": dict(temperature=args.plain_temperature),
         "policy": dict(temperature=1.0, logits_processor=LogitsProcessorList([timed])),
+        "unguarded": dict(temperature=1.0, logits_processor=LogitsProcessorList([timed_bare])),
     }
     print(f"# policy: {what}; batch {args.batch}, {args.tokens} new tokens, prompts of "
           f"{min(map(len, ids))}-{max(map(len, ids))} tokens, {args.repeats} interleaved repeats", flush=True)
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
         for name, extra in variants.items():
             torch.manual_seed(args.seed + r)
             timed.seconds, timed.calls = 0.0, 0
+            timed_bare.seconds, timed_bare.calls = 0.0, 0
             sync(lm.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -140,20 +146,26 @@ def main(argv=None) -> int:
                 if timed.calls != args.tokens or out.shape[1] != input_ids.shape[1] + args.tokens:
                     raise SystemExit(f"expected {args.tokens} processor calls, got {timed.calls}")
         print(f"  repeat {r + 1}: plain {times['plain'][-1]:.3f} s, policy {times['policy'][-1]:.3f} s "
-              f"(ratio {times['policy'][-1] / times['plain'][-1]:.3f})", flush=True)
+              f"(ratio {times['policy'][-1] / times['plain'][-1]:.3f}), unguarded {times['unguarded'][-1]:.3f} s",
+              flush=True)
     ratios = [p / q for p, q in zip(times["policy"], times["plain"])]
+    bare_ratios = [p / q for p, q in zip(times["unguarded"], times["plain"])]
+    guard_ratios = [p / q for p, q in zip(times["policy"], times["unguarded"])]
     tokens = args.batch * args.tokens
     rows = [
         ["plain (temperature warper)", median(times["plain"]), tokens / median(times["plain"]), 1.0],
         ["policy (PolicyLogitsProcessor)", median(times["policy"]), tokens / median(times["policy"]), median(ratios)],
+        ["unguarded (guard=False)", median(times["unguarded"]), tokens / median(times["unguarded"]),
+         median(bare_ratios)],
     ]
     print(format_table(["variant", "s / generate", "tok/s", "ratio vs plain"], rows))
     print(f"# policy / plain: median {median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
           f"processor share of the policy call: {100 * median(proc_share):.1f} %; "
           f"per step {1e3 * median(times['policy']) * median(proc_share) / args.tokens:.2f} ms "
-          f"(goal: ratio <= 1.05)")
+          f"(goal: ratio <= 1.05); guarded / unguarded: median {median(guard_ratios):.3f}")
     write_json(args.json, {"args": vars(args), "environment": info, "policy": what, "times": times,
-                           "ratios": ratios, "median_ratio": median(ratios), "processor_share": proc_share})
+                           "ratios": ratios, "median_ratio": median(ratios), "processor_share": proc_share,
+                           "guard_ratios": guard_ratios})
     return 0
 
 
