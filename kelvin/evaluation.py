@@ -70,6 +70,7 @@ __all__ = [
     "main",
     "parse_policy_specs",
     "parse_sweep_grid",
+    "front_gap",
     "pareto_front",
     "prompt_metrics",
     "select_prompts",
@@ -222,6 +223,24 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float
             area += (x - rx) * (y - best_y)
             best_y = y
     return area
+
+
+def front_gap(points: Sequence[tuple[float, float]], p: tuple[float, float]) -> float | None:
+    """``p``'s y minus the height of the Pareto front of ``points`` at ``p``'s x (both maximised).
+
+    The front is the piecewise-linear curve through its points (what a mix of two neighbouring
+    settings reaches); positive = ``p`` is above it (more y at equal x). None when ``p``'s x lies
+    outside the front's x range (no interpolation there). Example: front ``{(0, 1), (1, 0)}``,
+    ``p = (0.5, 0.6)`` -> 0.6 - 0.5 = +0.1.
+    """
+    pts = sorted((float(points[i][0]), float(points[i][1])) for i in pareto_front(points))  # x up, y down
+    x, y = float(p[0]), float(p[1])
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y - (y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return y - pts[0][1]  # a one-point front at exactly p's x
 
 
 def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
@@ -874,6 +893,22 @@ def _write_report(path: Path, data: dict, main: list[PolicyEntry], results: dict
             else:
                 lines.append(f"- On the {f0['x']} / {f0['y']} plane no swept baseline dominates the learned point "
                              "(in means).")
+            gaps = {f: g for f, g in (info.get("front_gap") or {}).items() if g is not None}
+            if gaps:
+                half = info["y_half_width"]
+                said = "; ".join(f"{g:+.3f} vs the {f} front" for f, g in gaps.items())
+                if all(g > half for g in gaps.values()):
+                    verdict = ("above every family's front by more than its own 95% half-width: a trade-off no "
+                               "swept baseline reaches")
+                elif all(g < -half for g in gaps.values()):
+                    verdict = ("below every family's front by more than its own 95% half-width: some setting of "
+                               "each baseline gives more diversity at the same quality")
+                else:
+                    verdict = ("on the baselines' fronts within its own 95% half-width: its composite-reward gain "
+                               "comes from the operating point it picks on the trade-off, not from a trade-off "
+                               "the baselines cannot reach")
+                lines.append(f"- At the learned point's {f0['x']} ({info['x']:.3f}), its {f0['y']} ({info['y']:.3f}, "
+                             f"95% half-width {half:.3f}) is {said} (piecewise-linear fronts): {verdict}.")
     lines.append("")
 
     lines.append("## Headline metrics (mean [95% CI])\n")
@@ -1091,8 +1126,15 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
                 p = (results[e.cache_key].stats[xm]["mean"], results[e.cache_key].stats[ym]["mean"])
                 dom = [s.name for entries in sweeps.values() for s in entries
                        if dominates((results[s.cache_key].stats[xm]["mean"], results[s.cache_key].stats[ym]["mean"]), p)]
+                gaps = {}
+                for family, entries in sweeps.items():
+                    pts = [(results[s.cache_key].stats[xm]["mean"], results[s.cache_key].stats[ym]["mean"])
+                           for s in entries]
+                    gaps[family] = front_gap(pts, p)
+                y_stat = results[e.cache_key].stats[ym]
                 learned_info[e.name] = {"x": p[0], "y": p[1], "dominated_by": dom,
-                                        "hypervolume": hypervolume_2d([p], refpt)}
+                                        "hypervolume": hypervolume_2d([p], refpt), "front_gap": gaps,
+                                        "y_half_width": 0.5 * (y_stat["high"] - y_stat["low"])}
             fronts.append({"x": xm, "y": ym, "reference": list(refpt), "families": fam_info, "learned": learned_info})
 
     # ---- outputs

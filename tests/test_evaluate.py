@@ -23,6 +23,7 @@ from kelvin.evaluation import (
     group_by_prompt,
     hypervolume_2d,
     main,
+    front_gap,
     pareto_front,
     parse_policy_specs,
     parse_sweep_grid,
@@ -102,6 +103,16 @@ def test_hypervolume_of_a_known_front():
 def test_pareto_front_keeps_the_non_dominated_points():
     pts = [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0), (1.5, 1.5), (2.0, 2.0), (0.0, 3.0)]
     assert pareto_front(pts) == [2, 1, 0]  # by x descending; (1.5,1.5), the duplicate and (0, 3) dominated
+
+
+def test_front_gap_against_the_interpolated_front():
+    pts = [(0.0, 1.0), (1.0, 0.0), (-0.5, 0.5)]  # (-0.5, 0.5) is dominated by (0, 1): not on the front
+    assert front_gap(pts, (0.5, 0.6)) == pytest.approx(0.1)  # the segment is at 0.5 there
+    assert front_gap(pts, (0.25, 0.5)) == pytest.approx(-0.25)  # below: the front reaches 0.75
+    assert front_gap(pts, (1.0, 0.0)) == pytest.approx(0.0)  # a front point itself
+    assert front_gap(pts, (2.0, 0.5)) is None and front_gap(pts, (-0.2, 0.5)) is None  # outside its x range
+    assert front_gap([(0.0, 1.0), (1.0, 0.0), (0.5, 0.2)], (0.5, 0.6)) == pytest.approx(0.4)  # through (0.5, 0.2)
+    assert front_gap([(1.0, 2.0)], (1.0, 2.5)) == pytest.approx(0.5)
 
 
 def test_policy_specs_keep_baseline_parameters_together():
@@ -281,6 +292,7 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
     front = data["fronts"][0]
     assert (front["x"], front["y"], front["reference"]) == ("logprob", "semantic_distance", [-10.0, 0.0])
     assert set(front["families"]) == {"fixed", "edt"} and learned in front["learned"]
+    assert set(front["learned"][learned]["front_gap"]) == {"fixed", "edt"}
     assert all(f["hypervolume"] >= 0 for f in front["families"].values())
 
     report = (out / "report.md").read_text()
