@@ -26,7 +26,9 @@ import json
 import math
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -80,6 +82,7 @@ class KelvinCallback(BaseCallback):
     def __init__(self, config: KelvinConfig, run_dir: Path, train_env: TemperatureVecEnv,
                  vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv):
         super().__init__(verbose=0)
+        self.stop_requested = False
         self.config = config
         self.run_dir = run_dir
         self.train_env = train_env
@@ -134,7 +137,7 @@ class KelvinCallback(BaseCallback):
         every = self.config.train.checkpoint_every
         if every and self.model.num_timesteps - self._last_checkpoint >= every:
             self._save_checkpoint()
-        return True
+        return not self.stop_requested  # False ends model.learn after this step (Ctrl-C, see GracefulStop)
 
     def _save_checkpoint(self) -> None:
         ckpt = self.run_dir / "checkpoints"
@@ -285,6 +288,35 @@ def _export(run_dir: Path, env: TemperatureVecEnv) -> Path | None:
         return None
 
 
+class GracefulStop:
+    """Ctrl-C during ``model.learn``: the first one asks the callback to stop after the current env step
+    (SB3 then leaves ``learn`` cleanly and the model is saved); a second one raises KeyboardInterrupt
+    at once (also saved). A KeyboardInterrupt raised at an arbitrary point can land inside a
+    ``__del__`` or a library's cleanup, where Python only prints it and goes on training: the flag
+    cannot be lost that way. Outside the main thread (no signal handlers there) it does nothing.
+    """
+
+    def __init__(self, callback: "KelvinCallback"):
+        self.callback = callback
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.callback.stop_requested:
+            raise KeyboardInterrupt
+        self.callback.stop_requested = True
+        print("\nCtrl-C: stopping after this step and saving the model (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None) -> dict:
     """Train (or resume) a PPO temperature policy; returns a summary with the last validation."""
     run_dir = Path(run_dir)
@@ -318,8 +350,10 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     t0 = time.perf_counter()
     try:
         if remaining > 0:
-            model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
-                        reset_num_timesteps=not resume, progress_bar=tc.progress_bar)
+            with GracefulStop(callback):
+                model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
+                            reset_num_timesteps=not resume, progress_bar=tc.progress_bar)
+        interrupted = callback.stop_requested
     except KeyboardInterrupt:
         interrupted = True
     finally:
