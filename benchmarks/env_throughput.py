@@ -1,6 +1,6 @@
 """Env steps/s of TemperatureVecEnv against bare batched decoding with the same model, batch, device.
 
-Three variants, interleaved in one process (env, bare, bare+restarts, env, ...), each one starting
+Four variants, interleaved in one process (env, bare, bare+restarts, env without dedup, ...), each starting
 from a prefilled batch (the initial prefill is not timed in any of them) and producing
 B * steps tokens:
 
@@ -14,6 +14,9 @@ B * steps tokens:
   fair baseline; ``env / bare+restarts`` is the headline ratio (goal >= 0.90 on CPU).
 * **bare**: the same decode loop without any restart (cache grows to prompt + steps; no prefill
   inside the loop): the raw decode speed, for reference.
+* **env without prefill dedup**: the env again with ``lm.dedup_prefill = False`` (every restarted
+  row prefills its own copy of the group's prompt, as before the dedup): ``env / this`` is the
+  dedup's speed-up.
 
 Then one extra env pass, not used for the ratios, with ``time.perf_counter`` wrappers around the
 env's components (featurizer, sampler, reward pieces, episode-end pieces incl. MiniLM, autoreset
@@ -297,7 +300,7 @@ def main(argv=None) -> dict:
             run_bare(lm, prompt_ids, core.row_prompt.tolist(), 3, [(0, [0], [int(core.row_prompt[0])])])
             print(f"# warm-up done in {time.perf_counter() - t_w:.1f} s", flush=True)
 
-            runs = {"env": [], "bare_restarts": [], "bare": []}
+            runs = {"env": [], "bare_restarts": [], "bare": [], "env_nodedup": []}
             pattern = None
             for rep in range(args.repeats):
                 e = run_env(env, recorder, args.steps, args.seed)
@@ -313,10 +316,16 @@ def main(argv=None) -> dict:
                 for name, restarts in second:
                     runs[name].append(run_bare(lm, prompt_ids, pattern[0], args.steps, restarts))
                 runs["env"].append(e)
+                lm.dedup_prefill = False  # (a') the env as it was before prefill dedup (envs/lm.py)
+                try:
+                    runs["env_nodedup"].append(run_env(env, recorder, args.steps, args.seed))
+                finally:
+                    lm.dedup_prefill = True
                 br, bb = runs["bare_restarts"][-1], runs["bare"][-1]
                 print(f"  repeat {rep + 1}/{args.repeats}: env {e['wall_s']:.2f} s (model {e['model_s']:.2f}, "
                       f"env {e['env_s']:.2f}, {e['episodes']} episodes ended)  bare+restarts {br['wall_s']:.2f} s "
-                      f"(restarts {br['restart_s']:.2f})  bare {bb['wall_s']:.2f} s", flush=True)
+                      f"(restarts {br['restart_s']:.2f})  bare {bb['wall_s']:.2f} s  env without prefill dedup "
+                      f"{runs['env_nodedup'][-1]['wall_s']:.2f} s", flush=True)
 
             profile_rows, profile_records, profile_wall = None, None, None
             if not args.no_profile:
@@ -332,6 +341,7 @@ def main(argv=None) -> dict:
         all_results[B] = _report(B, args, runs, pattern, profile_rows, profile_records, profile_wall)
     print(f"# total {time.perf_counter() - t_start:.0f} s")
     parts = "; ".join(f"B={B}: env/bare+restarts {r['ratio_env_over_bare_restarts']:.3f}, "
+                      f"prefill dedup speed-up {r['ratio_dedup_speedup']:.3f}, "
                       f"env/bare {r['ratio_env_over_bare']:.3f}, env's own work "
                       f"{100 * r['env_breakdown']['own_work_share']:.1f}% of its step time"
                       for B, r in all_results.items())
@@ -350,6 +360,8 @@ def _report(B, args, runs, pattern, profile_rows, profile_records, profile_wall)
     bb_w = [r["wall_s"] for r in runs["bare"]]
     ratio_r = median(b / e for e, b in zip(env_w, br_w))  # env tok/s / bare tok/s = bare time / env time
     ratio_b = median(b / e for e, b in zip(env_w, bb_w))
+    nd_w = [r["wall_s"] for r in runs["env_nodedup"]]
+    ratio_nd = median(b / e for e, b in zip(env_w, nd_w))
     n_restart_rows = sum(len(rows) for _, rows, _ in pattern[1])
     n_restart_calls = len(pattern[1])
     n_restart_unique = sum(len(set(prompts)) for _, _, prompts in pattern[1])
@@ -363,11 +375,14 @@ def _report(B, args, runs, pattern, profile_rows, profile_records, profile_wall)
          f"{ratio_r:.3f}"],
         ["(b') bare decode, no restarts", median(bb_w), tokens / median(bb_w), 1000 * median(bb_w) / steps,
          f"{ratio_b:.3f}"],
+        ["(a') env, each row's prompt prefilled (no dedup)", median(nd_w), tokens / median(nd_w),
+         1000 * median(nd_w) / steps, f"{ratio_nd:.3f}"],
     ]
     print(format_table(["variant", "time s", "tok/s", "ms/step", "env/variant tok/s"], rows))
     print("  (c) ratio = median over repeats of env tok/s / variant tok/s measured next to it (= variant time / env time).")
     print("      (b) does the same model work as the env (decode + prefill of the same restarted rows, same steps);")
     print("      (b') is raw decoding without any restart (its cache grows to prompt + steps tokens).")
+    print("      (a') is the env with lm.dedup_prefill off: its ratio is the speed-up of prefilling a group's prompt once.")
 
     model = median(r["model_s"] for r in runs["env"])
     own = median(r["env_s"] for r in runs["env"])
@@ -397,7 +412,7 @@ def _report(B, args, runs, pattern, profile_rows, profile_records, profile_wall)
         "batch_size": B, "steps": steps, "tokens_per_run": tokens,
         "env_tokens_per_s": tokens / median(env_w), "bare_restarts_tokens_per_s": tokens / median(br_w),
         "bare_tokens_per_s": tokens / median(bb_w),
-        "ratio_env_over_bare_restarts": ratio_r, "ratio_env_over_bare": ratio_b,
+        "ratio_env_over_bare_restarts": ratio_r, "ratio_env_over_bare": ratio_b, "ratio_dedup_speedup": ratio_nd,
         "restart_rows_per_run": n_restart_rows, "replace_rows_calls_per_run": n_restart_calls,
         "restart_distinct_prompts_per_run": n_restart_unique,
         "env_breakdown": {"model_s": model, "env_s": own, "wrapper_s": wrapper, "wall_s": wall,

@@ -249,6 +249,9 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
+        self.dedup_prefill = True
+        """Prefill each distinct prompt once per call and copy its cache rows (the env restarts a
+        group's G rows with the same prompt): the same logits and cache, up to float rounding."""
         self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.system_prompt = system_prompt
         cfg = model.config
@@ -321,7 +324,31 @@ class CausalLM:
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecodeState]:
-        """Run the prompts (left padded); return next-token logits (B, V) float32 and the state."""
+        """Run the prompts (left padded); return next-token logits (B, V) float32 and the state.
+
+        With :attr:`dedup_prefill`, a prompt that occurs several times in the call runs once and
+        its logits and cache rows are copied to the other occurrences.
+        """
+        if self.dedup_prefill and len(prompt_ids) > 1:
+            try:
+                keys = [tuple(int(t) for t in ids) for ids in prompt_ids]
+            except (TypeError, ValueError):
+                keys = None  # not plain token lists: _left_pad reports it below
+            if keys is not None:
+                slot: dict[tuple, int] = {}
+                inverse = [slot.setdefault(k, len(slot)) for k in keys]
+                if len(slot) < len(keys):
+                    logits, state = self._prefill([list(k) for k in slot])  # (U, V), cache (U, H, L, D)
+                    inv = torch.tensor(inverse, dtype=torch.long, device=self.device)  # (B,)
+                    for layer in state.cache.layers:
+                        layer.keys = layer.keys.index_select(0, inv)  # (B, H, L, D)
+                        layer.values = layer.values.index_select(0, inv)
+                    return logits.index_select(0, inv), DecodeState(
+                        cache=state.cache, attention_mask=state.attention_mask.index_select(0, inv),
+                        next_position=state.next_position.index_select(0, inv))
+        return self._prefill(prompt_ids)
+
+    def _prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecodeState]:
         from transformers import DynamicCache
 
         input_ids, mask = self._left_pad(prompt_ids)  # (B, L), (B, L)

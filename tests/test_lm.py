@@ -42,6 +42,31 @@ def test_left_padding_matches_each_prompt_alone_over_16_steps(lm):
         assert torch.equal(batched[row].argmax(-1), alone.argmax(-1))
 
 
+def test_prefill_runs_each_distinct_prompt_once(lm, monkeypatch):
+    """A group's G copies of one prompt (env reset and restarts) are prefilled once and copied."""
+    ids = lm.encode(PROMPTS[:2])
+    batch = [ids[0], ids[1], ids[0], ids[0]]
+    calls = []
+    original = lm._prefill
+    monkeypatch.setattr(lm, "_prefill", lambda p: calls.append(len(p)) or original(p))
+    logits, state = lm.prefill(batch)
+    monkeypatch.setattr(lm, "dedup_prefill", False)
+    ref_logits, ref_state = lm.prefill(batch)
+    assert calls == [2, 4]  # 2 distinct prompts run, then all 4 without dedup
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3])
+    torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
+    assert torch.equal(state.attention_mask, ref_state.attention_mask)
+    assert torch.equal(state.next_position, ref_state.next_position)
+    for _ in range(4):  # the copied cache rows decode like their own prefill
+        tokens = logits.argmax(-1)
+        logits, ref_logits = lm.decode(state, tokens), lm.decode(ref_state, tokens)
+        torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
+        assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+    monkeypatch.setattr(lm, "dedup_prefill", True)
+    lm.replace_rows(state, [1, 3], [ids[1], ids[1]])  # restarts dedup too
+    assert calls[-1] == 1
+
+
 def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
     ids = lm.encode(PROMPTS)
     logits, state = lm.prefill(ids[:3])
