@@ -441,7 +441,8 @@ def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]):
 
 def resolve_policies(specs: Sequence[str], config: KelvinConfig, run: str | None,
                      warnings: list[str]) -> list[PolicyEntry]:
-    """Policy entries for ``--policies`` items (``all``, ``learned[:RUN]``, baseline specs); unique names."""
+    """Policy entries for ``--policies`` items (``all``, ``learned[:RUN]``, baseline specs, ``guarded:`` + any
+    of those = that policy behind the samplers' default guard rails); unique names."""
     spec, mapping = config.env.feature_spec(), config.env.action_mapping_obj()
     expanded: list[str] = []
     for s in specs:
@@ -451,7 +452,14 @@ def resolve_policies(specs: Sequence[str], config: KelvinConfig, run: str | None
             expanded.append(s.strip())
     entries: list[PolicyEntry] = []
     for s in expanded:
-        if s == "learned" or s.startswith("learned:"):
+        if s.startswith("guarded:"):  # any policy behind the samplers' default guard rails (policies/guard.py)
+            from policies.guard import GuardedPolicy
+
+            inner = resolve_policies([s[len("guarded:"):]], config, run, warnings)[0]
+            policy = GuardedPolicy(inner.policy)
+            entries.append(PolicyEntry(f"guarded:{inner.name}", policy.label, "guarded", policy,
+                                       params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir))
+        elif s == "learned" or s.startswith("learned:"):
             target = s.partition(":")[2] or run
             if not target:
                 raise EvaluationError("policy 'learned' needs a run: give --run runs/NAME or learned:runs/NAME")
@@ -1265,7 +1273,9 @@ def main(argv: list[str] | None = None) -> int:
                              "configs/default.yaml)")
     parser.add_argument("--policies", default="all",
                         help="comma-separated: learned[:RUN_DIR], baseline specs (pid, edt, fixed:0.7, "
-                             "edt:theta=1.0,t0=0.8 ...) or all (= learned if --run, plus every baseline). "
+                             "edt:theta=1.0,t0=0.8 ...), guarded:SPEC (that policy behind the exported samplers' "
+                             "default guard rails, e.g. guarded:learned:runs/NAME) or all (= learned if --run, plus "
+                             "every baseline). "
                              f"Baselines: {', '.join(BASELINE_NAMES)} (default: %(default)s)")
     parser.add_argument("--run", default=None, metavar="RUN_DIR", help="run directory of the learned policy")
     parser.add_argument("--split", default="test", help="prompt split: train, validation, test or all (default: test)")

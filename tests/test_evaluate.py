@@ -198,6 +198,19 @@ def test_group_by_prompt_pairs_rows_of_a_group_and_drops_wrapped_slots():
 # ----------------------------------------------------------------------------- bad input (no LLM load)
 
 
+def test_guarded_prefix_wraps_any_policy_in_the_default_guard(tmp_path):
+    from kelvin.evaluation import resolve_policies
+    from policies.guard import GuardedPolicy
+
+    entries = resolve_policies(["fixed:-0.5", "guarded:fixed:-0.5", "guarded:pid"], load_config(SMOKE), None, [])
+    plain, guarded, pid = entries
+    assert isinstance(guarded.policy, GuardedPolicy) and guarded.policy.policy.params == plain.policy.params
+    assert (guarded.name, guarded.family, guarded.label) == ("guarded:fixed:-0.5", "guarded", "Guarded(Fixed(T=-0.5))")
+    assert len({e.cache_key for e in entries}) == 3 and pid.policy.hold == 8  # no cache collision
+    with pytest.raises(EvaluationError, match="no such run directory"):
+        resolve_policies(["guarded:learned:" + str(tmp_path / "nope")], load_config(SMOKE), None, [])
+
+
 def test_missing_policy_path_is_a_clear_error(tmp_path):
     with pytest.raises(EvaluationError, match="no such run directory"):
         evaluate(load_config(SMOKE), tmp_path / "out", ["learned:" + str(tmp_path / "nope"), "pid"])
