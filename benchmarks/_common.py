@@ -67,6 +67,15 @@ def load_lm(args):
     return lm
 
 
+def start(args):
+    """Every benchmark's start: torch threads, the model, the environment header. Returns ``(lm, info)``."""
+    setup_torch(args.threads)
+    lm = load_lm(args)
+    info = environment_info(lm)
+    print_environment(info)
+    return lm, info
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so that perf_counter brackets what it claims to."""
     if device.type == "cuda":

@@ -28,8 +28,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import (add_common_args, benchmark_prompt_ids, environment_info, format_table, load_lm, median,
-                     print_environment, setup_torch, sync, write_json)
+from _common import (add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json)
 
 DEFAULTS = {"batch_sizes": "1,8,32,64", "tokens": 32, "repeats": 3, "seq_max": 2}
 QUICK = {"batch_sizes": "1,8,16", "tokens": 16, "repeats": 2, "seq_max": 2}
@@ -109,10 +108,7 @@ def spread(ids: list, k: int) -> list:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup_torch(args.threads)
-    lm = load_lm(args)
-    info = environment_info(lm)
-    print_environment(info)
+    lm, info = start(args)
     max_b = max(args.batch_sizes)
     all_ids = benchmark_prompt_ids(lm, max_b, args.seed)
     lm.check_fits(all_ids, args.tokens + 1)

@@ -38,8 +38,7 @@ from collections import defaultdict
 import _common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
-from _common import (add_common_args, environment_info, format_table, load_lm, median, print_environment,
-                     setup_torch, sync, write_json)
+from _common import (add_common_args, format_table, median, start, sync, write_json)
 
 DEFAULTS = {"batch_sizes": "16", "group": 4, "max_new_tokens": 32, "steps": 100, "repeats": 3}
 QUICK = {"batch_sizes": "8", "group": 4, "max_new_tokens": 12, "steps": 30, "repeats": 2}
@@ -269,12 +268,9 @@ def run_bare(lm, prompt_ids, init_prompts, steps: int, restarts=None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup_torch(args.threads)
     from envs.generation import EnvConfig, TemperatureVecEnv
 
-    lm = load_lm(args)
-    info = environment_info(lm)
-    print_environment(info)
+    lm, info = start(args)
     load = info.get("loadavg_start")
     if load and lm.device.type == "cpu" and load[0] > (info["cpu_count"] or 1) and torch.get_num_threads() > 1:
         print(f"# NOTE: the CPU is busy (load {load[0]:.1f} on {info['cpu_count']} CPUs); absolute numbers will be "

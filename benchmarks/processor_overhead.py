@@ -30,8 +30,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import (add_common_args, benchmark_prompt_ids, environment_info, format_table, load_lm, median,
-                     print_environment, setup_torch, sync, write_json)
+from _common import (add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json)
 
 DEFAULTS = {"batch": 8, "tokens": 32, "repeats": 5}
 QUICK = {"batch": 8, "tokens": 16, "repeats": 3}
@@ -104,10 +103,7 @@ def build_processor(spec: str, lm, guard: bool | None = None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_torch(args.threads)
-    lm = load_lm(args)
-    info = environment_info(lm)
-    print_environment(info)
+    lm, info = start(args)
     from transformers import LogitsProcessorList
 
     proc, what = build_processor(args.policy, lm)

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from policies.actions import ActionMapping
+from policies.base import as_observation
 from policies.features import FEATURE_SPEC_VERSION, FeatureSpec
 
 __all__ = [
@@ -108,18 +108,7 @@ class ExportedPolicy:
         return f"ExportedPolicy(label={self.label!r}, features={self.feature_spec.dim})"
 
     def _as_obs(self, observation) -> torch.Tensor:
-        if isinstance(observation, torch.Tensor):
-            obs = observation.detach().to(torch.float32)
-        elif isinstance(observation, (np.ndarray, list, tuple)):
-            obs = torch.as_tensor(np.asarray(observation, dtype=np.float32))
-        else:
-            raise TypeError(f"observation must be an np.ndarray or torch.Tensor of shape (B, F) or (F,); "
-                            f"got {type(observation).__name__}")
-        dim = self.feature_spec.dim
-        if obs.ndim not in (1, 2) or obs.shape[-1] != dim:
-            raise ValueError(f"observation has shape {tuple(obs.shape)}; this policy expects (B, {dim}) or ({dim},) "
-                             f"for its feature spec ({', '.join(self.feature_spec.names)})")
-        return obs
+        return as_observation(observation, self.feature_spec, "this exported policy")
 
     def actions(self, obs: torch.Tensor) -> torch.Tensor:
         """Actions (B,) float32 in [-1, 1] on ``obs``'s device for raw observations (B, F)."""

@@ -201,22 +201,7 @@ class TemperaturePolicy(abc.ABC):
 
     # ------------------------------------------------------------------ input checks
     def _as_obs(self, observation) -> torch.Tensor:
-        if isinstance(observation, torch.Tensor):
-            obs = observation.detach().to(torch.float32)
-        elif isinstance(observation, (np.ndarray, list, tuple)):
-            obs = torch.as_tensor(np.asarray(observation, dtype=np.float32))
-        else:
-            raise TypeError(
-                f"observation must be an np.ndarray or torch.Tensor of shape (B, F) or (F,); "
-                f"got {type(observation).__name__}"
-            )
-        dim = self.feature_spec.dim
-        if obs.ndim not in (1, 2) or obs.shape[-1] != dim:
-            raise ValueError(
-                f"observation has shape {tuple(obs.shape)}; {type(self).__name__} expects (B, {dim}) or ({dim},) "
-                f"for this feature spec ({', '.join(self.feature_spec.names)})"
-            )
-        return obs
+        return as_observation(observation, self.feature_spec, type(self).__name__)
 
     @staticmethod
     def _as_mask(episode_start, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -232,6 +217,23 @@ class TemperaturePolicy(abc.ABC):
 
 
 # ---------------------------------------------------------------------- validation helpers
+def as_observation(observation, feature_spec: FeatureSpec, owner: str) -> torch.Tensor:
+    """``observation`` (an np.ndarray, torch tensor or list of shape (B, F) or (F,)) as float32 torch,
+    checked against ``feature_spec``; errors name ``owner`` and the expected shape."""
+    if isinstance(observation, torch.Tensor):
+        obs = observation.detach().to(torch.float32)
+    elif isinstance(observation, (np.ndarray, list, tuple)):
+        obs = torch.as_tensor(np.asarray(observation, dtype=np.float32))
+    else:
+        raise TypeError(f"observation must be an np.ndarray or torch.Tensor of shape (B, F) or (F,); "
+                        f"got {type(observation).__name__}")
+    dim = feature_spec.dim
+    if obs.ndim not in (1, 2) or obs.shape[-1] != dim:
+        raise ValueError(f"observation has shape {tuple(obs.shape)}; {owner} expects (B, {dim}) or ({dim},) "
+                         f"for this feature spec ({', '.join(feature_spec.names)})")
+    return obs
+
+
 def check_real(owner: str, name: str, value: Any, *, optional: bool = False, finite: bool = True) -> Any:
     """``float(value)``, or a ValueError naming ``owner``'s parameter ``name``."""
     if value is None and optional:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
@@ -196,15 +195,11 @@ class GuardedPolicy(TemperaturePolicy):
                                         fallback_temperature=fallback_temperature,
                                         anomaly_threshold=anomaly_threshold, hold=hold, enabled=enabled), mapping,
                                    owner)
-        super().__init__(spec, mapping, **{k: p[k] for k in GUARD_SETTINGS})
-        t_min, t_max, max_delta, fallback, anomaly_threshold, enabled = (
-            p["t_min"], p["t_max"], p["max_delta"], p["fallback_temperature"], p["anomaly_threshold"], p["enabled"])
-        safe_lo, safe_hi = p["safe_range"]
+        super().__init__(spec, mapping, **p)  # params: the resolved settings, JSON-safe
+        for key in GUARD_SETTINGS:
+            setattr(self, key, p[key])
+        self.safe_range = tuple(p["safe_range"])
         self.policy = policy
-        self.t_min, self.t_max, self.max_delta = t_min, t_max, max_delta
-        self.safe_range = (safe_lo, safe_hi)
-        self.fallback_temperature, self.anomaly_threshold, self.enabled = fallback, anomaly_threshold, enabled
-        self.hold = p["hold"]
         self.last_error: BaseException | None = None
         self._warned = False
         self._deterministic = True
@@ -228,12 +223,6 @@ class GuardedPolicy(TemperaturePolicy):
         return self._decisions
 
     # ------------------------------------------------------------------ serialisation
-    @property
-    def params(self) -> dict[str, Any]:
-        params = super().params
-        params["safe_range"] = list(params["safe_range"])  # JSON-safe
-        return params
-
     def to_config(self) -> dict:
         inner = self.policy.to_config() if hasattr(self.policy, "to_config") else {"name": getattr(
             self.policy, "name", type(self.policy).__name__)}

@@ -36,19 +36,18 @@ processed (``generate`` feeds them padding); their temperatures after EOS are me
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor
 
 from policies.actions import ActionMapping
 from policies.features import FeatureSpec
-from samplers.runtime import PolicyRuntime
+from samplers.runtime import RuntimeAdapter
 
 __all__ = ["PolicyLogitsProcessor"]
 
 
-class PolicyLogitsProcessor(LogitsProcessor):
+class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
     """transformers ``LogitsProcessor`` that applies a temperature policy's per-token signed temperature.
 
     Arguments: ``policy`` (a baseline, :func:`policies.load_policy` output, or any object with the
@@ -66,28 +65,12 @@ class PolicyLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
-                 truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None, guard: bool | dict | None = True):
-        self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight, guard=guard)
+                 truncation: dict | None = None, **kwargs):
+        super().__init__(policy, feature_spec, action_mapping, truncation, **kwargs)
         self._last_len: int | None = None
         self._last_tokens: torch.Tensor | None = None  # (B,) last column of the previous input_ids
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "PolicyLogitsProcessor":
-        """From an export directory (``python -m policies.export``); keyword arguments as the constructor's."""
-        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
-        return cls(*args, **kwargs)
-
     # ------------------------------------------------------------------ conveniences
-    @property
-    def policy(self):
-        return self.runtime.policy
-
-    @property
-    def truncation(self) -> dict:
-        return dict(self.runtime.truncation)
-
     @property
     def category(self):
         return self.runtime.category
@@ -96,16 +79,6 @@ class PolicyLogitsProcessor(LogitsProcessor):
     def category(self, value) -> None:
         """Category (one name, or one per row) of the rows of the *next* ``generate`` call."""
         self.runtime.category = value
-
-    @property
-    def guard(self):
-        """The :class:`policies.guard.GuardedPolicy` around the policy (None when ``guard=False``)."""
-        return self.runtime.guard
-
-    @property
-    def guard_counters(self) -> dict[str, int]:
-        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since construction."""
-        return self.runtime.guard_counters
 
     @property
     def temperatures(self) -> list[torch.Tensor]:

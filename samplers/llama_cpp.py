@@ -42,7 +42,7 @@ import torch
 
 from policies.actions import ActionMapping
 from policies.features import FeatureSpec
-from samplers.runtime import PolicyRuntime
+from samplers.runtime import RuntimeAdapter
 
 __all__ = ["LlamaCppPolicyProcessor", "logits_processor_list"]
 
@@ -50,7 +50,7 @@ _INSTALL_HINT = ("llama-cpp-python is not installed; `pip install llama-cpp-pyth
                  "(LlamaCppPolicyProcessor itself works on numpy arrays without it)")
 
 
-class LlamaCppPolicyProcessor:
+class LlamaCppPolicyProcessor(RuntimeAdapter):
     """``(input_ids (n,), scores (V,)) -> scores (V,)`` numpy logits processor for one sequence.
 
     Arguments as :class:`samplers.hf.PolicyLogitsProcessor`: ``policy``, ``feature_spec``,
@@ -58,28 +58,10 @@ class LlamaCppPolicyProcessor:
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
-                 truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None, guard: bool | dict | None = True):
-        self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight, guard=guard)
+                 truncation: dict | None = None, **kwargs):
+        super().__init__(policy, feature_spec, action_mapping, truncation, **kwargs)
         self._last_len: int | None = None
         self._last_token: int | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "LlamaCppPolicyProcessor":
-        """From an export directory (``python -m policies.export``)."""
-        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
-        return cls(*args, **kwargs)
-
-    @property
-    def guard(self):
-        """The :class:`policies.guard.GuardedPolicy` around the policy (None when ``guard=False``)."""
-        return self.runtime.guard
-
-    @property
-    def guard_counters(self) -> dict[str, int]:
-        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since construction."""
-        return self.runtime.guard_counters
 
     @property
     def temperatures(self) -> list[float]:

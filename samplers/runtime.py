@@ -33,7 +33,7 @@ from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
 from samplers.core import _check_truncation, apply_temperature, truncate
 
-__all__ = ["PolicyRuntime", "category_indices", "merge_guard"]
+__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "merge_guard"]
 
 _TRUNCATION_KEYS = ("top_k", "top_p", "min_p", "top_n_sigma")
 
@@ -332,3 +332,43 @@ class PolicyRuntime:
         if not self.temperatures:
             return torch.zeros((self.batch_size, 0))
         return torch.stack(self.temperatures, dim=1)
+
+
+class RuntimeAdapter:
+    """The part every single-call engine adapter shares: a :class:`PolicyRuntime` built from a policy
+    (the constructor) or from an export directory (:meth:`from_pretrained`), and its guard.
+
+    Subclasses add the engine's calling convention (``__call__``) and how it marks a new generation.
+    """
+
+    def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
+                 truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
+                 diversity_weight=None, guard: bool | dict | None = True):
+        self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
+                                     category=category, diversity_weight=diversity_weight, guard=guard)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """From an export directory (``python -m policies.export``); keyword arguments as the constructor's,
+        ``guard`` as :meth:`PolicyRuntime.pretrained_arguments` resolves it."""
+        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
+        return cls(*args, **kwargs)
+
+    @property
+    def policy(self):
+        """The policy as the runtime runs it (a :class:`~policies.guard.GuardedPolicy` unless ``guard=False``)."""
+        return self.runtime.policy
+
+    @property
+    def truncation(self) -> dict:
+        return dict(self.runtime.truncation)
+
+    @property
+    def guard(self):
+        """The :class:`policies.guard.GuardedPolicy` around the policy (None when ``guard=False``)."""
+        return self.runtime.guard
+
+    @property
+    def guard_counters(self) -> dict[str, int]:
+        """Guard interventions ``{clamp, rate_limit, anomaly_reset, fallback, decisions}`` since construction."""
+        return self.runtime.guard_counters
