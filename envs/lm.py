@@ -8,17 +8,21 @@ Everything Kelvin generates goes through :class:`CausalLM`:
   the dequantised weights, config and tokenizer are cached on disk as safetensors
   (``$KELVIN_CACHE`` or ``~/.cache/kelvin``) so the next process loads in a few seconds, and
   loaded models are cached in-process so a second load costs nothing.
-* :meth:`CausalLM.prefill` runs a batch of prompts of different lengths with **left
-  padding** and explicit ``position_ids`` (each row counts its own real tokens from 0), and
+* :meth:`CausalLM.prefill` starts a batch on prompts of different lengths: rows are right-aligned
+  (left padding) with explicit ``position_ids`` (each row counts its own real tokens from 0). It
   returns the next-token logits of every row plus a :class:`DecodeState`.
-* :meth:`CausalLM.decode` appends one token per row and returns the next logits, reusing the
-  KV cache.
-* :meth:`CausalLM.replace_rows` prefills new prompts for some rows and writes them into the
-  running cache, right-aligned, so that rows of one batch can restart at different times
-  (per-row autoreset) while the others go on. Columns that are padding in every row are
-  cropped, so the cache never grows past the longest live row.
+* :meth:`CausalLM.decode` appends one token per row and returns the next logits. The batch's keys
+  and values live in a preallocated :class:`KVWindow` written in place, so a step copies nothing
+  (transformers' ``DynamicCache`` concatenates, i.e. copies the whole cache, at every step).
+* :meth:`CausalLM.replace_rows` restarts some rows on new prompts inside a running batch, so rows
+  can restart at different times (per-row autoreset) while the others go on. Columns that are
+  padding in every row are dropped from the window, so it never grows past the longest live row.
+* The **prompt cache** (:class:`PromptCache`, ``model.prompt_cache_mb``): a prompt's keys, values and
+  first logits never change, so each prompt is prefilled once and every later episode on it copies
+  its rows into the batch. The chat template's shared prefix (system turn, user header) is prefilled
+  once for all prompts. Identical prompts of one call run once.
 
-All rows stay right-aligned: column ``S - 1`` of the cache is every row's latest token.
+All rows stay right-aligned: column ``S - 1`` of the window is every row's latest token.
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -69,6 +76,10 @@ class ModelConfig:
     """Optional system message put before every prompt when the chat template is used."""
     cache_dir: str | None = None
     """Where dequantised GGUF weights are cached; None -> $KELVIN_CACHE or ~/.cache/kelvin."""
+    prompt_cache_mb: float = 1024.0
+    """Memory for prefilled prompts (keys, values and first logits), reused by every later episode on
+    the same prompt; least recently used out first. The embedded model needs about 1.6 MB per packaged
+    prompt, so the default holds all of them. 0 = prefill every episode."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -193,9 +204,12 @@ def load_causal_lm(config: ModelConfig | None = None, **overrides) -> "CausalLM"
         raise ValueError(f"model.dtype={config.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     device = resolve_device(config.device)
     source = _resolve_source(config.name)
+    if not config.prompt_cache_mb >= 0:
+        raise ValueError(f"model.prompt_cache_mb={config.prompt_cache_mb} must be >= 0 (0 switches the prompt cache off)")
     key = (str(source.directory / (source.gguf_file or "")), str(device), config.dtype,
            config.chat_template, config.system_prompt)
     if key in _LOADED:
+        _LOADED[key].prompt_cache.resize(int(config.prompt_cache_mb * 2**20))
         return _LOADED[key]
     dtype = _DTYPES[config.dtype]
     if source.gguf_file is not None:
@@ -209,38 +223,238 @@ def load_causal_lm(config: ModelConfig | None = None, **overrides) -> "CausalLM"
     else:
         model, tokenizer = _load_hf(source.directory, None, dtype)
     lm = CausalLM(model, tokenizer, device=device, chat_template=config.chat_template,
-                  system_prompt=config.system_prompt, name=source.label)
+                  system_prompt=config.system_prompt, name=source.label, prompt_cache_mb=config.prompt_cache_mb)
     _LOADED[key] = lm
     return lm
 
 
-@dataclass
-class DecodeState:
-    """Running state of a batch of sequences under left padding.
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache of a running batch
 
-    ``attention_mask`` (B, S) marks real tokens (1) and padding (0) of the cache columns;
-    ``next_position`` (B,) is the RoPE position the next token of each row gets (its count of
-    real tokens so far); ``cache`` holds keys/values of shape (B, H_kv, S, D) per layer.
+
+class _WindowLayer(DynamicLayer):
+    """One layer of a :class:`KVWindow` as transformers sees it: ``keys`` / ``values`` are views of the
+    committed window ``[lo, hi)``; ``update`` writes the new tokens' keys and values after ``hi`` in place
+    (no concatenation: a ``DynamicLayer`` copies the whole cache at every step) and returns the views
+    ``[lo, hi + q)``. The owner commits the new columns once every layer has run (:meth:`KVWindow.commit`)."""
+
+    def __init__(self, owner: "KVWindow", index: int):
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.is_initialized = True
+        self.device, self.dtype = owner.kv.device, owner.kv.dtype
+        self.sync()
+
+    def sync(self) -> None:
+        o = self.owner
+        self.keys = o.kv[self.index, 0, :, :, o.lo:o.hi]  # (B, H, S, D) view
+        self.values = o.kv[self.index, 1, :, :, o.lo:o.hi]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        o = self.owner
+        q = key_states.shape[-2]
+        kv = o.kv[self.index]  # (2, B, H, C, D)
+        kv[0, :, :, o.hi:o.hi + q] = key_states
+        kv[1, :, :, o.hi:o.hi + q] = value_states
+        return kv[0, :, :, o.lo:o.hi + q], kv[1, :, :, o.lo:o.hi + q]
+
+
+class KVWindow:
+    """Preallocated keys and values of B rows: ``kv`` (layers, 2, B, H, C, D) and ``mask`` (B, C).
+
+    The live columns are ``[lo, hi)``; every row is right-aligned at ``hi`` (column ``hi - 1`` holds every
+    row's latest token) and ``mask`` marks its real tokens. Decoding writes column ``hi`` in place, so a
+    step costs no copy of the cache. A restarted row gets its prompt written into ``[hi - L, hi)``; the
+    window then starts at the first column that is live in some row (:meth:`crop`), so its width is the
+    longest live row. When ``hi`` reaches the capacity the live columns move to the front (or the buffer
+    grows), an amortised copy.
+
+    :attr:`cache` is a transformers ``Cache`` over these buffers (one :class:`_WindowLayer` per layer).
+    Sliding-window attention layers are treated as full attention: exact while sequences stay shorter
+    than the window.
     """
 
-    cache: object
-    attention_mask: torch.Tensor  # (B, S) long
-    next_position: torch.Tensor  # (B,) long
+    def __init__(self, n_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.kv = torch.zeros((n_layers, 2, batch, heads, capacity, head_dim), dtype=dtype, device=device)
+        self.mask = torch.zeros((batch, capacity), dtype=torch.long, device=device)
+        self.lo = self.hi = 0
+        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(n_layers)])
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def width(self) -> int:
+        return self.hi - self.lo
+
+    def _sync(self) -> None:
+        for layer in self.cache.layers:
+            layer.sync()
+
+    def _move(self, start: int, capacity: int | None = None) -> None:
+        """Put the live columns at ``[start, start + width)`` (of a new buffer when ``capacity`` is given)."""
+        w = self.width
+        if capacity is not None:
+            kv = torch.zeros(self.kv.shape[:4] + (capacity,) + self.kv.shape[5:], dtype=self.kv.dtype,
+                             device=self.kv.device)
+            mask = torch.zeros((self.mask.shape[0], capacity), dtype=self.mask.dtype, device=self.mask.device)
+        else:
+            kv, mask = self.kv, self.mask
+        live_kv = self.kv[..., self.lo:self.hi, :].clone()  # (layers, 2, B, H, w, D); may overlap the target
+        live_mask = self.mask[:, self.lo:self.hi].clone()
+        if capacity is None:
+            self.mask.zero_()
+        kv[..., start:start + w, :] = live_kv
+        mask[:, start:start + w] = live_mask
+        self.kv, self.mask = kv, mask
+        self.lo, self.hi = start, start + w
+        self._sync()
+
+    def reserve(self, columns: int, before: int = 0) -> None:
+        """Make room for ``columns`` new columns after ``hi`` and keep at least ``before`` columns before it."""
+        if self.hi + columns <= self.capacity and self.hi >= before:
+            return
+        start = max(before - self.width, 0)
+        need = start + self.width + columns
+        if need > self.capacity:
+            self._move(start, capacity=max(need + 64, self.capacity + self.capacity // 2))
+        else:
+            self._move(start)
+
+    def commit(self, columns: int) -> None:
+        """The last forward pass wrote ``columns`` new columns after ``hi``: make them part of the window."""
+        self.hi += columns
+        self._sync()
+
+    def crop(self) -> None:
+        """Start the window at the first column that is live in some row."""
+        live = self.mask[:, self.lo:self.hi].any(dim=0)  # (S,)
+        first = int(live.to(torch.int8).argmax()) if bool(live.any()) else self.width
+        if first:
+            self.lo += first
+            self._sync()
+
+    def write_rows(self, rows: torch.Tensor, pieces: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Row ``rows[i]`` becomes the concatenation of ``pieces[i]`` ((layers, 2, H, L_j, D) each), right-aligned at ``hi``."""
+        lengths = [sum(int(p.shape[3]) for p in row) for row in pieces]
+        self.reserve(0, before=max(lengths))
+        self.lo = min(self.lo, self.hi - max(lengths))
+        self.mask[rows] = 0
+        for row, parts, length in zip(rows.tolist(), pieces, lengths):
+            col = self.hi - length
+            for part in parts:
+                n = int(part.shape[3])
+                self.kv[:, :, row, :, col:col + n] = part.to(self.kv.dtype)
+                col += n
+            self.mask[row, self.hi - length:self.hi] = 1
+        self._sync()
+        self.crop()
+
+
+@dataclass
+class DecodeState:
+    """Running state of a batch: its :class:`KVWindow` and the RoPE position of each row's next token."""
+
+    window: KVWindow
+    next_position: torch.Tensor  # (B,) long: each row's count of real tokens so far
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, S) real (1) / padding (0) columns of the live window."""
+        return self.window.mask[:, self.window.lo:self.window.hi]
+
+    @property
+    def cache(self):
+        return self.window.cache
 
     @property
     def batch_size(self) -> int:
-        return self.attention_mask.shape[0]
+        return self.next_position.shape[0]
 
     @property
     def length(self) -> int:
-        return self.attention_mask.shape[1]
+        return self.window.width
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt KV cache
+
+
+@dataclass
+class PromptEntry:
+    """A prefilled prompt: its keys and values after the shared ``prefix`` (if any) and its next-token logits."""
+
+    kv: torch.Tensor  # (layers, 2, H, L, D): the tokens after the prefix
+    logits: torch.Tensor  # (V,) float32
+    prefix: "PromptEntry | None" = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of the whole prompt, prefix included."""
+        return int(self.kv.shape[3]) + (self.prefix.length if self.prefix is not None else 0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.logits.numel() * self.logits.element_size()
+
+    def pieces(self) -> list[torch.Tensor]:
+        return (self.prefix.pieces() if self.prefix is not None else []) + [self.kv]
+
+
+class PromptCache:
+    """Prefilled prompts by token ids, least recently used first out, bounded in bytes.
+
+    A prompt's keys and values never change, so an episode that restarts on a prompt seen before copies
+    its cache rows instead of running the model. ``max_bytes = 0`` keeps nothing (every prefill runs the
+    model; identical prompts within one call still run once). The shared chat-template prefix is held
+    apart and not counted.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple[int, ...], PromptEntry] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, ...]) -> PromptEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[int, ...], entry: PromptEntry) -> None:
+        if key in self._entries or entry.nbytes > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def resize(self, max_bytes: int) -> None:
+        """Set the bound, evicting the least recently used entries above it."""
+        self.max_bytes = int(max_bytes)
+        while self._entries and self.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
 
 
 class CausalLM:
     """A loaded causal LM with batched prefill/decode over a KV cache (see the module doc)."""
 
     def __init__(self, model, tokenizer, device: torch.device, chat_template: bool = True,
-                 system_prompt: str | None = None, name: str = "model"):
+                 system_prompt: str | None = None, name: str = "model", prompt_cache_mb: float = 1024.0):
         self.model = model.to(device).eval()
         if device.type == "cpu":
             # Under-trained (anomalous) token embeddings of dequantised GGUF weights can push float32
@@ -249,14 +463,19 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
-        self.dedup_prefill = True
-        """Prefill each distinct prompt once per call and copy its cache rows (the env restarts a
-        group's G rows with the same prompt): the same logits and cache, up to float rounding."""
         self.chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.system_prompt = system_prompt
-        cfg = model.config
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self._n_layers = int(cfg.num_hidden_layers)
+        self._kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self._head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self._dtype = next(model.parameters()).dtype
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
+        self.prompt_cache = PromptCache(int(prompt_cache_mb * 2**20))
+        self._prefix: tuple[tuple[int, ...], PromptEntry | None] | None = None  # (ids, entry), computed lazily
         eos = set()
         for source in (getattr(model, "generation_config", None), cfg, tokenizer):
             value = getattr(source, "eos_token_id", None)
@@ -270,6 +489,13 @@ class CausalLM:
         self.pad_token_id = int(pad if pad is not None else min(eos))
 
     # ------------------------------------------------------------------ text <-> ids
+    def _render(self, text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
     def encode(self, prompts: Sequence[str], chat: bool | None = None) -> list[list[int]]:
         """Token ids of each prompt, wrapped in the chat template when enabled."""
         use_chat = self.chat_template if chat is None else chat
@@ -277,15 +503,7 @@ class CausalLM:
         for i, text in enumerate(prompts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"prompt {i} is empty; every prompt needs some text")
-            if use_chat:
-                messages = [{"role": "user", "content": text}]
-                if self.system_prompt:
-                    messages.insert(0, {"role": "system", "content": self.system_prompt})
-                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer(text)["input_ids"]
-            out.append(list(ids))
+            out.append(self._render(text) if use_chat else list(self.tokenizer(text)["input_ids"]))
         return out
 
     def decode_text(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
@@ -308,117 +526,135 @@ class CausalLM:
         return torch.isin(tokens, self.eos_token_ids)
 
     # ------------------------------------------------------------------ forward passes
-    def _left_pad(self, prompt_ids: Sequence[Sequence[int]]):
+    def _window(self, batch: int, capacity: int) -> KVWindow:
+        return KVWindow(self._n_layers, batch, self._kv_heads, self._head_dim, capacity, self._dtype, self.device)
+
+    def _forward(self, window: KVWindow, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run ``input_ids`` (B, q) at ``positions`` (B, q) after the window's columns; (B, V) float32 logits
+        of the last position. The caller has set ``window.mask`` for the q new columns."""
+        q = input_ids.shape[1]
+        window.reserve(q)
+        mask = window.mask[:, window.lo:window.hi + q]  # (B, S + q)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: window.cache})
+        window.commit(q)
+        return out.logits[:, -1, :].float()
+
+    def _shared_prefix(self) -> tuple[tuple[int, ...], PromptEntry | None]:
+        """The chat template's tokens before the user's text, prefilled once (empty without the template)."""
+        if self._prefix is None:
+            ids: tuple[int, ...] = ()
+            if self.chat_template:
+                a, b = self._render("a b c"), self._render("x y z")
+                n = 0
+                while n < min(len(a), len(b)) and a[n] == b[n]:
+                    n += 1
+                ids = tuple(a[: n - 1])  # one token of margin: the first user token may merge with the last one
+            entry = None
+            if ids:
+                window = self._window(1, len(ids))
+                window.mask[:, : len(ids)] = 1
+                x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                self._forward(window, x, torch.arange(len(ids), device=self.device).view(1, -1))
+                entry = PromptEntry(kv=window.kv[:, :, 0, :, : len(ids)].clone(), logits=torch.zeros(0))
+            self._prefix = (ids, entry)
+        return self._prefix
+
+    def _compute(self, prompts: Sequence[tuple[int, ...]]) -> list[PromptEntry]:
+        """Prefill distinct prompts (left padded, after the shared prefix where they start with it)."""
+        prefix_ids, prefix = self._shared_prefix()
+        p = len(prefix_ids)
+        out: dict[int, PromptEntry] = {}
+        with_prefix = [i for i, ids in enumerate(prompts) if p and len(ids) > p and ids[:p] == prefix_ids]
+        without = [i for i in range(len(prompts)) if i not in set(with_prefix)]
+        for indices, head in ((with_prefix, prefix), (without, None)):
+            if not indices:
+                continue
+            start = head.length if head is not None else 0
+            tails = [prompts[i][start:] for i in indices]
+            width = max(len(t) for t in tails)
+            window = self._window(len(tails), start + width)
+            ids = torch.full((len(tails), width), self.pad_token_id, dtype=torch.long)
+            real = torch.zeros((len(tails), width), dtype=torch.long)
+            for row, tail in enumerate(tails):
+                ids[row, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+                real[row, width - len(tail):] = 1
+            ids, real = ids.to(self.device), real.to(self.device)
+            if head is not None:
+                window.kv[:, :, :, :, :start] = head.kv.unsqueeze(2)  # every row starts with the prefix
+                window.mask[:, :start] = 1
+                window.hi = start
+                window._sync()
+            window.mask[:, start:start + width] = real
+            positions = start + (real.cumsum(-1) - 1).clamp_min(0)  # (U, W): real tokens count on from the prefix
+            logits = self._forward(window, ids, positions)  # (U, V)
+            for row, (i, tail) in enumerate(zip(indices, tails)):
+                kv = window.kv[:, :, row, :, start + width - len(tail):start + width].clone()  # (layers, 2, H, L, D)
+                out[i] = PromptEntry(kv=kv, logits=logits[row].clone(), prefix=head)
+        return [out[i] for i in range(len(prompts))]
+
+    def _entries(self, prompt_ids: Sequence[Sequence[int]]) -> list[PromptEntry]:
+        """One :class:`PromptEntry` per prompt: from the prompt cache, else computed (each distinct prompt once)."""
         if len(prompt_ids) == 0:
             raise ValueError("prefill needs at least one prompt")
-        lengths = [len(ids) for ids in prompt_ids]
-        if min(lengths) == 0:
-            raise ValueError("a prompt encodes to zero tokens; every prompt needs some text")
-        width = max(lengths)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids):] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        keys = []
+        for ids in prompt_ids:
+            key = tuple(int(t) for t in ids)
+            if not key:
+                raise ValueError("a prompt encodes to zero tokens; every prompt needs some text")
+            keys.append(key)
+        found = {k: self.prompt_cache.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, e in found.items() if e is None]
+        self.prompt_cache.hits += len(keys) - sum(k in missing for k in keys)
+        self.prompt_cache.misses += len(missing)
+        if missing:
+            for key, entry in zip(missing, self._compute(missing)):
+                found[key] = entry
+                self.prompt_cache.put(key, entry)
+        return [found[k] for k in keys]
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecodeState]:
-        """Run the prompts (left padded); return next-token logits (B, V) float32 and the state.
+    def prefill(self, prompt_ids: Sequence[Sequence[int]], extra_columns: int = 64) -> tuple[torch.Tensor, DecodeState]:
+        """Start a batch on the prompts; return next-token logits (B, V) float32 and the state.
 
-        With :attr:`dedup_prefill`, a prompt that occurs several times in the call runs once and
-        its logits and cache rows are copied to the other occurrences.
+        Prompts come from the prompt cache when prefilled before; the others run once each (a prompt
+        that occurs several times in the call runs once). Rows are right-aligned, padding on the left.
         """
-        if self.dedup_prefill and len(prompt_ids) > 1:
-            try:
-                keys = [tuple(int(t) for t in ids) for ids in prompt_ids]
-            except (TypeError, ValueError):
-                keys = None  # not plain token lists: _left_pad reports it below
-            if keys is not None:
-                slot: dict[tuple, int] = {}
-                inverse = [slot.setdefault(k, len(slot)) for k in keys]
-                if len(slot) < len(keys):
-                    logits, state = self._prefill([list(k) for k in slot])  # (U, V), cache (U, H, L, D)
-                    inv = torch.tensor(inverse, dtype=torch.long, device=self.device)  # (B,)
-                    for layer in state.cache.layers:
-                        layer.keys = layer.keys.index_select(0, inv)  # (B, H, L, D)
-                        layer.values = layer.values.index_select(0, inv)
-                    return logits.index_select(0, inv), DecodeState(
-                        cache=state.cache, attention_mask=state.attention_mask.index_select(0, inv),
-                        next_position=state.next_position.index_select(0, inv))
-        return self._prefill(prompt_ids)
-
-    def _prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecodeState]:
-        from transformers import DynamicCache
-
-        input_ids, mask = self._left_pad(prompt_ids)  # (B, L), (B, L)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, L): real tokens count from 0
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        state = DecodeState(cache=out.past_key_values, attention_mask=mask, next_position=mask.sum(-1))
-        return logits, state
+        entries = self._entries(prompt_ids)
+        width = max(e.length for e in entries)
+        window = self._window(len(entries), width + extra_columns)
+        window.hi = window.lo = width
+        rows = torch.arange(len(entries), device=self.device)
+        window.write_rows(rows, [e.pieces() for e in entries])
+        next_position = torch.tensor([e.length for e in entries], dtype=torch.long, device=self.device)
+        return torch.stack([e.logits for e in entries]), DecodeState(window=window, next_position=next_position)
 
     @torch.inference_mode()
     def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` (B,) to every row; return the next logits (B, V) float32. Updates ``state``."""
         tokens = tokens.to(self.device).long().view(-1, 1)  # (B, 1)
-        ones = torch.ones((state.batch_size, 1), dtype=state.attention_mask.dtype, device=self.device)
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)  # (B, S + 1)
-        positions = state.next_position.view(-1, 1)  # (B, 1)
-        out = self.model(input_ids=tokens, attention_mask=state.attention_mask, position_ids=positions,
-                         past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-        state.cache = out.past_key_values
+        window = state.window
+        window.reserve(1)
+        window.mask[:, window.hi] = 1
+        logits = self._forward(window, tokens, state.next_position.view(-1, 1))
         state.next_position = state.next_position + 1
-        return out.logits[:, -1, :].float()
+        return logits
 
     @torch.inference_mode()
     def replace_rows(self, state: DecodeState, rows: torch.Tensor | Sequence[int],
                      prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Restart ``rows`` with new prompts inside a running batch; return their logits (R, V).
 
-        The new prompts are prefilled together (left padded among themselves), then written into
-        the batch cache right-aligned. If a new prompt is longer than the cache, every other row
-        gains padding columns on the left; afterwards columns that are padding in every row are
-        cropped from the left, so the cache length is the longest live row.
+        The prompts' cache rows (from the prompt cache, or prefilled now) are written into the batch
+        right-aligned; the window then starts at the first column live in some row, so its width is the
+        longest live row.
         """
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device).view(-1)  # (R,)
         if rows_t.numel() != len(prompt_ids):
             raise ValueError(f"replace_rows got {rows_t.numel()} rows but {len(prompt_ids)} prompts")
-        logits, new = self.prefill(prompt_ids)  # (R, V); new cache (R, H, L, D)
-        old_len, new_len = state.length, new.length
-        width = max(old_len, new_len)
-        mask = state.attention_mask
-        if width > old_len:
-            mask = torch.nn.functional.pad(mask, (width - old_len, 0))  # (B, width)
-        mask = mask.clone()
-        mask[rows_t] = 0
-        mask[rows_t, width - new_len:] = new.attention_mask
-        for old_layer, new_layer in zip(state.cache.layers, new.cache.layers):
-            for attr in ("keys", "values"):
-                old_kv = getattr(old_layer, attr)  # (B, H, S, D)
-                if width > old_len:
-                    old_kv = torch.nn.functional.pad(old_kv, (0, 0, width - old_len, 0))
-                new_kv = getattr(new_layer, attr)  # (R, H, L, D)
-                old_kv[rows_t] = 0
-                old_kv[rows_t, :, width - new_len:] = new_kv.to(old_kv.dtype)
-                setattr(old_layer, attr, old_kv)
+        entries = self._entries(prompt_ids)
+        state.window.write_rows(rows_t, [e.pieces() for e in entries])
         next_position = state.next_position.clone()
-        next_position[rows_t] = new.next_position
-        state.attention_mask = mask
+        next_position[rows_t] = torch.tensor([e.length for e in entries], dtype=torch.long, device=self.device)
         state.next_position = next_position
-        self.crop_padding(state)
-        return logits
-
-    @staticmethod
-    def crop_padding(state: DecodeState) -> None:
-        """Drop the leading cache columns that are padding in every row."""
-        live = state.attention_mask.any(dim=0)  # (S,)
-        first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
-        if first == 0:
-            return
-        state.attention_mask = state.attention_mask[:, first:]
-        for layer in state.cache.layers:
-            layer.keys = layer.keys[:, :, first:]
-            layer.values = layer.values[:, :, first:]
+        return torch.stack([e.logits for e in entries])

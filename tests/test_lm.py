@@ -42,29 +42,85 @@ def test_left_padding_matches_each_prompt_alone_over_16_steps(lm):
         assert torch.equal(batched[row].argmax(-1), alone.argmax(-1))
 
 
-def test_prefill_runs_each_distinct_prompt_once(lm, monkeypatch):
-    """A group's G copies of one prompt (env reset and restarts) are prefilled once and copied."""
-    ids = lm.encode(PROMPTS[:2])
-    batch = [ids[0], ids[1], ids[0], ids[0]]
-    calls = []
-    original = lm._prefill
-    monkeypatch.setattr(lm, "_prefill", lambda p: calls.append(len(p)) or original(p))
-    logits, state = lm.prefill(batch)
-    monkeypatch.setattr(lm, "dedup_prefill", False)
-    ref_logits, ref_state = lm.prefill(batch)
-    assert calls == [2, 4]  # 2 distinct prompts run, then all 4 without dedup
-    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3])
-    torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
-    assert torch.equal(state.attention_mask, ref_state.attention_mask)
-    assert torch.equal(state.next_position, ref_state.next_position)
-    for _ in range(4):  # the copied cache rows decode like their own prefill
-        tokens = logits.argmax(-1)
-        logits, ref_logits = lm.decode(state, tokens), lm.decode(ref_state, tokens)
-        torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
-        assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
-    monkeypatch.setattr(lm, "dedup_prefill", True)
-    lm.replace_rows(state, [1, 3], [ids[1], ids[1]])  # restarts dedup too
-    assert calls[-1] == 1
+def _hf_greedy(lm, ids, steps):
+    """Reference without Kelvin's cache code: transformers' own forward and DynamicCache, greedy tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    kwarg = lm._cache_kwarg
+    with torch.inference_mode():
+        out = lm.model(input_ids=torch.tensor([ids]), use_cache=True, **{kwarg: cache})
+        logits, rows = out.logits[0, -1].float(), []
+        for _ in range(steps):
+            rows.append(logits)
+            out = lm.model(input_ids=logits.argmax().view(1, 1), use_cache=True, **{kwarg: cache})
+            logits = out.logits[0, -1].float()
+    return torch.stack(rows)  # (steps, V)
+
+
+def test_prompt_cache_rows_decode_like_a_fresh_prefill(lm, monkeypatch):
+    """Rows restarted at different times from the prompt cache (hits) and from a new prefill (misses)
+    give the logits of transformers' own prefill + decode of that prompt, over 16 steps."""
+    lm.prompt_cache.clear()
+    ids = lm.encode(PROMPTS)
+    computed = []
+    original = lm._compute
+    monkeypatch.setattr(lm, "_compute", lambda p: computed.append(len(p)) or original(p))
+    logits, state = lm.prefill([ids[0], ids[1], ids[0]])
+    assert computed == [2]  # the repeated prompt ran once
+    assert torch.equal(logits[0], logits[2])
+    restart_at = {3: (1, ids[0]), 7: (2, ids[3]), 9: (0, ids[1])}  # step -> (row, prompt): hit, miss, hit
+    traces = {row: [] for row, _ in restart_at.values()}
+    started = {}
+    for step in range(9 + 16):
+        if step in restart_at:
+            row, prompt = restart_at[step]
+            new = lm.replace_rows(state, [row], [prompt])
+            logits = logits.clone()
+            logits[row] = new[0]
+            started[row] = prompt
+        for row in started:
+            if len(traces[row]) < 16:
+                traces[row].append(logits[row])
+        logits = lm.decode(state, logits.argmax(-1))
+    assert computed == [2, 1]  # only the new prompt ran the model
+    assert lm.prompt_cache.hits >= 3 and len(lm.prompt_cache) == 3
+    for row, prompt in started.items():
+        got, ref = torch.stack(traces[row]), _hf_greedy(lm, prompt, 16)
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-3)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_prompt_cache_is_bounded_least_recently_used_first(lm):
+    ids = lm.encode(PROMPTS)
+    lm.prompt_cache.clear()
+    lm.prefill([ids[0]])
+    one = lm.prompt_cache.nbytes
+    suffix = len(ids[0]) - len(lm._shared_prefix()[0])  # only the tokens after the shared template prefix are kept
+    assert one == lm._n_layers * 2 * lm._kv_heads * suffix * lm._head_dim * 4 + lm.vocab_size * 4
+    old_max = lm.prompt_cache.max_bytes
+    try:
+        lm.prompt_cache.resize(int(2.5 * one))  # room for about two prompts of this size
+        lm.prefill([ids[2]])  # "Hi": small
+        lm.prefill([ids[0]])  # hit: now the most recently used
+        lm.prefill([ids[3]])  # the longest: evicts the least recently used ("Hi") first
+        keys = [tuple(k) for k in lm.prompt_cache._entries]
+        assert tuple(ids[2]) not in keys and keys[-1] == tuple(ids[3])
+        assert lm.prompt_cache.nbytes <= lm.prompt_cache.max_bytes
+        lm.prompt_cache.resize(0)  # off: nothing kept, prefill still works
+        assert len(lm.prompt_cache) == 0
+        logits, _ = lm.prefill([ids[1]])
+        assert len(lm.prompt_cache) == 0 and logits.shape == (1, lm.vocab_size)
+    finally:
+        lm.prompt_cache.resize(old_max)
+
+
+def test_shared_template_prefix_is_computed_once(lm):
+    prefix, entry = lm._shared_prefix()
+    ids = lm.encode(PROMPTS)
+    assert len(prefix) >= 10 and all(tuple(i[: len(prefix)]) == prefix for i in ids)
+    assert lm._shared_prefix()[1] is entry  # the same tensors every time
+    assert lm.decode_text(list(prefix), skip_special_tokens=False).startswith("<|im_start|>system")
 
 
 def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
