@@ -142,36 +142,58 @@ class FeatureSpec:
 
 
 def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features 0-6 of the table for logits (B, V); also returns the base log-probs (B, V).
+    """Features 0-6 of the table for logits (B, V), and each row's log-normaliser (B,).
 
-    -inf logits (masked tokens) are allowed; NaN / +inf are not (checked by the sampler core).
+    ``ln p_i = logits_i - shift`` for the returned ``shift`` (row max + log-sum-exp), so the caller gets
+    the base log-probability of any token without a (B, V) log-softmax. -inf logits (masked tokens)
+    are allowed; NaN / +inf are not (checked by the sampler core and the samplers' runtime).
+
+    With ``y = z - max z`` and ``e = exp(y)`` every moment is a dot product over the row:
+    ``H = ln S0 - S1 / S0`` and ``Var[-ln p] = S2 / S0 - (S1 / S0)^2`` with ``S0 = sum e``,
+    ``S1 = sum y e``, ``S2 = sum y^2 e``; the logit std comes from ``sum y`` and ``sum y^2``. That is a
+    handful of passes over (B, V) (this runs once per generated token). Rows with masked tokens
+    (``y = -inf``, where ``y * e`` is NaN) are recomputed over their finite logits only.
     """
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)  # (B, V)
-    p = logp.exp()  # (B, V)
-    finite = torch.isfinite(logits)  # (B, V)
-    plogp = torch.where(finite, p * logp, torch.zeros_like(p))  # (B, V), 0 * -inf -> 0
-    entropy = -plogp.sum(-1)  # (B,)
-    second = torch.where(finite, p * logp * logp, torch.zeros_like(p)).sum(-1)  # E[(ln p)^2]
-    varentropy = (second - entropy * entropy).clamp_min(0.0)  # (B,)
-    n_finite = finite.sum(-1)  # (B,)
-    entropy_norm = torch.where(n_finite > 1, entropy / torch.log(n_finite.clamp_min(2).float()),
-                               torch.zeros_like(entropy)).clamp(0.0, 1.0)
-    k = min(median_k, logits.shape[-1])
-    top = p.topk(k, dim=-1).values  # (B, k), descending
-    max_prob = top[:, 0]
-    top2_margin = top[:, 0] - top[:, 1] if k > 1 else top[:, 0]
+    z = logits.float()  # (B, V)
+    vocab = z.shape[-1]
+    zmax = z.amax(dim=-1, keepdim=True)  # (B, 1)
+    y = z - zmax  # (B, V), <= 0
+    e = y.exp()  # (B, V)
+    s0 = e.sum(dim=-1)  # (B,) >= 1
+    s1 = torch.linalg.vecdot(y, e)  # (B,) NaN on rows with -inf
+    s2 = torch.linalg.vecdot(y * e, y)
+    sy = y.sum(dim=-1)
+    syy = torch.linalg.vecdot(y, y)
+    n = torch.full_like(s0, float(vocab))
+    masked = ~torch.isfinite(s1)  # (B,) rows holding -inf (or a broken row, which the caller rejects)
+    if bool(masked.any()):
+        ym = y[masked]  # (M, V)
+        finite = torch.isfinite(ym)
+        yf = torch.where(finite, ym, torch.zeros_like(ym))
+        em = e[masked]
+        s1[masked] = torch.linalg.vecdot(yf, em)
+        s2[masked] = torch.linalg.vecdot(yf * em, yf)
+        sy[masked] = yf.sum(dim=-1)
+        syy[masked] = torch.linalg.vecdot(yf, yf)
+        n[masked] = finite.sum(dim=-1).float()
+    log_s0 = s0.log()
+    mean_y = s1 / s0  # E_p[y]
+    entropy = (log_s0 - mean_y).clamp_min(0.0)  # (B,)
+    varentropy = (s2 / s0 - mean_y * mean_y).clamp_min(0.0)
+    entropy_norm = torch.where(n > 1, entropy / torch.log(n.clamp_min(2.0)), torch.zeros_like(entropy)).clamp(0.0, 1.0)
+    k = min(median_k, vocab)
+    top = (z.topk(k, dim=-1).values - zmax).exp() / s0.unsqueeze(1)  # (B, k) largest probabilities, descending
+    max_prob = 1.0 / s0  # the argmax has e = 1
+    top2_margin = max_prob - top[:, 1] if k > 1 else max_prob
     # median over the k most likely (fewer when fewer tokens are finite): mean of the middle two
-    kk = n_finite.clamp(max=k)  # (B,)
+    kk = n.long().clamp(max=k)  # (B,)
     lo_idx = ((kk - 1) // 2).view(-1, 1)
     hi_idx = (kk // 2).view(-1, 1)
     median = 0.5 * (top.gather(1, lo_idx) + top.gather(1, hi_idx)).squeeze(1)  # (B,)
-    z = torch.where(finite, logits, torch.zeros_like(logits))
-    mean = z.sum(-1) / n_finite  # (B,)
-    var = (z * z).sum(-1) / n_finite - mean * mean
-    logit_std = var.clamp_min(0.0).sqrt()
+    mean = sy / n
+    logit_std = (syy / n - mean * mean).clamp_min(0.0).sqrt()
     feats = torch.stack([entropy, entropy_norm, varentropy, max_prob, top2_margin, logit_std, median], dim=-1)
-    return feats, logp  # (B, 7), (B, V)
+    return feats, zmax.squeeze(1) + log_s0  # (B, 7), (B,)
 
 
 class TokenStats(NamedTuple):
@@ -226,8 +248,7 @@ class Featurizer:
             detector.to(self.device)
         self.detector = detector
         self.last_detection: "Detection | None" = None
-        self._logp: torch.Tensor | None = None
-        self._dist: torch.Tensor | None = None
+        self._observed: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, V), shift (B,)) of observe()
         self.state = self._fresh(batch_size)
 
     @property
@@ -255,7 +276,18 @@ class Featurizer:
     def resize(self, batch_size: int) -> None:
         """Start over with a new batch size (every row fresh)."""
         self.state = self._fresh(batch_size)
-        self._logp = self._dist = None
+        self._observed = None
+
+    def take_rows(self, index: torch.Tensor) -> None:
+        """Rebuild the rows from the current ones: new row ``i`` continues row ``index[i]`` (an engine whose
+        batch changes between steps). A pending observation (its logits) moves with its rows."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device).view(-1)
+        s = self.state
+        for name in s.__dataclass_fields__:
+            setattr(s, name, getattr(s, name)[index])
+        if self._observed is not None:
+            logits, shift = self._observed
+            self._observed = (logits[index.to(logits.device)], shift[index])
 
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None, category: torch.Tensor | Sequence[int] | None = None,
               diversity_weight: torch.Tensor | Sequence[float] | float | None = None) -> None:
@@ -286,8 +318,8 @@ class Featurizer:
         """Observation (B, F) float32 for next-token logits (B, V) and the current history."""
         if logits.shape[0] != self.batch_size:
             raise ValueError(f"logits have {logits.shape[0]} rows but the featurizer tracks {self.batch_size}")
-        dist, logp = distribution_features(logits, self.spec.median_k)  # (B, 7), (B, V)
-        self._logp, self._dist = logp, dist
+        dist, shift = distribution_features(logits, self.spec.median_k)  # (B, 7), (B,)
+        self._observed = (logits, shift)
         s = self.state
         w = s.ema_weight.clamp_min(1e-12)
         started = s.ema_weight > 0
@@ -313,11 +345,13 @@ class Featurizer:
         Returns the base-model log-probability of each drawn token and its anomaly indicator
         (both (B,)), which the reward reuses instead of computing them again.
         """
-        if self._logp is None:
+        if self._observed is None:
             raise RuntimeError("Featurizer.update called before observe(); call observe(logits) first")
         s = self.state
         tokens = tokens.to(self.device).long().view(-1)  # (B,)
-        token_logp = self._logp.gather(1, tokens.view(-1, 1)).squeeze(1)  # (B,)
+        logits, shift = self._observed
+        token_logp = logits.gather(1, tokens.view(-1, 1).to(logits.device)).squeeze(1).float().to(self.device) - shift
+        token_logp = token_logp.clamp(max=0.0)  # (B,) ln p_base(token); rounding can put the argmax a hair above 0
         surprise = -token_logp
         repeated = (s.recent == tokens.view(-1, 1)).any(dim=1).float()  # (B,)
         d = self.spec.ema_decay
@@ -334,5 +368,5 @@ class Featurizer:
         s.recent = torch.cat([s.recent[:, 1:], tokens.view(-1, 1)], dim=1)
         s.prev_temperature = torch.as_tensor(temperatures, dtype=torch.float32, device=self.device).view(-1).clone()
         s.position = s.position + 1
-        self._logp = None
+        self._observed = None
         return TokenStats(logp=token_logp, anomalous=anomalous)

@@ -126,10 +126,11 @@ def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torc
 def _inspect(z: Tensor, temperature, eps: float):
     """Validate logits (and a per-row temperature) with a single device sync.
 
-    Returns ``(zmax, argmax, flags)``: ``zmax``/``argmax`` are (B,) and ``flags`` a dict of
-    python bools describing the temperature rows (only for a tensor temperature).
+    Returns ``(zmax, flags)``: ``zmax`` is (B,) and ``flags`` a dict of python bools describing the
+    temperature rows (only for a tensor temperature). The argmax is left to the greedy / limit path,
+    the only one that needs it (``amax`` is several times cheaper than ``max`` with indices on CPU).
     """
-    zmax, amax = z.max(dim=-1)  # (B,), (B,); NaN propagates into zmax, +inf shows as +inf
+    zmax = z.amax(dim=-1)  # (B,); NaN propagates into zmax, +inf shows as +inf
     bad = torch.isnan(zmax) | (zmax == math.inf)  # (B,) rows holding NaN or +inf
     empty = zmax == -math.inf  # (B,) rows with every token masked
     checks = [bad.any(), empty.any()]
@@ -160,7 +161,7 @@ def _inspect(z: Tensor, temperature, eps: float):
                 "be real numbers (+-inf allowed, meaning uniform over the kept tokens)"
             )
         info = {"negative": flags[3], "limit": flags[4], "infinite": flags[5]}
-    return zmax, amax, info
+    return zmax, info
 
 
 def _is_limit(t: Tensor, eps: float) -> Tensor:
@@ -228,11 +229,10 @@ def _keep_mask(z: Tensor, zmax: Tensor, top_k: int, top_p: float, min_p: float, 
     return keep
 
 
-def _temper(z: Tensor, zmax: Tensor, amax: Tensor, temperature, eps: float, info: dict):
+def _temper(z: Tensor, zmax: Tensor, temperature, eps: float, info: dict):
     """Tempered logits (B, V) with row max 0, and the greedy/limit override (or None).
 
-    ``z`` (B, V) validated logits (``-inf`` = masked), ``zmax``/``amax`` (B,) its row max and
-    argmax. Returns ``(y, limit)`` where ``limit`` is None or ``(rows, index)``: ``index``
+    ``z`` (B, V) validated logits (``-inf`` = masked), ``zmax`` (B,) its row max. Returns ``(y, limit)`` where ``limit`` is None or ``(rows, index)``: ``index``
     (B,) the exact token of the greedy / limit rows, ``rows`` a (B,) bool of those rows or
     None when every row is one (single scalar temperature).
     """
@@ -242,7 +242,7 @@ def _temper(z: Tensor, zmax: Tensor, amax: Tensor, temperature, eps: float, info
         t = temperature
         if abs(t) < eps or t == 0:  # greedy (t >= 0, includes -0.0) or argmin limit (t < 0)
             if t >= 0:
-                index = amax
+                index = z.argmax(dim=-1)  # (B,), first index on ties
             else:
                 index = z.masked_fill(z == neg_inf, math.inf).min(dim=-1).indices  # (B,)
             onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
@@ -251,7 +251,7 @@ def _temper(z: Tensor, zmax: Tensor, amax: Tensor, temperature, eps: float, info
         if math.isinf(t):
             return torch.full_like(z, neg_inf).masked_fill(z > neg_inf, 0.0), None
         if t > 0:
-            return (z - zmax[:, None]) / t, None  # -inf stays -inf
+            return (z - zmax[:, None]).div_(t), None  # -inf stays -inf
         kept = z > neg_inf  # (B, V)
         zmin = torch.where(kept, z, math.inf).amin(dim=-1, keepdim=True)  # (B, 1)
         return torch.where(kept, (z - zmin) / t, neg_inf), None
@@ -269,13 +269,14 @@ def _temper(z: Tensor, zmax: Tensor, amax: Tensor, temperature, eps: float, info
     if info["limit"]:
         limit_rows = _is_limit(t, eps)  # (B,)
         t = torch.where(limit_rows, 1.0, t)  # no division by ~0; rows overwritten below
-    y = (z - shift[:, None]) / t[:, None]  # (B, V), row max 0 over kept tokens
+    y = (z - shift[:, None]).div_(t[:, None])  # (B, V), row max 0 over kept tokens
     if info["negative"] or info["infinite"]:
         if kept is None:
             kept = z > neg_inf
         y = torch.where(kept, y, neg_inf)  # -inf / (-T) = +inf and -inf / inf = NaN: re-mask
     limit = None
     if limit_rows is not None:
+        amax = z.argmax(dim=-1)  # (B,), first index on ties
         index = amax if amin is None else torch.where(temperature >= 0, amax, amin)  # (B,)
         onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
         y = torch.where(limit_rows[:, None], torch.where(onehot, 0.0, neg_inf), y)
@@ -290,11 +291,11 @@ def _prepare(logits: Tensor, temperature, eps: float, truncation: dict):
     top_k, top_p, min_p, top_n_sigma = _check_truncation(**truncation)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V); no copy for float32/64
     t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
-    zmax, amax, info = _inspect(z, t, eps)
+    zmax, info = _inspect(z, t, eps)
     keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
     if keep is not None:
-        z = z.masked_fill(~keep, -math.inf)  # (B, V); argmax kept, so zmax/amax still hold
-    return _temper(z, zmax, amax, t, eps, info)
+        z = z.masked_fill(~keep, -math.inf)  # (B, V); argmax kept, so zmax still holds
+    return _temper(z, zmax, t, eps, info)
 
 
 # --------------------------------------------------------------------------- public API
@@ -338,7 +339,7 @@ def truncate(
     logits = _as_logits(logits)
     top_k, top_p, min_p, top_n_sigma = _check_truncation(top_k, top_p, min_p, top_n_sigma)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V)
-    zmax, _, _ = _inspect(z, None, 0.0)
+    zmax, _ = _inspect(z, None, 0.0)
     keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
     return logits.clone() if keep is None else logits.masked_fill(~keep, -math.inf)
 
@@ -400,8 +401,7 @@ def _inverse_cdf_draw(y: Tensor, generator: torch.Generator | None) -> Tensor:
     first index whose cumulative mass reaches ``u`` always has positive probability: a
     token with probability 0 (masked) is never drawn.
     """
-    w = torch.exp(y)  # (B, V); row max of y is 0, so no overflow
-    cdf = w.cumsum(dim=-1)  # (B, V)
+    cdf = torch.exp(y).cumsum_(dim=-1)  # (B, V); row max of y is 0, so no overflow
     total = cdf[:, -1:]  # (B, 1)
     u = (1.0 - torch.rand(total.shape, generator=generator, device=y.device, dtype=cdf.dtype)) * total  # (B, 1)
     return torch.searchsorted(cdf, u).clamp_max(y.shape[1] - 1).squeeze(1)  # (B,)

@@ -230,12 +230,7 @@ class PolicyRuntime:
             raise ValueError(f"reorder source {src.tolist()} points outside the {old_b} previous rows")
         fresh = src < 0  # (n,)
         idx = src.clamp_min(0)
-        state = f.state
-        for name in state.__dataclass_fields__:
-            setattr(state, name, getattr(state, name)[idx])
-        if f._logp is not None:  # the next update reads the previous observation's log-probs
-            f._logp = f._logp[idx]
-        f._dist = None
+        f.take_rows(idx)  # history and the pending observation's logits move with their rows
         self._last_t = self._last_t[idx]
         self._episode_start = self._episode_start[idx] | fresh
         for policy in (self.policy, getattr(self.guard, "policy", None)):  # the guard's and its inner policy's
@@ -294,7 +289,7 @@ class PolicyRuntime:
                 f.update(tokens, self._last_t)
             else:
                 self._masked_update(tokens, drew.to(f.device).bool().reshape(-1))
-        obs = f.observe(scores)  # (B, F)
+        obs = f.observe(scores.detach().clone())  # (B, F); a copy: engines may reuse or edit their logits buffer
         starts = self._episode_start
         s = f.state
 

@@ -1,0 +1,76 @@
+"""The featurizer's distribution features against their textbook definitions."""
+
+import math
+
+import pytest
+import torch
+
+from policies.features import FeatureSpec, Featurizer, distribution_features
+
+
+def _reference(logits: torch.Tensor, k: int = 64) -> torch.Tensor:
+    """Features 0-6 straight from the definitions, in float64, over the finite logits of each row."""
+    rows = []
+    for z in logits.double():
+        z = z[torch.isfinite(z)]
+        logp = torch.log_softmax(z, -1)
+        p = logp.exp()
+        h = -(p * logp).sum()
+        var = (p * logp * logp).sum() - h * h
+        n = z.numel()
+        top = p.sort(descending=True).values[: min(k, n)]
+        m = top.numel()
+        median = 0.5 * (top[(m - 1) // 2] + top[m // 2])
+        rows.append(torch.stack([h, h / math.log(n) if n > 1 else h * 0, var, top[0],
+                                 top[0] - top[1] if n > 1 else top[0], z.std(unbiased=False), median]))
+    return torch.stack(rows).float()
+
+
+def test_fast_moments_match_the_definitions_on_model_like_logits():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 49152, generator=g) * 2.5 - 8.0  # wide vocabulary, a few peaked rows
+    z[1, 17] = 12.0  # nearly one-hot
+    z[2] += 60.0  # a large common offset: the features must not depend on it
+    z[3, :] = 0.0  # uniform
+    feats, shift = distribution_features(z)
+    torch.testing.assert_close(feats, _reference(z), atol=2e-5, rtol=2e-4)
+    # the shift is the log-normaliser: logits - shift are the exact base log-probabilities
+    exact = torch.log_softmax(z.double(), -1)
+    torch.testing.assert_close((z - shift[:, None]).double(), exact, atol=2e-6, rtol=0)
+    assert feats[3, 0].item() == pytest.approx(math.log(49152), abs=1e-4)  # uniform: H = ln V, no spread
+    assert feats[3, 2].item() == pytest.approx(0.0, abs=1e-5) and feats[3, 5].item() == 0.0
+
+
+def test_masked_rows_use_only_their_finite_logits():
+    z = torch.tensor([[2.0, 1.0, 0.0, -math.inf, -math.inf],
+                      [2.0, 1.0, 0.0, -1.0, -2.0],
+                      [3.0, -math.inf, -math.inf, -math.inf, -math.inf]])
+    feats, shift = distribution_features(z, median_k=4)
+    torch.testing.assert_close(feats, _reference(z, k=4), atol=1e-6, rtol=1e-5)
+    # one finite token: entropy 0, max prob 1, margin 1 (only one finite), std 0, median = that token's p
+    torch.testing.assert_close(feats[2], torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+    assert shift[2].item() == 3.0
+
+
+def test_update_reads_the_drawn_tokens_base_log_probability():
+    spec = FeatureSpec(horizon=8)
+    f = Featurizer(spec, 2)
+    z = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+    f.observe(z)
+    stats = f.update(torch.tensor([1, 2]), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.25, 0.7])), atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="observe"):
+        f.update(torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
+
+
+def test_take_rows_moves_history_and_the_pending_observation():
+    spec = FeatureSpec(horizon=8)
+    f = Featurizer(spec, 2)
+    f.observe(torch.log(torch.tensor([[0.5, 0.5, 1e-9], [0.9, 0.05, 0.05]])))
+    f.update(torch.tensor([0, 1]), torch.tensor([0.3, 1.7]))
+    z = torch.log(torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]]))
+    f.observe(z)
+    f.take_rows(torch.tensor([1, 1, 0]))  # rows swap, row 1 is duplicated
+    assert f.state.prev_temperature.tolist() == pytest.approx([1.7, 1.7, 0.3])
+    stats = f.update(torch.tensor([2, 2, 0]), torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.6, 0.6, 0.6])), atol=1e-6, rtol=0)
