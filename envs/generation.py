@@ -9,6 +9,7 @@ reward.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -26,6 +27,10 @@ from policies.features import FeatureSpec, Featurizer
 from samplers.core import sample
 
 __all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv", "make_vec_env"]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass
@@ -71,8 +76,13 @@ class EnvConfig:
     discovered_anomalies: bool = True
     """Raise the priors of the model's discovered anomalous tokens (policies/discovery.py; cached on disk,
     probed once per model when missing). Only with ``token_prior``."""
+    diversity_range: tuple[float, float] = (0.0, 1.0)
+    """The diversity dial λ of each group is drawn uniformly from this range (the reward's diversity
+    weight, and an observation feature with ``features.include_diversity_weight``)."""
+    diversity_values: list[float] | None = None
+    """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
     seed: int = 0
-    """Seed of the prompt order and of the token draws."""
+    """Seed of the prompt order, the λ draws and the token draws."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -84,6 +94,25 @@ class EnvConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"env.max_new_tokens={self.max_new_tokens} must be >= 1")
+        rng = tuple(self.diversity_range) if isinstance(self.diversity_range, (list, tuple)) else None
+        if rng is None or len(rng) != 2 or not all(_is_real(v) and 0 <= v < math.inf for v in rng) or rng[0] > rng[1]:
+            raise ValueError(f"env.diversity_range={self.diversity_range!r} must be [low, high] with 0 <= low <= high "
+                             "(finite), e.g. [0.0, 1.0]")
+        self.diversity_range = (float(rng[0]), float(rng[1]))
+        if self.diversity_values is not None:
+            vals = self.diversity_values
+            if not isinstance(vals, (list, tuple)) or not vals or not all(_is_real(v) and 0 <= v < math.inf
+                                                                         for v in vals):
+                raise ValueError(f"env.diversity_values={vals!r} must be a non-empty list of finite numbers >= 0 "
+                                 "(or null to draw from env.diversity_range)")
+            self.diversity_values = [float(v) for v in vals]
+
+    @property
+    def diversity_bounds(self) -> tuple[float, float]:
+        """The lowest and highest λ the env draws (the range a policy trained on it knows)."""
+        if self.diversity_values:
+            return min(self.diversity_values), max(self.diversity_values)
+        return self.diversity_range
 
     @property
     def truncation(self) -> dict:
@@ -111,21 +140,33 @@ class EnvConfig:
 class StepResult:
     """What :meth:`GenerationCore.step` returns (tensors on the core's device unless noted)."""
 
-    obs: torch.Tensor  # (B, F) observation after the step (the terminal one for finished rows)
+    obs: torch.Tensor  # (B, F) observation after the step (held at the terminal one while a row waits)
     reward: np.ndarray  # (B,) float32
-    terminated: np.ndarray  # (B,) bool, EOS
-    truncated: np.ndarray  # (B,) bool, max_new_tokens without EOS
-    tokens: torch.Tensor  # (B,) drawn tokens
-    temperature: torch.Tensor  # (B,) temperatures used
-    components: dict[str, np.ndarray]  # per-token components (B,), episode components (B,) (0 where not done)
+    done: np.ndarray  # (B,) bool: the row's group finished at this step (every row of it ends its episode)
+    terminated: np.ndarray  # (B,) bool: the row's completion ended with EOS (at this step or earlier)
+    truncated: np.ndarray  # (B,) bool: the row's completion reached max_new_tokens without EOS
+    tokens: torch.Tensor  # (B,) drawn tokens (EOS for rows that wait)
+    temperature: torch.Tensor  # (B,) temperatures used (those of waiting rows are not applied)
+    active: np.ndarray  # (B,) bool: the row drew a token of its completion at this step
+    components: dict[str, np.ndarray]  # per-token components (B,); completion components (B,), 0 where not done
 
 
 class GenerationCore:
-    """B rows of generation sharing one model and KV cache; no autoreset (the envs decide).
+    """B rows of generation sharing one model and KV cache, in groups of ``group_size`` rows.
 
-    Row ``r`` belongs to group ``r // group_size``; the k-th episode of every row in group ``g``
-    uses prompt ``order[(g + k * n_groups) % N]`` (``order`` a seeded permutation), so the rows of
-    a group sample the same prompts, possibly at different times.
+    The rows of a group are K samples of one prompt under one diversity dial λ, drawn together: they
+    start together, and a row whose completion ends (EOS, or ``max_new_tokens``) **waits** (its actions
+    are ignored, it draws nothing, its observation stays its terminal one, its reward is 0) until every
+    row of its group has ended. Then the completion components are computed for the whole group (the
+    diversity components compare each sample with the others) and every row of the group ends its
+    episode at that step. Waiting is why groups are synchronised rather than compared with a memory of
+    earlier samples: every sample is judged against the K - 1 others drawn with the same policy, the
+    same λ and the same prompt, so the diversity credit means the same for the first row to finish and
+    the last. It costs the decode steps of waiting rows (reported as ``timings["waiting_rows"]``).
+
+    Group ``g``'s k-th episode uses prompt ``order[(g + k * n_groups) % N]`` (``order`` a seeded
+    permutation) and draws its λ from ``env.diversity_values`` or ``env.diversity_range`` (a seeded
+    stream of its own). No autoreset: the envs call :meth:`reset_groups`.
     """
 
     def __init__(self, config: EnvConfig, lm: CausalLM, reward: RewardConfig | RewardModel | None = None,
@@ -141,7 +182,8 @@ class GenerationCore:
         self._prompt_ids = lm.encode([p.text for p in self.prompts])
         lm.check_fits(self._prompt_ids, config.max_new_tokens)
         self.B = config.batch_size
-        self.n_groups = self.B // config.group_size
+        self.G = config.group_size
+        self.n_groups = self.B // self.G
         token_prior = None
         if config.token_prior:
             from policies.anomaly import combine_token_flags, token_flags
@@ -160,22 +202,27 @@ class GenerationCore:
         self.seed(config.seed)
         self.state = None
         self.logits: torch.Tensor | None = None
-        self.timings = {"model_s": 0.0, "env_s": 0.0, "tokens": 0}
+        self.timings = {"model_s": 0.0, "env_s": 0.0, "tokens": 0, "waiting_rows": 0}
 
-    # ------------------------------------------------------------------ seeding / prompts
+    # ------------------------------------------------------------------ seeding / schedule
     def seed(self, seed: int | None) -> None:
         seed = self.config.seed if seed is None else int(seed)
         self._seed = seed
         self._order = np.random.default_rng(seed).permutation(len(self.prompts))
+        self._diversity_rng = np.random.default_rng([seed, 1])
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.episode_index = np.zeros(self.B, dtype=np.int64)  # per row: how many episodes started
-        self.reward.reset_memory()
+        self.group_episodes = np.zeros(self.n_groups, dtype=np.int64)  # per group: how many episodes started
 
-    def _next_prompt_indices(self, rows: np.ndarray) -> np.ndarray:
-        groups = rows // self.config.group_size
-        k = self.episode_index[rows]
-        self.episode_index[rows] += 1
+    def _next_prompt_indices(self, groups: np.ndarray) -> np.ndarray:
+        k = self.group_episodes[groups]
         return self._order[(groups + k * self.n_groups) % len(self.prompts)]
+
+    def _draw_diversity(self, n: int) -> np.ndarray:
+        c = self.config
+        if c.diversity_values:
+            return self._diversity_rng.choice(np.asarray(c.diversity_values, dtype=np.float64), size=n)
+        lo, hi = c.diversity_range
+        return self._diversity_rng.uniform(lo, hi, size=n) if hi > lo else np.full(n, float(lo))
 
     # ------------------------------------------------------------------ episodes
     def add_prompt(self, prompt: Prompt) -> int:
@@ -186,97 +233,139 @@ class GenerationCore:
         self._prompt_ids.append(ids[0])
         return len(self.prompts) - 1
 
-    def reset_rows(self, rows: np.ndarray | None = None, prompt_indices: Sequence[int] | None = None) -> torch.Tensor:
-        """Start new episodes on ``rows`` (None = all, a fresh batch); returns the (B, F) observation.
+    def group_rows(self, groups: np.ndarray) -> np.ndarray:
+        """The rows of ``groups``, group by group: (len(groups) * G,)."""
+        return (np.asarray(groups, dtype=np.int64)[:, None] * self.G + np.arange(self.G)).reshape(-1)
 
-        ``prompt_indices`` overrides the scheduled prompts (one index into ``self.prompts`` per row).
+    def reset_groups(self, groups: np.ndarray | None = None, prompt_indices: Sequence[int] | None = None,
+                     diversity: Sequence[float] | float | None = None) -> torch.Tensor:
+        """Start new episodes on ``groups`` (None = all, a fresh batch); returns the (B, F) observation.
+
+        ``prompt_indices`` (one index into ``self.prompts`` per group) and ``diversity`` (λ, one per
+        group or one for all) override the schedule.
         """
         t0 = time.perf_counter()
-        all_rows = rows is None or self.state is None
-        rows = np.arange(self.B) if all_rows else np.asarray(rows, dtype=np.int64)
+        fresh = groups is None or self.state is None
+        groups = np.arange(self.n_groups) if fresh else np.asarray(groups, dtype=np.int64).reshape(-1)
         if prompt_indices is None:
-            prompt_idx = self._next_prompt_indices(rows)
+            prompt_idx = self._next_prompt_indices(groups)
         else:
             prompt_idx = np.asarray(prompt_indices, dtype=np.int64).reshape(-1)
-            if prompt_idx.shape[0] != rows.shape[0]:
-                raise ValueError(f"reset_rows got {rows.shape[0]} rows but {prompt_idx.shape[0]} prompt indices")
-        ids = [self._prompt_ids[i] for i in prompt_idx]
-        t_model = time.perf_counter()
-        if all_rows:
-            self.logits, self.state = self.lm.prefill(ids)  # (B, V)
-            self.row_prompt = np.zeros(self.B, dtype=np.int64)
-            self.tokens = torch.full((self.B, self.config.max_new_tokens), -1, dtype=torch.long, device=self.device)
-            self.length = torch.zeros(self.B, dtype=torch.long, device=self.device)
-            self.temps = torch.zeros((self.B, self.config.max_new_tokens), device=self.device)
-            self.logps = torch.zeros((self.B, self.config.max_new_tokens), device=self.device)  # exact ln p_base
-            self.ep_return = np.zeros(self.B, dtype=np.float64)
-            self.ep_components = {k: np.zeros(self.B) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
-            self.ep_start = np.full(self.B, time.perf_counter())
+            if prompt_idx.shape[0] != groups.shape[0]:
+                raise ValueError(f"reset_groups got {groups.shape[0]} groups but {prompt_idx.shape[0]} prompt indices")
+        self.group_episodes[groups] += 1
+        if diversity is None:
+            lam = self._draw_diversity(groups.shape[0])
         else:
-            new_logits = self.lm.replace_rows(self.state, torch.as_tensor(rows, device=self.device), ids)
+            lam = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
+        rows = self.group_rows(groups)  # (R,)
+        row_prompt = np.repeat(prompt_idx, self.G)  # (R,)
+        ids = [self._prompt_ids[i] for i in row_prompt]
+        t_model = time.perf_counter()
+        if fresh:
+            self.logits, self.state = self.lm.prefill(ids)  # (B, V)
+            B, W = self.B, self.config.max_new_tokens
+            self.row_prompt = np.zeros(B, dtype=np.int64)
+            self.diversity = np.zeros(B, dtype=np.float64)
+            self.tokens = torch.full((B, W), -1, dtype=torch.long, device=self.device)
+            self.length = torch.zeros(B, dtype=torch.long, device=self.device)
+            self.temps = torch.zeros((B, W), device=self.device)
+            self.logps = torch.zeros((B, W), device=self.device)  # exact ln p_base of every drawn token
+            self.ended = np.zeros(B, dtype=bool)  # the row's completion has ended; it waits for its group
+            self.ended_by_eos = np.zeros(B, dtype=bool)
+            self.held_obs = torch.zeros((B, self.spec.dim), device=self.device)
+            self.ep_return = np.zeros(B, dtype=np.float64)
+            self.ep_components = {k: np.zeros(B) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
+            self.ep_waited = np.zeros(B, dtype=np.int64)
+            self.ep_start = np.full(B, time.perf_counter())
+        else:
+            rows_t = torch.as_tensor(rows, device=self.device)
+            new_logits = self.lm.replace_rows(self.state, rows_t, ids)
             self.logits = self.logits.clone()
-            self.logits[torch.as_tensor(rows, device=self.device)] = new_logits
+            self.logits[rows_t] = new_logits
         dt_model = time.perf_counter() - t_model
         self.timings["model_s"] += dt_model
-        self.row_prompt[rows] = prompt_idx
+        self.row_prompt[rows] = row_prompt
+        self.diversity[rows] = np.repeat(lam, self.G)
         rows_t = torch.as_tensor(rows, device=self.device)
         self.tokens[rows_t] = -1
         self.length[rows_t] = 0
         self.temps[rows_t] = 0.0
         self.logps[rows_t] = 0.0
+        self.ended[rows] = False
+        self.ended_by_eos[rows] = False
         self.ep_return[rows] = 0.0
         for v in self.ep_components.values():
             v[rows] = 0.0
+        self.ep_waited[rows] = 0
         self.ep_start[rows] = time.perf_counter()
-        cats = [category_index(self.prompts[i].category) for i in prompt_idx]
-        self.featurizer.reset(rows_t, category=cats)
+        cats = [category_index(self.prompts[i].category) for i in row_prompt]
+        self.featurizer.reset(rows_t, category=cats, diversity_weight=self.diversity[rows])
         obs = self.featurizer.observe(self.logits)
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model
         return obs
 
     def step(self, actions: np.ndarray | torch.Tensor) -> StepResult:
-        """One token for every row. Rows past their end must be reset before the next step."""
+        """One token for every row whose completion goes on; groups whose rows have all ended are done."""
         t0 = time.perf_counter()
         a = torch.as_tensor(np.asarray(actions, dtype=np.float32).reshape(-1), device=self.device)
         if a.shape[0] != self.B:
             raise ValueError(f"expected {self.B} actions (one per row), got {a.shape[0]}")
+        active = ~self.ended  # (B,) numpy
+        active_t = torch.as_tensor(active, device=self.device)
         f = self.featurizer.state
         temperature = self.mapping.to_temperature(a, previous=f.prev_temperature, first_step=f.position == 0)
-        tokens, tempered = sample(self.logits, temperature, generator=self.generator, return_tempered=True,
-                                  **self.config.truncation)  # (B,), (B, V)
+        need_tempered = self.reward.config.entropy != 0
+        drawn = sample(self.logits, temperature, generator=self.generator, return_tempered=need_tempered,
+                       **self.config.truncation)
+        tokens, tempered = drawn if need_tempered else (drawn, None)  # (B,), (B, V) or None
+        eos_token = self.lm.eos_token_ids[0]
+        tokens = torch.where(active_t, tokens, eos_token)  # waiting rows feed EOS; nothing of theirs is kept
         stats = self.featurizer.update(tokens, temperature)
-        pos = self.length.clone()  # (B,) index this token is written at
-        self.tokens.scatter_(1, pos.view(-1, 1), tokens.view(-1, 1))
-        self.temps.scatter_(1, pos.view(-1, 1), temperature.view(-1, 1))
-        self.logps.scatter_(1, pos.view(-1, 1), stats.logp.view(-1, 1).float())
-        self.length = pos + 1
-        repeated = self._closes_repeated_ngram(pos)
-        comps = self.reward.step_components(stats.logp, tempered, repeated, stats.anomalous)
-        eos = self.lm.is_eos(tokens)
-        terminated = eos.cpu().numpy()
-        truncated = (self.length >= self.config.max_new_tokens).cpu().numpy() & ~terminated
+        live = torch.as_tensor(np.flatnonzero(active), device=self.device)  # (A,) rows drawing a token
+        pos = self.length.clamp(max=self.config.max_new_tokens - 1)  # (B,) where this token is written
+        at = pos[live]
+        self.tokens[live, at] = tokens[live]
+        self.temps[live, at] = temperature[live]
+        self.logps[live, at] = stats.logp[live].float()
+        self.length = self.length + active_t.long()
+        repeated = self._closes_repeated_ngram(pos) & active_t
+        comps = self.reward.step_components(stats.logp, repeated, stats.anomalous, tempered)
+        eos = self.lm.is_eos(tokens) & active_t
+        full = self.length >= self.config.max_new_tokens
+        eos_np, full_np = eos.cpu().numpy(), full.cpu().numpy()
+        newly_ended = active & (eos_np | full_np)
+        self.ended_by_eos |= newly_ended & eos_np
+        self.ended |= newly_ended
         t_model = time.perf_counter()
         self.logits = self.lm.decode(self.state, tokens)  # (B, V)
         dt_model = time.perf_counter() - t_model
         obs = self.featurizer.observe(self.logits)
-        components = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in comps.items()}
-        done = terminated | truncated
+        waiting = torch.as_tensor(~active, device=self.device)
+        obs = torch.where(waiting.view(-1, 1), self.held_obs, obs)  # a waiting row keeps its terminal observation
+        if newly_ended.any():
+            ended_rows = torch.as_tensor(np.flatnonzero(newly_ended), device=self.device)
+            self.held_obs[ended_rows] = obs[ended_rows]
+        components = {k: np.where(active, v.detach().cpu().numpy(), 0.0).astype(np.float32) for k, v in comps.items()}
         for k in EPISODE_COMPONENTS:
             components[k] = np.zeros(self.B, dtype=np.float32)
+        done = np.repeat(self.ended.reshape(self.n_groups, self.G).all(axis=1), self.G)  # (B,)
         if done.any():
             rows = np.flatnonzero(done)
-            ep = self._episode_components(rows)
-            for k, v in ep.items():
+            for k, v in self._episode_components(rows).items():
                 components[k][rows] = v
-        reward = self.reward.combine(components)
+        reward = self.reward.combine(components, self.diversity)
         self.ep_return += reward
         for k, v in components.items():
             self.ep_components[k] += v
+        self.ep_waited += ~active
         self.timings["model_s"] += dt_model
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model
-        self.timings["tokens"] += self.B
-        return StepResult(obs=obs, reward=reward.astype(np.float32), terminated=terminated, truncated=truncated,
-                          tokens=tokens, temperature=temperature, components=components)
+        self.timings["tokens"] += int(active.sum())
+        self.timings["waiting_rows"] += int((~active).sum())
+        return StepResult(obs=obs, reward=reward, done=done, terminated=self.ended_by_eos.copy(),
+                          truncated=self.ended & ~self.ended_by_eos, tokens=tokens, temperature=temperature,
+                          active=active, components=components)
 
     def _closes_repeated_ngram(self, pos: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the token just written at ``pos`` closes an n-gram seen earlier in its row."""
@@ -300,13 +389,16 @@ class GenerationCore:
         return self.lm.decode_text(self.completion_ids(row))
 
     def _episode_components(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Completion components of ``rows`` (whole groups, in group order)."""
         ids = [self.completion_ids(int(r)) for r in rows]
         texts = [self.lm.decode_text(t) for t in ids]
         prompts = [self.prompts[self.row_prompt[r]] for r in rows]
-        return self.reward.episode_components([p.id for p in prompts], [p.text for p in prompts], texts, ids)
+        groups = [list(range(i, i + self.G)) for i in range(0, len(rows), self.G)]
+        return self.reward.episode_components(groups, [p.id for p in prompts], [p.text for p in prompts],
+                                              [p.answers for p in prompts], texts, ids)
 
     def episode_info(self, row: int) -> dict[str, Any]:
-        """SB3-style ``episode`` stats plus Kelvin's breakdown for a row that just finished."""
+        """SB3-style ``episode`` stats plus Kelvin's breakdown for a row whose episode just ended."""
         n = int(self.length[row])
         temps = self.temps[row, :n].cpu().numpy().copy()  # a copy: on CPU .numpy() shares memory the reset zeroes
         logps = self.logps[row, :n].cpu().numpy().copy()
@@ -314,6 +406,9 @@ class GenerationCore:
         return {
             "episode": {"r": float(self.ep_return[row]), "l": n, "t": round(time.perf_counter() - self.ep_start[row], 6)},
             "reward_components": {k: float(v[row]) for k, v in self.ep_components.items()},
+            "diversity": float(self.diversity[row]),
+            "group": int(row // self.G),
+            "waited": int(self.ep_waited[row]),
             "temperature_mean": float(temps.mean()) if n else 0.0,
             "temperature_std": float(temps.std()) if n else 0.0,
             "negative_fraction": float((temps < 0).mean()) if n else 0.0,
@@ -323,6 +418,8 @@ class GenerationCore:
             "token_ids": self.completion_ids(row),
             "prompt_id": prompt.id,
             "category": prompt.category,
+            "answerable": prompt.answerable,
+            "correct": bool(self.ep_components["correct"][row] > 0.5) if prompt.answerable else None,
             "completion": self.completion_text(row),
         }
 
@@ -344,25 +441,33 @@ class TemperatureVecEnv(VecEnv):
     ``Box(-inf, inf, (F,), float32)``: the raw features of ``policies/features.py`` (entropy,
     normalised entropy, varentropy, max prob, top-2 margin, logit std, median of the top
     probabilities, position, previous temperature, surprise, running quality, repetition,
-    anomaly, and the category one-hot when ``include_category``). Not normalised: the learned
+    anomaly, the category one-hot when ``include_category``, λ with ``include_diversity_weight``).
+    Not normalised: the learned
     policy's normaliser (VecNormalize) belongs to the policy.
 
     ## Rewards
-    Per token: base log-probability, repetition, anomaly, tempered entropy. At the end of the
-    episode: coherence to the prompt, text anomaly, distinct-2, novelty across the samples of the
-    same prompt. See ``envs/rewards.py`` for scales; each component is in the step ``info``.
+    ``quality + λ * diversity`` (``envs/rewards.py`` has the table and scales). Per token: base
+    log-probability, repetition, anomaly (and tempered entropy, off by default). At the end of the
+    group: coherence to the prompt, text anomaly, correctness on answerable prompts, and the diversity
+    of each sample against the other samples of its group (semantic distance, novel bigrams). Every
+    component is in the step ``info`` (``reward_components``).
 
     ## Starting State
-    A prompt from the configured split (seeded order; the ``group_size`` rows of a group share
-    their prompts), prefilled; the first observation describes the first token's distribution.
+    The rows come in groups of ``group_size``: K samples of one prompt from the configured split
+    (seeded order) under one diversity dial λ (drawn per group from ``diversity_range`` or
+    ``diversity_values``), prefilled together; the first observation describes the first token's
+    distribution.
 
     ## Episode End
-    Termination: the drawn token is EOS. Truncation: ``max_new_tokens`` tokens without EOS
-    (``info["TimeLimit.truncated"] = True``). A finished row is reset at once (per-row autoreset):
-    its ``info`` carries ``terminal_observation``, ``episode`` (``r``, ``l``, ``t``), the reward
-    breakdown, the temperature trace (``temperatures``), the exact base log-probability of every drawn
-    token (``logprobs``), the completion (``completion``, ``token_ids``), and the returned observation is the
-    first of its next episode.
+    A row's completion ends on EOS or at ``max_new_tokens``; the row then waits (actions ignored,
+    observation held at its terminal one, reward 0, ``info["active"] = False``) until every row of its
+    group has ended. At that step all rows of the group are done: ``info["TimeLimit.truncated"]`` is
+    True for a row that reached ``max_new_tokens`` without EOS; its ``info`` carries
+    ``terminal_observation``, ``episode`` (``r``, ``l`` = tokens drawn, ``t``), the reward breakdown,
+    λ (``diversity``), the temperature trace (``temperatures``), the exact base log-probability of
+    every drawn token (``logprobs``), the completion (``completion``, ``token_ids``), ``answerable`` /
+    ``correct``; and the group restarts at once (autoreset): the returned observation is the first of
+    its next episode.
 
     ## Arguments
     ``config`` (:class:`EnvConfig`), ``lm`` (a loaded :class:`CausalLM`; default: load
@@ -402,7 +507,7 @@ class TemperatureVecEnv(VecEnv):
             self.core.seed(seed)
         if hasattr(self, "_reset_seeds"):
             self._reset_seeds()
-        return self.core.reset_rows(None).cpu().numpy()
+        return self.core.reset_groups(None).cpu().numpy()
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -414,20 +519,23 @@ class TemperatureVecEnv(VecEnv):
             raise RuntimeError("call env.reset() before env.step()")
         result = self.core.step(self._actions)
         self._actions = None
-        done = result.terminated | result.truncated
         obs = result.obs.cpu().numpy()
-        infos: list[dict] = [{"temperature": float(t), "reward_components": {}} for t in result.temperature.tolist()]
-        for i in range(self.num_envs):
-            infos[i]["reward_components"] = {k: float(v[i]) for k, v in result.components.items()}
-        if done.any():
-            rows = np.flatnonzero(done)
+        temps = result.temperature.tolist()
+        infos: list[dict] = [
+            {"temperature": temps[i], "active": bool(result.active[i]),
+             "reward_components": {k: float(v[i]) for k, v in result.components.items()}}
+            for i in range(self.num_envs)
+        ]
+        if result.done.any():
+            rows = np.flatnonzero(result.done)
             for r in rows:
                 info = self.core.episode_info(int(r))
                 info["terminal_observation"] = obs[r].copy()
                 info["TimeLimit.truncated"] = bool(result.truncated[r])
                 infos[r].update(info)
-            obs = self.core.reset_rows(rows).cpu().numpy()
-        return obs, result.reward, done, infos
+            groups = np.unique(rows // self.core.G)
+            obs = self.core.reset_groups(groups).cpu().numpy()
+        return obs, result.reward, result.done.copy(), infos
 
     def close(self) -> None:
         self.core.state = None
@@ -487,11 +595,15 @@ class TemperatureEnv(gym.Env):
         if seed is not None:
             self.core.seed(seed)
         prompt_indices = None
-        if options and options.get("prompt"):
+        if options and "prompt" in options:
+            if not isinstance(options["prompt"], str) or not options["prompt"].strip():
+                raise ValueError(f"reset(options={{'prompt': {options['prompt']!r}}}): the prompt is empty; give the "
+                                 "text to generate for, or leave 'prompt' out to take the next prompt of the split")
             prompt = Prompt(text=str(options["prompt"]), category=str(options.get("category", "general")),
                             id=f"user-{len(self.core.prompts)}", split=None)
             prompt_indices = [self.core.add_prompt(prompt)]
-        obs = self.core.reset_rows(None if self.core.state is None else np.array([0]), prompt_indices)
+        obs = self.core.reset_groups(None if self.core.state is None else np.array([0]), prompt_indices,
+                                     diversity=(options or {}).get("diversity"))
         self._done = False
         p = self.core.prompts[self.core.row_prompt[0]]
         return obs[0].cpu().numpy(), {"prompt_id": p.id, "prompt": p.text, "category": p.category}
@@ -500,7 +612,7 @@ class TemperatureEnv(gym.Env):
         if self._done:
             raise RuntimeError("the episode has ended; call reset() before step()")
         result = self.core.step(np.asarray(action, dtype=np.float32).reshape(1))
-        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
+        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])  # a group of one: done now
         info = {"temperature": float(result.temperature[0]),
                 "reward_components": {k: float(v[0]) for k, v in result.components.items()}}
         if terminated or truncated:

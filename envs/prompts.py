@@ -4,6 +4,11 @@ The packaged set (``envs/data/prompts.jsonl``) holds short chat requests in six 
 categories, each split train/validation/test (about 70/15/15 per category). A line is
 
     {"id": "creative-001", "text": "...", "category": "creative_writing", "split": "train"}
+    {"id": "math-004", "text": "What is 7 times 8?", "category": "math", "split": "test", "answers": ["56"]}
+
+A prompt with ``answers`` (a non-empty list of accepted strings) is **answerable**: the reward's
+``correct`` component and the evaluation's accuracy check the completion against it
+(:mod:`envs.answers`). The others are open prompts.
 
 ``load_prompts`` reads that file or a user file (``.jsonl`` in the same format, or a
 ``.txt`` file with one prompt per line) and filters it by split and category.
@@ -22,6 +27,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from envs.answers import check_answers_field
 
 __all__ = [
     "CATEGORIES",
@@ -67,12 +74,20 @@ class Prompt:
         category: Task category; one of CATEGORIES, or any other name (one-hot slot "other").
         id: Identifier, unique within its file.
         split: "train", "validation" or "test"; None when the file does not say.
+        answers: Accepted answers (checked by :func:`envs.answers.is_correct`); None for an
+            open prompt.
     """
 
     text: str
     category: str
     id: str
     split: str | None = None
+    answers: tuple[str, ...] | None = None
+
+    @property
+    def answerable(self) -> bool:
+        """True when the prompt has accepted answers (the ``correct`` reward and accuracy apply)."""
+        return self.answers is not None
 
 
 def category_index(name: str) -> int:
@@ -254,7 +269,8 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> Prompt:
             f"Valid splits: {', '.join(SPLITS)}; omit the field for an unsplit prompt."
         )
 
-    return Prompt(text.strip(), category.strip(), str(prompt_id), split)
+    answers = check_answers_field(record.get("answers"), where)
+    return Prompt(text.strip(), category.strip(), str(prompt_id), split, answers)
 
 
 def _suggestion(name: str, choices: Iterable[str]) -> str:

@@ -1,49 +1,68 @@
-"""Reward: named quality and diversity components, weighted by the config.
+"""Reward: quality of each completion plus λ times the diversity across the samples of its prompt.
 
-The reward of a step is ``sum_c weight_c * component_c``. Every component is reported in the
-step ``info`` (per-token components every step, completion components at the episode's end)
-and summed per episode for TensorBoard. Scales, so the weights mean something:
+The env draws ``group_size`` samples of every prompt together (a **group**), all under the same
+diversity dial ``λ`` (drawn per group in training, the user's setting at inference). The reward of
+a step is
+
+    r = sum_q  w_q * quality_q  +  λ * sum_d  w_d * diversity_d
+
+over the named components below, each reported unweighted in the step ``info`` and in TensorBoard.
+
+Why this shape. With per-token log-probability as quality and per-token tempered entropy as
+diversity, a constant temperature is optimal: for one next-token distribution p, the q maximising
+E_q[ln p] + λ·H(q) solves ln p − λ(ln q + 1) + μ = 0, i.e. q ∝ p^(1/λ), plain temperature λ. Such a
+reward leaves a learned schedule nothing to learn. Here diversity is measured **across the samples
+of one prompt** (they must differ in meaning and wording, which a few early tokens decide), and
+quality on the **completion as a whole** (coherent, no degeneration, and correct where the prompt
+has an answer, which a few decisive tokens decide). Heat spent at the first tokens buys far more
+diversity than heat spent later; heat on an answer token costs correctness. A constant cannot be
+optimal for that, a schedule that reads the state can.
 
 Per token (paid every step; an episode of L tokens sums L of them):
 
-| name         | kind      | value                                                                         | range    |
-|--------------|-----------|-------------------------------------------------------------------------------|----------|
-| `logprob`    | quality   | clip(ln p_base(token), -logprob_clip, 0) / logprob_clip: base model at T = 1  | [-1, 0]  |
+| name         | kind      | value                                                                          | range   |
+|--------------|-----------|--------------------------------------------------------------------------------|---------|
+| `logprob`    | quality   | clip(ln p_base(token), -logprob_clip, 0) / logprob_clip: base model at T = 1   | [-1, 0] |
 | `repetition` | quality   | -1 when the drawn token closes an n-gram (n = repetition_n) already in the completion | {-1, 0} |
 | `anomaly`    | quality   | -(per-token anomaly indicator of the featurizer: token prior or surprise collapse) | [-1, 0] |
-| `entropy`    | diversity | min(H(tempered distribution), entropy_cap) / entropy_cap, H in nats           | [0, 1]   |
+| `entropy`    | diversity | min(H(tempered distribution), entropy_cap) / entropy_cap (off by default: see above) | [0, 1] |
 
-Per completion (paid once, on the episode's last step):
+Per completion (paid once, on the last step of its group):
 
-| name           | kind      | value                                                                         | range    |
-|----------------|-----------|-------------------------------------------------------------------------------|----------|
-| `coherence`    | quality   | cosine(embedding(prompt), embedding(completion)), all-MiniLM-L6-v2           | [-1, 1]  |
-| `text_anomaly` | quality   | -max of the text anomaly reasons (char runs, symbol soup, script mixing, loops) | [-1, 0] |
-| `distinct`     | diversity | distinct-2 of the completion's tokens                                         | [0, 1]   |
-| `novelty`      | diversity | 1 - max cosine to the last `novelty_memory` completions of the same prompt (0 when none yet) | [0, 2] |
+| name             | kind      | value                                                                        | range   |
+|------------------|-----------|------------------------------------------------------------------------------|---------|
+| `coherence`      | quality   | cosine(embedding(prompt), embedding(completion)), all-MiniLM-L6-v2          | [-1, 1] |
+| `text_anomaly`   | quality   | -max of the text anomaly reasons (char runs, symbol soup, script mixing, loops) | [-1, 0] |
+| `correct`        | quality   | answerable prompts: 1 when an accepted answer appears (:mod:`envs.answers`), else 0; open prompts: 0 | {0, 1} |
+| `group_semantic` | diversity | mean cosine distance (1 - cos, MiniLM) to the other samples of the group    | [0, 2]  |
+| `group_ngram`    | diversity | share of the completion's distinct bigrams that no other sample of the group has | [0, 1] |
 
-The entropy credit is capped because a near-uniform distribution over 49k tokens (T -> +-inf,
-or a negative T on a peaked distribution) has ~10 nats of entropy and is garbage: above
-``entropy_cap`` nats (3 nats ~ 20 equally likely tokens) more spread earns nothing.
-Completion components are weighted once per episode, so a weight of 8 on `coherence` is worth
-as much as a per-token component of weight 8 / L held for the whole episode.
+The mean of ``group_semantic`` over a group is the evaluation's ``semantic_distance`` across the K
+samples. Completion components are weighted once per episode, so a weight of 4 on ``coherence`` is
+worth as much as a per-token component of weight 4 / L held for the whole episode.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from envs.text_metrics import distinct_n
+from envs.answers import is_correct
+from envs.text_metrics import distance_to_others, novel_ngram_fraction
 from policies.detector import AnomalyDetector
 
-__all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS"]
+__all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
+           "COMPONENTS"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
-EPISODE_COMPONENTS = ("coherence", "text_anomaly", "distinct", "novelty")
+EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
+COMPONENTS = STEP_COMPONENTS + EPISODE_COMPONENTS
+DIVERSITY_COMPONENTS = ("entropy", "group_semantic", "group_ngram")
+"""Components scaled by the group's diversity dial λ (the rest are quality, unscaled)."""
 
 
 @dataclass
@@ -56,55 +75,57 @@ class RewardConfig:
     """Weight of the per-token repeated n-gram penalty (quality)."""
     anomaly: float = 1.0
     """Weight of the per-token anomaly penalty (quality)."""
-    entropy: float = 0.5
-    """Weight of the per-token tempered entropy (diversity)."""
-    coherence: float = 4.0
+    entropy: float = 0.0
+    """Weight of the per-token tempered entropy (diversity, times λ). Off by default: with the per-token
+    log-prob it makes a constant temperature optimal (module doc)."""
+    coherence: float = 2.0
     """Weight of the completion's coherence to the prompt (quality)."""
     text_anomaly: float = 4.0
     """Weight of the completion's text anomaly penalty (quality)."""
-    distinct: float = 2.0
-    """Weight of the completion's distinct-2 (diversity)."""
-    novelty: float = 2.0
-    """Weight of the completion's semantic novelty against earlier samples of its prompt (diversity)."""
+    correct: float = 6.0
+    """Weight of a correct answer on answerable prompts (quality)."""
+    group_semantic: float = 6.0
+    """Weight of the completion's semantic distance to the other samples of its group (diversity, times λ)."""
+    group_ngram: float = 2.0
+    """Weight of the completion's share of bigrams no other sample of its group has (diversity, times λ)."""
     logprob_clip: float = 10.0
     """ln p below -logprob_clip counts as -logprob_clip (one anomalous token cannot dominate)."""
     entropy_cap: float = 3.0
     """Tempered entropy above this many nats earns no more credit."""
     repetition_n: int = 3
     """n of the repeated n-gram penalty."""
-    novelty_memory: int = 8
-    """How many earlier completions of the same prompt novelty compares against."""
 
     def __post_init__(self):
-        for name in STEP_COMPONENTS + EPISODE_COMPONENTS:
+        for name in COMPONENTS:
             value = getattr(self, name)
-            if not np.isfinite(value):
-                raise ValueError(f"reward.{name}={value} must be a finite weight")
-        if self.logprob_clip <= 0:
-            raise ValueError(f"reward.logprob_clip={self.logprob_clip} must be > 0")
-        if self.entropy_cap <= 0:
-            raise ValueError(f"reward.entropy_cap={self.entropy_cap} must be > 0")
-        if self.repetition_n < 1:
-            raise ValueError(f"reward.repetition_n={self.repetition_n} must be >= 1")
-        if self.novelty_memory < 1:
-            raise ValueError(f"reward.novelty_memory={self.novelty_memory} must be >= 1")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"reward.{name}={value!r} must be a finite weight (0 switches the component off)")
+        for name in ("logprob_clip", "entropy_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"reward.{name}={value!r} must be a finite number > 0")
+        if isinstance(self.repetition_n, bool) or not isinstance(self.repetition_n, int) or self.repetition_n < 1:
+            raise ValueError(f"reward.repetition_n={self.repetition_n!r} must be an integer >= 1")
 
     @property
     def needs_embedder(self) -> bool:
-        return self.coherence != 0 or self.novelty != 0
+        return self.coherence != 0 or self.group_semantic != 0
 
     def weights(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in STEP_COMPONENTS + EPISODE_COMPONENTS}
+        return {name: getattr(self, name) for name in COMPONENTS}
+
 
 
 class RewardModel:
-    """Computes the components of :mod:`envs.rewards` for a batch; holds the novelty memory."""
+    """Computes the components of :mod:`envs.rewards` for a batch and combines them with λ."""
 
     def __init__(self, config: RewardConfig, embedder=None):
         self.config = config
         self._embedder = embedder
         self._prompt_embeddings: dict[str, torch.Tensor] = {}
-        self._memory: dict[str, deque] = {}
+        w = config.weights()
+        self._quality = {k: v for k, v in w.items() if k not in DIVERSITY_COMPONENTS and v != 0}
+        self._diversity = {k: v for k, v in w.items() if k in DIVERSITY_COMPONENTS and v != 0}
 
     @property
     def embedder(self):
@@ -114,13 +135,11 @@ class RewardModel:
             self._embedder = get_default_embedder("cpu")
         return self._embedder
 
-    def reset_memory(self) -> None:
-        self._memory.clear()
-
     # ------------------------------------------------------------------ per token
-    def step_components(self, token_logp: torch.Tensor, tempered_logits: torch.Tensor,
-                        repeated: torch.Tensor, anomalous: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token components, each (B,): see the module table."""
+    def step_components(self, token_logp: torch.Tensor, repeated: torch.Tensor, anomalous: torch.Tensor,
+                        tempered_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-token components, each (B,): see the module table. ``tempered_logits`` (B, V), the logits the
+        draw used, are needed only when the ``entropy`` component is on."""
         c = self.config
         out = {
             "logprob": token_logp.clamp(-c.logprob_clip, 0.0) / c.logprob_clip,
@@ -128,38 +147,61 @@ class RewardModel:
             "anomaly": -anomalous.float(),
         }
         if c.entropy != 0:
+            if tempered_logits is None:
+                raise ValueError("reward.entropy is on: step_components needs the tempered logits")
             logq = torch.log_softmax(tempered_logits, dim=-1)  # (B, V)
-            q = logq.exp()
-            h = -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)  # (B,)
+            h = -torch.where(logq > -math.inf, logq.exp() * logq, torch.zeros_like(logq)).sum(-1)  # (B,)
             out["entropy"] = h.clamp(0.0, c.entropy_cap) / c.entropy_cap
         else:
             out["entropy"] = torch.zeros_like(token_logp)
         return out
 
-    def combine(self, components: dict[str, torch.Tensor | np.ndarray]) -> np.ndarray:
-        """Weighted sum of whichever components are given (numpy, float32)."""
-        total = None
+    def combine(self, components: dict[str, np.ndarray], diversity: np.ndarray) -> np.ndarray:
+        """``sum_q w_q c_q + λ sum_d w_d c_d`` over the given components; ``diversity`` is λ per row (B,)."""
+        quality = None
+        spread = None
         for name, value in components.items():
-            v = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float32)
-            term = getattr(self.config, name) * v
-            total = term if total is None else total + term
-        return total
+            v = np.asarray(value, dtype=np.float32)
+            if name in self._quality:
+                term = self._quality[name] * v
+                quality = term if quality is None else quality + term
+            elif name in self._diversity:
+                term = self._diversity[name] * v
+                spread = term if spread is None else spread + term
+        b = np.asarray(diversity, dtype=np.float32).shape
+        total = np.zeros(b, dtype=np.float32) if quality is None else quality
+        if spread is not None:
+            total = total + np.asarray(diversity, dtype=np.float32) * spread
+        return total.astype(np.float32)
 
     # ------------------------------------------------------------------ per completion
-    def episode_components(self, prompt_keys: list[str], prompt_texts: list[str], completions: list[str],
-                           completion_tokens: list[list[int]]) -> dict[str, np.ndarray]:
-        """Completion components, each (R,), for R finished episodes (updates the novelty memory)."""
+    def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],
+                           prompt_texts: Sequence[str], answers: Sequence[Sequence[str] | None],
+                           completions: Sequence[str], completion_tokens: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Completion components, each (R,), for R finished completions.
+
+        ``groups`` partitions ``range(R)`` into the samples of one prompt drawn together (the diversity
+        components compare each sample with the others of its group); the other arguments hold one
+        entry per completion: prompt id and text, accepted answers (None for an open prompt),
+        completion text and token ids.
+        """
         c = self.config
         r = len(completions)
         out = {
             "text_anomaly": -AnomalyDetector.text_scores(completions).astype(np.float32),  # the one detector's text rules
-            "distinct": np.asarray([distinct_n(t, 2) for t in completion_tokens], dtype=np.float32),
+            "correct": np.asarray([float(a is not None and is_correct(t, a)) for t, a in zip(completions, answers)],
+                                  dtype=np.float32),
             "coherence": np.zeros(r, dtype=np.float32),
-            "novelty": np.zeros(r, dtype=np.float32),
+            "group_semantic": np.zeros(r, dtype=np.float32),
+            "group_ngram": np.zeros(r, dtype=np.float32),
         }
+        for members in groups:
+            for i in members:
+                others = [completion_tokens[j] for j in members if j != i]
+                out["group_ngram"][i] = novel_ngram_fraction(completion_tokens[i], others, 2)
         if not c.needs_embedder or r == 0:
             return out
-        emb = self.embedder.encode(completions)  # (R, D), unit norm
+        emb = self.embedder.encode(list(completions))  # (R, D), unit norm
         missing = [k for k in dict.fromkeys(prompt_keys) if k not in self._prompt_embeddings]
         if missing:
             texts = {k: t for k, t in zip(prompt_keys, prompt_texts)}
@@ -167,10 +209,7 @@ class RewardModel:
                 self._prompt_embeddings[k] = e
         prompts = torch.stack([self._prompt_embeddings[k] for k in prompt_keys])  # (R, D)
         out["coherence"] = (emb * prompts).sum(-1).clamp(-1, 1).numpy().astype(np.float32)
-        for i, key in enumerate(prompt_keys):  # in order, so a later row sees an earlier one of this step
-            memory = self._memory.setdefault(key, deque(maxlen=c.novelty_memory))
-            if memory:
-                sims = torch.stack(list(memory)) @ emb[i]  # (M,)
-                out["novelty"][i] = float(1.0 - sims.max().clamp(-1, 1))
-            memory.append(emb[i])
+        for members in groups:
+            idx = list(members)
+            out["group_semantic"][idx] = distance_to_others(emb[idx]).numpy()
         return out

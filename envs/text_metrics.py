@@ -32,9 +32,11 @@ __all__ = [
     "bootstrap_ci",
     "distinct_n",
     "distinct_n_corpus",
+    "distance_to_others",
     "mean_pairwise_distance",
     "mean_pairwise_distance_batched",
     "ngrams",
+    "novel_ngram_fraction",
     "paired_bootstrap_ci",
     "repeated_ngram_rate",
     "self_bleu",
@@ -100,6 +102,22 @@ def distinct_n_corpus(seqs: Iterable, n: int) -> float:
     if total == 0:
         return 0.0
     return len(seen) / total
+
+
+def novel_ngram_fraction(seq, others: Iterable, n: int = 2) -> float:
+    """Share of the distinct n-grams of ``seq`` that none of the ``others`` contains.
+
+    The n-gram diversity of one sample against the other samples of its prompt: 1.0 when it
+    shares no n-gram with them, 0.0 when every one of its n-grams occurs in another sample (or
+    when it has no n-gram at all).
+    """
+    own = set(ngrams(seq, n))
+    if not own:
+        return 0.0
+    seen: set[tuple] = set()
+    for other in others:
+        seen.update(ngrams(other, n))
+    return len(own - seen) / len(own)
 
 
 def repeated_ngram_rate(tokens, n: int = 3) -> float:
@@ -241,6 +259,22 @@ def mean_pairwise_distance_batched(embeddings: torch.Tensor, eps: float = 1e-12)
     sim = unit @ unit.transpose(1, 2)  # (B, K, K)
     iu = torch.triu_indices(k, k, offset=1, device=emb.device)  # (2, P)
     return (1.0 - sim[:, iu[0], iu[1]]).mean(dim=1)  # (B,)
+
+
+def distance_to_others(embeddings: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each sample's mean cosine distance (1 - cosine) to the other samples: ``(K, D) -> (K,)``.
+
+    Its mean over the K samples is :func:`mean_pairwise_distance`. K < 2 gives zeros.
+    """
+    emb = torch.as_tensor(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"expected embeddings of shape (K, D), got {tuple(emb.shape)}.")
+    k = emb.shape[0]
+    if k < 2:
+        return torch.zeros(k, dtype=torch.float32, device=emb.device)
+    unit = torch.nn.functional.normalize(emb.float(), p=2, dim=-1, eps=eps)  # (K, D)
+    dist = 1.0 - unit @ unit.T  # (K, K), zero diagonal up to rounding
+    return (dist.sum(dim=1) - dist.diagonal()) / (k - 1)  # (K,)
 
 
 def mean_pairwise_distance(embeddings: torch.Tensor) -> float:

@@ -103,8 +103,9 @@ _COMPONENT_DOCS = {
     "entropy": "sum over tokens of min(H(tempered), cap) / cap",
     "coherence": "cosine(prompt, completion), MiniLM",
     "text_anomaly": "-(text anomaly score of the completion)",
-    "distinct": "distinct-2 of the completion's tokens",
-    "novelty": "1 - max cosine to earlier samples of the same prompt",
+    "correct": "1 when an accepted answer appears (answerable prompts), else 0",
+    "group_semantic": "mean cosine distance to the other samples of the group",
+    "group_ngram": "share of the completion's bigrams no other sample of the group has",
 }
 
 METRICS: list[Metric] = [
@@ -1076,7 +1077,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     torch.manual_seed(seed)
     lm = load_causal_lm(config.model)
     env = TemperatureVecEnv(env_cfg, lm=lm, reward=config.reward, prompts=prompts)
-    embedder = get_default_embedder("cpu")  # the reward's embedder (coherence, novelty): loaded once
+    embedder = get_default_embedder("cpu")  # the reward's embedder (coherence, group diversity): loaded once
     per_row = math.ceil(n_prompts / n_groups)
 
     unique: OrderedDict[str, PolicyEntry] = OrderedDict()

@@ -39,7 +39,7 @@ def collect_episodes(env: TemperatureVecEnv, policy, episodes_per_row: int = 1, 
     while (finished < episodes_per_row).any():
         actions, _ = policy.predict(obs, state=None, episode_start=episode_start, deterministic=deterministic)
         obs, _, dones, infos = env.step(np.asarray(actions, dtype=np.float32).reshape(env.num_envs, -1))
-        tokens += int((finished < episodes_per_row).sum())
+        tokens += sum(1 for r, info in enumerate(infos) if info["active"] and finished[r] < episodes_per_row)
         for r in np.flatnonzero(dones):
             if finished[r] < episodes_per_row:
                 info = dict(infos[r])

@@ -73,6 +73,9 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
     }
     for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
         out[k] = float(np.mean([e["reward_components"][k] for e in episodes]))
+    answered = [e["correct"] for e in episodes if e.get("answerable")]
+    out["accuracy"] = float(np.mean(answered)) if answered else float("nan")
+    out["answerable_episodes"] = len(answered)
     return out
 
 
@@ -94,6 +97,8 @@ class KelvinCallback(BaseCallback):
         self._reset_accumulators()
         self._timings = dict(train_env.core.timings)
         self._t_rollout = time.perf_counter()
+        self._t_rollout_end: float | None = None
+        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
         self.last_validation: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -123,16 +128,22 @@ class KelvinCallback(BaseCallback):
         self._t_rollout = time.perf_counter()
         self._timings = dict(self.train_env.core.timings)
 
+    def _on_rollout_start(self) -> None:
+        now = time.perf_counter()
+        if self._t_rollout_end is not None:  # SB3 ran the PPO update since the last rollout ended
+            self.perf["ppo_s"] += now - self._t_rollout_end
+        self._t_rollout = now
+
     def _on_step(self) -> bool:
-        infos = self.locals["infos"]
+        all_infos = self.locals["infos"]
+        self._episodes.extend(info for info in all_infos if "episode" in info)  # waiting rows end episodes too
+        infos = [info for info in all_infos if info["active"]]  # rows that drew a token at this step
         temps = np.fromiter((info["temperature"] for info in infos), dtype=np.float32, count=len(infos))
         self._temps.append(temps)
         for info in infos:
             comps = info["reward_components"]
             for k in STEP_COMPONENTS:
                 self._step_sums[k] += comps[k]
-            if "episode" in info:
-                self._episodes.append(info)
         self._n_steps += len(infos)
         every = self.config.train.checkpoint_every
         if every and self.model.num_timesteps - self._last_checkpoint >= every:
@@ -165,12 +176,18 @@ class KelvinCallback(BaseCallback):
             for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
                 rec(f"episode/{k}", float(np.mean([e["reward_components"][k] for e in self._episodes])))
             rec("episode/truncated_fraction", float(np.mean([e["TimeLimit.truncated"] for e in self._episodes])))
+            answered = [e["correct"] for e in self._episodes if e["answerable"]]
+            if answered:
+                rec("episode/accuracy", float(np.mean(answered)))
         t = self.train_env.core.timings
         model_s = t["model_s"] - self._timings["model_s"]
         env_s = t["env_s"] - self._timings["env_s"]
         tokens = t["tokens"] - self._timings["tokens"]
+        waiting = t["waiting_rows"] - self._timings["waiting_rows"]
         wall = time.perf_counter() - self._t_rollout
+        self.perf["rollout_s"] += wall
         rec("perf/tokens_per_s", tokens / wall if wall > 0 else 0.0)
+        rec("perf/waiting_share", waiting / max(tokens + waiting, 1))  # row-steps spent waiting for a group
         rec("perf/model_share", model_s / wall if wall > 0 else 0.0)
         rec("perf/env_share", env_s / wall if wall > 0 else 0.0)
         rec("perf/model_vs_env", model_s / env_s if env_s > 0 else 0.0)
@@ -179,7 +196,7 @@ class KelvinCallback(BaseCallback):
         every = self.config.train.validate_every
         if every and self.n_rollouts % every == 0:
             self.validate()
-        self._t_rollout = time.perf_counter()
+        self._t_rollout_end = time.perf_counter()
 
     # ------------------------------------------------------------------ validation
     def _policy(self):
@@ -196,6 +213,13 @@ class KelvinCallback(BaseCallback):
 
     def validate(self) -> dict:
         """Learned policy vs every fixed temperature on the validation prompts (same prompts, same seeds)."""
+        t0 = time.perf_counter()
+        try:
+            return self._validate()
+        finally:
+            self.perf["validation_s"] += time.perf_counter() - t0
+
+    def _validate(self) -> dict:
         tc = self.config.train
         spec, mapping = self.val_env.feature_spec, self.val_env.action_mapping
         if self._fixed_cache is None:  # fixed baselines do not change during training: run them once
@@ -367,8 +391,14 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         callback.logger.dump(model.num_timesteps)
     env.close()
     val_env.close()
+    wall = time.perf_counter() - t0
+    timings = env.core.timings
+    perf = {"tokens": timings["tokens"], "wall_s": wall, "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
+            "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
+            "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
+            "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
     summary = {"run_dir": str(run_dir), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
-               "wall_s": time.perf_counter() - t0, "validation": validation,
+               "wall_s": wall, "perf": perf, "validation": validation,
                "export": None if export_dir is None else str(export_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -133,7 +133,7 @@ def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypa
     weights = torch.zeros(lm.vocab_size)
     weights[discovered[0].token_id] = 1.0
     monkeypatch.setattr(discovery, "discovered_token_weights", lambda lm: weights)
-    no_embedder = RewardConfig(coherence=0.0, novelty=0.0)
+    no_embedder = RewardConfig(coherence=0.0, group_semantic=0.0)
     on = GenerationCore(EnvConfig(batch_size=1, group_size=1), lm, no_embedder)
     off = GenerationCore(EnvConfig(batch_size=1, group_size=1, discovered_anomalies=False), lm, no_embedder)
     i = discovered[0].token_id

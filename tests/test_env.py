@@ -3,7 +3,8 @@ Gymnasium / SB3 ``check_env``, reward directions, seeding, and bad input.
 
 The stub LM (:class:`StubLM`) implements the :class:`envs.lm.CausalLM` interface over an 8-token
 vocabulary (EOS = 0). A prompt's text says how its episode goes: ``"len=3 ..."`` ends with EOS as the
-3rd token (EOS is the only finite logit once 2 tokens are generated), ``"loop=1,2 ..."`` forces the
+3rd token (EOS is the only finite logit once 2 tokens are generated; ``"len=2,4"`` gives even rows 2
+tokens and odd rows 4, so the rows of a group end at different times), ``"loop=1,2 ..."`` forces the
 non-EOS tokens to cycle 1, 2, 1, 2, ... (otherwise a fixed distribution over tokens 1..7). So the
 episode lengths, and hence the ``dones`` array at every step, are known in advance (the pattern of
 SB3's ``test_vecenv_terminal_obs`` and Gymnasium's autoreset tests).
@@ -26,7 +27,7 @@ from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, Rewa
 
 V = 8
 EOS = 0
-NO_EMBEDDER = RewardConfig(coherence=0.0, novelty=0.0)
+NO_EMBEDDER = RewardConfig(coherence=0.0, group_semantic=0.0)
 # The fixed non-EOS distribution of the stub: EOS masked, tokens 1..7 with increasing logits.
 BASE_LOGITS = torch.tensor([-math.inf, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
 
@@ -75,10 +76,10 @@ class StubLM:
         for text in prompts:
             if text not in self._keys:
                 fields = dict(w.split("=", 1) for w in text.split() if "=" in w)
-                length = int(fields.get("len", 10**6))
+                lengths = tuple(int(n) for n in fields.get("len", str(10**6)).split(","))
                 cycle = tuple(int(t) for t in fields["loop"].split(",")) if "loop" in fields else ()
                 self._keys[text] = len(self._episodes)
-                self._episodes.append((length, cycle))
+                self._episodes.append((lengths, cycle))
             out.append([self._keys[text]] * len(text.split()))  # one id per word: prompt length = words
         return out
 
@@ -89,7 +90,8 @@ class StubLM:
     def _logits(self, state: StubState, rows: torch.Tensor) -> torch.Tensor:
         out = []
         for r in rows.tolist():
-            length, cycle = self._episodes[int(state.key[r])]
+            lengths, cycle = self._episodes[int(state.key[r])]
+            length = lengths[r % len(lengths)]  # "len=2,4": even rows end at 2 tokens, odd rows at 4
             n = int(state.generated[r])
             if n >= length - 1:
                 row = torch.full((V,), -math.inf)
@@ -245,6 +247,37 @@ def test_stub_rows_receive_their_drawn_tokens_and_eos_only_at_the_end():
     assert torch.equal(fed[:, 0], fed[:, 1]) and torch.equal(fed[:, 2], fed[:, 3])
 
 
+def test_stub_rows_of_a_group_wait_for_each_other():
+    """Row 0 ends at 2 tokens, row 1 at 4 (same prompt, same group): row 0 waits two steps (actions
+    ignored, EOS fed, observation held, reward 0), then both end their episode at step 4."""
+    prompts = [_prompt(0, "len=2,4 loop=7 go"), _prompt(1, "len=3 go")]
+    env = _stub_env(batch_size=2, group_size=2, max_new_tokens=6, prompts=prompts)
+    pos = _obs_col(env, "position")
+    env.reset()
+    first = env.core.row_prompt.tolist()
+    assert first == [0, 0]  # seed 0: permutation(2) = [0, 1]
+    seen = []
+    for step in range(1, 5):
+        obs, rewards, dones, infos = env.step(np.full((2, 1), 0.25 * step, dtype=np.float32))
+        seen.append(([i["active"] for i in infos], dones.tolist(), obs[:, pos].tolist(), rewards.tolist()))
+    assert [a for a, _, _, _ in seen] == [[True, True], [True, True], [False, True], [False, True]]
+    assert [d for _, d, _, _ in seen] == [[False, False]] * 3 + [[True, True]]
+    # row 0's observation is held at its terminal one (2 tokens) while it waits
+    assert [o[0] for _, _, o, _ in seen[:3]] == pytest.approx([1 / 6, 2 / 6, 2 / 6])
+    assert seen[2][3][0] == 0.0  # no reward while waiting
+    fed = torch.stack(env.core.state.fed)  # (4, 2)
+    assert fed[:, 0].tolist() == [7, 0, 0, 0] and fed[:, 1].tolist() == [7, 7, 7, 0]
+    info0, info1 = infos
+    assert info0["episode"]["l"] == 2 and info1["episode"]["l"] == 4
+    assert info0["waited"] == 2 and info1["waited"] == 0
+    assert info0["TimeLimit.truncated"] is False and info1["TimeLimit.truncated"] is False
+    assert info0["terminal_observation"][pos] == pytest.approx(2 / 6)
+    assert len(info0["temperatures"]) == 2  # the temperatures of its own tokens only
+    assert info0["temperatures"].tolist() == pytest.approx([0.5, 1.0])  # T = 2a on [-2, 2]
+    assert env.core.row_prompt.tolist() == [1, 1]  # the group restarted together on the next prompt
+    assert obs[:, pos].tolist() == [0.0, 0.0]
+
+
 def test_stub_step_before_reset_is_a_clear_error():
     env = _stub_env()
     with pytest.raises(RuntimeError, match="reset"):
@@ -265,24 +298,33 @@ def test_real_model_vecenv_contract(lm):
     obs = env.reset()
     assert obs.shape == (4, dim) and obs.dtype == np.float32 and np.isfinite(obs).all()
     n_tokens = np.zeros(4, dtype=int)
+    ended = np.zeros(4, dtype=bool)
+    eos_end = np.zeros(4, dtype=bool)
     returns = np.zeros(4)
     finished = 0
-    for _ in range(8):
+    for _ in range(14):
         obs, rewards, dones, infos = env.step(np.full((4, 1), 0.3, dtype=np.float32))  # T = 0.6
         tokens = steps[-1].tokens
-        n_tokens += 1
+        active = ~ended
+        assert [i["active"] for i in infos] == active.tolist()
+        n_tokens += active
         returns += rewards
         assert obs.shape == (4, dim) and obs.dtype == np.float32 and np.isfinite(obs).all()
         assert rewards.shape == (4,) and rewards.dtype == np.float32 and np.isfinite(rewards).all()
         eos = lm.is_eos(tokens).numpy()
-        assert dones.tolist() == (eos | (n_tokens == 6)).tolist()
+        eos_end |= active & eos
+        ended |= active & (eos | (n_tokens == 6))
+        group_done = ended.reshape(2, 2).all(axis=1).repeat(2)
+        assert dones.tolist() == group_done.tolist()
         for r, info in enumerate(infos):
             assert info["temperature"] == pytest.approx(0.6)
             assert ("terminal_observation" in info) == bool(dones[r]) == ("episode" in info)
             if not dones[r]:
+                if ended[r]:  # waiting: no reward, observation held at 6 or fewer tokens
+                    assert rewards[r] == 0.0 and obs[r, pos] == pytest.approx(n_tokens[r] / 6)
                 continue
             finished += 1
-            assert info["TimeLimit.truncated"] is bool(n_tokens[r] == 6 and not eos[r])
+            assert info["TimeLimit.truncated"] is bool(not eos_end[r])
             assert info["episode"]["l"] == n_tokens[r]
             assert info["temperatures"].tolist() == pytest.approx([0.6] * n_tokens[r])  # not zeroed by the reset
             assert info["episode"]["r"] == pytest.approx(returns[r], rel=1e-5, abs=1e-5)
@@ -296,8 +338,7 @@ def test_real_model_vecenv_contract(lm):
             assert isinstance(info["completion"], str)
             if info["TimeLimit.truncated"]:
                 assert len(info["completion"]) > 0
-            n_tokens[r] = 0
-            returns[r] = 0.0
+            n_tokens[r], returns[r], ended[r], eos_end[r] = 0, 0.0, False, False
     assert finished >= 4  # every row ended at least once (at 6 tokens at the latest)
 
 
@@ -348,7 +389,7 @@ def test_repeated_ngram_detection_and_distinct_on_forced_loops():
     prompts = [_prompt(0, "loop=5 go"), _prompt(1, "loop=1,2 go"), _prompt(2, "loop=1,2,3,4,5,6,7 go")]
     config = EnvConfig(batch_size=3, group_size=1, max_new_tokens=8, token_prior=False)
     core = GenerationCore(config, StubLM(), NO_EMBEDDER, prompts)
-    core.reset_rows(None, prompt_indices=[0, 1, 2])
+    core.reset_groups(None, prompt_indices=[0, 1, 2])
     repetition, last = [], None
     for _ in range(8):
         last = core.step(np.full(3, 0.5, dtype=np.float32))  # one finite token per step: forced
@@ -358,26 +399,69 @@ def test_repeated_ngram_detection_and_distinct_on_forced_loops():
     assert rep[0].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]  # 5 5 5 | 5: (5,5,5) again
     assert rep[1].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]  # 1 2 1 2 | 1: (1,2,1) again
     assert rep[2].tolist() == [0] * 8
-    assert last.truncated.tolist() == [True] * 3
-    distinct = last.components["distinct"]  # distinct-2 over 7 bigrams
-    assert distinct.tolist() == pytest.approx([1 / 7, 2 / 7, 1.0])
+    assert last.truncated.tolist() == [True] * 3 and last.done.tolist() == [True] * 3
 
 
 def test_closes_repeated_ngram_directly():
     config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=6, token_prior=False)
     core = GenerationCore(config, StubLM(), NO_EMBEDDER, [_prompt(0, "len=9 go")])
-    core.reset_rows(None)
+    core.reset_groups(None)
     core.tokens[:] = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
     closes = [core._closes_repeated_ngram(torch.tensor([p, p])).tolist() for p in range(6)]
     assert closes == [[False, False], [False, False], [False, False], [False, False], [False, False],
                       [True, False]]
 
 
-def test_reward_model_distinct_prefers_varied_tokens():
+class _FixedEmbedder:
+    """Embeds each text as the vector given for it (the reward's diversity maths on known cosines)."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return torch.nn.functional.normalize(torch.tensor([self.vectors[t] for t in texts], dtype=torch.float32), dim=-1)
+
+
+def test_group_semantic_on_three_embeddings_with_known_cosines():
+    """e1 = (1, 0, 0), e2 = (0, 1, 0), e3 = (1, 1, 0) / sqrt 2: cos12 = 0, cos13 = cos23 = 1/sqrt 2.
+    Each sample's distance to the others: (1 + (1 - 0.70711)) / 2 = 0.64645 for e1 and e2,
+    (1 - 0.70711) = 0.29289 for e3; a second group of one sample has no other: 0."""
+    vectors = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [1, 1, 0], "d": [0, 0, 1], "p": [0, 0, 1]}
+    model = RewardModel(RewardConfig(coherence=1.0), embedder=_FixedEmbedder(vectors))
+    out = model.episode_components([[0, 1, 2], [3]], ["q", "q", "q", "r"], ["p"] * 4, [None] * 4,
+                                   ["a", "b", "c", "d"], [[1], [2], [3], [4]])
+    assert out["group_semantic"].tolist() == pytest.approx([0.646447, 0.646447, 0.292893, 0.0], abs=1e-6)
+    assert out["coherence"].tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0], abs=1e-6)  # cosine to "p"
+
+
+def test_group_ngram_counts_the_bigrams_no_other_sample_has():
     model = RewardModel(NO_EMBEDDER)
-    out = model.episode_components(["a", "b"], ["x", "x"], ["loop", "varied"], [[5, 6] * 5, list(range(10))])
-    assert out["distinct"].tolist() == pytest.approx([2 / 9, 1.0])
-    assert out["coherence"].tolist() == [0.0, 0.0] and out["novelty"].tolist() == [0.0, 0.0]
+    tokens = [[1, 2, 3, 4], [1, 2, 5, 6], [7, 8], [9]]
+    out = model.episode_components([[0, 1, 2], [3]], ["q"] * 4, ["p"] * 4, [None] * 4, ["x"] * 4, tokens)
+    # sample 0: bigrams (1,2) (2,3) (3,4), (1,2) also in sample 1 -> 2/3; sample 1: (1,2) (2,5) (5,6) -> 2/3;
+    # sample 2: (7,8) alone -> 1; sample 3: no bigram -> 0
+    assert out["group_ngram"].tolist() == pytest.approx([2 / 3, 2 / 3, 1.0, 0.0])
+    assert out["coherence"].tolist() == [0.0] * 4 and out["group_semantic"].tolist() == [0.0] * 4
+
+
+def test_correct_only_on_answerable_prompts():
+    model = RewardModel(NO_EMBEDDER)
+    out = model.episode_components([[0], [1], [2]], ["q1", "q2", "q3"], ["p"] * 3, [["12", "twelve"], ["Paris"], None],
+                                   ["It is Twelve.", "It is Lyon.", "Twelve"], [[1]] * 3)
+    assert out["correct"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_identical_samples_have_no_diversity_on_the_real_embedder():
+    model = RewardModel(RewardConfig())
+    prompt = "How do volcanoes erupt?"
+    a = "Magma rises through cracks in the crust and erupts as lava and ash."
+    b = "My favourite pasta recipe uses garlic and basil."
+    out = model.episode_components([[0, 1], [2, 3]], ["v"] * 4, [prompt] * 4, [None] * 4, [a, a, a, b],
+                                   [[1, 2, 3]] * 2 + [[1, 2, 3], [4, 5, 6]])
+    same, same2, x, y = out["group_semantic"].tolist()
+    assert abs(same) < 1e-4 and abs(same2) < 1e-4
+    assert x == pytest.approx(y) and x > 0.3
+    assert out["group_ngram"].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_coherence_prefers_the_on_topic_reply():
@@ -385,7 +469,8 @@ def test_coherence_prefers_the_on_topic_reply():
     prompt = "How do volcanoes erupt?"
     on = "Magma rises through cracks in the crust and erupts as lava and ash."
     off = "My favourite pasta recipe uses garlic and basil."
-    out = model.episode_components(["v1", "v2"], [prompt, prompt], [on, off], [[1, 2, 3], [1, 2, 3]])
+    out = model.episode_components([[0], [1]], ["v1", "v2"], [prompt, prompt], [None, None], [on, off],
+                                   [[1, 2, 3], [1, 2, 3]])
     on_c, off_c = out["coherence"].tolist()
     assert -1.0 <= off_c < on_c <= 1.0
     assert on_c - off_c > 0.2
@@ -396,48 +481,39 @@ def test_text_anomaly_penalises_glitch_tokens():
     glitch = ("MetaInfo Citizortunatelyemeteriesrossover Confuciforgettable]// advocroximately "
               "MetaInfoemeteries")
     prose = "Magma rises through cracks in the crust and erupts as lava and ash."
-    out = model.episode_components(["a", "b"], ["x", "x"], [glitch, prose], [[1, 2], [1, 2]])
+    out = model.episode_components([[0, 1]], ["a", "b"], ["x", "x"], [None, None], [glitch, prose], [[1, 2], [1, 2]])
     bad, good = out["text_anomaly"].tolist()
     assert good == 0.0
     assert -1.0 <= bad < -0.3
 
 
-def test_novelty_is_zero_for_a_repeat_and_high_for_a_new_reply():
-    model = RewardModel(RewardConfig())
-    prompt = "How do volcanoes erupt?"
-    a = "Magma rises through cracks in the crust and erupts as lava and ash."
-    b = "My favourite pasta recipe uses garlic and basil."
-    ids = [[1, 2, 3]] * 4
-    out = model.episode_components(["v", "v", "v", "w"], [prompt] * 4, [a, a, b, a], ids)
-    first, repeat, new, other_prompt = out["novelty"].tolist()
-    assert first == 0.0  # nothing to compare with yet
-    assert abs(repeat) < 1e-4  # identical to an earlier completion of the same prompt
-    assert new > 0.3
-    assert other_prompt == 0.0  # memory is per prompt
-    model.reset_memory()
-    again = model.episode_components(["v"], [prompt], [a], ids[:1])
-    assert again["novelty"].tolist() == [0.0]
-
-
 def test_step_components_clipping_and_entropy_cap():
-    model = RewardModel(RewardConfig())  # logprob_clip 10, entropy_cap 3
+    model = RewardModel(RewardConfig(entropy=0.5))  # logprob_clip 10, entropy_cap 3
     tempered = torch.full((3, 64), -math.inf)
     tempered[0, :4] = 0.0  # uniform over 4 kept tokens: ln 4 nats
     tempered[1] = 0.0  # uniform over 64: ln 64 = 4.16 nats > cap
     tempered[2, 7] = 5.0  # one token: 0 nats
-    comps = model.step_components(torch.tensor([-20.0, -5.0, 0.0]), tempered,
-                                  torch.tensor([False, True, False]), torch.tensor([0.0, 1.0, 0.5]))
+    comps = model.step_components(torch.tensor([-20.0, -5.0, 0.0]), torch.tensor([False, True, False]),
+                                  torch.tensor([0.0, 1.0, 0.5]), tempered)
     assert comps["logprob"].tolist() == pytest.approx([-1.0, -0.5, 0.0])
     assert comps["repetition"].tolist() == [0.0, -1.0, 0.0]
     assert comps["anomaly"].tolist() == [0.0, -1.0, -0.5]
     assert comps["entropy"].tolist() == pytest.approx([math.log(4) / 3, 1.0, 0.0], abs=1e-6)
     assert math.log(4) / 3 == pytest.approx(0.4621, abs=1e-4)
-    # weights 1, 0.5, 1, 0.5
-    expected = [-1.0 + 0.5 * math.log(4) / 3, -0.5 - 0.5 - 1.0 + 0.5, -0.5]
-    assert model.combine(comps).tolist() == pytest.approx(expected, abs=1e-6)
-    off = RewardModel(RewardConfig(entropy=0.0)).step_components(
-        torch.zeros(3), tempered, torch.zeros(3, dtype=torch.bool), torch.zeros(3))
-    assert off["entropy"].tolist() == [0.0, 0.0, 0.0]
+    # weights: logprob 1, repetition 0.5, anomaly 1 (quality); entropy 0.5 times λ = (1, 2, 0)
+    np_comps = {k: v.numpy() for k, v in comps.items()}
+    expected = [-1.0 + 1 * 0.5 * math.log(4) / 3, -0.5 - 0.5 - 1.0 + 2 * 0.5, -0.5]
+    assert model.combine(np_comps, np.array([1.0, 2.0, 0.0])).tolist() == pytest.approx(expected, abs=1e-6)
+    off = RewardModel(RewardConfig()).step_components(torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(3))
+    assert off["entropy"].tolist() == [0.0, 0.0, 0.0]  # off by default: no tempered logits needed
+
+
+def test_diversity_is_scaled_by_lambda_and_quality_is_not():
+    model = RewardModel(RewardConfig())  # correct 6, group_semantic 6, group_ngram 2, coherence 2
+    comps = {"correct": np.array([1.0, 1.0]), "group_semantic": np.array([0.5, 0.5]),
+             "group_ngram": np.array([0.25, 0.25]), "coherence": np.array([0.5, 0.5])}
+    # quality 6 * 1 + 2 * 0.5 = 7; diversity 6 * 0.5 + 2 * 0.25 = 3.5, times λ = 0 and 0.5
+    assert model.combine(comps, np.array([0.0, 0.5])).tolist() == pytest.approx([7.0, 8.75])
 
 
 # --------------------------------------------------------------------------- 5. seeding

@@ -150,7 +150,7 @@ class _StubEmbedder:
 
 def _episode(ids, temps, logprobs, completion, r=1.0, truncated=True, anomaly=0.0, coherence=0.5):
     comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
-                              "distinct", "novelty")}
+                              "correct", "group_semantic", "group_ngram")}
     comps.update(anomaly=anomaly, coherence=coherence)
     return {"token_ids": ids, "temperatures": np.asarray(temps), "logprobs": np.asarray(logprobs),
             "completion": completion, "episode": {"r": r, "l": len(temps)}, "reward_components": comps,

@@ -732,7 +732,7 @@ def parity_env(smoke_run, lm):
 
     config = load_config(smoke_run / "config.yaml")
     env_config = replace(config.env, batch_size=2, group_size=1)
-    env = TemperatureVecEnv(env_config, lm=lm, reward=RewardConfig(coherence=0.0, novelty=0.0))
+    env = TemperatureVecEnv(env_config, lm=lm, reward=RewardConfig(coherence=0.0, group_semantic=0.0))
     yield config, env
     env.close()
 
