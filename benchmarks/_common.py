@@ -42,6 +42,8 @@ def add_common_args(parser, default_repeats: int) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the token draws")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
     parser.add_argument("--quick", action="store_true", help="small settings for a quick check (1-3 minutes on 2 CPUs)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run that exercises every code path (seconds; what the test suite runs)")
 
 
 def setup_torch(threads: int | None) -> None:

@@ -32,6 +32,7 @@ from _common import (add_common_args, benchmark_prompt_ids, format_table, median
 
 DEFAULTS = {"batch_sizes": "1,8,32,64", "tokens": 32, "repeats": 3, "seq_max": 2}
 QUICK = {"batch_sizes": "1,8,16", "tokens": 16, "repeats": 2, "seq_max": 2}
+SMOKE = {"batch_sizes": "2", "tokens": 3, "repeats": 1, "seq_max": 1}
 
 
 def parse_args(argv=None):
@@ -48,7 +49,7 @@ def parse_args(argv=None):
                    help="token choice of the batched loop: samplers.core.sample at T=1 (like generate's "
                         "do_sample) or argmax (default: %(default)s)")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else DEFAULTS
+    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
     for key in ("batch_sizes", "tokens", "repeats", "seq_max"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])

@@ -34,6 +34,7 @@ from _common import (add_common_args, benchmark_prompt_ids, format_table, median
 
 DEFAULTS = {"batch": 8, "tokens": 32, "repeats": 5}
 QUICK = {"batch": 8, "tokens": 16, "repeats": 3}
+SMOKE = {"batch": 2, "tokens": 3, "repeats": 1}
 
 
 def parse_args(argv=None):
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--plain-temperature", type=float, default=0.7,
                    help="temperature of the plain variant (default: %(default)s)")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else DEFAULTS
+    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
     for key in ("batch", "tokens", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -159,8 +160,9 @@ def main(argv=None) -> int:
           f"processor share of the policy call: {100 * median(proc_share):.1f} %; "
           f"per step {1e3 * median(times['policy']) * median(proc_share) / args.tokens:.2f} ms "
           f"(goal: ratio <= 1.05); guarded / unguarded: median {median(guard_ratios):.3f}")
-    write_json(args.json, {"args": vars(args), "environment": info, "policy": what, "times": times,
-                           "ratios": ratios, "median_ratio": median(ratios), "processor_share": proc_share,
+    write_json(args.json, {"benchmark": "processor_overhead", "args": vars(args), "environment": info, "policy": what,
+                           "times": times, "ratios": ratios, "ratio_policy_over_plain": median(ratios),
+                           "ratio_guarded_over_unguarded": median(guard_ratios), "processor_share": proc_share,
                            "guard_ratios": guard_ratios})
     return 0
 

@@ -1,0 +1,132 @@
+"""The whole training loop against bare batched decoding, at the same batch, measured side by side.
+
+Two variants, interleaved in one process (bare, train, bare, train, ...), on the same model and batch:
+
+* **train**: ``kelvin.training.train`` on a config (default ``configs/default.yaml``) cut to
+  ``--updates`` PPO updates, with everything a real run does: the env (rewards, MiniLM at group ends,
+  waiting rows), PPO's updates, validation against fixed temperatures (every ``--validate-every``
+  updates), checkpoints, TensorBoard, the export at the end. Its rate is the completion tokens the
+  training env drew divided by the whole wall time of ``train()``.
+* **bare**: ``lm.prefill`` of B prompts then ``lm.decode`` with argmax for ``max_new_tokens`` steps,
+  repeated to the same number of tokens: the model alone, the physical limit of the loop.
+
+``ratio_train_over_bare`` (goal >= 0.80) is what the loop keeps of the model's speed; the rest goes
+to waiting rows (synchronised groups), the env's own work, PPO and validation, printed as shares.
+
+    .venv/bin/python benchmarks/train_throughput.py --threads 1                 # default config, 4 updates, 2 repeats
+    .venv/bin/python benchmarks/train_throughput.py --set env.batch_size=64 --updates 3
+    .venv/bin/python benchmarks/train_throughput.py --smoke                     # seconds: the test suite runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import REPO_ROOT, add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json
+
+DEFAULTS = {"updates": 4, "validate_every": 2, "repeats": 2}
+QUICK = {"updates": 2, "validate_every": 2, "repeats": 1}
+SMOKE = {"updates": 1, "validate_every": 1, "repeats": 1}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, DEFAULTS["repeats"])
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="training config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                   help="config overrides, as train.py --set")
+    p.add_argument("--updates", type=int, default=None, help=f"PPO updates per training run (default {DEFAULTS['updates']})")
+    p.add_argument("--validate-every", type=int, default=None,
+                   help=f"validation every this many updates (default {DEFAULTS['validate_every']})")
+    args = p.parse_args(argv)
+    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
+    for key in ("updates", "validate_every", "repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.updates < 1 or args.repeats < 1:
+        p.error("--updates and --repeats must be >= 1")
+    return args
+
+
+def _config(args):
+    from kelvin.config import load_config
+
+    overrides = list(args.overrides) + [f"model.name={args.model}", f"model.device={args.device}",
+                                        f"model.dtype={args.dtype}", f"train.seed={args.seed}",
+                                        "train.progress_bar=false"]
+    if args.smoke:
+        overrides += ["env.batch_size=4", "env.group_size=2", "env.max_new_tokens=3", "ppo.n_steps=4",
+                      "ppo.batch_size=16", "ppo.n_epochs=1", "train.validation_prompts=2",
+                      "train.validation_temperatures=[0.7]"]
+    cfg = load_config(args.config, overrides)
+    rollout = cfg.ppo["n_steps"] * cfg.env.batch_size
+    final = load_config(args.config, overrides + [f"train.total_timesteps={rollout * args.updates}",
+                                                  f"train.validate_every={args.validate_every}",
+                                                  f"train.checkpoint_every={rollout * args.updates}"])
+    return final
+
+
+def run_train(config) -> dict:
+    from kelvin.training import train
+
+    with tempfile.TemporaryDirectory(prefix="kelvin-train-bench-") as tmp:
+        t0 = time.perf_counter()
+        summary = train(config, Path(tmp) / "run")
+        wall = time.perf_counter() - t0
+        perf = json.loads((Path(tmp) / "run" / "summary.json").read_text()).get("perf", {})
+    return {"wall_s": wall, "tokens": perf.get("tokens", summary["timesteps"]), "perf": perf}
+
+
+def run_bare(lm, prompt_ids, steps_per_episode: int, tokens: int) -> dict:
+    done = 0
+    sync(lm.device)
+    t0 = time.perf_counter()
+    while done < tokens:
+        logits, state = lm.prefill(prompt_ids)
+        for _ in range(steps_per_episode):
+            logits = lm.decode(state, logits.argmax(-1))
+        done += len(prompt_ids) * steps_per_episode
+    sync(lm.device)
+    return {"wall_s": time.perf_counter() - t0, "tokens": done}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    lm, info = start(args)
+    config = _config(args)
+    B, L = config.env.batch_size, config.env.max_new_tokens
+    prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
+    print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {args.updates} PPO updates of "
+          f"{config.ppo['n_steps']} steps, validation every {args.validate_every}; {args.repeats} repeats", flush=True)
+    runs = {"train": [], "bare": []}
+    for rep in range(args.repeats):
+        t = run_train(config)
+        b = run_bare(lm, prompt_ids, L, max(int(t["tokens"]), B * L))
+        runs["train"].append(t)
+        runs["bare"].append(b)
+        print(f"  repeat {rep + 1}/{args.repeats}: train {t['tokens']} tokens in {t['wall_s']:.1f} s "
+              f"({t['tokens'] / t['wall_s']:.1f} tok/s)  bare {b['tokens']} tokens in {b['wall_s']:.1f} s "
+              f"({b['tokens'] / b['wall_s']:.1f} tok/s)", flush=True)
+    ratio = median((t["tokens"] / t["wall_s"]) / (b["tokens"] / b["wall_s"]) for t, b in zip(runs["train"], runs["bare"]))
+    shares = {k: median(t["perf"].get(k, float("nan")) for t in runs["train"])
+              for k in ("model_share", "env_share", "ppo_share", "validation_share", "waiting_share")}
+    rows = [["train (kelvin.training.train)", median(t["tokens"] / t["wall_s"] for t in runs["train"]), f"{ratio:.3f}"],
+            ["bare decode (prefill + argmax decode)", median(b["tokens"] / b["wall_s"] for b in runs["bare"]), "1.00"]]
+    print(format_table(["variant", "tok/s", "train/bare"], rows))
+    print("where the training wall time goes (median shares): " +
+          ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in shares.items()))
+    print(f"SUMMARY train_throughput: B={B}: train/bare {ratio:.3f} (goal >= 0.80)")
+    payload = {"benchmark": "train_throughput", "args": vars(args), "environment": info,
+               "ratio_train_over_bare": ratio, "shares": shares, "raw": runs}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
