@@ -126,6 +126,6 @@ def check_answers_field(value, where: str) -> tuple[str, ...] | None:
             raise ValueError(f"{where}: field 'answers' holds {item!r}; every accepted answer must be a non-empty "
                              'string, e.g. "answers": ["12", "twelve"]')
         if not answer_words(item):
-            raise ValueError(f"{where}: accepted answer {item!r} has no word left after normalisation (articles and "
+            raise ValueError(f"{where}: field 'answers' holds {item!r}, which has no word left after normalisation (articles and "
                              "punctuation are dropped); give the answer itself")
     return tuple(value)

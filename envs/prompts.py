@@ -1,7 +1,12 @@
 """Prompt sets for the temperature environment.
 
-The packaged set (``envs/data/prompts.jsonl``) holds short chat requests in six task
-categories, each split train/validation/test (about 70/15/15 per category). A line is
+The packaged set (``envs/data/prompts.jsonl``) holds short chat requests in seven task
+categories: 300 open prompts (creative writing, explanation, code, brainstorming, summarisation;
+split about 70/15/15) and 179 answerable ones (factual questions, short arithmetic, "what does this
+code print"; split about 55/20/25, so that held-out accuracy rests on enough prompts). The
+answerable prompts are those SmolLM2-135M-Instruct answers correctly greedily or in at least one of
+three draws at T = 0.7 (greedy accuracy 0.70, at T = 0.7 0.58, at T = 1.0 0.34, at T = 1.5 0.04: heat
+visibly costs accuracy), and none of them contains its own answer. A line is
 
     {"id": "creative-001", "text": "...", "category": "creative_writing", "split": "train"}
     {"id": "math-004", "text": "What is 7 times 8?", "category": "math", "split": "test", "answers": ["56"]}
@@ -48,6 +53,7 @@ CATEGORIES: tuple[str, ...] = (
     "brainstorming",
     "factual_question",
     "summarisation",
+    "math",
 )
 
 #: Size of the category one-hot: one slot per entry of CATEGORIES plus a final "other".

@@ -38,15 +38,17 @@ def test_categories_fixed_order():
         "brainstorming",
         "factual_question",
         "summarisation",
+        "math",
     )
     assert NUM_CATEGORY_SLOTS == len(CATEGORIES) + 1
 
 
 def test_packaged_size_and_balance(packaged):
-    assert len(packaged) >= 300
+    assert len(packaged) == 479
     counts = Counter(p.category for p in packaged)
     assert set(counts) == set(CATEGORIES)
-    assert all(counts[c] >= 50 for c in CATEGORIES), counts
+    assert all(counts[c] >= 50 for c in CATEGORIES if c != "math"), counts
+    assert counts["math"] >= 20
 
 
 def test_packaged_every_split_nonempty_per_category(packaged):
@@ -54,9 +56,21 @@ def test_packaged_every_split_nonempty_per_category(packaged):
     for category in CATEGORIES:
         for split in SPLITS:
             assert counts[category, split] > 0, (category, split)
-        # roughly 70/15/15
         total = sum(counts[category, s] for s in SPLITS)
-        assert counts[category, "train"] / total >= 0.6
+        assert counts[category, "train"] / total >= 0.5
+
+
+def test_packaged_answerable_prompts(packaged):
+    from envs.answers import is_correct
+
+    answerable = [p for p in packaged if p.answerable]
+    assert len(answerable) == 179
+    assert sum(not p.id.startswith("factual-") for p in answerable) >= 80  # the ones added beside the factual set
+    assert Counter(p.split for p in answerable) == {"train": 103, "validation": 35, "test": 41}
+    assert {p.category for p in answerable} == {"factual_question", "math", "code"}
+    assert all(p.category != "factual_question" for p in packaged if not p.answerable)
+    for p in answerable:  # echoing the prompt never counts as answering it
+        assert not is_correct(p.text, p.answers), p.id
 
 
 def test_packaged_ids_and_texts_unique(packaged):
