@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecEnv
 
+from anomaly.prior import build_token_prior
 from envs.lm import CausalLM, ModelConfig, load_causal_lm
 from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
@@ -67,9 +68,9 @@ class EnvConfig:
     features: dict = field(default_factory=dict)
     """Extra FeatureSpec fields (ema_decay, repeat_window, anomaly_surprise, median_k, initial_temperature)."""
     token_prior: bool = True
-    """Use the vocabulary's anomaly priors (policies/anomaly.py) in the featurizer's anomaly signal."""
+    """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""
     discovered_anomalies: bool = True
-    """Raise the priors of the model's discovered anomalous tokens (policies/discovery.py; cached on disk,
+    """Raise the priors of the model's discovered anomalous tokens (anomaly/discovery.py; cached on disk,
     probed once per model when missing). Only with ``token_prior``."""
     seed: int = 0
     """Seed of the prompt order and of the token draws."""
@@ -142,20 +143,7 @@ class GenerationCore:
         lm.check_fits(self._prompt_ids, config.max_new_tokens)
         self.B = config.batch_size
         self.n_groups = self.B // config.group_size
-        token_prior = None
-        if config.token_prior:
-            from policies.anomaly import combine_token_flags, token_flags
-
-            token_prior = token_flags(lm.tokenizer)
-            if config.discovered_anomalies and getattr(lm, "model", None) is not None:
-                from policies.discovery import discovered_token_weights
-
-                weights = discovered_token_weights(lm)[: token_prior.shape[0]]  # (V,), disk-cached
-                ids = torch.nonzero(weights).flatten()
-                token_prior = combine_token_flags(token_prior, ids, weights[ids])
-            if token_prior.shape[0] < lm.vocab_size:  # logits may have padded vocabulary rows
-                token_prior = torch.nn.functional.pad(token_prior, (0, lm.vocab_size - token_prior.shape[0]))
-            token_prior = token_prior[: lm.vocab_size]
+        token_prior = build_token_prior(lm, config.discovered_anomalies) if config.token_prior else None  # (V,)
         self.featurizer = Featurizer(self.spec, self.B, self.device, token_prior=token_prior)
         self.seed(config.seed)
         self.state = None

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from envs.text_metrics import distinct_n
-from policies.detector import AnomalyDetector
+from anomaly.detector import AnomalyDetector
 
 __all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS"]
 

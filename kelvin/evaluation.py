@@ -120,7 +120,7 @@ METRICS: list[Metric] = [
            "share of the completion's token n-grams (n = reward.repetition_n) already seen earlier in it"),
     Metric("anomaly_rate", "quality", "fraction", -1,
            "share of tokens the featurizer flags anomalous (token prior or base probability < e^-9.21)"),
-    Metric("text_anomaly", "quality", "score", -1, "text anomaly score of the completion (policies/anomaly.py), 0 = clean"),
+    Metric("text_anomaly", "quality", "score", -1, "text anomaly score of the completion (anomaly/rules.py), 0 = clean"),
     Metric("length", "quality", "tokens", 0, "tokens drawn per completion (EOS included)"),
     Metric("eos_rate", "quality", "fraction", 0, "share of completions that ended with EOS before max_new_tokens"),
     Metric("distinct1", "diversity", "fraction", +1, "distinct-1 of each completion's tokens"),

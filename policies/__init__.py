@@ -14,14 +14,12 @@ from policies.baselines import (
     PIDController,
     SurpriseController,
 )
-from policies.detector import AnomalyDetector
 from policies.features import FEATURE_SPEC_VERSION, FeatureSpec, Featurizer
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, all_baselines, make_policy, policy_from_config
 
 __all__ = [
     "ActionMapping",
-    "AnomalyDetector",
     "ArtifactError",
     "BASELINE_NAMES",
     "CombinedRule",

@@ -31,12 +31,11 @@ Running means are exponential moving averages with decay ``ema_decay`` and bias 
 (like Adam's), so the first token already gets its full value; before the first token they
 hold the values given in the table. The per-token anomaly indicator is
 ``max(token_prior[token], 1[last_surprise > anomaly_surprise])``: ``token_prior`` is a (V,)
-tensor of per-token anomaly priors from :mod:`policies.anomaly` (zeros when not given), and the
-surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
+tensor of per-token anomaly priors (:func:`anomaly.prior.build_token_prior`; zeros when not given),
+and the surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
 (default e^-9.21 = 1e-4): the collapse of the base probability that negative temperatures cause.
-The indicator is computed by the one anomaly detector, :class:`policies.detector.AnomalyDetector`
-(built from ``token_prior``, or passed in full as ``detector=``); its complete per-step verdict
-(score and named reasons) is kept in ``Featurizer.last_detection`` after every ``update``.
+The indicator is computed by the one anomaly detector, :class:`anomaly.detector.AnomalyDetector`
+(built from ``token_prior``, or passed as ``detector=``).
 
 ``max_prob`` / ``entropy`` / ``median_top_prob`` are the inputs of the seed's confidence rules
 (T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
@@ -48,12 +47,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from policies.detector import AnomalyDetector, Detection
+from anomaly.detector import AnomalyDetector
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "TokenStats", "distribution_features"]
 
@@ -206,9 +204,7 @@ class Featurizer:
     """
 
     def __init__(self, spec: FeatureSpec, batch_size: int, device: torch.device | str = "cpu",
-                 token_prior: torch.Tensor | None = None, detector: "AnomalyDetector | None" = None):
-        from policies.detector import AnomalyDetector
-
+                 token_prior: torch.Tensor | None = None, detector: AnomalyDetector | None = None):
         self.spec = spec
         self.device = torch.device(device)
         if detector is None:
@@ -225,9 +221,7 @@ class Featurizer:
                 )
             detector.to(self.device)
         self.detector = detector
-        self.last_detection: "Detection | None" = None
-        self._logp: torch.Tensor | None = None
-        self._dist: torch.Tensor | None = None
+        self._logp: torch.Tensor | None = None  # (B, V) base log-probs of the last observe(), for update()
         self.state = self._fresh(batch_size)
 
     @property
@@ -251,11 +245,6 @@ class Featurizer:
     @property
     def batch_size(self) -> int:
         return self.state.position.shape[0]
-
-    def resize(self, batch_size: int) -> None:
-        """Start over with a new batch size (every row fresh)."""
-        self.state = self._fresh(batch_size)
-        self._logp = self._dist = None
 
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None, category: torch.Tensor | Sequence[int] | None = None,
               diversity_weight: torch.Tensor | Sequence[float] | float | None = None) -> None:
@@ -287,7 +276,7 @@ class Featurizer:
         if logits.shape[0] != self.batch_size:
             raise ValueError(f"logits have {logits.shape[0]} rows but the featurizer tracks {self.batch_size}")
         dist, logp = distribution_features(logits, self.spec.median_k)  # (B, 7), (B, V)
-        self._logp, self._dist = logp, dist
+        self._logp = logp
         s = self.state
         w = s.ema_weight.clamp_min(1e-12)
         started = s.ema_weight > 0
@@ -323,10 +312,8 @@ class Featurizer:
         d = self.spec.ema_decay
         s.ema_prob = d * s.ema_prob + (1 - d) * token_logp.exp()
         s.ema_weight = d * s.ema_weight + (1 - d)
-        # The one anomaly detector (policies/detector.py): its indicator is what the feature averages.
-        detection = self.detector.step(tokens, token_logp, recent=s.recent, mean_drawn_prob=s.ema_prob / s.ema_weight)
-        anomalous = detection.indicator  # (B,) max(token_prior[token], 1[surprise > anomaly_surprise])
-        self.last_detection = detection
+        # The one anomaly detector (anomaly/detector.py): its indicator is what the feature averages.
+        anomalous = self.detector.indicator(tokens, token_logp)  # (B,) max(token_prior[token], 1[surprise > ...])
         s.ema_surprise = d * s.ema_surprise + (1 - d) * surprise
         s.ema_repeat = d * s.ema_repeat + (1 - d) * repeated
         s.ema_anomaly = d * s.ema_anomaly + (1 - d) * anomalous

@@ -31,7 +31,7 @@ Defaults (:func:`resolve_guard_settings`): bounds from the wrapped policy's acti
 ``max_delta = 0.5`` per token, ``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the
 anomalous-token regime of negative temperatures ends) and ``fallback_temperature = 0.7``, both
 clipped into the bounds, ``hold = 8`` tokens, ``anomaly_threshold = 0.5`` (the
-``anomaly`` feature is an EMA of the per-token indicator of :class:`policies.detector.AnomalyDetector`;
+``anomaly`` feature is an EMA of the per-token indicator of :class:`anomaly.detector.AnomalyDetector`;
 0.5 fires after about four anomalous draws in a row).
 
 Serialisation: ``to_config()`` -> ``{"name": "guarded", "params": {...}, "policy": inner config}``;

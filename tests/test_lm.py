@@ -131,7 +131,7 @@ def test_negative_temperature_produces_repetitive_anomalous_tokens(lm):
     assert lm.tokenizer.decode([top_token]).strip() in {"MetaInfo", "emeteries"}, text
     assert text.count("MetaInfo") + text.count("emeteries") >= 5, text
     # and the text is not English: the anomaly rules flag it
-    from policies.anomaly import text_anomaly_score
+    from anomaly.rules import text_anomaly_score
 
     assert text_anomaly_score(text) > 0.5, text
 
