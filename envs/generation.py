@@ -10,12 +10,14 @@ reward.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
 from stable_baselines3.common.vec_env import VecEnv
 
 from anomaly.prior import build_token_prior
@@ -23,89 +25,64 @@ from envs.lm import CausalLM, ModelConfig, load_causal_lm
 from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
-from policies.features import FeatureSpec, Featurizer
-from samplers.core import sample
+from policies.features import FeatureSettings, FeatureSpec, Featurizer
+from samplers.core import Truncation, sample
 
-__all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv", "make_vec_env"]
+__all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 
 
-@dataclass
+def _truncation(value):
+    """``env.truncation`` from a mapping: the sampler core's :class:`~samplers.core.Truncation` checks its own fields."""
+    return Truncation.from_dict(value) if isinstance(value, dict) else value
+
+
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class EnvConfig:
-    """The ``env:`` block of a Kelvin config."""
+    """The ``env:`` block of a Kelvin config (its defaults are the embedded default run's).
 
-    prompts: str | None = None
+    Nests the action mapping (``env.action``: :class:`~policies.actions.ActionMapping`), the truncation
+    (``env.truncation``: :class:`~samplers.core.Truncation`) and the feature settings (``env.features``:
+    :class:`~policies.features.FeatureSettings`). A pydantic dataclass: every field is checked against its
+    type and range when it is built, from a config file or in Python.
+    """
+
+    prompts: Optional[StrictStr] = Field(None, examples=["my_prompts.jsonl"])
     """A JSONL or TXT prompt file; None = Kelvin's packaged prompt set."""
-    split: str | None = "train"
+    split: Optional[Literal["train", "validation", "test"]] = "train"
     """Which split of the prompt file (train / validation / test; None = all)."""
-    categories: list[str] | None = None
+    categories: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["code", "explanation"]])
     """Only these prompt categories (None = all)."""
-    batch_size: int = 16
-    """Rows decoded together (the VecEnv's num_envs)."""
-    group_size: int = 4
+    batch_size: StrictInt = Field(16, ge=1)
+    """Rows decoded together (the VecEnv's num_envs); raise it on a GPU."""
+    group_size: StrictInt = Field(4, ge=1)
     """Rows that share a prompt (diversity across samples of one prompt); divides batch_size."""
-    max_new_tokens: int = 48
+    max_new_tokens: StrictInt = Field(24, ge=1)
     """Episode length limit (truncation); EOS ends an episode earlier (termination)."""
-    action_mapping: str = "linear"
-    """``linear`` in T or ``inverse`` (linear in 1/T); see policies/actions.py."""
-    t_min: float = -2.0
-    """Lowest temperature."""
-    t_max: float = 2.0
-    """Highest temperature."""
-    min_abs_temperature: float = 0.05
-    """``inverse`` mapping only: smallest |T|."""
-    max_delta: float | None = None
-    """Largest temperature change per step (None = no rate limit)."""
-    top_k: int = 0
-    """Truncation before the temperature (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus truncation (1.0 = off)."""
-    min_p: float = 0.0
-    """Min-p truncation (0.0 = off)."""
-    top_n_sigma: float | None = None
-    """Top-n-sigma truncation (None = off)."""
-    include_category: bool = True
+    action: ActionMapping = Field(default_factory=ActionMapping)
+    """Action -> temperature: ``{kind, t_min, t_max, min_abs_temperature, max_delta}`` (policies/actions.py)."""
+    truncation: Annotated[Truncation, BeforeValidator(_truncation)] = Field(default_factory=Truncation)
+    """Truncation before the temperature: ``{top_k, top_p, min_p, top_n_sigma}`` (samplers/core.py); all off."""
+    include_category: StrictBool = True
     """Append the prompt category one-hot to the observation."""
-    features: dict = field(default_factory=dict)
-    """Extra FeatureSpec fields (ema_decay, repeat_window, anomaly_surprise, median_k, initial_temperature)."""
-    token_prior: bool = True
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    """Feature settings ``{initial_temperature, ema_decay, repeat_window, anomaly_surprise, median_k,
+    include_diversity_weight, version}`` (policies/features.py)."""
+    token_prior: StrictBool = True
     """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""
-    discovered_anomalies: bool = True
+    discovered_anomalies: StrictBool = True
     """Raise the priors of the model's discovered anomalous tokens (anomaly/discovery.py; cached on disk,
     probed once per model when missing). Only with ``token_prior``."""
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0)
     """Seed of the prompt order and of the token draws."""
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"env.batch_size={self.batch_size} must be >= 1")
-        if self.group_size < 1 or self.batch_size % self.group_size:
-            raise ValueError(
-                f"env.group_size={self.group_size} must divide env.batch_size={self.batch_size} "
-                "(rows are split into groups that share a prompt)"
-            )
-        if self.max_new_tokens < 1:
-            raise ValueError(f"env.max_new_tokens={self.max_new_tokens} must be >= 1")
-
-    @property
-    def truncation(self) -> dict:
-        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "top_n_sigma": self.top_n_sigma}
-
-    def action_mapping_obj(self) -> ActionMapping:
-        return ActionMapping(kind=self.action_mapping, t_min=self.t_min, t_max=self.t_max,
-                             min_abs_temperature=self.min_abs_temperature, max_delta=self.max_delta)
+        if self.batch_size % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide batch_size={self.batch_size} "
+                             "(rows are split into groups that share a prompt)")
 
     def feature_spec(self) -> FeatureSpec:
-        extra = dict(self.features)
-        unknown = set(extra) - set(FeatureSpec.__dataclass_fields__) - {"version"}
-        if unknown or {"horizon", "categories"} & set(extra):
-            bad = sorted(unknown | ({"horizon", "categories"} & set(extra)))
-            raise ValueError(
-                f"env.features has unsupported keys {bad}; allowed: ema_decay, repeat_window, anomaly_surprise, "
-                "median_k, initial_temperature, include_diversity_weight (horizon comes from max_new_tokens, "
-                "categories from include_category)"
-            )
-        return FeatureSpec(horizon=self.max_new_tokens, categories=CATEGORIES if self.include_category else (),
-                           **extra)
+        """The observation spec: ``features`` plus horizon (max_new_tokens) and categories (include_category)."""
+        return FeatureSpec.of(self.features, self.max_new_tokens, CATEGORIES if self.include_category else ())
 
 
 @dataclass
@@ -134,7 +111,7 @@ class GenerationCore:
         self.config = config
         self.lm = lm
         self.device = lm.device
-        self.mapping = config.action_mapping_obj()
+        self.mapping = config.action
         self.spec = config.feature_spec()
         self.reward = reward if isinstance(reward, RewardModel) else RewardModel(reward or RewardConfig())
         self.prompts = list(prompts) if prompts is not None else load_prompts(
@@ -231,7 +208,7 @@ class GenerationCore:
         f = self.featurizer.state
         temperature = self.mapping.to_temperature(a, previous=f.prev_temperature, first_step=f.position == 0)
         tokens, tempered = sample(self.logits, temperature, generator=self.generator, return_tempered=True,
-                                  **self.config.truncation)  # (B,), (B, V)
+                                  **self.config.truncation.to_dict())  # (B,), (B, V)
         stats = self.featurizer.update(tokens, temperature)
         pos = self.length.clone()  # (B,) index this token is written at
         self.tokens.scatter_(1, pos.view(-1, 1), tokens.view(-1, 1))
@@ -325,7 +302,7 @@ class TemperatureVecEnv(VecEnv):
 
     ## Action Space
     ``Box(-1, 1, (1,), float32)`` per row, mapped to a temperature in ``[t_min, t_max]`` by
-    ``env.action_mapping`` (``linear`` or ``inverse``), with an optional rate limit
+    ``env.action`` (kind ``linear`` or ``inverse``), with an optional rate limit
     ``max_delta``. Out-of-range actions are clipped; NaN actions raise ``ValueError``.
 
     ## Observation Space
@@ -496,8 +473,3 @@ class TemperatureEnv(gym.Env):
             info.update(self.core.episode_info(0))
         return result.obs[0].cpu().numpy(), float(result.reward[0]), terminated, truncated, info
 
-
-def make_vec_env(config: EnvConfig | None = None, model_config: ModelConfig | None = None,
-                 reward: RewardConfig | None = None, lm: CausalLM | None = None) -> TemperatureVecEnv:
-    """Build the batched env, loading the model once (cached in-process)."""
-    return TemperatureVecEnv(config, lm=lm, reward=reward, model_config=model_config)

@@ -23,7 +23,6 @@ All rows stay right-aligned: column ``S - 1`` of the cache is every row's latest
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -32,9 +31,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, StrictBool, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
+
+from samplers.core import did_you_mean
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -53,21 +56,21 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class ModelConfig:
-    """The ``model:`` block of a Kelvin config."""
+    """The ``model:`` block of a Kelvin config (a pydantic dataclass: fields checked when it is built)."""
 
-    name: str = "smollm2-135m-instruct"
+    name: StrictStr = "smollm2-135m-instruct"
     """Embedded alias (see ``EMBEDDED_MODELS``), a local ``.gguf`` file, or a local HF model directory."""
-    device: str = "auto"
+    device: StrictStr = "auto"
     """``auto`` (cuda when present, else cpu), ``cpu``, ``cuda``, ``cuda:1``..."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Compute dtype of the LM: float32, float16 or bfloat16. Logits are always returned as float32."""
-    chat_template: bool = True
+    chat_template: StrictBool = True
     """Wrap prompts in the model's chat template (user turn + generation prompt)."""
-    system_prompt: str | None = None
+    system_prompt: Optional[StrictStr] = Field(None, examples=["You are a helpful assistant."])
     """Optional system message put before every prompt when the chat template is used."""
-    cache_dir: str | None = None
+    cache_dir: Optional[StrictStr] = Field(None, examples=["~/.cache/kelvin"])
     """Where dequantised GGUF weights are cached; None -> $KELVIN_CACHE or ~/.cache/kelvin."""
 
 
@@ -131,11 +134,10 @@ def _resolve_source(name: str) -> _Source:
                 "a Hugging Face causal-LM directory (config.json, weights, tokenizer files)."
             )
         return _Source(path.resolve(), None, name)
-    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
         f"model.name={name!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor an existing "
-        f"local path (a .gguf file or a Hugging Face model directory). Nothing is downloaded.{hint}"
+        f"local path (a .gguf file or a Hugging Face model directory). Nothing is downloaded; "
+        f"{did_you_mean(name, EMBEDDED_MODELS)}"
     )
 
 

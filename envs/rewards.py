@@ -32,10 +32,11 @@ as much as a per-token component of weight 8 / L held for the whole episode.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass as settings_dataclass
 
 from envs.text_metrics import distinct_n
 from anomaly.detector import AnomalyDetector
@@ -46,48 +47,38 @@ STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "distinct", "novelty")
 
 
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class RewardConfig:
-    """The ``reward:`` block: one weight per component (0 switches it off) and their parameters."""
+    """The ``reward:`` block: one weight per component (0 switches it off) and their parameters.
 
-    logprob: float = 1.0
+    A pydantic dataclass: every weight and parameter is checked (finite numbers, positive scales) when
+    it is built, so a NaN clip can no longer train a model full of NaN parameters.
+    """
+
+    logprob: StrictFloat = Field(1.0, allow_inf_nan=False)
     """Weight of the per-token base log-probability (quality)."""
-    repetition: float = 0.5
+    repetition: StrictFloat = Field(0.5, allow_inf_nan=False)
     """Weight of the per-token repeated n-gram penalty (quality)."""
-    anomaly: float = 1.0
+    anomaly: StrictFloat = Field(1.0, allow_inf_nan=False)
     """Weight of the per-token anomaly penalty (quality)."""
-    entropy: float = 0.5
+    entropy: StrictFloat = Field(0.5, allow_inf_nan=False)
     """Weight of the per-token tempered entropy (diversity)."""
-    coherence: float = 4.0
+    coherence: StrictFloat = Field(4.0, allow_inf_nan=False)
     """Weight of the completion's coherence to the prompt (quality)."""
-    text_anomaly: float = 4.0
+    text_anomaly: StrictFloat = Field(4.0, allow_inf_nan=False)
     """Weight of the completion's text anomaly penalty (quality)."""
-    distinct: float = 2.0
+    distinct: StrictFloat = Field(2.0, allow_inf_nan=False)
     """Weight of the completion's distinct-2 (diversity)."""
-    novelty: float = 2.0
+    novelty: StrictFloat = Field(2.0, allow_inf_nan=False)
     """Weight of the completion's semantic novelty against earlier samples of its prompt (diversity)."""
-    logprob_clip: float = 10.0
+    logprob_clip: StrictFloat = Field(10.0, gt=0, allow_inf_nan=False)
     """ln p below -logprob_clip counts as -logprob_clip (one anomalous token cannot dominate)."""
-    entropy_cap: float = 3.0
+    entropy_cap: StrictFloat = Field(3.0, gt=0, allow_inf_nan=False)
     """Tempered entropy above this many nats earns no more credit."""
-    repetition_n: int = 3
+    repetition_n: StrictInt = Field(3, ge=1)
     """n of the repeated n-gram penalty."""
-    novelty_memory: int = 8
+    novelty_memory: StrictInt = Field(8, ge=1)
     """How many earlier completions of the same prompt novelty compares against."""
-
-    def __post_init__(self):
-        for name in STEP_COMPONENTS + EPISODE_COMPONENTS:
-            value = getattr(self, name)
-            if not np.isfinite(value):
-                raise ValueError(f"reward.{name}={value} must be a finite weight")
-        if self.logprob_clip <= 0:
-            raise ValueError(f"reward.logprob_clip={self.logprob_clip} must be > 0")
-        if self.entropy_cap <= 0:
-            raise ValueError(f"reward.entropy_cap={self.entropy_cap} must be > 0")
-        if self.repetition_n < 1:
-            raise ValueError(f"reward.repetition_n={self.repetition_n} must be >= 1")
-        if self.novelty_memory < 1:
-            raise ValueError(f"reward.novelty_memory={self.novelty_memory} must be >= 1")
 
     @property
     def needs_embedder(self) -> bool:
