@@ -45,15 +45,18 @@ full selection per row per step.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
+from samplers.core import did_you_mean
 
-__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "TokenStats", "distribution_features"]
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
+           "check_feature_version", "distribution_features"]
 
 FEATURE_SPEC_VERSION = 1
 
@@ -64,38 +67,55 @@ HISTORY_FEATURES = ("position", "prev_temperature", "last_surprise", "mean_surpr
 BASE_FEATURES = DISTRIBUTION_FEATURES + HISTORY_FEATURES
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Everything that defines the observation vector; exported with every policy."""
+def check_feature_version(version) -> None:
+    """The one feature-spec version check: a ValueError unless ``version`` is this featurizer's."""
+    if version != FEATURE_SPEC_VERSION:
+        raise ValueError(
+            f"feature spec version {version!r} is not this Kelvin's featurizer (version {FEATURE_SPEC_VERSION}): "
+            "a policy's observations would mean something else. Retrain the policy, or use the Kelvin release it "
+            "was trained with")
 
-    horizon: int = 64
-    """Scale of ``position`` (the episode's max_new_tokens in training)."""
-    initial_temperature: float = 1.0
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class FeatureSettings:
+    """The tunable part of the observation: the ``env.features`` block of a config.
+
+    The rest of a :class:`FeatureSpec` comes from the env: ``horizon`` from ``env.max_new_tokens``,
+    ``categories`` from ``env.include_category``.
+    """
+
+    initial_temperature: StrictFloat = Field(1.0, allow_inf_nan=False)
     """``prev_temperature`` before the first token."""
-    ema_decay: float = 0.8
+    ema_decay: StrictFloat = Field(0.8, ge=0.0, lt=1.0)
     """Decay of the running means (0.8 ~ a window of 5 tokens)."""
-    repeat_window: int = 16
+    repeat_window: StrictInt = Field(16, ge=1)
     """How many previous tokens count for ``repetition``."""
-    anomaly_surprise: float = 9.21
+    anomaly_surprise: StrictFloat = Field(9.21, gt=0.0, allow_inf_nan=False)
     """A drawn token with -ln p_base above this counts as anomalous (9.21 = ln 1e4)."""
-    median_k: int = 64
+    median_k: StrictInt = Field(64, ge=1)
     """``median_top_prob`` runs over this many most likely tokens."""
-    categories: tuple[str, ...] = ()
-    """Category names of the one-hot (a final "other" slot is added); empty = no category features."""
-    include_diversity_weight: bool = False
+    include_diversity_weight: StrictBool = False
     """Append the reward's diversity weight (for policies conditioned on it)."""
-    version: int = FEATURE_SPEC_VERSION
+    version: StrictInt = FEATURE_SPEC_VERSION
+    """The observation table's version (:data:`FEATURE_SPEC_VERSION`); another one is refused."""
 
     def __post_init__(self):
-        object.__setattr__(self, "categories", tuple(self.categories))
-        if self.horizon < 1:
-            raise ValueError(f"features.horizon={self.horizon} must be >= 1 (the episode's max_new_tokens)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"features.ema_decay={self.ema_decay} must be in [0, 1)")
-        if self.repeat_window < 1:
-            raise ValueError(f"features.repeat_window={self.repeat_window} must be >= 1")
-        if self.median_k < 1:
-            raise ValueError(f"features.median_k={self.median_k} must be >= 1")
+        check_feature_version(self.version)
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class FeatureSpec(FeatureSettings):
+    """Everything that defines the observation vector; exported with every policy."""
+
+    horizon: StrictInt = Field(64, ge=1)
+    """Scale of ``position`` (the episode's max_new_tokens in training)."""
+    categories: tuple[StrictStr, ...] = ()
+    """Category names of the one-hot (a final "other" slot is added); empty = no category features."""
+
+    @classmethod
+    def of(cls, settings: FeatureSettings, horizon: int, categories: Sequence[str] = ()) -> "FeatureSpec":
+        """The spec of an env: its ``env.features`` settings, ``horizon`` (max_new_tokens) and category names."""
+        return cls(horizon=horizon, categories=tuple(categories), **asdict(settings))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -111,14 +131,9 @@ class FeatureSpec:
         return len(self.names)
 
     def index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            import difflib
-
-            close = difflib.get_close_matches(name, self.names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"no feature named {name!r}{hint}") from None
+        if name not in self.names:
+            raise KeyError(f"no feature named {name!r}; {did_you_mean(name, self.names)}")
+        return self.names.index(name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,12 +145,6 @@ class FeatureSpec:
     def from_dict(cls, d: dict) -> "FeatureSpec":
         d = dict(d)
         d.pop("names", None)
-        version = d.get("version", FEATURE_SPEC_VERSION)
-        if version != FEATURE_SPEC_VERSION:
-            raise ValueError(
-                f"feature spec version {version} does not match this Kelvin's version {FEATURE_SPEC_VERSION}; "
-                "retrain the policy or use the Kelvin release it was trained with"
-            )
         return cls(**d)
 
 
@@ -270,6 +279,15 @@ class Featurizer:
             s.diversity_weight[idx] = torch.as_tensor(diversity_weight, dtype=torch.float32,
                                                       device=self.device).flatten()
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """New row ``i`` continues old row ``index[i]`` (an engine's persistent batch moved its requests);
+        the log-probs of the last :meth:`observe` move with their rows. Reset fresh rows afterwards."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        for name in self.state.__dataclass_fields__:
+            setattr(self.state, name, getattr(self.state, name)[index])
+        if self._logp is not None:  # the next update reads the previous observation's log-probs
+            self._logp = self._logp[index]
+
     # ------------------------------------------------------------------ per step
     def observe(self, logits: torch.Tensor) -> torch.Tensor:
         """Observation (B, F) float32 for next-token logits (B, V) and the current history."""
@@ -296,14 +314,25 @@ class Featurizer:
             parts.append(s.diversity_weight.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)
 
-    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor) -> "TokenStats":
+    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor,
+               rows: torch.Tensor | None = None) -> "TokenStats":
         """Record the drawn tokens (B,) and the temperatures used (B,).
 
         Returns the base-model log-probability of each drawn token and its anomaly indicator
-        (both (B,)), which the reward reuses instead of computing them again.
+        (both (B,)), which the reward reuses instead of computing them again. ``rows`` (B,) bool
+        limits the update to the rows that drew a token (an engine whose requests advance unevenly);
+        the other rows keep their history.
         """
         if self._logp is None:
             raise RuntimeError("Featurizer.update called before observe(); call observe(logits) first")
+        if rows is not None:
+            rows = rows.to(self.device).bool().reshape(-1)  # (B,)
+            before = {name: getattr(self.state, name) for name in self.state.__dataclass_fields__}
+            stats = self.update(torch.where(rows, tokens.to(self.device).long().view(-1), 0), temperatures)
+            for name, old in before.items():  # update() builds new tensors: keep the old ones off the rows
+                new = getattr(self.state, name)
+                setattr(self.state, name, torch.where(rows.view((-1,) + (1,) * (new.ndim - 1)), new, old))
+            return stats
         s = self.state
         tokens = tokens.to(self.device).long().view(-1)  # (B,)
         token_logp = self._logp.gather(1, tokens.view(-1, 1)).squeeze(1)  # (B,)
