@@ -16,7 +16,7 @@ import torch
 
 from anomaly.detector import AnomalyDetector
 from anomaly.prior import build_token_prior
-from policies import ActionMapping, FeatureSpec, Featurizer, make_policy
+from policies import ActionMapping, FeatureSpec, Featurizer, TemperaturePolicy, make_policy
 from policies.guard import GUARD_COUNTERS, GuardedPolicy
 
 PROBE = dict(n_tokens=12, seed=0)  # small probe: 16 prompts x 12 tokens
@@ -77,6 +77,7 @@ def _generate(lm, prompts, temperature: float, n_tokens: int, seed: int = 0):
 
 
 # =========================================================================== discovery
+@pytest.mark.slow
 def test_discovery_surfaces_the_known_smollm2_tokens(discovered):
     pieces = [t.piece.strip() for t in discovered[:10]]
     assert "emeteries" in pieces and "MetaInfo" in pieces, pieces
@@ -87,6 +88,7 @@ def test_discovery_surfaces_the_known_smollm2_tokens(discovered):
         assert isinstance(t, tuple) and len(t) == 5 and t.probe_count >= 1  # the probe found every top-10 token
 
 
+@pytest.mark.slow
 def test_discovery_is_stable_and_cached(lm, discovered, probe_cache, monkeypatch):
     import anomaly.discovery as discovery
 
@@ -107,6 +109,7 @@ def test_discovery_is_stable_and_cached(lm, discovered, probe_cache, monkeypatch
     assert again == discovered
 
 
+@pytest.mark.slow
 def test_top_discovered_tokens_are_never_emitted_at_positive_temperature(discovered, ordinary, inverted):
     top10 = torch.tensor([t.token_id for t in discovered[:10]])
     tokens, _ = ordinary  # the same 16 prompts at T = 0.7
@@ -116,6 +119,7 @@ def test_top_discovered_tokens_are_never_emitted_at_positive_temperature(discove
     assert int(torch.isin(inverted_tokens, top10).sum()) > inverted_tokens.numel() // 5
 
 
+@pytest.mark.slow
 def test_discovery_rejects_bad_settings(lm):
     from anomaly.discovery import discover_anomalous_tokens
 
@@ -125,6 +129,7 @@ def test_discovery_rejects_bad_settings(lm):
         discover_anomalous_tokens(lm, n_tokens=0, cache=False)
 
 
+@pytest.mark.slow
 def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypatch):
     import anomaly.prior
     from envs.generation import EnvConfig, GenerationCore
@@ -154,6 +159,7 @@ def _anomaly_feature(detector, tokens, logp, ema_decay=0.8):
     return indicator, torch.stack(running, 1)
 
 
+@pytest.mark.slow
 def test_detector_flags_negative_temperature_text_and_passes_ordinary_text(lm, discovered, ordinary, inverted):
     detector = AnomalyDetector(build_token_prior(lm, discovered))
     results = {}
@@ -271,20 +277,28 @@ SPEC = FeatureSpec(horizon=8)
 ANOMALY = SPEC.index("anomaly")
 
 
-class _Scripted:
-    """A policy that returns scripted temperatures (one list per call), or raises."""
+WIDE = ActionMapping(t_min=-8.0, t_max=8.0)  # wide enough that the scripted temperatures reach the guard as they are
+
+
+class _Scripted(TemperaturePolicy):
+    """A policy that returns scripted temperatures (one list per call) as actions of ``WIDE``, or raises.
+
+    A non-finite temperature becomes the same non-finite action (a broken network's output), so the
+    guard sees which rows failed."""
 
     name = "scripted"
 
-    def __init__(self, script):
-        self.feature_spec, self.action_mapping = SPEC, ActionMapping()
+    def __init__(self, script, mapping=WIDE):
+        super().__init__(SPEC, mapping)
         self.script = list(script)
 
-    def temperatures(self, obs, episode_start=None):
+    def actions(self, obs, episode_start=None):
         value = self.script.pop(0)
         if isinstance(value, Exception):
             raise value
-        return torch.tensor(value, dtype=torch.float32)
+        t = torch.tensor(value, dtype=torch.float32)
+        ok = torch.isfinite(t)
+        return torch.where(ok, self.action_mapping.to_action(torch.where(ok, t, 0.0)), t)
 
     def to_config(self):
         return {"name": self.name}
@@ -349,7 +363,8 @@ def test_guard_anomaly_resets_into_safe_range_ignoring_rate_limit_and_holds():
 
 def test_guard_counts_exactly_over_a_batch_run():
     script = [[3.0, -3.0, math.nan, 0.5]] * 3
-    guard = GuardedPolicy(_Scripted(script), max_delta=None, anomaly_threshold=0.5, safe_range=(0.1, 0.7))
+    guard = GuardedPolicy(_Scripted(script), t_min=-2.0, t_max=2.0, max_delta=None, anomaly_threshold=0.5,
+                          safe_range=(0.1, 0.7))
     for anomaly in (0.0, 0.0, 1.0):
         guard.temperatures(_obs(4, anomaly=anomaly))
     # clamp: rows 0, 1 on 3 steps = 6; fallback: row 2 on 3 steps = 3;
@@ -380,15 +395,13 @@ def test_guard_wraps_baselines_predict_and_serialises():
 
 
 def test_guard_wraps_an_action_policy_row_by_row():
-    """A policy that only answers predict (a LearnedPolicy, an exported one): NaN actions fall back per row."""
+    """A policy that acts directly (a LearnedPolicy, an exported one): NaN actions fall back per row."""
 
-    class ActionOnly:
-        feature_spec, action_mapping = SPEC, ActionMapping()
+    class ActionOnly(TemperaturePolicy):
+        def actions(self, obs, episode_start=None):
+            return torch.tensor([0.0, math.nan])
 
-        def predict(self, obs, state=None, episode_start=None, deterministic=True):
-            return np.array([[0.0], [np.nan]], dtype=np.float32), state
-
-    guard = GuardedPolicy(ActionOnly(), fallback_temperature=0.5)
+    guard = GuardedPolicy(ActionOnly(SPEC, ActionMapping(t_min=-2.0, t_max=2.0)), fallback_temperature=0.5)
     assert guard.temperatures(_obs(2)).tolist() == pytest.approx([0.0, 0.5])
     assert guard.counters["fallback"] == 1
 
@@ -406,6 +419,7 @@ def test_guard_validates_arguments():
 
 
 # =========================================================================== the guard in a real generate call
+@pytest.mark.slow
 def test_default_guard_breaks_the_negative_temperature_stream_in_generate(lm, discovered):
     """transformers ``generate`` with a T = -0.001 policy: without the guard every token is the model's
     least likely one ("emeteries" ...); with the sampler's default guard the detector fires after the

@@ -21,12 +21,14 @@ def _greedy_alone(lm, ids, steps):
     return torch.stack(out)  # (steps, V)
 
 
+@pytest.mark.slow
 def test_loading_twice_returns_the_cached_model(lm):
     assert load_causal_lm() is lm
     assert lm.vocab_size == 49152 and lm.max_context >= 2048
     assert lm.tokenizer.decode(lm.eos_token_ids.tolist()) == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_left_padding_matches_each_prompt_alone_over_16_steps(lm):
     ids = lm.encode(PROMPTS)
     assert len({len(i) for i in ids}) > 1  # really padded
@@ -42,6 +44,7 @@ def test_left_padding_matches_each_prompt_alone_over_16_steps(lm):
         assert torch.equal(batched[row].argmax(-1), alone.argmax(-1))
 
 
+@pytest.mark.slow
 def test_prefill_runs_each_distinct_prompt_once(lm, monkeypatch):
     """A group's G copies of one prompt (env reset and restarts) are prefilled once and copied."""
     ids = lm.encode(PROMPTS[:2])
@@ -67,6 +70,7 @@ def test_prefill_runs_each_distinct_prompt_once(lm, monkeypatch):
     assert calls[-1] == 1
 
 
+@pytest.mark.slow
 def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
     ids = lm.encode(PROMPTS)
     logits, state = lm.prefill(ids[:3])
@@ -85,6 +89,7 @@ def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
     torch.testing.assert_close(logits[0], ref0[17], atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_cache_is_cropped_when_long_rows_restart_short(lm):
     ids = lm.encode(PROMPTS)
     _, state = lm.prefill([ids[3], ids[2]])
@@ -94,6 +99,7 @@ def test_cache_is_cropped_when_long_rows_restart_short(lm):
     assert state.attention_mask.all()
 
 
+@pytest.mark.slow
 def test_chat_prompt_gives_readable_english_at_t07(lm):
     ids = lm.encode(["Give me three tips for staying focused while studying."])
     logits, state = lm.prefill(ids)
@@ -113,6 +119,7 @@ def test_chat_prompt_gives_readable_english_at_t07(lm):
     assert sum(c.isascii() for c in text) / len(text) > 0.97, text
 
 
+@pytest.mark.slow
 def test_negative_temperature_produces_repetitive_anomalous_tokens(lm):
     ids = lm.encode(["Temperature is a concept"], chat=False)
     logits, state = lm.prefill(ids)
@@ -136,6 +143,7 @@ def test_negative_temperature_produces_repetitive_anomalous_tokens(lm):
     assert text_anomaly_score(text) > 0.5, text
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(lm, tmp_path):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_causal_lm(ModelConfig(name=str(tmp_path / "missing.gguf")))
