@@ -24,15 +24,17 @@ An export directory (written by :mod:`kelvin.export`) holds:
 | ``files``           | ``{"policy": "policy.pt" or null, "token_prior": "token_prior.pt" or null}``              |
 | ``label``, ``source``, ``created``, ``kelvin_version`` | provenance (label for tables, run dir, ISO time)  |
 
-The learned network is ``clip(net(clip((obs - mean) / sqrt(var + eps), -clip, clip)), -1, 1)``, with
-``net`` the SB3 actor (``mlp_extractor.policy_net`` + ``action_net``): the deterministic action of
-:class:`policies.learned.LearnedPolicy`, without SB3.
+The learned network is :class:`policies.learned.ActorModule` scripted:
+``clip(net(clip((obs - mean) / sqrt(var + eps), -clip, clip)), -1, 1)``, with ``net`` the SB3 actor
+(``mlp_extractor.policy_net`` + ``action_net``, the Gaussian's mean). Training's validation runs the
+same module (:class:`policies.learned.LearnedPolicy`), so the export acts exactly as validated.
 
-:func:`load_policy` returns an object with the one policy interface
-(``predict(obs, state, episode_start, deterministic) -> (actions (B, 1), state)`` and
-``temperatures(obs, episode_start) -> (B,)``): an :class:`ExportedPolicy` for learned policies, the
-baseline's own class (e.g. :class:`~policies.baselines.PIDController`) for baselines.
-:func:`load_artifact` returns that policy together with everything a sampler needs.
+:func:`load_policy` returns a :class:`~policies.base.TemperaturePolicy` (the one protocol:
+``actions(obs, episode_start) -> (B,)``, with ``predict`` and ``temperatures`` derived): an
+:class:`ExportedPolicy` for learned policies, the baseline's own class (e.g.
+:class:`~policies.baselines.PIDController`) for baselines. :func:`load_artifact` returns that policy
+together with everything a sampler needs (feature spec, action mapping, :class:`~samplers.core.Truncation`,
+token prior, guard settings).
 """
 
 from __future__ import annotations

@@ -31,17 +31,7 @@ from typing import Any
 
 from policies.actions import ActionMapping
 from policies.base import BaselinePolicy
-from policies.baselines import (
-    CombinedRule,
-    DynaTemp,
-    EntropyDynamicTemperature,
-    EntropyRule,
-    FixedTemperature,
-    MaxProbRule,
-    MedianRule,
-    PIDController,
-    SurpriseController,
-)
+from policies import baselines
 from policies.features import FeatureSpec
 from samplers.core import did_you_mean
 
@@ -49,17 +39,17 @@ __all__ = ["BASELINE_NAMES", "all_baselines", "make_policy", "policy_from_config
 
 # short name -> (class, preset parameters)
 _REGISTRY: dict[str, tuple[type[BaselinePolicy], dict[str, Any]]] = {
-    "fixed": (FixedTemperature, {}),
-    "greedy": (FixedTemperature, {"t": 0.0}),
-    "pid": (PIDController, {}),
-    "pid-positive": (PIDController, dict(PIDController.POSITIVE_PRESET)),
-    "edt": (EntropyDynamicTemperature, {}),
-    "maxprob": (MaxProbRule, {}),
-    "entropy": (EntropyRule, {}),
-    "median": (MedianRule, {}),
-    "combined": (CombinedRule, {}),
-    "dynatemp": (DynaTemp, {}),
-    "surprise": (SurpriseController, {}),
+    "fixed": (baselines.FixedTemperature, {}),
+    "greedy": (baselines.FixedTemperature, {"t": 0.0}),
+    "pid": (baselines.PIDController, {}),
+    "pid-positive": (baselines.PIDController, dict(baselines.PIDController.POSITIVE_PRESET)),
+    "edt": (baselines.EntropyDynamicTemperature, {}),
+    "maxprob": (baselines.MaxProbRule, {}),
+    "entropy": (baselines.EntropyRule, {}),
+    "median": (baselines.MedianRule, {}),
+    "combined": (baselines.CombinedRule, {}),
+    "dynatemp": (baselines.DynaTemp, {}),
+    "surprise": (baselines.SurpriseController, {}),
 }
 
 BASELINE_NAMES: list[str] = list(_REGISTRY)

@@ -78,14 +78,24 @@ def _generate(lm, prompts, temperature: float, n_tokens: int, seed: int = 0):
 
 # =========================================================================== discovery
 @pytest.mark.slow
-def test_discovery_surfaces_the_known_smollm2_tokens(discovered):
+def test_discovery_surfaces_the_known_smollm2_tokens(lm, discovered):
+    from anomaly.discovery import DEFAULT_PROBE_PROMPTS, centroid_ranks, probe_counts
+
     pieces = [t.piece.strip() for t in discovered[:10]]
     assert "emeteries" in pieces and "MetaInfo" in pieces, pieces
     scores = [t.score for t in discovered]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
     assert len(discovered) == 50
+    # every entry is the documented formula of the probe and the embedding view, recomputed here
+    _, counts, rows = probe_counts(lm, DEFAULT_PROBE_PROMPTS, -0.001, PROBE["n_tokens"], PROBE["seed"])
+    _, ranks = centroid_ranks(lm.model.get_input_embeddings().weight)
     for t in discovered[:10]:
-        assert isinstance(t, tuple) and len(t) == 5 and t.probe_count >= 1  # the probe found every top-10 token
+        i = t.token_id
+        assert (t.probe_count, t.centroid_rank) == (int(counts[i]), int(ranks[i]))
+        assert t.probe_count >= 1  # the probe found every top-10 token
+        expected = 0.7 * int(rows[i]) / len(DEFAULT_PROBE_PROMPTS) + 0.3 * max(0.0, 1 - int(ranks[i]) / 1024)
+        assert t.score == pytest.approx(expected, abs=2e-6)  # stored rounded to 6 digits, computed in float32
+        assert t.piece == lm.tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 @pytest.mark.slow

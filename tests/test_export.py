@@ -8,7 +8,6 @@ step with growing ``input_ids``: the temperatures must agree to 1e-5.
 """
 
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -405,14 +404,22 @@ def test_processor_bad_inputs():
 
 
 def test_exported_learned_policy_runs_in_the_processor(dummy_export):
-    out, _, _ = dummy_export
+    out, model, norm = dummy_export
     proc = PolicyLogitsProcessor.from_pretrained(out, category="creative")
     assert proc.truncation.top_k == 5 and isinstance(proc.guard.policy, ExportedPolicy)
-    _drive(proc, torch.randint(0, V, (2, 3)), _logit_stream(2, 4))
-    trace = proc.temperature_trace()
-    assert trace.shape == (2, 4) and torch.isfinite(trace).all()
-    assert ((trace >= MAPPING.t_min) & (trace <= MAPPING.t_max)).all()
-    assert (trace[:, 1:] - trace[:, :-1]).abs().max() <= MAPPING.max_delta + 1e-6  # the rate limit
+    raw = PolicyLogitsProcessor.from_pretrained(out, category="creative", guard=False)
+    logits = _logit_stream(2, 4)
+    ids = _drive(raw, torch.randint(0, V, (2, 3)), logits)
+    trace = raw.temperature_trace()  # (2, 4)
+    # reference: SB3's own numpy path on the same observations, through the mapping and its rate limit
+    f = Featurizer(SPEC, 2, token_prior=load_artifact(out).token_prior)
+    f.reset(None, category=[SPEC.categories.index("creative")] * 2)
+    for step, z in enumerate(logits):
+        obs = f.observe(z)
+        actions = torch.as_tensor(_sb3_actions(model, obs.numpy(), norm)).reshape(-1)
+        t = MAPPING.to_temperature(actions, previous=f.state.prev_temperature, first_step=f.state.position == 0)
+        torch.testing.assert_close(trace[:, step], t, atol=1e-5, rtol=0)
+        f.update(ids[:, 3 + step], t)
 
 
 # =========================================================================== guard rails, on by default
@@ -807,13 +814,27 @@ def test_generate_with_the_trained_export(smoke_run, lm):
     smoke_run = smoke_run.run_dir
     from transformers import LogitsProcessorList
 
-    proc = PolicyLogitsProcessor.from_pretrained(smoke_run / "export", category="creative_writing")
+    from kelvin.export import learned_policy
+    from kelvin.rundir import load_ppo, load_vecnormalize
+
+    export = smoke_run / "export"
+    proc = PolicyLogitsProcessor.from_pretrained(export, category="creative_writing")  # guarded, as exported
     input_ids, mask = _left_padded(lm, ["Tell me a story.", "List two fruits.", "Hi!", "Describe a cat."])
     with torch.inference_mode():
         out = lm.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                 top_p=1.0, max_new_tokens=6, pad_token_id=lm.pad_token_id,
-                                logits_processor=LogitsProcessorList([proc]))
+                                logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
+                                output_logits=True)
     trace = proc.temperature_trace()
-    assert trace.shape == (4, out.shape[1] - input_ids.shape[1])
-    mapping = proc.runtime.action_mapping
-    assert torch.isfinite(trace).all() and ((trace >= mapping.t_min) & (trace <= mapping.t_max)).all()
+    steps = out.sequences.shape[1] - input_ids.shape[1]
+    assert trace.shape == (4, steps) and steps == len(out.logits)
+    # the same generate call replayed through the trained model itself (SB3 zip + VecNormalize, not the
+    # TorchScript export) behind the export's guard: the same temperatures, token by token
+    art = load_artifact(export)
+    trained = learned_policy(load_ppo(smoke_run / "model.zip"), load_vecnormalize(smoke_run / "vecnormalize.pkl"),
+                             art.feature_spec, art.action_mapping)
+    reference = PolicyLogitsProcessor(trained, truncation=art.truncation, token_prior=art.token_prior,
+                                      category="creative_writing", guard=art.guard)
+    for step in range(steps):
+        reference(out.sequences[:, : input_ids.shape[1] + step], out.logits[step])
+    torch.testing.assert_close(reference.temperature_trace(), trace, atol=1e-6, rtol=0)

@@ -123,6 +123,25 @@ def _run_all(config: KelvinConfig, prompts: list[Prompt], entries: list[PolicyEn
     return results, lm
 
 
+def _setup(config: KelvinConfig, prompts: list[Prompt], first: PolicyResult, lm, split: str | None,
+           prompts_file: str | None, seed: int, n_resamples: int, command: str | None) -> dict:
+    """The ``setup`` block of ``metrics.json``: what ran, on what, how (``wall_s`` is added at the end)."""
+    import torch
+
+    env = config.env
+    return {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "model": config.model.name, "device": str(lm.device), "split": split,
+        "prompt_source": prompts_file or "packaged prompt set", "n_prompts": len(prompts),
+        "prompt_ids": [eps[0]["prompt_id"] for eps in first.groups], "prompt_texts": {p.id: p.text for p in prompts},
+        "samples": env.group_size, "n_groups": env.batch_size // env.group_size, "batch_size": env.batch_size,
+        "max_new_tokens": env.max_new_tokens, "seed": seed, "n_resamples": n_resamples, "alpha": 0.05,
+        "action_mapping": asdict(env.action), "truncation": env.truncation.to_dict(),
+        "feature_spec_version": FEATURE_SPEC_VERSION, "config": config.to_dict(),
+        "python": platform.python_version(), "torch": torch.__version__,
+    }
+
+
 def _policy_block(e: PolicyEntry, results: dict[str, PolicyResult]) -> dict:
     r = results[e.cache_key]
     return {"label": e.label, "family": e.family, "params": e.params, "run_dir": e.run_dir, "n_prompts": len(r.groups),
@@ -194,22 +213,9 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     fronts = compute_fronts(results, main, sweeps, grids) if sweeps else []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    setup = {
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "model": config.model.name, "device": str(lm.device), "split": split,
-        "prompt_source": prompts_file or "packaged prompt set", "n_prompts": len(prompts),
-        "prompt_ids": [eps[0]["prompt_id"] for eps in results[main[0].cache_key].groups],
-        "prompt_texts": {p.id: p.text for p in prompts},
-        "samples": k, "n_groups": n_groups, "batch_size": config.env.batch_size,
-        "max_new_tokens": config.env.max_new_tokens, "seed": seed, "n_resamples": n_resamples, "alpha": 0.05,
-        "action_mapping": asdict(config.env.action), "truncation": config.env.truncation.to_dict(),
-        "feature_spec_version": FEATURE_SPEC_VERSION, "config": config.to_dict(),
-        "python": platform.python_version(), "torch": torch.__version__,
-    }
     data: dict[str, Any] = {
-        "setup": setup,
+        "setup": _setup(config, prompts, results[main[0].cache_key], lm, split, prompts_file, seed, n_resamples,
+                        command),
         "reference": reference.name,
         "policies": {e.name: _policy_block(e, results) for e in main},
         "paired_differences": {"reference": reference.name, "baselines": paired},
