@@ -15,13 +15,14 @@ one-hot of ``NUM_CATEGORY_SLOTS = len(CATEGORIES) + 1`` entries, the last slot m
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from samplers.core import did_you_mean
 
 __all__ = [
     "CATEGORIES",
@@ -258,6 +259,6 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> Prompt:
 
 
 def _suggestion(name: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?).' for the closest choice, or '.' when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)." if close else "."
+    """Return ' (did you mean X?).' for the closest choice (:func:`samplers.core.did_you_mean`), or '.'."""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})." if hint.startswith("did you mean") else "."

@@ -103,6 +103,7 @@ class KelvinCallback(BaseCallback):
         return None
 
     def _on_training_start(self) -> None:
+        self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
         if self.model.num_timesteps == 0:
             env = self.config.env
             hparams = {"env/batch_size": env.batch_size, "env/max_new_tokens": env.max_new_tokens,
@@ -310,7 +311,6 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     device=tc.policy_device, verbose=0, **config.ppo.kwargs())
     model.tensorboard_log = str(run.tensorboard_dir)
     callback = KelvinCallback(config, run, env, vec, val_env)
-    callback._last_checkpoint = model.num_timesteps
     remaining = tc.total_timesteps - model.num_timesteps
     interrupted = False
     t0 = time.perf_counter()

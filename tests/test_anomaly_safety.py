@@ -385,6 +385,27 @@ def test_guard_counts_exactly_over_a_batch_run():
     assert guard.counters == dict.fromkeys(GUARD_COUNTERS, 0)
 
 
+def test_guard_applies_the_mapping_rate_limit_first_and_has_the_last_word():
+    """The samplers' order: the policy's temperature as the env applies it (its mapping's rate limit), then the
+    guard; the guard's own mapping has no rate limit, so a reset is never held back again."""
+    from dataclasses import replace
+
+    mapping = ActionMapping(t_min=-2.0, t_max=2.0, max_delta=0.2)
+    guard = GuardedPolicy(_Scripted([[-1.5]] * 2, mapping=mapping), max_delta=None, safe_range=(0.1, 0.7))
+    assert guard.action_mapping == replace(mapping, max_delta=None)
+    prev, pos = SPEC.index("prev_temperature"), SPEC.index("position")
+    obs = _obs(1)
+    obs[:, prev], obs[:, pos] = 0.7, 0.5  # mid-episode, the previous token was drawn at T = 0.7
+    assert guard.temperatures(obs).tolist() == pytest.approx([0.5])  # asked -1.5, the mapping allows 0.7 - 0.2
+    obs = _obs(1, anomaly=0.9)
+    obs[:, prev], obs[:, pos] = -1.5, 0.5
+    a = guard.actions(obs)  # the detector fired: reset into the safe range
+    applied = guard.action_mapping.to_temperature(a, previous=obs[:, prev], first_step=obs[:, pos] == 0)
+    held_back = mapping.to_temperature(a, previous=obs[:, prev], first_step=obs[:, pos] == 0)
+    assert applied.tolist() == pytest.approx([0.1], abs=1e-6) and held_back.tolist() == pytest.approx([-1.3])
+    assert guard.counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 1, "fallback": 0}
+
+
 def test_guard_disabled_passes_through():
     guard = GuardedPolicy(_Scripted([[5.0, -5.0]]), enabled=False)
     assert guard.temperatures(_obs(2, anomaly=1.0)).tolist() == [5.0, -5.0]

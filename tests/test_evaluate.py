@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,13 @@ def test_guarded_prefix_wraps_any_policy_in_the_default_guard(tmp_path):
     assert isinstance(guarded.policy, GuardedPolicy) and guarded.policy.policy.params == plain.policy.params
     assert (guarded.name, guarded.family, guarded.label) == ("guarded:fixed:-0.5", "guarded", "Guarded(Fixed(T=-0.5))")
     assert len({e.cache_key for e in entries}) == 3 and pid.policy.hold == 8  # no cache collision
+    # with a rate limit in the env's mapping, a guarded policy runs in an env with the guard's own mapping
+    # (the rate limit applied inside the guard, before its rules: the samplers' order)
+    config = load_config(SMOKE, ["env.action.max_delta=0.3"])
+    plain, guarded = resolve_policies(["fixed:-0.5", "guarded:fixed:-0.5"], config, None, [])
+    assert plain.policy.action_mapping == config.env.action
+    assert guarded.policy.action_mapping == replace(config.env.action, max_delta=None)
+    assert guarded.policy.policy.action_mapping.max_delta == 0.3
     with pytest.raises(EvaluationError, match="no such run directory"):
         resolve_policies(["guarded:learned:" + str(tmp_path / "nope")], load_config(SMOKE), None, [])
 
