@@ -372,6 +372,9 @@ def _build(raw, source: str) -> KelvinConfig:
         raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train); "
                           "write {} for the embedded defaults, or the blocks that differ from them")
     raw = {block: ({} if values is None else values) for block, values in raw.items()}
+    bad = [block for block in raw if not isinstance(block, str)]
+    if bad:
+        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train); got {bad[0]!r}")
     try:
         _check_keys(raw)
         return KelvinConfig(**raw)

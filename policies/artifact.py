@@ -301,7 +301,7 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
 
 
 def load_policy(path: str | Path):
-    """The policy of an export directory, with the one policy interface; needs torch only.
+    """The policy of an export directory, a TemperaturePolicy (the one protocol); needs torch only.
 
     Learned policies load as :class:`ExportedPolicy`; baselines as their own class with the
     exported parameters (``type(load_policy(d)) is PIDController``).

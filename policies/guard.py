@@ -141,7 +141,7 @@ def resolve_guard_settings(settings: dict | None, action_mapping, owner: str = "
             "fallback_temperature": fallback, "anomaly_threshold": anomaly_threshold, "hold": hold, "enabled": enabled}
 
 
-def apply_guard(policy, guard: "bool | dict | None" = True):
+def apply_guard(policy: TemperaturePolicy, guard: "bool | dict | None" = True) -> TemperaturePolicy:
     """``policy`` behind guard rails as a sampler's ``guard`` argument asks.
 
     ``True``: :class:`GuardedPolicy` with the defaults; a dict: with those settings
@@ -149,6 +149,8 @@ def apply_guard(policy, guard: "bool | dict | None" = True):
     itself. A policy that is already a :class:`GuardedPolicy` is returned as it is (``guard=False``
     unwraps it).
     """
+    if not isinstance(policy, TemperaturePolicy):
+        raise TypeError(f"apply_guard needs a Kelvin TemperaturePolicy; got {type(policy).__name__}")
     if isinstance(policy, GuardedPolicy):
         if guard is False or guard is None:
             return policy.policy
