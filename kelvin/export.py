@@ -58,9 +58,14 @@ __all__ = ["actor_module", "learned_policy", "export_learned", "export_baseline"
 
 
 def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
-    """A plain torch copy of a Linear or an activation layer (no SB3 classes inside the export)."""
+    """A plain torch copy of a Linear or an activation layer (no SB3 classes inside the export).
+
+    The Linear is built without its random initialisation (``skip_init``): training validates through
+    this copy, and drawing from the global torch generator there would change PPO's later samples.
+    """
     if isinstance(module, torch.nn.Linear):
-        out = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        out = torch.nn.utils.skip_init(torch.nn.Linear, module.in_features, module.out_features,
+                                       bias=module.bias is not None)
         with torch.no_grad():
             out.weight.copy_(module.weight.detach().float().cpu())
             if module.bias is not None:

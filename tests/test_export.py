@@ -127,6 +127,19 @@ def test_learned_export_matches_sb3_in_process(dummy_export):
     assert art.truncation.top_k == 5 and art.token_prior.shape == (V,) and art.vocab_size == V
 
 
+def test_building_the_learned_policy_draws_no_random_numbers(dummy_export):
+    """Training validates through learned_policy(): a draw from the global torch generator there (a fresh Linear's
+    random init) would change PPO's later exploration noise, so a run that validates would train another model."""
+    from kelvin.export import learned_policy
+
+    _, model, _ = dummy_export
+    before = torch.get_rng_state()
+    policy = learned_policy(model, None, SPEC, MAPPING)
+    assert torch.equal(torch.get_rng_state(), before)
+    obs = _random_obs(SPEC, 8)
+    np.testing.assert_array_equal(policy.predict(obs)[0], _sb3_actions(model, obs, None))
+
+
 ROUND_TRIP_SCRIPT = r"""
 import json, sys
 import numpy as np
