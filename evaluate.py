@@ -2,7 +2,7 @@
 """Evaluate temperature policies on the same prompts and seeds and write a report.
 
 ``python evaluate.py --config configs/default.yaml --policies learned:runs/NAME,pid,edt,fixed:0.7 --split test
---out reports/NAME``. Thin entry point over :func:`kelvin.evaluation.evaluate`; ``--policies all`` =
+--out reports/NAME``. Thin entry point over :func:`kelvin.evaluation.run.evaluate`; ``--policies all`` =
 the learned policy of ``--run`` plus every baseline; ``--help`` lists every option.
 """
 

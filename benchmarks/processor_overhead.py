@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help=f"sequences per generate call (default {DEFAULTS['batch']})")
     p.add_argument("--tokens", type=int, default=None, help=f"new tokens per sequence (default {DEFAULTS['tokens']})")
     p.add_argument("--policy", default="pid",
-                   help="an export directory (python -m policies.export) or a baseline spec such as 'pid' or "
+                   help="an export directory (python -m kelvin.export) or a baseline spec such as 'pid' or "
                         "'edt:theta=1.0' (built with the default env's features, no truncation) (default: %(default)s)")
     p.add_argument("--plain-temperature", type=float, default=0.7,
                    help="temperature of the plain variant (default: %(default)s)")
@@ -97,7 +97,7 @@ def build_processor(spec: str, lm, guard: bool | None = None):
     from policies.registry import make_policy
 
     env = EnvConfig()
-    policy = make_policy(spec, env.feature_spec(), env.action_mapping_obj())
+    policy = make_policy(spec, env.feature_spec(), env.action)
     return (PolicyLogitsProcessor(policy, truncation=env.truncation, guard=True if guard is None else guard),
             f"baseline {policy.label}")
 

@@ -65,7 +65,7 @@ def _config(args):
                       "ppo.batch_size=16", "ppo.n_epochs=1", "train.validation_prompts=2",
                       "train.validation_temperatures=[0.7]"]
     cfg = load_config(args.config, overrides)
-    rollout = cfg.ppo["n_steps"] * cfg.env.batch_size
+    rollout = cfg.ppo.n_steps * cfg.env.batch_size
     final = load_config(args.config, overrides + [f"train.total_timesteps={rollout * args.updates}",
                                                   f"train.validate_every={args.validate_every}",
                                                   f"train.checkpoint_every={rollout * args.updates}"])
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     B, L = config.env.batch_size, config.env.max_new_tokens
     prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
     print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {args.updates} PPO updates of "
-          f"{config.ppo['n_steps']} steps, validation every {args.validate_every}; {args.repeats} repeats", flush=True)
+          f"{config.ppo.n_steps} steps, validation every {args.validate_every}; {args.repeats} repeats", flush=True)
     runs = {"train": [], "bare": []}
     for rep in range(args.repeats):
         t = run_train(config)

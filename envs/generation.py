@@ -9,131 +9,100 @@ reward.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
 from stable_baselines3.common.vec_env import VecEnv
 
+from anomaly.prior import build_token_prior
 from envs.lm import CausalLM, ModelConfig, load_causal_lm
 from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
-from policies.features import FeatureSpec, Featurizer
-from samplers.core import sample
+from policies.features import FeatureSettings, FeatureSpec, Featurizer
+from samplers.core import Truncation, sample
 
-__all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv", "make_vec_env"]
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+__all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 
 
-@dataclass
+Lambda = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+"""A diversity dial value: a finite number >= 0."""
+
+
+def _truncation(value):
+    """``env.truncation`` from a mapping: the sampler core's :class:`~samplers.core.Truncation` checks its own fields."""
+    return Truncation.from_dict(value) if isinstance(value, dict) else value
+
+
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class EnvConfig:
-    """The ``env:`` block of a Kelvin config."""
+    """The ``env:`` block of a Kelvin config (its defaults are the embedded default run's).
 
-    prompts: str | None = None
+    Nests the action mapping (``env.action``: :class:`~policies.actions.ActionMapping`), the truncation
+    (``env.truncation``: :class:`~samplers.core.Truncation`) and the feature settings (``env.features``:
+    :class:`~policies.features.FeatureSettings`). A pydantic dataclass: every field is checked against its
+    type and range when it is built, from a config file or in Python.
+    """
+
+    prompts: Optional[StrictStr] = Field(None, examples=["my_prompts.jsonl"])
     """A JSONL or TXT prompt file; None = Kelvin's packaged prompt set."""
-    split: str | None = "train"
+    split: Optional[Literal["train", "validation", "test"]] = "train"
     """Which split of the prompt file (train / validation / test; None = all)."""
-    categories: list[str] | None = None
+    categories: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["code", "explanation"]])
     """Only these prompt categories (None = all)."""
-    batch_size: int = 16
-    """Rows decoded together (the VecEnv's num_envs)."""
-    group_size: int = 4
+    batch_size: StrictInt = Field(16, ge=1)
+    """Rows decoded together (the VecEnv's num_envs); raise it on a GPU."""
+    group_size: StrictInt = Field(4, ge=1)
     """Rows that share a prompt (diversity across samples of one prompt); divides batch_size."""
-    max_new_tokens: int = 48
+    max_new_tokens: StrictInt = Field(24, ge=1)
     """Episode length limit (truncation); EOS ends an episode earlier (termination)."""
-    action_mapping: str = "linear"
-    """``linear`` in T or ``inverse`` (linear in 1/T); see policies/actions.py."""
-    t_min: float = -2.0
-    """Lowest temperature."""
-    t_max: float = 2.0
-    """Highest temperature."""
-    min_abs_temperature: float = 0.05
-    """``inverse`` mapping only: smallest |T|."""
-    max_delta: float | None = None
-    """Largest temperature change per step (None = no rate limit)."""
-    top_k: int = 0
-    """Truncation before the temperature (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus truncation (1.0 = off)."""
-    min_p: float = 0.0
-    """Min-p truncation (0.0 = off)."""
-    top_n_sigma: float | None = None
-    """Top-n-sigma truncation (None = off)."""
-    include_category: bool = True
+    action: ActionMapping = Field(default_factory=ActionMapping)
+    """Action -> temperature: ``{kind, t_min, t_max, min_abs_temperature, max_delta}`` (policies/actions.py)."""
+    truncation: Annotated[Truncation, BeforeValidator(_truncation)] = Field(default_factory=Truncation)
+    """Truncation before the temperature: ``{top_k, top_p, min_p, top_n_sigma}`` (samplers/core.py); all off."""
+    include_category: StrictBool = True
     """Append the prompt category one-hot to the observation."""
-    features: dict = field(default_factory=dict)
-    """Extra FeatureSpec fields (ema_decay, repeat_window, anomaly_surprise, median_k, initial_temperature)."""
-    token_prior: bool = True
-    """Use the vocabulary's anomaly priors (policies/anomaly.py) in the featurizer's anomaly signal."""
-    discovered_anomalies: bool = True
-    """Raise the priors of the model's discovered anomalous tokens (policies/discovery.py; cached on disk,
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    """Feature settings ``{initial_temperature, ema_decay, repeat_window, anomaly_surprise, median_k,
+    include_diversity_weight, version}`` (policies/features.py)."""
+    token_prior: StrictBool = True
+    """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""
+    discovered_anomalies: StrictBool = True
+    """Raise the priors of the model's discovered anomalous tokens (anomaly/discovery.py; cached on disk,
     probed once per model when missing). Only with ``token_prior``."""
-    diversity_range: tuple[float, float] = (0.0, 1.0)
-    """The diversity dial λ of each group is drawn uniformly from this range (the reward's diversity
+    diversity_range: tuple[Lambda, Lambda] = (0.0, 1.0)
+    """The diversity dial λ of each group is drawn uniformly from ``[low, high]`` (the reward's diversity
     weight, and an observation feature with ``features.include_diversity_weight``)."""
-    diversity_values: list[float] | None = None
+    diversity_values: Optional[list[Lambda]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0)
     """Seed of the prompt order, the λ draws and the token draws."""
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"env.batch_size={self.batch_size} must be >= 1")
-        if self.group_size < 1 or self.batch_size % self.group_size:
-            raise ValueError(
-                f"env.group_size={self.group_size} must divide env.batch_size={self.batch_size} "
-                "(rows are split into groups that share a prompt)"
-            )
-        if self.max_new_tokens < 1:
-            raise ValueError(f"env.max_new_tokens={self.max_new_tokens} must be >= 1")
-        rng = tuple(self.diversity_range) if isinstance(self.diversity_range, (list, tuple)) else None
-        if rng is None or len(rng) != 2 or not all(_is_real(v) and 0 <= v < math.inf for v in rng) or rng[0] > rng[1]:
-            raise ValueError(f"env.diversity_range={self.diversity_range!r} must be [low, high] with 0 <= low <= high "
-                             "(finite), e.g. [0.0, 1.0]")
-        self.diversity_range = (float(rng[0]), float(rng[1]))
-        if self.diversity_values is not None:
-            vals = self.diversity_values
-            if not isinstance(vals, (list, tuple)) or not vals or not all(_is_real(v) and 0 <= v < math.inf
-                                                                         for v in vals):
-                raise ValueError(f"env.diversity_values={vals!r} must be a non-empty list of finite numbers >= 0 "
-                                 "(or null to draw from env.diversity_range)")
-            self.diversity_values = [float(v) for v in vals]
+        if self.batch_size % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide batch_size={self.batch_size} "
+                             "(rows are split into groups that share a prompt)")
+        low, high = self.diversity_range
+        if low > high:
+            raise ValueError(f"diversity_range={list(self.diversity_range)} must be [low, high] with low <= high, "
+                             "e.g. [0.0, 1.0]")
 
     @property
     def diversity_bounds(self) -> tuple[float, float]:
         """The lowest and highest λ the env draws (the range a policy trained on it knows)."""
         if self.diversity_values:
             return min(self.diversity_values), max(self.diversity_values)
-        return self.diversity_range
-
-    @property
-    def truncation(self) -> dict:
-        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "top_n_sigma": self.top_n_sigma}
-
-    def action_mapping_obj(self) -> ActionMapping:
-        return ActionMapping(kind=self.action_mapping, t_min=self.t_min, t_max=self.t_max,
-                             min_abs_temperature=self.min_abs_temperature, max_delta=self.max_delta)
+        return tuple(self.diversity_range)
 
     def feature_spec(self) -> FeatureSpec:
-        extra = dict(self.features)
-        unknown = set(extra) - set(FeatureSpec.__dataclass_fields__) - {"version"}
-        if unknown or {"horizon", "categories"} & set(extra):
-            bad = sorted(unknown | ({"horizon", "categories"} & set(extra)))
-            raise ValueError(
-                f"env.features has unsupported keys {bad}; allowed: ema_decay, repeat_window, anomaly_surprise, "
-                "median_k, initial_temperature, include_diversity_weight (horizon comes from max_new_tokens, "
-                "categories from include_category)"
-            )
-        return FeatureSpec(horizon=self.max_new_tokens, categories=CATEGORIES if self.include_category else (),
-                           **extra)
+        """The observation spec: ``features`` plus horizon (max_new_tokens) and categories (include_category)."""
+        return FeatureSpec.of(self.features, self.max_new_tokens, CATEGORIES if self.include_category else ())
 
 
 @dataclass
@@ -174,7 +143,7 @@ class GenerationCore:
         self.config = config
         self.lm = lm
         self.device = lm.device
-        self.mapping = config.action_mapping_obj()
+        self.mapping = config.action
         self.spec = config.feature_spec()
         self.reward = reward if isinstance(reward, RewardModel) else RewardModel(reward or RewardConfig())
         self.prompts = list(prompts) if prompts is not None else load_prompts(
@@ -184,20 +153,7 @@ class GenerationCore:
         self.B = config.batch_size
         self.G = config.group_size
         self.n_groups = self.B // self.G
-        token_prior = None
-        if config.token_prior:
-            from policies.anomaly import combine_token_flags, token_flags
-
-            token_prior = token_flags(lm.tokenizer)
-            if config.discovered_anomalies and getattr(lm, "model", None) is not None:
-                from policies.discovery import discovered_token_weights
-
-                weights = discovered_token_weights(lm)[: token_prior.shape[0]]  # (V,), disk-cached
-                ids = torch.nonzero(weights).flatten()
-                token_prior = combine_token_flags(token_prior, ids, weights[ids])
-            if token_prior.shape[0] < lm.vocab_size:  # logits may have padded vocabulary rows
-                token_prior = torch.nn.functional.pad(token_prior, (0, lm.vocab_size - token_prior.shape[0]))
-            token_prior = token_prior[: lm.vocab_size]
+        token_prior = build_token_prior(lm, config.discovered_anomalies) if config.token_prior else None  # (V,)
         self.featurizer = Featurizer(self.spec, self.B, self.device, token_prior=token_prior)
         self.seed(config.seed)
         self.state = None
@@ -317,7 +273,7 @@ class GenerationCore:
         temperature = self.mapping.to_temperature(a, previous=f.prev_temperature, first_step=f.position == 0)
         need_tempered = self.reward.config.entropy != 0
         drawn = sample(self.logits, temperature, generator=self.generator, return_tempered=need_tempered,
-                       **self.config.truncation)
+                       **self.config.truncation.to_dict())
         tokens, tempered = drawn if need_tempered else (drawn, None)  # (B,), (B, V) or None
         eos_token = self.lm.eos_token_ids[0]
         tokens = torch.where(active_t, tokens, eos_token)  # waiting rows feed EOS; nothing of theirs is kept
@@ -434,7 +390,7 @@ class TemperatureVecEnv(VecEnv):
 
     ## Action Space
     ``Box(-1, 1, (1,), float32)`` per row, mapped to a temperature in ``[t_min, t_max]`` by
-    ``env.action_mapping`` (``linear`` or ``inverse``), with an optional rate limit
+    ``env.action`` (kind ``linear`` or ``inverse``), with an optional rate limit
     ``max_delta``. Out-of-range actions are clipped; NaN actions raise ``ValueError``.
 
     ## Observation Space
@@ -620,8 +576,3 @@ class TemperatureEnv(gym.Env):
             info.update(self.core.episode_info(0))
         return result.obs[0].cpu().numpy(), float(result.reward[0]), terminated, truncated, info
 
-
-def make_vec_env(config: EnvConfig | None = None, model_config: ModelConfig | None = None,
-                 reward: RewardConfig | None = None, lm: CausalLM | None = None) -> TemperatureVecEnv:
-    """Build the batched env, loading the model once (cached in-process)."""
-    return TemperatureVecEnv(config, lm=lm, reward=reward, model_config=model_config)

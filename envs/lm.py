@@ -27,7 +27,6 @@ All rows stay right-aligned: column ``S - 1`` of the window is every row's lates
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import inspect
@@ -38,10 +37,14 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, StrictBool, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
 from transformers.cache_utils import Cache, DynamicLayer
+
+from samplers.core import did_you_mean
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -60,23 +63,23 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class ModelConfig:
-    """The ``model:`` block of a Kelvin config."""
+    """The ``model:`` block of a Kelvin config (a pydantic dataclass: fields checked when it is built)."""
 
-    name: str = "smollm2-135m-instruct"
+    name: StrictStr = "smollm2-135m-instruct"
     """Embedded alias (see ``EMBEDDED_MODELS``), a local ``.gguf`` file, or a local HF model directory."""
-    device: str = "auto"
+    device: StrictStr = "auto"
     """``auto`` (cuda when present, else cpu), ``cpu``, ``cuda``, ``cuda:1``..."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Compute dtype of the LM: float32, float16 or bfloat16. Logits are always returned as float32."""
-    chat_template: bool = True
+    chat_template: StrictBool = True
     """Wrap prompts in the model's chat template (user turn + generation prompt)."""
-    system_prompt: str | None = None
+    system_prompt: Optional[StrictStr] = Field(None, examples=["You are a helpful assistant."])
     """Optional system message put before every prompt when the chat template is used."""
-    cache_dir: str | None = None
+    cache_dir: Optional[StrictStr] = Field(None, examples=["~/.cache/kelvin"])
     """Where dequantised GGUF weights are cached; None -> $KELVIN_CACHE or ~/.cache/kelvin."""
-    prompt_cache_mb: float = 1024.0
+    prompt_cache_mb: float = Field(1024.0, ge=0, allow_inf_nan=False, examples=[1024.0])
     """Memory for prefilled prompts (keys, values and first logits), reused by every later episode on
     the same prompt; least recently used out first. The embedded model needs about 1.6 MB per packaged
     prompt, so the default holds all of them. 0 = prefill every episode."""
@@ -142,11 +145,10 @@ def _resolve_source(name: str) -> _Source:
                 "a Hugging Face causal-LM directory (config.json, weights, tokenizer files)."
             )
         return _Source(path.resolve(), None, name)
-    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
         f"model.name={name!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor an existing "
-        f"local path (a .gguf file or a Hugging Face model directory). Nothing is downloaded.{hint}"
+        f"local path (a .gguf file or a Hugging Face model directory). Nothing is downloaded; "
+        f"{did_you_mean(name, EMBEDDED_MODELS)}"
     )
 
 
@@ -200,12 +202,8 @@ def load_causal_lm(config: ModelConfig | None = None, **overrides) -> "CausalLM"
     config = config or ModelConfig()
     if overrides:
         config = ModelConfig(**{**config.__dict__, **overrides})
-    if config.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype={config.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     device = resolve_device(config.device)
     source = _resolve_source(config.name)
-    if not config.prompt_cache_mb >= 0:
-        raise ValueError(f"model.prompt_cache_mb={config.prompt_cache_mb} must be >= 0 (0 switches the prompt cache off)")
     key = (str(source.directory / (source.gguf_file or "")), str(device), config.dtype,
            config.chat_template, config.system_prompt)
     if key in _LOADED:

@@ -25,7 +25,6 @@ one-hot of ``NUM_CATEGORY_SLOTS = len(CATEGORIES) + 1`` entries, the last slot m
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from envs.answers import check_answers_field
+from samplers.core import did_you_mean
 
 __all__ = [
     "CATEGORIES",
@@ -280,6 +280,6 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> Prompt:
 
 
 def _suggestion(name: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?).' for the closest choice, or '.' when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)." if close else "."
+    """Return ' (did you mean X?).' for the closest choice (:func:`samplers.core.did_you_mean`), or '.'."""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})." if hint.startswith("did you mean") else "."

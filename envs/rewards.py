@@ -45,15 +45,16 @@ worth as much as a per-token component of weight 4 / L held for the whole episod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass as settings_dataclass
 
+from anomaly.detector import AnomalyDetector
 from envs.answers import is_correct
 from envs.text_metrics import distance_to_others, novel_ngram_fraction
-from policies.detector import AnomalyDetector
 
 __all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
            "COMPONENTS"]
@@ -65,47 +66,39 @@ DIVERSITY_COMPONENTS = ("entropy", "group_semantic", "group_ngram")
 """Components scaled by the group's diversity dial λ (the rest are quality, unscaled)."""
 
 
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class RewardConfig:
-    """The ``reward:`` block: one weight per component (0 switches it off) and their parameters."""
+    """The ``reward:`` block: one weight per component (0 switches it off) and their parameters.
 
-    logprob: float = 1.0
+    A pydantic dataclass: every weight and parameter is checked (finite numbers, positive scales) when
+    it is built, so a NaN clip can no longer train a model full of NaN parameters.
+    """
+
+    logprob: StrictFloat = Field(1.0, allow_inf_nan=False)
     """Weight of the per-token base log-probability (quality)."""
-    repetition: float = 0.5
+    repetition: StrictFloat = Field(0.5, allow_inf_nan=False)
     """Weight of the per-token repeated n-gram penalty (quality)."""
-    anomaly: float = 1.0
+    anomaly: StrictFloat = Field(1.0, allow_inf_nan=False)
     """Weight of the per-token anomaly penalty (quality)."""
-    entropy: float = 0.0
+    entropy: StrictFloat = Field(0.0, allow_inf_nan=False)
     """Weight of the per-token tempered entropy (diversity, times λ). Off by default: with the per-token
     log-prob it makes a constant temperature optimal (module doc)."""
-    coherence: float = 2.0
+    coherence: StrictFloat = Field(2.0, allow_inf_nan=False)
     """Weight of the completion's coherence to the prompt (quality)."""
-    text_anomaly: float = 4.0
+    text_anomaly: StrictFloat = Field(4.0, allow_inf_nan=False)
     """Weight of the completion's text anomaly penalty (quality)."""
-    correct: float = 6.0
+    correct: StrictFloat = Field(6.0, allow_inf_nan=False)
     """Weight of a correct answer on answerable prompts (quality)."""
-    group_semantic: float = 6.0
+    group_semantic: StrictFloat = Field(6.0, allow_inf_nan=False)
     """Weight of the completion's semantic distance to the other samples of its group (diversity, times λ)."""
-    group_ngram: float = 2.0
+    group_ngram: StrictFloat = Field(2.0, allow_inf_nan=False)
     """Weight of the completion's share of bigrams no other sample of its group has (diversity, times λ)."""
-    logprob_clip: float = 10.0
+    logprob_clip: StrictFloat = Field(10.0, gt=0, allow_inf_nan=False)
     """ln p below -logprob_clip counts as -logprob_clip (one anomalous token cannot dominate)."""
-    entropy_cap: float = 3.0
+    entropy_cap: StrictFloat = Field(3.0, gt=0, allow_inf_nan=False)
     """Tempered entropy above this many nats earns no more credit."""
-    repetition_n: int = 3
+    repetition_n: StrictInt = Field(3, ge=1)
     """n of the repeated n-gram penalty."""
-
-    def __post_init__(self):
-        for name in COMPONENTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"reward.{name}={value!r} must be a finite weight (0 switches the component off)")
-        for name in ("logprob_clip", "entropy_cap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-                raise ValueError(f"reward.{name}={value!r} must be a finite number > 0")
-        if isinstance(self.repetition_n, bool) or not isinstance(self.repetition_n, int) or self.repetition_n < 1:
-            raise ValueError(f"reward.repetition_n={self.repetition_n!r} must be an integer >= 1")
 
     @property
     def needs_embedder(self) -> bool:

@@ -1,1 +1,4 @@
-"""Kelvin orchestration: run configs, rollouts shared by training and evaluation, PPO training."""
+"""Kelvin orchestration (the layer that may import everything): run configs (:mod:`kelvin.config`), run
+directories (:mod:`kelvin.rundir`), PPO training (:mod:`kelvin.training`), rollouts shared by training and
+evaluation (:mod:`kelvin.rollout`), export of runs and baselines (:mod:`kelvin.export`), the evaluation
+package (:mod:`kelvin.evaluation`) and the anomalous-token discovery command line (:mod:`kelvin.discovery`)."""

@@ -1,35 +1,67 @@
-"""Kelvin run configuration: YAML blocks loaded into typed dataclasses.
+"""Kelvin run configuration: YAML blocks loaded into typed, range-checked dataclasses.
 
 A config has five blocks, each mirroring the constructor it feeds (rl-zoo style):
 
-``model``  -> :class:`envs.lm.ModelConfig`
-``env``    -> :class:`envs.generation.EnvConfig`
-``reward`` -> :class:`envs.rewards.RewardConfig`
-``ppo``    -> keyword arguments of ``stable_baselines3.PPO`` (checked against its signature)
-``train``  -> :class:`TrainConfig`
+| block    | dataclass                                   | feeds                                            |
+|----------|---------------------------------------------|--------------------------------------------------|
+| `model`  | :class:`envs.lm.ModelConfig`                | :func:`envs.lm.load_causal_lm`                   |
+| `env`    | :class:`envs.generation.EnvConfig`, nesting `action` (:class:`policies.actions.ActionMapping`), `truncation` (:class:`samplers.core.Truncation`) and `features` (:class:`policies.features.FeatureSettings`) | :class:`envs.generation.TemperatureVecEnv` |
+| `reward` | :class:`envs.rewards.RewardConfig`          | :class:`envs.rewards.RewardModel`                |
+| `ppo`    | :class:`PPOConfig`: exactly keyword arguments of ``stable_baselines3.PPO`` | ``PPO(**config.ppo.kwargs())`` |
+| `train`  | :class:`TrainConfig`                        | :func:`kelvin.training.train`                    |
 
-Files are read with a ``yaml.SafeLoader`` (that also reads ``1e-4`` as a float); unknown blocks or keys fail with the closest valid key
-suggested; ``--set block.key=value`` overrides parse their value as YAML (``1e-4``, ``null``,
-``[0.5, 1.0]``).
+**One source of defaults.** The dataclass field defaults *are* the embedded default run; a YAML file
+lists only what differs from them (``configs/default.yaml`` is ``{}``), and a run's ``config.yaml``
+holds every value resolved. ``load_config(None)`` and ``gymnasium.make("kelvin/Temperature-v0")``
+start exactly where ``configs/default.yaml`` starts.
+
+**Checked once, when the config loads, before any model loads.** Every field of every block is
+checked against its annotation and its documented range; an error is one line naming the field, the
+value and the fix, e.g. ``env.batch_size='four': must be an integer >= 1 (e.g. env.batch_size: 16)``.
+An empty or non-mapping file, an unknown block or key (with the closest valid one suggested), a key
+that moved (``env.t_min`` is now ``env.action.t_min``) and a ``--set`` without a value are errors too.
+
+**Why pydantic (v2 dataclasses).** The settings classes stay plain dataclasses to their users
+(``replace``, ``asdict``, attribute docstrings as help), while each field declares its type and range
+in its own annotation (``StrictInt = Field(16, ge=1)``), next to its default, in the layer that owns
+it: a hand-written checker would need a home that ``policies/``, ``envs/`` and ``kelvin/`` can all
+import, which the layering has not got. pydantic also builds the nested blocks from mappings, rejects
+unknown keys, and checks objects built in Python exactly as ones read from YAML. Strict types keep a
+YAML slip from becoming a silently different number (``true`` is not the integer 1, ``"4"`` not 4);
+numbers where NaN and infinity are meaningless say so (``allow_inf_nan=False``). This module turns
+pydantic's errors into the one-line messages above. The sampler core's :class:`~samplers.core.Truncation`
+checks its four fields itself, so the deployment core needs torch alone.
+
+Files are read with a ``yaml.SafeLoader`` that also reads ``1e-4`` as a float; ``--set
+block.key=value`` (or ``block.sub.key=value``) overrides parse their value as YAML (``1e-4``,
+``null``, ``[0.5, 1.0]``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
 import re
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
+import annotated_types
 import yaml
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic.dataclasses import dataclass as settings_dataclass
+from pydantic.fields import FieldInfo
 
 from envs.generation import EnvConfig
 from envs.lm import ModelConfig
 from envs.rewards import RewardConfig
+from samplers.core import did_you_mean
 
-__all__ = ["TrainConfig", "KelvinConfig", "load_config", "apply_overrides", "ConfigError"]
+__all__ = ["ConfigError", "KelvinConfig", "MOVED_KEYS", "PPOConfig", "PolicyKwargs", "TrainConfig", "apply_overrides",
+           "load_config"]
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 class _Loader(yaml.SafeLoader):
@@ -52,133 +84,311 @@ def _yaml_load(text: str):
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and the fix."""
+    """A config file or override that cannot be used; the message names the key, the value and the fix."""
 
 
-@dataclass
+# ---------------------------------------------------------------------- the ppo and train blocks
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class NetArch:
+    """Separate actor and critic layer sizes: ``net_arch: {pi: [64, 64], vf: [64, 64]}``."""
+
+    pi: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the actor (the exported policy)."""
+    vf: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the critic."""
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class PolicyKwargs:
+    """``ppo.policy_kwargs``: the keyword arguments of SB3's ``MlpPolicy`` that a YAML file can express."""
+
+    net_arch: Union[list[PositiveInt], NetArch] = Field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes, shared by actor and critic (a list) or per network (``{pi: [...], vf: [...]}``)."""
+    log_std_init: FiniteFloat = -1.0
+    """Initial log std of the Gaussian policy: exploration std 0.37 in action units (0.63 in T on [-1, 2.4])."""
+    ortho_init: StrictBool = True
+    """Orthogonal initialisation of the networks."""
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class PPOConfig:
+    """The ``ppo:`` block: exactly keyword arguments of ``stable_baselines3.PPO`` (a test checks the names
+    against its signature). ``seed``, ``device``, ``env``, ``policy`` and logging are set by Kelvin."""
+
+    learning_rate: StrictFloat = Field(3e-4, gt=0, allow_inf_nan=False)
+    """Adam learning rate."""
+    n_steps: StrictInt = Field(64, ge=1)
+    """Env steps per row between updates (x env.batch_size rows = the rollout: 1024 samples by default)."""
+    batch_size: StrictInt = Field(256, ge=2)
+    """Minibatch size of the PPO update (at most ppo.n_steps x env.batch_size)."""
+    n_epochs: StrictInt = Field(10, ge=1)
+    """Passes over each rollout."""
+    gamma: StrictFloat = Field(0.98, ge=0.0, le=1.0)
+    """Discount factor."""
+    gae_lambda: StrictFloat = Field(0.95, ge=0.0, le=1.0)
+    """GAE bias-variance trade-off."""
+    clip_range: StrictFloat = Field(0.2, gt=0, allow_inf_nan=False)
+    """PPO's policy ratio clip."""
+    clip_range_vf: Optional[StrictFloat] = Field(None, gt=0, allow_inf_nan=False, examples=[0.2])
+    """Value function clip (None = off)."""
+    normalize_advantage: StrictBool = True
+    """Normalise the advantages per minibatch."""
+    ent_coef: StrictFloat = Field(0.0, ge=0, allow_inf_nan=False)
+    """Entropy bonus weight."""
+    vf_coef: StrictFloat = Field(0.5, ge=0, allow_inf_nan=False)
+    """Value loss weight."""
+    max_grad_norm: StrictFloat = Field(0.5, gt=0, allow_inf_nan=False)
+    """Gradient clipping norm."""
+    target_kl: Optional[StrictFloat] = Field(None, gt=0, allow_inf_nan=False, examples=[0.02])
+    """Stop an update's epochs early above this KL (None = never)."""
+    stats_window_size: StrictInt = Field(100, ge=1)
+    """Episodes averaged in the rollout/ep_* statistics."""
+    policy_kwargs: PolicyKwargs = Field(default_factory=PolicyKwargs)
+    """Network shape and initialisation (:class:`PolicyKwargs`)."""
+
+    def kwargs(self) -> dict:
+        """``PPO(**kwargs)``: every field, ``policy_kwargs`` as a plain mapping."""
+        return asdict(self)
+
+
+PPO_RESERVED = {"policy": "Kelvin always trains an MlpPolicy", "env": "Kelvin builds the env from the env block",
+                "seed": "use train.seed", "device": "use train.policy_device", "verbose": "Kelvin sets it",
+                "tensorboard_log": "Kelvin logs into the run directory", "_init_setup_model": "Kelvin sets it"}
+"""Arguments of ``PPO`` that Kelvin sets itself, and where the setting lives instead."""
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class TrainConfig:
     """The ``train:`` block."""
 
-    total_timesteps: int = 60_000
-    """Environment steps (tokens over all rows) to train for."""
-    seed: int = 0
+    total_timesteps: StrictInt = Field(20_480, ge=1)
+    """Environment steps (tokens over all rows) to train for: 20 PPO updates by default (~15 min on a 2-core CPU)."""
+    seed: StrictInt = Field(0, ge=0)
     """Seed of PPO, the env's prompt order and token draws."""
-    normalize_obs: bool = True
+    normalize_obs: StrictBool = True
     """Running observation normalisation (VecNormalize); its statistics are saved with the model."""
-    normalize_reward: bool = True
+    normalize_reward: StrictBool = True
     """Scale rewards by a running estimate of the return's std (training only)."""
-    checkpoint_every: int = 10_000
+    checkpoint_every: StrictInt = Field(4096, ge=0)
     """Save a checkpoint every this many environment steps (0 = only at the end)."""
-    validate_every: int = 4
+    validate_every: StrictInt = Field(10, ge=0)
     """Validate every this many PPO updates (0 = only at the end)."""
-    validation_prompts: int = 16
-    """Validation prompts (each sampled group_size times) per validation run."""
-    validation_temperatures: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+    validation_prompts: StrictInt = Field(8, ge=1)
+    """Validation prompts (each sampled group_size times, same prompts and seeds for every policy)."""
+    validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1)
     """Fixed temperatures the learned policy is compared with; the best one is reported."""
-    validation_split: str = "validation"
+    validation_split: Literal["train", "validation", "test"] = "validation"
     """Prompt split used for validation."""
-    samples_to_log: int = 3
+    samples_to_log: StrictInt = Field(3, ge=0)
     """Completions (with temperature traces) written to TensorBoard per validation."""
-    progress_bar: bool = True
+    progress_bar: StrictBool = True
     """Show a progress bar while training."""
-    policy_device: str = "cpu"
+    policy_device: StrictStr = "cpu"
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
 
-    def __post_init__(self):
-        if self.total_timesteps < 1:
-            raise ConfigError(f"train.total_timesteps={self.total_timesteps} must be >= 1")
-        if self.validation_prompts < 1:
-            raise ConfigError(f"train.validation_prompts={self.validation_prompts} must be >= 1")
-        if not self.validation_temperatures:
-            raise ConfigError("train.validation_temperatures must list at least one temperature")
 
-
-PPO_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 3e-4,
-    "n_steps": 64,
-    "batch_size": 256,
-    "n_epochs": 10,
-    "gamma": 0.99,
-    "gae_lambda": 0.95,
-    "clip_range": 0.2,
-    "ent_coef": 0.0,
-    "policy_kwargs": {"net_arch": [64, 64]},
-}
-# Arguments of PPO that Kelvin sets itself.
-_PPO_RESERVED = {"policy", "env", "tensorboard_log", "seed", "device", "verbose", "_init_setup_model"}
-
-
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class KelvinConfig:
-    """A whole run: every block resolved to its dataclass (``ppo`` stays a dict of PPO kwargs)."""
+    """A whole run: every block resolved to its dataclass."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: dict = field(default_factory=lambda: dict(PPO_DEFAULTS))
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        rollout = self.ppo.n_steps * self.env.batch_size
+        if self.ppo.batch_size > rollout:
+            raise ValueError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
+                             f"env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
 
     def to_dict(self) -> dict:
-        return {"model": asdict(self.model), "env": asdict(self.env), "reward": asdict(self.reward),
-                "ppo": dict(self.ppo), "train": asdict(self.train)}
+        return asdict(self)
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-_BLOCKS = {"model": ModelConfig, "env": EnvConfig, "reward": RewardConfig, "train": TrainConfig}
+MOVED_KEYS = {
+    "env.action_mapping": "env.action.kind",
+    **{f"env.{k}": f"env.action.{k}" for k in ("t_min", "t_max", "min_abs_temperature", "max_delta")},
+    **{f"env.{k}": f"env.truncation.{k}" for k in ("top_k", "top_p", "min_p", "top_n_sigma")},
+    "env.features.horizon": "env.max_new_tokens",
+    "env.features.categories": "env.include_category",
+}
+"""Keys of older configs and where the setting lives now (an old key is an error that names the new one)."""
 
 
-def _suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+# ---------------------------------------------------------------------- error messages
+def _unwrap(tp) -> tuple[Any, list]:
+    """``(type, metadata)`` with every ``Annotated`` layer peeled off (FieldInfo metadata flattened)."""
+    metas: list = []
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        metas += extra
+    flat = []
+    for m in metas:
+        flat += m.metadata if isinstance(m, FieldInfo) else [m]
+    return tp, flat
 
 
-def _ppo_keys() -> set[str]:
-    from stable_baselines3 import PPO
-
-    return set(inspect.signature(PPO.__init__).parameters) - {"self"} - _PPO_RESERVED
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _build(raw: dict, source: str) -> KelvinConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of blocks (model, env, reward, ppo, train)")
-    for block in raw:
-        if block not in {*_BLOCKS, "ppo"}:
-            raise ConfigError(f"{source}: unknown block {block!r}.{_suggest(block, [*_BLOCKS, 'ppo'])}")
-    kwargs = {}
-    for block, cls in _BLOCKS.items():
-        values = raw.get(block) or {}
+def _range(metas: list) -> str:
+    """`` >= 1``, `` in (0, 1]``, ... from annotated-types bounds."""
+    lo = hi = None
+    for m in metas:
+        if isinstance(m, annotated_types.Ge):
+            lo = ("[", m.ge)
+        elif isinstance(m, annotated_types.Gt):
+            lo = ("(", m.gt)
+        elif isinstance(m, annotated_types.Le):
+            hi = ("]", m.le)
+        elif isinstance(m, annotated_types.Lt):
+            hi = (")", m.lt)
+    if lo and hi:
+        return f" in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return f" {'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
+    if hi:
+        return f" {'<=' if hi[0] == ']' else '<'} {_num(hi[1])}"
+    return ""
+
+
+def _describe(tp, metas: list = (), plural: bool = False) -> str:
+    """What a value of annotation ``tp`` must be, in words: ``an integer >= 1``, ``a list of finite numbers``."""
+    tp, inner = _unwrap(tp)
+    metas = [*metas, *inner]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a, metas if len(args) == 2 else (), plural) for a in args if a is not type(None)]
+        return " or ".join(parts) + (", or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        at_least = next((m.min_length for m in metas if isinstance(m, annotated_types.MinLen)), 0)
+        text = ("lists of " if plural else "a list of ") + _describe(args[0], (), plural=True)
+        return text + (f", at least {at_least}" if at_least else "")
+    if is_dataclass(tp):
+        return ("mappings" if plural else "a mapping") + " with keys " + ", ".join(f.name for f in fields(tp))
+    finite = any(getattr(m, "allow_inf_nan", True) is False for m in metas)
+    nouns = {bool: ("true or false", "true/false values"), int: ("an integer", "integers"),
+             float: ("a finite number", "finite numbers") if finite else ("a number", "numbers"),
+             str: ("a string", "strings")}
+    noun = nouns.get(tp, (f"a {getattr(tp, '__name__', tp)}", f"{getattr(tp, '__name__', tp)} values"))[plural]
+    return noun + _range(metas)
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _field_info(cls, name: str) -> FieldInfo | None:
+    return getattr(cls, "__pydantic_fields__", {}).get(name)
+
+
+def _example(info: FieldInfo) -> str | None:
+    """An example value for a field: its first ``examples`` entry, else its default (None: no good example)."""
+    if info.examples:
+        return _yaml_value(info.examples[0])
+    default = info.default_factory() if info.default_factory is not None else info.default
+    if default is None or is_dataclass(default):
+        return None
+    return _yaml_value(default)
+
+
+def _walk(loc: tuple) -> tuple[list[str], Any, FieldInfo | None, Any]:
+    """Follow an error location through the blocks: (field path, the class holding the last field, its
+    FieldInfo, the class of the last field when it is a block)."""
+    cls, path, info, holder = KelvinConfig, [], None, None
+    for item in loc:
+        field = _field_info(cls, item) if isinstance(item, str) and cls is not None else None
+        if field is None:
+            break
+        holder, info, path = cls, field, [*path, item]
+        tp, _ = _unwrap(field.annotation)
+        cls = tp if is_dataclass(tp) else None
+    return path, holder, info, cls
+
+
+def _lookup(raw: dict, path: list[str]):
+    value = raw
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _error_line(err: dict, raw: dict) -> str:
+    """One line for one pydantic error: the field, the value, what it must be and an example."""
+    loc = tuple(err["loc"])
+    if err["type"] == "unexpected_keyword_argument":
+        path, _, _, block = _walk(loc[:-1])
+        key = str(loc[-1])
+        full = ".".join([*path, key])
+        valid = [f.name for f in fields(block or KelvinConfig)]
+        what = "block" if not path else "key"
+        return f"unknown {what} {full}; {did_you_mean(key, valid)}"
+    path, _, info, block = _walk(loc)
+    where = ".".join(path)
+    if err["type"] == "value_error":
+        message = str(err.get("ctx", {}).get("error", err["msg"]))
+        return f"{where}: {message}" if where else message
+    if info is None:
+        return f"{where or 'config'}: {err['msg']}"
+    value = _lookup(raw, path)
+    line = f"{where}={value!r}: must be {_describe(info.annotation, info.metadata)}"
+    example = None if block is not None else _example(info)
+    return line + (f" (e.g. {where}: {example})" if example is not None else "")
+
+
+def _check_keys(raw: dict) -> None:
+    """Moved keys and PPO arguments Kelvin sets itself: errors that say where the setting lives."""
+    for block, values in raw.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: block {block!r} must be a mapping of keys to values")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key {block}.{key}.{_suggest(key, fields)}")
-        try:
-            kwargs[block] = cls(**values)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{source}: invalid {block} block: {exc}") from exc
-    ppo = dict(PPO_DEFAULTS)
-    ppo_raw = raw.get("ppo") or {}
-    if not isinstance(ppo_raw, dict):
-        raise ConfigError(f"{source}: block 'ppo' must be a mapping of PPO keyword arguments")
-    valid = _ppo_keys()
-    for key in ppo_raw:
-        if key in _PPO_RESERVED:
-            raise ConfigError(f"{source}: ppo.{key} is set by Kelvin (use train.seed / train.policy_device)")
-        if key not in valid:
-            raise ConfigError(f"{source}: ppo.{key} is not an argument of stable_baselines3.PPO.{_suggest(key, valid)}")
-    ppo.update(ppo_raw)
-    n_rollout = ppo["n_steps"] * kwargs["env"].batch_size
-    if ppo["batch_size"] > n_rollout:
-        raise ConfigError(
-            f"{source}: ppo.batch_size={ppo['batch_size']} exceeds the rollout size ppo.n_steps * env.batch_size = "
-            f"{n_rollout}; lower ppo.batch_size or raise ppo.n_steps"
-        )
-    return KelvinConfig(ppo=ppo, **kwargs)
+            continue
+        for key, value in values.items():
+            path = f"{block}.{key}"
+            if path in MOVED_KEYS:
+                new = MOVED_KEYS[path]
+                raise ConfigError(f"{path} is now {new}: write `{new}: {_yaml_value(value)}` in the YAML "
+                                  f"(or --set {new}=...)")
+            if block == "ppo" and key in PPO_RESERVED:
+                raise ConfigError(f"ppo.{key} is set by Kelvin; {PPO_RESERVED[key]}")
+            if isinstance(value, dict):
+                for sub in value:
+                    if f"{path}.{sub}" in MOVED_KEYS:
+                        raise ConfigError(f"{path}.{sub} is set by Kelvin from {MOVED_KEYS[f'{path}.{sub}']}; "
+                                          f"remove it")
+
+
+def _build(raw, source: str) -> KelvinConfig:
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping of blocks"
+        raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train); "
+                          "write {} for the embedded defaults, or the blocks that differ from them")
+    raw = {block: ({} if values is None else values) for block, values in raw.items()}
+    bad = [block for block in raw if not isinstance(block, str)]
+    if bad:
+        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train); got {bad[0]!r}")
+    try:
+        _check_keys(raw)
+        return KelvinConfig(**raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        lines = [f"{source}: {_error_line(err, raw)}" for err in exc.errors()]
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def _field_at(path: list[str]) -> FieldInfo | None:
+    """The FieldInfo of a dotted field path (``["env", "action", "t_min"]``), None when there is no such field."""
+    found, _, info, _ = _walk(tuple(path))
+    return info if found == path else None
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
@@ -188,30 +398,48 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected block.key=value, e.g. --set ppo.learning_rate=1e-4")
         path, value = item.split("=", 1)
-        block, key = path.split(".", 1)
-        parsed = _yaml_load(value) if value != "" else None
-        target = raw.setdefault(block, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"--set {item!r}: block {block!r} is not a mapping")
-        parts = key.split(".")
+        parts = path.split(".")
+        if value.strip() == "":
+            info = _field_at(parts)
+            example = None if info is None else _example(info)
+            hint = f", e.g. --set {path}={example}" if example is not None else ""
+            raise ConfigError(f"--set {item!r}: no value after '='; give one{hint} (null for an optional setting)")
+        try:
+            parsed = _yaml_load(value)
+        except yaml.YAMLError:
+            parsed = value  # not YAML: the field's type check names it
+        target = raw
         for part in parts[:-1]:
-            target = target.setdefault(part, {})
+            child = target.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a block of settings")
+            target[part] = child = dict(child)
+            target = child
         target[parts[-1]] = parsed
     return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KelvinConfig:
-    """Read a YAML config (None = all defaults), apply overrides, validate every block."""
+    """Read a YAML config (None = the embedded defaults), apply overrides, check every block.
+
+    Raises :class:`ConfigError` (one line per problem) before anything heavy is loaded.
+    """
     raw: dict = {}
     source = "defaults"
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file such as configs/default.yaml")
+            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file such as "
+                              "configs/default.yaml")
         try:
-            raw = _yaml_load(p.read_text()) or {}
+            raw = _yaml_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the position shown") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a text file; give a YAML config such as configs/default.yaml") from None
         source = str(p)
-    raw = apply_overrides(raw, overrides)
-    return _build(raw, source)
+        if not isinstance(raw, dict):
+            _build(raw, source)  # the empty / non-mapping error
+    return _build(apply_overrides(raw, overrides), source)

@@ -1,37 +1,29 @@
 """PPO training of a temperature policy on the batched environment, with TensorBoard monitoring.
 
-``train(config, run_dir)`` writes into ``run_dir``:
-
-| file                          | what                                                              |
-|-------------------------------|-------------------------------------------------------------------|
-| ``config.yaml``               | the resolved config (every default filled in)                     |
-| ``command.txt``               | the command line(s) that produced the run (resumes append)        |
-| ``model.zip``                 | the final (or interrupted) PPO model                              |
-| ``vecnormalize.pkl``          | observation (and reward) normalisation statistics of the model    |
-| ``checkpoints/step_N.zip``    | periodic checkpoints, each with ``step_N_vecnormalize.pkl``       |
-| ``tb/PPO_1/events.*``         | TensorBoard event files (resumes keep writing into ``PPO_1``)      |
-| ``validation.json``           | the last validation: learned policy vs every fixed temperature    |
-| ``export/``                   | the policy exported for samplers (``policies/export.py``)         |
+``train(config, run_dir)`` writes a run directory (its files: :mod:`kelvin.rundir`), including the
+policy exported for samplers (``export/``, :mod:`kelvin.export`).
 
 TensorBoard tags: ``rollout/*`` (SB3's episode stats plus temperature mean/std/histogram, negative
 and near-greedy fractions, anomaly rate), ``reward/*`` (per-token components, mean per step),
 ``episode/*`` (every component summed per episode), ``perf/*`` (tokens/s, share of time in the
 model vs the env), ``train/*`` (PPO's losses), ``validation/*`` (learned vs best fixed
 temperature on validation prompts, same prompts and seeds), ``hparams``, and text samples.
+
+Validation runs the learned policy as the samplers do: :func:`kelvin.export.learned_policy` (the
+exported actor module, VecNormalize's statistics applied in torch), through
+:func:`kelvin.rollout.collect_episodes`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shlex
 import signal
 import sys
 import threading
 import time
 import warnings
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,16 +38,17 @@ from envs.generation import TemperatureVecEnv
 from envs.lm import load_causal_lm
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
 from kelvin.config import KelvinConfig, load_config
+from kelvin.export import export_run, learned_policy
 from kelvin.rollout import collect_episodes
-from policies.learned import LearnedPolicy
+from kelvin.rundir import RunDir, RunDirError, load_ppo, load_vecnormalize
 from policies.registry import make_policy
 
-__all__ = ["train", "latest_checkpoint", "CheckpointError", "summarize_episodes"]
+__all__ = ["train", "CheckpointError", "summarize_episodes"]
 
 TB_NAME = "PPO"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing or cannot be loaded; the message says which file and what to do."""
 
 
@@ -82,12 +75,12 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
 class KelvinCallback(BaseCallback):
     """Monitoring, validation and checkpoints (one callback, so rollouts are read once)."""
 
-    def __init__(self, config: KelvinConfig, run_dir: Path, train_env: TemperatureVecEnv,
+    def __init__(self, config: KelvinConfig, run: RunDir, train_env: TemperatureVecEnv,
                  vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv):
         super().__init__(verbose=0)
         self.stop_requested = False
         self.config = config
-        self.run_dir = run_dir
+        self.run = run
         self.train_env = train_env
         self.vec_normalize = vec_normalize
         self.val_env = val_env
@@ -115,11 +108,13 @@ class KelvinCallback(BaseCallback):
         return None
 
     def _on_training_start(self) -> None:
+        self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
         if self.model.num_timesteps == 0:
-            hparams = {"env/batch_size": self.config.env.batch_size, "env/max_new_tokens": self.config.env.max_new_tokens,
-                       "env/action_mapping": self.config.env.action_mapping, "env/t_min": self.config.env.t_min,
-                       "env/t_max": self.config.env.t_max, "train/total_timesteps": self.config.train.total_timesteps}
-            for k, v in self.config.ppo.items():
+            env = self.config.env
+            hparams = {"env/batch_size": env.batch_size, "env/max_new_tokens": env.max_new_tokens,
+                       "env/action/kind": env.action.kind, "env/action/t_min": env.action.t_min,
+                       "env/action/t_max": env.action.t_max, "train/total_timesteps": self.config.train.total_timesteps}
+            for k, v in self.config.ppo.kwargs().items():
                 hparams[f"ppo/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in self.config.reward.weights().items():
                 hparams[f"reward/{k}"] = v
@@ -151,12 +146,12 @@ class KelvinCallback(BaseCallback):
         return not self.stop_requested  # False ends model.learn after this step (Ctrl-C, see GracefulStop)
 
     def _save_checkpoint(self) -> None:
-        ckpt = self.run_dir / "checkpoints"
-        ckpt.mkdir(exist_ok=True)
+        self.run.checkpoint_dir.mkdir(exist_ok=True)
         step = self.model.num_timesteps
-        self.model.save(ckpt / f"step_{step}.zip")
+        model_file, norm_file = self.run.checkpoint_files(step)
+        self.model.save(model_file)
         if self.vec_normalize is not None:
-            self.vec_normalize.save(str(ckpt / f"step_{step}_vecnormalize.pkl"))
+            self.vec_normalize.save(str(norm_file))
         self._last_checkpoint = step
 
     def _on_rollout_end(self) -> None:
@@ -200,8 +195,8 @@ class KelvinCallback(BaseCallback):
 
     # ------------------------------------------------------------------ validation
     def _policy(self):
-        return LearnedPolicy.from_sb3(self.model, self.vec_normalize, self.val_env.feature_spec,
-                                      self.val_env.action_mapping)
+        """The current actor as the samplers run it (a copy: training goes on)."""
+        return learned_policy(self.model, self.vec_normalize, self.val_env.feature_spec, self.val_env.action_mapping)
 
     def _run(self, policy) -> dict:
         tc = self.config.train
@@ -256,59 +251,33 @@ class KelvinCallback(BaseCallback):
             "margin_vs_best_fixed": lr["reward"] - fixed[best_t],
             "episodes_per_policy": len(learned["episodes"]),
         }
-        (self.run_dir / "validation.json").write_text(json.dumps(self.last_validation, indent=2))
+        self.run.validation_file.write_text(json.dumps(self.last_validation, indent=2))
         return self.last_validation
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, Path | None]:
-    """The newest model of a run (by step; ``model.zip`` counts as the newest) and its normaliser file."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"--resume {run_dir}: no such run directory; give the --run-dir of an earlier run")
-    candidates: list[tuple[int, Path, Path]] = []
-    for path in (run_dir / "checkpoints").glob("step_*.zip"):
-        m = re.fullmatch(r"step_(\d+)\.zip", path.name)
-        if m:
-            candidates.append((int(m.group(1)), path, path.with_name(f"step_{m.group(1)}_vecnormalize.pkl")))
-    final = run_dir / "model.zip"
-    if final.is_file():
-        candidates.append((sys.maxsize, final, run_dir / "vecnormalize.pkl"))
-    if not candidates:
-        raise CheckpointError(f"--resume {run_dir}: no model.zip and no checkpoints/step_*.zip in it; "
-                              "nothing to resume (start a new run without --resume)")
-    _, model_path, norm_path = max(candidates, key=lambda c: c[0])
-    return model_path, norm_path if norm_path.is_file() else None
-
-
-def _load_checkpoint(model_path: Path, norm_path: Path | None, env, config: KelvinConfig):
+def _load_checkpoint(run: RunDir, env, config: KelvinConfig):
+    """The run's newest model and normaliser, attached to ``env`` to go on training."""
+    model_path, norm_path = run.latest()
     try:
-        with zipfile.ZipFile(model_path) as zf:
-            bad = zf.testzip()
-        if bad is not None:
-            raise zipfile.BadZipFile(f"corrupt member {bad}")
-        vec = VecNormalize.load(str(norm_path), env) if norm_path is not None else None
-        model = PPO.load(model_path, env=vec or env, device=config.train.policy_device)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"cannot load checkpoint {model_path} ({type(exc).__name__}: {exc}). Delete it to resume from the "
-            "previous checkpoint, or start a new run without --resume."
-        ) from exc
+        vec = load_vecnormalize(norm_path, env) if norm_path is not None else None
+        model = load_ppo(model_path, env=vec or env, device=config.train.policy_device)
+    except RunDirError as exc:
+        raise CheckpointError(f"cannot load checkpoint {model_path}: {exc}. Delete it to resume from the previous "
+                              "checkpoint, or start a new run without --resume") from None
     return model, vec
 
 
-def _export(run_dir: Path, env: TemperatureVecEnv) -> Path | None:
+def _export(run: RunDir, env: TemperatureVecEnv) -> Path | None:
     """Write ``run_dir/export/`` for the samplers; a failure warns and leaves the saved model alone."""
     try:
-        from policies.export import export_run
-
-        return export_run(run_dir, run_dir / "export", lm=env.lm, token_prior=env.core.featurizer.token_prior)
+        return export_run(run.path, run.export_dir, lm=env.lm, token_prior=env.core.featurizer.token_prior)
     except Exception as exc:  # the model is saved already: never lose a run to an export problem
-        stale = run_dir / "export" / "spec.json"
+        stale = run.export_dir / "spec.json"
         if stale.is_file():  # an export of an earlier save must not pass for this model
             stale.unlink()
-        warnings.warn(f"could not export the policy to {run_dir / 'export'} ({type(exc).__name__}: {exc}); the model "
-                      f"is saved in {run_dir / 'model.zip'}: export it later with "
-                      f"`python -m policies.export {run_dir} OUT_DIR`", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"could not export the policy to {run.export_dir} ({type(exc).__name__}: {exc}); the model "
+                      f"is saved in {run.model_file}: export it later with "
+                      f"`python -m kelvin.export {run.path} OUT_DIR`", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -343,10 +312,10 @@ class GracefulStop:
 
 def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None) -> dict:
     """Train (or resume) a PPO temperature policy; returns a summary with the last validation."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.dump(run_dir / "config.yaml")
-    with open(run_dir / "command.txt", "a") as fh:
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    config.dump(run.config_file)
+    with open(run.command_file, "a") as fh:
         fh.write((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
     tc = config.train
     torch.manual_seed(tc.seed)
@@ -354,21 +323,18 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
     val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
                                 reward=config.reward)
-    gamma = config.ppo.get("gamma", 0.99)
     if resume:
-        model_path, norm_path = latest_checkpoint(run_dir)
-        model, vec = _load_checkpoint(model_path, norm_path, env, config)
+        model, vec = _load_checkpoint(run, env, config)
         if vec is not None:
             vec.training = True
     else:
         vec = None
         if tc.normalize_obs or tc.normalize_reward:
-            vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=gamma)
-        model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run_dir / "tb"),
-                    device=tc.policy_device, verbose=0, **config.ppo)
-    model.tensorboard_log = str(run_dir / "tb")
-    callback = KelvinCallback(config, run_dir, env, vec, val_env)
-    callback._last_checkpoint = model.num_timesteps
+            vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
+        model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
+                    device=tc.policy_device, verbose=0, **config.ppo.kwargs())
+    model.tensorboard_log = str(run.tensorboard_dir)
+    callback = KelvinCallback(config, run, env, vec, val_env)
     remaining = tc.total_timesteps - model.num_timesteps
     interrupted = False
     t0 = time.perf_counter()
@@ -381,10 +347,10 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        model.save(run_dir / "model.zip")
+        model.save(run.model_file)
         if vec is not None:
-            vec.save(str(run_dir / "vecnormalize.pkl"))
-    export_dir = _export(run_dir, env)
+            vec.save(str(run.normalizer_file))
+    export_dir = _export(run, env)
     validation = None
     if not interrupted:
         validation = callback.validate()
@@ -397,10 +363,10 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
             "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
             "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-    summary = {"run_dir": str(run_dir), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
+    summary = {"run_dir": str(run.path), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
                "wall_s": wall, "perf": perf, "validation": validation,
                "export": None if export_dir is None else str(export_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    run.summary_file.write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
@@ -419,19 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     try:
         if args.resume:
-            run_dir = Path(args.resume)
-            if not run_dir.is_dir():
-                raise CheckpointError(f"--resume {run_dir}: no such run directory; give the --run-dir of an earlier run")
-            cfg_path = run_dir / "config.yaml"
-            if not cfg_path.is_file():
-                raise CheckpointError(f"--resume {run_dir}: no config.yaml in it; is this a Kelvin run directory?")
-            config = load_config(cfg_path, args.overrides)
-            summary = train(config, run_dir, resume=True, command=command)
+            run = RunDir(args.resume)
+            config = run.load_config(args.overrides)
+            summary = train(config, run.path, resume=True, command=command)
         else:
             config = load_config(args.config, args.overrides)
             run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
             summary = train(config, run_dir, resume=False, command=command)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, CheckpointError, RunDirError: one line each
         print(f"error: {exc}", file=sys.stderr)
         return 2
     v = summary.get("validation")

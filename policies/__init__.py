@@ -1,8 +1,9 @@
-"""Policies: the featurizer, the action mapping, the policy interface, the baselines, exported artifacts."""
+"""Policies: the featurizer, the action mapping, the one policy protocol, the baselines, the learned and
+exported policies, the guard rails."""
 
 from policies.actions import ActionMapping
 from policies.artifact import ArtifactError, ExportedPolicy, PolicyArtifact, load_artifact, load_policy
-from policies.base import TemperaturePolicy
+from policies.base import BaselinePolicy, TemperaturePolicy
 from policies.baselines import (
     CombinedRule,
     DynaTemp,
@@ -14,26 +15,28 @@ from policies.baselines import (
     PIDController,
     SurpriseController,
 )
-from policies.detector import AnomalyDetector
-from policies.features import FEATURE_SPEC_VERSION, FeatureSpec, Featurizer
+from policies.features import FEATURE_SPEC_VERSION, FeatureSettings, FeatureSpec, Featurizer
 from policies.guard import GuardedPolicy
+from policies.learned import LearnedPolicy
 from policies.registry import BASELINE_NAMES, all_baselines, make_policy, policy_from_config
 
 __all__ = [
     "ActionMapping",
-    "AnomalyDetector",
     "ArtifactError",
     "BASELINE_NAMES",
+    "BaselinePolicy",
     "CombinedRule",
     "DynaTemp",
     "EntropyDynamicTemperature",
     "EntropyRule",
     "ExportedPolicy",
     "FEATURE_SPEC_VERSION",
+    "FeatureSettings",
     "FeatureSpec",
     "Featurizer",
     "FixedTemperature",
     "GuardedPolicy",
+    "LearnedPolicy",
     "MaxProbRule",
     "MedianRule",
     "PIDController",

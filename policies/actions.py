@@ -16,56 +16,77 @@ Two mappings (``ActionMapping.kind``):
     T = t_max, where both distributions are at their flattest, instead of at the greedy cliff.
 
 After the mapping, an optional rate limit keeps |T_t - T_{t-1}| <= max_delta per row (not on
-the first step of an episode), and a final clamp keeps T in [t_min, t_max]. NaN actions are
+the first step of an episode; :func:`rate_limit`, shared with the PID baseline and the guard rails),
+and a final clamp keeps T in [t_min, t_max]. NaN actions are
 rejected; actions outside [-1, 1] are clipped (SB3's PPO samples from an unbounded Gaussian and
 clips, so clipping is the documented behaviour, not an error).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import Literal, Optional
 
 import torch
+from pydantic import ConfigDict, Field, StrictFloat
+from pydantic.dataclasses import dataclass
 
-__all__ = ["ActionMapping"]
+__all__ = ["ActionMapping", "anomaly_reset", "rate_limit"]
 
 MAPPING_KINDS = ("linear", "inverse")
 
 
-@dataclass(frozen=True)
-class ActionMapping:
-    """Maps actions in [-1, 1] to temperatures, and back (for baselines that think in T)."""
+def rate_limit(t: torch.Tensor, previous: torch.Tensor, max_delta: float | None,
+               active: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(t, previous - max_delta, previous + max_delta)`` on the ``active`` rows (B,) bool (None = all).
 
-    kind: str = "linear"
+    The one rate limit of Kelvin: the action mapping's (``max_delta``), the PID baseline's and the guard
+    rails' all call it. ``max_delta`` None returns ``t`` unchanged. All tensors (B,).
+    """
+    if max_delta is None:
+        return t
+    previous = torch.as_tensor(previous, dtype=t.dtype, device=t.device).reshape(-1)
+    limited = torch.minimum(torch.maximum(t, previous - max_delta), previous + max_delta)
+    if active is None:
+        return limited
+    return torch.where(torch.as_tensor(active, device=t.device).reshape(-1), limited, t)
+
+
+def anomaly_reset(t: torch.Tensor, held: torch.Tensor, safe_lo: float, safe_hi: float) -> torch.Tensor:
+    """``clamp(t, safe_lo, safe_hi)`` on the ``held`` rows (B,) bool: the one anomaly reset (PID baseline,
+    guard rails). It ignores any rate limit: safety first."""
+    return torch.where(held, t.clamp(safe_lo, safe_hi), t)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class ActionMapping:
+    """Maps actions in [-1, 1] to temperatures, and back (for baselines that think in T).
+
+    The ``env.action`` block of a config; its defaults put action 0 at T = 0.7, the centre of
+    [-1, 2.4], never on the greedy cliff. A pydantic dataclass: every field is checked against its
+    type and range when it is built (see :mod:`kelvin.config` for why pydantic).
+    """
+
+    kind: Literal["linear", "inverse"] = "linear"
     """``linear`` in T, or ``inverse`` (linear in beta = 1/T; needs t_min < 0 < t_max)."""
-    t_min: float = -2.0
-    """Lowest temperature the env may use."""
-    t_max: float = 2.0
+    t_min: StrictFloat = Field(-1.0, allow_inf_nan=False)
+    """Lowest temperature the env may use (negative temperatures stay reachable)."""
+    t_max: StrictFloat = Field(2.4, allow_inf_nan=False)
     """Highest temperature the env may use."""
-    min_abs_temperature: float = 0.05
+    min_abs_temperature: StrictFloat = Field(0.05, gt=0, allow_inf_nan=False)
     """``inverse`` only: the smallest |T| reachable (|beta| <= 1 / min_abs_temperature)."""
-    max_delta: float | None = None
+    max_delta: Optional[StrictFloat] = Field(None, gt=0, allow_inf_nan=False, examples=[0.2])
     """Rate limit: largest |T_t - T_(t-1)| per step within an episode; None = off."""
 
     def __post_init__(self):
-        if self.kind not in MAPPING_KINDS:
-            raise ValueError(f"env.action_mapping={self.kind!r} is unknown; use one of {MAPPING_KINDS}")
         if not (self.t_min < self.t_max):
-            raise ValueError(
-                f"env.t_min={self.t_min} must be below env.t_max={self.t_max}; set a non-empty temperature range"
-            )
+            raise ValueError(f"t_min={self.t_min} must be below t_max={self.t_max}; set a non-empty temperature range")
         if self.kind == "inverse":
             if not (self.t_min < 0 < self.t_max):
-                raise ValueError(
-                    f"env.action_mapping='inverse' needs t_min < 0 < t_max (got [{self.t_min}, {self.t_max}]); "
-                    "use action_mapping='linear' for a one-signed range"
-                )
-            if not (0 < self.min_abs_temperature < min(-self.t_min, self.t_max)):
-                raise ValueError(
-                    f"env.min_abs_temperature={self.min_abs_temperature} must be in (0, min(|t_min|, t_max))"
-                )
-        if self.max_delta is not None and not self.max_delta > 0:
-            raise ValueError(f"env.max_delta={self.max_delta} must be > 0, or null to switch the rate limit off")
+                raise ValueError(f"kind='inverse' needs t_min < 0 < t_max (got [{self.t_min}, {self.t_max}]); use "
+                                 "kind='linear' for a one-signed range")
+            if not self.min_abs_temperature < min(-self.t_min, self.t_max):
+                raise ValueError(f"min_abs_temperature={self.min_abs_temperature} must be in (0, min(|t_min|, t_max))")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,12 +116,9 @@ class ActionMapping:
                 b_pos_lo + a * (beta_max - b_pos_lo),
             )
             t = 1.0 / beta
-        if self.max_delta is not None and previous is not None:
-            prev = torch.as_tensor(previous, dtype=t.dtype, device=t.device).reshape(-1)
-            limited = torch.minimum(torch.maximum(t, prev - self.max_delta), prev + self.max_delta)
-            if first_step is not None:
-                limited = torch.where(torch.as_tensor(first_step, device=t.device).reshape(-1), t, limited)
-            t = limited
+        if previous is not None:
+            active = None if first_step is None else ~torch.as_tensor(first_step, device=t.device).reshape(-1)
+            t = rate_limit(t, previous, self.max_delta, active)
         return t.clamp(self.t_min, self.t_max)
 
     # ------------------------------------------------------------------ inverse

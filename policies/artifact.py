@@ -1,6 +1,6 @@
 """Load exported temperature policies with torch alone (no stable-baselines3 at inference).
 
-An export directory (written by :mod:`policies.export`) holds:
+An export directory (written by :mod:`kelvin.export`) holds:
 
 | file              | what                                                                               |
 |-------------------|------------------------------------------------------------------------------------|
@@ -24,15 +24,17 @@ An export directory (written by :mod:`policies.export`) holds:
 | ``files``           | ``{"policy": "policy.pt" or null, "token_prior": "token_prior.pt" or null}``              |
 | ``label``, ``source``, ``created``, ``kelvin_version`` | provenance (label for tables, run dir, ISO time)  |
 
-The learned network is ``clip(net(clip((obs - mean) / sqrt(var + eps), -clip, clip)), -1, 1)``, with
-``net`` the SB3 actor (``mlp_extractor.policy_net`` + ``action_net``): the deterministic action of
-:class:`policies.learned.LearnedPolicy`, without SB3.
+The learned network is :class:`policies.learned.ActorModule` scripted:
+``clip(net(clip((obs - mean) / sqrt(var + eps), -clip, clip)), -1, 1)``, with ``net`` the SB3 actor
+(``mlp_extractor.policy_net`` + ``action_net``, the Gaussian's mean). Training's validation runs the
+same module (:class:`policies.learned.LearnedPolicy`), so the export acts exactly as validated.
 
-:func:`load_policy` returns an object with the one policy interface
-(``predict(obs, state, episode_start, deterministic) -> (actions (B, 1), state)`` and
-``temperatures(obs, episode_start) -> (B,)``): an :class:`ExportedPolicy` for learned policies, the
-baseline's own class (e.g. :class:`~policies.baselines.PIDController`) for baselines.
-:func:`load_artifact` returns that policy together with everything a sampler needs.
+:func:`load_policy` returns a :class:`~policies.base.TemperaturePolicy` (the one protocol:
+``actions(obs, episode_start) -> (B,)``, with ``predict`` and ``temperatures`` derived): an
+:class:`ExportedPolicy` for learned policies, the baseline's own class (e.g.
+:class:`~policies.baselines.PIDController`) for baselines. :func:`load_artifact` returns that policy
+together with everything a sampler needs (feature spec, action mapping, :class:`~samplers.core.Truncation`,
+token prior, guard settings).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from policies.actions import ActionMapping
-from policies.base import as_observation
-from policies.features import FEATURE_SPEC_VERSION, FeatureSpec
+from policies.base import TemperaturePolicy
+from policies.features import FeatureSpec, check_feature_version
+from policies.learned import LearnedPolicy
+from samplers.core import Truncation
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
@@ -58,9 +61,9 @@ __all__ = [
     "SPEC_FILE",
     "POLICY_FILE",
     "TOKEN_PRIOR_FILE",
-    "check_truncation",
     "load_artifact",
     "load_policy",
+    "quiet_jit",
 ]
 
 ARTIFACT_FORMAT_VERSION = 1
@@ -69,7 +72,6 @@ POLICY_FILE = "policy.pt"
 TOKEN_PRIOR_FILE = "token_prior.pt"
 KINDS = ("learned", "baseline")
 REQUIRED_KEYS = ("format_version", "kind", "feature_spec", "action_mapping", "truncation", "model")
-TRUNCATION_DEFAULTS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
 
 
 class ArtifactError(ValueError):
@@ -86,55 +88,9 @@ def quiet_jit():
 
 
 # ---------------------------------------------------------------------- learned policy
-class ExportedPolicy:
-    """A learned policy loaded from ``policy.pt``: the SB3 actor's deterministic action, torch only.
-
-    Stateless. ``actions(obs)`` is the fast path samplers use (a (B,) tensor on ``obs``'s device,
-    no host copy); ``predict`` answers SB3's ``PolicyPredictor`` protocol with numpy.
-    """
-
-    name = "learned"
-    stateful = False
-
-    def __init__(self, module: torch.nn.Module, feature_spec: FeatureSpec, action_mapping: ActionMapping,
-                 label: str = "learned (PPO)"):
-        self.module = module
-        self.feature_spec = feature_spec
-        self.action_mapping = action_mapping
-        self.label = label
-        self._device = torch.device("cpu")
-
-    def __repr__(self) -> str:
-        return f"ExportedPolicy(label={self.label!r}, features={self.feature_spec.dim})"
-
-    def _as_obs(self, observation) -> torch.Tensor:
-        return as_observation(observation, self.feature_spec, "this exported policy")
-
-    def actions(self, obs: torch.Tensor) -> torch.Tensor:
-        """Actions (B,) float32 in [-1, 1] on ``obs``'s device for raw observations (B, F)."""
-        obs = self._as_obs(obs)
-        if obs.ndim == 1:
-            obs = obs.unsqueeze(0)  # (1, F)
-        if obs.device != self._device:
-            self.module = self.module.to(obs.device)
-            self._device = obs.device
-        with torch.no_grad():
-            return self.module(obs).reshape(-1)  # (B,)
-
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        """SB3 ``PolicyPredictor.predict``: actions (B, 1) float32 numpy (``(1,)`` for one (F,) observation)."""
-        obs = self._as_obs(observation)
-        actions = self.actions(obs).to("cpu").numpy().reshape(-1, 1)  # (B, 1)
-        if obs.ndim == 1:
-            actions = actions[0]
-        return actions, state
-
-    def temperatures(self, obs, episode_start=None) -> torch.Tensor:
-        """Temperatures (B,) of the actions, through the mapping (no rate limit: that needs the history)."""
-        return self.action_mapping.to_temperature(self.actions(obs))
-
-    def reset(self, batch_size: int | None = None) -> None:
-        """Stateless: nothing to clear."""
+class ExportedPolicy(LearnedPolicy):
+    """A :class:`~policies.learned.LearnedPolicy` whose network was loaded from ``policy.pt`` (TorchScript):
+    the SB3 actor's deterministic action with torch alone."""
 
 
 # ---------------------------------------------------------------------- artifact
@@ -144,10 +100,10 @@ class PolicyArtifact:
 
     path: Path
     spec: dict
-    policy: Any
+    policy: TemperaturePolicy
     feature_spec: FeatureSpec
     action_mapping: ActionMapping
-    truncation: dict = field(default_factory=lambda: dict(TRUNCATION_DEFAULTS))
+    truncation: Truncation = field(default_factory=Truncation)
     token_prior: torch.Tensor | None = None  # (V,) float32, or None
 
     @property
@@ -175,12 +131,12 @@ def _read_spec(path: Path) -> dict:
     spec_path = path / SPEC_FILE
     if not path.exists():
         raise FileNotFoundError(f"no export directory at {path}; export one with "
-                                f"`python -m policies.export RUN_DIR {path}`")
+                                f"`python -m kelvin.export RUN_DIR {path}`")
     if not path.is_dir():
         raise ArtifactError(f"{path} is a file; give the export directory that holds {SPEC_FILE}")
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} is missing: {path} is not a Kelvin export directory "
-                                "(export one with `python -m policies.export RUN_DIR OUT_DIR`)")
+                                "(export one with `python -m kelvin.export RUN_DIR OUT_DIR`)")
     text = spec_path.read_text(encoding="utf-8", errors="replace")
     try:
         spec = json.loads(text)
@@ -210,16 +166,14 @@ def _feature_spec(spec: dict, spec_path: Path) -> FeatureSpec:
     d = spec["feature_spec"]
     if not isinstance(d, dict):
         raise ArtifactError(f"{spec_path}: feature_spec must be an object")
-    version = d.get("version", FEATURE_SPEC_VERSION)
-    if version != FEATURE_SPEC_VERSION:
-        raise ArtifactError(
-            f"{spec_path}: the policy was trained on feature spec version {version}, but this Kelvin's featurizer "
-            f"is version {FEATURE_SPEC_VERSION}; its observations would mean something else. Retrain the policy, or "
-            "use the Kelvin release it was exported with")
+    try:
+        check_feature_version(d.get("version"))
+    except ValueError as exc:
+        raise ArtifactError(f"{spec_path}: {exc}") from None
     try:
         fs = FeatureSpec.from_dict(d)
     except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{spec_path}: invalid feature_spec ({exc}); export the policy again") from None
+        raise ArtifactError(f"{spec_path}: invalid feature_spec ({_first_line(exc)}); export the policy again") from None
     names = d.get("names")
     if names is not None and list(names) != list(fs.names):
         raise ArtifactError(f"{spec_path}: feature names {names} differ from this featurizer's {list(fs.names)} "
@@ -227,41 +181,32 @@ def _feature_spec(spec: dict, spec_path: Path) -> FeatureSpec:
     return fs
 
 
+def _first_line(exc: Exception) -> str:
+    """A pydantic error's problem in one line (its first error), or the message of any other error."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        err = errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
+
+
 def _action_mapping(spec: dict, spec_path: Path) -> ActionMapping:
+    values = spec["action_mapping"]
+    if not isinstance(values, dict):
+        raise ArtifactError(f"{spec_path}: action_mapping must be an object; export the policy again")
     try:
-        return ActionMapping(**spec["action_mapping"])
+        return ActionMapping(**values)
     except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{spec_path}: invalid action_mapping ({exc}); export the policy again") from None
+        raise ArtifactError(f"{spec_path}: invalid action_mapping ({_first_line(exc)}); export the policy again") from None
 
 
-def check_truncation(truncation: dict | None) -> dict:
-    """``{top_k, top_p, min_p, top_n_sigma}`` with defaults filled in, or a ValueError naming the bad key."""
-    t = dict(truncation or {})
-    unknown = set(t) - set(TRUNCATION_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown truncation keys {sorted(unknown)}; valid: {', '.join(TRUNCATION_DEFAULTS)}")
-    t = {**TRUNCATION_DEFAULTS, **t}
-    top_k, top_p, min_p, sigma = t["top_k"], t["top_p"], t["min_p"], t["top_n_sigma"]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 = off)")
-    for name, value, lo, hi in (("top_p", top_p, 0.0, 1.0), ("min_p", min_p, 0.0, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
-    if top_p == 0:
-        raise ValueError("top_p=0 keeps no token; use a value in (0, 1] (1.0 = off)")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
-                              or not 0 < sigma < float("inf")):
-        raise ValueError(f"top_n_sigma={sigma!r} must be None (off) or a finite number > 0")
-    return {"top_k": int(top_k), "top_p": float(top_p), "min_p": float(min_p),
-            "top_n_sigma": None if sigma is None else float(sigma)}
-
-
-def _truncation(spec: dict, spec_path: Path) -> dict:
+def _truncation(spec: dict, spec_path: Path) -> Truncation:
     t = spec["truncation"]
     if t is not None and not isinstance(t, dict):
-        raise ArtifactError(f"{spec_path}: truncation must be an object like {TRUNCATION_DEFAULTS}; got {t!r}")
+        raise ArtifactError(f"{spec_path}: truncation must be an object like {Truncation().to_dict()}; got {t!r}")
     try:
-        return check_truncation(t)
+        return Truncation.from_dict(t)
     except ValueError as exc:
         raise ArtifactError(f"{spec_path}: invalid truncation ({exc}); export the policy again") from None
 
@@ -323,7 +268,8 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
     files = spec.get("files") or {}
     if spec["kind"] == "learned":
         module = _load_module(path, feature_spec)
-        policy: Any = ExportedPolicy(module, feature_spec, mapping, label=str(spec.get("label") or "learned (PPO)"))
+        policy: TemperaturePolicy = ExportedPolicy(module, feature_spec, mapping,
+                                                   label=str(spec.get("label") or "learned (PPO)"))
     else:
         from policies.registry import policy_from_config
 
@@ -355,7 +301,7 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
 
 
 def load_policy(path: str | Path):
-    """The policy of an export directory, with the one policy interface; needs torch only.
+    """The policy of an export directory, a TemperaturePolicy (the one protocol); needs torch only.
 
     Learned policies load as :class:`ExportedPolicy`; baselines as their own class with the
     exported parameters (``type(load_policy(d)) is PIDController``).

@@ -1,32 +1,44 @@
-"""The one policy interface: every temperature policy, learned or baseline, answers SB3's ``predict``.
+"""The one policy protocol: every temperature policy (learned, exported, baseline, guarded) is a
+:class:`TemperaturePolicy` with one torch-native core, :meth:`~TemperaturePolicy.actions`.
 
-A :class:`TemperaturePolicy` reads the **raw** observation table of :mod:`policies.features`
-(columns looked up by name through the :class:`~policies.features.FeatureSpec`, once, in
-``__init__``), computes a temperature per row, and turns it into an action in ``[-1, 1]`` with
-the env's :class:`~policies.actions.ActionMapping`:
+    actions(obs (B, F) float32, episode_start (B,) bool | None) -> (B,) float32 in [-1, 1]
 
-    obs (B, F) --temperatures()--> T (B,) --action_mapping.to_action--> actions (B, 1) in [-1, 1]
+``obs`` is the **raw** observation table of :mod:`policies.features` (columns looked up by name
+through the :class:`~policies.features.FeatureSpec`); the actions mean temperatures through the
+policy's :class:`~policies.actions.ActionMapping`. Everything else is derived from the core, once,
+here:
 
-``predict(obs, state, episode_start, deterministic) -> (actions, state)`` has exactly the
-signature and shapes of stable-baselines3's ``PolicyPredictor`` (``common/type_aliases.py``),
-so ``evaluate.py`` runs one loop over PPO and the baselines alike.
+* :meth:`~TemperaturePolicy.predict` has exactly the signature and shapes of stable-baselines3's
+  ``PolicyPredictor.predict(obs, state, episode_start, deterministic) -> (actions (B, 1), state)``
+  (numpy in and out, or torch in), so ``evaluate.py``, training's validation and SB3's own tools run
+  one loop over every policy;
+* :meth:`~TemperaturePolicy.temperatures` gives the (B,) temperatures the env and every sampler
+  apply for those actions: the mapping, with its rate limit against the observation's
+  ``prev_temperature`` (not on a row's first token, ``position`` 0). The env's state is in the
+  observation, so this is exactly the env's ``to_temperature(action, previous, first_step)``.
+
+Implementations: :class:`BaselinePolicy` (formulas and controllers: they compute temperatures
+natively in one protected hook, :meth:`BaselinePolicy._temperatures`, and this module maps them to
+actions), :class:`policies.learned.LearnedPolicy` (the exported actor network; also
+:class:`policies.artifact.ExportedPolicy`) and :class:`policies.guard.GuardedPolicy`.
 
 Per-row state
 -------------
-Stateful policies (PID, the surprise controller) keep their state **inside** the policy, one
-row per batch row, on the observation's device; the ``state`` argument of ``predict`` is passed
-through untouched (``None`` in, ``None`` out). A row starts afresh when
+Stateful policies (PID, the surprise controller, the guard rails) keep their state **inside** the
+policy, one row per batch row, on the observation's device; the ``state`` argument of ``predict``
+is passed through untouched (``None`` in, ``None`` out). A row starts afresh when
 
 * ``episode_start[i]`` is True (SB3's convention: ``obs[i]`` is the first observation of a new
   episode; ``evaluate_policy`` passes all True on the first call, then the ``dones``),
 * the batch size changes (all rows start afresh: the state is lazily re-sized), or
 * :meth:`TemperaturePolicy.reset` was called (all rows).
 
+:meth:`TemperaturePolicy.reorder_rows` follows an engine whose batch changes between steps.
+
 Serialisation
 -------------
 ``to_config()`` gives ``{"name": short_name, "params": {...}}`` (parameters only, JSON-safe);
-:meth:`TemperaturePolicy.from_config` / :func:`policies.registry.policy_from_config` rebuild the
-same policy for a given feature spec and action mapping.
+:func:`policies.registry.policy_from_config` rebuilds a baseline for a feature spec and action mapping.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ import torch
 from policies.actions import ActionMapping
 from policies.features import FeatureSpec
 
-__all__ = ["TemperaturePolicy"]
+__all__ = ["BaselinePolicy", "TemperaturePolicy", "as_observation", "check_real"]
 
 
 def _fmt(value: Any) -> str:
@@ -54,55 +66,78 @@ def _fmt(value: Any) -> str:
 
 
 class TemperaturePolicy(abc.ABC):
-    """Base class of every temperature policy: raw features in, temperatures / actions out.
+    """Base class of every temperature policy: raw features in, actions (and temperatures) out.
 
-    Subclasses set the class attributes below, take their parameters as keyword-only
-    constructor arguments with defaults (the registry reads them from the signature, so the
-    config mirrors the constructor), validate them, and call
-    ``super().__init__(feature_spec, action_mapping, **params)`` with every parameter.
+    Subclasses implement :meth:`actions` and call ``super().__init__(feature_spec, action_mapping,
+    **params)`` with the parameters that rebuild them (``params`` / ``to_config``).
     """
 
     name: ClassVar[str] = ""
-    """Short CLI name (``make_policy("edt")``); presets (``pid-positive``, ``greedy``) override it per instance."""
-    display_name: ClassVar[str] = ""
-    """Name used in :attr:`label` (``"EDT"``)."""
-    reads: ClassVar[tuple[str, ...]] = ()
-    """Feature names this policy reads (resolved to column indices once, in ``__init__``)."""
-    label_params: ClassVar[dict[str, str]] = {}
-    """Parameters shown in :attr:`label`, with the symbol to show (``{"t0": "T0", "theta": "θ"}``)."""
-    positional: ClassVar[str | None] = None
-    """Parameter a bare value sets in a spec string (``fixed:0.7`` sets ``t``)."""
-    optional_params: ClassVar[frozenset[str]] = frozenset()
-    """Parameters that accept ``None`` (e.g. ``max_delta=None``: rate limit off)."""
+    """Short name (``make_policy("edt")``); presets (``pid-positive``, ``greedy``) override it per instance."""
     stateful: ClassVar[bool] = False
     """True when the policy keeps per-row state between calls."""
 
     def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, **params: Any):
         if not isinstance(feature_spec, FeatureSpec):
-            raise TypeError(
-                f"{type(self).__name__} needs a policies.features.FeatureSpec as feature_spec; "
-                f"got {type(feature_spec).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} needs a policies.features.FeatureSpec as feature_spec; "
+                            f"got {type(feature_spec).__name__}")
         if action_mapping is None:
             action_mapping = ActionMapping()
         if not isinstance(action_mapping, ActionMapping):
-            raise TypeError(
-                f"{type(self).__name__} needs a policies.actions.ActionMapping as action_mapping; "
-                f"got {type(action_mapping).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} needs a policies.actions.ActionMapping as action_mapping; "
+                            f"got {type(action_mapping).__name__}")
         self.feature_spec = feature_spec
         self.action_mapping = action_mapping
         self._params: dict[str, Any] = dict(params)
-        self._col: dict[str, int] = {n: feature_spec.index(n) for n in self.reads}
         self._state: dict[str, torch.Tensor] | None = None
+        self._prev_col = feature_spec.index("prev_temperature")
+        self._position_col = feature_spec.index("position")
+
+    # ------------------------------------------------------------------ the core
+    @abc.abstractmethod
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (B,) float32 in [-1, 1] on ``obs``'s device for raw observations ``obs`` (B, F) float32.
+
+        ``episode_start`` (B,) bool marks rows whose observation is the first of a new episode
+        (stateful policies reset those rows first); stateless policies ignore it.
+        """
+
+    # ------------------------------------------------------------------ derived once
+    def temperatures(self, obs, episode_start=None) -> torch.Tensor:
+        """The (B,) temperatures the env and the samplers apply for this policy on raw observations (B, F).
+
+        ``action_mapping.to_temperature(actions)`` with the mapping's rate limit against the observation's
+        ``prev_temperature`` column, except on a row's first token (``position`` 0). Accepts what
+        :meth:`predict` accepts (numpy or torch, (B, F) or (F,)).
+        """
+        obs = self._as_obs(obs)
+        if obs.ndim == 1:
+            obs = obs.unsqueeze(0)  # (1, F)
+        starts = self._as_mask(episode_start, obs.shape[0], obs.device)
+        with torch.no_grad():
+            a = self.actions(obs, starts)  # (B,)
+            return self.action_mapping.to_temperature(a, previous=obs[:, self._prev_col],
+                                                      first_step=obs[:, self._position_col] == 0)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        """SB3 ``PolicyPredictor.predict``: actions (B, 1) float32 numpy in [-1, 1] and ``state`` unchanged.
+
+        ``observation`` is an np.ndarray or torch tensor of shape (B, F), or (F,) for one
+        observation (then the actions have shape (1,), as SB3 squeezes a single observation).
+        ``deterministic`` is accepted for the protocol: every Kelvin policy acts deterministically
+        (a learned policy acts with its Gaussian's mean).
+        """
+        obs = self._as_obs(observation)
+        single = obs.ndim == 1
+        if single:
+            obs = obs.unsqueeze(0)  # (1, F)
+        starts = self._as_mask(episode_start, obs.shape[0], obs.device)
+        with torch.no_grad():
+            actions = self.actions(obs, starts)  # (B,)
+        actions = actions.detach().to("cpu", torch.float32).numpy().reshape(-1, 1)  # (B, 1)
+        return (actions[0] if single else actions), state
 
     # ------------------------------------------------------------------ parameters
-    @classmethod
-    def param_defaults(cls) -> dict[str, Any]:
-        """The keyword-only constructor parameters and their defaults, in signature order."""
-        sig = inspect.signature(cls.__init__)
-        return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
     @property
     def params(self) -> dict[str, Any]:
         """The resolved parameters (a copy): ``type(self)(spec, mapping, **params)`` rebuilds the policy."""
@@ -112,57 +147,16 @@ class TemperaturePolicy(abc.ABC):
         """``{"name": short_name, "params": {...}}``: a JSON-safe spec (parameters only)."""
         return {"name": self.name, "params": self.params}
 
-    @classmethod
-    def from_config(cls, config: dict, feature_spec: FeatureSpec,
-                    action_mapping: ActionMapping | None = None) -> "TemperaturePolicy":
-        """Rebuild a policy from :meth:`to_config` output (see :func:`policies.registry.policy_from_config`)."""
-        from policies.registry import policy_from_config
-
-        return policy_from_config(config, feature_spec, action_mapping)
-
     @property
     def label(self) -> str:
-        """Human label for plots and tables, e.g. ``EDT(T0=1.0, θ=1.5)``."""
-        shown = ", ".join(f"{sym}={_fmt(self._params[p])}" for p, sym in self.label_params.items())
-        return f"{self.display_name or type(self).__name__}({shown})"
+        """Human label for plots and tables."""
+        return type(self).__name__
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
         return f"{type(self).__name__}({args})"
 
-    # ------------------------------------------------------------------ per step
-    @abc.abstractmethod
-    def temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
-        """Temperatures (B,) float32 on ``obs``'s device for raw observations ``obs`` (B, F).
-
-        ``episode_start`` (B,) bool marks rows whose observation is the first of a new episode
-        (stateful policies reset those rows first). Stateless policies ignore it.
-        """
-
-    def column(self, obs: torch.Tensor, name: str) -> torch.Tensor:
-        """The raw feature ``name`` of every row: (B,)."""
-        return obs[:, self._col[name]]
-
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        """SB3 ``PolicyPredictor.predict``: actions (B, 1) float32 in [-1, 1] and ``state`` unchanged.
-
-        ``observation`` is an np.ndarray or torch tensor of shape (B, F), or (F,) for one
-        observation (then the actions have shape (1,), as SB3 squeezes a single observation).
-        ``deterministic`` is accepted for the protocol; every baseline is deterministic.
-        """
-        obs = self._as_obs(observation)
-        single = obs.ndim == 1
-        if single:
-            obs = obs.unsqueeze(0)  # (1, F)
-        starts = self._as_mask(episode_start, obs.shape[0], obs.device)
-        with torch.no_grad():
-            temps = self.temperatures(obs, starts)  # (B,)
-            actions = self.action_mapping.to_action(temps)  # (B,)
-        actions = actions.detach().to("cpu", torch.float32).numpy().reshape(-1, 1)  # (B, 1)
-        if single:
-            actions = actions[0]  # (1,)
-        return actions, state
-
+    # ------------------------------------------------------------------ per-row state
     def reset(self, batch_size: int | None = None) -> None:
         """Forget all per-row state; with ``batch_size``, size it now (every row fresh)."""
         self._state = None
@@ -171,7 +165,14 @@ class TemperaturePolicy(abc.ABC):
                 raise ValueError(f"batch_size={batch_size} must be >= 1")
             self._state = self._initial_state(batch_size, torch.device("cpu"))
 
-    # ------------------------------------------------------------------ state helpers
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """New row ``i`` continues old row ``index[i]`` (an engine's persistent batch moved its requests).
+
+        Rows that start a new request must be marked by ``episode_start`` at their next step.
+        """
+        if self._state:
+            self._state = {k: v[index.to(v.device)] for k, v in self._state.items()}
+
     def _initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Fresh per-row state: a dict of tensors with a leading (B,) axis. Stateful subclasses override."""
         return {}
@@ -214,6 +215,55 @@ class TemperaturePolicy(abc.ABC):
         if mask.shape[0] != batch_size:
             raise ValueError(f"episode_start has {mask.shape[0]} entries but the observation has {batch_size} rows")
         return mask
+
+
+class BaselinePolicy(TemperaturePolicy):
+    """A policy given by a formula or a controller: it computes temperatures natively.
+
+    Subclasses set the class attributes below, take their parameters as keyword-only constructor
+    arguments with defaults (the registry reads them from the signature, so the config mirrors the
+    constructor), validate them, call ``super().__init__(feature_spec, action_mapping, **params)``
+    with every parameter, and implement :meth:`_temperatures`. :meth:`actions` maps those
+    temperatures with the action mapping (which clips them into ``[t_min, t_max]``).
+    """
+
+    display_name: ClassVar[str] = ""
+    """Name used in :attr:`label` (``"EDT"``)."""
+    reads: ClassVar[tuple[str, ...]] = ()
+    """Feature names this policy reads (resolved to column indices once, in ``__init__``)."""
+    label_params: ClassVar[dict[str, str]] = {}
+    """Parameters shown in :attr:`label`, with the symbol to show (``{"t0": "T0", "theta": "θ"}``)."""
+    positional: ClassVar[str | None] = None
+    """Parameter a bare value sets in a spec string (``fixed:0.7`` sets ``t``)."""
+    optional_params: ClassVar[frozenset[str]] = frozenset()
+    """Parameters that accept ``None`` (e.g. ``max_delta=None``: rate limit off)."""
+
+    def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, **params: Any):
+        super().__init__(feature_spec, action_mapping, **params)
+        self._col: dict[str, int] = {n: feature_spec.index(n) for n in self.reads}
+
+    @abc.abstractmethod
+    def _temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None) -> torch.Tensor:
+        """The policy's own temperatures (B,) float32 for raw observations (B, F), before the mapping's clip."""
+
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        return self.action_mapping.to_action(self._temperatures(obs, episode_start))  # (B,)
+
+    def column(self, obs: torch.Tensor, name: str) -> torch.Tensor:
+        """The raw feature ``name`` of every row: (B,)."""
+        return obs[:, self._col[name]]
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """The keyword-only constructor parameters and their defaults, in signature order."""
+        sig = inspect.signature(cls.__init__)
+        return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @property
+    def label(self) -> str:
+        """Human label for plots and tables, e.g. ``EDT(T0=1.0, θ=1.5)``."""
+        shown = ", ".join(f"{sym}={_fmt(self._params[p])}" for p, sym in self.label_params.items())
+        return f"{self.display_name or type(self).__name__}({shown})"
 
 
 # ---------------------------------------------------------------------- validation helpers

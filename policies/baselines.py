@@ -1,9 +1,9 @@
 """Baseline temperature policies: fixed, PID, EDT, confidence rules, DynaTemp, surprise controller.
 
-Every baseline reads the **raw** features of :mod:`policies.features` by name and returns the
-temperature itself (:meth:`~policies.base.TemperaturePolicy.temperatures`); ``predict`` maps it
-to an action with the env's :class:`~policies.actions.ActionMapping`, which clips it into
-``[t_min, t_max]``. The formulas below are the temperatures *before* that clip: a rule whose
+Every baseline reads the **raw** features of :mod:`policies.features` by name and computes the
+temperature itself (the protected hook :meth:`~policies.base.BaselinePolicy._temperatures`); the
+base class maps it to an action with the env's :class:`~policies.actions.ActionMapping`, which clips
+it into ``[t_min, t_max]``, and derives ``predict`` and ``temperatures`` from that. The formulas below are the temperatures *before* that clip: a rule whose
 formula leaves the env's range (the entropy rule over a 49k vocabulary reaches T ~ 8.8) is clipped
 by the mapping, exactly as a learned policy's action is.
 
@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from policies.actions import ActionMapping
-from policies.base import TemperaturePolicy, check_real
+from policies.actions import ActionMapping, anomaly_reset, rate_limit
+from policies.base import BaselinePolicy, check_real
 from policies.features import FeatureSpec
 
 __all__ = [
@@ -54,7 +54,7 @@ def _full(obs: torch.Tensor, value: float) -> torch.Tensor:
 
 
 # ====================================================================== fixed
-class FixedTemperature(TemperaturePolicy):
+class FixedTemperature(BaselinePolicy):
     """The same temperature for every token: ``T = t``.
 
     Any real ``t``: ``t > 0`` ordinary sampling, ``t = 0`` greedy (``greedy`` preset), ``t < 0`` the
@@ -85,12 +85,12 @@ class FixedTemperature(TemperaturePolicy):
     def label(self) -> str:
         return "Greedy(T=0)" if self.t == 0 else super().label
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         return _full(obs, self.t)  # (B,)
 
 
 # ====================================================================== PID
-class PIDController(TemperaturePolicy):
+class PIDController(BaselinePolicy):
     r"""PID controller that steers the ``quality`` feature to a target (the seed's negative-T controller).
 
     Signal: ``quality`` (feature 13) = running mean of the base-model probability of the drawn
@@ -201,18 +201,16 @@ class PIDController(TemperaturePolicy):
             "has_t_prev": no.clone(),  # (B,) False: no rate limit on the next step
         }
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         s, _ = self._begin_step(obs.shape[0], episode_start, obs.device)
         e = self.target - self.column(obs, "quality")  # (B,)
         e_prev = torch.where(s["has_e_prev"], s["e_prev"], e)  # (B,)
         errors = torch.cat([s["errors"][:, 1:], e.unsqueeze(1)], dim=1)  # (B, W)
         u = self.base + self.kp * e + self.ki * errors.sum(1) + self.kd * (e - e_prev)  # (B,)
-        if self.max_delta is not None:
-            limited = torch.minimum(torch.maximum(u, s["t_prev"] - self.max_delta), s["t_prev"] + self.max_delta)
-            u = torch.where(s["has_t_prev"], limited, u)
+        u = rate_limit(u, s["t_prev"], self.max_delta, s["has_t_prev"])
         t = u.clamp(self.t_lo, self.t_hi)
         anomalous = self.column(obs, "anomaly") > self.anomaly_threshold  # (B,)
-        t = torch.where(anomalous, t.clamp(self.safe_lo, self.safe_hi), t)
+        t = anomaly_reset(t, anomalous, self.safe_lo, self.safe_hi)
         self._state = {
             "errors": torch.where(anomalous.unsqueeze(1), torch.zeros_like(errors), errors),
             "e_prev": e,
@@ -224,7 +222,7 @@ class PIDController(TemperaturePolicy):
 
 
 # ====================================================================== EDT
-class EntropyDynamicTemperature(TemperaturePolicy):
+class EntropyDynamicTemperature(BaselinePolicy):
     r"""Entropy-based Dynamic Temperature (EDT), Zhang et al. 2024, arXiv:2403.14541.
 
     ``T = T0 * N^(theta / H)``, ``H`` = ``entropy`` feature (nats) of the base (T = 1) distribution,
@@ -268,13 +266,13 @@ class EntropyDynamicTemperature(TemperaturePolicy):
         base = super().label
         return base if self.N == 0.8 else base[:-1] + f", N={self.N:g})"
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         h = self.column(obs, "entropy").clamp_min(self.h_floor)  # (B,)
         return self.t0 * torch.exp((self.theta / h) * math.log(self.N))  # (B,), exp(-huge) = 0
 
 
 # ====================================================================== confidence rules
-class _LinearRule(TemperaturePolicy):
+class _LinearRule(BaselinePolicy):
     """Shared body of the seed's confidence rules: ``T = a + sum_k coef_k * feature_k`` (no clamp)."""
 
     terms: tuple[tuple[str, str], ...] = ()  # (parameter, feature)
@@ -285,7 +283,7 @@ class _LinearRule(TemperaturePolicy):
         for k, v in params.items():
             setattr(self, k, v)
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         t = _full(obs, self.a)  # (B,)
         for param, feature in self.terms:
             t = t + getattr(self, param) * self.column(obs, feature)
@@ -365,7 +363,7 @@ class CombinedRule(_LinearRule):
 
 
 # ====================================================================== DynaTemp
-class DynaTemp(TemperaturePolicy):
+class DynaTemp(BaselinePolicy):
     r"""Dynamic temperature as llama.cpp implements it (``llama_sampler_init_temp_ext``, PR #4972, from koboldcpp).
 
     ``min_T = max(0, t - delta)``, ``max_T = t + delta``,
@@ -401,13 +399,13 @@ class DynaTemp(TemperaturePolicy):
         self.t, self.delta, self.exponent = t, delta, exponent
         self.min_t, self.max_t = max(0.0, t - delta), t + delta
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         h = self.column(obs, "entropy_norm").clamp(0.0, 1.0)  # (B,)
         return self.min_t + (self.max_t - self.min_t) * h.pow(self.exponent)  # (B,)
 
 
 # ====================================================================== surprise
-class SurpriseController(TemperaturePolicy):
+class SurpriseController(BaselinePolicy):
     r"""Mirostat-like integral controller on the temperature: keeps the drawn tokens' surprise near ``tau``.
 
     Mirostat (Basu et al. 2021, arXiv:2007.14966) keeps the surprise ``s = -log2 p(token)`` near a
@@ -455,7 +453,7 @@ class SurpriseController(TemperaturePolicy):
     def _initial_state(self, batch_size, device):
         return {"t": torch.full((batch_size,), self.t_init, dtype=torch.float32, device=device)}  # (B,)
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         s, _ = self._begin_step(obs.shape[0], episode_start, obs.device)
         surprise_bits = self.column(obs, "last_surprise") / _LN2  # (B,)
         updated = (s["t"] - self.eta * (surprise_bits - self.tau)).clamp(self.t_lo, self.t_hi)

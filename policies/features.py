@@ -31,12 +31,11 @@ Running means are exponential moving averages with decay ``ema_decay`` and bias 
 (like Adam's), so the first token already gets its full value; before the first token they
 hold the values given in the table. The per-token anomaly indicator is
 ``max(token_prior[token], 1[last_surprise > anomaly_surprise])``: ``token_prior`` is a (V,)
-tensor of per-token anomaly priors from :mod:`policies.anomaly` (zeros when not given), and the
-surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
+tensor of per-token anomaly priors (:func:`anomaly.prior.build_token_prior`; zeros when not given),
+and the surprise test flags draws the base model gave less than exp(-anomaly_surprise) probability
 (default e^-9.21 = 1e-4): the collapse of the base probability that negative temperatures cause.
-The indicator is computed by the one anomaly detector, :class:`policies.detector.AnomalyDetector`
-(built from ``token_prior``, or passed in full as ``detector=``); its complete per-step verdict
-(score and named reasons) is kept in ``Featurizer.last_detection`` after every ``update``.
+The indicator is computed by the one anomaly detector, :class:`anomaly.detector.AnomalyDetector`
+(built from ``token_prior``, or passed as ``detector=``).
 
 ``max_prob`` / ``entropy`` / ``median_top_prob`` are the inputs of the seed's confidence rules
 (T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
@@ -46,16 +45,18 @@ full selection per row per step.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Sequence
 
 import torch
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as settings_dataclass
 
-if TYPE_CHECKING:
-    from policies.detector import AnomalyDetector, Detection
+from anomaly.detector import AnomalyDetector
+from samplers.core import did_you_mean
 
-__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSpec", "Featurizer", "TokenStats", "distribution_features"]
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
+           "check_feature_version", "distribution_features"]
 
 FEATURE_SPEC_VERSION = 1
 
@@ -66,38 +67,55 @@ HISTORY_FEATURES = ("position", "prev_temperature", "last_surprise", "mean_surpr
 BASE_FEATURES = DISTRIBUTION_FEATURES + HISTORY_FEATURES
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Everything that defines the observation vector; exported with every policy."""
+def check_feature_version(version) -> None:
+    """The one feature-spec version check: a ValueError unless ``version`` is this featurizer's."""
+    if version != FEATURE_SPEC_VERSION:
+        raise ValueError(
+            f"feature spec version {version!r} is not this Kelvin's featurizer (version {FEATURE_SPEC_VERSION}): "
+            "a policy's observations would mean something else. Retrain the policy, or use the Kelvin release it "
+            "was trained with")
 
-    horizon: int = 64
-    """Scale of ``position`` (the episode's max_new_tokens in training)."""
-    initial_temperature: float = 1.0
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class FeatureSettings:
+    """The tunable part of the observation: the ``env.features`` block of a config.
+
+    The rest of a :class:`FeatureSpec` comes from the env: ``horizon`` from ``env.max_new_tokens``,
+    ``categories`` from ``env.include_category``.
+    """
+
+    initial_temperature: StrictFloat = Field(1.0, allow_inf_nan=False)
     """``prev_temperature`` before the first token."""
-    ema_decay: float = 0.8
+    ema_decay: StrictFloat = Field(0.8, ge=0.0, lt=1.0)
     """Decay of the running means (0.8 ~ a window of 5 tokens)."""
-    repeat_window: int = 16
+    repeat_window: StrictInt = Field(16, ge=1)
     """How many previous tokens count for ``repetition``."""
-    anomaly_surprise: float = 9.21
+    anomaly_surprise: StrictFloat = Field(9.21, gt=0.0, allow_inf_nan=False)
     """A drawn token with -ln p_base above this counts as anomalous (9.21 = ln 1e4)."""
-    median_k: int = 64
+    median_k: StrictInt = Field(64, ge=1)
     """``median_top_prob`` runs over this many most likely tokens."""
-    categories: tuple[str, ...] = ()
-    """Category names of the one-hot (a final "other" slot is added); empty = no category features."""
-    include_diversity_weight: bool = False
+    include_diversity_weight: StrictBool = False
     """Append the reward's diversity weight (for policies conditioned on it)."""
-    version: int = FEATURE_SPEC_VERSION
+    version: StrictInt = FEATURE_SPEC_VERSION
+    """The observation table's version (:data:`FEATURE_SPEC_VERSION`); another one is refused."""
 
     def __post_init__(self):
-        object.__setattr__(self, "categories", tuple(self.categories))
-        if self.horizon < 1:
-            raise ValueError(f"features.horizon={self.horizon} must be >= 1 (the episode's max_new_tokens)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"features.ema_decay={self.ema_decay} must be in [0, 1)")
-        if self.repeat_window < 1:
-            raise ValueError(f"features.repeat_window={self.repeat_window} must be >= 1")
-        if self.median_k < 1:
-            raise ValueError(f"features.median_k={self.median_k} must be >= 1")
+        check_feature_version(self.version)
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class FeatureSpec(FeatureSettings):
+    """Everything that defines the observation vector; exported with every policy."""
+
+    horizon: StrictInt = Field(64, ge=1)
+    """Scale of ``position`` (the episode's max_new_tokens in training)."""
+    categories: tuple[StrictStr, ...] = ()
+    """Category names of the one-hot (a final "other" slot is added); empty = no category features."""
+
+    @classmethod
+    def of(cls, settings: FeatureSettings, horizon: int, categories: Sequence[str] = ()) -> "FeatureSpec":
+        """The spec of an env: its ``env.features`` settings, ``horizon`` (max_new_tokens) and category names."""
+        return cls(horizon=horizon, categories=tuple(categories), **asdict(settings))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -113,14 +131,9 @@ class FeatureSpec:
         return len(self.names)
 
     def index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            import difflib
-
-            close = difflib.get_close_matches(name, self.names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"no feature named {name!r}{hint}") from None
+        if name not in self.names:
+            raise KeyError(f"no feature named {name!r}; {did_you_mean(name, self.names)}")
+        return self.names.index(name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -132,12 +145,6 @@ class FeatureSpec:
     def from_dict(cls, d: dict) -> "FeatureSpec":
         d = dict(d)
         d.pop("names", None)
-        version = d.get("version", FEATURE_SPEC_VERSION)
-        if version != FEATURE_SPEC_VERSION:
-            raise ValueError(
-                f"feature spec version {version} does not match this Kelvin's version {FEATURE_SPEC_VERSION}; "
-                "retrain the policy or use the Kelvin release it was trained with"
-            )
         return cls(**d)
 
 
@@ -228,9 +235,7 @@ class Featurizer:
     """
 
     def __init__(self, spec: FeatureSpec, batch_size: int, device: torch.device | str = "cpu",
-                 token_prior: torch.Tensor | None = None, detector: "AnomalyDetector | None" = None):
-        from policies.detector import AnomalyDetector
-
+                 token_prior: torch.Tensor | None = None, detector: AnomalyDetector | None = None):
         self.spec = spec
         self.device = torch.device(device)
         if detector is None:
@@ -247,7 +252,6 @@ class Featurizer:
                 )
             detector.to(self.device)
         self.detector = detector
-        self.last_detection: "Detection | None" = None
         self._observed: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, V), shift (B,)) of observe()
         self.state = self._fresh(batch_size)
 
@@ -273,22 +277,6 @@ class Featurizer:
     def batch_size(self) -> int:
         return self.state.position.shape[0]
 
-    def resize(self, batch_size: int) -> None:
-        """Start over with a new batch size (every row fresh)."""
-        self.state = self._fresh(batch_size)
-        self._observed = None
-
-    def take_rows(self, index: torch.Tensor) -> None:
-        """Rebuild the rows from the current ones: new row ``i`` continues row ``index[i]`` (an engine whose
-        batch changes between steps). A pending observation (its logits) moves with its rows."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.device).view(-1)
-        s = self.state
-        for name in s.__dataclass_fields__:
-            setattr(s, name, getattr(s, name)[index])
-        if self._observed is not None:
-            logits, shift = self._observed
-            self._observed = (logits[index.to(logits.device)], shift[index])
-
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None, category: torch.Tensor | Sequence[int] | None = None,
               diversity_weight: torch.Tensor | Sequence[float] | float | None = None) -> None:
         """Start ``rows`` (indices or a (B,) bool mask; None = all) as fresh episodes.
@@ -312,6 +300,17 @@ class Featurizer:
         if diversity_weight is not None:
             s.diversity_weight[idx] = torch.as_tensor(diversity_weight, dtype=torch.float32,
                                                       device=self.device).flatten()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """New row ``i`` continues old row ``index[i]`` (an engine's persistent batch moved its requests);
+        the logits of the last :meth:`observe` (which the next update reads) move with their rows. Reset
+        fresh rows afterwards."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device).view(-1)
+        for name in self.state.__dataclass_fields__:
+            setattr(self.state, name, getattr(self.state, name)[index])
+        if self._observed is not None:
+            logits, shift = self._observed
+            self._observed = (logits[index.to(logits.device)], shift[index])
 
     # ------------------------------------------------------------------ per step
     def observe(self, logits: torch.Tensor) -> torch.Tensor:
@@ -339,14 +338,25 @@ class Featurizer:
             parts.append(s.diversity_weight.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)
 
-    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor) -> "TokenStats":
+    def update(self, tokens: torch.Tensor, temperatures: torch.Tensor,
+               rows: torch.Tensor | None = None) -> "TokenStats":
         """Record the drawn tokens (B,) and the temperatures used (B,).
 
         Returns the base-model log-probability of each drawn token and its anomaly indicator
-        (both (B,)), which the reward reuses instead of computing them again.
+        (both (B,)), which the reward reuses instead of computing them again. ``rows`` (B,) bool
+        limits the update to the rows that drew a token (an engine whose requests advance unevenly);
+        the other rows keep their history.
         """
         if self._observed is None:
             raise RuntimeError("Featurizer.update called before observe(); call observe(logits) first")
+        if rows is not None:
+            rows = rows.to(self.device).bool().reshape(-1)  # (B,)
+            before = {name: getattr(self.state, name) for name in self.state.__dataclass_fields__}
+            stats = self.update(torch.where(rows, tokens.to(self.device).long().view(-1), 0), temperatures)
+            for name, old in before.items():  # update() builds new tensors: keep the old ones off the rows
+                new = getattr(self.state, name)
+                setattr(self.state, name, torch.where(rows.view((-1,) + (1,) * (new.ndim - 1)), new, old))
+            return stats
         s = self.state
         tokens = tokens.to(self.device).long().view(-1)  # (B,)
         logits, shift = self._observed
@@ -357,10 +367,8 @@ class Featurizer:
         d = self.spec.ema_decay
         s.ema_prob = d * s.ema_prob + (1 - d) * token_logp.exp()
         s.ema_weight = d * s.ema_weight + (1 - d)
-        # The one anomaly detector (policies/detector.py): its indicator is what the feature averages.
-        detection = self.detector.step(tokens, token_logp, recent=s.recent, mean_drawn_prob=s.ema_prob / s.ema_weight)
-        anomalous = detection.indicator  # (B,) max(token_prior[token], 1[surprise > anomaly_surprise])
-        self.last_detection = detection
+        # The one anomaly detector (anomaly/detector.py): its indicator is what the feature averages.
+        anomalous = self.detector.indicator(tokens, token_logp)  # (B,) max(token_prior[token], 1[surprise > ...])
         s.ema_surprise = d * s.ema_surprise + (1 - d) * surprise
         s.ema_repeat = d * s.ema_repeat + (1 - d) * repeated
         s.ema_anomaly = d * s.ema_anomaly + (1 - d) * anomalous

@@ -1,11 +1,13 @@
 r"""Guard rails around any temperature policy: bounds, rate limit, anomaly reset, fallback.
 
-:class:`GuardedPolicy` wraps a policy (a baseline, a :class:`~policies.learned.LearnedPolicy`, an
-exported one: anything with ``feature_spec``, ``action_mapping`` and ``temperatures`` or
-``predict``) and answers the same interface. Per step and per row, in this exact order:
+:class:`GuardedPolicy` wraps a :class:`~policies.base.TemperaturePolicy` (a baseline, a
+:class:`~policies.learned.LearnedPolicy`, an exported one) and is one itself. Per step and per row,
+in this exact order (the order every sampler applies):
 
+0. **The policy's temperature**: its actions through its own action mapping, *with the mapping's
+   rate limit* against the observation's ``prev_temperature`` (as the env applies it in training).
 1. **Fallback**: a row whose observation holds NaN / inf, or for which the policy raised or
-   returned a non-finite temperature, gets ``fallback_temperature`` (the policy sees the bad rows
+   returned a non-finite action, gets ``fallback_temperature`` (the policy sees the bad rows
    zeroed, so one bad row does not take the batch down; when the policy raises, every row falls
    back). Counter ``fallback``: rows that fell back.
 2. **Clamp**: ``T = clamp(T, t_min, t_max)``. Counter ``clamp``: rows whose (finite) policy output
@@ -21,6 +23,10 @@ exported one: anything with ``feature_spec``, ``action_mapping`` and ``temperatu
    the rate limit brings it back gradually. Counter ``anomaly_reset``: row-steps the reset or the
    hold changed.
 
+The guard's decision is the last word: its own action mapping is the policy's without a rate limit
+(``max_delta=None``), so an env or sampler that maps its actions applies its temperatures as they are
+(a reset is never rate limited again). ``evaluate.py guarded:X`` runs this same order.
+
 ``guard.counters`` is a dict ``{clamp, rate_limit, anomaly_reset, fallback}`` of intervention
 counts since construction or :meth:`GuardedPolicy.reset_counters`; ``guard.decisions`` counts the
 (row, step) pairs seen, so ``counters[k] / decisions`` is a rate. Counting happens on the device
@@ -31,7 +37,7 @@ Defaults (:func:`resolve_guard_settings`): bounds from the wrapped policy's acti
 ``max_delta = 0.5`` per token, ``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the
 anomalous-token regime of negative temperatures ends) and ``fallback_temperature = 0.7``, both
 clipped into the bounds, ``hold = 8`` tokens, ``anomaly_threshold = 0.5`` (the
-``anomaly`` feature is an EMA of the per-token indicator of :class:`policies.detector.AnomalyDetector`;
+``anomaly`` feature is an EMA of the per-token indicator of :class:`anomaly.detector.AnomalyDetector`;
 0.5 fires after about four anomalous draws in a row).
 
 Serialisation: ``to_config()`` -> ``{"name": "guarded", "params": {...}, "policy": inner config}``;
@@ -50,11 +56,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
-import numpy as np
 import torch
 
+from policies.actions import anomaly_reset, rate_limit
 from policies.base import TemperaturePolicy, check_real
+from samplers.core import did_you_mean
 
 __all__ = ["GUARD_COUNTERS", "GUARD_SETTINGS", "GuardedPolicy", "apply_guard", "resolve_guard_settings"]
 
@@ -85,11 +93,7 @@ def resolve_guard_settings(settings: dict | None, action_mapping, owner: str = "
     s = dict(settings or {})
     unknown = sorted(set(s) - set(GUARD_SETTINGS))
     if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], GUARD_SETTINGS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"{owner}: unknown setting {unknown[0]!r}; {hint}valid: {', '.join(GUARD_SETTINGS)}")
+        raise ValueError(f"{owner}: unknown setting {unknown[0]!r}; {did_you_mean(unknown[0], GUARD_SETTINGS, always_list=True)}")
     t_min = action_mapping.t_min if s.get("t_min") is None else check_real(owner, "t_min", s["t_min"])
     t_max = action_mapping.t_max if s.get("t_max") is None else check_real(owner, "t_max", s["t_max"])
     if not t_min < t_max:
@@ -137,7 +141,7 @@ def resolve_guard_settings(settings: dict | None, action_mapping, owner: str = "
             "fallback_temperature": fallback, "anomaly_threshold": anomaly_threshold, "hold": hold, "enabled": enabled}
 
 
-def apply_guard(policy, guard: "bool | dict | None" = True):
+def apply_guard(policy: TemperaturePolicy, guard: "bool | dict | None" = True) -> TemperaturePolicy:
     """``policy`` behind guard rails as a sampler's ``guard`` argument asks.
 
     ``True``: :class:`GuardedPolicy` with the defaults; a dict: with those settings
@@ -145,6 +149,8 @@ def apply_guard(policy, guard: "bool | dict | None" = True):
     itself. A policy that is already a :class:`GuardedPolicy` is returned as it is (``guard=False``
     unwraps it).
     """
+    if not isinstance(policy, TemperaturePolicy):
+        raise TypeError(f"apply_guard needs a Kelvin TemperaturePolicy; got {type(policy).__name__}")
     if isinstance(policy, GuardedPolicy):
         if guard is False or guard is None:
             return policy.policy
@@ -157,9 +163,7 @@ def apply_guard(policy, guard: "bool | dict | None" = True):
     if guard is True:
         return GuardedPolicy(policy)
     if isinstance(guard, dict):
-        mapping = getattr(policy, "action_mapping", None)
-        if mapping is not None:  # check the keys and values first: the error names the setting
-            guard = resolve_guard_settings(guard, mapping, owner="guard")
+        guard = resolve_guard_settings(guard, policy.action_mapping, owner="guard")  # the error names the setting
         if guard.get("enabled", True) is False:
             return policy
         return GuardedPolicy(policy, **{k: v for k, v in guard.items() if k != "enabled"})
@@ -171,38 +175,33 @@ class GuardedPolicy(TemperaturePolicy):
     """A temperature policy wrapped in guard rails (see the module doc for the exact rules)."""
 
     name = "guarded"
-    display_name = "Guarded"
-    reads = ("anomaly",)
-    optional_params = frozenset({"t_min", "t_max", "max_delta", "anomaly_threshold"})
     stateful = True
 
-    def __init__(self, policy, *, t_min: float | None = None, t_max: float | None = None,
+    def __init__(self, policy: TemperaturePolicy, *, t_min: float | None = None, t_max: float | None = None,
                  max_delta: float | None = DEFAULT_MAX_DELTA, safe_range: tuple[float, float] | None = None,
                  fallback_temperature: float | None = None, anomaly_threshold: float | None = DEFAULT_ANOMALY_THRESHOLD,
                  hold: int = DEFAULT_HOLD, enabled: bool = True):
         owner = "GuardedPolicy"
-        spec = getattr(policy, "feature_spec", None)
-        mapping = getattr(policy, "action_mapping", None)
-        if spec is None or mapping is None:
-            raise TypeError(f"{owner} wraps a policy with feature_spec and action_mapping attributes (a baseline, "
-                            f"a LearnedPolicy, ...); got {type(policy).__name__}")
-        if not any(hasattr(policy, m) for m in ("temperatures", "actions", "predict")):
-            raise TypeError(f"{owner}: {type(policy).__name__} has none of temperatures(), actions(), predict()")
+        if not isinstance(policy, TemperaturePolicy):
+            raise TypeError(f"{owner} wraps a Kelvin TemperaturePolicy (a baseline, a LearnedPolicy, "
+                            f"policies.load_policy(path)) with its feature_spec and action_mapping; "
+                            f"got {type(policy).__name__}")
         if isinstance(policy, GuardedPolicy):
             raise TypeError(f"{owner}: the policy is already guarded ({policy.label}); wrap the inner policy "
                             "(guard.policy) instead of guarding twice")
         p = resolve_guard_settings(dict(t_min=t_min, t_max=t_max, max_delta=max_delta, safe_range=safe_range,
                                         fallback_temperature=fallback_temperature,
-                                        anomaly_threshold=anomaly_threshold, hold=hold, enabled=enabled), mapping,
-                                   owner)
-        super().__init__(spec, mapping, **p)  # params: the resolved settings, JSON-safe
+                                        anomaly_threshold=anomaly_threshold, hold=hold, enabled=enabled),
+                                   policy.action_mapping, owner)
+        # The guard's actions are final temperatures: its mapping is the policy's without a rate limit.
+        super().__init__(policy.feature_spec, replace(policy.action_mapping, max_delta=None), **p)
         for key in GUARD_SETTINGS:
             setattr(self, key, p[key])
         self.safe_range = tuple(p["safe_range"])
         self.policy = policy
         self.last_error: BaseException | None = None
         self._warned = False
-        self._deterministic = True
+        self._anomaly_col = policy.feature_spec.index("anomaly")
         self.reset_counters()
 
     # ------------------------------------------------------------------ counters
@@ -224,9 +223,7 @@ class GuardedPolicy(TemperaturePolicy):
 
     # ------------------------------------------------------------------ serialisation
     def to_config(self) -> dict:
-        inner = self.policy.to_config() if hasattr(self.policy, "to_config") else {"name": getattr(
-            self.policy, "name", type(self.policy).__name__)}
-        return {"name": self.name, "params": self.params, "policy": inner}
+        return {"name": self.name, "params": self.params, "policy": self.policy.to_config()}
 
     @classmethod
     def from_config(cls, config: dict, feature_spec=None, action_mapping=None, policy=None) -> "GuardedPolicy":
@@ -251,8 +248,7 @@ class GuardedPolicy(TemperaturePolicy):
 
     @property
     def label(self) -> str:
-        inner = getattr(self.policy, "label", type(self.policy).__name__)
-        return f"Guarded({inner})" if self.enabled else str(inner)
+        return f"Guarded({self.policy.label})" if self.enabled else self.policy.label
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
@@ -262,83 +258,76 @@ class GuardedPolicy(TemperaturePolicy):
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the rate limiter's per-row state (and the wrapped policy's)."""
         super().reset(batch_size)
-        if hasattr(self.policy, "reset"):
-            self.policy.reset(batch_size)
+        self.policy.reset(batch_size)
+
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        super().reorder_rows(index)
+        self.policy.reorder_rows(index)
 
     def _initial_state(self, batch_size, device):
         return {"t_prev": torch.zeros(batch_size, dtype=torch.float32, device=device),  # (B,)
                 "has_prev": torch.zeros(batch_size, dtype=torch.bool, device=device),  # (B,)
                 "hold_left": torch.zeros(batch_size, dtype=torch.long, device=device)}  # (B,) tokens of hold left
 
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        self._deterministic = deterministic
-        return super().predict(observation, state, episode_start, deterministic)
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        """The guarded temperatures as actions of :attr:`action_mapping` (the policy's, without a rate limit)."""
+        return self.action_mapping.to_action(self._guarded(obs, episode_start))  # (B,)
 
-    def _inner_temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None) -> torch.Tensor:
-        """The wrapped policy's temperatures (B,); NaN where it produced no usable value."""
-        policy = self.policy
-        if isinstance(policy, TemperaturePolicy) or not (hasattr(policy, "actions") or hasattr(policy, "predict")):
-            t = policy.temperatures(obs, episode_start)
-        else:  # an action policy (ExportedPolicy, LearnedPolicy): map per row, a NaN action spoils only its row
-            if hasattr(policy, "actions"):  # ExportedPolicy's torch fast path: stays on obs's device
-                a = torch.as_tensor(policy.actions(obs)).to(obs.device, torch.float32).reshape(-1)
-            else:
-                starts = None if episode_start is None else episode_start.cpu().numpy()
-                actions, _ = policy.predict(obs, None, starts, self._deterministic)
-                a = torch.as_tensor(np.asarray(actions, dtype=np.float32)).reshape(-1).to(obs.device)
-            ok = torch.isfinite(a)
-            t = self.action_mapping.to_temperature(torch.where(ok, a, torch.zeros_like(a)))
-            t = torch.where(ok, t, torch.full_like(t, math.nan))
-        t = torch.as_tensor(t).to(device=obs.device, dtype=torch.float32).reshape(-1)
-        if t.shape[0] != obs.shape[0]:
-            raise ValueError(f"the wrapped policy returned {t.shape[0]} temperatures for {obs.shape[0]} rows")
-        return t
+    def temperatures(self, obs, episode_start=None) -> torch.Tensor:
+        """The guarded temperatures (B,) themselves: the base class's derivation through :meth:`actions` and the
+        mapping would give the same values up to float32 rounding of the round trip; the guard's decision is the
+        last word, so the samplers apply it exactly (a reset to 0.1 is 0.1)."""
+        obs = self._as_obs(obs)
+        if obs.ndim == 1:
+            obs = obs.unsqueeze(0)  # (1, F)
+        with torch.no_grad():
+            return self._guarded(obs, self._as_mask(episode_start, obs.shape[0], obs.device))  # (B,)
 
-    def temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None,
-                     inner=None) -> torch.Tensor:
-        """Guarded temperatures (B,) for raw observations ``obs`` (B, F).
-
-        ``inner(clean_obs) -> (B,)`` replaces the wrapped policy's own temperatures: a sampler passes
-        the policy's temperatures *as training applied them* (through the action mapping, with its
-        rate limit), so that the guard's decision is the last word (a reset is not rate limited again).
-        """
-        inner = inner if inner is not None else (lambda o: self._inner_temperatures(o, episode_start))
-        if not self.enabled:
-            return inner(obs)
-        b = obs.shape[0]
-        s, _ = self._begin_step(b, episode_start, obs.device)
-        finite_obs = torch.isfinite(obs).all(dim=1)  # (B,)
-        clean = torch.where(finite_obs.unsqueeze(1), obs, torch.zeros_like(obs))  # (B, F)
+    def _policy_temperatures(self, obs: torch.Tensor, episode_start: torch.Tensor | None) -> torch.Tensor:
+        """Step 0: the wrapped policy's temperatures (B,) as the env applies them; NaN where its action is not
+        finite (that row falls back), all NaN when it raises."""
         try:
-            raw = torch.as_tensor(inner(clean)).to(device=obs.device, dtype=torch.float32).reshape(-1)  # (B,)
-            if raw.shape[0] != b:
-                raise ValueError(f"the wrapped policy returned {raw.shape[0]} temperatures for {b} rows")
+            a = self.policy.actions(obs, episode_start).to(device=obs.device, dtype=torch.float32).reshape(-1)
+            if a.shape[0] != obs.shape[0]:
+                raise ValueError(f"the wrapped policy returned {a.shape[0]} actions for {obs.shape[0]} rows")
         except Exception as err:  # noqa: BLE001 - any failure of the policy falls back, by design
             self.last_error = err
             if not self._warned:
                 warnings.warn(f"GuardedPolicy: the wrapped policy raised {type(err).__name__}: {err}; falling back "
                               f"to T = {self.fallback_temperature} (counted in guard.counters['fallback'])",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
                 self._warned = True
-            raw = torch.full((b,), math.nan, dtype=torch.float32, device=obs.device)
+            return torch.full((obs.shape[0],), math.nan, dtype=torch.float32, device=obs.device)
+        ok = torch.isfinite(a)  # (B,)
+        t = self.policy.action_mapping.to_temperature(torch.where(ok, a, torch.zeros_like(a)),
+                                                      previous=obs[:, self._prev_col],
+                                                      first_step=obs[:, self._position_col] == 0)
+        return torch.where(ok, t, torch.full_like(t, math.nan))  # (B,)
+
+    def _guarded(self, obs: torch.Tensor, episode_start: torch.Tensor | None) -> torch.Tensor:
+        """Guarded temperatures (B,) for raw observations ``obs`` (B, F): steps 0-4 of the module doc."""
+        if not self.enabled:
+            return self._policy_temperatures(obs, episode_start)
+        b = obs.shape[0]
+        s, _ = self._begin_step(b, episode_start, obs.device)
+        finite_obs = torch.isfinite(obs).all(dim=1)  # (B,)
+        clean = torch.where(finite_obs.unsqueeze(1), obs, torch.zeros_like(obs))  # (B, F)
+        raw = self._policy_temperatures(clean, episode_start)  # (B,)
         fallback = ~finite_obs | ~torch.isfinite(raw)  # (B,)
         t = torch.where(fallback, torch.full_like(raw, self.fallback_temperature), raw)
         clamped = ~fallback & ((t < self.t_min) | (t > self.t_max))
         t = t.clamp(self.t_min, self.t_max)
-        limited = torch.zeros_like(fallback)
-        if self.max_delta is not None:
-            bounded = torch.minimum(torch.maximum(t, s["t_prev"] - self.max_delta), s["t_prev"] + self.max_delta)
-            apply = s["has_prev"] & ~fallback
-            limited = apply & (bounded != t)
-            t = torch.where(apply, bounded, t)
+        bounded = rate_limit(t, s["t_prev"], self.max_delta, s["has_prev"] & ~fallback)
+        limited = bounded != t
+        t = bounded
         reset = torch.zeros_like(fallback)
         hold_left = s["hold_left"]  # (B,)
         if self.anomaly_threshold is not None:
-            anomalous = clean[:, self._col["anomaly"]] > self.anomaly_threshold  # (B,); NaN rows were zeroed
+            anomalous = clean[:, self._anomaly_col] > self.anomaly_threshold  # (B,); NaN rows were zeroed
             held = anomalous | (hold_left > 0)  # (B,) fired now, or still inside the hold of an earlier reset
-            safe = t.clamp(*self.safe_range)
-            reset = held & (safe != t)
-            t = torch.where(held, safe, t)
+            safe = anomaly_reset(t, held, *self.safe_range)
+            reset = safe != t
+            t = safe
             hold_left = torch.where(anomalous, torch.full_like(hold_left, self.hold), (hold_left - 1).clamp_min(0))
         counts = torch.stack([clamped.sum(), limited.sum(), reset.sum(), fallback.sum()])  # (4,)
         self._counts = counts if self._counts is None else self._counts.to(counts.device) + counts

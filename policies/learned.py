@@ -1,65 +1,76 @@
-"""A PPO-learned temperature policy behind the one policy interface.
+"""A learned temperature policy: the PPO actor as a plain torch module, behind the one policy protocol.
 
-The learned policy is the SB3 actor's deterministic action (the Gaussian mean, clipped to
-``[-1, 1]``) on observations normalised with the statistics VecNormalize gathered in training:
-``clip((obs - mean) / sqrt(var + eps), -clip_obs, clip_obs)``. Normalisation belongs to the policy,
-so baselines and the env keep working on raw features.
+:class:`ActorModule` is what an export writes as TorchScript (``policy.pt``): raw observations
+(B, F) -> VecNormalize's normalisation -> the actor MLP (the Gaussian's mean, i.e. the deterministic
+action) -> ``clamp(-1, 1)`` as SB3's ``predict`` clips. :class:`LearnedPolicy` wraps such a module,
+so the observation statistics are applied in exactly one place (torch), and training's validation,
+evaluation and every sampler run the same code. Building the module from a stable-baselines3 model
+is :func:`kelvin.export.actor_module` (this package does not import SB3).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from policies.actions import ActionMapping
+from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 
-__all__ = ["LearnedPolicy"]
+__all__ = ["ActorModule", "LearnedPolicy"]
 
 
-class LearnedPolicy:
-    """Wraps an SB3 actor-critic policy and observation statistics; answers ``predict`` like SB3."""
+class ActorModule(torch.nn.Module):
+    """Raw observations (B, F) -> actions (B, 1) in [-1, 1]: normalise, actor MLP, clip.
+
+    ``clip((obs - mean) / sqrt(var + epsilon), -clip, clip)`` with VecNormalize's statistics (skipped
+    when ``mean`` is None), then ``net`` (SB3's ``mlp_extractor.policy_net`` + ``action_net``: the
+    Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)``.
+    """
+
+    def __init__(self, net: torch.nn.Sequential, mean: torch.Tensor | None, var: torch.Tensor | None,
+                 clip: float = 10.0, epsilon: float = 1e-8):
+        super().__init__()
+        dim = int(net[0].in_features)
+        self.net = net
+        self.normalize = mean is not None
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("var", torch.ones(dim) if var is None else torch.as_tensor(var, dtype=torch.float32))
+        self.clip = float(clip)
+        self.epsilon = float(epsilon)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.to(torch.float32)  # (B, F)
+        if self.normalize:
+            x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+        return torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+
+
+class LearnedPolicy(TemperaturePolicy):
+    """A trained actor network (an :class:`ActorModule`, or its TorchScript) as a temperature policy.
+
+    Stateless and deterministic. ``actions(obs)`` runs the module on ``obs``'s device (the module
+    follows the observations there) and returns (B,) actions in [-1, 1].
+    """
 
     name = "learned"
-    stateful = False
 
-    def __init__(self, sb3_policy, feature_spec: FeatureSpec, action_mapping: ActionMapping,
-                 obs_mean: np.ndarray | None = None, obs_var: np.ndarray | None = None,
-                 clip_obs: float = 10.0, epsilon: float = 1e-8, label: str = "learned (PPO)"):
-        self.sb3_policy = sb3_policy
-        self.feature_spec = feature_spec
-        self.action_mapping = action_mapping
-        self.obs_mean = None if obs_mean is None else np.asarray(obs_mean, dtype=np.float32)
-        self.obs_var = None if obs_var is None else np.asarray(obs_var, dtype=np.float32)
-        self.clip_obs = float(clip_obs)
-        self.epsilon = float(epsilon)
-        self.label = label
+    def __init__(self, module: torch.nn.Module, feature_spec: FeatureSpec, action_mapping: ActionMapping,
+                 label: str = "learned (PPO)"):
+        super().__init__(feature_spec, action_mapping)
+        self.module = module.eval()
+        self._label = str(label)
+        self._device = next((b.device for b in module.buffers()), torch.device("cpu"))
 
-    @classmethod
-    def from_sb3(cls, model, vec_normalize=None, feature_spec: FeatureSpec | None = None,
-                 action_mapping: ActionMapping | None = None, label: str = "learned (PPO)") -> "LearnedPolicy":
-        """From a PPO model and (optionally) the VecNormalize whose statistics it was trained with."""
-        mean = var = None
-        clip_obs, eps = 10.0, 1e-8
-        if vec_normalize is not None and getattr(vec_normalize, "norm_obs", False):
-            mean, var = vec_normalize.obs_rms.mean, vec_normalize.obs_rms.var
-            clip_obs, eps = vec_normalize.clip_obs, vec_normalize.epsilon
-        return cls(model.policy, feature_spec, action_mapping, mean, var, clip_obs, eps, label)
+    @property
+    def label(self) -> str:
+        return self._label
 
-    def normalize(self, obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs, dtype=np.float32)
-        if self.obs_mean is None:
-            return obs
-        return np.clip((obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon), -self.clip_obs, self.clip_obs)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(label={self.label!r}, features={self.feature_spec.dim})"
 
-    def reset(self, batch_size: int | None = None) -> None:
-        """Stateless: nothing to clear."""
-
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        obs = observation.detach().cpu().numpy() if torch.is_tensor(observation) else np.asarray(observation)
-        actions, _ = self.sb3_policy.predict(self.normalize(obs), deterministic=deterministic)
-        return np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0), state
-
-    def temperatures(self, obs, episode_start=None) -> torch.Tensor:
-        actions, _ = self.predict(obs)
-        return self.action_mapping.to_temperature(torch.as_tensor(actions).reshape(-1))
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        if obs.device != self._device:
+            self.module = self.module.to(obs.device)
+            self._device = obs.device
+        with torch.no_grad():
+            return self.module(obs).reshape(-1)  # (B,)

@@ -26,56 +26,44 @@ round-trip a policy through JSON.
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Any
 
 from policies.actions import ActionMapping
-from policies.base import TemperaturePolicy
-from policies.baselines import (
-    CombinedRule,
-    DynaTemp,
-    EntropyDynamicTemperature,
-    EntropyRule,
-    FixedTemperature,
-    MaxProbRule,
-    MedianRule,
-    PIDController,
-    SurpriseController,
-)
+from policies.base import BaselinePolicy
+from policies import baselines
 from policies.features import FeatureSpec
+from samplers.core import did_you_mean
 
 __all__ = ["BASELINE_NAMES", "all_baselines", "make_policy", "policy_from_config"]
 
 # short name -> (class, preset parameters)
-_REGISTRY: dict[str, tuple[type[TemperaturePolicy], dict[str, Any]]] = {
-    "fixed": (FixedTemperature, {}),
-    "greedy": (FixedTemperature, {"t": 0.0}),
-    "pid": (PIDController, {}),
-    "pid-positive": (PIDController, dict(PIDController.POSITIVE_PRESET)),
-    "edt": (EntropyDynamicTemperature, {}),
-    "maxprob": (MaxProbRule, {}),
-    "entropy": (EntropyRule, {}),
-    "median": (MedianRule, {}),
-    "combined": (CombinedRule, {}),
-    "dynatemp": (DynaTemp, {}),
-    "surprise": (SurpriseController, {}),
+_REGISTRY: dict[str, tuple[type[BaselinePolicy], dict[str, Any]]] = {
+    "fixed": (baselines.FixedTemperature, {}),
+    "greedy": (baselines.FixedTemperature, {"t": 0.0}),
+    "pid": (baselines.PIDController, {}),
+    "pid-positive": (baselines.PIDController, dict(baselines.PIDController.POSITIVE_PRESET)),
+    "edt": (baselines.EntropyDynamicTemperature, {}),
+    "maxprob": (baselines.MaxProbRule, {}),
+    "entropy": (baselines.EntropyRule, {}),
+    "median": (baselines.MedianRule, {}),
+    "combined": (baselines.CombinedRule, {}),
+    "dynatemp": (baselines.DynaTemp, {}),
+    "surprise": (baselines.SurpriseController, {}),
 }
 
 BASELINE_NAMES: list[str] = list(_REGISTRY)
 """Every short name :func:`make_policy` understands, in table order."""
 
 
-def _lookup(name: str) -> tuple[type[TemperaturePolicy], dict[str, Any]]:
+def _lookup(name: str) -> tuple[type[BaselinePolicy], dict[str, Any]]:
     key = name.strip().lower()
     if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, BASELINE_NAMES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown policy {name!r}; {hint}known baselines: {', '.join(BASELINE_NAMES)}")
+        raise ValueError(f"unknown policy {name!r}; {did_you_mean(key, BASELINE_NAMES, always_list=True)}")
     return _REGISTRY[key]
 
 
-def _canonical_key(policy: str, cls: type[TemperaturePolicy], key: str) -> str:
+def _canonical_key(policy: str, cls: type[BaselinePolicy], key: str) -> str:
     """The constructor parameter ``key`` names (case-insensitive), or a ValueError listing valid ones."""
     valid = list(cls.param_defaults())
     by_lower = {v.lower(): v for v in valid}
@@ -84,12 +72,10 @@ def _canonical_key(policy: str, cls: type[TemperaturePolicy], key: str) -> str:
         return k
     if k.lower() in by_lower:
         return by_lower[k.lower()]
-    close = difflib.get_close_matches(k, valid, n=1) or difflib.get_close_matches(k.lower(), list(by_lower), n=1)
-    hint = f" (did you mean {by_lower.get(close[0], close[0])!r}?)" if close else ""
-    raise ValueError(f"unknown parameter {key!r} for policy {policy!r}{hint}; valid parameters: {', '.join(valid)}")
+    raise ValueError(f"unknown parameter {key!r} for policy {policy!r}; {did_you_mean(k, valid, always_list=True)}")
 
 
-def _coerce(policy: str, cls: type[TemperaturePolicy], key: str, value: Any) -> Any:
+def _coerce(policy: str, cls: type[BaselinePolicy], key: str, value: Any) -> Any:
     """A parameter value from a spec string or a config: a number (or None where allowed)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off")):
         if key in cls.optional_params:
@@ -117,7 +103,7 @@ def _coerce(policy: str, cls: type[TemperaturePolicy], key: str, value: Any) -> 
 
 
 def _build(name: str, params: dict[str, Any], feature_spec: FeatureSpec,
-           action_mapping: ActionMapping | None) -> TemperaturePolicy:
+           action_mapping: ActionMapping | None) -> BaselinePolicy:
     cls, preset = _lookup(name)
     short = name.strip().lower()
     resolved = dict(preset)
@@ -129,7 +115,7 @@ def _build(name: str, params: dict[str, Any], feature_spec: FeatureSpec,
     return policy
 
 
-def make_policy(spec: str, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None) -> TemperaturePolicy:
+def make_policy(spec: str, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None) -> BaselinePolicy:
     """A baseline from a spec string: ``fixed:0.7``, ``greedy``, ``pid``, ``edt:theta=1.0,t0=0.8``, ...
 
     Raises ValueError for an unknown name (with the closest known one), an unknown parameter
@@ -160,7 +146,7 @@ def make_policy(spec: str, feature_spec: FeatureSpec, action_mapping: ActionMapp
 
 
 def policy_from_config(config: dict, feature_spec: FeatureSpec,
-                       action_mapping: ActionMapping | None = None) -> TemperaturePolicy:
+                       action_mapping: ActionMapping | None = None) -> BaselinePolicy:
     """Rebuild a baseline from ``policy.to_config()`` (``{"name": ..., "params": {...}}``)."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"policy config must be a dict with 'name' (and 'params'); got {config!r}")
@@ -173,6 +159,6 @@ def policy_from_config(config: dict, feature_spec: FeatureSpec,
     return _build(str(config["name"]), params, feature_spec, action_mapping)
 
 
-def all_baselines(feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None) -> list[TemperaturePolicy]:
+def all_baselines(feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None) -> list[BaselinePolicy]:
     """The default instance of every baseline, in :data:`BASELINE_NAMES` order."""
     return [make_policy(name, feature_spec, action_mapping) for name in BASELINE_NAMES]

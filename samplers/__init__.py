@@ -1,5 +1,5 @@
 """Samplers: signed-temperature math, truncation and engine adapters."""
 
-from samplers.core import apply_temperature, sample, tempered_probs, truncate
+from samplers.core import Truncation, apply_temperature, sample, tempered_probs, truncate
 
-__all__ = ["apply_temperature", "sample", "tempered_probs", "truncate"]
+__all__ = ["Truncation", "apply_temperature", "sample", "tempered_probs", "truncate"]

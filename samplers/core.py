@@ -61,11 +61,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from dataclasses import dataclass, fields
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["apply_temperature", "truncate", "tempered_probs", "sample"]
+__all__ = ["Truncation", "apply_temperature", "did_you_mean", "truncate", "tempered_probs", "sample"]
 
 # Slack on inclusive float thresholds (min-p in log space, top-p on cumulative probability).
 _BOUNDARY_SLACK = 1e-6
@@ -175,32 +177,95 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _check_truncation(top_k, top_p, min_p, top_n_sigma):
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off); got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] (1.0 = off); got {top_p!r}")
-    if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not (0 <= min_p <= 1):
-        raise ValueError(f"min_p must be a number in [0, 1] (0.0 = off); got {min_p!r}")
-    if top_n_sigma is not None and (
-        isinstance(top_n_sigma, bool)
-        or not isinstance(top_n_sigma, numbers.Real)
-        or not (0 < top_n_sigma < math.inf)
-    ):
-        raise ValueError(f"top_n_sigma must be None (off) or a finite number > 0; got {top_n_sigma!r}")
-    return int(top_k), float(top_p), float(min_p), None if top_n_sigma is None else float(top_n_sigma)
+@dataclass(frozen=True)
+class Truncation:
+    """Which tokens survive before the temperature, computed on the base (T = 1) distribution.
+
+    The one validated home of the truncation settings: the env's ``env.truncation`` block, an
+    export's ``spec.json`` ``truncation`` and every sampler take this object, and :func:`sample`,
+    :func:`truncate` and :func:`tempered_probs` build one from their keyword arguments. Every rule
+    is off by default; active rules intersect (see the module doc).
+
+    It checks its own fields (type and range, one line naming the field, the value and the fix),
+    so this module needs nothing beyond torch.
+    """
+
+    top_k: int = 0
+    """Keep the ``top_k`` largest logits (ties with the k-th kept); 0 = off."""
+    top_p: float = 1.0
+    """Keep the smallest most-likely set whose probability reaches ``top_p``, in (0, 1]; 1.0 = off."""
+    min_p: float = 0.0
+    """Keep tokens with ``p >= min_p * max(p)``, in [0, 1]; 0.0 = off."""
+    top_n_sigma: float | None = None
+    """Keep tokens with ``logit >= max(logit) - n * std(logits)``, a finite n > 0; None = off."""
+
+    def __post_init__(self):
+        top_k, top_p, min_p, sigma = self.top_k, self.top_p, self.min_p, self.top_n_sigma
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off); got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1] (1.0 = off); got {top_p!r}")
+        if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not (0 <= min_p <= 1):
+            raise ValueError(f"min_p must be a number in [0, 1] (0.0 = off); got {min_p!r}")
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                                  or not (0 < sigma < math.inf)):
+            raise ValueError(f"top_n_sigma must be None (off) or a finite number > 0; got {sigma!r}")
+        object.__setattr__(self, "top_k", int(top_k))
+        object.__setattr__(self, "top_p", float(top_p))
+        object.__setattr__(self, "min_p", float(min_p))
+        object.__setattr__(self, "top_n_sigma", None if sigma is None else float(sigma))
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "Truncation":
+        """From ``{top_k, top_p, min_p, top_n_sigma}`` (missing keys off); unknown keys are named with a suggestion."""
+        values = dict(values or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown truncation keys {unknown}; {did_you_mean(unknown[0], valid)}")
+        return cls(**values)
+
+    @property
+    def active(self) -> bool:
+        """True when at least one rule is on."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.top_n_sigma is not None
+
+    def to_dict(self) -> dict:
+        """``{top_k, top_p, min_p, top_n_sigma}``: the keyword arguments of :func:`truncate` (JSON-safe)."""
+        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "top_n_sigma": self.top_n_sigma}
+
+
+_NO_TRUNCATION = Truncation()
+
+
+def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False) -> str:
+    """``"did you mean 'x'?"`` for the valid name closest to ``name`` (case-insensitive), else ``"valid: a, b"``.
+
+    ``always_list`` adds the valid names after a suggestion too. The one suggestion helper of Kelvin:
+    every layer may import :mod:`samplers.core`.
+    """
+    valid = [str(v) for v in valid]
+    by_lower = {v.lower(): v for v in valid}
+    close = difflib.get_close_matches(str(name), valid, n=1) or difflib.get_close_matches(
+        str(name).lower(), list(by_lower), n=1)
+    listing = f"valid: {', '.join(valid)}"
+    if not close:
+        return listing
+    hint = f"did you mean {by_lower.get(close[0], close[0])!r}?"
+    return f"{hint} ({listing})" if always_list else hint
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-def _keep_mask(z: Tensor, zmax: Tensor, top_k: int, top_p: float, min_p: float, top_n_sigma):
+def _keep_mask(z: Tensor, zmax: Tensor, truncation: Truncation):
     """(B, V) bool of the tokens every active rule keeps, or None when no rule is active.
 
     ``z`` (B, V) in the compute dtype, ``zmax`` (B,) its row max. Every rule keeps all
     tokens with ``z >= zmax``, so the argmax always survives the intersection.
     """
     vocab = z.shape[-1]
+    top_k, top_p, min_p, top_n_sigma = truncation.top_k, truncation.top_p, truncation.min_p, truncation.top_n_sigma
     keep = None
 
     def both(a: Tensor | None, b: Tensor) -> Tensor:
@@ -284,15 +349,14 @@ def _temper(z: Tensor, zmax: Tensor, temperature, eps: float, info: dict):
     return y, limit
 
 
-def _prepare(logits: Tensor, temperature, eps: float, truncation: dict):
+def _prepare(logits: Tensor, temperature, eps: float, truncation: Truncation):
     """Shared path of the public functions: validate, truncate, temper."""
     logits = _as_logits(logits)
     eps = _check_eps(eps)
-    top_k, top_p, min_p, top_n_sigma = _check_truncation(**truncation)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V); no copy for float32/64
     t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
     zmax, info = _inspect(z, t, eps)
-    keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
+    keep = _keep_mask(z, zmax, truncation)
     if keep is not None:
         z = z.masked_fill(~keep, -math.inf)  # (B, V); argmax kept, so zmax still holds
     return _temper(z, zmax, t, eps, info)
@@ -315,8 +379,7 @@ def apply_temperature(logits: Tensor, temperature, eps: float = 1e-6) -> Tensor:
         (masked tokens, and all but one token on greedy / limit rows). float32 for half
         inputs. Raises ``ValueError`` on NaN temperatures, NaN / +inf logits, all -inf rows.
     """
-    no_truncation = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
-    return _prepare(logits, temperature, eps, no_truncation)[0]
+    return _prepare(logits, temperature, eps, _NO_TRUNCATION)[0]
 
 
 def truncate(
@@ -337,10 +400,10 @@ def truncate(
     input dtype (a copy when every rule is off).
     """
     logits = _as_logits(logits)
-    top_k, top_p, min_p, top_n_sigma = _check_truncation(top_k, top_p, min_p, top_n_sigma)
+    truncation = Truncation(top_k, top_p, min_p, top_n_sigma)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V)
     zmax, _ = _inspect(z, None, 0.0)
-    keep = _keep_mask(z, zmax, top_k, top_p, min_p, top_n_sigma)
+    keep = _keep_mask(z, zmax, truncation)
     return logits.clone() if keep is None else logits.masked_fill(~keep, -math.inf)
 
 
@@ -350,14 +413,12 @@ def tempered_probs(logits: Tensor, temperature, eps: float = 1e-6, **truncation)
     ``truncation`` takes the keyword arguments of :func:`truncate`. Greedy / limit rows are
     exactly one-hot; every row sums to 1.
     """
-    defaults = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_n_sigma": None}
+    valid = [f.name for f in fields(Truncation)]
     for name in truncation:
-        if name not in defaults:
-            close = difflib.get_close_matches(name, list(defaults), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(defaults)}"
-            raise TypeError(f"tempered_probs() got an unknown truncation argument {name!r}{hint}")
-    truncation = {**defaults, **truncation}
-    return torch.softmax(_prepare(logits, temperature, eps, truncation)[0], dim=-1)
+        if name not in valid:
+            raise TypeError(f"tempered_probs() got an unknown truncation argument {name!r}; "
+                            f"{did_you_mean(name, valid)}")
+    return torch.softmax(_prepare(logits, temperature, eps, Truncation(**truncation))[0], dim=-1)
 
 
 def sample(
@@ -379,8 +440,7 @@ def sample(
     ``return_tempered=True`` (the (B, V) logits the draw used, as :func:`apply_temperature`
     after :func:`truncate` returns them), so callers need not temper twice.
     """
-    truncation = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "top_n_sigma": top_n_sigma}
-    y, limit = _prepare(logits, temperature, eps, truncation)  # (B, V)
+    y, limit = _prepare(logits, temperature, eps, Truncation(top_k, top_p, min_p, top_n_sigma))  # (B, V)
     if y.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=y.device)
     if limit is not None and limit[0] is None:

@@ -50,8 +50,8 @@ __all__ = ["PolicyLogitsProcessor"]
 class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
     """transformers ``LogitsProcessor`` that applies a temperature policy's per-token signed temperature.
 
-    Arguments: ``policy`` (a baseline, :func:`policies.load_policy` output, or any object with the
-    one policy interface), ``feature_spec`` / ``action_mapping`` (default: the policy's),
+    Arguments: ``policy`` (a baseline, :func:`policies.load_policy` output, or any other
+    :class:`~policies.base.TemperaturePolicy`), ``feature_spec`` / ``action_mapping`` (default: the policy's),
     ``truncation`` (``{top_k, top_p, min_p, top_n_sigma}``, computed on the base distribution before
     the temperature, as in training), ``token_prior`` ((V,) anomaly priors the featurizer used in
     training; :meth:`from_pretrained` loads them), ``category`` (the prompt category of every row,

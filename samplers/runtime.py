@@ -6,9 +6,9 @@ runs in training, minus the reward and the draw (the engine draws)::
     step(scores (B, V), tokens (B,) drawn since the last step or None)
         featurizer.update(tokens, T_prev)          # the history, as GenerationCore.step after its draw
         obs = featurizer.observe(scores)           # (B, F) raw features, policies/features.py
-        a   = policy actions(obs, episode_start)   # (B,) in [-1, 1]; the policy behind its guard rails (on by default)
-        T   = mapping.to_temperature(a, previous=T_prev, first_step=position == 0)   # rate limit as in training
-        return apply_temperature(truncate(scores, **truncation), T)                  # (B, V), a new tensor
+        T   = policy.temperatures(obs, episode_start)   # (B,) the one policy protocol (policies/base.py):
+              # actions -> the mapping with its rate limit, as in training; behind the guard rails by default
+        return apply_temperature(truncate(scores, truncation), T)                    # (B, V), a new tensor
 
 The engine then samples from ``softmax`` of the returned logits with its own temperature at 1.0
 and its own truncation off. Rows whose temperature is 0 (or ``|T| < 1e-6``) come back one-hot
@@ -21,7 +21,6 @@ uses :meth:`PolicyRuntime.reorder` when the engine's persistent batch changes).
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,11 +30,9 @@ from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
-from samplers.core import _check_truncation, apply_temperature, truncate
+from samplers.core import Truncation, apply_temperature, did_you_mean, truncate
 
 __all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "merge_guard"]
-
-_TRUNCATION_KEYS = ("top_k", "top_p", "min_p", "top_n_sigma")
 
 
 def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | dict:
@@ -79,9 +76,7 @@ def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] 
             out.append(other)
         elif isinstance(c, str):
             if c not in spec.categories:
-                close = difflib.get_close_matches(c, list(spec.categories), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"unknown category {c!r}; {hint}known: {', '.join(spec.categories)} (or 'other')")
+                raise ValueError(f"unknown category {c!r}; {did_you_mean(c, [*spec.categories, 'other'], always_list=True)}")
             out.append(spec.categories.index(c))
         elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= int(c) <= other:
             out.append(int(c))
@@ -92,64 +87,52 @@ def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] 
 
 
 class PolicyRuntime:
-    """Featurizer + policy + action mapping + truncation for a batch of rows (see the module doc).
+    """Featurizer + policy + truncation for a batch of rows (see the module doc).
 
-    Arguments: ``policy`` (anything with the one policy interface: a baseline, an
-    :class:`~policies.artifact.ExportedPolicy`, a :class:`~policies.learned.LearnedPolicy`),
-    ``feature_spec`` / ``action_mapping`` (default: the policy's), ``truncation`` (``top_k``,
-    ``top_p``, ``min_p``, ``top_n_sigma``; default off), ``token_prior`` ((V,) per-token anomaly
-    priors the featurizer used in training), ``category`` / ``diversity_weight`` (the conditioning
-    inputs, when the feature spec has them; applied to every row a :meth:`start` begins).
-    ``guard``: guard rails around the policy (:mod:`policies.guard`), **on by default**: ``True``
-    (default settings), a dict of settings (``{"max_delta": 0.3, "safe_range": (0.2, 0.6)}``) or
-    ``False`` (the policy's temperatures as they are). :attr:`guard` is the
+    Arguments: ``policy`` (a :class:`~policies.base.TemperaturePolicy`: a baseline,
+    :func:`policies.load_policy` output, a :class:`~policies.learned.LearnedPolicy`), ``feature_spec`` /
+    ``action_mapping`` (default: the policy's; given, they must be the policy's), ``truncation``
+    (a :class:`~samplers.core.Truncation` or ``{top_k, top_p, min_p, top_n_sigma}``; default off),
+    ``token_prior`` ((V,) per-token anomaly priors the featurizer used in training), ``category`` /
+    ``diversity_weight`` (the conditioning inputs, when the feature spec has them; applied to every row
+    a :meth:`start` begins). ``guard``: guard rails around the policy (:mod:`policies.guard`), **on by
+    default**: ``True`` (default settings), a dict of settings (``{"max_delta": 0.3, "safe_range": (0.2,
+    0.6)}``) or ``False`` (the policy's temperatures as they are). :attr:`guard` is the
     :class:`~policies.guard.GuardedPolicy` (None when off), :attr:`guard_counters` its intervention
     counts since construction (they add up over generate calls; ``runtime.guard.reset_counters()``).
 
     ``temperatures`` holds the (B,) temperatures of every step since the last :meth:`start`.
     """
 
-    def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
-                 truncation: dict | None = None, token_prior: torch.Tensor | None = None,
-                 category=None, diversity_weight=None, record: bool = True, guard: bool | dict | None = True):
-        if not hasattr(policy, "predict"):
-            raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) (a Kelvin policy "
-                            f"or policies.load_policy(path)); got {type(policy).__name__}")
-        feature_spec = feature_spec if feature_spec is not None else getattr(policy, "feature_spec", None)
-        action_mapping = action_mapping if action_mapping is not None else getattr(policy, "action_mapping", None)
-        if not isinstance(feature_spec, FeatureSpec):
-            raise TypeError(f"feature_spec must be a policies.features.FeatureSpec; got {type(feature_spec).__name__}")
-        if not isinstance(action_mapping, ActionMapping):
-            raise TypeError(f"action_mapping must be a policies.actions.ActionMapping; "
-                            f"got {type(action_mapping).__name__}")
-        pol_spec = getattr(policy, "feature_spec", None)
-        if isinstance(pol_spec, FeatureSpec) and pol_spec.names != feature_spec.names:
-            raise ValueError(f"the policy reads features {list(pol_spec.names)} but feature_spec describes "
+    def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
+                 action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None,
+                 token_prior: torch.Tensor | None = None, category=None, diversity_weight=None, record: bool = True,
+                 guard: bool | dict | None = True):
+        if not isinstance(policy, TemperaturePolicy):
+            raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) and actions(obs) as "
+                            f"a Kelvin TemperaturePolicy does (a baseline, a LearnedPolicy, policies.load_policy(path)); "
+                            f"got {type(policy).__name__}")
+        if feature_spec is not None and feature_spec.names != policy.feature_spec.names:
+            raise ValueError(f"the policy reads features {list(policy.feature_spec.names)} but feature_spec describes "
                              f"{list(feature_spec.names)}; pass the spec the policy was trained with")
-        t = dict(truncation or {})
-        unknown = set(t) - set(_TRUNCATION_KEYS)
-        if unknown:
-            close = difflib.get_close_matches(sorted(unknown)[0], _TRUNCATION_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown truncation keys {sorted(unknown)}{hint}; valid: {', '.join(_TRUNCATION_KEYS)}")
-        top_k, top_p, min_p, top_n_sigma = _check_truncation(t.get("top_k", 0), t.get("top_p", 1.0),
-                                                             t.get("min_p", 0.0), t.get("top_n_sigma"))
-        self.truncation = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "top_n_sigma": top_n_sigma}
-        self._truncating = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_n_sigma is not None
+        if action_mapping is not None and action_mapping != policy.action_mapping:
+            raise ValueError(f"the policy's actions mean temperatures through {policy.action_mapping}, not "
+                             f"{action_mapping}; pass the mapping the policy was trained with (or none)")
+        self.truncation = truncation if isinstance(truncation, Truncation) else Truncation.from_dict(truncation)
         if token_prior is not None:
             token_prior = torch.as_tensor(token_prior, dtype=torch.float32).reshape(-1)
         policy = apply_guard(policy, guard)
         self.guard: GuardedPolicy | None = policy if isinstance(policy, GuardedPolicy) else None
         self.policy = policy
-        self.feature_spec = feature_spec
-        self.action_mapping = action_mapping
+        self.feature_spec = policy.feature_spec
+        self.action_mapping = policy.action_mapping if self.guard is None else self.guard.policy.action_mapping
         self.token_prior = token_prior
         self.category = category
         self.diversity_weight = diversity_weight
         self.record = record
         if category is not None:  # validate the names now, not at the first generate step
-            category_indices(feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
-        if diversity_weight is not None and not feature_spec.include_diversity_weight:
+            category_indices(self.feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
+        if diversity_weight is not None and not self.feature_spec.include_diversity_weight:
             raise ValueError("diversity_weight was given, but this policy is not conditioned on it "
                              "(features.include_diversity_weight is false); drop the argument")
         self.featurizer: Featurizer | None = None
@@ -164,6 +147,11 @@ class PolicyRuntime:
         if self.guard is None:
             return {**dict.fromkeys(GUARD_COUNTERS, 0), "decisions": 0}
         return {**self.guard.counters, "decisions": self.guard.decisions}
+
+    @property
+    def last_temperatures(self) -> torch.Tensor | None:
+        """(B,) the temperatures of the last step (None before the first)."""
+        return self._last_t
 
     @classmethod
     def pretrained_arguments(cls, path, kwargs: dict) -> tuple[tuple, dict]:
@@ -205,8 +193,7 @@ class PolicyRuntime:
         dw = self.diversity_weight if diversity_weight is None else diversity_weight
         if cats is not None or dw is not None:
             self.featurizer.reset(None, category=cats, diversity_weight=dw)
-        if hasattr(self.policy, "reset"):
-            self.policy.reset(batch_size)
+        self.policy.reset(batch_size)
         self._last_t = torch.full((batch_size,), self.feature_spec.initial_temperature, device=device)
         self._episode_start = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.temperatures = []
@@ -215,28 +202,22 @@ class PolicyRuntime:
         """Rebuild the rows from the previous ones: new row ``i`` continues old row ``source[i]`` (-1 = fresh).
 
         For engines whose batch changes between steps (vLLM's persistent batch). Featurizer state,
-        the previous step's log-probs (needed by the next update), the policy's per-row state and the
-        previous temperatures move with their rows; fresh rows start a new episode
-        (``fresh_category`` maps a fresh row to its category).
+        the policy's per-row state and the previous temperatures move with their rows; fresh rows
+        start a new episode (``fresh_category`` maps a fresh row to its category).
         """
-        if self.featurizer is None:
-            raise RuntimeError("PolicyRuntime.reorder called before start(batch_size, device)")
-        src = torch.as_tensor(list(source), dtype=torch.long)
         f = self.featurizer
-        device = f.device
-        src = src.to(device)
+        if f is None:
+            raise RuntimeError("PolicyRuntime.reorder called before start(batch_size, device)")
+        src = torch.as_tensor(list(source), dtype=torch.long, device=f.device)
         old_b = f.batch_size
         if bool(((src < -1) | (src >= old_b)).any()):
             raise ValueError(f"reorder source {src.tolist()} points outside the {old_b} previous rows")
         fresh = src < 0  # (n,)
         idx = src.clamp_min(0)
-        f.take_rows(idx)  # history and the pending observation's logits move with their rows
+        f.reorder(idx)  # history and the pending observation's logits move with their rows
+        self.policy.reorder_rows(idx)
         self._last_t = self._last_t[idx]
         self._episode_start = self._episode_start[idx] | fresh
-        for policy in (self.policy, getattr(self.guard, "policy", None)):  # the guard's and its inner policy's
-            policy_state = getattr(policy, "_state", None)
-            if isinstance(policy, TemperaturePolicy) and policy_state:
-                policy._state = {k: v[idx.to(v.device)] for k, v in policy_state.items()}
         rows = torch.nonzero(fresh).flatten()
         if rows.numel():
             f.reset(rows)
@@ -246,17 +227,6 @@ class PolicyRuntime:
                     f.reset([row], category=category_indices(self.feature_spec, cat, 1))
 
     # ------------------------------------------------------------------ per step
-    def _actions(self, policy, obs: torch.Tensor, episode_start: torch.Tensor) -> torch.Tensor:
-        """(B,) actions in [-1, 1] of ``policy`` on ``obs``'s device, through each policy's own fast path."""
-        with torch.no_grad():
-            if isinstance(policy, TemperaturePolicy):  # == predict(), without the numpy round trip
-                return policy.action_mapping.to_action(policy.temperatures(obs, episode_start))
-            if hasattr(policy, "actions"):  # policies.artifact.ExportedPolicy
-                return policy.actions(obs)
-            actions, _ = policy.predict(obs.cpu().numpy(), state=None, episode_start=episode_start.cpu().numpy(),
-                                        deterministic=True)
-        return torch.as_tensor(np.asarray(actions, dtype=np.float32).reshape(-1), device=obs.device)
-
     def step(self, scores: torch.Tensor, tokens: torch.Tensor | None = None,
              drew: torch.Tensor | None = None) -> torch.Tensor:
         """Tempered logits (B, V) for next-token ``scores`` (B, V); ``scores`` is left unchanged.
@@ -285,42 +255,16 @@ class PolicyRuntime:
                 "or +inf, and keep at least one finite logit per row")
         if tokens is not None:
             tokens = torch.as_tensor(tokens, device=f.device).long().reshape(-1)  # (B,)
-            if drew is None:
-                f.update(tokens, self._last_t)
-            else:
-                self._masked_update(tokens, drew.to(f.device).bool().reshape(-1))
+            if drew is None or bool(drew.any()):
+                f.update(tokens, self._last_t, rows=drew)
         obs = f.observe(scores.detach().clone())  # (B, F); a copy: engines may reuse or edit their logits buffer
-        starts = self._episode_start
-        s = f.state
-
-        def policy_temperatures(o: torch.Tensor) -> torch.Tensor:  # (B,) exactly as the env applies them
-            actions = self._actions(self.policy if self.guard is None else self.guard.policy, o, starts)
-            return self.action_mapping.to_temperature(actions.to(f.device), previous=s.prev_temperature,
-                                                      first_step=s.position == 0)
-
-        if self.guard is None:
-            temperature = policy_temperatures(obs)  # (B,)
-        else:  # the guard sees the policy's temperatures after the mapping's own rate limit and has the last word
-            with torch.no_grad():
-                temperature = self.guard.temperatures(obs, starts, inner=policy_temperatures).to(f.device)
+        temperature = self.policy.temperatures(obs, self._episode_start).to(f.device)  # (B,)
         self._last_t = temperature
-        self._episode_start = torch.zeros_like(starts)
+        self._episode_start = torch.zeros_like(self._episode_start)
         if self.record:
             self.temperatures.append(temperature)
-        kept = truncate(scores, **self.truncation) if self._truncating else scores  # (B, V)
+        kept = truncate(scores, **self.truncation.to_dict()) if self.truncation.active else scores  # (B, V)
         return apply_temperature(kept, temperature.to(scores.device))  # (B, V), new tensor
-
-    def _masked_update(self, tokens: torch.Tensor, drew: torch.Tensor) -> None:
-        """``featurizer.update`` on the rows where ``drew``; the other rows keep their state."""
-        f = self.featurizer
-        if not bool(drew.any()):
-            return
-        before = {name: getattr(f.state, name) for name in f.state.__dataclass_fields__}
-        f.update(torch.where(drew, tokens, torch.zeros_like(tokens)), self._last_t)  # new tensors, no in-place
-        for name, old in before.items():
-            new = getattr(f.state, name)
-            mask = drew.view((-1,) + (1,) * (new.ndim - 1))
-            setattr(f.state, name, torch.where(mask, new, old))
 
     def temperature_trace(self) -> torch.Tensor:
         """(B, steps) temperatures chosen since the last :meth:`start` (steps = 0 before the first)."""
@@ -336,15 +280,16 @@ class RuntimeAdapter:
     Subclasses add the engine's calling convention (``__call__``) and how it marks a new generation.
     """
 
-    def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,
-                 truncation: dict | None = None, *, token_prior: torch.Tensor | None = None, category=None,
+    def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
+                 action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None, *,
+                 token_prior: torch.Tensor | None = None, category=None,
                  diversity_weight=None, guard: bool | dict | None = True):
         self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
                                      category=category, diversity_weight=diversity_weight, guard=guard)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """From an export directory (``python -m policies.export``); keyword arguments as the constructor's,
+        """From an export directory (``python -m kelvin.export``); keyword arguments as the constructor's,
         ``guard`` as :meth:`PolicyRuntime.pretrained_arguments` resolves it."""
         args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
         return cls(*args, **kwargs)
@@ -355,8 +300,8 @@ class RuntimeAdapter:
         return self.runtime.policy
 
     @property
-    def truncation(self) -> dict:
-        return dict(self.runtime.truncation)
+    def truncation(self) -> Truncation:
+        return self.runtime.truncation
 
     @property
     def guard(self):

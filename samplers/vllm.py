@@ -46,7 +46,6 @@ its features afresh (its position counts from the resume).
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from samplers.core import did_you_mean
 from samplers.runtime import PolicyRuntime
 
 try:  # vLLM is optional: the module imports without it (PersistentBatch, plan_batch_update are pure)
@@ -201,7 +201,7 @@ class KelvinLogitsProcessor(_VLLMLogitsProcessor):
         path = cls.artifact_path or os.environ.get(POLICY_ENV)
         if not path:
             raise ValueError(f"no Kelvin policy: set the {POLICY_ENV} environment variable to an export directory "
-                             "(python -m policies.export RUN_DIR OUT_DIR), or use make_logits_processor(path)")
+                             "(python -m kelvin.export RUN_DIR OUT_DIR), or use make_logits_processor(path)")
         return str(path)
 
     @classmethod
@@ -228,10 +228,8 @@ class KelvinLogitsProcessor(_VLLMLogitsProcessor):
                 cls._categories_cache[path] = tuple(spec["feature_spec"].get("categories") or ())
             known = cls._categories_cache[path]
             if category != "other" and category not in known:
-                close = difflib.get_close_matches(str(category), list(known), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"extra_args['{CATEGORY_ARG}']={category!r} is unknown; {hint}"
-                                 f"known: {', '.join(known) or '(none: the policy has no category features)'}")
+                hint = did_you_mean(category, known, always_list=True) if known else "the policy has no category features"
+                raise ValueError(f"extra_args['{CATEGORY_ARG}']={category!r} is unknown; {hint}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         if not VLLM_AVAILABLE:

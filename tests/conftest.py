@@ -1,7 +1,38 @@
-"""Shared fixtures: one real model per test session (loading the GGUF costs ~20-40 s once)."""
+"""Shared fixtures: one real model and one real smoke training run per test session.
+
+Loading the GGUF costs ~20-40 s once; the smoke run (``configs/smoke.yaml``: 96 steps of real PPO on the
+real model, in a ``train.py`` subprocess) about a minute. Tests that need either are marked
+``@pytest.mark.slow`` (``pytest -m "not slow"`` is the fast loop); collection refuses an unmarked one.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+SLOW_FIXTURES = {"lm", "smoke_run"}
+
+
+def run_train(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess (one torch thread), output captured."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900, **kwargs)
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """A finished ``train.py --config configs/smoke.yaml`` run: treat ``run_dir`` as read-only (copy it to change it)."""
+
+    run_dir: Path
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +42,24 @@ def lm():
     return load_causal_lm()
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    proc = run_train(["--config", str(SMOKE), "--run-dir", str(run_dir)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SmokeRun(run_dir, proc.stdout, proc.stderr)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that loads the real model or needs the smoke run must be marked slow (the fast loop skips it)."""
+    unmarked = [item.nodeid for item in items
+                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using the real model or the smoke run must be @pytest.mark.slow: "
+                                + ", ".join(unmarked))

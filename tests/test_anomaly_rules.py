@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from policies.anomaly import (
+from anomaly.rules import (
     TEXT_REASONS,
     combine_token_flags,
     text_anomaly_reasons,

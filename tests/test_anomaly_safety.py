@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from policies import ActionMapping, FeatureSpec, Featurizer, make_policy
-from policies.anomaly import token_table
-from policies.detector import STEP_REASONS, AnomalyDetector
+from anomaly.detector import AnomalyDetector
+from anomaly.prior import build_token_prior
+from policies import ActionMapping, FeatureSpec, Featurizer, TemperaturePolicy, make_policy
 from policies.guard import GUARD_COUNTERS, GuardedPolicy
 
 PROBE = dict(n_tokens=12, seed=0)  # small probe: 16 prompts x 12 tokens
@@ -38,7 +38,7 @@ def probe_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def discovered(lm, probe_cache):
-    from policies.discovery import discover_anomalous_tokens
+    from anomaly.discovery import discover_anomalous_tokens
 
     return discover_anomalous_tokens(lm, top=50, cache_dir=probe_cache, **PROBE)
 
@@ -46,7 +46,7 @@ def discovered(lm, probe_cache):
 @pytest.fixture(scope="module")
 def ordinary(lm):
     """The 16 probe prompts continued at T = 0.7 (24 tokens): tokens and base log-probs (16, 24)."""
-    from policies.discovery import DEFAULT_PROBE_PROMPTS
+    from anomaly.discovery import DEFAULT_PROBE_PROMPTS
 
     return _generate(lm, list(DEFAULT_PROBE_PROMPTS), 0.7, 24, seed=0)
 
@@ -54,7 +54,7 @@ def ordinary(lm):
 @pytest.fixture(scope="module")
 def inverted(lm):
     """8 probe prompts continued at T = -0.001 (16 tokens): tokens and base log-probs (8, 16)."""
-    from policies.discovery import DEFAULT_PROBE_PROMPTS
+    from anomaly.discovery import DEFAULT_PROBE_PROMPTS
 
     return _generate(lm, list(DEFAULT_PROBE_PROMPTS[:8]), -0.001, 16, seed=1)
 
@@ -77,18 +77,30 @@ def _generate(lm, prompts, temperature: float, n_tokens: int, seed: int = 0):
 
 
 # =========================================================================== discovery
-def test_discovery_surfaces_the_known_smollm2_tokens(discovered):
+@pytest.mark.slow
+def test_discovery_surfaces_the_known_smollm2_tokens(lm, discovered):
+    from anomaly.discovery import DEFAULT_PROBE_PROMPTS, centroid_ranks, probe_counts
+
     pieces = [t.piece.strip() for t in discovered[:10]]
     assert "emeteries" in pieces and "MetaInfo" in pieces, pieces
     scores = [t.score for t in discovered]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
     assert len(discovered) == 50
+    # every entry is the documented formula of the probe and the embedding view, recomputed here
+    _, counts, rows = probe_counts(lm, DEFAULT_PROBE_PROMPTS, -0.001, PROBE["n_tokens"], PROBE["seed"])
+    _, ranks = centroid_ranks(lm.model.get_input_embeddings().weight)
     for t in discovered[:10]:
-        assert isinstance(t, tuple) and len(t) == 5 and t.probe_count >= 1  # the probe found every top-10 token
+        i = t.token_id
+        assert (t.probe_count, t.centroid_rank) == (int(counts[i]), int(ranks[i]))
+        assert t.probe_count >= 1  # the probe found every top-10 token
+        expected = 0.7 * int(rows[i]) / len(DEFAULT_PROBE_PROMPTS) + 0.3 * max(0.0, 1 - int(ranks[i]) / 1024)
+        assert t.score == pytest.approx(expected, abs=2e-6)  # stored rounded to 6 digits, computed in float32
+        assert t.piece == lm.tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+@pytest.mark.slow
 def test_discovery_is_stable_and_cached(lm, discovered, probe_cache, monkeypatch):
-    import policies.discovery as discovery
+    import anomaly.discovery as discovery
 
     path = discovery.discovery_cache_path(lm, cache_dir=probe_cache, **PROBE)
     assert path.is_file() and path.parent == probe_cache
@@ -107,6 +119,7 @@ def test_discovery_is_stable_and_cached(lm, discovered, probe_cache, monkeypatch
     assert again == discovered
 
 
+@pytest.mark.slow
 def test_top_discovered_tokens_are_never_emitted_at_positive_temperature(discovered, ordinary, inverted):
     top10 = torch.tensor([t.token_id for t in discovered[:10]])
     tokens, _ = ordinary  # the same 16 prompts at T = 0.7
@@ -116,8 +129,9 @@ def test_top_discovered_tokens_are_never_emitted_at_positive_temperature(discove
     assert int(torch.isin(inverted_tokens, top10).sum()) > inverted_tokens.numel() // 5
 
 
+@pytest.mark.slow
 def test_discovery_rejects_bad_settings(lm):
-    from policies.discovery import discover_anomalous_tokens
+    from anomaly.discovery import discover_anomalous_tokens
 
     with pytest.raises(ValueError, match="negative"):
         discover_anomalous_tokens(lm, temperature=0.7, cache=False)
@@ -125,14 +139,15 @@ def test_discovery_rejects_bad_settings(lm):
         discover_anomalous_tokens(lm, n_tokens=0, cache=False)
 
 
+@pytest.mark.slow
 def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypatch):
-    import policies.discovery as discovery
+    import anomaly.prior
     from envs.generation import EnvConfig, GenerationCore
     from envs.rewards import RewardConfig
 
     weights = torch.zeros(lm.vocab_size)
     weights[discovered[0].token_id] = 1.0
-    monkeypatch.setattr(discovery, "discovered_token_weights", lambda lm: weights)
+    monkeypatch.setattr(anomaly.prior, "discovered_token_weights", lambda lm: weights)
     no_embedder = RewardConfig(coherence=0.0, group_semantic=0.0)
     on = GenerationCore(EnvConfig(batch_size=1, group_size=1), lm, no_embedder)
     off = GenerationCore(EnvConfig(batch_size=1, group_size=1, discovered_anomalies=False), lm, no_embedder)
@@ -143,27 +158,38 @@ def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypa
 
 
 # =========================================================================== detector on the real model
+def _anomaly_feature(detector, tokens, logp, ema_decay=0.8):
+    """Per-token indicator (B, L) and the ``anomaly`` feature after each token (B, L): its bias-corrected EMA."""
+    indicator = torch.stack([detector.indicator(tokens[:, j], logp[:, j]) for j in range(tokens.shape[1])], 1)
+    running, ema, weight = [], torch.zeros(tokens.shape[0]), 0.0
+    for j in range(tokens.shape[1]):
+        ema = ema_decay * ema + (1 - ema_decay) * indicator[:, j]
+        weight = ema_decay * weight + (1 - ema_decay)
+        running.append(ema / weight)
+    return indicator, torch.stack(running, 1)
+
+
+@pytest.mark.slow
 def test_detector_flags_negative_temperature_text_and_passes_ordinary_text(lm, discovered, ordinary, inverted):
-    detector = AnomalyDetector.from_tokenizer(lm.tokenizer, vocab_size=lm.vocab_size, discovered=discovered)
+    detector = AnomalyDetector(build_token_prior(lm, discovered))
     results = {}
     for name, (tokens, logp) in (("inverted", inverted), ("ordinary", ordinary)):
-        scan = detector.scan(tokens, logp)
         texts = [lm.decode_text(row) for row in tokens]
-        results[name] = (scan, detector.text_scores(texts))
-    neg, neg_text = results["inverted"]
-    pos, pos_text = results["ordinary"]
-    print(f"T=-0.001: running min {float(neg.running.min()):.3f}, score mean {float(neg.score.mean()):.3f}, "
-          f"text {neg_text.round(2).tolist()}; T=0.7: running max {float(pos.running.max()):.3f}, score mean "
-          f"{float(pos.score.mean()):.3f}, text max {float(pos_text.max()):.3f}")
+        results[name] = (*_anomaly_feature(detector, tokens, logp), detector.text_scores(texts))
+    neg, neg_running, neg_text = results["inverted"]
+    pos, pos_running, pos_text = results["ordinary"]
+    print(f"T=-0.001: running min {float(neg_running.min()):.3f}, indicator mean {float(neg.mean()):.3f}, "
+          f"text {neg_text.round(2).tolist()}; T=0.7: running max {float(pos_running.max()):.3f}, indicator mean "
+          f"{float(pos.mean()):.3f}, text max {float(pos_text.max()):.3f}")
     # T = -0.001: every row is anomalous at once and stays so (running = the anomaly feature's trajectory).
-    assert float(neg.running.min()) > 0.9
-    assert float(neg.score.mean()) > 0.95
+    assert float(neg_running.min()) > 0.9
+    assert float(neg.mean()) > 0.95
     # The text rules agree on average; on 16 tokens some rows are too short for `glued_words` to reach
     # its floor of 12 words, which is why the per-token detector is the one the policy and guard read.
     assert float(neg_text.mean()) > 0.5
     # Ordinary T = 0.7: the anomaly feature never gets near the guard's threshold.
-    assert float(pos.running.max()) < 0.5
-    assert float(pos.score.mean()) < 0.1
+    assert float(pos_running.max()) < 0.5
+    assert float(pos.mean()) < 0.1
     assert float(pos_text.max()) < 0.5
 
 
@@ -188,48 +214,33 @@ ID = {p: i for i, p in enumerate(PIECES)}
 
 @pytest.fixture(scope="module")
 def stub_detector():
+    from types import SimpleNamespace
+
     discovered = torch.zeros(len(PIECES))
     discovered[ID[" emeteries"]] = 0.8
-    return AnomalyDetector.from_tokenizer(_StubTokenizer(PIECES, [0]), discovered=discovered)
+    stub_lm = SimpleNamespace(tokenizer=_StubTokenizer(PIECES, [0]), vocab_size=len(PIECES) + 2)  # 2 padded rows
+    return AnomalyDetector(build_token_prior(stub_lm, discovered))
 
 
-def _detect(detector, pieces, logp=-1.0, mean=0.3):
-    ids = torch.tensor([[ID[p] for p in pieces]] * 2)  # two identical rows: batched
-    d = detector.step(ids[:, -1], torch.full((2,), logp), ids[:, :-1], torch.full((2,), mean))
-    assert torch.equal(d.score[0], d.score[1])
-    return {k: float(v[0]) for k, v in d.reasons.items()}, float(d.score[0]), float(d.indicator[0])
+def _indicator(detector, piece, logp=-1.0):
+    d = detector.indicator(torch.tensor([ID[piece]] * 2), torch.full((2,), logp))  # two identical rows: batched
+    assert torch.equal(d[0], d[1])
+    return float(d[0])
 
 
-@pytest.mark.parametrize("pieces, kwargs, reason, value", [
-    ([" the", " emeteries"], {}, "discovered_token", 0.8),
-    ([" the", "\x00"], {}, "token_prior", 1.0),
-    ([" the", "\x00"], {}, "symbol_soup", 1.0),  # non-printable
-    (["!!"] * 6, {}, "char_run", 1.0),  # 12 "!" across 6 tokens
-    ([" the"] + ["!"] * 7, {}, "char_run", (7 - 3) / 9),  # run of 7 single-"!" tokens
-    (["----"] * 12, {}, "char_run", (48 - 40) / 120),  # separators: the long ramp
-    (["@$", "^~", "@$", "^~"], {}, "symbol_soup", 1.0),  # soup spread over tokens
-    ([" the", "aб"], {}, "script_mixing", 1.0),  # two scripts inside one token
-    ([" мир", " hello", " 世界", " مرحبا"], {}, "script_mixing", 1.0),  # 4 scripts in the window
-    ([" the", " cat"], {"logp": -12.0}, "surprise", 1.0),
-    ([" the", " cat"], {"mean": 1e-5}, "prob_collapse", 1.0),
-    ([" the", " cat"], {"mean": 10 ** -3.25}, "prob_collapse", 0.5),
-])
-def test_detector_crafted_reasons(stub_detector, pieces, kwargs, reason, value):
-    reasons, score, _ = _detect(stub_detector, pieces, **kwargs)
-    assert set(reasons) == set(STEP_REASONS)
-    assert reasons[reason] == pytest.approx(value, abs=1e-6)
-    assert score == pytest.approx(max(reasons.values()))
+def test_token_prior_joins_flags_and_discoveries(stub_detector):
+    prior = stub_detector.token_prior
+    assert prior.shape == (len(PIECES) + 2,) and prior[-2:].tolist() == [0.0, 0.0]  # padded logits rows
+    assert prior[ID["<s>"]] == 0.0 and prior[ID["\x00"]] == 1.0 and prior[ID["aб"]] == 1.0  # special; rules
+    assert prior[ID[" emeteries"]] == pytest.approx(0.8)  # a plain word: only discovery raises it
 
 
-def test_detector_clean_sequence_and_indicator(stub_detector):
-    reasons, score, indicator = _detect(stub_detector, [" the", " cat", " sat", " on", " the", " mat"])
-    assert score == 0.0 and indicator == 0.0
-    _, _, indicator = _detect(stub_detector, [" the", " emeteries"])
-    assert indicator == pytest.approx(0.8)  # token_prior = max(flags, discovered)
-    _, _, indicator = _detect(stub_detector, [" the", " cat"], logp=-12.0)
-    assert indicator == 1.0
-    _, _, indicator = _detect(stub_detector, ["!!"] * 6)
-    assert indicator == 0.0  # the window reasons raise the score, not the feature's indicator
+def test_detector_clean_tokens_and_indicator(stub_detector):
+    assert [_indicator(stub_detector, p) for p in (" the", " cat", " sat", " on", " mat")] == [0.0] * 5
+    assert _indicator(stub_detector, " emeteries") == pytest.approx(0.8)  # token_prior = max(flags, discovered)
+    assert _indicator(stub_detector, " cat", logp=-12.0) == 1.0  # surprise: p_base < 1e-4
+    assert _indicator(stub_detector, " cat", logp=-9.0) == 0.0
+    assert _indicator(stub_detector, "\x00") == 1.0
 
 
 def test_detector_text_level_check():
@@ -243,8 +254,6 @@ def test_detector_validates_inputs():
         AnomalyDetector(surprise_threshold=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         AnomalyDetector(torch.tensor([0.0, 2.0]))
-    with pytest.raises(ValueError, match="collapse"):
-        AnomalyDetector(collapse=(4.0, 2.0))
 
 
 def test_featurizer_anomaly_feature_is_the_detectors_indicator():
@@ -263,7 +272,6 @@ def test_featurizer_anomaly_feature_is_the_detectors_indicator():
         surprise = -torch.log_softmax(logits, -1).gather(1, tokens.view(-1, 1)).squeeze(1)
         indicator = torch.maximum(prior[tokens], (surprise > spec.anomaly_surprise).float())
         assert torch.equal(stats.anomalous, indicator)
-        assert torch.equal(f.last_detection.indicator, indicator)
         expected_ema = 0.8 * expected_ema + 0.2 * indicator
         weight = 0.8 * weight + 0.2
         obs = f.observe(logits)
@@ -279,20 +287,28 @@ SPEC = FeatureSpec(horizon=8)
 ANOMALY = SPEC.index("anomaly")
 
 
-class _Scripted:
-    """A policy that returns scripted temperatures (one list per call), or raises."""
+WIDE = ActionMapping(t_min=-8.0, t_max=8.0)  # wide enough that the scripted temperatures reach the guard as they are
+
+
+class _Scripted(TemperaturePolicy):
+    """A policy that returns scripted temperatures (one list per call) as actions of ``WIDE``, or raises.
+
+    A non-finite temperature becomes the same non-finite action (a broken network's output), so the
+    guard sees which rows failed."""
 
     name = "scripted"
 
-    def __init__(self, script):
-        self.feature_spec, self.action_mapping = SPEC, ActionMapping()
+    def __init__(self, script, mapping=WIDE):
+        super().__init__(SPEC, mapping)
         self.script = list(script)
 
-    def temperatures(self, obs, episode_start=None):
+    def actions(self, obs, episode_start=None):
         value = self.script.pop(0)
         if isinstance(value, Exception):
             raise value
-        return torch.tensor(value, dtype=torch.float32)
+        t = torch.tensor(value, dtype=torch.float32)
+        ok = torch.isfinite(t)
+        return torch.where(ok, self.action_mapping.to_action(torch.where(ok, t, 0.0)), t)
 
     def to_config(self):
         return {"name": self.name}
@@ -357,7 +373,8 @@ def test_guard_anomaly_resets_into_safe_range_ignoring_rate_limit_and_holds():
 
 def test_guard_counts_exactly_over_a_batch_run():
     script = [[3.0, -3.0, math.nan, 0.5]] * 3
-    guard = GuardedPolicy(_Scripted(script), max_delta=None, anomaly_threshold=0.5, safe_range=(0.1, 0.7))
+    guard = GuardedPolicy(_Scripted(script), t_min=-2.0, t_max=2.0, max_delta=None, anomaly_threshold=0.5,
+                          safe_range=(0.1, 0.7))
     for anomaly in (0.0, 0.0, 1.0):
         guard.temperatures(_obs(4, anomaly=anomaly))
     # clamp: rows 0, 1 on 3 steps = 6; fallback: row 2 on 3 steps = 3;
@@ -366,6 +383,27 @@ def test_guard_counts_exactly_over_a_batch_run():
     assert guard.decisions == 12 and tuple(guard.counters) == GUARD_COUNTERS
     guard.reset_counters()
     assert guard.counters == dict.fromkeys(GUARD_COUNTERS, 0)
+
+
+def test_guard_applies_the_mapping_rate_limit_first_and_has_the_last_word():
+    """The samplers' order: the policy's temperature as the env applies it (its mapping's rate limit), then the
+    guard; the guard's own mapping has no rate limit, so a reset is never held back again."""
+    from dataclasses import replace
+
+    mapping = ActionMapping(t_min=-2.0, t_max=2.0, max_delta=0.2)
+    guard = GuardedPolicy(_Scripted([[-1.5]] * 2, mapping=mapping), max_delta=None, safe_range=(0.1, 0.7))
+    assert guard.action_mapping == replace(mapping, max_delta=None)
+    prev, pos = SPEC.index("prev_temperature"), SPEC.index("position")
+    obs = _obs(1)
+    obs[:, prev], obs[:, pos] = 0.7, 0.5  # mid-episode, the previous token was drawn at T = 0.7
+    assert guard.temperatures(obs).tolist() == pytest.approx([0.5])  # asked -1.5, the mapping allows 0.7 - 0.2
+    obs = _obs(1, anomaly=0.9)
+    obs[:, prev], obs[:, pos] = -1.5, 0.5
+    a = guard.actions(obs)  # the detector fired: reset into the safe range
+    applied = guard.action_mapping.to_temperature(a, previous=obs[:, prev], first_step=obs[:, pos] == 0)
+    held_back = mapping.to_temperature(a, previous=obs[:, prev], first_step=obs[:, pos] == 0)
+    assert applied.tolist() == pytest.approx([0.1], abs=1e-6) and held_back.tolist() == pytest.approx([-1.3])
+    assert guard.counters == {"clamp": 0, "rate_limit": 0, "anomaly_reset": 1, "fallback": 0}
 
 
 def test_guard_disabled_passes_through():
@@ -388,15 +426,13 @@ def test_guard_wraps_baselines_predict_and_serialises():
 
 
 def test_guard_wraps_an_action_policy_row_by_row():
-    """A policy that only answers predict (a LearnedPolicy, an exported one): NaN actions fall back per row."""
+    """A policy that acts directly (a LearnedPolicy, an exported one): NaN actions fall back per row."""
 
-    class ActionOnly:
-        feature_spec, action_mapping = SPEC, ActionMapping()
+    class ActionOnly(TemperaturePolicy):
+        def actions(self, obs, episode_start=None):
+            return torch.tensor([0.0, math.nan])
 
-        def predict(self, obs, state=None, episode_start=None, deterministic=True):
-            return np.array([[0.0], [np.nan]], dtype=np.float32), state
-
-    guard = GuardedPolicy(ActionOnly(), fallback_temperature=0.5)
+    guard = GuardedPolicy(ActionOnly(SPEC, ActionMapping(t_min=-2.0, t_max=2.0)), fallback_temperature=0.5)
     assert guard.temperatures(_obs(2)).tolist() == pytest.approx([0.0, 0.5])
     assert guard.counters["fallback"] == 1
 
@@ -414,6 +450,7 @@ def test_guard_validates_arguments():
 
 
 # =========================================================================== the guard in a real generate call
+@pytest.mark.slow
 def test_default_guard_breaks_the_negative_temperature_stream_in_generate(lm, discovered):
     """transformers ``generate`` with a T = -0.001 policy: without the guard every token is the model's
     least likely one ("emeteries" ...); with the sampler's default guard the detector fires after the
@@ -423,7 +460,7 @@ def test_default_guard_breaks_the_negative_temperature_stream_in_generate(lm, di
     from policies.baselines import FixedTemperature
     from samplers.hf import PolicyLogitsProcessor
 
-    detector = AnomalyDetector.from_tokenizer(lm.tokenizer, vocab_size=lm.vocab_size, discovered=discovered)
+    detector = AnomalyDetector(build_token_prior(lm, discovered))
     spec, mapping = FeatureSpec(), ActionMapping(t_min=-1.0, t_max=2.4)
     enc = lm.encode(["Temperature is a concept", "The history of the printing press"], chat=False)
     width = max(map(len, enc))
@@ -442,8 +479,8 @@ def test_default_guard_breaks_the_negative_temperature_stream_in_generate(lm, di
         new = out.sequences[:, width:]  # (2, 16)
         logp = torch.stack([torch.log_softmax(z.float(), -1).gather(1, new[:, i:i + 1]).squeeze(1)
                             for i, z in enumerate(out.logits)], 1)  # (2, 16) base log-probs of the draws
-        scan = detector.scan(new, logp)
-        runs[guard] = (proc, float((scan.score > 0.5).float().mean()), [lm.decode_text(r) for r in new])
+        indicator, _ = _anomaly_feature(detector, new, logp)
+        runs[guard] = (proc, float((indicator > 0.5).float().mean()), [lm.decode_text(r) for r in new])
     raw_proc, raw_rate, raw_text = runs[False]
     safe_proc, safe_rate, safe_text = runs[True]
     print(f"anomalous share without guard {raw_rate:.2f} {raw_text}; with guard {safe_rate:.2f} {safe_text}; "

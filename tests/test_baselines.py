@@ -27,7 +27,7 @@ from policies import (
 )
 
 SPEC = FeatureSpec()
-MAPPING = ActionMapping()  # linear, [-2, 2]
+MAPPING = ActionMapping(t_min=-2.0, t_max=2.0)  # linear, [-2, 2]
 LN2 = math.log(2.0)
 
 PEAKED = [0.01, 0.02, 0.03, 0.94]
@@ -90,10 +90,10 @@ def test_edt_values():
     #   FLATTISH H = 1.376709: 1.5 / 1.376709 = 1.089556 -> exp(-0.243128) = 0.784172
     #   UNIFORM  H = ln 4    : 1.5 / 1.386294 = 1.082021 -> exp(-0.241446) = 0.785491
     obs = make_obs([PEAKED, FLATTISH, UNIFORM])
-    torch.testing.assert_close(temps(make_policy("edt", SPEC), obs), torch.tensor([0.312356, 0.784172, 0.785491]),
+    torch.testing.assert_close(temps(make_policy("edt", SPEC, MAPPING), obs), torch.tensor([0.312356, 0.784172, 0.785491]),
                                atol=1e-5, rtol=0)
     # theta = 1.0, T0 = 0.8, uniform: 0.8 * 0.8^(1 / 1.386294) = 0.8 * exp(-0.160964) = 0.8 * 0.851324 = 0.681059
-    out = temps(make_policy("edt:theta=1.0,t0=0.8", SPEC), make_obs([UNIFORM]))
+    out = temps(make_policy("edt:theta=1.0,t0=0.8", SPEC, MAPPING), make_obs([UNIFORM]))
     torch.testing.assert_close(out, torch.tensor([0.681059]), atol=1e-5, rtol=0)
 
 
@@ -101,7 +101,7 @@ def test_edt_zero_entropy_is_greedy_without_nan():
     # One finite token: H = 0 -> floored to 1e-6 -> 0.8^(1.5e6) underflows to exactly 0 (greedy).
     logits = torch.tensor([[0.0, -math.inf, -math.inf], [50.0, 0.0, 0.0]])
     obs = Featurizer(SPEC, 2).observe(logits)
-    out = temps(make_policy("edt", SPEC), obs)
+    out = temps(make_policy("edt", SPEC, MAPPING), obs)
     assert torch.isfinite(out).all()
     assert out[0].item() == 0.0 and 0.0 <= out[1].item() < 1e-6
 
@@ -112,22 +112,22 @@ def test_dynatemp_values():
     #   FLATTISH H / ln 4 = 1.376709 / 1.386294 = 0.993086 -> 1.293086 (exponent 2: 0.3 + 0.986220 = 1.286220)
     #   UNIFORM  1                                          -> 1.3      (exponent 2: 1.3)
     obs = make_obs([PEAKED, FLATTISH, UNIFORM])
-    torch.testing.assert_close(temps(make_policy("dynatemp", SPEC), obs), torch.tensor([0.507496, 1.293086, 1.3]),
+    torch.testing.assert_close(temps(make_policy("dynatemp", SPEC, MAPPING), obs), torch.tensor([0.507496, 1.293086, 1.3]),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(temps(make_policy("dynatemp:exponent=2", SPEC), obs),
+    torch.testing.assert_close(temps(make_policy("dynatemp:exponent=2", SPEC, MAPPING), obs),
                                torch.tensor([0.343055, 1.286220, 1.3]), atol=1e-5, rtol=0)
     # t = 0.3, delta = 0.5: min_T = max(0, -0.2) = 0, max_T = 0.8 -> 0.8 * 0.207496 = 0.165997
-    torch.testing.assert_close(temps(make_policy("dynatemp:t=0.3,delta=0.5", SPEC), make_obs([PEAKED])),
+    torch.testing.assert_close(temps(make_policy("dynatemp:t=0.3,delta=0.5", SPEC, MAPPING), make_obs([PEAKED])),
                                torch.tensor([0.165997]), atol=1e-5, rtol=0)
 
 
 def test_fixed_any_real_value():
     obs = make_obs([PEAKED, UNIFORM])
-    assert temps(make_policy("fixed:0.7", SPEC), obs).tolist() == pytest.approx([0.7, 0.7])
-    assert temps(make_policy("fixed:-0.5", SPEC), obs).tolist() == [-0.5, -0.5]
-    assert temps(make_policy("fixed:t=-1.25", SPEC), obs).tolist() == [-1.25, -1.25]
-    assert temps(make_policy("greedy", SPEC), obs).tolist() == [0.0, 0.0]
-    assert temps(make_policy("fixed", SPEC), obs).tolist() == [1.0, 1.0]
+    assert temps(make_policy("fixed:0.7", SPEC, MAPPING), obs).tolist() == pytest.approx([0.7, 0.7])
+    assert temps(make_policy("fixed:-0.5", SPEC, MAPPING), obs).tolist() == [-0.5, -0.5]
+    assert temps(make_policy("fixed:t=-1.25", SPEC, MAPPING), obs).tolist() == [-1.25, -1.25]
+    assert temps(make_policy("greedy", SPEC, MAPPING), obs).tolist() == [0.0, 0.0]
+    assert temps(make_policy("fixed", SPEC, MAPPING), obs).tolist() == [1.0, 1.0]
 
 
 # --------------------------------------------------------------------------- PID
@@ -148,7 +148,7 @@ def test_pid_defaults_sequence():
     #   t0 q=1.0: e=-0.3, I=-0.3, D=0 (e_prev := e)   -> -0.5 - 0.03 - 0.003            = -0.533
     #   t1 q=0.5: e= 0.2, I=-0.1, D=0.05 * 0.5=0.025  -> -0.5 + 0.02 - 0.001 + 0.025    = -0.456
     #   t2 q=0.5: e= 0.2, I= 0.1, D=0                 -> -0.5 + 0.02 + 0.001            = -0.479
-    out = run_pid(make_policy("pid", SPEC), [1.0, 0.5, 0.5])
+    out = run_pid(make_policy("pid", SPEC, MAPPING), [1.0, 0.5, 0.5])
     assert out == pytest.approx([-0.533, -0.456, -0.479], abs=1e-6)
 
 
@@ -186,7 +186,7 @@ def test_pid_first_step_clamped_to_bounds():
 def test_pid_integral_window_slides():
     # kp = kd = 0, ki = 1, window 2, no rate limit: T = -1.5 + e_(t-1) + e_t
     # e = 0.7 - q = [0.2, 0.4, 0.6] -> [-1.3, -0.9, -0.5]
-    policy = make_policy("pid:kp=0,kd=0,ki=1,base=-1.5,window=2,max_delta=none", SPEC)
+    policy = make_policy("pid:kp=0,kd=0,ki=1,base=-1.5,window=2,max_delta=none", SPEC, MAPPING)
     assert policy.params["max_delta"] is None and policy.params["window"] == 2
     assert run_pid(policy, [0.5, 0.3, 0.1]) == pytest.approx([-1.3, -0.9, -0.5], abs=1e-6)
 
@@ -218,9 +218,9 @@ def test_pid_state_resets_on_batch_size_change_and_reset():
 
 
 def test_pid_positive_preset():
-    policy = make_policy("pid-positive", SPEC)
+    policy = make_policy("pid-positive", SPEC, MAPPING)
     assert isinstance(policy, PIDController) and policy.name == "pid-positive"
-    assert policy.params == PIDController.positive(SPEC).params
+    assert policy.params == PIDController.positive(SPEC, MAPPING).params
     # base 0.7, kp -0.5, ki -0.02, kd -0.1, target 0.7:
     #   t0 q=1.0: e=-0.3, I=-0.3: 0.7 + 0.15 + 0.006                  = 0.856
     #   t1 q=0.2: e= 0.5, I= 0.2, D=-0.1*0.8: 0.7 - 0.25 - 0.004 - 0.08 = 0.366 -> rate limit 0.856-0.2 = 0.656
@@ -249,7 +249,7 @@ def test_surprise_controller_sequence():
         1.0,  # episode start, position 0: T_init
         1.1,  # 1.0 + 0.1
     ]
-    policy = make_policy("surprise", SPEC)
+    policy = make_policy("surprise", SPEC, MAPPING)
     out = [temps(policy, history_obs(last_surprise=b * LN2, position=pos / SPEC.horizon), [s]).item()
            for b, pos, s in zip(bits, position, starts)]
     assert out == pytest.approx(expected, abs=1e-5)
@@ -329,11 +329,11 @@ def test_greedy_survives_the_linear_mapping_round_trip():
 
 
 def test_predict_rejects_wrong_width():
-    policy = make_policy("edt", SPEC)
+    policy = make_policy("edt", SPEC, MAPPING)
     with pytest.raises(ValueError, match=f"\\(B, {SPEC.dim}\\)"):
         policy.predict(np.zeros((2, SPEC.dim + 1), dtype=np.float32))
     with pytest.raises(ValueError, match="episode_start"):
-        make_policy("pid", SPEC).predict(np.zeros((2, SPEC.dim), dtype=np.float32), episode_start=[True])
+        make_policy("pid", SPEC, MAPPING).predict(np.zeros((2, SPEC.dim), dtype=np.float32), episode_start=[True])
 
 
 # --------------------------------------------------------------------------- ranges
@@ -374,42 +374,41 @@ def test_config_round_trip_through_json(name):
     assert config["name"] == name
     rebuilt = policy_from_config(config, SPEC, MAPPING)
     assert type(rebuilt) is type(policy) and rebuilt.params == policy.params and rebuilt.name == name
-    rebuilt2 = TemperaturePolicy.from_config(config, SPEC, MAPPING)
     obs = random_obs()
-    torch.testing.assert_close(temps(rebuilt2, obs), temps(policy, obs), atol=0, rtol=0)
+    torch.testing.assert_close(temps(rebuilt, obs), temps(policy, obs), atol=0, rtol=0)
 
 
 def test_labels():
-    assert make_policy("edt", SPEC).label == "EDT(T0=1.0, θ=1.5)"
-    assert make_policy("greedy", SPEC).label == "Greedy(T=0)"
-    assert make_policy("fixed:-0.5", SPEC).label == "Fixed(T=-0.5)"
-    assert make_policy("edt:n=0.7", SPEC).label == "EDT(T0=1.0, θ=1.5, N=0.7)"
+    assert make_policy("edt", SPEC, MAPPING).label == "EDT(T0=1.0, θ=1.5)"
+    assert make_policy("greedy", SPEC, MAPPING).label == "Greedy(T=0)"
+    assert make_policy("fixed:-0.5", SPEC, MAPPING).label == "Fixed(T=-0.5)"
+    assert make_policy("edt:n=0.7", SPEC, MAPPING).label == "EDT(T0=1.0, θ=1.5, N=0.7)"
 
 
 def test_spec_parameters_are_parsed():
-    edt = make_policy("edt:theta=1.0,t0=0.8", SPEC)
+    edt = make_policy("edt:theta=1.0,t0=0.8", SPEC, MAPPING)
     assert isinstance(edt, EntropyDynamicTemperature)
     assert edt.params == {"t0": 0.8, "theta": 1.0, "N": 0.8, "h_floor": 1e-6}
-    assert make_policy(" EDT : N=0.5 ", SPEC).params["N"] == 0.5  # case-insensitive names and keys
-    assert make_policy("fixed:-0.5", SPEC).params == {"t": -0.5}
-    assert make_policy("pid:kp=0.2", SPEC).params["kp"] == 0.2
-    assert make_policy("pid-positive:t_hi=1.2", SPEC).params["t_hi"] == 1.2
-    assert isinstance(FixedTemperature.greedy(SPEC), FixedTemperature)
+    assert make_policy(" EDT : N=0.5 ", SPEC, MAPPING).params["N"] == 0.5  # case-insensitive names and keys
+    assert make_policy("fixed:-0.5", SPEC, MAPPING).params == {"t": -0.5}
+    assert make_policy("pid:kp=0.2", SPEC, MAPPING).params["kp"] == 0.2
+    assert make_policy("pid-positive:t_hi=1.2", SPEC, MAPPING).params["t_hi"] == 1.2
+    assert isinstance(FixedTemperature.greedy(SPEC, MAPPING), FixedTemperature)
 
 
 def test_unknown_name_suggests_closest():
     with pytest.raises(ValueError, match="did you mean 'edt'"):
-        make_policy("edtt", SPEC)
+        make_policy("edtt", SPEC, MAPPING)
     with pytest.raises(ValueError, match="did you mean 'dynatemp'"):
-        make_policy("dynatmp", SPEC)
+        make_policy("dynatmp", SPEC, MAPPING)
     with pytest.raises(ValueError, match="unknown policy"):
-        policy_from_config({"name": "nope", "params": {}}, SPEC)
+        policy_from_config({"name": "nope", "params": {}}, SPEC, MAPPING)
 
 
 @pytest.mark.parametrize("n", [-1, 0, 1, 1.5])
 def test_edt_rejects_bad_n(n):
     with pytest.raises(ValueError, match=r"\bN=") as err:
-        make_policy(f"edt:N={n}", SPEC)
+        make_policy(f"edt:N={n}", SPEC, MAPPING)
     assert "(0, 1)" in str(err.value)
     with pytest.raises(ValueError, match=r"\bN="):
         EntropyDynamicTemperature(SPEC, MAPPING, N=n)
@@ -422,28 +421,28 @@ def test_edt_rejects_bad_n(n):
 ])
 def test_bad_values_name_the_parameter(spec, param):
     with pytest.raises(ValueError, match=param):
-        make_policy(spec, SPEC)
+        make_policy(spec, SPEC, MAPPING)
 
 
 def test_pid_rejects_empty_bounds():
     with pytest.raises(ValueError, match=r"bounds t_lo=-0.1 >= t_hi=-2.0"):
-        make_policy("pid:t_lo=-0.1,t_hi=-2", SPEC)
+        make_policy("pid:t_lo=-0.1,t_hi=-2", SPEC, MAPPING)
     with pytest.raises(ValueError, match="bounds"):
         PIDController(SPEC, MAPPING, t_lo=-1.0, t_hi=-1.0)
 
 
 def test_unknown_and_malformed_parameters():
     with pytest.raises(ValueError, match=r"unknown parameter 'thetaa'.*did you mean 'theta'.*t0, theta, N, h_floor"):
-        make_policy("edt:thetaa=1", SPEC)
+        make_policy("edt:thetaa=1", SPEC, MAPPING)
     with pytest.raises(ValueError, match=r"unknown parameter 'x' for policy 'pid'.*kp"):
-        policy_from_config({"name": "pid", "params": {"x": 1}}, SPEC)
+        policy_from_config({"name": "pid", "params": {"x": 1}}, SPEC, MAPPING)
     with pytest.raises(ValueError, match="not a number"):
-        make_policy("edt:theta=abc", SPEC)
+        make_policy("edt:theta=abc", SPEC, MAPPING)
     with pytest.raises(ValueError, match="not key=value"):
-        make_policy("edt:1.0", SPEC)
+        make_policy("edt:1.0", SPEC, MAPPING)
     with pytest.raises(ValueError, match="twice"):
-        make_policy("edt:theta=1,theta=2", SPEC)
+        make_policy("edt:theta=1,theta=2", SPEC, MAPPING)
     with pytest.raises(ValueError, match="cannot be None"):
-        make_policy("edt:theta=none", SPEC)
+        make_policy("edt:theta=none", SPEC, MAPPING)
     with pytest.raises(ValueError, match="real number"):
-        make_policy("fixed:nan", SPEC)
+        make_policy("fixed:nan", SPEC, MAPPING)

@@ -24,10 +24,13 @@ from envs.generation import EnvConfig, GenerationCore, TemperatureEnv, Temperatu
 from envs.lm import CausalLM
 from envs.prompts import CATEGORIES, Prompt
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
+from kelvin.config import load_config
+from policies.actions import ActionMapping
 
 V = 8
 EOS = 0
 NO_EMBEDDER = RewardConfig(coherence=0.0, group_semantic=0.0)
+SYMMETRIC = ActionMapping(t_min=-2.0, t_max=2.0)  # linear on [-2, 2]: T = 2a, easy to check by hand
 # The fixed non-EOS distribution of the stub: EOS masked, tokens 1..7 with increasing logits.
 BASE_LOGITS = torch.tensor([-math.inf, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
 
@@ -164,9 +167,9 @@ EXPECTED_DONES = [  # step 1 .. 14
 ]
 
 
-def _stub_env(batch_size=4, group_size=2, max_new_tokens=HORIZON, prompts=STUB_PROMPTS, seed=0, **kw):
+def _stub_env(batch_size=4, group_size=2, max_new_tokens=HORIZON, prompts=STUB_PROMPTS, seed=0, action=SYMMETRIC):
     config = EnvConfig(batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
-                       token_prior=False, seed=seed, **kw)
+                       token_prior=False, seed=seed, action=action)
     return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=prompts)
 
 
@@ -287,8 +290,9 @@ def test_stub_step_before_reset_is_a_clear_error():
 # --------------------------------------------------------------------------- 2. real model contract
 
 
+@pytest.mark.slow
 def test_real_model_vecenv_contract(lm):
-    config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, seed=0)
+    config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, seed=0, action=SYMMETRIC)
     env = TemperatureVecEnv(config, lm=lm)  # default reward: the real MiniLM embedder
     steps: list = []
     core_step = env.core.step
@@ -345,6 +349,7 @@ def test_real_model_vecenv_contract(lm):
 # --------------------------------------------------------------------------- 3. check_env
 
 
+@pytest.mark.slow
 def test_gymnasium_check_env(lm):
     from gymnasium.utils.env_checker import check_env
 
@@ -354,6 +359,7 @@ def test_gymnasium_check_env(lm):
         check_env(env, skip_render_check=True)
 
 
+@pytest.mark.slow
 def test_sb3_check_env(lm):
     from stable_baselines3.common.env_checker import check_env
 
@@ -363,8 +369,9 @@ def test_sb3_check_env(lm):
     assert obs.dtype == np.float32 and env.observation_space.contains(obs)
 
 
+@pytest.mark.slow
 def test_gymnasium_env_episode_end_and_options(lm):
-    env = TemperatureEnv(lm=lm, max_new_tokens=3, reward=NO_EMBEDDER)
+    env = TemperatureEnv(lm=lm, max_new_tokens=3, reward=NO_EMBEDDER, action=SYMMETRIC)
     obs, info = env.reset(seed=0, options={"prompt": "Name a colour."})
     assert info["prompt"] == "Name a colour." and obs.shape == env.observation_space.shape
     ends = []
@@ -534,6 +541,7 @@ def _rollout(env, seed: int, steps: int = 6):
     return out, torch.stack([r.tokens for r in recorded])  # (steps, B)
 
 
+@pytest.mark.slow
 def test_same_seed_same_rollout_different_seed_different_tokens(lm):
     config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6)
     prompt = [Prompt("Write one sentence about the sea.", "creative_writing", "sea")]
@@ -566,15 +574,16 @@ def test_out_of_range_actions_are_clipped():
     env.reset()
     _, _, _, infos = env.step(np.array([[5.0], [-5.0], [1.5], [-1.0001]], dtype=np.float32))
     assert [i["temperature"] for i in infos] == [2.0, -2.0, 2.0, -2.0]
-    config = dict(action_mapping="inverse", max_delta=0.5)
-    env = _stub_env(**config)
+    env = _stub_env(action=ActionMapping(kind="inverse", t_min=-2.0, t_max=2.0, max_delta=0.5))
     env.reset()
+    # inverse mapping, beta_max = 1 / 0.05 = 20: a = 1 -> beta 20 (T = 0.05), a = -1 -> beta -20 (T = -0.05),
+    # a = 0 (either sign of zero) -> beta = 1 / t_max (T = 2); out-of-range actions are clipped to +-1 first.
     _, _, _, infos = env.step(np.array([[1e6], [-1e6], [0.0], [-0.0]], dtype=np.float32))
-    first = [i["temperature"] for i in infos]
-    assert all(-2.0 <= t <= 2.0 for t in first)
+    assert [i["temperature"] for i in infos] == pytest.approx([0.05, -0.05, 2.0, 2.0], abs=1e-6)
+    # the same ends swapped: rows 0 and 1 jump by 0.1, inside the rate limit; rows 2 and 3 ask for +-0.05
+    # from T = 2 and are held to 2 - 0.5 = 1.5
     _, _, _, infos = env.step(np.array([[-1e6], [1e6], [1.0], [-1.0]], dtype=np.float32))
-    assert all(-2.0 <= i["temperature"] <= 2.0 for i in infos)
-    assert all(abs(i["temperature"] - t) <= 0.5 + 1e-6 for i, t in zip(infos, first))  # rate limit
+    assert [i["temperature"] for i in infos] == pytest.approx([-0.05, 0.05, 1.5, 1.5], abs=1e-6)
 
 
 def test_empty_prompt_file_is_a_clear_error(tmp_path):
@@ -594,6 +603,7 @@ def test_prompt_longer_than_the_context_window():
     GenerationCore(config, StubLM(max_context=17), NO_EMBEDDER, long_prompt)  # exactly fits
 
 
+@pytest.mark.slow
 def test_huge_max_new_tokens_on_the_real_model(lm):
     config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=lm.max_context)
     with pytest.raises(ValueError, match="context window"):
@@ -608,4 +618,6 @@ def test_unknown_category_filter():
 @pytest.mark.parametrize("batch_size, group_size", [(4, 3), (4, 0), (2, 4)])
 def test_group_size_must_divide_batch_size(batch_size, group_size):
     with pytest.raises(ValueError, match=f"group_size={group_size}"):
+        load_config(None, [f"env.batch_size={batch_size}", f"env.group_size={group_size}"])
+    with pytest.raises(ValueError, match="group_size"):  # built in Python: the same check
         EnvConfig(batch_size=batch_size, group_size=group_size)

@@ -8,7 +8,6 @@ step with growing ``input_ids``: the temperatures must agree to 1e-5.
 """
 
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -21,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from kelvin.export import export_baseline, export_learned
 from policies import FeatureSpec, load_artifact, load_policy
 from policies.actions import ActionMapping
 from policies.artifact import ARTIFACT_FORMAT_VERSION, ArtifactError, ExportedPolicy
-from policies.baselines import FixedTemperature, PIDController
-from policies.export import export_baseline, export_learned
+from policies.baselines import FixedTemperature
 from policies.features import Featurizer
 from policies.registry import BASELINE_NAMES, make_policy
 from samplers.core import apply_temperature, truncate
@@ -58,6 +57,15 @@ def _dummy_ppo(spec: FeatureSpec):
             return np.zeros(spec.dim, np.float32), 0.0, False, False, {}
 
     return PPO("MlpPolicy", _Env(), policy_kwargs={"net_arch": [32, 32]}, device="cpu", seed=0)
+
+
+def _sb3_actions(model, obs: np.ndarray, norm: dict | None) -> np.ndarray:
+    """The reference: SB3's own numpy path (VecNormalize's formula in numpy, then ``policy.predict``)."""
+    x = np.asarray(obs, dtype=np.float32)
+    if norm is not None:
+        x = np.clip((x - norm["mean"]) / np.sqrt(norm["var"] + norm["epsilon"]), -norm["clip"], norm["clip"])
+    actions, _ = model.policy.predict(x.astype(np.float32), deterministic=True)
+    return np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0)  # (B, 1)
 
 
 def _random_obs(spec: FeatureSpec, n: int, seed: int = 0) -> np.ndarray:
@@ -99,25 +107,37 @@ def test_learned_export_files_and_spec(dummy_export):
 
 
 def test_learned_export_matches_sb3_in_process(dummy_export):
-    from policies.learned import LearnedPolicy
-
     out, model, norm = dummy_export
-    reference = LearnedPolicy(model.policy, SPEC, MAPPING, norm["mean"], norm["var"], norm["clip"], norm["epsilon"])
     loaded = load_policy(out)
     assert isinstance(loaded, ExportedPolicy)
     obs = _random_obs(SPEC, 64)
     obs[:8] *= 50  # some observations beyond the normalisation clip
-    a_ref, _ = reference.predict(obs)
+    a_ref = _sb3_actions(model, obs, norm)
     a_exp, state = loaded.predict(obs, state="kept", episode_start=np.ones(64, bool))
     assert a_exp.shape == (64, 1) and a_exp.dtype == np.float32 and state == "kept"
     np.testing.assert_allclose(a_exp, a_ref, atol=1e-6, rtol=0)
     assert np.abs(a_exp).max() <= 1.0
     single, _ = loaded.predict(obs[0])
     assert single.shape == (1,)
-    torch.testing.assert_close(loaded.temperatures(torch.as_tensor(obs)),
-                               MAPPING.to_temperature(torch.as_tensor(a_ref).reshape(-1)), atol=1e-5, rtol=0)
+    obs_t = torch.as_tensor(obs)  # temperatures: the mapping with its rate limit against the observed history
+    expected = MAPPING.to_temperature(torch.as_tensor(a_ref).reshape(-1), previous=obs_t[:, SPEC.index("prev_temperature")],
+                                      first_step=obs_t[:, SPEC.index("position")] == 0)
+    torch.testing.assert_close(loaded.temperatures(obs_t), expected, atol=1e-5, rtol=0)
     art = load_artifact(out)
-    assert art.truncation["top_k"] == 5 and art.token_prior.shape == (V,) and art.vocab_size == V
+    assert art.truncation.top_k == 5 and art.token_prior.shape == (V,) and art.vocab_size == V
+
+
+def test_building_the_learned_policy_draws_no_random_numbers(dummy_export):
+    """Training validates through learned_policy(): a draw from the global torch generator there (a fresh Linear's
+    random init) would change PPO's later exploration noise, so a run that validates would train another model."""
+    from kelvin.export import learned_policy
+
+    _, model, _ = dummy_export
+    before = torch.get_rng_state()
+    policy = learned_policy(model, None, SPEC, MAPPING)
+    assert torch.equal(torch.get_rng_state(), before)
+    obs = _random_obs(SPEC, 8)
+    np.testing.assert_array_equal(policy.predict(obs)[0], _sb3_actions(model, obs, None))
 
 
 ROUND_TRIP_SCRIPT = r"""
@@ -146,14 +166,10 @@ def _load_in_fresh_process(export_dir: Path, obs: np.ndarray, tmp_path: Path) ->
 
 def test_round_trip_in_fresh_process_without_sb3(dummy_export, tmp_path):
     out, model, norm = dummy_export
-    from policies.learned import LearnedPolicy
-
     obs = _random_obs(SPEC, 32, seed=3)
     actions, info = _load_in_fresh_process(out, obs, tmp_path)
     assert info == {"sb3": False, "type": "ExportedPolicy", "temps_finite": True}
-    reference, _ = LearnedPolicy(model.policy, SPEC, MAPPING, norm["mean"], norm["var"], norm["clip"],
-                                 norm["epsilon"]).predict(obs)
-    np.testing.assert_allclose(actions, reference, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(actions, _sb3_actions(model, obs, norm), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", BASELINE_NAMES)
@@ -272,7 +288,7 @@ def test_export_rejects_a_mismatched_policy(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    from policies.export import main
+    from kelvin.export import main
 
     assert main([str(tmp_path / "no_run/"), str(tmp_path / "o")]) == 2
     assert "no run directory" in capsys.readouterr().err
@@ -401,14 +417,22 @@ def test_processor_bad_inputs():
 
 
 def test_exported_learned_policy_runs_in_the_processor(dummy_export):
-    out, _, _ = dummy_export
+    out, model, norm = dummy_export
     proc = PolicyLogitsProcessor.from_pretrained(out, category="creative")
-    assert proc.truncation["top_k"] == 5 and isinstance(proc.guard.policy, ExportedPolicy)
-    _drive(proc, torch.randint(0, V, (2, 3)), _logit_stream(2, 4))
-    trace = proc.temperature_trace()
-    assert trace.shape == (2, 4) and torch.isfinite(trace).all()
-    assert ((trace >= MAPPING.t_min) & (trace <= MAPPING.t_max)).all()
-    assert (trace[:, 1:] - trace[:, :-1]).abs().max() <= MAPPING.max_delta + 1e-6  # the rate limit
+    assert proc.truncation.top_k == 5 and isinstance(proc.guard.policy, ExportedPolicy)
+    raw = PolicyLogitsProcessor.from_pretrained(out, category="creative", guard=False)
+    logits = _logit_stream(2, 4)
+    ids = _drive(raw, torch.randint(0, V, (2, 3)), logits)
+    trace = raw.temperature_trace()  # (2, 4)
+    # reference: SB3's own numpy path on the same observations, through the mapping and its rate limit
+    f = Featurizer(SPEC, 2, token_prior=load_artifact(out).token_prior)
+    f.reset(None, category=[SPEC.categories.index("creative")] * 2)
+    for step, z in enumerate(logits):
+        obs = f.observe(z)
+        actions = torch.as_tensor(_sb3_actions(model, obs.numpy(), norm)).reshape(-1)
+        t = MAPPING.to_temperature(actions, previous=f.state.prev_temperature, first_step=f.state.position == 0)
+        torch.testing.assert_close(trace[:, step], t, atol=1e-5, rtol=0)
+        f.update(ids[:, 3 + step], t)
 
 
 # =========================================================================== guard rails, on by default
@@ -417,7 +441,7 @@ class _Jumper(FixedTemperature):
 
     stateful = True
 
-    def temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):
         self._calls = getattr(self, "_calls", 0) + 1
         return torch.full((obs.shape[0],), -2.0 if self._calls % 2 else 2.0)
 
@@ -472,7 +496,7 @@ def test_default_guard_resets_into_the_safe_range_when_the_detector_fires():
 
 def test_default_guard_falls_back_when_the_policy_fails():
     class Broken(FixedTemperature):
-        def temperatures(self, obs, episode_start=None):
+        def _temperatures(self, obs, episode_start=None):
             raise RuntimeError("policy server down")
 
     proc = PolicyLogitsProcessor(Broken(SPEC, MAPPING, t=0.3))
@@ -488,7 +512,7 @@ def test_default_guard_falls_back_when_the_policy_fails():
 
 
 def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
-    from policies.export import parse_guard_settings
+    from kelvin.export import parse_guard_settings
 
     out, _, _ = dummy_export
     with pytest.raises(ValueError, match="unknown setting 'max_delt'; did you mean 'max_delta'"):
@@ -511,8 +535,9 @@ def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
         parse_guard_settings(["max_delta=abc"])
 
 
+@pytest.mark.slow
 def test_export_cli_guard_options(lm, tmp_path, capsys):
-    from policies.export import main
+    from kelvin.export import main
 
     # lm: the session's loaded model, which the CLI's load_causal_lm finds in the in-process cache
     assert main(["edt", str(tmp_path / "g"), "--config", str(SMOKE), "--guard", "max_delta=0.3",
@@ -599,7 +624,7 @@ def test_persistent_batch_follows_requests_through_moves():
         batch.update(update)
         logits = torch.stack([streams[r][step_of[r]] for r in rows])
         out = batch.apply(logits)
-        temps = batch.runtime._last_t
+        temps = batch.runtime.last_temperatures
         for i, r in enumerate(rows):
             got[r].append(float(temps[i]))
             token = int(torch.argmax(out[i]))
@@ -627,20 +652,9 @@ def test_persistent_batch_opt_out_rows_are_untouched():
 
 
 # =========================================================================== the real model
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A short real training run (smoke config) in a subprocess; train() writes run_dir/export."""
-    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
-                           "--set", "train.total_timesteps=32", "--set", "train.checkpoint_every=0",
-                           "--set", "train.validate_every=0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
+@pytest.mark.slow
 def test_training_writes_the_export(smoke_run):
+    smoke_run = smoke_run.run_dir
     export = smoke_run / "export"
     spec = json.loads((export / "spec.json").read_text())
     summary = json.loads((smoke_run / "summary.json").read_text())
@@ -651,8 +665,10 @@ def test_training_writes_the_export(smoke_run):
     assert spec["source"]["run_dir"] == str(smoke_run.resolve())
 
 
+@pytest.mark.slow
 def test_re_export_of_a_run_and_a_checkpoint(smoke_run, lm, tmp_path):
-    from policies.export import export_run
+    smoke_run = smoke_run.run_dir
+    from kelvin.export import export_run
 
     again = export_run(smoke_run, tmp_path / "again", lm=lm)
     first, second = load_artifact(smoke_run / "export"), load_artifact(again)
@@ -664,21 +680,22 @@ def test_re_export_of_a_run_and_a_checkpoint(smoke_run, lm, tmp_path):
         export_run(smoke_run, tmp_path / "ckpt", lm=lm, checkpoint="step_7")
 
 
+@pytest.mark.slow
 def test_trained_policy_round_trips_without_sb3(smoke_run, tmp_path):
+    smoke_run = smoke_run.run_dir
     from stable_baselines3 import PPO
 
-    from policies.learned import LearnedPolicy
+    from kelvin.rundir import normalization_stats
 
     export = smoke_run / "export"
     art = load_artifact(export)
     with open(smoke_run / "vecnormalize.pkl", "rb") as fh:
-        vec = pickle.load(fh)
-    reference = LearnedPolicy.from_sb3(PPO.load(smoke_run / "model.zip", device="cpu"), vec, art.feature_spec,
-                                       art.action_mapping)
+        norm = normalization_stats(pickle.load(fh))
     obs = _random_obs(art.feature_spec, 32, seed=5)
     actions, info = _load_in_fresh_process(export, obs, tmp_path)
     assert info["sb3"] is False and info["type"] == "ExportedPolicy"
-    np.testing.assert_allclose(actions, reference.predict(obs)[0], atol=1e-6, rtol=0)
+    reference = _sb3_actions(PPO.load(smoke_run / "model.zip", device="cpu"), obs, norm)
+    np.testing.assert_allclose(actions, reference, atol=1e-6, rtol=0)
 
 
 def _rollout(env, policy, steps: int):
@@ -698,8 +715,7 @@ def _rollout(env, policy, steps: int):
     env.seed(123)
     obs = env.reset()
     prompts = [core.prompts[i] for i in core.row_prompt]
-    if hasattr(policy, "reset"):
-        policy.reset(env.num_envs)
+    policy.reset(env.num_envs)
     starts = np.ones(env.num_envs, bool)
     length = np.zeros(env.num_envs, dtype=int)  # first episode length of each row (0 = running)
     for step in range(steps):
@@ -730,27 +746,25 @@ def parity_env(smoke_run, lm):
     from envs.rewards import RewardConfig
     from kelvin.config import load_config
 
-    config = load_config(smoke_run / "config.yaml")
+    config = load_config(smoke_run.run_dir / "config.yaml")
     env_config = replace(config.env, batch_size=2, group_size=1)
     env = TemperatureVecEnv(env_config, lm=lm, reward=RewardConfig(coherence=0.0, group_semantic=0.0))
     yield config, env
     env.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["learned", "pid", "surprise"])
 def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
-    from stable_baselines3 import PPO
-
-    from policies.export import export_baseline_spec
-    from policies.learned import LearnedPolicy
+    smoke_run = smoke_run.run_dir
+    from kelvin.export import export_baseline_spec, learned_policy
+    from kelvin.rundir import load_ppo, load_vecnormalize
 
     config, env = parity_env
-    if which == "learned":
+    if which == "learned":  # the policy as training's validation runs it
         export = smoke_run / "export"
-        with open(smoke_run / "vecnormalize.pkl", "rb") as fh:
-            vec = pickle.load(fh)
-        policy = LearnedPolicy.from_sb3(PPO.load(smoke_run / "model.zip", device="cpu"), vec, env.feature_spec,
-                                        env.action_mapping)
+        policy = learned_policy(load_ppo(smoke_run / "model.zip"), load_vecnormalize(smoke_run / "vecnormalize.pkl"),
+                                env.feature_spec, env.action_mapping)
     else:
         export = export_baseline_spec(which, tmp_path / which, smoke_run / "config.yaml", lm=lm)
         policy = make_policy(which, env.feature_spec, env.action_mapping)
@@ -774,11 +788,12 @@ def _left_padded(lm, texts):
     return input_ids, mask
 
 
+@pytest.mark.slow
 def test_generate_with_negative_temperature_inside_top_k(lm):
     from transformers import LogitsProcessorList
 
     spec = FeatureSpec(horizon=16)
-    proc = PolicyLogitsProcessor(FixedTemperature(spec, ActionMapping(), t=-0.5), truncation={"top_k": 20},
+    proc = PolicyLogitsProcessor(FixedTemperature(spec, MAPPING, t=-0.5), truncation={"top_k": 20},
                                  guard=False)  # the guard would pull T = -0.5 into its safe range
     texts = ["Write a haiku about rain.", "What is 2 + 2?", "Name three colours.",
              "Explain in one long sentence why the sky looks blue during the day."]
@@ -807,16 +822,32 @@ def test_generate_with_negative_temperature_inside_top_k(lm):
             assert int(new[row, step]) in raw[row].topk(20).indices.tolist()  # drawn inside the top 20
 
 
+@pytest.mark.slow
 def test_generate_with_the_trained_export(smoke_run, lm):
+    smoke_run = smoke_run.run_dir
     from transformers import LogitsProcessorList
 
-    proc = PolicyLogitsProcessor.from_pretrained(smoke_run / "export", category="creative_writing")
+    from kelvin.export import learned_policy
+    from kelvin.rundir import load_ppo, load_vecnormalize
+
+    export = smoke_run / "export"
+    proc = PolicyLogitsProcessor.from_pretrained(export, category="creative_writing")  # guarded, as exported
     input_ids, mask = _left_padded(lm, ["Tell me a story.", "List two fruits.", "Hi!", "Describe a cat."])
     with torch.inference_mode():
         out = lm.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                 top_p=1.0, max_new_tokens=6, pad_token_id=lm.pad_token_id,
-                                logits_processor=LogitsProcessorList([proc]))
+                                logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
+                                output_logits=True)
     trace = proc.temperature_trace()
-    assert trace.shape == (4, out.shape[1] - input_ids.shape[1])
-    mapping = proc.runtime.action_mapping
-    assert torch.isfinite(trace).all() and ((trace >= mapping.t_min) & (trace <= mapping.t_max)).all()
+    steps = out.sequences.shape[1] - input_ids.shape[1]
+    assert trace.shape == (4, steps) and steps == len(out.logits)
+    # the same generate call replayed through the trained model itself (SB3 zip + VecNormalize, not the
+    # TorchScript export) behind the export's guard: the same temperatures, token by token
+    art = load_artifact(export)
+    trained = learned_policy(load_ppo(smoke_run / "model.zip"), load_vecnormalize(smoke_run / "vecnormalize.pkl"),
+                             art.feature_spec, art.action_mapping)
+    reference = PolicyLogitsProcessor(trained, truncation=art.truncation, token_prior=art.token_prior,
+                                      category="creative_writing", guard=art.guard)
+    for step in range(steps):
+        reference(out.sequences[:, : input_ids.shape[1] + step], out.logits[step])
+    torch.testing.assert_close(reference.temperature_trace(), trace, atol=1e-6, rtol=0)

@@ -63,14 +63,14 @@ def test_update_reads_the_drawn_tokens_base_log_probability():
         f.update(torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
 
 
-def test_take_rows_moves_history_and_the_pending_observation():
+def test_reorder_moves_history_and_the_pending_observation():
     spec = FeatureSpec(horizon=8)
     f = Featurizer(spec, 2)
     f.observe(torch.log(torch.tensor([[0.5, 0.5, 1e-9], [0.9, 0.05, 0.05]])))
     f.update(torch.tensor([0, 1]), torch.tensor([0.3, 1.7]))
     z = torch.log(torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]]))
     f.observe(z)
-    f.take_rows(torch.tensor([1, 1, 0]))  # rows swap, row 1 is duplicated
+    f.reorder(torch.tensor([1, 1, 0]))  # rows swap, row 1 is duplicated
     assert f.state.prev_temperature.tolist() == pytest.approx([1.7, 1.7, 0.3])
     stats = f.update(torch.tensor([2, 2, 0]), torch.tensor([1.0, 1.0, 1.0]))
     torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.6, 0.6, 0.6])), atol=1e-6, rtol=0)

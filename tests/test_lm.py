@@ -21,12 +21,14 @@ def _greedy_alone(lm, ids, steps):
     return torch.stack(out)  # (steps, V)
 
 
+@pytest.mark.slow
 def test_loading_twice_returns_the_cached_model(lm):
     assert load_causal_lm() is lm
     assert lm.vocab_size == 49152 and lm.max_context >= 2048
     assert lm.tokenizer.decode(lm.eos_token_ids.tolist()) == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_left_padding_matches_each_prompt_alone_over_16_steps(lm):
     ids = lm.encode(PROMPTS)
     assert len({len(i) for i in ids}) > 1  # really padded
@@ -58,6 +60,7 @@ def _hf_greedy(lm, ids, steps):
     return torch.stack(rows)  # (steps, V)
 
 
+@pytest.mark.slow
 def test_prompt_cache_rows_decode_like_a_fresh_prefill(lm, monkeypatch):
     """Rows restarted at different times from the prompt cache (hits) and from a new prefill (misses)
     give the logits of transformers' own prefill + decode of that prompt, over 16 steps."""
@@ -91,6 +94,7 @@ def test_prompt_cache_rows_decode_like_a_fresh_prefill(lm, monkeypatch):
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_prompt_cache_is_bounded_least_recently_used_first(lm):
     ids = lm.encode(PROMPTS)
     lm.prompt_cache.clear()
@@ -115,6 +119,7 @@ def test_prompt_cache_is_bounded_least_recently_used_first(lm):
         lm.prompt_cache.resize(old_max)
 
 
+@pytest.mark.slow
 def test_shared_template_prefix_is_computed_once(lm):
     prefix, entry = lm._shared_prefix()
     ids = lm.encode(PROMPTS)
@@ -123,6 +128,7 @@ def test_shared_template_prefix_is_computed_once(lm):
     assert lm.decode_text(list(prefix), skip_special_tokens=False).startswith("<|im_start|>system")
 
 
+@pytest.mark.slow
 def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
     ids = lm.encode(PROMPTS)
     logits, state = lm.prefill(ids[:3])
@@ -141,6 +147,7 @@ def test_replace_rows_restarts_a_row_inside_a_running_batch(lm):
     torch.testing.assert_close(logits[0], ref0[17], atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_cache_is_cropped_when_long_rows_restart_short(lm):
     ids = lm.encode(PROMPTS)
     _, state = lm.prefill([ids[3], ids[2]])
@@ -150,6 +157,7 @@ def test_cache_is_cropped_when_long_rows_restart_short(lm):
     assert state.attention_mask.all()
 
 
+@pytest.mark.slow
 def test_chat_prompt_gives_readable_english_at_t07(lm):
     ids = lm.encode(["Give me three tips for staying focused while studying."])
     logits, state = lm.prefill(ids)
@@ -169,6 +177,7 @@ def test_chat_prompt_gives_readable_english_at_t07(lm):
     assert sum(c.isascii() for c in text) / len(text) > 0.97, text
 
 
+@pytest.mark.slow
 def test_negative_temperature_produces_repetitive_anomalous_tokens(lm):
     ids = lm.encode(["Temperature is a concept"], chat=False)
     logits, state = lm.prefill(ids)
@@ -187,11 +196,12 @@ def test_negative_temperature_produces_repetitive_anomalous_tokens(lm):
     assert lm.tokenizer.decode([top_token]).strip() in {"MetaInfo", "emeteries"}, text
     assert text.count("MetaInfo") + text.count("emeteries") >= 5, text
     # and the text is not English: the anomaly rules flag it
-    from policies.anomaly import text_anomaly_score
+    from anomaly.rules import text_anomaly_score
 
     assert text_anomaly_score(text) > 0.5, text
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(lm, tmp_path):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_causal_lm(ModelConfig(name=str(tmp_path / "missing.gguf")))
@@ -207,5 +217,5 @@ def test_bad_inputs_give_clear_errors(lm, tmp_path):
     logits, _ = lm.prefill(lm.encode(["Hi"]))
     with pytest.raises(ValueError, match="temperature"):
         sample(logits, torch.tensor([float("nan")]))
-    with pytest.raises(ValueError, match="model.dtype"):
+    with pytest.raises(ValueError, match="dtype"):  # ModelConfig checks its fields (from a config: "model.dtype=...")
         load_causal_lm(ModelConfig(dtype="float8"))

@@ -4,7 +4,7 @@ Some vocabulary pieces look like ordinary words ("emeteries", "MetaInfo") but we
 never seen in training: their embeddings stay where initialisation and weight decay left them,
 the model never predicts them, and a negative temperature, which turns the least likely token
 into the most likely one, emits them again and again. String rules
-(:func:`policies.anomaly.token_flags`) cannot see them; two views of the model can:
+(:func:`anomaly.rules.token_flags`) cannot see them; two views of the model can:
 
 **(a) Negative-temperature probe.** 16 neutral plain-text prompts (no chat template: the bare
 model) are continued for ``n_tokens`` tokens each, in one batch, at a temperature slightly below
@@ -38,20 +38,19 @@ rows) are left out. Ties are broken by ``probe_count``, then by token id.
 checksum, the probe settings and prompts, and :data:`DISCOVERY_VERSION`; the top
 :data:`STORED_TOKENS` are stored, so any ``top`` up to that reads the same file.
 
-Command line (writes the JSON and a histogram of the scores)::
-
-    python -m policies.discovery [--model NAME] [--top 30] [--out DIR]
+The command line that loads a model and writes the JSON and a histogram of the scores is
+:mod:`kelvin.discovery` (``python -m kelvin.discovery``); this module only needs a loaded LM
+(anything with the :class:`envs.lm.CausalLM` interface: ``encode``, ``prefill``, ``decode``,
+``decode_text``, ``tokenizer``, ``model``, ``vocab_size``, ``name``, ``device``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -66,7 +65,8 @@ __all__ = [
     "discover_anomalous_tokens",
     "discovered_token_weights",
     "discovery_cache_path",
-    "main",
+    "probe_counts",
+    "write_discovery_json",
 ]
 
 DISCOVERY_VERSION = 2
@@ -324,74 +324,7 @@ def discovered_token_weights(lm, top: int = 50, min_score: float = PRIOR_MIN_SCO
     return weights
 
 
-# ---------------------------------------------------------------------- command line
-def _histogram(tokens: list[AnomalousToken], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = [t.score for t in tokens]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(scores, bins=40, range=(0.0, 1.0), color="tab:red", edgecolor="black", linewidth=0.4)
-    ax.axvline(PRIOR_MIN_SCORE, color="black", linestyle="--", linewidth=1,
-               label=f"token-prior threshold ({PRIOR_MIN_SCORE})")
-    ax.legend(loc="upper right")
-    ax.set_xlabel("anomaly score (dimensionless, 0-1; " + f"{W_PROBE} x probe frequency + {W_EMBED} x centroid rank)")
-    ax.set_ylabel("number of tokens")
-    ax.set_title(title)
-    ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m policies.discovery",
-                                     description="Discover a model's anomalous tokens (negative-T probe + embeddings).")
-    parser.add_argument("--model", default=None, help="embedded alias, .gguf file or HF directory (default: the "
-                                                      "embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--top", type=int, default=30, help="tokens to print (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="directory for the JSON and the histogram PNG "
-                                                    "(default: the cache directory)")
-    parser.add_argument("--n-tokens", type=int, default=48, help="tokens drawn per probe prompt (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=-0.001, help="probe temperature (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="probe seed (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
-    parser.add_argument("--check-temperature", type=float, default=None, metavar="T",
-                        help="also sample the probe prompts at this ordinary temperature (e.g. 0.7) and report how "
-                             "many of the top-10 discovered tokens it emits (expected: 0)")
-    args = parser.parse_args(argv)
-
-    from envs.lm import ModelConfig, load_causal_lm
-
-    config = ModelConfig(device=args.device) if args.model is None else ModelConfig(name=args.model, device=args.device)
-    lm = load_causal_lm(config)
-    kwargs = dict(temperature=args.temperature, n_tokens=args.n_tokens, seed=args.seed)
-    ranked = discover_anomalous_tokens(lm, top=STORED_TOKENS, cache=not args.no_cache, **kwargs)
-    cache_path = discovery_cache_path(lm, **kwargs)
-    out = Path(args.out).expanduser() if args.out else cache_path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / cache_path.name
-    if json_path != cache_path or args.no_cache:
-        settings = _settings(lm, list(DEFAULT_PROBE_PROMPTS), args.temperature, args.n_tokens, args.seed)
-        _write_cache(json_path, settings, ranked, {})
-    png_path = out / (cache_path.stem + ".png")
-    _histogram(ranked, png_path, f"Anomalous-token scores of {lm.name} (top {len(ranked)} of {lm.vocab_size})")
-    print(f"{'rank':>4}  {'id':>6}  {'score':>6}  {'probe':>5}  {'centroid':>8}  piece")
-    for i, t in enumerate(ranked[: args.top]):
-        print(f"{i + 1:>4}  {t.token_id:>6}  {t.score:6.3f}  {t.probe_count:>5}  {t.centroid_rank:>8}  {t.piece!r}")
-    print(f"score: {SCORE_FORMULA}")
-    if args.check_temperature is not None:
-        top10 = torch.tensor([t.token_id for t in ranked[:10]])
-        drawn, _, _ = probe_counts(lm, DEFAULT_PROBE_PROMPTS, args.check_temperature, args.n_tokens, args.seed)
-        hits = int(torch.isin(drawn, top10).sum())
-        print(f"check: {hits} of {drawn.numel()} tokens sampled at T = {args.check_temperature} "
-              f"({len(DEFAULT_PROBE_PROMPTS)} prompts x {args.n_tokens}) are top-10 discovered tokens")
-    print(f"json: {json_path}\nhistogram: {png_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_discovery_json(lm, tokens: list[AnomalousToken], path: Path, temperature: float = -0.001,
+                         n_tokens: int = 48, seed: int = 0) -> None:
+    """Write ``tokens`` as :func:`discover_anomalous_tokens` caches them (settings of the default probe prompts)."""
+    _write_cache(Path(path), _settings(lm, list(DEFAULT_PROBE_PROMPTS), temperature, n_tokens, seed), tokens, {})

@@ -2,21 +2,24 @@
 
 Command line::
 
-    python -m policies.export runs/default runs/default/export          # a training run
-    python -m policies.export edt:theta=1.0 exports/edt --config configs/default.yaml
-    python -m policies.export fixed:-0.5 exports/neg --config configs/default.yaml --set env.top_k=20
+    python -m kelvin.export runs/default runs/default/export          # a training run
+    python -m kelvin.export edt:theta=1.0 exports/edt --config configs/default.yaml
+    python -m kelvin.export fixed:-0.5 exports/neg --config configs/default.yaml --set env.truncation.top_k=20
 
 A run directory is exported from its ``model.zip`` (or ``--checkpoint``), ``vecnormalize.pkl`` and
-``config.yaml``; a baseline spec string (``pid``, ``edt:theta=1.0``, see :mod:`policies.registry`)
-is exported with the feature spec, action mapping and truncation of ``--config``. The format of the
-directory is documented in :mod:`policies.artifact`; load it with :func:`policies.load_policy` or
-:meth:`samplers.hf.PolicyLogitsProcessor.from_pretrained`.
+``config.yaml`` (read through :mod:`kelvin.rundir`); a baseline spec string (``pid``,
+``edt:theta=1.0``, see :mod:`policies.registry`) is exported with the feature spec, action mapping and
+truncation of ``--config``. The format of the directory is documented in :mod:`policies.artifact`;
+load it with :func:`policies.load_policy` or :meth:`samplers.hf.PolicyLogitsProcessor.from_pretrained`.
 
-What an export needs from the base model (its vocabulary size, and the per-token anomaly priors
-the featurizer used in training when ``env.token_prior`` is on) comes from a loaded
-:class:`envs.lm.CausalLM`: :func:`kelvin.training.train` passes its own; the command line loads
-the configured model on the CPU. This module imports stable-baselines3 and the envs only inside
-the export functions: loading an export (:mod:`policies.artifact`) never needs them.
+:func:`actor_module` turns a stable-baselines3 PPO policy into the torch module the export writes
+(:class:`policies.learned.ActorModule`), and :func:`learned_policy` wraps it as a
+:class:`~policies.learned.LearnedPolicy`: training's validation and evaluation run that same code.
+
+What an export needs from the base model (its vocabulary size, and the per-token anomaly prior the
+featurizer used in training when ``env.token_prior`` is on, :func:`anomaly.prior.build_token_prior`)
+comes from a loaded :class:`envs.lm.CausalLM`: :func:`kelvin.training.train` passes its own; the
+command line loads the configured model on the CPU.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ import datetime as _dt
 import json
 import math
 import os
-import pickle
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, normalization_stats
 from policies.actions import ActionMapping
 from policies.artifact import (
     ARTIFACT_FORMAT_VERSION,
@@ -42,46 +46,26 @@ from policies.artifact import (
     SPEC_FILE,
     TOKEN_PRIOR_FILE,
     ArtifactError,
-    check_truncation,
     quiet_jit,
 )
-from policies.base import TemperaturePolicy
+from policies.base import BaselinePolicy
 from policies.features import FeatureSpec
+from policies.learned import ActorModule, LearnedPolicy
+from samplers.core import Truncation
 
-__all__ = ["ActorModule", "actor_module", "export_learned", "export_baseline", "export_run", "export_baseline_spec",
-           "main"]
-
-
-class ActorModule(torch.nn.Module):
-    """Raw observations (B, F) -> actions (B, 1) in [-1, 1]: normalise, actor MLP, clip.
-
-    ``clip((obs - mean) / sqrt(var + epsilon), -clip, clip)`` with VecNormalize's statistics (skipped
-    when ``mean`` is None), then ``net`` (SB3's ``mlp_extractor.policy_net`` + ``action_net``: the
-    Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)`` as SB3's ``predict`` clips.
-    """
-
-    def __init__(self, net: torch.nn.Sequential, mean: torch.Tensor | None, var: torch.Tensor | None,
-                 clip: float = 10.0, epsilon: float = 1e-8):
-        super().__init__()
-        dim = int(net[0].in_features)
-        self.net = net
-        self.normalize = mean is not None
-        self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("var", torch.ones(dim) if var is None else torch.as_tensor(var, dtype=torch.float32))
-        self.clip = float(clip)
-        self.epsilon = float(epsilon)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.to(torch.float32)  # (B, F)
-        if self.normalize:
-            x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
-        return torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+__all__ = ["actor_module", "learned_policy", "export_learned", "export_baseline", "export_run",
+           "export_baseline_spec", "main"]
 
 
 def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
-    """A plain torch copy of a Linear or an activation layer (no SB3 classes inside the export)."""
+    """A plain torch copy of a Linear or an activation layer (no SB3 classes inside the export).
+
+    The Linear is built without its random initialisation (``skip_init``): training validates through
+    this copy, and drawing from the global torch generator there would change PPO's later samples.
+    """
     if isinstance(module, torch.nn.Linear):
-        out = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        out = torch.nn.utils.skip_init(torch.nn.Linear, module.in_features, module.out_features,
+                                       bias=module.bias is not None)
         with torch.no_grad():
             out.weight.copy_(module.weight.detach().float().cpu())
             if module.bias is not None:
@@ -93,8 +77,13 @@ def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
                         "activations (the MlpPolicy of stable-baselines3) are supported")
 
 
-def actor_module(sb3_policy, obs_mean=None, obs_var=None, clip: float = 10.0, epsilon: float = 1e-8) -> ActorModule:
-    """The deterministic actor of an SB3 ``ActorCriticPolicy`` (PPO ``MlpPolicy``) as a plain torch module."""
+def actor_module(sb3_policy, normalization: dict | None = None) -> ActorModule:
+    """The deterministic actor of an SB3 ``ActorCriticPolicy`` (PPO ``MlpPolicy``) as a plain torch module.
+
+    ``normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (:func:`kelvin.rundir.normalization_stats`
+    of the VecNormalize the policy was trained with) or None for raw observations. The layers are copied:
+    the module does not change when training goes on.
+    """
     from stable_baselines3.common.distributions import DiagGaussianDistribution
     from stable_baselines3.common.torch_layers import FlattenExtractor
 
@@ -114,12 +103,21 @@ def actor_module(sb3_policy, obs_mean=None, obs_var=None, clip: float = 10.0, ep
         raise ArtifactError(f"{name}: the actor must start with a Linear layer (net_arch with at least one layer, "
                             "or a bare action_net)")
     net = torch.nn.Sequential(*layers).eval()
-    mean = None if obs_mean is None else torch.as_tensor(np.asarray(obs_mean, dtype=np.float32))
-    var = None if obs_var is None else torch.as_tensor(np.asarray(obs_var, dtype=np.float32))
-    return ActorModule(net, mean, var, clip, epsilon).eval()
+    if normalization is None:
+        return ActorModule(net, None, None).eval()
+    return ActorModule(net, torch.as_tensor(np.asarray(normalization["mean"], dtype=np.float32)),
+                       torch.as_tensor(np.asarray(normalization["var"], dtype=np.float32)),
+                       float(normalization.get("clip", 10.0)), float(normalization.get("epsilon", 1e-8))).eval()
 
 
-# ---------------------------------------------------------------------- writing
+def learned_policy(model, vec_normalize, feature_spec: FeatureSpec, action_mapping: ActionMapping,
+                   label: str = "learned (PPO)") -> LearnedPolicy:
+    """The :class:`~policies.learned.LearnedPolicy` of a PPO model and the VecNormalize it was trained with
+    (None: raw observations): the same network and normalisation the export writes."""
+    return LearnedPolicy(actor_module(model.policy, normalization_stats(vec_normalize)), feature_spec,
+                         action_mapping, label=label)
+
+
 def _kelvin_version() -> str:
     try:
         from importlib.metadata import version
@@ -174,11 +172,14 @@ def _guard_block(guard: bool | dict, action_mapping: ActionMapping) -> dict:
     return resolve_guard_settings(guard, action_mapping, owner="export guard")
 
 
-def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping, truncation: dict | None,
-               model: dict | None, label: str, source: dict | None, guard: bool | dict = True) -> dict:
+def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping,
+               truncation: Truncation | dict | None, model: dict | None, label: str, source: dict | None,
+               guard: bool | dict = True) -> dict:
     model = dict(model or {})
     if model.get("vocab_size") is not None:
         model["vocab_size"] = int(model["vocab_size"])
+    if not isinstance(truncation, Truncation):
+        truncation = Truncation.from_dict(truncation)
     return {
         "format_version": ARTIFACT_FORMAT_VERSION,
         "kind": kind,
@@ -186,7 +187,7 @@ def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMappi
         "feature_spec": feature_spec.to_dict(),
         "obs_normalization": None,
         "action_mapping": action_mapping.to_dict(),
-        "truncation": check_truncation(truncation),
+        "truncation": truncation.to_dict(),
         "model": {"name": model.get("name"), "vocab_size": model.get("vocab_size"),
                   **{k: v for k, v in model.items() if k not in ("name", "vocab_size")}},
         "baseline": None,
@@ -208,10 +209,10 @@ def _check_prior(token_prior: torch.Tensor | None, model: dict | None) -> torch.
 
 
 def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, action_mapping: ActionMapping,
-                   truncation: dict | None = None, model: dict | None = None, obs_normalization: dict | None = None,
-                   token_prior: torch.Tensor | None = None, label: str = "learned (PPO)",
-                   source: dict | None = None, guard: bool | dict = True) -> Path:
-    """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip) and ``spec.json``.
+                   truncation: Truncation | dict | None = None, model: dict | None = None,
+                   obs_normalization: dict | None = None, token_prior: torch.Tensor | None = None,
+                   label: str = "learned (PPO)", source: dict | None = None, guard: bool | dict = True) -> Path:
+    """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip, :func:`actor_module`) and ``spec.json``.
 
     ``obs_normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (VecNormalize's ``obs_rms`` and
     settings) or None when the policy saw raw observations. ``guard`` (True = the defaults, False =
@@ -231,19 +232,18 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
         if len(norm["mean"]) != feature_spec.dim or len(norm["var"]) != feature_spec.dim:
             raise ArtifactError(f"normalisation statistics have {len(norm['mean'])} entries; the feature spec has "
                                 f"{feature_spec.dim}")
-    module = actor_module(sb3_policy, None if norm is None else norm["mean"], None if norm is None else norm["var"],
-                          10.0 if norm is None else norm["clip"], 1e-8 if norm is None else norm["epsilon"])
+    module = actor_module(sb3_policy, norm)
     spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source, guard)
     spec["obs_normalization"] = norm
     spec["network"] = {"layers": [repr(m) for m in module.net]}
     return _write(Path(out_dir), spec, module, _check_prior(token_prior, model))
 
 
-def export_baseline(policy: TemperaturePolicy, out_dir: str | Path, truncation: dict | None = None,
+def export_baseline(policy: BaselinePolicy, out_dir: str | Path, truncation: Truncation | dict | None = None,
                     model: dict | None = None, token_prior: torch.Tensor | None = None,
                     source: dict | None = None, guard: bool | dict = True) -> Path:
     """Export a baseline: its ``to_config()`` (parameters only) with its feature spec and action mapping."""
-    if not isinstance(policy, TemperaturePolicy):
+    if not isinstance(policy, BaselinePolicy):
         raise TypeError(f"export_baseline needs a baseline TemperaturePolicy (policies.make_policy('pid', ...)); "
                         f"got {type(policy).__name__}")
     spec = _base_spec("baseline", policy.feature_spec, policy.action_mapping, truncation, model, policy.label, source,
@@ -258,40 +258,20 @@ def _model_info(config, lm) -> dict:
 
 
 def _token_prior(config, lm) -> torch.Tensor | None:
-    """The token prior the training env's featurizer uses for ``config``, built by the env code itself.
-
-    A :class:`envs.generation.GenerationCore` of one group is constructed (prompts encoded, no
-    forward pass) so that export and training share one definition of the prior, whatever the env
-    combines into it (vocabulary flags, discovered anomalous tokens, ...).
-    """
-    if not getattr(config.env, "token_prior", True):
+    """The (V,) token prior the training env's featurizer uses for ``config`` (the same function builds both)."""
+    if not config.env.token_prior:
         return None
-    from dataclasses import replace
+    from anomaly.prior import build_token_prior
 
-    from envs.generation import GenerationCore
-
-    core = GenerationCore(replace(config.env, batch_size=config.env.group_size), lm, config.reward)
-    prior = core.featurizer.token_prior
-    return None if prior is None else prior.detach().to("cpu", torch.float32).clone()
+    return build_token_prior(lm, config.env.discovered_anomalies)
 
 
 def _load_lm(config, lm):
     if lm is not None:
         return lm
-    from dataclasses import replace
-
     from envs.lm import load_causal_lm
 
     return load_causal_lm(replace(config.model, device="cpu"))
-
-
-def _load_vecnormalize(path: Path):
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)  # VecNormalize pickles without its venv
-    except Exception as exc:
-        raise ArtifactError(f"cannot read {path} ({type(exc).__name__}: {exc}); the normalisation statistics are "
-                            "needed to export the policy") from None
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
@@ -303,65 +283,38 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
     (vocabulary size and token prior); without it the configured model is loaded on the CPU.
     ``token_prior`` is the (V,) prior the training featurizer used (``train`` passes its env's).
     ``"auto"`` reuses the one ``train`` saved in ``run_dir/export/token_prior.pt``, or, when there is
-    none, rebuilds it from the run's config with the current env code (which can differ from the
+    none, rebuilds it from the run's config with the current code (which can differ from the
     training's if the vocabulary flags or the discovered anomalous tokens changed since);
     ``spec.json`` records which (``source.token_prior``).
     """
-    from stable_baselines3 import PPO
-
-    from kelvin.config import load_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run directory at {run_dir}; give the --run-dir of a training run")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing: is {run_dir} a Kelvin run directory?")
-    config = load_config(cfg_path)
-    if checkpoint is None:
-        model_path, norm_path = run_dir / "model.zip", run_dir / "vecnormalize.pkl"
-    else:
-        model_path = Path(checkpoint)
-        if not model_path.is_absolute() and not model_path.exists():
-            model_path = run_dir / "checkpoints" / model_path
-        if model_path.suffix != ".zip":
-            model_path = model_path.with_name(model_path.name + ".zip")
-        norm_path = model_path.with_name(model_path.stem + "_vecnormalize.pkl")
-    if not model_path.is_file():
-        hint = " (the run has checkpoints: pass --checkpoint step_N)" if list(run_dir.glob("checkpoints/*.zip")) else ""
-        raise FileNotFoundError(f"{model_path} is missing: nothing to export{hint}")
-    try:
-        model = PPO.load(str(model_path), device="cpu")
-    except Exception as exc:
-        raise ArtifactError(f"cannot load {model_path} ({type(exc).__name__}: {exc}); "
-                            "the model file is damaged") from None
+    run = RunDir(run_dir)
+    config = run.load_config()
+    model_path, norm_path = run.model_for(checkpoint)
+    model = load_ppo(model_path)
     norm = None
     if norm_path.is_file():
-        vec = _load_vecnormalize(norm_path)
-        if getattr(vec, "norm_obs", False):
-            norm = {"mean": vec.obs_rms.mean, "var": vec.obs_rms.var, "clip": vec.clip_obs, "epsilon": vec.epsilon}
+        norm = normalization_stats(load_vecnormalize(norm_path))
     elif config.train.normalize_obs:
         raise FileNotFoundError(f"{norm_path} is missing, but the run normalised its observations "
                                 "(train.normalize_obs): the policy cannot be exported without those statistics")
     lm = _load_lm(config, lm)
-    model_info = _model_info(config, lm)
     prior_source = "given by the caller"
     if isinstance(token_prior, str):
         if token_prior != "auto":
             raise ValueError(f"token_prior={token_prior!r}: give a (V,) tensor, None, or 'auto'")
-        token_prior, prior_source = _run_token_prior(run_dir, config, lm)
-    source = {"run_dir": str(run_dir.resolve()), "model_file": str(model_path.resolve()),
+        token_prior, prior_source = _run_token_prior(run, config, lm)
+    source = {"run_dir": str(run.path.resolve()), "model_file": str(model_path.resolve()),
               "timesteps": int(getattr(model, "num_timesteps", 0)), "token_prior": prior_source}
-    return export_learned(model.policy, out_dir if out_dir is not None else run_dir / "export",
-                          config.env.feature_spec(), config.env.action_mapping_obj(), config.env.truncation,
-                          model_info, norm, token_prior, label="learned (PPO)", source=source, guard=guard)
+    return export_learned(model.policy, out_dir if out_dir is not None else run.export_dir,
+                          config.env.feature_spec(), config.env.action, config.env.truncation,
+                          _model_info(config, lm), norm, token_prior, label="learned (PPO)", source=source, guard=guard)
 
 
-def _run_token_prior(run_dir: Path, config, lm) -> tuple[torch.Tensor | None, str]:
+def _run_token_prior(run: RunDir, config, lm) -> tuple[torch.Tensor | None, str]:
     """The training-time token prior of a run if ``train`` saved one, else rebuilt; and where it came from."""
-    if not getattr(config.env, "token_prior", True):
+    if not config.env.token_prior:
         return None, "off (env.token_prior: false)"
-    saved = run_dir / "export" / TOKEN_PRIOR_FILE
+    saved = run.export_dir / TOKEN_PRIOR_FILE
     if saved.is_file():
         try:
             prior = torch.load(str(saved), map_location="cpu", weights_only=True)
@@ -369,7 +322,7 @@ def _run_token_prior(run_dir: Path, config, lm) -> tuple[torch.Tensor | None, st
             prior = None
         if isinstance(prior, torch.Tensor) and prior.shape == (int(lm.vocab_size),):
             return prior.to(torch.float32), f"training env ({saved})"
-    return _token_prior(config, lm), "rebuilt from config.yaml with the current env code"
+    return _token_prior(config, lm), "rebuilt from config.yaml with the current code"
 
 
 def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path = "configs/default.yaml",
@@ -382,7 +335,7 @@ def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path
     if not config_path.is_file():
         raise FileNotFoundError(f"config {config_path} is missing; pass --config with the YAML the policy is for")
     config = load_config(config_path, overrides or [])
-    policy = make_policy(spec, config.env.feature_spec(), config.env.action_mapping_obj())
+    policy = make_policy(spec, config.env.feature_spec(), config.env.action)
     lm = _load_lm(config, lm)
     return export_baseline(policy, out_dir, config.env.truncation, _model_info(config, lm), _token_prior(config, lm),
                            source={"config": str(config_path.resolve()), "spec": spec}, guard=guard)
@@ -414,7 +367,7 @@ def parse_guard_settings(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m policies.export",
+        prog="python -m kelvin.export",
         description="Export a trained run, or a baseline spec, into a directory samplers load without SB3.")
     parser.add_argument("source", help="a run directory (holds model.zip, config.yaml) or a baseline spec "
                                        "such as 'pid' or 'edt:theta=1.0'")
@@ -423,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="baselines: the YAML whose env block gives features, action mapping and truncation "
                              "(default: configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
-                        help="baselines: override a config value, e.g. --set env.top_k=20 (repeatable)")
+                        help="baselines: override a config value, e.g. --set env.truncation.top_k=20 (repeatable)")
     parser.add_argument("--checkpoint", default=None, help="runs: export checkpoints/step_N.zip instead of model.zip")
     parser.add_argument("--guard", dest="guard", action="append", default=[], metavar="KEY=VALUE",
                         help="guard rail setting written to spec.json, e.g. --guard max_delta=0.3 --guard "

@@ -36,12 +36,10 @@ prior in [0, 1], the maximum of:
 
 Special tokens get 0. The result is cached per (tokenizer class, name, vocabulary size).
 :func:`token_anomaly_reasons` splits the prior into the named reasons :data:`TOKEN_REASONS`
-(`char_run`; `symbol_soup` = non-printable, byte fragment, symbol soup; `script_mixing`), and
-:func:`token_table` keeps them for the whole vocabulary together with what the per-step
-detector (:mod:`policies.detector`) needs to follow runs, symbols and scripts across tokens.
+(`char_run`; `symbol_soup` = non-printable, byte fragment, symbol soup; `script_mixing`).
 Tokens that look like plain words ("emeteries") cannot be told apart from their string;
-a negative-temperature probe discovers those (:mod:`policies.discovery`), and
-:func:`combine_token_flags` raises them.
+a negative-temperature probe discovers those (:mod:`anomaly.discovery`), and
+:func:`combine_token_flags` raises them (:func:`anomaly.prior.build_token_prior` does both).
 """
 
 from __future__ import annotations
@@ -50,8 +48,7 @@ import functools
 import re
 import threading
 import unicodedata
-from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -59,17 +56,14 @@ import torch
 __all__ = [
     "TEXT_REASONS",
     "TOKEN_REASONS",
-    "TokenTable",
     "combine_token_flags",
     "text_anomaly_reasons",
     "text_anomaly_reasons_batch",
     "text_anomaly_score",
     "text_anomaly_scores",
-    "script_group_names",
     "token_anomaly_reasons",
     "token_anomaly_score",
     "token_flags",
-    "token_table",
 ]
 
 TEXT_REASONS = ("char_run", "symbol_soup", "script_mixing", "token_repetition", "glued_words")
@@ -342,88 +336,7 @@ def text_anomaly_scores(texts: Sequence[str]) -> np.ndarray:
 # ---- token level -----------------------------------------------------------------------
 
 TOKEN_REASONS = ("char_run", "symbol_soup", "script_mixing")
-"""Named per-token reasons of :func:`token_anomaly_reasons` / :class:`TokenTable` columns."""
-
-# Script group ids of TokenTable.script: -1 = no letters, -2 = letters of several groups.
-_SCRIPT_IDS: dict[str, int] = {}
-_SCRIPT_IDS_LOCK = threading.Lock()
-
-
-def _script_id(group: str) -> int:
-    with _SCRIPT_IDS_LOCK:
-        return _SCRIPT_IDS.setdefault(group, len(_SCRIPT_IDS))
-
-
-def script_group_names() -> list[str]:
-    """Names of the script group ids used in :attr:`TokenTable.script` (index = id)."""
-    with _SCRIPT_IDS_LOCK:
-        return sorted(_SCRIPT_IDS, key=_SCRIPT_IDS.get)
-
-
-class _PieceInfo(NamedTuple):
-    """Everything the token table keeps about one vocabulary piece."""
-
-    char_run: float
-    symbol_soup: float
-    script_mixing: float
-    run_char: int  # code point of the piece's trailing run of one non-space character, -1 if it ends in space
-    run_length: int  # length of that trailing run
-    run_whole: bool  # the whole piece is that one character repeated (a run can continue through it)
-    soup_weight: float  # sum of the symbol-soup weights of its characters
-    visible: int  # non-whitespace characters
-    script: int  # script group id of its letters, -1 = none, -2 = several groups
-
-
-def _piece_info(piece: str) -> _PieceInfo:
-    n_symbols = 0
-    n_visible = 0
-    weight_sum = 0.0
-    symbols: set[str] = set()
-    scripts: set[str] = set()
-    n_fragments = 0
-    has_fragment = False
-    nonprintable = False
-    for ch in piece:
-        if ch == "\ufffd":
-            has_fragment = True
-            weight_sum += _WEIGHT_ODD  # the text rules weigh U+FFFD as an odd symbol
-            n_fragments += 1
-            continue
-        if _is_nonprintable(ch):
-            nonprintable = True
-        w = _char_weight(ch)
-        if w is None:
-            continue
-        n_visible += 1
-        weight_sum += w
-        if w > 0.0:
-            n_symbols += 1
-            symbols.add(ch)
-        s = _char_script(ch)
-        if s is not None:
-            scripts.add(s)
-    groups = len(scripts - _TOKEN_COMPATIBLE_SCRIPTS) + bool(scripts & _TOKEN_COMPATIBLE_SCRIPTS)
-    script_mixing = TOKEN_MIXED_SCRIPT_SCORE if groups >= 2 else 0.0
-    soup = TOKEN_NONPRINTABLE_SCORE if nonprintable else (TOKEN_BYTE_FRAGMENT_SCORE if has_fragment else 0.0)
-    if n_symbols and n_visible:
-        # Each distinct symbol counts once: a run of one symbol is the char-run rule's business.
-        soup_weight = sum(_char_weight(ch) for ch in symbols)
-        soup = max(soup, _ramp(n_symbols / n_visible, TOKEN_SOUP_FRACTION_LO, TOKEN_SOUP_FRACTION_HI)
-                   * _ramp(soup_weight, TOKEN_SOUP_WEIGHT_LO, TOKEN_SOUP_WEIGHT_HI))
-    char_run = _char_run_score(piece) if len(piece) >= 4 else 0.0
-    run_char, run_length, run_whole = -1, 0, False
-    if piece and not piece[-1].isspace():
-        last = piece[-1]
-        run_length = len(piece) - len(piece.rstrip(last))
-        run_char, run_whole = ord(last), run_length == len(piece)
-    if groups >= 2:
-        script = -2
-    elif scripts:
-        script = _script_id("LATIN" if scripts <= _TOKEN_COMPATIBLE_SCRIPTS else next(iter(scripts)))
-    else:
-        script = -1
-    return _PieceInfo(char_run, soup, script_mixing, run_char, run_length, run_whole, weight_sum,
-                      n_visible + n_fragments, script)
+"""Named per-token reasons of :func:`token_anomaly_reasons`."""
 
 
 def token_anomaly_reasons(piece: str) -> dict[str, float]:
@@ -434,8 +347,40 @@ def token_anomaly_reasons(piece: str) -> dict[str, float]:
     """
     if not piece:
         return {r: 0.0 for r in TOKEN_REASONS}
-    info = _piece_info(piece)
-    return {"char_run": info.char_run, "symbol_soup": info.symbol_soup, "script_mixing": info.script_mixing}
+    n_symbols = 0
+    n_visible = 0
+    symbols: set[str] = set()
+    scripts: set[str] = set()
+    has_fragment = False
+    nonprintable = False
+    for ch in piece:
+        if ch == "\ufffd":
+            has_fragment = True
+            continue
+        if _is_nonprintable(ch):
+            nonprintable = True
+        w = _char_weight(ch)
+        if w is None:
+            continue
+        n_visible += 1
+        if w > 0.0:
+            n_symbols += 1
+            symbols.add(ch)
+        s = _char_script(ch)
+        if s is not None:
+            scripts.add(s)
+    groups = len(scripts - _TOKEN_COMPATIBLE_SCRIPTS) + bool(scripts & _TOKEN_COMPATIBLE_SCRIPTS)
+    soup = TOKEN_NONPRINTABLE_SCORE if nonprintable else (TOKEN_BYTE_FRAGMENT_SCORE if has_fragment else 0.0)
+    if n_symbols and n_visible:
+        # Each distinct symbol counts once: a run of one symbol is the char-run rule's business.
+        soup_weight = sum(_char_weight(ch) for ch in symbols)
+        soup = max(soup, _ramp(n_symbols / n_visible, TOKEN_SOUP_FRACTION_LO, TOKEN_SOUP_FRACTION_HI)
+                   * _ramp(soup_weight, TOKEN_SOUP_WEIGHT_LO, TOKEN_SOUP_WEIGHT_HI))
+    return {
+        "char_run": _char_run_score(piece) if len(piece) >= 4 else 0.0,
+        "symbol_soup": soup,
+        "script_mixing": TOKEN_MIXED_SCRIPT_SCORE if groups >= 2 else 0.0,
+    }
 
 
 def token_anomaly_score(piece: str) -> float:
@@ -443,57 +388,7 @@ def token_anomaly_score(piece: str) -> float:
     return max(token_anomaly_reasons(piece).values())
 
 
-@dataclass(frozen=True)
-class TokenTable:
-    """Per-token facts of a whole vocabulary (CPU tensors with a leading (V,) axis).
-
-    ``reasons`` (V, 3) float32 holds :data:`TOKEN_REASONS` per token; ``prior`` (V,) is its row
-    max (= :func:`token_flags`). The other columns let :class:`policies.detector.AnomalyDetector`
-    follow character runs, symbol density and scripts *across* tokens: ``run_char`` (V,) int64
-    code point of the trailing run of one non-space character (-1: ends in whitespace or empty),
-    ``run_length`` (V,) int64, ``run_whole`` (V,) bool (the piece is that character repeated),
-    ``run_separator`` (V,) bool (the run character is a separator or a digit: long ramp),
-    ``soup_weight`` (V,) float32 sum of the symbol weights, ``visible`` (V,) float32 non-space
-    characters, ``script`` (V,) int64 script group id (:func:`script_group_names`; -1 no letters,
-    -2 several groups). Special tokens hold zeros / -1.
-    """
-
-    reasons: torch.Tensor
-    run_char: torch.Tensor
-    run_length: torch.Tensor
-    run_whole: torch.Tensor
-    run_separator: torch.Tensor
-    soup_weight: torch.Tensor
-    visible: torch.Tensor
-    script: torch.Tensor
-
-    @property
-    def prior(self) -> torch.Tensor:
-        return self.reasons.max(dim=1).values  # (V,)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.reasons.shape[0]
-
-    def resized(self, vocab_size: int) -> "TokenTable":
-        """The table cut or padded (with neutral rows) to ``vocab_size`` rows (logits may have padded rows)."""
-        n = self.vocab_size
-        if vocab_size == n:
-            return self
-        fill = {"reasons": 0.0, "run_char": -1, "run_length": 0, "run_whole": False, "run_separator": False,
-                "soup_weight": 0.0, "visible": 0.0, "script": -1}
-        out = {}
-        for name, value in fill.items():
-            t = getattr(self, name)
-            if vocab_size < n:
-                out[name] = t[:vocab_size]
-            else:
-                pad = torch.full((vocab_size - n,) + tuple(t.shape[1:]), value, dtype=t.dtype)
-                out[name] = torch.cat([t, pad])
-        return TokenTable(**out)
-
-
-_TOKEN_TABLE_CACHE: dict[tuple[str, str, int], TokenTable] = {}
+_TOKEN_FLAG_CACHE: dict[tuple[str, str, int], torch.Tensor] = {}
 _TOKEN_FLAG_LOCK = threading.Lock()
 
 
@@ -515,51 +410,26 @@ def _tokenizer_key(tokenizer) -> tuple[str, str, int]:
     return type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), int(vocab_size)
 
 
-def token_table(tokenizer) -> TokenTable:
-    """The :class:`TokenTable` of a tokenizer's whole vocabulary (``V = len(tokenizer)``).
-
-    Every id is decoded once (one batched call); ``tokenizer.all_special_ids`` get neutral rows.
-    Cached per (tokenizer class, ``name_or_path``, V); the tensors are shared, do not modify them.
-    """
-    key = _tokenizer_key(tokenizer)
-    with _TOKEN_FLAG_LOCK:
-        cached = _TOKEN_TABLE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    vocab_size = key[2]
-    pieces = _decode_vocabulary(tokenizer, vocab_size)
-    infos = [_piece_info(p) if p else _PieceInfo(0.0, 0.0, 0.0, -1, 0, False, 0.0, 0, -1) for p in pieces]
-    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
-    neutral = _PieceInfo(0.0, 0.0, 0.0, -1, 0, False, 0.0, 0, -1)
-    for i in special:
-        infos[i] = neutral
-    cols = list(zip(*infos)) if infos else [[] for _ in _PieceInfo._fields]
-    run_char = torch.tensor(cols[3], dtype=torch.long)
-    separator = torch.tensor([c >= 0 and (chr(c) in SEPARATOR_CHARS or chr(c).isdigit()) for c in cols[3]],
-                             dtype=torch.bool)
-    table = TokenTable(
-        reasons=torch.tensor(list(zip(cols[0], cols[1], cols[2])), dtype=torch.float32).reshape(-1, 3),  # (V, 3)
-        run_char=run_char,
-        run_length=torch.tensor(cols[4], dtype=torch.long),
-        run_whole=torch.tensor(cols[5], dtype=torch.bool),
-        run_separator=separator,
-        soup_weight=torch.tensor(cols[6], dtype=torch.float32),
-        visible=torch.tensor(cols[7], dtype=torch.float32),
-        script=torch.tensor(cols[8], dtype=torch.long),
-    )
-    with _TOKEN_FLAG_LOCK:
-        return _TOKEN_TABLE_CACHE.setdefault(key, table)
-
-
 def token_flags(tokenizer) -> torch.Tensor:
     """Per-token anomaly prior for the whole vocabulary: float32 tensor ``(V,)`` in [0, 1].
 
     ``V = len(tokenizer)`` (added tokens included). Every id is decoded once (one batched
     call) and scored by :func:`token_anomaly_score`; ``tokenizer.all_special_ids`` get 0.
-    Cached per (tokenizer class, ``name_or_path``, V) through :func:`token_table`; each call
-    returns a fresh copy, so callers may modify it.
+    Cached per (tokenizer class, ``name_or_path``, V); each call returns a fresh copy, so
+    callers may modify it.
     """
-    return token_table(tokenizer).prior.clone()
+    key = _tokenizer_key(tokenizer)
+    with _TOKEN_FLAG_LOCK:
+        cached = _TOKEN_FLAG_CACHE.get(key)
+    if cached is None:
+        vocab_size = key[2]
+        flags = torch.tensor([token_anomaly_score(p) for p in _decode_vocabulary(tokenizer, vocab_size)],
+                             dtype=torch.float32).reshape(-1)  # (V,)
+        special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+        flags[special] = 0.0
+        with _TOKEN_FLAG_LOCK:
+            cached = _TOKEN_FLAG_CACHE.setdefault(key, flags)
+    return cached.clone()
 
 
 def combine_token_flags(
