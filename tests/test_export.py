@@ -547,19 +547,6 @@ def test_llama_cpp_processor_matches_the_hf_processor(dummy_export):
 
 
 # =========================================================================== the real model
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A short real training run (smoke config) in a subprocess; train() writes run_dir/export."""
-    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
-                           "--set", "train.total_timesteps=32", "--set", "train.checkpoint_every=0",
-                           "--set", "train.validate_every=0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def test_training_writes_the_export(smoke_run):
     export = smoke_run / "export"
     spec = json.loads((export / "spec.json").read_text())
