@@ -1,7 +1,10 @@
 """A Kelvin temperature policy as a vLLM logits processor, for both of vLLM's custom-processor interfaces.
 
-Followed (vLLM's source on GitHub, ``main`` as of late 2026, v0.23 and later; read, not run: vLLM has no
-CPU wheel here):
+Followed (vLLM's source on GitHub, read, not run: vLLM has no CPU wheel here; vLLM main of late 2026, the
+v0.23 line, where Model Runner V2 became the default for Llama / Mistral / Qwen3 architectures. The V2
+interface changed several times; this follows its latest form, newer than commit 16aa6ff8a5df, whose
+``interface.py`` still had ``__init__(vllm_config, device, is_pin_memory)`` and ``apply(logits,
+expanded_idx_mapping, idx_mapping_np)``; the legacy file as of commit 05da17cdc63b):
 
 * **Model Runner V2** (what vLLM uses by default for Llama-architecture models such as SmolLM2;
   ``VLLM_USE_V2_MODEL_RUNNER=1`` forces it): ``vllm/v1/worker/gpu/sample/logits_processor/interface.py``,
