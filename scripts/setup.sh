@@ -53,6 +53,7 @@ print(re.fullmatch(r'llama-cpp-python==([0-9.]+)', extra[0]).group(1))")
     tmp=$(mktemp -d "$WHEELS/.build.XXXXXX")
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$tmp" \
       "llama-cpp-python==$version"
+    chmod 755 "$tmp"   # mktemp makes it private; the cache is shared like ~/.cache/kelvin's models
     rm -rf "$wheel_dir"
     mv "$tmp" "$wheel_dir"   # a crash mid-build leaves no half wheel directory behind
   fi
