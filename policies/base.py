@@ -33,7 +33,7 @@ is passed through untouched (``None`` in, ``None`` out). A row starts afresh whe
 * the batch size changes (all rows start afresh: the state is lazily re-sized), or
 * :meth:`TemperaturePolicy.reset` was called (all rows).
 
-:meth:`TemperaturePolicy.reorder_rows` follows an engine whose batch changes between steps.
+:attr:`TemperaturePolicy.row_state` lets an engine that steps some of its rows at a time swap rows in and out.
 
 Serialisation
 -------------
@@ -165,13 +165,15 @@ class TemperaturePolicy(abc.ABC):
                 raise ValueError(f"batch_size={batch_size} must be >= 1")
             self._state = self._initial_state(batch_size, torch.device("cpu"))
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
-        """New row ``i`` continues old row ``index[i]`` (an engine's persistent batch moved its requests).
+    @property
+    def row_state(self) -> dict[str, torch.Tensor] | None:
+        """The per-row state of a stateful policy (tensors with a leading (B,) axis; None before its first
+        step). Engines that step some of their rows at a time swap rows in and out through it."""
+        return self._state
 
-        Rows that start a new request must be marked by ``episode_start`` at their next step.
-        """
-        if self._state:
-            self._state = {k: v[index.to(v.device)] for k, v in self._state.items()}
+    @row_state.setter
+    def row_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        self._state = state
 
     def _initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Fresh per-row state: a dict of tensors with a leading (B,) axis. Stateful subclasses override."""

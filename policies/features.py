@@ -301,16 +301,32 @@ class Featurizer:
             s.diversity_weight[idx] = torch.as_tensor(diversity_weight, dtype=torch.float32,
                                                       device=self.device).flatten()
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """New row ``i`` continues old row ``index[i]`` (an engine's persistent batch moved its requests);
-        the logits of the last :meth:`observe` (which the next update reads) move with their rows. Reset
-        fresh rows afterwards."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.device).view(-1)
-        for name in self.state.__dataclass_fields__:
-            setattr(self.state, name, getattr(self.state, name)[index])
+    def enter_rows(self, rows: torch.Tensor) -> tuple:
+        """Narrow the featurizer to ``rows`` (R,) for a step on those rows alone (an engine that steps some
+        of its request slots); returns what :meth:`leave_rows` needs to write them back."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).view(-1)
+        full = (self.state, self._observed)
+        self.state = type(self.state)(**{name: getattr(self.state, name)[rows] for name in self.state.__dataclass_fields__})
         if self._observed is not None:
             logits, shift = self._observed
-            self._observed = (logits[index.to(logits.device)], shift[index])
+            self._observed = (logits[rows.to(logits.device)], shift[rows])
+        return full
+
+    def leave_rows(self, rows: torch.Tensor, full: tuple) -> None:
+        """Write the narrowed rows back (the inverse of :meth:`enter_rows`): their history and their pending
+        observation (the logits their next update reads) go back into the full batch."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).view(-1)
+        state, observed = full
+        for name in state.__dataclass_fields__:
+            getattr(state, name)[rows] = getattr(self.state, name)
+        if self._observed is not None:
+            logits, shift = self._observed  # (R, V), (R,)
+            if observed is None or observed[0].shape[1] != logits.shape[1]:
+                observed = (torch.zeros((state.position.shape[0], logits.shape[1]), dtype=logits.dtype,
+                                        device=logits.device), torch.zeros_like(state.prev_temperature))
+            observed[0][rows.to(logits.device)] = logits
+            observed[1][rows] = shift
+        self.state, self._observed = state, observed
 
     # ------------------------------------------------------------------ per step
     def observe(self, logits: torch.Tensor) -> torch.Tensor:

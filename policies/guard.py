@@ -260,9 +260,6 @@ class GuardedPolicy(TemperaturePolicy):
         super().reset(batch_size)
         self.policy.reset(batch_size)
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
-        super().reorder_rows(index)
-        self.policy.reorder_rows(index)
 
     def _initial_state(self, batch_size, device):
         return {"t_prev": torch.zeros(batch_size, dtype=torch.float32, device=device),  # (B,)

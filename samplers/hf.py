@@ -3,10 +3,10 @@
 Usage::
 
     from transformers import LogitsProcessorList
-    from samplers.hf import PolicyLogitsProcessor
+    from samplers.hf import NEUTRAL_GENERATE_KWARGS, PolicyLogitsProcessor
 
     proc = PolicyLogitsProcessor.from_pretrained("runs/default/export")
-    out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+    out = model.generate(**inputs, **NEUTRAL_GENERATE_KWARGS,   # do_sample=True, temperature=1.0, top_k=0, ...
                          logits_processor=LogitsProcessorList([proc]), max_new_tokens=64)
     proc.temperature_trace()   # (B, steps) temperatures the policy chose
 
@@ -15,13 +15,20 @@ How transformers (v5, ``generation/utils.py::_sample``) calls it: at every step
 processor list as ``scores`` (B, V), with ``input_ids`` (B, prompt + generated so far); then
 ``softmax(scores)`` and ``torch.multinomial``. ``-inf`` entries get probability 0 and are never drawn,
 so the truncation and one-hot (greedy / argmin) rows this processor returns are sampled exactly.
-``generate`` builds its own processors from the generation config: the penalties and biases run
-*before* custom processors, the warpers (temperature, top-k, top-p, min-p, typical, ...) *after*.
-Pass ``temperature=1.0, top_k=0, top_p=1.0`` (and leave ``min_p``, ``typical_p``, ``epsilon_cutoff``,
-``repetition_penalty`` at their neutral defaults) so nothing re-warps the policy's distribution:
-many models ship a ``generation_config`` with ``temperature`` / ``top_p`` set, and ``generate``
-falls back to those when the call does not override them. ``do_sample=True`` is required (greedy
-decoding ignores the temperature; a policy's ``T = 0`` rows are already one-hot).
+``generate`` builds its own processors from the generation config (``_get_logits_processor``): the
+penalties, biases and bans run *before* custom processors, the warpers (temperature, top-k, top-p,
+min-p, typical, epsilon, eta, top-h) are appended *after* them, and ``generate`` falls back to the
+model's ``generation_config`` for every setting the call does not override. Many Hub models ship
+``temperature=0.6`` / ``top_k=50`` / ``top_p=0.9`` there, which would re-warp the policy's
+distribution. So the processor **refuses** such a call: on the first step of a generation it looks at
+the ``LogitsProcessorList`` that is calling it and raises a ``ValueError`` naming every warper that
+follows it, with its value and the ``generate`` argument that switches it off
+(:data:`NEUTRAL_GENERATE_KWARGS`: ``temperature=1.0, top_k=0, top_p=1.0`` and the others at their
+neutral values). Other processors that follow it get a ``RuntimeWarning`` (they may change the
+distribution). Processors *before* it (``repetition_penalty``, ``no_repeat_ngram_size``, bad words)
+change the logits the policy observes, unlike training; leave them off unless that is wanted.
+``do_sample=True`` is required (greedy decoding ignores the temperature's magnitude; a policy's
+``T = 0`` rows are already one-hot).
 
 Per step the processor runs :class:`samplers.runtime.PolicyRuntime`: the same featurizer, policy,
 action mapping (rate limit included), truncation and signed temperature as training, so a policy
@@ -36,15 +43,36 @@ processed (``generate`` feeds them padding); their temperatures after EOS are me
 
 from __future__ import annotations
 
+import inspect
+import warnings
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from policies.actions import ActionMapping
 from policies.features import FeatureSpec
 from samplers.runtime import RuntimeAdapter
 
-__all__ = ["PolicyLogitsProcessor"]
+__all__ = ["NEUTRAL_GENERATE_KWARGS", "PolicyLogitsProcessor"]
+
+NEUTRAL_GENERATE_KWARGS = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                           "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+"""``generate`` arguments that leave transformers' own warpers out (or neutral) whatever the model's
+``generation_config`` says, so the policy's distribution is sampled as it is: ``model.generate(**inputs,
+**NEUTRAL_GENERATE_KWARGS, logits_processor=LogitsProcessorList([proc]))``."""
+
+# Warpers generate() appends after custom processors: class name -> (attribute, is neutral, argument to pass).
+_WARPERS = {
+    "TemperatureLogitsWarper": ("temperature", lambda v: float(v) == 1.0, "temperature=1.0"),
+    "TopKLogitsWarper": ("top_k", lambda v: False, "top_k=0"),
+    "TopPLogitsWarper": ("top_p", lambda v: float(v) >= 1.0, "top_p=1.0"),
+    "MinPLogitsWarper": ("min_p", lambda v: float(v) == 0.0, "min_p=0.0"),
+    "TypicalLogitsWarper": ("mass", lambda v: float(v) >= 1.0, "typical_p=1.0"),
+    "EpsilonLogitsWarper": ("epsilon", lambda v: float(v) == 0.0, "epsilon_cutoff=0.0"),
+    "EtaLogitsWarper": ("epsilon", lambda v: False, "eta_cutoff=0.0"),
+    "TopHLogitsWarper": ("top_h", lambda v: False, "top_h=None"),
+}
+_HARMLESS = {"LogitNormalization"}  # log_softmax: the same distribution
 
 
 class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
@@ -94,6 +122,43 @@ class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
         self._last_tokens = None
 
     # ------------------------------------------------------------------ the processor
+    def _check_what_follows(self, frame) -> None:
+        """Refuse warpers that transformers runs after this processor (see the module doc).
+
+        ``frame`` is this call's frame; its caller is ``LogitsProcessorList.__call__`` inside
+        ``generate`` (``self`` = the list). Called directly (not from a list), nothing is checked.
+        """
+        caller = frame.f_back if frame is not None else None
+        owner = caller.f_locals.get("self") if caller is not None else None
+        del frame, caller
+        if not isinstance(owner, LogitsProcessorList):
+            return
+        position = next((i for i, p in enumerate(owner) if p is self), None)
+        if position is None:
+            return
+        rescaling, unknown = [], []
+        for proc in list(owner)[position + 1:]:
+            name = type(proc).__name__
+            if name in _WARPERS:
+                attribute, neutral, fix = _WARPERS[name]
+                value = getattr(proc, attribute, None)
+                value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if value is None or not neutral(value):
+                    rescaling.append((f"{name}({attribute}={value!r})", fix))
+            elif name not in _HARMLESS:
+                unknown.append(name)
+        if rescaling:
+            found = ", ".join(r for r, _ in rescaling)
+            fixes = ", ".join(f for _, f in rescaling)
+            raise ValueError(
+                f"generate() would apply {found} after PolicyLogitsProcessor and rescale the policy's distribution "
+                "(these come from the call's arguments or the model's generation_config). Pass "
+                f"{fixes} to generate() (samplers.hf.NEUTRAL_GENERATE_KWARGS holds every neutral setting); the "
+                "policy sets the temperature and truncation itself")
+        if unknown:
+            warnings.warn(f"{', '.join(unknown)} run(s) after PolicyLogitsProcessor and may change the policy's "
+                          "distribution; put PolicyLogitsProcessor last", RuntimeWarning, stacklevel=3)
+
     def _is_continuation(self, input_ids: torch.Tensor) -> bool:
         if self._last_len is None or self._last_tokens is None:
             return False
@@ -113,6 +178,7 @@ class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
         if self._is_continuation(input_ids):
             tokens = input_ids[:, -1]  # (B,) drawn at the previous step
         else:
+            self._check_what_follows(inspect.currentframe())
             self.runtime.start(scores.shape[0], scores.device)
             tokens = None
         out = self.runtime.step(scores, tokens)  # (B, V) new tensor

@@ -15,13 +15,16 @@ and its own truncation off. Rows whose temperature is 0 (or ``|T| < 1e-6``) come
 (every other token ``-inf``), so any sampler draws the argmax / argmin exactly.
 
 Adapters: :mod:`samplers.hf` (transformers ``LogitsProcessor``), :mod:`samplers.llama_cpp`
-(llama-cpp-python, numpy), :mod:`samplers.vllm` (vLLM v1 batch-level logits processor, which also
-uses :meth:`PolicyRuntime.reorder` when the engine's persistent batch changes).
+(llama-cpp-python, numpy), :mod:`samplers.vllm` (vLLM's batch-level logits processors: one row per
+request slot, stepped a subset at a time with ``step(..., rows=slots)`` and :meth:`PolicyRuntime.reset_rows`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+import re
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +35,8 @@ from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
 from samplers.core import Truncation, apply_temperature, did_you_mean, truncate
 
-__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "merge_guard"]
+__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity",
+           "merge_guard"]
 
 
 def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | dict:
@@ -52,6 +56,56 @@ def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | 
     if isinstance(requested, dict):
         return {**base, "enabled": True, **requested}
     raise TypeError(f"guard={requested!r} must be None (the export's setting), True, False or a dict of settings")
+
+
+MODEL_CHECK_ENV = "KELVIN_MODEL_CHECK"
+
+
+def _model_key(name) -> str:
+    """A model's name without its folder, file type, quantisation or Kelvin cache suffix, lower case:
+    'HuggingFaceTB/SmolLM2-135M-Instruct', '/x/SmolLM2-135M-Instruct.Q4_1.gguf' and 'smollm2-135m-instruct'
+    all give 'smollm2-135m-instruct'."""
+    key = Path(str(name).rstrip("/")).name.lower()
+    key = re.sub(r"-[0-9a-f]{16}$", "", key)  # ~/.cache/kelvin/gguf/NAME-<hash>: a dequantised GGUF
+    key = re.sub(r"\.gguf$", "", key)
+    return re.sub(r"[.-](i?q\d[a-z0-9_]*|f16|f32|bf16)$", "", key)
+
+
+def engine_model_identity(model) -> tuple[str | None, int | None]:
+    """``(name, vocabulary size)`` of the model an engine runs: a Kelvin ``CausalLM``, a transformers
+    model, a ``llama_cpp.Llama``, or a name (vocabulary unknown)."""
+    if isinstance(model, (str, Path)):
+        return str(model), None
+    if hasattr(model, "tokenizer") and hasattr(model, "vocab_size") and hasattr(model, "name"):  # envs.lm.CausalLM
+        return str(model.name), int(model.vocab_size)
+    if hasattr(model, "model_path") and callable(getattr(model, "n_vocab", None)):  # llama_cpp.Llama
+        return str(model.model_path), int(model.n_vocab())
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None) is not None:  # transformers PreTrainedModel
+        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        return (str(name) if name else None), int(config.vocab_size)
+    raise TypeError(f"model={type(model).__name__} is not a model Kelvin can identify; pass a Kelvin CausalLM, a "
+                    "transformers model, a llama_cpp.Llama, or the model's name")
+
+
+def check_engine_model(exported: dict, engine_name: str | None, engine_vocab: int | None) -> None:
+    """Refuse a policy exported for another model than the engine runs (``exported``: spec.json ``model``).
+
+    Different vocabulary sizes are always an error (token ids mean other tokens). Different names (compared
+    by :func:`_model_key`) are an error too, unless ``KELVIN_MODEL_CHECK=vocab`` says they are the same model
+    under two names. Unknown values (None) are not compared.
+    """
+    name, vocab = exported.get("name"), exported.get("vocab_size")
+    vocab_differs = vocab is not None and engine_vocab is not None and int(vocab) != int(engine_vocab)
+    name_differs = (name is not None and engine_name is not None and _model_key(name) != _model_key(engine_name)
+                    and os.environ.get(MODEL_CHECK_ENV, "").lower() != "vocab")
+    if vocab_differs or name_differs:
+        hint = ("" if vocab_differs else f" If both are the same model under two names, set {MODEL_CHECK_ENV}=vocab "
+                                         "to compare vocabularies only.")
+        raise ValueError(
+            f"this policy was exported for model {name!r} (vocabulary {vocab}) but the engine runs {engine_name!r} "
+            f"(vocabulary {engine_vocab}): its features and temperatures only make sense on the model it was "
+            f"trained with. Run {name!r}, or train and export a policy on {engine_name!r}.{hint}")
 
 
 def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] | None:
@@ -107,7 +161,7 @@ class PolicyRuntime:
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None,
                  token_prior: torch.Tensor | None = None, category=None, diversity_weight=None, record: bool = True,
-                 guard: bool | dict | None = True):
+                 guard: bool | dict | None = True, exported_model: dict | None = None):
         if not isinstance(policy, TemperaturePolicy):
             raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) and actions(obs) as "
                             f"a Kelvin TemperaturePolicy does (a baseline, a LearnedPolicy, policies.load_policy(path)); "
@@ -130,6 +184,8 @@ class PolicyRuntime:
         self.category = category
         self.diversity_weight = diversity_weight
         self.record = record
+        self.exported_model = dict(exported_model or {})
+        """spec.json ``model`` of the export this runtime runs (``{name, vocab_size}``; empty when built by hand)."""
         if category is not None:  # validate the names now, not at the first generate step
             category_indices(self.feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
         if diversity_weight is not None and not self.feature_spec.include_diversity_weight:
@@ -154,20 +210,24 @@ class PolicyRuntime:
         return self._last_t
 
     @classmethod
-    def pretrained_arguments(cls, path, kwargs: dict) -> tuple[tuple, dict]:
+    def pretrained_arguments(cls, path, kwargs: dict, model=None) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for an adapter's constructor from an export directory (``from_pretrained``).
 
         The artifact gives policy, feature spec, action mapping, truncation and token prior; its
         ``guard`` block gives the guard settings. The caller's ``guard`` decides: None (default)
         = the export's setting, False = off, True = on with the export's settings, a dict = the
-        export's settings updated with these.
+        export's settings updated with these. ``model`` (the engine's model, see
+        :func:`engine_model_identity`) is checked against the model the policy was exported for.
         """
         from policies.artifact import load_artifact
 
         art = load_artifact(path)
+        if model is not None:
+            check_engine_model(art.model, *engine_model_identity(model))
         kwargs = dict(kwargs)
         kwargs.setdefault("token_prior", art.token_prior)
         kwargs["guard"] = merge_guard(art.guard, kwargs.get("guard"))
+        kwargs.setdefault("exported_model", art.model)
         return (art.policy, art.feature_spec, art.action_mapping, art.truncation), kwargs
 
     # ------------------------------------------------------------------ rows
@@ -198,42 +258,87 @@ class PolicyRuntime:
         self._episode_start = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.temperatures = []
 
-    def reorder(self, source: Sequence[int], fresh_category: dict[int, Any] | None = None) -> None:
-        """Rebuild the rows from the previous ones: new row ``i`` continues old row ``source[i]`` (-1 = fresh).
+    def reset_rows(self, rows: Sequence[int] | torch.Tensor, category=None, diversity_weight=None) -> None:
+        """Start fresh episodes on ``rows`` only (a request entering an engine slot); the others keep theirs.
 
-        For engines whose batch changes between steps (vLLM's persistent batch). Featurizer state,
-        the policy's per-row state and the previous temperatures move with their rows; fresh rows
-        start a new episode (``fresh_category`` maps a fresh row to its category).
+        ``category`` (one name / index for all these rows) and ``diversity_weight`` (one value) set their
+        conditioning inputs; None keeps the constructor's. The policy's per-row state resets at the rows'
+        next step (``episode_start``).
         """
         f = self.featurizer
         if f is None:
-            raise RuntimeError("PolicyRuntime.reorder called before start(batch_size, device)")
-        src = torch.as_tensor(list(source), dtype=torch.long, device=f.device)
-        old_b = f.batch_size
-        if bool(((src < -1) | (src >= old_b)).any()):
-            raise ValueError(f"reorder source {src.tolist()} points outside the {old_b} previous rows")
-        fresh = src < 0  # (n,)
-        idx = src.clamp_min(0)
-        f.reorder(idx)  # history and the pending observation's logits move with their rows
-        self.policy.reorder_rows(idx)
-        self._last_t = self._last_t[idx]
-        self._episode_start = self._episode_start[idx] | fresh
-        rows = torch.nonzero(fresh).flatten()
-        if rows.numel():
-            f.reset(rows)
-            self._last_t[rows] = self.feature_spec.initial_temperature
-            for row, cat in (fresh_category or {}).items():
-                if fresh[row] and cat is not None:
-                    f.reset([row], category=category_indices(self.feature_spec, cat, 1))
+            raise RuntimeError("PolicyRuntime.reset_rows called before start(batch_size, device)")
+        idx = torch.as_tensor(rows, dtype=torch.long, device=f.device).reshape(-1)
+        if idx.numel() == 0:
+            return
+        if bool(((idx < 0) | (idx >= f.batch_size)).any()):
+            raise ValueError(f"rows {idx.tolist()} outside the {f.batch_size} rows started")
+        cat = self.category if category is None else category
+        cats = None if cat is None else category_indices(self.feature_spec, cat, 1) * idx.numel()
+        dw = self.diversity_weight if diversity_weight is None else diversity_weight
+        f.reset(idx, category=cats, diversity_weight=dw)
+        self._last_t[idx] = self.feature_spec.initial_temperature
+        self._episode_start[idx] = True
+
+    def _policies(self) -> list:
+        """The stateful policies whose per-row state follows the rows (the guard and the policy inside it)."""
+        return [p for p in (self.policy, getattr(self.guard, "policy", None)) if isinstance(p, TemperaturePolicy)]
+
+    def _enter_rows(self, rows: torch.Tensor) -> dict:
+        """Swap the state of ``rows`` (R,) in for a step on those rows alone; returns the full state."""
+        full = {"featurizer": self.featurizer.enter_rows(rows), "last_t": self._last_t,
+                "start": self._episode_start, "policy": [p.row_state for p in self._policies()]}
+        self._last_t, self._episode_start = self._last_t[rows], self._episode_start[rows]
+        for p, st in zip(self._policies(), full["policy"]):
+            p.row_state = None if not st else {k: v.to(rows.device)[rows] for k, v in st.items()}
+        return full
+
+    def _leave_rows(self, rows: torch.Tensor, full: dict) -> None:
+        """Write the state of ``rows`` after their step back into the full state (the inverse of _enter_rows)."""
+        self.featurizer.leave_rows(rows, full["featurizer"])
+        full["last_t"][rows] = self._last_t
+        full["start"][rows] = self._episode_start
+        self._last_t, self._episode_start = full["last_t"], full["start"]
+        for p, st in zip(self._policies(), full["policy"]):
+            sub = p.row_state
+            if sub and st:
+                for k, v in st.items():
+                    v = v.to(rows.device)
+                    v[rows] = sub[k]
+                    st[k] = v
+            p.row_state = st if st else sub
 
     # ------------------------------------------------------------------ per step
     def step(self, scores: torch.Tensor, tokens: torch.Tensor | None = None,
-             drew: torch.Tensor | None = None) -> torch.Tensor:
+             drew: torch.Tensor | None = None, rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Tempered logits (B, V) for next-token ``scores`` (B, V); ``scores`` is left unchanged.
 
         ``tokens`` (B,) are the tokens drawn since the previous step (None on a first step);
         ``drew`` (B,) bool limits the update to the rows that drew one (None = every row).
+        ``rows`` (R,) steps only those rows of the started batch (engine slots), ``scores`` being (R, V)
+        in that order; the other rows keep their state untouched (None = every row, in order).
         """
+        if rows is None:
+            return self._step(scores, tokens, drew)
+        if self.featurizer is None:
+            raise RuntimeError("PolicyRuntime.step called before start(batch_size, device)")
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.featurizer.device).reshape(-1)  # (R,)
+        if idx.shape[0] != getattr(scores, "shape", (None,))[0]:
+            raise ValueError(f"rows has {idx.shape[0]} entries for {getattr(scores, 'shape', ['?'])[0]} rows of scores")
+        if bool(((idx < 0) | (idx >= self.featurizer.batch_size)).any()) or idx.unique().numel() != idx.numel():
+            raise ValueError(f"rows {idx.tolist()[:16]} must be distinct rows in [0, {self.featurizer.batch_size})")
+        full = self._enter_rows(idx)
+        try:
+            return self._step(scores, tokens, drew)
+        finally:
+            self._leave_rows(idx, full)
+
+    @property
+    def last_temperature(self) -> torch.Tensor | None:
+        """(B,) the temperature each row used at its latest step (the initial temperature before any)."""
+        return self._last_t
+
+    def _step(self, scores: torch.Tensor, tokens: torch.Tensor | None, drew: torch.Tensor | None) -> torch.Tensor:
         f = self.featurizer
         if f is None:
             raise RuntimeError("PolicyRuntime.step called before start(batch_size, device)")
@@ -241,11 +346,14 @@ class PolicyRuntime:
             raise ValueError(f"scores must be a (B, V) tensor; got {getattr(scores, 'shape', type(scores).__name__)}")
         if scores.shape[0] != f.batch_size:
             raise ValueError(f"scores have {scores.shape[0]} rows but {f.batch_size} rows are tracked; call start()")
-        if f.token_prior is not None and f.token_prior.shape[0] != scores.shape[1]:
+        vocab = self.exported_model.get("vocab_size")
+        vocab = int(vocab) if vocab is not None else (None if f.token_prior is None else f.token_prior.shape[0])
+        if vocab is not None and vocab != scores.shape[1]:
+            name = self.exported_model.get("name")
             raise ValueError(
-                f"the logits have {scores.shape[1]} columns but the policy's token prior covers a vocabulary of "
-                f"{f.token_prior.shape[0]}: it was exported for another model; use the model it was trained with "
-                "(see spec.json 'model')")
+                f"the logits have {scores.shape[1]} columns (the engine model's vocabulary) but the policy was "
+                f"exported for another model{f' ({name!r})' if name else ''} with a vocabulary of {vocab}: use the "
+                "model it was trained with (spec.json 'model'), or train and export a policy on this one")
         zmax = scores.amax(dim=-1)  # (B,): NaN, +inf and all -inf rows show here
         if not bool(torch.isfinite(zmax).all()):  # check before the featurizer reads them
             rows = torch.nonzero(~torch.isfinite(zmax)).flatten().tolist()
@@ -283,15 +391,18 @@ class RuntimeAdapter:
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None, *,
                  token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None, guard: bool | dict | None = True):
+                 diversity_weight=None, guard: bool | dict | None = True, exported_model: dict | None = None):
         self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight, guard=guard)
+                                     category=category, diversity_weight=diversity_weight, guard=guard,
+                                     exported_model=exported_model)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
+    def from_pretrained(cls, path, model=None, **kwargs):
         """From an export directory (``python -m kelvin.export``); keyword arguments as the constructor's,
-        ``guard`` as :meth:`PolicyRuntime.pretrained_arguments` resolves it."""
-        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs)
+        ``guard`` as :meth:`PolicyRuntime.pretrained_arguments` resolves it. ``model``: the engine's model
+        (a transformers model, a ``llama_cpp.Llama``, a Kelvin ``CausalLM`` or a name); an export trained on
+        another model is then refused with both names."""
+        args, kwargs = PolicyRuntime.pretrained_arguments(path, kwargs, model=model)
         return cls(*args, **kwargs)
 
     @property

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,8 +29,6 @@ from policies.registry import BASELINE_NAMES, make_policy
 from samplers.core import apply_temperature, truncate
 from samplers.hf import PolicyLogitsProcessor
 from samplers.llama_cpp import LlamaCppPolicyProcessor
-from samplers.runtime import PolicyRuntime
-from samplers.vllm import KelvinLogitsProcessor, PersistentBatch, VLLM_AVAILABLE, plan_batch_update
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -572,83 +569,6 @@ def test_llama_cpp_processor_matches_the_hf_processor(dummy_export):
     assert len(llama.temperatures) == 1
     with pytest.raises(ValueError, match="one sequence"):
         llama(ids[0, :3].numpy(), np.zeros((2, V), np.float32))
-
-
-# =========================================================================== vLLM (pure state logic)
-def test_vllm_import_guard_message():
-    if VLLM_AVAILABLE:
-        pytest.skip("vLLM is installed here")
-    with pytest.raises(ImportError, match="pip install vllm"):
-        KelvinLogitsProcessor(None, torch.device("cpu"), False)
-
-
-def test_plan_batch_update_follows_vllm_order():
-    # rows 0..3; remove 1; add a new request at 1; move 3 -> 2 (unidirectional); shrink to 3 rows
-    source, added = plan_batch_update(4, 3, removed=[1, 2], added=[1], moved=[(3, 2, "UNIDIRECTIONAL")])
-    assert source == [0, -1, 3] and added == {1: 0}
-    source, added = plan_batch_update(3, 3, [], [], [(0, 2, SimpleNamespace(name="SWAP"))])
-    assert source == [2, 1, 0] and added == {}
-    source, added = plan_batch_update(0, 2, [], [0, 1], [(0, 1, "SWAP")])  # moves apply to new rows too
-    assert source == [-1, -1] and added == {0: 1, 1: 0}
-    with pytest.raises(ValueError, match="unknown move direction"):
-        plan_batch_update(2, 2, [], [], [(0, 1, "SIDEWAYS")])
-
-
-def _batch_update(size, removed=(), added=(), moved=()):
-    return SimpleNamespace(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
-
-
-def _params(**extra):
-    return SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, extra_args=extra or None)
-
-
-def test_persistent_batch_follows_requests_through_moves():
-    """Each request's temperatures equal those of the same request run alone, whatever its row."""
-    g = torch.Generator().manual_seed(0)
-    streams = {r: [torch.randn(V, generator=g) * 2 for _ in range(6)] for r in "ABC"}
-    outputs = {r: [] for r in "ABC"}
-    batch = PersistentBatch(PolicyRuntime(make_policy("pid", SPEC, MAPPING), category=None, record=False))
-    got = {r: [] for r in "ABC"}
-    # schedule of (batch update, rows -> request) per engine step
-    schedule = [
-        (_batch_update(2, added=[(0, _params(kelvin_category="code"), [1], outputs["A"]),
-                                 (1, _params(), [2], outputs["B"])]), ["A", "B"]),
-        (None, ["A", "B"]),
-        (_batch_update(3, added=[(2, _params(), [3], outputs["C"])], moved=[(0, 1, "SWAP")]), ["B", "A", "C"]),
-        (None, ["B", "A", "C"]),
-        (_batch_update(2, removed=[0], moved=[(2, 0, "UNIDIRECTIONAL")]), ["C", "A"]),
-        (None, ["C", "A"]),
-    ]
-    step_of = {r: 0 for r in "ABC"}
-    for update, rows in schedule:
-        batch.update(update)
-        logits = torch.stack([streams[r][step_of[r]] for r in rows])
-        out = batch.apply(logits)
-        temps = batch.runtime.last_temperatures
-        for i, r in enumerate(rows):
-            got[r].append(float(temps[i]))
-            token = int(torch.argmax(out[i]))
-            outputs[r].append(token)  # the engine appends the drawn token to the live list
-            step_of[r] += 1
-    for r, cat in (("A", "code"), ("B", None), ("C", None)):
-        alone = PolicyLogitsProcessor(make_policy("pid", SPEC, MAPPING), category=cat)
-        ids = torch.tensor([[7]])
-        for step in range(len(got[r])):
-            alone(ids, streams[r][step].view(1, -1))
-            ids = torch.cat([ids, torch.tensor([[outputs[r][step]]])], 1)
-        np.testing.assert_allclose(got[r], alone.temperature_trace()[0].numpy(), atol=1e-6, rtol=0)
-
-
-def test_persistent_batch_opt_out_rows_are_untouched():
-    batch = PersistentBatch(PolicyRuntime(FixedTemperature(SPEC, MAPPING, t=0.5), record=False))
-    batch.update(_batch_update(2, added=[(0, _params(kelvin=False), [1], []), (1, _params(), [1], [])]))
-    z = torch.randn(2, V)
-    out = batch.apply(z)
-    assert torch.equal(out[0], z[0]) and torch.allclose(out[1], apply_temperature(z[1:], 0.5)[0])
-    with pytest.raises(ValueError, match="temperature=0.7.*use temperature=1.0"):
-        KelvinLogitsProcessor.validate_params(SimpleNamespace(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0,
-                                                              extra_args=None))
-    KelvinLogitsProcessor.validate_params(SimpleNamespace(temperature=0.7, extra_args={"kelvin": False}))
 
 
 # =========================================================================== the real model

@@ -63,14 +63,22 @@ def test_update_reads_the_drawn_tokens_base_log_probability():
         f.update(torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
 
 
-def test_reorder_moves_history_and_the_pending_observation():
+def test_a_step_on_some_rows_leaves_the_others_untouched():
+    """An engine steps some of its slots: enter_rows narrows the featurizer, leave_rows writes them back,
+    history and pending observation included; the other rows are exactly as they were."""
     spec = FeatureSpec(horizon=8)
-    f = Featurizer(spec, 2)
-    f.observe(torch.log(torch.tensor([[0.5, 0.5, 1e-9], [0.9, 0.05, 0.05]])))
-    f.update(torch.tensor([0, 1]), torch.tensor([0.3, 1.7]))
-    z = torch.log(torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]]))
-    f.observe(z)
-    f.reorder(torch.tensor([1, 1, 0]))  # rows swap, row 1 is duplicated
-    assert f.state.prev_temperature.tolist() == pytest.approx([1.7, 1.7, 0.3])
-    stats = f.update(torch.tensor([2, 2, 0]), torch.tensor([1.0, 1.0, 1.0]))
-    torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.6, 0.6, 0.6])), atol=1e-6, rtol=0)
+    f = Featurizer(spec, 3)
+    f.observe(torch.log(torch.tensor([[0.5, 0.5, 1e-9], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])))
+    f.update(torch.tensor([0, 1, 2]), torch.tensor([0.3, 1.7, 0.9]))
+    f.observe(torch.log(torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]])))
+    before = {name: getattr(f.state, name).clone() for name in f.state.__dataclass_fields__}
+    full = f.enter_rows(torch.tensor([2, 0]))  # rows 2 and 0 drew tokens 2 and 0
+    stats = f.update(torch.tensor([2, 0]), torch.tensor([1.1, 0.5]))
+    torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.8, 0.6])), atol=1e-6, rtol=0)
+    f.observe(torch.log(torch.tensor([[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]])))
+    f.leave_rows(torch.tensor([2, 0]), full)
+    assert f.state.position.tolist() == [2, 1, 2] and f.state.prev_temperature.tolist() == pytest.approx([0.5, 1.7, 1.1])
+    for name, old in before.items():  # row 1 untouched
+        assert torch.equal(getattr(f.state, name)[1], old[1]), name
+    stats = f.update(torch.tensor([1, 0, 2]), torch.tensor([1.0, 1.0, 1.0]))  # each row reads its own pending logits
+    torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.25, 0.2, 0.4])), atol=1e-6, rtol=0)

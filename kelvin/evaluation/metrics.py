@@ -46,8 +46,9 @@ _COMPONENT_DOCS = {
     "entropy": "sum over tokens of min(H(tempered), cap) / cap",
     "coherence": "cosine(prompt, completion), MiniLM",
     "text_anomaly": "-(text anomaly score of the completion)",
-    "distinct": "distinct-2 of the completion's tokens",
-    "novelty": "1 - max cosine to earlier samples of the same prompt",
+    "correct": "1 when an accepted answer appears (answerable prompts), else 0",
+    "group_semantic": "mean cosine distance to the other samples of the group",
+    "group_ngram": "share of the completion's bigrams no other sample of the group has",
 }
 
 METRICS: list[Metric] = [

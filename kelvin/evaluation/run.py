@@ -83,7 +83,7 @@ def _run_all(config: KelvinConfig, prompts: list[Prompt], entries: list[PolicyEn
 
     torch.manual_seed(seed)
     lm = load_causal_lm(config.model)
-    embedder = get_default_embedder("cpu")  # the reward's embedder (coherence, novelty): loaded once
+    embedder = get_default_embedder("cpu")  # the reward's embedder (coherence, group diversity): loaded once
     env_cfg, k = config.env, config.env.group_size
     n_groups, n_prompts = env_cfg.batch_size // k, len(prompts)
     envs: dict = {}  # action mapping -> env (the same env code, prompts and seed for every policy)
