@@ -311,9 +311,15 @@ class GenerationCore:
             for k, v in self._episode_components(rows).items():
                 components[k][rows] = v
         reward = self.reward.combine(components, self.diversity)
-        self.ep_return += reward
         for k, v in components.items():
             self.ep_components[k] += v
+        if done.any() and self.reward.config.group_baseline:
+            rows = np.flatnonzero(done)
+            totals = {k: v[rows] for k, v in self.ep_components.items()}  # whole episodes, this step included
+            groups = [list(range(i, i + self.G)) for i in range(0, len(rows), self.G)]
+            reward = reward.copy()
+            reward[rows] += self.reward.leave_one_out_baseline(groups, self.reward.quality_return(totals)).astype(np.float32)
+        self.ep_return += reward
         self.ep_waited += ~active
         self.timings["model_s"] += dt_model
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model

@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
@@ -99,6 +99,13 @@ class RewardConfig:
     """Tempered entropy above this many nats earns no more credit."""
     repetition_n: StrictInt = Field(3, ge=1)
     """n of the repeated n-gram penalty."""
+    group_baseline: StrictBool = True
+    """Training signal: at the end of a group, each sample also receives minus the mean quality return
+    (every quality component, weighted and summed over the episode) of the other samples of its group.
+    The group is its own baseline: a prompt's difficulty (an easy fact, a hard sum) leaves the advantage,
+    the expected policy gradient does not change (the other samples' quality does not depend on this
+    sample's actions), and its variance drops. Diversity is not baselined (each sample's diversity
+    depends on the others' tokens). Validation and evaluation report absolute returns (off there)."""
 
     @property
     def needs_embedder(self) -> bool:
@@ -166,6 +173,24 @@ class RewardModel:
         if spread is not None:
             total = total + np.asarray(diversity, dtype=np.float32) * spread
         return total.astype(np.float32)
+
+    def quality_return(self, episode_sums: dict[str, np.ndarray]) -> np.ndarray:
+        """``sum_q w_q c_q`` of episode totals (each component summed over the episode): (R,)."""
+        total = None
+        for name, weight in self._quality.items():
+            term = weight * np.asarray(episode_sums[name], dtype=np.float64)
+            total = term if total is None else total + term
+        return np.zeros(len(next(iter(episode_sums.values())))) if total is None else total
+
+    def leave_one_out_baseline(self, groups: Sequence[Sequence[int]], quality: np.ndarray) -> np.ndarray:
+        """Minus the mean ``quality`` (R,) of the other members of each sample's group (0 alone): (R,)."""
+        out = np.zeros(len(quality), dtype=np.float64)
+        for members in groups:
+            idx = np.asarray(members, dtype=np.int64)
+            if idx.size > 1:
+                q = quality[idx]
+                out[idx] = -(q.sum() - q) / (idx.size - 1)
+        return out
 
     # ------------------------------------------------------------------ per completion
     def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],

@@ -322,7 +322,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     lm = load_causal_lm(config.model)
     env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
     val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
-                                reward=config.reward)
+                                reward=replace(config.reward, group_baseline=False))  # absolute returns
     if resume:
         model, vec = _load_checkpoint(run, env, config)
         if vec is not None:

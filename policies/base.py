@@ -256,8 +256,9 @@ class BaselinePolicy(TemperaturePolicy):
         return obs[:, self._col[name]]
 
     @classmethod
-    def param_defaults(cls) -> dict[str, Any]:
-        """The keyword-only constructor parameters and their defaults, in signature order."""
+    def param_defaults(cls, feature_spec: FeatureSpec | None = None) -> dict[str, Any]:
+        """The keyword-only constructor parameters and their defaults, in signature order (a policy whose
+        parameters depend on the observation, like a per-category table, reads them from ``feature_spec``)."""
         sig = inspect.signature(cls.__init__)
         return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 

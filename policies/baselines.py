@@ -20,6 +20,8 @@ by the mapping, exactly as a learned policy's action is.
 | `combined`     | CombinedRule                | a + b max(p) + c H(p)                               | no       |
 | `dynatemp`     | DynaTemp                    | llama.cpp: min_T + (max_T - min_T) (H / ln n)^exp   | no       |
 | `surprise`     | SurpriseController          | T_t = clamp(T_(t-1) - eta (s_t - tau), lo, hi)       | yes      |
+| `hotcold`      | HotColdSchedule             | hot for the first n tokens, then cold               | no       |
+| `table`        | CategoryTable               | one T per task category (the observation's one-hot) | no       |
 
 All computations are batched torch on the observation's device; no Python loop over rows.
 """
@@ -31,15 +33,18 @@ import math
 import torch
 
 from policies.actions import ActionMapping, anomaly_reset, rate_limit
-from policies.base import BaselinePolicy, check_real
+from policies.base import BaselinePolicy, _fmt, check_real
 from policies.features import FeatureSpec
+from samplers.core import did_you_mean
 
 __all__ = [
+    "CategoryTable",
     "CombinedRule",
     "DynaTemp",
     "EntropyDynamicTemperature",
     "EntropyRule",
     "FixedTemperature",
+    "HotColdSchedule",
     "MaxProbRule",
     "MedianRule",
     "PIDController",
@@ -461,3 +466,77 @@ class SurpriseController(BaselinePolicy):
         t = torch.where(first, torch.full_like(updated, self.t_init), updated)
         self._state = {"t": t}
         return t  # (B,)
+
+
+# ====================================================================== schedules and lookups
+class HotColdSchedule(BaselinePolicy):
+    """Hot start, cold finish: ``T = hot`` for the first ``n`` tokens of a completion, then ``T = cold``.
+
+    The simplest per-token schedule. The first tokens decide where a completion goes, so heat spent
+    there buys diversity across samples at a small cost in likelihood, and the rest of the completion
+    is drawn cold. Reads ``position`` (tokens generated / horizon).
+
+    Arguments: ``hot`` (default 1.5), ``n`` (default 1 token), ``cold`` (default 0.5). Spec strings:
+    ``hotcold``, ``hotcold:hot=2.0,n=2,cold=0.6``.
+    """
+
+    name = "hotcold"
+    display_name = "HotCold"
+    reads = ("position",)
+    label_params = {"hot": "T_hot", "n": "n", "cold": "T_cold"}
+
+    def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, *,
+                 hot: float = 1.5, n: int = 1, cold: float = 0.5):
+        hot = check_real("HotColdSchedule", "hot", hot)
+        cold = check_real("HotColdSchedule", "cold", cold)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"HotColdSchedule n={n!r} must be an integer >= 0 (tokens drawn at T_hot)")
+        super().__init__(feature_spec, action_mapping, hot=hot, n=n, cold=cold)
+        self.hot, self.n, self.cold = hot, n, cold
+
+    def _temperatures(self, obs, episode_start=None):
+        token = torch.round(self.column(obs, "position") * self.feature_spec.horizon)  # (B,) index of the next token
+        return torch.where(token < self.n, _full(obs, self.hot), _full(obs, self.cold))
+
+
+class CategoryTable(BaselinePolicy):
+    """One fixed temperature per task category: the static lookup table a deployment that knows the task
+    label would use (the sceptic's first answer to a learned, category-conditioned policy).
+
+    Reads the category one-hot of the observation (``env.include_category``); ``other`` covers any
+    category outside the table. Arguments: one temperature per category of
+    :data:`envs.prompts.CATEGORIES`-style names in the feature spec, plus ``other`` (default 0.7 each).
+    Spec strings: ``table:code=0.3,creative_writing=1.1``. ``kelvin.evaluation`` tunes one table per
+    diversity setting on the validation split.
+    """
+
+    name = "table"
+    display_name = "Table"
+
+    def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, **temperatures: float):
+        if not feature_spec.categories:
+            raise ValueError("CategoryTable needs the category one-hot in the observation (env.include_category: true)")
+        names = [*feature_spec.categories, "other"]
+        unknown = sorted(set(temperatures) - set(names))
+        if unknown:
+            raise ValueError(f"CategoryTable: unknown category {unknown[0]!r}; {did_you_mean(unknown[0], names, always_list=True)}")
+        table = {c: check_real("CategoryTable", c, temperatures.get(c, 0.7)) for c in names}
+        super().__init__(feature_spec, action_mapping, **table)
+        self.reads = tuple(f"category_{c}" for c in names)
+        self._col = {n: feature_spec.index(n) for n in self.reads}
+        self._table = torch.tensor([table[c] for c in names], dtype=torch.float32)  # (C + 1,)
+
+    @classmethod
+    def param_defaults(cls, feature_spec: FeatureSpec | None = None) -> dict[str, float]:
+        """One temperature per category of ``feature_spec`` plus ``other`` (none without a spec)."""
+        names = [*feature_spec.categories, "other"] if feature_spec is not None else []
+        return {c: 0.7 for c in names}
+
+    @property
+    def label(self) -> str:
+        return "Table(" + ", ".join(f"{c[:5]}={_fmt(t)}" for c, t in self._params.items()) + ")"
+
+    def _temperatures(self, obs, episode_start=None):
+        start = self._col[self.reads[0]]
+        onehot = obs[:, start:start + len(self.reads)]  # (B, C + 1)
+        return onehot @ self._table.to(obs.device)  # (B,)

@@ -19,6 +19,8 @@ preset values and accept the same keys.
 | `combined`     | CombinedRule()                       |
 | `dynatemp`     | DynaTemp()                           |
 | `surprise`     | SurpriseController()                 |
+| `hotcold`      | HotColdSchedule()                    |
+| `table`        | CategoryTable() (``table:code=0.3``) |
 
 ``policy.to_config()`` -> ``{"name": ..., "params": {...}}`` and :func:`policy_from_config`
 round-trip a policy through JSON.
@@ -50,6 +52,8 @@ _REGISTRY: dict[str, tuple[type[BaselinePolicy], dict[str, Any]]] = {
     "combined": (baselines.CombinedRule, {}),
     "dynatemp": (baselines.DynaTemp, {}),
     "surprise": (baselines.SurpriseController, {}),
+    "hotcold": (baselines.HotColdSchedule, {}),
+    "table": (baselines.CategoryTable, {}),
 }
 
 BASELINE_NAMES: list[str] = list(_REGISTRY)
@@ -63,9 +67,9 @@ def _lookup(name: str) -> tuple[type[BaselinePolicy], dict[str, Any]]:
     return _REGISTRY[key]
 
 
-def _canonical_key(policy: str, cls: type[BaselinePolicy], key: str) -> str:
+def _canonical_key(policy: str, cls: type[BaselinePolicy], key: str, feature_spec: FeatureSpec) -> str:
     """The constructor parameter ``key`` names (case-insensitive), or a ValueError listing valid ones."""
-    valid = list(cls.param_defaults())
+    valid = list(cls.param_defaults(feature_spec))
     by_lower = {v.lower(): v for v in valid}
     k = key.strip()
     if k in valid:
@@ -75,7 +79,7 @@ def _canonical_key(policy: str, cls: type[BaselinePolicy], key: str) -> str:
     raise ValueError(f"unknown parameter {key!r} for policy {policy!r}; {did_you_mean(k, valid, always_list=True)}")
 
 
-def _coerce(policy: str, cls: type[BaselinePolicy], key: str, value: Any) -> Any:
+def _coerce(policy: str, cls: type[BaselinePolicy], key: str, value: Any, feature_spec: FeatureSpec) -> Any:
     """A parameter value from a spec string or a config: a number (or None where allowed)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off")):
         if key in cls.optional_params:
@@ -94,7 +98,7 @@ def _coerce(policy: str, cls: type[BaselinePolicy], key: str, value: Any) -> Any
         number = float(value)
     if math.isnan(number):
         raise ValueError(f"parameter {key}=nan of policy {policy!r} must be a real number")
-    default = cls.param_defaults()[key]
+    default = cls.param_defaults(feature_spec)[key]
     if isinstance(default, int) and not isinstance(default, bool):
         if not number.is_integer():
             raise ValueError(f"parameter {key}={value!r} of policy {policy!r} must be an integer")
@@ -108,8 +112,8 @@ def _build(name: str, params: dict[str, Any], feature_spec: FeatureSpec,
     short = name.strip().lower()
     resolved = dict(preset)
     for key, value in params.items():
-        k = _canonical_key(short, cls, key)
-        resolved[k] = _coerce(short, cls, k, value)
+        k = _canonical_key(short, cls, key, feature_spec)
+        resolved[k] = _coerce(short, cls, k, value, feature_spec)
     policy = cls(feature_spec, action_mapping, **resolved)
     policy.name = short
     return policy
@@ -135,10 +139,10 @@ def make_policy(spec: str, feature_spec: FeatureSpec, action_mapping: ActionMapp
             else:
                 raise ValueError(
                     f"policy spec {spec!r}: {item!r} is not key=value; write e.g. "
-                    f"'{name.strip()}:{next(iter(cls.param_defaults()))}=...' "
-                    f"(valid parameters: {', '.join(cls.param_defaults())})"
+                    f"'{name.strip()}:{next(iter(cls.param_defaults(feature_spec)))}=...' "
+                    f"(valid parameters: {', '.join(cls.param_defaults(feature_spec))})"
                 )
-        k = _canonical_key(name.strip().lower(), cls, key)
+        k = _canonical_key(name.strip().lower(), cls, key, feature_spec)
         if k in params:
             raise ValueError(f"policy spec {spec!r} sets {k!r} twice")
         params[k] = value

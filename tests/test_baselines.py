@@ -26,7 +26,7 @@ from policies import (
     policy_from_config,
 )
 
-SPEC = FeatureSpec()
+SPEC = FeatureSpec(categories=("code", "creative_writing"))  # the category one-hot is there for the table
 MAPPING = ActionMapping(t_min=-2.0, t_max=2.0)  # linear, [-2, 2]
 LN2 = math.log(2.0)
 
@@ -346,6 +346,7 @@ def test_every_baseline_sign_and_range():
         "fixed": (1.0, 1.0), "greedy": (0.0, 0.0), "pid": (-2.0, -0.1), "pid-positive": (0.1, 1.5),
         "edt": (0.0, 1.0), "maxprob": (0.1, 0.5), "entropy": (0.1, 0.1 + 0.8 * ln_v), "median": (0.1, 0.5),
         "combined": (0.0, 0.3 + 0.4 * ln_v), "dynatemp": (0.3, 1.3), "surprise": (0.05, 2.0),
+        "hotcold": (0.5, 1.5), "table": (0.7, 0.7),
     }
     assert set(ranges) == set(BASELINE_NAMES)
     for policy in all_baselines(SPEC, MAPPING):
@@ -446,3 +447,30 @@ def test_unknown_and_malformed_parameters():
         make_policy("edt:theta=none", SPEC, MAPPING)
     with pytest.raises(ValueError, match="real number"):
         make_policy("fixed:nan", SPEC, MAPPING)
+
+
+# --------------------------------------------------------------------------- schedules and lookups
+def test_hot_cold_schedule_by_position():
+    spec = FeatureSpec(horizon=8)
+    policy = make_policy("hotcold:hot=2.0,n=2,cold=0.4", spec, MAPPING)
+    positions = torch.tensor([0, 1, 2, 5]) / 8  # tokens generated so far / horizon
+    obs = Featurizer(spec, 4).observe(torch.zeros(4, 5))
+    obs[:, spec.index("position")] = positions
+    assert policy.temperatures(obs).tolist() == pytest.approx([2.0, 2.0, 0.4, 0.4])
+    assert policy.label == "HotCold(T_hot=2.0, n=2, T_cold=0.4)"
+    with pytest.raises(ValueError, match="integer"):
+        make_policy("hotcold:n=1.5", spec, MAPPING)
+
+
+def test_category_table_reads_the_one_hot():
+    spec = FeatureSpec(horizon=8, categories=("code", "creative_writing"))
+    policy = make_policy("table:code=0.2,creative_writing=1.3,other=0.6", spec, MAPPING)
+    f = Featurizer(spec, 3)
+    f.reset(None, category=[0, 1, 2])  # code, creative_writing, other
+    obs = f.observe(torch.zeros(3, 5))
+    assert policy.temperatures(obs).tolist() == pytest.approx([0.2, 1.3, 0.6])
+    assert policy.params == {"code": 0.2, "creative_writing": 1.3, "other": 0.6}
+    with pytest.raises(ValueError, match="did you mean 'code'"):
+        make_policy("table:cdoe=0.2", spec, MAPPING)
+    with pytest.raises(ValueError, match="include_category"):
+        make_policy("table", FeatureSpec(horizon=8), MAPPING)

@@ -621,3 +621,41 @@ def test_group_size_must_divide_batch_size(batch_size, group_size):
         load_config(None, [f"env.batch_size={batch_size}", f"env.group_size={group_size}"])
     with pytest.raises(ValueError, match="group_size"):  # built in Python: the same check
         EnvConfig(batch_size=batch_size, group_size=group_size)
+
+
+def test_leave_one_out_baseline_by_hand():
+    model = RewardModel(NO_EMBEDDER)  # quality weights: logprob 1, repetition 0.5, anomaly 1, coherence 0, text 4, correct 6
+    sums = {k: np.zeros(3) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
+    sums["logprob"] = np.array([-1.0, -2.0, -4.0])
+    sums["correct"] = np.array([1.0, 0.0, 1.0])
+    sums["group_semantic"] = np.array([9.0, 9.0, 9.0])  # diversity: not part of the quality return
+    quality = model.quality_return(sums)
+    assert quality.tolist() == pytest.approx([5.0, -2.0, 2.0])
+    # group [0, 1] and a sample alone: minus the mean of the others, nothing for a group of one
+    assert model.leave_one_out_baseline([[0, 1], [2]], quality).tolist() == pytest.approx([2.0, -5.0, 0.0])
+    assert model.leave_one_out_baseline([[0, 1, 2]], quality).tolist() == pytest.approx([0.0, -3.5, -1.5])
+
+
+def test_group_returns_are_relative_in_quality():
+    """With λ = 0 every group's episode returns sum to zero: each sample is paid its quality minus the mean
+    quality of the others; without the baseline the same episodes pay their absolute quality."""
+    prompts = [_prompt(0, "len=2,4 go"), _prompt(1, "len=3,1 go")]
+    returns = {}
+    for baseline in (True, False):
+        reward = RewardConfig(coherence=0.0, group_semantic=0.0, group_baseline=baseline)
+        config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, token_prior=False, seed=0,
+                           diversity_values=[0.0])
+        env = TemperatureVecEnv(config, lm=StubLM(), reward=reward, prompts=prompts)
+        env.reset()
+        ends = {}
+        for _ in range(8):
+            _, _, dones, infos = env.step(np.full((4, 1), 0.25, dtype=np.float32))
+            for r in np.flatnonzero(dones):
+                ends.setdefault(r, infos[r]["episode"]["r"])
+        returns[baseline] = ends
+    assert sorted(returns[True]) == [0, 1, 2, 3]
+    assert returns[True][0] + returns[True][1] == pytest.approx(0.0, abs=1e-5)
+    assert returns[True][2] + returns[True][3] == pytest.approx(0.0, abs=1e-5)
+    # relative = own absolute minus the other's absolute
+    assert returns[True][0] == pytest.approx(returns[False][0] - returns[False][1], abs=1e-5)
+    assert returns[False][0] != pytest.approx(returns[False][1])  # the rows really differ (2 vs 4 tokens)

@@ -98,8 +98,8 @@ def _run_all(config: KelvinConfig, prompts: list[Prompt], entries: list[PolicyEn
         for i, entry in enumerate(entries):
             mapping = entry.policy.action_mapping
             if mapping not in envs:
-                envs[mapping] = TemperatureVecEnv(replace(env_cfg, action=mapping), lm=lm, reward=config.reward,
-                                                  prompts=prompts)
+                envs[mapping] = TemperatureVecEnv(replace(env_cfg, action=mapping), lm=lm, prompts=prompts,
+                                                  reward=replace(config.reward, group_baseline=False))  # absolute
             if bar is not None:
                 bar.set_postfix_str(f"{i + 1}/{len(entries)} {entry.name}")
             out = collect_episodes(envs[mapping], entry.policy, episodes_per_row=per_row, seed=seed,
