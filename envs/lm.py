@@ -218,6 +218,9 @@ def load_causal_lm(config: ModelConfig | None = None, **overrides) -> "CausalLM"
             model, tokenizer = _load_hf(source.directory, source.gguf_file, torch.float32)
             _write_gguf_cache(model, tokenizer, cached)
             model = model.to(dtype)
+        # One identity whether the weights came from the GGUF or from its dequantised cache: engines compare it
+        # with the name a policy was exported for (samplers.runtime.check_engine_model).
+        model.config.name_or_path = str(source.directory / source.gguf_file)
     else:
         model, tokenizer = _load_hf(source.directory, None, dtype)
     lm = CausalLM(model, tokenizer, device=device, chat_template=config.chat_template,
