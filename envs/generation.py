@@ -68,9 +68,10 @@ class EnvConfig:
     """Truncation before the temperature: ``{top_k, top_p, min_p, top_n_sigma}`` (samplers/core.py); all off."""
     include_category: StrictBool = True
     """Append the prompt category one-hot to the observation."""
-    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    features: FeatureSettings = Field(default_factory=lambda: FeatureSettings(include_diversity_weight=True))
     """Feature settings ``{initial_temperature, ema_decay, repeat_window, anomaly_surprise, median_k,
-    include_diversity_weight, version}`` (policies/features.py)."""
+    include_diversity_weight, version}`` (policies/features.py). The env's default observes the diversity
+    dial λ (``include_diversity_weight: true``): one policy serves every setting of it."""
     token_prior: StrictBool = True
     """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""
     discovered_anomalies: StrictBool = True

@@ -1,6 +1,6 @@
 """Kelvin run configuration: YAML blocks loaded into typed, range-checked dataclasses.
 
-A config has five blocks, each mirroring the constructor it feeds (rl-zoo style):
+A config has six blocks, each mirroring the constructor it feeds (rl-zoo style):
 
 | block    | dataclass                                   | feeds                                            |
 |----------|---------------------------------------------|--------------------------------------------------|
@@ -9,6 +9,7 @@ A config has five blocks, each mirroring the constructor it feeds (rl-zoo style)
 | `reward` | :class:`envs.rewards.RewardConfig`          | :class:`envs.rewards.RewardModel`                |
 | `ppo`    | :class:`PPOConfig`: exactly keyword arguments of ``stable_baselines3.PPO`` | ``PPO(**config.ppo.kwargs())`` |
 | `train`  | :class:`TrainConfig`                        | :func:`kelvin.training.train`                    |
+| `evaluation` | :class:`EvaluationConfig`               | :func:`kelvin.evaluation.run.evaluate`           |
 
 **One source of defaults.** The dataclass field defaults *are* the embedded default run; a YAML file
 lists only what differs from them (``configs/default.yaml`` is ``{}``), and a run's ``config.yaml``
@@ -57,7 +58,7 @@ from envs.lm import ModelConfig
 from envs.rewards import RewardConfig
 from samplers.core import did_you_mean
 
-__all__ = ["ConfigError", "KelvinConfig", "MOVED_KEYS", "PPOConfig", "PolicyKwargs", "TrainConfig", "apply_overrides",
+__all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MOVED_KEYS", "PPOConfig", "PolicyKwargs", "TrainConfig", "apply_overrides",
            "load_config"]
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
@@ -141,6 +142,14 @@ class PPOConfig:
     """Gradient clipping norm."""
     target_kl: Optional[StrictFloat] = Field(None, gt=0, allow_inf_nan=False, examples=[0.02])
     """Stop an update's epochs early above this KL (None = never)."""
+    use_sde: StrictBool = False
+    """Generalised state-dependent exploration: the noise is a linear function of the actor's last hidden layer,
+    its weights redrawn every ``sde_sample_freq`` steps, so one exploration draw perturbs a whole stretch of an
+    episode consistently (a different *schedule*), not each token independently. Sequence-level rewards (paid at
+    the group's end) credit such perturbations far better than per-token noise. The exported actor is the same
+    mean network either way."""
+    sde_sample_freq: StrictInt = Field(-1, ge=-1)
+    """Steps between redraws of the gSDE noise weights (-1: once per rollout)."""
     stats_window_size: StrictInt = Field(100, ge=1)
     """Episodes averaged in the rollout/ep_* statistics."""
     policy_kwargs: PolicyKwargs = Field(default_factory=PolicyKwargs)
@@ -187,6 +196,64 @@ class TrainConfig:
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
 
 
+NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class EvaluationConfig:
+    """The ``evaluation:`` block: what ``evaluate.py`` sweeps, so its cost scales with the config
+    (``configs/smoke.yaml`` evaluates in under two minutes). Each baseline family is swept over the
+    grid below (an empty list leaves the family out); ``kelvin/evaluation/families.py`` documents them."""
+
+    samples: StrictInt = Field(4, ge=2)
+    """Samples per prompt K (diversity is measured across them)."""
+    max_prompts: Optional[StrictInt] = Field(None, ge=1, examples=[24])
+    """Use this many prompts of the split (round-robin over categories); None = all."""
+    batch_size: StrictInt = Field(64, ge=2)
+    """Rows decoded together (a multiple of samples; raise it on a GPU)."""
+    lambdas: Optional[list[NonNegFloat]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
+    """Diversity settings λ a λ-conditioned learned policy is evaluated at (its front); None =
+    ``n_lambdas`` values evenly spread over the range it was trained on."""
+    n_lambdas: StrictInt = Field(5, ge=1)
+    """How many λ values when ``lambdas`` is None."""
+    fixed: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5])
+    """Fixed T, no truncation (0 = greedy)."""
+    minp: list[FiniteFloat] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
+    """T inside min-p 0.1 (the community's favourite for creative text)."""
+    topp: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.6, 0.9, 1.2, 1.5])
+    """T inside top-p 0.9."""
+    edt: list[FiniteFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
+    """EDT's theta (T = T0 N^(theta / H), T0 = 1)."""
+    dynatemp: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """DynaTemp's delta around T = 0.8 (llama.cpp's dynamic temperature)."""
+    surprise: list[FiniteFloat] = Field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 7.0])
+    """The surprise controller's target tau (bits)."""
+    pid: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
+    """PID (positive preset) target quality."""
+    negative_minp: list[FiniteFloat] = Field(default_factory=lambda: [-0.3, -0.6, -1.0, -2.0, -4.0])
+    """T < 0 inside min-p 0.1: "the least likely of the plausible"."""
+    hotcold: list[list[FiniteFloat]] = Field(
+        default_factory=lambda: [[1.5, 1, 0.3], [1.5, 1, 0.6], [2.5, 1, 0.3], [2.5, 1, 0.6], [1.5, 3, 0.3],
+                                 [1.5, 3, 0.6], [2.5, 3, 0.3], [2.5, 3, 0.6]], examples=[[[1.5, 1, 0.5]]])
+    """Hot start, cold finish: ``[T_hot, n, T_cold]`` triples (T_hot for the first n tokens, then T_cold)."""
+    table_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9, 1.2, 1.5])
+    """The per-category table family: for each λ, one temperature per category from these, the best on the
+    validation split under the reward at that λ. Empty = no table family."""
+    table_prompts: StrictInt = Field(8, ge=1)
+    """Validation prompts per category the tables are tuned on."""
+    bootstrap: StrictInt = Field(2000, ge=10)
+    """Bootstrap resamples over prompts for every interval."""
+
+    def __post_init__(self):
+        if self.batch_size % self.samples:
+            raise ValueError(f"evaluation.batch_size={self.batch_size} must be a multiple of evaluation.samples="
+                             f"{self.samples} (the K samples of a prompt are one group)")
+        for triple in self.hotcold:
+            if len(triple) != 3 or triple[1] < 0 or not float(triple[1]).is_integer():
+                raise ValueError(f"evaluation.hotcold entry {triple} must be [T_hot, n, T_cold] with n an integer "
+                                 ">= 0, e.g. [1.5, 1, 0.5]")
+
+
 @settings_dataclass(config=ConfigDict(extra="forbid"))
 class KelvinConfig:
     """A whole run: every block resolved to its dataclass."""
@@ -196,6 +263,7 @@ class KelvinConfig:
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
         rollout = self.ppo.n_steps * self.env.batch_size
@@ -369,12 +437,13 @@ def _check_keys(raw: dict) -> None:
 def _build(raw, source: str) -> KelvinConfig:
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping of blocks"
-        raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train); "
+        raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation); "
                           "write {} for the embedded defaults, or the blocks that differ from them")
     raw = {block: ({} if values is None else values) for block, values in raw.items()}
     bad = [block for block in raw if not isinstance(block, str)]
     if bad:
-        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train); got {bad[0]!r}")
+        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train, evaluation); "
+                          f"got {bad[0]!r}")
     try:
         _check_keys(raw)
         return KelvinConfig(**raw)

@@ -84,15 +84,17 @@ def actor_module(sb3_policy, normalization: dict | None = None) -> ActorModule:
     of the VecNormalize the policy was trained with) or None for raw observations. The layers are copied:
     the module does not change when training goes on.
     """
-    from stable_baselines3.common.distributions import DiagGaussianDistribution
+    from stable_baselines3.common.distributions import DiagGaussianDistribution, StateDependentNoiseDistribution
     from stable_baselines3.common.torch_layers import FlattenExtractor
 
     name = type(sb3_policy).__name__
-    if not isinstance(getattr(sb3_policy, "action_dist", None), DiagGaussianDistribution):
+    # Both Gaussian heads (plain and gSDE) act deterministically with the mean action_net(latent): that is exported.
+    if not isinstance(getattr(sb3_policy, "action_dist", None), (DiagGaussianDistribution, StateDependentNoiseDistribution)):
         raise ArtifactError(f"{name} uses {type(getattr(sb3_policy, 'action_dist', None)).__name__}; only PPO's "
-                            "Gaussian MlpPolicy (use_sde=False) can be exported")
+                            "Gaussian MlpPolicy (with or without gSDE) can be exported")
     if getattr(sb3_policy, "squash_output", False):
-        raise ArtifactError(f"{name} squashes its output (gSDE); only PPO's Gaussian MlpPolicy can be exported")
+        raise ArtifactError(f"{name} squashes its output (tanh); only an unsquashed Gaussian MlpPolicy can be "
+                            "exported")
     extractor = getattr(sb3_policy, "pi_features_extractor", None) or getattr(sb3_policy, "features_extractor", None)
     if not isinstance(extractor, FlattenExtractor):
         raise ArtifactError(f"{name} uses the features extractor {type(extractor).__name__}; only the default "

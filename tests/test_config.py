@@ -66,7 +66,7 @@ def test_issue_15_inputs_get_one_line_naming_field_value_and_fix(case, tmp_path)
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("", "is empty: a config is a mapping of blocks (model, env, reward, ppo, train); write {} for the embedded "
+    ("", "is empty: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation); write {} for the embedded "
          "defaults"),
     ("# only a comment\n", "is empty"),
     ("- env\n- ppo\n", "is a list, not a mapping of blocks"),

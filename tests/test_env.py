@@ -133,7 +133,7 @@ def _obs_col(env, name: str) -> int:
 
 def _category_slot(env, obs_row: np.ndarray) -> int:
     start = _obs_col(env, f"category_{CATEGORIES[0]}")
-    onehot = obs_row[start:]
+    onehot = obs_row[start:start + len(CATEGORIES)]  # the diversity weight λ follows the one-hot
     assert sorted(onehot.tolist()) == [0.0] * (len(onehot) - 1) + [1.0]
     return int(onehot.argmax())
 

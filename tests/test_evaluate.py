@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kelvin.config import load_config
+from kelvin.config import ConfigError, load_config
 from kelvin.evaluation.metrics import METRIC_BY_NAME
 from kelvin.evaluation.statistics import verdict
 from kelvin.evaluation import (
@@ -24,12 +24,13 @@ from kelvin.evaluation import (
     EvaluationError,
     evaluate,
     group_by_prompt,
+    hull_front,
+    hull_gap,
+    hull_hypervolume,
     hypervolume_2d,
     main,
-    front_gap,
     pareto_front,
     parse_policy_specs,
-    parse_sweep_grid,
     prompt_metrics,
     select_prompts,
 )
@@ -108,14 +109,77 @@ def test_pareto_front_keeps_the_non_dominated_points():
     assert pareto_front(pts) == [2, 1, 0]  # by x descending; (1.5,1.5), the duplicate and (0, 3) dominated
 
 
-def test_front_gap_against_the_interpolated_front():
-    pts = [(0.0, 1.0), (1.0, 0.0), (-0.5, 0.5)]  # (-0.5, 0.5) is dominated by (0, 1): not on the front
-    assert front_gap(pts, (0.5, 0.6)) == pytest.approx(0.1)  # the segment is at 0.5 there
-    assert front_gap(pts, (0.25, 0.5)) == pytest.approx(-0.25)  # below: the front reaches 0.75
-    assert front_gap(pts, (1.0, 0.0)) == pytest.approx(0.0)  # a front point itself
-    assert front_gap(pts, (2.0, 0.5)) is None and front_gap(pts, (-0.2, 0.5)) is None  # outside its x range
-    assert front_gap([(0.0, 1.0), (1.0, 0.0), (0.5, 0.2)], (0.5, 0.6)) == pytest.approx(0.4)  # through (0.5, 0.2)
-    assert front_gap([(1.0, 2.0)], (1.0, 2.5)) == pytest.approx(0.5)
+def test_hull_of_a_known_front():
+    # (0.5, 0.4) lies under the chord from (0, 1) to (1, 0): mixing those two settings at random beats it
+    assert hull_front([(0.0, 1.0), (0.5, 0.4), (1.0, 0.0)]) == [(0.0, 1.0), (1.0, 0.0)]
+    assert hull_hypervolume([(0.0, 1.0), (0.5, 0.4), (1.0, 0.0)], (0.0, 0.0)) == pytest.approx(0.5)  # the triangle
+    pts = [(0.2, 0.9), (0.6, 0.7), (0.9, 0.2)]  # a concave chain: every point is a vertex
+    assert hull_front(pts) == pts
+    # flat part left of the first vertex, then two trapezoids: 0.2 * 0.9 + 0.4 * (0.9 + 0.7) / 2 + 0.3 * (0.7 + 0.2) / 2
+    assert hull_hypervolume(pts, (0.0, 0.0)) == pytest.approx(0.18 + 0.32 + 0.135)
+    assert hull_hypervolume(pts + [(0.5, 0.5), (0.1, 0.1)], (0.0, 0.0)) == pytest.approx(0.635)  # inside: nothing
+    # the reference clips: above y = 0.8 only the flat part (0.2 x 0.1) and a triangle (0.2 x 0.1 / 2) remain
+    assert hull_hypervolume(pts[:2], (0.0, 0.8)) == pytest.approx(0.02 + 0.01)
+    # a reference right of the first vertices: the segment (0.6, 0.7)-(0.9, 0.2) is at 0.7 - 0.1 * 5 / 3 at x = 0.7
+    assert hull_hypervolume(pts, (0.7, 0.0)) == pytest.approx(0.2 * (0.7 - 0.5 / 3 + 0.2) / 2)
+    assert hull_hypervolume([], (0.0, 0.0)) == 0.0 and hull_hypervolume([(-1.0, 2.0)], (0.0, 0.0)) == 0.0
+    # a hull always reaches at least the staircase of its own points
+    assert hull_hypervolume(pts, (0.0, 0.0)) >= hypervolume_2d(pts, (0.0, 0.0)) == pytest.approx(0.18 + 0.28 + 0.06)
+
+
+def test_hull_gap_is_the_distance_above_the_hull():
+    pts = [(0.0, 1.0), (1.0, 0.0), (0.5, 0.2)]  # (0.5, 0.2) is under the chord: not on the hull
+    assert hull_gap(pts, (0.5, 0.6)) == pytest.approx(0.1)  # the hull is at 0.5 there
+    assert hull_gap(pts, (0.25, 0.5)) == pytest.approx(-0.25)  # inside: a mix reaches 0.75
+    assert hull_gap(pts, (-1.0, 0.5)) == pytest.approx(-0.5)  # left of the hull: (0, 1) dominates it
+    assert hull_gap(pts, (2.0, 0.5)) is None  # right of every setting of the family
+
+
+def test_compare_hulls_on_fixed_numbers():
+    from kelvin.evaluation.fronts import compare_hulls
+
+    # every prompt gives the same values: the interval collapses to the difference of the hulls' areas
+    xs = {"a1": np.full(5, 0.2), "a2": np.full(5, 0.8), "b": np.full(5, 0.5)}
+    ys = {"a1": np.full(4, 0.9), "a2": np.full(4, 0.5), "b": np.full(4, 0.4)}
+    out = compare_hulls(xs, ys, {"A": ["a1", "a2"], "B": ["b"]}, [("A", "B")], (0.0, 0.0), same_prompts=False,
+                        n_resamples=50, seed=0)
+    # A: 0.2 * 0.9 + 0.6 * (0.9 + 0.5) / 2 = 0.6; B: 0.5 * 0.4 = 0.2
+    assert out[("A", "B")] == pytest.approx({"diff": 0.4, "low": 0.4, "high": 0.4})
+
+
+def test_tables_are_tuned_per_category_and_lambda():
+    from envs.rewards import RewardConfig, RewardModel
+    from kelvin.evaluation.families import tune_tables
+
+    def ep(category, correct, semantic):
+        comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
+                                  "correct", "group_semantic", "group_ngram")}
+        comps.update(correct=correct, group_semantic=semantic)
+        return {"category": category, "reward_components": comps}
+
+    reward = RewardModel(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
+    episodes = {0.0: [ep("math", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
+                1.0: [ep("math", 0.5, 0.5), ep("creative_writing", 0.0, 0.6)]}
+    tables = tune_tables(episodes, [0.0, 1.0], reward)
+    # λ = 0: math 6 vs 3 -> T 0; creative 0 vs 0 -> the tie goes to the cooler T
+    assert tables[0.0] == {"creative_writing": 0.0, "math": 0.0, "other": 0.0}
+    # λ = 1: math 6 vs 3 + 3 = 6 -> tie, cooler; creative 0.6 vs 3.6 -> T 1; overall (6 + 0.6) / 2 vs (6 + 3.6) / 2
+    assert tables[1.0] == {"creative_writing": 1.0, "math": 0.0, "other": 1.0}
+
+
+def test_family_points_run_under_a_wide_mapping_with_their_truncation():
+    from kelvin.evaluation.families import BASELINE_MAPPING, family_entries
+    from samplers.core import Truncation
+
+    config = load_config(SMOKE)
+    fams = family_entries(config, Truncation(min_p=0.02))
+    assert list(fams) == ["fixed", "minp", "edt", "negative_minp", "hotcold", "fixed@train"]
+    assert [e.name for e in fams["fixed"]] == ["fixed:T=0", "fixed:T=0.7", "fixed:T=1"]
+    assert fams["negative_minp"][0].truncation == Truncation(min_p=0.1)
+    assert fams["fixed@train"][0].truncation == Truncation(min_p=0.02) and fams["fixed"][0].truncation == Truncation()
+    assert fams["hotcold"][0].params["spec"] == "hotcold:hot=2,n=1,cold=0.5"
+    assert all(e.policy.action_mapping == BASELINE_MAPPING for es in fams.values() for e in es)
+    assert len({e.cache_key for es in fams.values() for e in es}) == sum(len(es) for es in fams.values())
 
 
 def test_policy_specs_keep_baseline_parameters_together():
@@ -124,13 +188,6 @@ def test_policy_specs_keep_baseline_parameters_together():
     assert parse_policy_specs(["all"]) == ["all"]
     with pytest.raises(EvaluationError, match="empty"):
         parse_policy_specs(" , ")
-
-
-def test_sweep_grid_overrides():
-    grids = parse_sweep_grid(["fixed=0.5,1", "edt:theta=1,3", "pid="])
-    assert grids["fixed"] == ("t", [0.5, 1.0]) and grids["edt"] == ("theta", [1.0, 3.0]) and "pid" not in grids
-    with pytest.raises(EvaluationError, match="(?i)did you mean 'fixed'"):
-        parse_sweep_grid(["fixd=1"])
 
 
 def test_select_prompts_round_robin_over_categories():
@@ -151,13 +208,13 @@ class _StubEmbedder:
         return torch.tensor([self.table[t] for t in texts], dtype=torch.float32)
 
 
-def _episode(ids, temps, logprobs, completion, r=1.0, truncated=True, anomaly=0.0, coherence=0.5):
+def _episode(ids, temps, logprobs, completion, r=1.0, truncated=True, anomaly=0.0, coherence=0.5, correct=None):
     comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
                               "correct", "group_semantic", "group_ngram")}
-    comps.update(anomaly=anomaly, coherence=coherence)
+    comps.update(anomaly=anomaly, coherence=coherence, correct=float(bool(correct)))
     return {"token_ids": ids, "temperatures": np.asarray(temps), "logprobs": np.asarray(logprobs),
             "completion": completion, "episode": {"r": r, "l": len(temps)}, "reward_components": comps,
-            "TimeLimit.truncated": truncated, "prompt_id": "p", "category": "c"}
+            "TimeLimit.truncated": truncated, "prompt_id": "p", "category": "c", "answerable": correct is not None}
 
 
 def test_prompt_metrics_by_hand():
@@ -181,6 +238,15 @@ def test_prompt_metrics_by_hand():
     assert per["negative_fraction"][0] == pytest.approx(1 / 8)
     assert per["near_greedy_fraction"][0] == pytest.approx(1 / 8)
     assert 0.0 <= per["self_bleu"][0] < 0.01  # no shared token
+    assert math.isnan(per["accuracy"][0])  # an open prompt has no accuracy
+
+
+def test_accuracy_is_the_share_of_correct_samples_on_answerable_prompts_only():
+    right = _episode([1, 2], [0.5, 0.5], [-1.0, -1.0], "A", correct=True)
+    wrong = _episode([3, 4], [0.5, 0.5], [-1.0, -1.0], "B", correct=False)
+    per = prompt_metrics([[right, wrong, wrong], [right, right, wrong]],
+                         _StubEmbedder({"A": [1.0, 0.0], "B": [0.0, 1.0]}), repetition_n=3)
+    np.testing.assert_allclose(per["accuracy"], [1 / 3, 2 / 3])
 
 
 def test_group_by_prompt_pairs_rows_of_a_group_and_drops_wrapped_slots():
@@ -255,14 +321,24 @@ def test_empty_prompt_file_and_bad_arguments(run_dir, tmp_path):
         evaluate(load_config(SMOKE), tmp_path / "out", ["pid"], prompts_file=str(empty))
     with pytest.raises(EvaluationError, match="does not exist"):
         evaluate(load_config(SMOKE), tmp_path / "out", ["pid"], prompts_file=str(tmp_path / "missing.jsonl"))
-    with pytest.raises(EvaluationError, match="must be an integer >= 2"):
-        evaluate(load_config(SMOKE), tmp_path / "out", ["pid"], samples=1)
+    with pytest.raises(ConfigError, match="evaluation.samples"):
+        load_config(SMOKE, ["evaluation.samples=1"])
     with pytest.raises(EvaluationError, match="did you mean 'edt'"):
         evaluate(load_config(SMOKE), tmp_path / "out", ["edtt"])
     with pytest.raises(EvaluationError, match="needs a run"):
         evaluate(load_config(SMOKE), tmp_path / "out", ["learned"])
     with pytest.raises(EvaluationError, match="listed twice"):
         evaluate(load_config(SMOKE), tmp_path / "out", ["pid", "pid"])
+    assert not (tmp_path / "out").exists()  # bad input leaves no trace
+
+
+def test_an_output_path_that_cannot_be_a_directory_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EvaluationError, match=r"--out .*file is a file; give a directory"):
+        evaluate(load_config(SMOKE), tmp_path / "file", ["pid"])
+    with pytest.raises(EvaluationError, match=r"file is a file, so .*sub cannot be created"):
+        evaluate(load_config(SMOKE), tmp_path / "file" / "sub", ["pid"])
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
@@ -273,85 +349,119 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- real model
 
-TINY = ["--samples", "2", "--max-prompts", "2", "--bootstrap", "200"]
+TINY = ["--set", "evaluation.fixed=[0.0,1.0]",
+        "--set", "evaluation.minp=[]", "--set", "evaluation.edt=[]", "--set", "evaluation.negative_minp=[-1.0]",
+        "--set", "evaluation.hotcold=[[2.0,1,0.5]]", "--set", "evaluation.table_temperatures=[0.0,1.0]"]
 
 
 @pytest.mark.slow
 def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["--config", str(SMOKE), "--run", str(run_dir), "--policies", "learned,pid,edt,fixed:0.7",
-                 "--split", "test", "--out", str(out), *TINY, "--sweep-grid", "fixed=-0.5,0.7",
-                 "--sweep-grid", "edt=1.5", "--sweep-grid", "pid=", "--sweep-grid", "dynatemp="])
+    code = main(["--config", str(SMOKE), "--run", str(run_dir), "--policies", "learned,pid",
+                 "--split", "test", "--out", str(out), *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
-    assert "evaluate" in captured.err and "step" in captured.err  # the tqdm bar
-    assert "reward learned:" in captured.out
+    assert "evaluate" in captured.err and "run" in captured.err  # the tqdm bar counts runs
+    assert "outside the hull of" in captured.out
     for name in ["report.md", "metrics.json", "metrics.csv", "samples.jsonl", "fronts.png",
                  "temperature_trajectories.png", "temperature_hist.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
     data = json.loads((out / "metrics.json").read_text())
-    learned = f"learned:{run_dir}"
-    assert list(data["policies"]) == [learned, "pid", "edt", "fixed:0.7"]
-    assert data["reference"] == learned
+    learned = [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=1"]  # smoke: n_lambdas 2 over λ in [0, 1]
+    assert list(data["policies"]) == [*learned, "pid"]
+    assert data["reference"] == learned[-1]
     for name, block in data["policies"].items():
         assert set(block["metrics"]) == {m.name for m in METRICS}, name
-        assert block["n_prompts"] == 2 and block["n_completions"] == 4
-        for metric, s in block["metrics"].items():
-            assert set(s) == {"mean", "low", "high"}
-            if metric != "tokens_per_s":
-                assert s["low"] <= s["mean"] + 1e-9 and s["mean"] <= s["high"] + 1e-9, (name, metric, s)
-    assert data["policies"]["fixed:0.7"]["metrics"]["temperature_mean"]["mean"] == pytest.approx(0.7, abs=1e-5)
-    assert data["policies"]["fixed:0.7"]["metrics"]["temperature_std"]["mean"] == pytest.approx(0.0, abs=1e-5)
-    assert set(data["paired_differences"]["baselines"]) == {"pid", "edt", "fixed:0.7"}
-    for diffs in data["paired_differences"]["baselines"].values():
-        assert {"reward", "logprob", "semantic_distance"} <= set(diffs)
-        for metric, d in diffs.items():  # each verdict is the one its own interval gives
-            assert d["verdict"] == verdict(METRIC_BY_NAME[metric], d["low"], d["high"]), metric
-    assert set(data["sweep"]) == {"fixed", "edt"} and len(data["sweep"]["fixed"]["points"]) == 2
-    neg = data["sweep"]["fixed"]["points"]["fixed:t=-0.5"]["metrics"]
-    assert neg["negative_fraction"]["mean"] == pytest.approx(1.0)
-    # a sweep point equal to a listed policy is run once: same numbers
-    assert data["sweep"]["fixed"]["points"]["fixed:t=0.7"]["metrics"] == data["policies"]["fixed:0.7"]["metrics"]
-    front = data["fronts"][0]
-    assert (front["x"], front["y"], front["reference"]) == ("logprob", "semantic_distance", [-10.0, 0.0])
-    assert set(front["families"]) == {"fixed", "edt"} and learned in front["learned"]
-    assert set(front["learned"][learned]["front_gap"]) == {"fixed", "edt"}
-    for family, info in front["families"].items():  # each hypervolume is that of the reported points' means
-        points = [data["sweep"][family]["points"][name]["metrics"] for name in info["points"]]
-        expected = hypervolume_2d([(m["logprob"]["mean"], m["semantic_distance"]["mean"]) for m in points], (-10.0, 0.0))
-        assert info["hypervolume"] == pytest.approx(expected, rel=1e-12)
+        assert block["n_prompts"] == 6 and block["n_completions"] == 12  # 6 test prompts (2 answerable) x 2
+    assert {k: list(v["points"]) for k, v in data["families"].items()} == {
+        "fixed": ["fixed:T=0", "fixed:T=1"], "negative_minp": ["negative_minp:T=-1"],
+        "hotcold": ["hotcold:2x1/0.5"], "table": ["table:λ=0", "table:λ=1"]}
+    greedy = data["families"]["fixed"]["points"]["fixed:T=0"]["metrics"]
+    assert greedy["temperature_mean"]["mean"] == 0.0 and greedy["near_greedy_fraction"]["mean"] == 1.0
+    neg = data["families"]["negative_minp"]["points"]["negative_minp:T=-1"]["metrics"]
+    assert neg["negative_fraction"]["mean"] == 1.0
+    assert set(data["tables"]["table"]) == {"0", "1"}  # one tuned table per λ of the learned front
+    for table in data["tables"]["table"].values():
+        assert set(table.values()) <= {0.0, 1.0}  # each category's T is one of the tuned grid's
+    assert [f["name"] for f in data["fronts"]] == ["main", "open", "open_logprob", "open_ngram"]
+    main_front = data["fronts"][0]
+    assert (main_front["x"], main_front["y"]) == ("accuracy", "semantic_distance")
+    fixed_t1 = next(p for p in main_front["families"]["fixed"]["points"] if p["name"] == "fixed:T=1")
+    assert main_front["reference"] == [fixed_t1["x"], 0.0]  # the common reference: fixed T = 1.0's x
+    for fam, info in main_front["families"].items():  # each hull HV is that of the reported points
+        pts = [(p["x"], p["y"]) for p in info["points"]]
+        assert info["hv_common"] == pytest.approx(hull_hypervolume(pts, tuple(main_front["reference"])), rel=1e-12)
+    run_front = main_front["learned"][str(run_dir)]
+    assert [p["lambda"] for p in run_front["points"]] == [0.0, 1.0]
+    for fam, v in run_front["vs"].items():  # each verdict is the one its own interval gives
+        assert v["low"] <= v["diff"] + 1e-12 and v["diff"] <= v["high"] + 1e-12, fam
+        assert v["verdict"] == ("outside" if v["low"] > 0 else "inside" if v["high"] < 0 else "no difference"), fam
+    goal = data["goals"][str(run_dir)]
+    assert (goal["lowest_lambda"], goal["highest_lambda"]) == (0.0, 1.0)
+    assert goal["beats_every_family_on_main_front"] == all(v == "outside" for v in goal["main_front"].values())
 
     report = (out / "report.md").read_text()
-    for needle in ["## Verdict", "95%", "fronts.png", "temperature_trajectories.png", "temperature_hist.png",
-                   "## Sample completions", "excludes zero", "hypervolume"]:
+    for needle in ["## Verdict", "95%", "fronts.png", "temperature_trajectories.png", "## Fronts and hulls",
+                   "## Sample completions", "hull"]:
         assert needle in report, needle
-    assert sum(line.startswith("- **The learned policy") for line in report.splitlines()) == 3
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("kind,policy,label,metric,mean,low,high")
-    assert any(line.startswith("paired_difference,pid,") for line in csv_lines)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 * 4 and {s["policy"] for s in samples} == set(data["policies"])
+    assert {s["policy"] for s in samples} == set(data["policies"]) and len(samples) == 3 * 12
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
-    assert {"reward/pid", "logprob/edt", "paired_difference/reward/pid"} <= set(ea.Tags()["scalars"])
     assert "plots/fronts" in ea.Tags()["images"]
+
+
+def _numbers(data):
+    pol = {n: {m: s for m, s in b["metrics"].items() if m != "tokens_per_s"} for n, b in data["policies"].items()}
+    return pol, data["paired_differences"]
 
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(run_dir, tmp_path):
-    def once(out):
-        return evaluate(load_config(SMOKE), out, [f"learned:{run_dir}", "pid"], samples=2, max_prompts=2, seed=3,
-                        sweep=False, n_resamples=200, progress=False)
+    config = load_config(SMOKE, ["evaluation.max_prompts=2", "evaluation.batch_size=4"])
 
-    def numbers(data):
-        pol = {n: {m: s for m, s in b["metrics"].items() if m != "tokens_per_s"} for n, b in data["policies"].items()}
-        return pol, data["paired_differences"]
+    def once(out):
+        return evaluate(config, out, [f"learned:{run_dir}", "pid"], seed=3, families=False, progress=False)
 
     a, b = once(tmp_path / "a"), once(tmp_path / "b")
-    assert numbers(a) == numbers(b)  # tokens/s is a timing: the only number allowed to differ
+    assert _numbers(a) == _numbers(b)  # tokens/s is a timing: the only number allowed to differ
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_partial_report_and_resume_finishes_with_the_same_numbers(run_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from kelvin.evaluation import run as run_module
+
+    args = ["--config", str(SMOKE), "--policies", f"learned:{run_dir},pid,fixed:0.5", "--no-families",
+            "--set", "evaluation.max_prompts=2", "--set", "evaluation.batch_size=4", "--no-progress"]
+    full = main([*args, "--out", str(tmp_path / "full")])
+    assert full == 0
+    real_run, calls = run_module.Runner.run, []
+
+    def ctrl_c_on_the_fourth_run(self, entry):
+        calls.append(entry.name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run(self, entry)
+
+    monkeypatch.setattr(run_module.Runner, "run", ctrl_c_on_the_fourth_run)
+    out = tmp_path / "cut"
+    assert main([*args, "--out", str(out)]) == 130
+    partial = json.loads((out / "metrics.json").read_text())
+    assert partial["interrupted"] and list(partial["policies"]) == [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=1",
+                                                                    "pid"]
+    assert "interrupted (Ctrl-C)" in (out / "report.md").read_text()
+    assert "rerun with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(run_module.Runner, "run", real_run)
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["warnings"] == [f"--resume: 3 runs reused from {out / 'cache'}"]
+    assert _numbers(resumed) == _numbers(json.loads((tmp_path / "full" / "metrics.json").read_text()))

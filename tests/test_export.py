@@ -38,7 +38,7 @@ MAPPING = ActionMapping(kind="linear", t_min=-2.0, t_max=2.0, max_delta=0.75)
 V = 50
 
 
-def _dummy_ppo(spec: FeatureSpec):
+def _dummy_ppo(spec: FeatureSpec, **ppo_kwargs):
     """An untrained SB3 PPO MlpPolicy with the observation space of ``spec`` (no LLM needed)."""
     import gymnasium as gym
     from stable_baselines3 import PPO
@@ -53,7 +53,7 @@ def _dummy_ppo(spec: FeatureSpec):
         def step(self, action):
             return np.zeros(spec.dim, np.float32), 0.0, False, False, {}
 
-    return PPO("MlpPolicy", _Env(), policy_kwargs={"net_arch": [32, 32]}, device="cpu", seed=0)
+    return PPO("MlpPolicy", _Env(), policy_kwargs={"net_arch": [32, 32]}, device="cpu", seed=0, **ppo_kwargs)
 
 
 def _sb3_actions(model, obs: np.ndarray, norm: dict | None) -> np.ndarray:
@@ -122,6 +122,20 @@ def test_learned_export_matches_sb3_in_process(dummy_export):
     torch.testing.assert_close(loaded.temperatures(obs_t), expected, atol=1e-5, rtol=0)
     art = load_artifact(out)
     assert art.truncation.top_k == 5 and art.token_prior.shape == (V,) and art.vocab_size == V
+
+
+def test_a_gsde_policy_exports_its_mean_action(tmp_path):
+    """gSDE only changes how PPO explores; deterministic actions are the same mean network, which the export
+    carries (a policy trained with ppo.use_sde ships like any other)."""
+    model = _dummy_ppo(SPEC, use_sde=True, sde_sample_freq=4)
+    with torch.no_grad():  # an untrained action_net starts near 0: give it weight so the comparison means something
+        model.policy.action_net.weight.mul_(100.0)
+    out = export_learned(model.policy, tmp_path / "sde", SPEC, MAPPING)
+    obs = _random_obs(SPEC, 16)
+    a_ref = _sb3_actions(model, obs, None)
+    assert np.abs(a_ref).max() > 0.1
+    a_exp, _ = load_policy(out).predict(obs)
+    np.testing.assert_allclose(a_exp, a_ref, atol=1e-6, rtol=0)
 
 
 def test_building_the_learned_policy_draws_no_random_numbers(dummy_export):

@@ -1,51 +1,75 @@
-"""Quality-diversity fronts: Pareto fronts, hypervolumes, and where the learned point sits.
+"""Quality-diversity fronts, convex hulls and hypervolumes: does a learned front leave a family's hull?
 
-Each baseline family is swept over its main parameter into a front; its hypervolume against a
-reference point is the bar (a user can mix two settings at random, so the front's piecewise-linear
-hull is reachable). The learned policy is one point (its front comes from sweeping λ).
+**A family's bar is its convex hull.** A user can mix two settings of a family at random (per request),
+so every point inside the convex hull of its points, and everything it dominates, is reachable without
+Kelvin. :func:`hull_front` is the upper-right boundary of that region; :func:`hull_hypervolume` its
+area above a reference point. The learned policy's points (one per diversity setting λ) get the same
+treatment: a user can mix λ values too.
+
+**The comparison** (per front, per learned run, per family): ``HV(learned hull) - HV(family hull)``
+with a 95% percentile bootstrap over prompts, paired (every point of every policy is recomputed on
+the same resampled prompts); when the x and y metrics live on different prompt sets (the main front:
+accuracy on answerable prompts, diversity on open ones) each set is resampled separately. "Beats the
+family" means the interval is above zero.
+
+**Fronts** (:data:`FRONTS`): the main one, where one temperature cannot serve both axes, is accuracy on
+the answerable prompts (x) against semantic distance across the K samples of the open prompts (y);
+the open-prompt fronts put a quality of the open completions (coherence, base log-prob) against their
+diversity (semantic distance, distinct-2 across K): beating a hull there needs a per-token schedule,
+not only a per-task one.
+
+**Reference point** (:func:`reference_point`): y = 0 (K identical samples) and x = the fixed-T family's
+x at T = 1.0, the hottest setting in common use (the lowest x of its points with T <= 1 when T = 1.0 was
+not swept). Settings whose quality is worse than plain sampling at T = 1 add nothing to any hull: the
+comparison is made on the region people use, not on the garbage a very hot setting produces. The same
+comparison against the widest box (x = the lowest x of any point) is reported beside it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["AXIS_LABELS", "FRONT_AXES", "FRONT_AXES_DOC", "compute_fronts", "dominates", "front_gap",
-           "hypervolume_2d", "pareto_front"]
+import numpy as np
 
-# (x = quality metric, y = diversity metric, reference point (x_ref, y_ref)). The first is the main front.
-FRONT_AXES: list[tuple[str, str, tuple[float, float]]] = [
-    ("logprob", "semantic_distance", (-10.0, 0.0)),
-    ("coherence", "distinct2_across", (0.0, 0.0)),
+__all__ = ["FRONTS", "Front", "compare_hulls", "dominates", "hull_front", "hull_gap", "hull_hypervolume",
+           "hypervolume_2d", "pareto_front", "reference_point"]
+
+
+@dataclass(frozen=True)
+class Front:
+    """One quality-diversity plane: metric and prompt subset of each axis."""
+
+    name: str
+    x: str
+    x_subset: str  # "answerable", "open" or "all"
+    y: str
+    y_subset: str
+    title: str
+
+
+FRONTS: list[Front] = [
+    Front("main", "accuracy", "answerable", "semantic_distance", "open",
+          "accuracy on answerable prompts vs semantic distance across samples of open prompts"),
+    Front("open", "coherence", "open", "semantic_distance", "open",
+          "open prompts: coherence vs semantic distance across samples"),
+    Front("open_logprob", "logprob", "open", "semantic_distance", "open",
+          "open prompts: base log-prob per token vs semantic distance across samples"),
+    Front("open_ngram", "coherence", "open", "distinct2_across", "open",
+          "open prompts: coherence vs distinct-2 across samples"),
 ]
-"""Fronts and their hypervolume reference points.
-
-Main front: x = exact mean base log-prob per token (nats), y = semantic distance across the K samples.
-Log-prob is the quality axis because it is exact, per token, and is the quantity temperature trades
-directly against diversity (coherence is a single noisy cosine on short completions and barely moves
-with T). Semantic distance is the diversity axis because it measures differences in meaning, not
-in tokenisation. Reference point (-10 nats/token, 0): -10 is the reward's ``logprob_clip`` (text
-averaging below e^-10 per token is noise), 0 is K identical samples. The second front (coherence vs
-distinct-2 across samples, reference (0, 0): unrelated to the prompt, no distinct bigram) checks that
-the conclusion does not hinge on the choice of axes.
-"""
-
-FRONT_AXES_DOC = (
-    "x = exact mean base-model log-prob per token (quality: how likely the base model finds the text; it is exact "
-    "and moves directly with temperature, whereas coherence is one noisy cosine per short completion), y = mean "
-    "pairwise semantic distance of the K samples (diversity of meaning, not of tokenisation). Reference point "
-    "(-10 nats/token, 0): -10 is the reward's logprob clip, 0 means identical samples. The second panel "
-    "(coherence vs distinct-2 across samples, reference (0, 0)) checks that the picture does not hinge on the axes."
-)
 
 AXIS_LABELS = {
-    "logprob": "quality: mean base-model log-prob per token (nats, T = 1)",
-    "coherence": "quality: coherence to the prompt (cosine, MiniLM)",
-    "semantic_distance": "diversity: semantic distance across K samples (1 - cos)",
-    "distinct2_across": "diversity: distinct-2 across K samples (fraction)",
+    "accuracy": "accuracy on answerable prompts",
+    "logprob": "base-model log-prob per token (nats)",
+    "coherence": "coherence to the prompt (cosine)",
+    "semantic_distance": "semantic distance across K samples (1 - cos)",
+    "distinct2_across": "distinct-2 across K samples",
 }
 
 
+# --------------------------------------------------------------------------- 2-D geometry
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point dominates (both coordinates maximised), by x descending.
 
@@ -62,12 +86,15 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
-    """Area dominated by ``points`` (both coordinates maximised) and dominating ``reference``.
+def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
+    """``q`` is at least as good as ``p`` in both coordinates and better in one (maximisation)."""
+    return q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1])
 
-    The union of the rectangles ``[ref_x, x] x [ref_y, y]``; points not strictly better than the
-    reference in both coordinates add nothing. Example: ``{(1, 3), (2, 2), (3, 1)}`` against
-    ``(0, 0)`` gives 3 + 2 + 1 = 6.
+
+def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by ``points`` themselves (no mixing: a staircase) above ``reference``.
+
+    Example: ``{(1, 3), (2, 2), (3, 1)}`` against ``(0, 0)`` gives 3 + 2 + 1 = 6.
     """
     rx, ry = float(reference[0]), float(reference[1])
     pts = [(float(x), float(y)) for x, y in points if x > rx and y > ry]
@@ -81,57 +108,122 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float
     return area
 
 
-def front_gap(points: Sequence[tuple[float, float]], p: tuple[float, float]) -> float | None:
-    """``p``'s y minus the height of the Pareto front of ``points`` at ``p``'s x (both maximised).
+def hull_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Vertices of the upper-right boundary of the convex hull of ``points`` (both coordinates maximised),
+    x ascending and y descending: what mixing settings at random reaches. Dominated and non-finite points
+    drop out. Example: ``{(0, 1), (0.5, 0.4), (1, 0)}`` -> ``[(0, 1), (1, 0)]`` ((0.5, 0.4) lies under the
+    chord)."""
+    pts = sorted({(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)},
+                 key=lambda p: (p[0], -p[1]))
+    pareto: list[tuple[float, float]] = []
+    for x, y in reversed(pts):  # x descending: a point stays when it beats every point to its right in y
+        if not pareto or y > pareto[-1][1]:
+            pareto.append((x, y))
+    hull: list[tuple[float, float]] = []
+    for p in reversed(pareto):  # x ascending; keep the upper (concave) chain
+        while len(hull) >= 2:
+            (ax, ay), (bx, by) = hull[-2], hull[-1]
+            if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) >= 0:  # b on or under the chord a-p
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
 
-    The front is the piecewise-linear curve through its points (what a mix of two neighbouring
-    settings reaches); positive = ``p`` is above it (more y at equal x). None when ``p``'s x lies
-    outside the front's x range (no interpolation there). Example: front ``{(0, 1), (1, 0)}``,
-    ``p = (0.5, 0.6)`` -> 0.6 - 0.5 = +0.1.
+
+def _clipped_area(x0: float, y0: float, x1: float, y1: float, rx: float, ry: float) -> float:
+    """Area between a segment (x0, y0)-(x1, y1), x0 < x1, and the line y = ry, right of x = rx, above ry."""
+    if x1 <= rx:
+        return 0.0
+    if x0 < rx:
+        y0 = y0 + (y1 - y0) * (rx - x0) / (x1 - x0)
+        x0 = rx
+    h0, h1 = y0 - ry, y1 - ry
+    if h0 <= 0 and h1 <= 0:
+        return 0.0
+    if h0 >= 0 and h1 >= 0:
+        return 0.5 * (h0 + h1) * (x1 - x0)
+    xc = x0 + (x1 - x0) * h0 / (h0 - h1)  # where the segment crosses y = ry
+    return 0.5 * h0 * (xc - x0) if h0 > 0 else 0.5 * h1 * (x1 - xc)
+
+
+def hull_hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by the convex hull of ``points`` (with everything it dominates) above ``reference``.
+
+    Example: ``{(0.2, 0.9), (0.6, 0.7), (0.9, 0.2)}`` against ``(0, 0)``: 0.2 * 0.9 + 0.4 * 0.8 + 0.3 * 0.45
+    = 0.635; a point inside the hull changes nothing.
     """
-    pts = sorted((float(points[i][0]), float(points[i][1])) for i in pareto_front(points))  # x up, y down
+    rx, ry = float(reference[0]), float(reference[1])
+    hull = hull_front(points)
+    if not hull:
+        return 0.0
+    segments = [((rx, hull[0][1]), hull[0])] + list(zip(hull, hull[1:]))  # the flat part left of the first vertex
+    return sum(_clipped_area(a[0], a[1], b[0], b[1], rx, ry) for a, b in segments if b[0] > a[0])
+
+
+def hull_gap(points: Sequence[tuple[float, float]], p: tuple[float, float]) -> float | None:
+    """``p``'s y minus the hull boundary of ``points`` at ``p``'s x: positive = outside the hull, beyond
+    any mix of those settings; None right of the hull (no setting of the family reaches that x)."""
+    hull = hull_front(points)
     x, y = float(p[0]), float(p[1])
-    if not pts or x < pts[0][0] or x > pts[-1][0]:
+    if not hull or x > hull[-1][0]:
         return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    if x <= hull[0][0]:
+        return y - hull[0][1]
+    for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
         if x0 <= x <= x1:
-            return y - (y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-    return y - pts[0][1]  # a one-point front at exactly p's x
+            return y - (y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return None
 
 
-def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
-    """``q`` is at least as good as ``p`` in both coordinates and better in one (maximisation)."""
-    return q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1])
+# --------------------------------------------------------------------------- per-prompt coordinates
+def reference_point(fixed_points: dict[float, tuple[float, float]], all_x: Sequence[float]) -> tuple[float, float]:
+    """The reference point of a front (module doc): y = 0 and x = the fixed family's x at T = 1.0 (the lowest
+    x of its points with T <= 1 without one; the lowest x of any point without a fixed family)."""
+    if 1.0 in fixed_points:
+        return float(fixed_points[1.0][0]), 0.0
+    common = [xy[0] for t, xy in fixed_points.items() if 0 <= t <= 1.0]
+    return float(min(common) if common else min(all_x)), 0.0
 
 
-def _point(result, xm: str, ym: str) -> tuple[float, float]:
-    return result.stats[xm]["mean"], result.stats[ym]["mean"]
+def subset_mask(answerable: np.ndarray, subset: str) -> np.ndarray:
+    """(P,) bool of the prompts an axis is measured on."""
+    if subset == "answerable":
+        return answerable.copy()
+    if subset == "open":
+        return ~answerable
+    return np.ones_like(answerable)
 
 
-def _learned_info(result, sweeps: dict, results: dict, xm: str, ym: str, refpt) -> dict:
-    """Where one learned point sits: what dominates it, its hypervolume and its gap to each family's front."""
-    p = _point(result, xm, ym)
-    dominated_by = [s.name for entries in sweeps.values() for s in entries
-                    if dominates(_point(results[s.cache_key], xm, ym), p)]
-    gaps = {family: front_gap([_point(results[s.cache_key], xm, ym) for s in entries], p)
-            for family, entries in sweeps.items()}
-    y_stat = result.stats[ym]
-    return {"x": p[0], "y": p[1], "dominated_by": dominated_by, "hypervolume": hypervolume_2d([p], refpt),
-            "front_gap": gaps, "y_half_width": 0.5 * (y_stat["high"] - y_stat["low"])}
+def compare_hulls(xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], groups: dict[str, list[str]],
+                  pairs: list[tuple[str, str]], reference: tuple[float, float], same_prompts: bool,
+                  n_resamples: int, seed: int) -> dict[tuple[str, str], dict]:
+    """``HV(hull of groups[a]) - HV(hull of groups[b])`` for each pair ``(a, b)``, with a paired bootstrap.
 
+    ``xs[e]`` / ``ys[e]``: one value per prompt of point ``e`` on the x / y axis's prompts (every point on
+    the same prompts, in the same order); ``groups``: name -> its points. With ``same_prompts`` one
+    resample serves both axes, else each axis's prompts are resampled on their own. Returns per pair
+    ``{diff, low, high}`` (95% percentile interval of the difference).
+    """
+    names = sorted({e for g in groups.values() for e in g})
+    X = np.stack([xs[e] for e in names])  # (N, Px)
+    Y = np.stack([ys[e] for e in names])  # (N, Py)
+    rng = np.random.default_rng(seed)
+    ix = rng.integers(0, X.shape[1], size=(n_resamples, X.shape[1]))  # (R, Px)
+    iy = ix if same_prompts else rng.integers(0, Y.shape[1], size=(n_resamples, Y.shape[1]))
+    bx = X[:, ix].mean(axis=2)  # (N, R)
+    by = Y[:, iy].mean(axis=2)
+    row = {e: i for i, e in enumerate(names)}
+    mx, my = X.mean(axis=1), Y.mean(axis=1)
 
-def compute_fronts(results: dict, main: list, sweeps: dict, grids: dict) -> list[dict]:
-    """One entry per :data:`FRONT_AXES` pair: each swept family's front and hypervolume, and each learned
-    policy's position (``results`` maps a cache key to its :class:`~kelvin.evaluation.statistics.PolicyResult`)."""
-    fronts = []
-    for xm, ym, refpt in FRONT_AXES:
-        families = {}
-        for family, entries in sweeps.items():
-            pts = [_point(results[e.cache_key], xm, ym) for e in entries]
-            families[family] = {"param": grids[family][0], "points": [e.name for e in entries],
-                                "front": [entries[i].name for i in pareto_front(pts)],
-                                "hypervolume": hypervolume_2d(pts, refpt)}
-        learned = {e.name: _learned_info(results[e.cache_key], sweeps, results, xm, ym, refpt)
-                   for e in main if e.family == "learned"}
-        fronts.append({"x": xm, "y": ym, "reference": list(refpt), "families": families, "learned": learned})
-    return fronts
+    def hv(group: list[str], cx: np.ndarray, cy: np.ndarray) -> float:
+        return hull_hypervolume([(cx[row[e]], cy[row[e]]) for e in group], reference)
+
+    out = {}
+    for a, b in pairs:
+        point = hv(groups[a], mx, my) - hv(groups[b], mx, my)
+        draws = np.array([hv(groups[a], bx[:, r], by[:, r]) - hv(groups[b], bx[:, r], by[:, r])
+                          for r in range(n_resamples)])
+        low, high = np.percentile(draws, [2.5, 97.5])
+        out[(a, b)] = {"diff": float(point), "low": float(low), "high": float(high)}
+    return out

@@ -59,6 +59,8 @@ METRICS: list[Metric] = [
            "exact mean base-model log-probability (T = 1, no clip) of the drawn tokens, EOS included"),
     Metric("perplexity", "quality", "", -1,
            "exp(-logprob): base-model perplexity of the completions; interval = exp(-interval of logprob)"),
+    Metric("accuracy", "quality", "fraction", +1,
+           "share of the K samples that give an accepted answer (answerable prompts only: envs/answers.py)"),
     Metric("coherence", "quality", "cosine", +1, "cosine(prompt, completion) with all-MiniLM-L6-v2"),
     Metric("repetition_rate", "quality", "fraction", -1,
            "share of the completion's token n-grams (n = reward.repetition_n) already seen earlier in it"),
@@ -84,7 +86,7 @@ METRICS: list[Metric] = [
 ]
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 
-HEADLINE = ["reward", "logprob", "perplexity", "coherence", "distinct2_across", "self_bleu", "semantic_distance",
+HEADLINE = ["reward", "accuracy", "logprob", "perplexity", "coherence", "distinct2_across", "self_bleu", "semantic_distance",
             "repetition_rate", "anomaly_rate", "temperature_mean", "tokens_per_s"]
 """Metrics in the report's first table and in the paired-difference table."""
 
@@ -115,6 +117,7 @@ def _sample_metrics(eps: list[dict], repetition_n: int) -> dict[str, float]:
         "reward": np.mean([e["episode"]["r"] for e in eps]),
         **{f"reward/{c}": v.mean() for c, v in comps.items()},
         "logprob": np.mean([np.mean(e["logprobs"]) for e in eps]),
+        "accuracy": comps["correct"].mean() if eps[0]["answerable"] else np.nan,
         "coherence": comps["coherence"].mean(),
         "repetition_rate": np.mean([repeated_ngram_rate(t, repetition_n) for t in ids]),
         "anomaly_rate": np.mean(-comps["anomaly"] / np.maximum(lengths, 1)),

@@ -1,4 +1,4 @@
-"""The three figures of a report: quality-diversity fronts, temperature traces, temperature histograms.
+"""The three figures of a report: quality-diversity fronts and hulls, temperature traces, temperature histograms.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot: no global backend or figure
 registry touched) and written as PNGs; the learned policy is drawn in red, baselines in tab10 without red.
@@ -7,14 +7,13 @@ registry touched) and written as PNGs; the learned policy is drawn in red, basel
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from kelvin.evaluation.fronts import AXIS_LABELS
 
-__all__ = ["LEARNED_COLOR", "plot_fronts", "plot_histograms", "plot_trajectories"]
+__all__ = ["LEARNED_COLOR", "plot_histograms", "plot_hulls", "plot_trajectories"]
 
 LEARNED_COLOR = "crimson"
 
@@ -26,99 +25,56 @@ def _palette() -> list:
     return [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3]
 
 
-def _ci_errors(stats: list[dict]) -> list[list[float]]:
-    """Matplotlib's asymmetric error bars (lower, upper) from ``{mean, low, high}`` stats."""
-    return [[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]]
+_LEARNED_COLORS = ["crimson", "darkred", "orangered", "deeppink", "firebrick", "salmon"]
 
 
-def _draw_family(ax, family: str, entries: list, results: dict, front: dict, color) -> list[tuple]:
-    """One swept family: its line (fixed T: T > 0 solid, T < 0 dashed), faint CIs, value labels.
-    Returns the drawn points as (x, y, label, colour)."""
-    xm, ym = front["x"], front["y"]
-    xs_stats = [results[e.cache_key].stats[xm] for e in entries]
-    ys_stats = [results[e.cache_key].stats[ym] for e in entries]
-    xs, ys = [s["mean"] for s in xs_stats], [s["mean"] for s in ys_stats]
-    info = front["families"][family]
-    label = f"{entries[0].label.split('(')[0]} sweep over {info['param']} (HV {info['hypervolume']:.3g})"
-    if family == "fixed":  # T < 0 and T > 0 are two regimes: a dashed and a solid line, not one zigzag
-        pos = [i for i, e in enumerate(entries) if e.params.get("t", 0) >= 0]
-        neg = [i for i, e in enumerate(entries) if e.params.get("t", 0) < 0]
-        ax.plot([xs[i] for i in pos], [ys[i] for i in pos], "-o", color=color, ms=5, lw=1.5,
-                label=label + ", T > 0 solid, T < 0 dashed")
-        ax.plot([xs[i] for i in neg], [ys[i] for i in neg], "--o", color=color, ms=5, lw=1.2)
-    else:
-        ax.plot(xs, ys, "-o", color=color, ms=5, lw=1.5, label=label)
-    ax.errorbar(xs, ys, xerr=_ci_errors(xs_stats), yerr=_ci_errors(ys_stats), fmt="none", ecolor=color, alpha=0.25, lw=1)
-    spots: OrderedDict[tuple, list[str]] = OrderedDict()  # points at the same place share one label
-    for x, y, e in zip(xs, ys, entries):
-        spots.setdefault((round(x, 2), round(y, 2)), []).append(e.name.split("=", 1)[-1])
-    drawn = []
-    for (x, y), values in spots.items():
-        ax.annotate(", ".join(values), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        drawn.append((x, y, f"{info['param']}={', '.join(values)}", color))
-    return drawn
+def _family_styles(names: list[str]) -> dict:
+    colors = _palette()
+    return {f: colors[i % len(colors)] for i, f in enumerate(names)}
 
 
-def _draw_main(ax, main: list, results: dict, swept: set, xm: str, ym: str) -> list[tuple]:
-    """The compared policies: the learned one as a red star with its CIs, other unswept ones as diamonds."""
-    drawn = []
-    for e in main:
-        x, y = results[e.cache_key].stats[xm], results[e.cache_key].stats[ym]
-        if e.family == "learned":
-            ax.errorbar([x["mean"]], [y["mean"]], xerr=_ci_errors([x]), yerr=_ci_errors([y]), fmt="*", ms=18,
-                        color=LEARNED_COLOR, mec="black", mew=0.8, ecolor=LEARNED_COLOR, elinewidth=1.2, capsize=3,
-                        zorder=5, label=f"{e.label} (95% CI)")
-            drawn.append((x["mean"], y["mean"], e.label, LEARNED_COLOR))
-        elif e.cache_key not in swept:
-            ax.plot([x["mean"]], [y["mean"]], "D", ms=7, mfc="none", mew=1.5, color="dimgray", zorder=4)
-            ax.annotate(e.label, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, -10), fontsize=7,
-                        color="dimgray")
-            drawn.append((x["mean"], y["mean"], e.label, "dimgray"))
-    return drawn
-
-
-def _pin_far_points(ax, drawn: list[tuple], ref_x: float) -> None:
-    """Points behind the reference x add nothing to the hypervolume; when they would squeeze the rest into a
-    corner, the axis starts just before the reference and they are drawn as arrows on its left edge."""
-    xs_all = [x for x, _, _, _ in drawn]
-    inside = [x for x in xs_all if x >= ref_x]
-    if not inside or min(xs_all) >= ref_x:
-        return
-    span = max(inside) - min(min(inside), ref_x)
-    left = min(min(inside), ref_x) - 0.08 * max(span, 1e-6)
-    if min(xs_all) >= left:
-        return
-    ax.set_xlim(left, max(inside) + 0.08 * max(span, 1e-6))
-    for x, y, label, color in drawn:
-        if x < left:
-            ax.plot([left], [y], "<", ms=8, color=color, clip_on=False, zorder=6)
-            ax.annotate(f"{label} at x={x:.1f}", (left, y), textcoords="offset points", xytext=(8, -3), fontsize=7,
-                        color=color)
-
-
-def plot_fronts(path: Path, results: dict, main: list, sweeps: dict, fronts: list[dict], subtitle: str):
-    """One panel per front: every swept family, the compared policies, the hypervolume reference."""
+def plot_hulls(path: Path, fronts: list[dict], subtitle: str):
+    """One panel per front: every family's points and convex hull (dashed), every learned run's points
+    (labelled with λ) and hull (bold), the reference point's box (grey lines)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.2 * len(fronts), 6.2))
-    axes = fig.subplots(1, len(fronts), squeeze=False)
-    colors = _palette()
-    family_color = {f: colors[i % len(colors)] for i, f in enumerate(sweeps)}
-    swept = {e.cache_key for entries in sweeps.values() for e in entries}
-    for ax, front in zip(axes[0], fronts):
-        xm, ym, ref = front["x"], front["y"], front["reference"]
-        drawn = []
-        for family, entries in sweeps.items():
-            drawn += _draw_family(ax, family, entries, results, front, family_color[family])
-        drawn += _draw_main(ax, main, results, swept, xm, ym)
-        _pin_far_points(ax, drawn, ref[0])
-        ax.axvline(ref[0], color="gray", lw=0.8, ls=":")
-        ax.set_xlabel(AXIS_LABELS.get(xm, xm) + "  → better")
-        ax.set_ylabel(AXIS_LABELS.get(ym, ym) + "  → more diverse")
-        ax.set_title(f"{xm} vs {ym}\nHV reference point ({ref[0]:g}, {ref[1]:g})", fontsize=10)
+    n = len(fronts)
+    cols = 2 if n > 1 else 1
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(7.4 * cols, 6.0 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    styles = _family_styles(sorted({f for fr in fronts for f in fr["families"]}))
+    for ax, front in zip(axes, fronts):
+        for fam, info in front["families"].items():
+            color = styles[fam]
+            xs, ys = [p["x"] for p in info["points"]], [p["y"] for p in info["points"]]
+            ax.plot(xs, ys, "o", ms=4, color=color, alpha=0.8)
+            hull = np.asarray(info["hull"])
+            if len(hull):
+                ax.plot(hull[:, 0], hull[:, 1], "--", lw=1.2, color=color,
+                        label=f"{fam} (hull HV {info['hv_common']:.3g})")
+        for i, (run, info) in enumerate(front["learned"].items()):
+            color = _LEARNED_COLORS[i % len(_LEARNED_COLORS)]
+            xs, ys = [p["x"] for p in info["points"]], [p["y"] for p in info["points"]]
+            ax.plot(xs, ys, "*", ms=13, color=color, mec="black", mew=0.6, zorder=6)
+            for p in info["points"]:
+                if p["lambda"] is not None:
+                    ax.annotate(f"λ={p['lambda']:g}", (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4),
+                                fontsize=7, color=color)
+            hull = np.asarray(info["hull"])
+            ax.plot(hull[:, 0], hull[:, 1], "-", lw=2.4, color=color, zorder=5,
+                    label=f"{info['label']} (hull HV {info['hv_common']:.3g})")
+        rx, ry = front["reference"]
+        ax.axvline(rx, color="gray", lw=0.8, ls=":")
+        ax.axhline(ry, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(AXIS_LABELS.get(front["x"], front["x"]) + f" [{front['x_subset']} prompts]  → better")
+        ax.set_ylabel(AXIS_LABELS.get(front["y"], front["y"]) + f" [{front['y_subset']}]  → more diverse")
+        ax.set_title(f"{front['name']}: {front['title']}\nhypervolume above ({rx:.3g}, {ry:g}) (dotted)", fontsize=9.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
-    fig.suptitle(f"Quality-diversity fronts: baseline families swept over their main parameter\n{subtitle}",
+        ax.legend(fontsize=6.5, loc="best", framealpha=0.85)
+    fig.suptitle(f"Learned fronts (one point per diversity setting λ) against each family's convex hull\n{subtitle}",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

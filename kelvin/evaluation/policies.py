@@ -1,11 +1,14 @@
-"""The policies an evaluation runs: ``--policies`` specs, learned runs (checked against the evaluation's
-config), baselines, ``guarded:`` wrappers, and the baseline families swept for the fronts."""
+"""The policies an evaluation compares: ``--policies`` specs, learned runs (checked against the evaluation's
+config; a λ-conditioned one at each λ of its front), baselines and ``guarded:`` wrappers. The swept
+baseline families are :mod:`kelvin.evaluation.families`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
 
 from kelvin.config import ConfigError, KelvinConfig
 from kelvin.export import learned_policy
@@ -14,18 +17,10 @@ from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, make_policy
-from samplers.core import did_you_mean
+from samplers.core import Truncation, did_you_mean
 
-__all__ = ["EvaluationError", "PolicyEntry", "SWEEP_GRIDS", "load_learned_policy", "parse_policy_specs",
-           "parse_sweep_grid", "resolve_policies", "sweep_entries"]
-
-# family -> (parameter swept, grid). Fixed T includes negatives (inverted distributions).
-SWEEP_GRIDS: dict[str, tuple[str, list[float]]] = {
-    "fixed": ("t", [-1.0, -0.5, -0.2, 0.2, 0.5, 0.7, 1.0, 1.3]),
-    "edt": ("theta", [0.5, 1.5, 3.0, 6.0, 12.0]),
-    "pid": ("target", [0.3, 0.5, 0.7, 0.9]),
-    "dynatemp": ("delta", [0.0, 0.25, 0.5, 0.75, 1.0]),
-}
+__all__ = ["EvaluationError", "PolicyEntry", "lambda_grid", "load_learned_policy", "parse_policy_specs",
+           "resolve_policies"]
 
 
 class EvaluationError(ValueError):
@@ -34,7 +29,9 @@ class EvaluationError(ValueError):
 
 @dataclass
 class PolicyEntry:
-    """A policy to evaluate: its key in the outputs, display label, family and the policy object."""
+    """A policy to evaluate: its key in the outputs, display label, family and the policy object, and the
+    setting it runs under: the truncation (None = the evaluation config's) and the diversity dial λ of
+    its groups (None = 0; it matters to a λ-conditioned policy and to the composite reward)."""
 
     name: str
     label: str
@@ -42,13 +39,16 @@ class PolicyEntry:
     policy: TemperaturePolicy
     params: dict = field(default_factory=dict)
     run_dir: str | None = None
+    truncation: Truncation | None = None
+    diversity: float | None = None
 
     @property
     def cache_key(self) -> str:
-        """Two entries with the same key are the same policy: it runs once."""
-        if self.family == "learned":
-            return f"learned:{self.run_dir}"
-        return json.dumps({"name": self.family, "params": self.params}, sort_keys=True, default=str)
+        """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it)."""
+        what = {"name": self.family, "params": self.params} if self.run_dir is None else {"run": self.run_dir}
+        return json.dumps({**what, "mapping": asdict(self.policy.action_mapping), "diversity": self.diversity,
+                           "truncation": None if self.truncation is None else self.truncation.to_dict()},
+                          sort_keys=True, default=str)
 
 
 def parse_policy_specs(text: str | Sequence[str]) -> list[str]:
@@ -168,7 +168,8 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
         if not target:
             raise EvaluationError("policy 'learned' needs a run: give --run runs/NAME or learned:runs/NAME")
         policy, run_dir = load_learned_policy(target, config, warnings)
-        return PolicyEntry(f"learned:{target}", policy.label, "learned", policy, run_dir=run_dir)
+        return PolicyEntry(f"learned:{target}", policy.label, "learned", policy, run_dir=run_dir,
+                           truncation=RunDir(run_dir).load_config().env.truncation)
     try:
         policy = make_policy(spec, config.env.feature_spec(), config.env.action)
     except ValueError as exc:
@@ -176,64 +177,42 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
     return PolicyEntry(spec, policy.label, policy.name, policy, params=policy.params)
 
 
+def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
+    """The λ values a learned policy is evaluated at: ``evaluation.lambdas``, else ``evaluation.n_lambdas``
+    values evenly over the range its run was trained on; ``[]`` for a policy that does not observe λ."""
+    if entry.run_dir is None or not entry.policy.feature_spec.include_diversity_weight:
+        return []
+    ev = config.evaluation
+    if ev.lambdas is not None:
+        return [float(v) for v in ev.lambdas]
+    low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
+    return [float(v) for v in np.linspace(low, high, ev.n_lambdas)] if high > low else [float(low)]
+
+
+def _at_lambdas(entry: PolicyEntry, config: KelvinConfig) -> list[PolicyEntry]:
+    """A λ-conditioned learned policy becomes one entry per λ (its front); any other entry stays one."""
+    grid = lambda_grid(entry, config)
+    if not grid:
+        return [entry]
+    return [replace(entry, name=f"{entry.name}@λ={lam:g}", label=f"{entry.label} λ={lam:g}", diversity=lam,
+                    params={**entry.params, "lambda": lam}) for lam in grid]
+
+
 def resolve_policies(specs: Sequence[str], config: KelvinConfig, run: str | None,
                      warnings: list[str]) -> list[PolicyEntry]:
     """Policy entries for ``--policies`` items (``all``, ``learned[:RUN]``, baseline specs, ``guarded:`` + any
-    of those = that policy behind the samplers' default guard rails); unique names."""
+    of those = that policy behind the samplers' default guard rails); unique names. A learned policy that
+    observes the diversity dial λ gives one entry per λ (:func:`lambda_grid`)."""
     expanded: list[str] = []
     for s in specs:
         if s.strip().lower() == "all":
             expanded += (["learned"] if run else []) + list(BASELINE_NAMES)
         else:
             expanded.append(s.strip())
-    entries = [_entry(s, config, run, warnings) for s in expanded]
+    entries = [e for s in expanded for e in _at_lambdas(_entry(s, config, run, warnings), config)]
     seen: set[str] = set()
     for e in entries:
         if e.name in seen:
             raise EvaluationError(f"policy {e.name!r} is listed twice in --policies; list each policy once")
         seen.add(e.name)
     return entries
-
-
-def sweep_entries(config: KelvinConfig, grids: dict[str, tuple[str, list[float]]]) -> dict[str, list[PolicyEntry]]:
-    """One entry per grid point of every baseline family (``fixed:t=0.5``, ``edt:theta=3`` ...)."""
-    spec, mapping = config.env.feature_spec(), config.env.action
-    out: dict[str, list[PolicyEntry]] = {}
-    for family, (param, values) in grids.items():
-        items = []
-        for v in values:
-            name = f"{family}:{param}={v:g}"
-            try:
-                policy = make_policy(name, spec, mapping)
-            except ValueError as exc:
-                raise EvaluationError(f"sweep point {name!r}: {exc}") from exc
-            items.append(PolicyEntry(name, policy.label, family, policy, params=policy.params))
-        if items:
-            out[family] = items
-    return out
-
-
-def parse_sweep_grid(items: Sequence[str] | None) -> dict[str, tuple[str, list[float]]]:
-    """``--sweep-grid fixed=0.5,1.0`` / ``edt:theta=1,3`` / ``pid=`` (drop) over :data:`SWEEP_GRIDS`."""
-    grids: dict[str, Any] = {k: (p, list(v)) for k, (p, v) in SWEEP_GRIDS.items()}
-    for item in items or []:
-        key, eq, values = item.partition("=")
-        if not eq:
-            raise EvaluationError(f"--sweep-grid {item!r}: expected FAMILY=v1,v2,... (e.g. fixed=0.5,1.0) or FAMILY= "
-                                  "to leave the family out")
-        family, _, param = key.strip().partition(":")
-        if family not in BASELINE_NAMES:
-            raise EvaluationError(f"--sweep-grid {item!r}: unknown family {family!r}; "
-                                  f"{did_you_mean(family, BASELINE_NAMES)}")
-        param = param or (grids[family][0] if family in grids else "")
-        if not param:
-            raise EvaluationError(f"--sweep-grid {item!r}: name the parameter, e.g. {family}:PARAM=1,2")
-        try:
-            vals = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise EvaluationError(f"--sweep-grid {item!r}: values must be numbers separated by commas") from None
-        if vals:
-            grids[family] = (param, vals)
-        else:
-            grids.pop(family, None)
-    return grids

@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from kelvin.evaluation.fronts import FRONT_AXES_DOC
 from kelvin.evaluation.metrics import HEADLINE, METRIC_BY_NAME, METRICS
 
 __all__ = ["write_csv", "write_report", "write_samples", "write_tensorboard"]
@@ -84,85 +83,142 @@ def _setup_section(setup: dict, reference, warnings: list[str]) -> list[str]:
     return lines
 
 
-def _baseline_verdict(who: str, e, d: dict) -> str:
-    r = d["reward"]
-    if r["verdict"] == "better":
-        head = f"**{who.capitalize()} beats {e.label}** on the composite reward"
-    elif r["verdict"] == "worse":
-        head = f"**{who.capitalize()} is worse than {e.label}** on the composite reward"
-    else:
-        head = f"**{who.capitalize()} does not beat {e.label}**: no significant difference in composite reward"
-    parts = [f"{m} {_fmt_diff(d[m])} {d[m]['verdict']}"
-             for m in ("logprob", "coherence", "semantic_distance", "distinct2_across", "anomaly_rate")]
-    return f"- {head} ({_fmt_diff(r)}). " + "; ".join(parts) + "."
+def _fmt_iv(d: dict, digits: int = 3) -> str:
+    return f"{d['diff']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
-def _front_verdict(front: dict) -> list[str]:
-    """Where each learned point sits on the main front: dominated by whom, and its gap to each family's front."""
-    lines = []
-    for info in front["learned"].values():
-        dom = info["dominated_by"]
-        plane = f"the {front['x']} / {front['y']} plane"
-        lines.append(f"- On {plane} the learned point is dominated (in means) by: {', '.join(dom)}." if dom else
-                     f"- On {plane} no swept baseline dominates the learned point (in means).")
-        gaps = {f: g for f, g in (info.get("front_gap") or {}).items() if g is not None}
-        if not gaps:
-            continue
-        half = info["y_half_width"]
-        said = "; ".join(f"{g:+.3f} vs the {f} front" for f, g in gaps.items())
-        if all(g > half for g in gaps.values()):
-            verdict = "above every family's front by more than its own 95% half-width: a trade-off no swept baseline reaches"
-        elif all(g < -half for g in gaps.values()):
-            verdict = ("below every family's front by more than its own 95% half-width: some setting of each baseline "
-                       "gives more diversity at the same quality")
-        else:
-            verdict = ("on the baselines' fronts within its own 95% half-width: its composite-reward gain comes from the "
-                       "operating point it picks on the trade-off, not from a trade-off the baselines cannot reach")
-        lines.append(f"- At the learned point's {front['x']} ({info['x']:.3f}), its {front['y']} ({info['y']:.3f}, "
-                     f"95% half-width {half:.3f}) is {said} (piecewise-linear fronts): {verdict}.")
-    return lines
+_HULL_WORDS = {"outside": "✅ outside the hull", "inside": "❌ inside the hull", "no difference": "≈ on the hull"}
 
 
-def _verdict_section(main: list, reference, paired: dict, fronts: list[dict]) -> list[str]:
-    ref_is_learned = reference.family == "learned"
-    who = "the learned policy" if ref_is_learned else f"the reference policy {reference.label}"
-    lines = ["## Verdict\n",
-             f"Paired differences `{reference.label} - baseline` over the same prompts. \"Better\" means the 95% "
-             "interval of the difference excludes zero in the metric's good direction; otherwise the data do not "
-             "separate the two policies.\n"]
-    others = [e for e in main if e is not reference]
-    counts = {v: sum(paired[e.name]["reward"]["verdict"] == v for e in others) for v in ("better", "no difference", "worse")}
-    if others:
-        lines.append(f"On the composite reward {who} is better than {counts['better']} of {len(others)} baselines, "
-                     f"indistinguishable from {counts['no difference']} and worse than {counts['worse']}.\n")
-    lines += [_baseline_verdict(who, e, paired[e.name]) for e in others]
-    if ref_is_learned and fronts and fronts[0]["learned"]:
-        lines += _front_verdict(fronts[0])
+def _goal_lines(goal: dict, front_names: list[str]) -> list[str]:
+    lines = [f"**{goal['label']}**\n"]
+    if "main_front" in goal:
+        beat = [f for f, v in goal["main_front"].items() if v == "outside"]
+        lost = [f for f, v in goal["main_front"].items() if v == "inside"]
+        tied = [f for f, v in goal["main_front"].items() if v == "no difference"]
+        head = ("beats every family on the main front" if goal["beats_every_family_on_main_front"] else
+                f"beats {len(beat)} of {len(goal['main_front'])} families on the main front")
+        lines.append(f"- Main front (HV of its hull minus each family's, 95% CI excluding 0): **{head}**"
+                     + (f"; outside the hull of {', '.join(beat)}" if beat else "")
+                     + (f"; no difference from {', '.join(tied)}" if tied else "")
+                     + (f"; inside the hull of {', '.join(lost)}" if lost else "") + ".")
+    acc = goal.get("accuracy_at_lowest_lambda")
+    if acc:
+        lines.append(f"- At its lowest λ ({goal['lowest_lambda']:g}) accuracy minus the best fixed T's ({acc['vs']}): "
+                     f"{acc['mean']:+.3f} [{acc['low']:+.3f}, {acc['high']:+.3f}] ({acc['verdict']}): goal "
+                     f"{'met' if acc['met'] else 'NOT met'}.")
+    div = goal.get("diversity_at_highest_lambda")
+    if div:
+        parts = "; ".join(f"{m} {div[m]['mean']:+.3f} [{div[m]['low']:+.3f}, {div[m]['high']:+.3f}] ({div[m]['verdict']})"
+                          for m in ("semantic_distance", "logprob", "coherence"))
+        lines.append(f"- At its highest λ ({goal['highest_lambda']:g}) on open prompts, minus {div['vs']}: {parts}: "
+                     f"more diverse at better quality: {'met' if div['met'] else 'NOT met'}.")
     return lines + [""]
 
 
-def _category_section(main: list, results: dict) -> list[str]:
-    groups = results[main[0].cache_key].groups
-    cats = list(OrderedDict.fromkeys(eps[0]["category"] for eps in groups))
-    if len(cats) < 2:
+def _verdict_section(data: dict, reference) -> list[str]:
+    lines = ["## Verdict\n"]
+    if data.get("interrupted"):
+        lines.append("**Interrupted:** this report covers the runs finished before Ctrl-C (`--resume` continues).\n")
+    goals = data.get("goals") or {}
+    if not goals:
+        lines.append("No learned policy with families to compare: see the tables below.\n")
+        return lines
+    lines.append("A family's bar is its convex hull (mixing two of its settings at random is free); a learned front "
+                 "beats it when the hypervolume of the learned hull minus the family's has a 95% paired bootstrap "
+                 "interval above 0. Fronts and reference points: see below.\n")
+    for goal in goals.values():
+        lines += _goal_lines(goal, [f["name"] for f in data["fronts"]])
+    return lines
+
+
+def _fronts_section(data: dict) -> list[str]:
+    fronts = data.get("fronts") or []
+    if not fronts:
         return []
-    rows = []
-    for e in main:
-        r = results[e.cache_key]
-        by_cat: dict[str, list[float]] = {c: [] for c in cats}
-        for eps, value in zip(r.groups, r.per_prompt["reward"]):
-            by_cat[eps[0]["category"]].append(value)
-        rows.append([e.label] + [_fmt(float(np.mean(by_cat[c]))) for c in cats])
-    sizes = {c: sum(eps[0]["category"] == c for eps in groups) for c in cats}
-    return ["## Composite reward by category (mean over the category's prompts; no interval)\n",
-            _table(["policy"] + [f"{c} (n={sizes[c]})" for c in cats], rows), ""]
+    lines = ["## Fronts and hulls\n", "![fronts](fronts.png)\n",
+             "Each family is swept over its setting (points) and its convex hull drawn dashed; each learned run is "
+             "drawn at every diversity setting λ (stars) with its hull. The reference point is y = 0 and x = the "
+             "fixed-T family's x at T = 1.0, the hottest setting in common use (`common`); `wide` repeats the "
+             "comparison with x at the lowest x of any point.\n"]
+    for f in fronts:
+        rx, ry = f["reference"]
+        lines.append(f"### {f['name']}: {f['title']}\n")
+        lines.append(f"x = {f['x']} on {f['x_subset']} prompts, y = {f['y']} on {f['y_subset']} prompts; reference "
+                     f"({rx:.4g}, {ry:g}) (wide: {f['reference_wide'][0]:.4g}).\n")
+        runs = list(f["learned"].items())
+        header = ["family", "hull HV"] + [f"{info['label']}: ΔHV [95% CI]" for _, info in runs] + \
+                 [f"{info['label']}: ΔHV wide" for _, info in runs]
+        rows = [["**learned hull**", " / ".join(f"{info['hv_common']:.4g}" for _, info in runs)]
+                + ["" for _ in runs] * 2]
+        for fam, info in f["families"].items():
+            rows.append([fam, f"{info['hv_common']:.4g}"]
+                        + [f"{_fmt_iv(r['vs'][fam], 4)} {_HULL_WORDS[r['vs'][fam]['verdict']]}" for _, r in runs]
+                        + [f"{r['vs'][fam]['diff_wide']:+.4f} [{r['vs'][fam]['low_wide']:+.4f}, "
+                           f"{r['vs'][fam]['high_wide']:+.4f}]" for _, r in runs])
+        lines += [_table(header, rows), ""]
+        for run, info in runs:
+            pts = ", ".join(f"λ={p['lambda']:g}: ({p['x']:.3f}, {p['y']:.3f})" if p["lambda"] is not None else
+                            f"({p['x']:.3f}, {p['y']:.3f})" for p in info["points"])
+            lines.append(f"- {info['label']} points: {pts}.")
+        neg = f.get("negative_minp")
+        if neg is not None:
+            lines.append(f"- Negative T inside min-p 0.1 {'extends' if neg['extends'] else 'does not extend'} the union "
+                         f"of the families' hulls (HV {neg['hv_all_families']:.4g} with it, {neg['hv_without']:.4g} "
+                         "without).")
+        lines.append("")
+    return lines
+
+
+def _tables_tuned_section(data: dict) -> list[str]:
+    tables = data.get("tables") or {}
+    if not tables:
+        return []
+    lines = ["## Per-category tables (tuned on the validation split for each λ)\n"]
+    for fam, by_lambda in tables.items():
+        cats = list(next(iter(by_lambda.values())))
+        rows = [[f"λ={lam}"] + [f"{t[c]:g}" for c in cats] for lam, t in by_lambda.items()]
+        lines += [f"**{fam}**\n", _table(["λ"] + cats, rows), ""]
+    return lines
+
+
+def _category_section(data: dict, main: list) -> list[str]:
+    cats_data = data.get("categories") or {}
+    if not cats_data:
+        return []
+    names = [e.name for e in main] + [n for n in cats_data if n not in {e.name for e in main}]
+    categories = list(dict.fromkeys(c for n in names for c in cats_data[n]))
+    lines = ["## By category (means over the category's prompts; no interval)\n"]
+    for metric in ("accuracy", "semantic_distance", "coherence", "temperature_mean", "negative_fraction"):
+        cols = [c for c in categories if any(cats_data[n].get(c, {}).get(metric) is not None for n in names)]
+        if not cols:
+            continue
+        rows = [[n] + [_fmt(cats_data[n].get(c, {}).get(metric)) for c in cols] for n in names]
+        lines += [f"**{metric}**\n", _table(["policy"] + cols, rows), ""]
+    return lines
+
+
+def _families_section(data: dict) -> list[str]:
+    fams = data.get("families") or {}
+    if not fams:
+        return []
+    metrics = ["accuracy", "semantic_distance", "coherence", "logprob", "distinct2_across", "temperature_mean"]
+    lines = ["## Family points (mean [95% CI] over all prompts of the split; accuracy over the answerable ones)\n"]
+    for fam, info in fams.items():
+        rows = [[name.split(":", 1)[1]] + [_fmt_ci(block["metrics"][m]) if block["metrics"][m]["mean"] is not None
+                                           else "-" for m in metrics] for name, block in info["points"].items()]
+        lines += [f"**{fam}**: {info['title']}\n", _table(["setting"] + metrics, rows), ""]
+    return lines
 
 
 def _paired_section(main: list, reference, paired: dict) -> list[str]:
-    metrics = [m for m in HEADLINE if m not in ("perplexity", "tokens_per_s")]
-    rows = [[e.label] + [f"{_fmt_diff(paired[e.name][m])} {_ARROWS[paired[e.name][m]['verdict']]}" for m in metrics]
-            for e in main if e is not reference]
-    return [f"## Paired differences vs {reference.label}\n", *([_table(["baseline"] + metrics, rows)] if rows else []), ""]
+    if not paired:
+        return []
+    metrics = [m for m in HEADLINE if m not in ("perplexity", "tokens_per_s", "reward")]
+    labels = {e.name: e.label for e in main}
+    rows = [[labels[name]] + [f"{_fmt_diff(d[m])} {_ARROWS[d[m]['verdict']]}" if m in d else "-" for m in metrics]
+            for name, d in paired.items()]
+    return [f"## Paired differences vs {reference.label}\n", _table(["baseline"] + metrics, rows), ""]
 
 
 def _tables_section(main: list, results: dict) -> list[str]:
@@ -178,23 +234,6 @@ def _groups_section(main: list, results: dict) -> list[str]:
     for group, title in (("reward", "Reward components (per episode, as the env pays them; mean [95% CI])"),
                          ("quality", "Quality"), ("diversity", "Diversity"), ("temperature", "Temperature")):
         lines += [f"## {title}\n", _metric_table([m.name for m in METRICS if m.group == group], main, results), ""]
-    return lines
-
-
-def _fronts_section(fronts: list[dict]) -> list[str]:
-    if not fronts:
-        return ["## Quality-diversity fronts\n", "Sweeps were switched off (--no-sweep).\n"]
-    lines = ["## Quality-diversity fronts\n", "![fronts](fronts.png)\n",
-             "Each baseline family is swept over its main parameter (line, points labelled with the value; faint "
-             "bars are 95% CIs); the learned policy is the red star. Hypervolume (HV) is the area a family's Pareto "
-             "front dominates above the reference point; larger is better. Axes: " + FRONT_AXES_DOC + "\n"]
-    for f in fronts:
-        rows = [[fam, info["param"], ", ".join(info["front"]), f"{info['hypervolume']:.4g}"]
-                for fam, info in f["families"].items()]
-        rows += [[f"**{name}** (single point)", "-", "-", f"{info['hypervolume']:.4g}"]
-                 for name, info in f["learned"].items()]
-        lines += [f"**{f['x']} (x) vs {f['y']} (y)**, reference point ({f['reference'][0]:g}, {f['reference'][1]:g})\n",
-                  _table(["family", "swept", "Pareto-optimal points", "hypervolume"], rows), ""]
     return lines
 
 
@@ -220,32 +259,36 @@ def _definitions_section() -> list[str]:
     return ["## Metric definitions\n", _table(["metric", "group", "direction", "definition"], rows), ""]
 
 
-def write_report(path: Path, data: dict, main: list, results: dict, reference, paired: dict, fronts: list[dict],
-                 warnings: list[str], n_samples_shown: int = 3) -> None:
+def write_report(path: Path, data: dict, main: list, results: dict, reference, paired: dict, warnings: list[str],
+                 n_samples_shown: int = 3) -> None:
     """``report.md``: every section in order."""
     setup = data["setup"]
     lines = [*_setup_section(setup, reference, warnings),
-             *_verdict_section(main, reference, paired, fronts),
+             *_verdict_section(data, reference),
+             *_fronts_section(data),
              *_tables_section(main, results),
-             *_category_section(main, results),
+             *_category_section(data, main),
              *_paired_section(main, reference, paired),
+             *_tables_tuned_section(data),
+             *_families_section(data),
              *_groups_section(main, results),
-             *_fronts_section(fronts),
              "## Temperature traces\n", "![trajectories](temperature_trajectories.png)\n",
              "![histogram](temperature_hist.png)\n",
              *_samples_section(main, results, setup["prompt_texts"], n_samples_shown),
              *_definitions_section()]
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- data files
 def write_csv(path: Path, data: dict) -> None:
-    """``metrics.csv``: one row per (policy or sweep point or paired difference, metric)."""
+    """``metrics.csv``: one row per (policy or family point or paired difference, metric)."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["kind", "policy", "label", "metric", "mean", "low", "high", "reference", "verdict"])
         blocks = [("policy", n, b) for n, b in data["policies"].items()]
-        blocks += [("sweep", n, b) for sw in data["sweep"].values() for n, b in sw["points"].items()]
+        blocks += [("family", n, b) for fam in data["families"].values() for n, b in fam["points"].items()]
         for kind, name, block in blocks:
             for m, s in block["metrics"].items():
                 w.writerow([kind, name, block["label"], m, s["mean"], s["low"], s["high"], "", ""])
@@ -276,14 +319,16 @@ def _scalars(data: dict) -> list[tuple[str, float]]:
            for m, s in block["metrics"].items()]  # intervals: metrics.json / report
     out += [(f"paired_difference/{m}/{_slug(name)}", s["mean"])
             for name, diffs in data["paired_differences"]["baselines"].items() for m, s in diffs.items()]
-    out += [(f"sweep/{m}/{_slug(name)}", block["metrics"][m]["mean"]) for sw in data["sweep"].values()
-            for name, block in sw["points"].items()
-            for m in ("reward", "logprob", "semantic_distance", "distinct2_across", "coherence")]
+    out += [(f"family/{m}/{_slug(name)}", block["metrics"][m]["mean"]) for fam in data["families"].values()
+            for name, block in fam["points"].items()
+            for m in ("accuracy", "logprob", "semantic_distance", "distinct2_across", "coherence")]
     for f in data["fronts"]:
-        plane = f"hypervolume/{f['x']}_vs_{f['y']}"
-        out += [(f"{plane}/{fam}", info["hypervolume"]) for fam, info in f["families"].items()]
-        out += [(f"{plane}/{_slug(name)}", info["hypervolume"]) for name, info in f["learned"].items()]
-    return out
+        out += [(f"hull_hypervolume/{f['name']}/{fam}", info["hv_common"]) for fam, info in f["families"].items()]
+        out += [(f"hull_hypervolume/{f['name']}/{_slug(info['label'])}", info["hv_common"])
+                for info in f["learned"].values()]
+        out += [(f"hull_difference/{f['name']}/{_slug(info['label'])}/{fam}", v["diff"])
+                for info in f["learned"].values() for fam, v in info["vs"].items()]
+    return [(tag, value) for tag, value in out if value is not None]
 
 
 def write_tensorboard(path: Path, data: dict, report: str, figures: dict) -> None:

@@ -1,16 +1,30 @@
 """``evaluate()``: every policy through the same env code, on the same prompts, with the same seed.
 
 Row ``r`` of every policy sees the same prompt schedule and the same random stream
-(:func:`kelvin.rollout.collect_episodes`), drawing ``K`` samples per prompt (the env's
-``group_size``: the ``K`` rows of a group share their prompt). A ``guarded:`` policy runs in an env
-whose action mapping is the guard's (the policy's without its rate limit: the guard applies it itself,
-then its rules), which is the order every sampler applies.
+(:func:`kelvin.rollout.collect_episodes`), drawing ``K`` samples per prompt (the env's ``group_size``:
+the ``K`` rows of a group share their prompt and their diversity setting λ). Each run happens in an env
+built for it: its action mapping (a ``guarded:`` policy runs under the guard's mapping, the samplers'
+order), its truncation and its λ; rewards are absolute (no group baseline).
+
+The pipeline: the compared policies (``--policies``; a λ-conditioned learned policy at each λ of its
+front), the baseline families (:mod:`kelvin.evaluation.families`; the per-category tables tuned on the
+validation split first), then fronts and hulls (:mod:`kelvin.evaluation.fronts`), the goals
+(:mod:`kelvin.evaluation.goals`) and the written outputs (:mod:`kelvin.evaluation.report`).
+
+**Nothing is lost.** The output directory is checked before anything runs. Every finished run is
+written at once to ``out/cache/`` (atomically); ``--resume`` reuses every cached run whose setting
+(model, prompts, seed, K, tokens, reward) matches. Ctrl-C stops after the current run and writes the
+report from what is done (``data["interrupted"]``; the CLI exits 130); a rerun with ``--resume`` picks
+up where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import pickle
 import platform
 import shlex
 import sys
@@ -22,16 +36,16 @@ from typing import Any, Sequence
 
 from envs.prompts import Prompt, load_prompts
 from kelvin.config import KelvinConfig
-from kelvin.evaluation.fronts import compute_fronts
+from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables
+from kelvin.evaluation.goals import category_tables, compute_fronts, goals
 from kelvin.evaluation.metrics import METRICS, group_by_prompt, prompt_metrics
-from kelvin.evaluation.plots import plot_fronts, plot_histograms, plot_trajectories
-from kelvin.evaluation.policies import SWEEP_GRIDS, EvaluationError, PolicyEntry, parse_policy_specs, \
-    resolve_policies, sweep_entries
+from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectories
+from kelvin.evaluation.policies import EvaluationError, PolicyEntry, lambda_grid, parse_policy_specs, resolve_policies
 from kelvin.evaluation.report import write_csv, write_report, write_samples, write_tensorboard
 from kelvin.evaluation.statistics import PolicyResult, paired_differences, summarize
 from policies.features import FEATURE_SPEC_VERSION
 
-__all__ = ["evaluate", "select_prompts"]
+__all__ = ["check_output_dir", "evaluate", "select_prompts"]
 
 
 def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[Prompt]:
@@ -52,14 +66,18 @@ def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[P
     return out
 
 
-def _check_arguments(samples: int, max_prompts: int | None, n_resamples: int) -> None:
-    if int(samples) != samples or samples < 2:
-        raise EvaluationError(f"--samples={samples} must be an integer >= 2: diversity across samples needs at "
-                              "least two samples per prompt")
-    if max_prompts is not None and max_prompts < 1:
-        raise EvaluationError(f"--max-prompts={max_prompts} must be >= 1")
-    if n_resamples < 1:
-        raise EvaluationError(f"n_resamples={n_resamples} must be >= 1")
+def check_output_dir(out: Path) -> None:
+    """Refuse, before anything runs, an output directory that cannot be written: a file, a path under a file, or a
+    directory (or its nearest existing parent) without write permission. Creates nothing: bad input leaves no trace."""
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file; give a directory for the report (it is created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvaluationError(f"--out {out}: {existing} is a file, so {out} cannot be created; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvaluationError(f"--out {out}: {existing} is not writable; choose another directory")
 
 
 def _prompts(config: KelvinConfig, prompts_file: str | None, split: str | None, max_prompts: int | None) -> list[Prompt]:
@@ -71,60 +89,160 @@ def _prompts(config: KelvinConfig, prompts_file: str | None, split: str | None, 
         raise EvaluationError(f"prompts: {exc}") from exc
 
 
-def _run_all(config: KelvinConfig, prompts: list[Prompt], entries: list[PolicyEntry], per_row: int, seed: int,
-             n_resamples: int, progress: bool) -> tuple[dict[str, PolicyResult], Any]:
-    """Run each distinct policy once (one env per action mapping); results by cache key, and the LM."""
-    import torch
+def _atomic_pickle(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
-    from envs.embedder import get_default_embedder
-    from envs.generation import TemperatureVecEnv
-    from envs.lm import load_causal_lm
-    from kelvin.rollout import collect_episodes
 
-    torch.manual_seed(seed)
-    lm = load_causal_lm(config.model)
-    embedder = get_default_embedder("cpu")  # the reward's embedder (coherence, group diversity): loaded once
-    env_cfg, k = config.env, config.env.group_size
-    n_groups, n_prompts = env_cfg.batch_size // k, len(prompts)
-    envs: dict = {}  # action mapping -> env (the same env code, prompts and seed for every policy)
+class Runner:
+    """Runs entries on one prompt set (one env per mapping, truncation and λ), caching each finished run."""
+
+    def __init__(self, config: KelvinConfig, prompts: list[Prompt], seed: int, cache_dir: Path | None,
+                 resume: bool, bar=None):
+        import torch
+
+        from envs.embedder import get_default_embedder
+        from envs.lm import load_causal_lm
+
+        torch.manual_seed(seed)
+        self.config, self.prompts, self.seed, self.bar = config, prompts, seed, bar
+        self.lm = load_causal_lm(config.model)
+        self.embedder = get_default_embedder("cpu")  # the reward's embedder: loaded once
+        self.k = config.env.group_size
+        self.n_groups = config.env.batch_size // self.k
+        self.per_row = math.ceil(len(prompts) / self.n_groups)
+        self.envs: dict[str, Any] = {}
+        self.cache_dir, self.resume = cache_dir, resume
+        self.signature = json.dumps({"model": config.model.name, "prompts": [p.id for p in prompts], "seed": seed,
+                                     "k": self.k, "n_groups": self.n_groups, "tokens": config.env.max_new_tokens,
+                                     "reward": asdict(config.reward)}, sort_keys=True)
+        self.reused = 0
+
+    def _env(self, entry: PolicyEntry):
+        from envs.generation import TemperatureVecEnv
+
+        cfg = self.config.env
+        truncation = entry.truncation if entry.truncation is not None else cfg.truncation
+        lam = 0.0 if entry.diversity is None else entry.diversity
+        env_cfg = replace(cfg, action=entry.policy.action_mapping, truncation=truncation, diversity_values=[lam])
+        key = json.dumps([asdict(env_cfg.action), truncation.to_dict(), lam], sort_keys=True)
+        if key not in self.envs:
+            self.envs[key] = TemperatureVecEnv(env_cfg, lm=self.lm, prompts=self.prompts,
+                                               reward=replace(self.config.reward, group_baseline=False))  # absolute
+        return self.envs[key]
+
+    def _cache_file(self, entry: PolicyEntry) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha1((self.signature + entry.cache_key).encode()).hexdigest()[:20]
+        return self.cache_dir / f"{digest}.pkl"
+
+    def run(self, entry: PolicyEntry) -> PolicyResult:
+        from kelvin.rollout import collect_episodes
+
+        path = self._cache_file(entry)
+        if self.resume and path is not None and path.is_file():
+            try:
+                with open(path, "rb") as fh:
+                    cached = pickle.load(fh)
+                if cached["signature"] == self.signature and cached["key"] == entry.cache_key:
+                    self.reused += 1
+                    return PolicyResult(entry, cached["groups"], cached["per_prompt"], cached["stats"],
+                                        cached["tokens_per_s"], cached["wall_s"])
+            except (OSError, EOFError, pickle.UnpicklingError, KeyError):
+                pass  # an unreadable cache file runs again
+        bar = self.bar
+        out = collect_episodes(self._env(entry), entry.policy, episodes_per_row=self.per_row, seed=self.seed,
+                               on_step=None if bar is None else (lambda: bar.update(1)))
+        groups = group_by_prompt(out["episodes"], len(self.prompts), self.k, self.n_groups)
+        per = prompt_metrics(groups, self.embedder, self.config.reward.repetition_n)
+        stats = summarize(per, out["tokens_per_s"], self.config.evaluation.bootstrap, self.seed)
+        result = PolicyResult(entry, groups, per, stats, out["tokens_per_s"], out["wall_s"])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_pickle(path, {"signature": self.signature, "key": entry.cache_key, "groups": groups,
+                                  "per_prompt": per, "stats": stats, "tokens_per_s": out["tokens_per_s"],
+                                  "wall_s": out["wall_s"]})
+        return result
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+
+
+def _run_entries(runner: Runner, entries: list[PolicyEntry], what: str, progress: bool) -> tuple[dict, bool]:
+    """Run each entry once; ``(results by cache key, interrupted)``. Ctrl-C stops after the current run."""
+    results: dict[str, PolicyResult] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(entries) * per_row * env_cfg.max_new_tokens, unit="step", desc="evaluate",
-                   dynamic_ncols=True, file=sys.stderr)
-    results: dict[str, PolicyResult] = {}
+        bar = tqdm(total=len(entries), unit="run", desc=what, dynamic_ncols=True, file=sys.stderr)
     try:
-        for i, entry in enumerate(entries):
-            mapping = entry.policy.action_mapping
-            if mapping not in envs:
-                envs[mapping] = TemperatureVecEnv(replace(env_cfg, action=mapping), lm=lm, prompts=prompts,
-                                                  reward=replace(config.reward, group_baseline=False))  # absolute
+        for entry in entries:
+            if entry.cache_key in results:
+                continue
             if bar is not None:
-                bar.set_postfix_str(f"{i + 1}/{len(entries)} {entry.name}")
-            out = collect_episodes(envs[mapping], entry.policy, episodes_per_row=per_row, seed=seed,
-                                   on_step=None if bar is None else (lambda: bar.update(1)))
-            if bar is not None:  # runs end early on EOS: move the bar to this run's end
-                bar.update(max(0, (i + 1) * per_row * env_cfg.max_new_tokens - bar.n))
-            groups = group_by_prompt(out["episodes"], n_prompts, k, n_groups)
-            per = prompt_metrics(groups, embedder, config.reward.repetition_n)
-            results[entry.cache_key] = PolicyResult(entry, groups, per, summarize(per, out["tokens_per_s"],
-                                                                                  n_resamples, seed),
-                                                    out["tokens_per_s"], out["wall_s"])
+                bar.set_postfix_str(entry.name[:40])
+            results[entry.cache_key] = runner.run(entry)
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:
+        print(f"\nCtrl-C: stopped after {len(results)} of {len(entries)} runs; writing what is done "
+              "(rerun with --resume to continue)", file=sys.stderr, flush=True)
+        return results, True
     finally:
         if bar is not None:
             bar.close()
-        for env in envs.values():
-            env.close()
-    order = [eps[0]["prompt_id"] for eps in results[entries[0].cache_key].groups]
-    for r in results.values():
-        if [eps[0]["prompt_id"] for eps in r.groups] != order:
-            raise RuntimeError(f"policy {r.entry.name} saw other prompts than {entries[0].name}; pairing is broken")
-    return results, lm
+    return results, False
 
 
-def _setup(config: KelvinConfig, prompts: list[Prompt], first: PolicyResult, lm, split: str | None,
-           prompts_file: str | None, seed: int, n_resamples: int, command: str | None) -> dict:
+def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: int, out: Path, resume: bool,
+            progress: bool) -> tuple[dict[str, list[PolicyEntry]], dict, bool]:
+    """The per-category table families, tuned on the validation split: ``({family: entries}, {family: {λ:
+    table}}, interrupted)``."""
+    from envs.rewards import RewardModel
+    from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
+
+    ev = config.evaluation
+    pool = load_prompts(config.env.prompts, split="validation", categories=config.env.categories)
+    by_cat: OrderedDict[str, list[Prompt]] = OrderedDict()
+    for p in pool:
+        by_cat.setdefault(p.category, []).append(p)
+    prompts = [p for items in by_cat.values() for p in items[: ev.table_prompts]]
+    k = config.env.group_size
+    n_groups = max(1, min(config.env.batch_size // k, len(prompts)))
+    tune_cfg = replace(config, env=replace(config.env, batch_size=n_groups * k, split="validation"))
+    runner = Runner(tune_cfg, prompts, seed, out / "cache" / "tuning", resume)
+    variants = {"table": NO_TRUNCATION}
+    if train_truncation is not None and train_truncation.active:
+        variants["table@train"] = train_truncation
+    families, tables, interrupted = {}, {}, False
+    reward = RewardModel(replace(config.reward, group_baseline=False))
+    try:
+        for family, truncation in variants.items():
+            from policies.registry import make_policy
+
+            points = [PolicyEntry(f"tune:{family}:T={t:g}", f"T={t:g}", "tune",
+                                  make_policy(f"fixed:{t:g}", tune_cfg.env.feature_spec(), BASELINE_MAPPING),
+                                  params={"t": t}, truncation=truncation) for t in ev.table_temperatures]
+            done, interrupted = _run_entries(runner, points, f"tune {family}", progress)
+            if interrupted:
+                break
+            episodes = {e.params["t"]: [ep for g in done[e.cache_key].groups for ep in g] for e in points}
+            tables[family] = tune_tables(episodes, lambdas, reward)
+            families[family] = table_entries(tables[family], family, truncation, config)
+    finally:
+        runner.close()
+    return families, tables, interrupted
+
+
+def _setup(config: KelvinConfig, prompts: list[Prompt], lm, split: str | None, prompts_file: str | None, seed: int,
+           command: str | None) -> dict:
     """The ``setup`` block of ``metrics.json``: what ran, on what, how (``wall_s`` is added at the end)."""
     import torch
 
@@ -133,9 +251,10 @@ def _setup(config: KelvinConfig, prompts: list[Prompt], first: PolicyResult, lm,
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "model": config.model.name, "device": str(lm.device), "split": split,
         "prompt_source": prompts_file or "packaged prompt set", "n_prompts": len(prompts),
-        "prompt_ids": [eps[0]["prompt_id"] for eps in first.groups], "prompt_texts": {p.id: p.text for p in prompts},
+        "n_answerable": sum(p.answerable for p in prompts), "n_open": sum(not p.answerable for p in prompts),
+        "prompt_ids": [p.id for p in prompts], "prompt_texts": {p.id: p.text for p in prompts},
         "samples": env.group_size, "n_groups": env.batch_size // env.group_size, "batch_size": env.batch_size,
-        "max_new_tokens": env.max_new_tokens, "seed": seed, "n_resamples": n_resamples, "alpha": 0.05,
+        "max_new_tokens": env.max_new_tokens, "seed": seed, "n_resamples": config.evaluation.bootstrap, "alpha": 0.05,
         "action_mapping": asdict(env.action), "truncation": env.truncation.to_dict(),
         "feature_spec_version": FEATURE_SPEC_VERSION, "config": config.to_dict(),
         "python": platform.python_version(), "torch": torch.__version__,
@@ -144,8 +263,10 @@ def _setup(config: KelvinConfig, prompts: list[Prompt], first: PolicyResult, lm,
 
 def _policy_block(e: PolicyEntry, results: dict[str, PolicyResult]) -> dict:
     r = results[e.cache_key]
-    return {"label": e.label, "family": e.family, "params": e.params, "run_dir": e.run_dir, "n_prompts": len(r.groups),
-            "n_completions": sum(len(g) for g in r.groups), "wall_s": r.wall_s, "metrics": r.stats}
+    return {"label": e.label, "family": e.family, "params": e.params, "run_dir": e.run_dir,
+            "truncation": None if e.truncation is None else e.truncation.to_dict(), "diversity": e.diversity,
+            "n_prompts": len(r.groups), "n_completions": sum(len(g) for g in r.groups), "wall_s": r.wall_s,
+            "metrics": r.stats}
 
 
 def _json_default(o):
@@ -158,73 +279,112 @@ def _json_default(o):
     return str(o)
 
 
-def _write_outputs(out: Path, data: dict, config: KelvinConfig, main: list[PolicyEntry], sweeps: dict,
-                   results: dict, paired: dict, warnings: list[str], t_start: float) -> None:
+def _reference(main: list[PolicyEntry]) -> PolicyEntry:
+    """The learned entry the paired differences are taken from (the middle λ of the first learned run), else
+    the first compared policy."""
+    learned = [e for e in main if e.family == "learned"]
+    if not learned:
+        return main[0]
+    first = [e for e in learned if e.run_dir == learned[0].run_dir]
+    return first[len(first) // 2]
+
+
+def _write_outputs(out: Path, data: dict, config: KelvinConfig, main: list[PolicyEntry], results: dict, paired: dict,
+                   warnings: list[str], t_start: float) -> None:
     """Figures, then ``report.md``, ``metrics.json``, ``metrics.csv``, ``samples.jsonl`` and ``tb/``."""
     setup, env_cfg = data["setup"], config.env
+    out.mkdir(parents=True, exist_ok=True)
     reference = next(e for e in main if e.name == data["reference"])
     subtitle = (f"{config.model.name}, split {setup['split']}, {setup['n_prompts']} prompts x {setup['samples']} "
                 f"samples, {env_cfg.max_new_tokens} tokens, seed {setup['seed']}")
     figures: dict[str, Path] = {}
     if data["fronts"]:
         figures["fronts"] = out / "fronts.png"
-        plot_fronts(figures["fronts"], results, main, sweeps, data["fronts"], subtitle)
+        plot_hulls(figures["fronts"], data["fronts"], subtitle)
     figures["temperature_trajectories"] = out / "temperature_trajectories.png"
     plot_trajectories(figures["temperature_trajectories"], results, main, env_cfg.max_new_tokens, subtitle)
     figures["temperature_hist"] = out / "temperature_hist.png"
-    plot_histograms(figures["temperature_hist"], results, main, (env_cfg.action.t_min, env_cfg.action.t_max), subtitle)
+    t_range = (min(e.policy.action_mapping.t_min for e in main), max(e.policy.action_mapping.t_max for e in main))
+    plot_histograms(figures["temperature_hist"], results, main, t_range, subtitle)
     setup["wall_s"] = time.perf_counter() - t_start
-    write_report(out / "report.md", data, main, results, reference, paired, data["fronts"], warnings)
-    (out / "metrics.json").write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
+    write_report(out / "report.md", data, main, results, reference, paired, warnings)
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
     write_csv(out / "metrics.csv", data)
     write_samples(out / "samples.jsonl", main, results)
     write_tensorboard(out / "tb", data, (out / "report.md").read_text(), figures)
 
 
 def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str], *, run: str | None = None,
-             split: str | None = "test", prompts_file: str | None = None, samples: int = 4,
-             max_prompts: int | None = None, seed: int = 0, sweep: bool = True,
-             sweep_grids: dict[str, tuple[str, list[float]]] | None = None, n_resamples: int = 2000,
-             progress: bool = True, command: str | None = None) -> dict:
-    """Evaluate ``policies`` (spec strings) on the same prompts and seeds; write every output to ``out_dir``.
+             split: str | None = "test", prompts_file: str | None = None, seed: int = 0, families: bool = True,
+             resume: bool = False, progress: bool = True, command: str | None = None) -> dict:
+    """Evaluate ``policies`` (spec strings) and the baseline families on the same prompts and seeds; write every
+    output to ``out_dir`` (see the module doc). Sizes and grids come from ``config.evaluation``.
 
-    Returns the ``metrics.json`` content. Raises :class:`EvaluationError` for bad input before the
-    LM is loaded (missing run, other model or feature version, empty prompt file, bad spec).
+    Returns the ``metrics.json`` content. Raises :class:`EvaluationError` for bad input before the LM is loaded
+    (an output directory that cannot be written, a missing run, another model or feature version, an empty
+    prompt file, a bad spec).
     """
     t_start = time.perf_counter()
-    _check_arguments(samples, max_prompts, n_resamples)
+    ev = config.evaluation
+    out = Path(out_dir)
+    check_output_dir(out)
     warnings: list[str] = []
-    prompts = _prompts(config, prompts_file, split, max_prompts)
-    k = int(samples)
-    n_groups = max(1, min(config.env.batch_size // k, len(prompts)))
+    prompts = _prompts(config, prompts_file, split, ev.max_prompts)
+    k = ev.samples
+    n_groups = max(1, min(ev.batch_size // k, len(prompts)))
     config = replace(config, env=replace(config.env, group_size=k, batch_size=n_groups * k, seed=seed, split=split,
                                          prompts=prompts_file))
     main = resolve_policies(parse_policy_specs(policies), config, run, warnings)
-    grids = sweep_grids if sweep_grids is not None else SWEEP_GRIDS
-    sweeps = sweep_entries(config, grids) if sweep else {}
-    unique = list(OrderedDict((e.cache_key, e) for e in main + [e for es in sweeps.values() for e in es]).values())
-    results, lm = _run_all(config, prompts, unique, math.ceil(len(prompts) / n_groups), seed, n_resamples, progress)
+    learned = [e for e in main if e.family == "learned"]
+    train_truncation = learned[0].truncation if learned else None
+    lambdas = sorted({lam for e in learned for lam in lambda_grid(e, config)}) or (list(ev.lambdas or [0.0]))
 
-    reference = next((e for e in main if e.family == "learned"), main[0])
-    if reference.family != "learned":
-        warnings.append(f"no learned policy given: paired differences are against {reference.label}")
-    paired = {e.name: paired_differences(results[reference.cache_key], results[e.cache_key], n_resamples, seed)
-              for e in main if e is not reference}
-    fronts = compute_fronts(results, main, sweeps, grids) if sweeps else []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    interrupted = False
+    fams: dict[str, list[PolicyEntry]] = {}
+    tables: dict = {}
+    if families:
+        fams = family_entries(config, train_truncation)
+        if ev.table_temperatures and config.env.include_category:
+            table_fams, tables, interrupted = _tables(config, lambdas, train_truncation, seed, out, resume, progress)
+            fams.update(table_fams)
+    entries = list(OrderedDict((e.cache_key, e) for e in main + [e for es in fams.values() for e in es]).values())
+    runner = Runner(config, prompts, seed, out / "cache", resume)
+    try:
+        results, stopped = ({}, True) if interrupted else _run_entries(runner, entries, "evaluate", progress)
+    finally:
+        runner.close()
+    interrupted = interrupted or stopped
+    if runner.reused:
+        warnings.append(f"--resume: {runner.reused} runs reused from {out / 'cache'}")
+    main = [e for e in main if e.cache_key in results]
+    if not main:
+        raise EvaluationError("interrupted before the first compared policy finished; nothing to report (rerun with "
+                              "--resume)")
+    fams = {f: es for f, es in fams.items() if all(e.cache_key in results for e in es)}  # complete families only
+    if interrupted:
+        warnings.append("interrupted (Ctrl-C): the report covers the runs finished so far")
+
+    reference = _reference(main)
+    paired = {e.name: paired_differences(results[reference.cache_key], results[e.cache_key], ev.bootstrap, seed)
+              for e in main if e is not reference and e.family != "learned"}
+    fronts = compute_fronts(results, main, fams, ev.bootstrap, seed) if fams else []
     data: dict[str, Any] = {
-        "setup": _setup(config, prompts, results[main[0].cache_key], lm, split, prompts_file, seed, n_resamples,
-                        command),
+        "setup": _setup(config, prompts, runner.lm, split, prompts_file, seed, command),
+        "interrupted": interrupted,
         "reference": reference.name,
         "policies": {e.name: _policy_block(e, results) for e in main},
         "paired_differences": {"reference": reference.name, "baselines": paired},
-        "sweep": {fam: {"param": grids[fam][0], "points": {e.name: _policy_block(e, results) for e in entries}}
-                  for fam, entries in sweeps.items()},
+        "families": {f: {"title": FAMILY_TITLES[f], "points": {e.name: _policy_block(e, results) for e in es}}
+                     for f, es in fams.items()},
+        "tables": {f: {f"{lam:g}": t for lam, t in ts.items()} for f, ts in tables.items()},
         "fronts": fronts,
+        "goals": goals(results, main, fams, fronts, ev.bootstrap, seed) if fams else {},
+        "categories": category_tables(results, main, fams),
         "metric_definitions": {m.name: {"group": m.group, "unit": m.unit, "direction": m.direction, "doc": m.doc}
                                for m in METRICS},
         "warnings": warnings,
     }
-    _write_outputs(out, data, config, main, sweeps, results, paired, warnings, t_start)
+    _write_outputs(out, data, config, main, results, paired, warnings, t_start)
     return data

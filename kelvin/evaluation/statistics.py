@@ -33,11 +33,19 @@ class PolicyResult:
 
 
 def summarize(per_prompt: dict[str, np.ndarray], tokens_per_s: float, n_resamples: int, seed: int) -> dict[str, dict]:
-    """metric -> ``{mean, low, high}``: percentile bootstrap over prompts (perplexity: exp(-logprob CI))."""
+    """metric -> ``{mean, low, high}``: percentile bootstrap over prompts (perplexity: exp(-logprob CI)).
+
+    A metric defined on some prompts only (``accuracy``: NaN on open prompts) is summarised over those;
+    with none of them, its entry is ``{mean: None, low: None, high: None}``."""
     out: dict[str, dict] = {}
     for m in METRICS:
         if m.ci and m.name != "perplexity":
-            mean, low, high = bootstrap_ci(per_prompt[m.name], n_resamples=n_resamples, seed=seed)
+            values = np.asarray(per_prompt[m.name], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                out[m.name] = {"mean": None, "low": None, "high": None}
+                continue
+            mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
             out[m.name] = {"mean": mean, "low": low, "high": high}
     lp = out["logprob"]
     out["perplexity"] = {"mean": math.exp(-lp["mean"]), "low": math.exp(-lp["high"]), "high": math.exp(-lp["low"])}
@@ -64,7 +72,10 @@ def paired_differences(reference: PolicyResult, other: PolicyResult, n_resamples
     for m in METRICS:
         if not m.ci or m.name == "perplexity":
             continue
-        mean, low, high = paired_bootstrap_ci(reference.per_prompt[m.name], other.per_prompt[m.name],
-                                              n_resamples=n_resamples, seed=seed)
+        a, b = np.asarray(reference.per_prompt[m.name]), np.asarray(other.per_prompt[m.name])
+        both = np.isfinite(a) & np.isfinite(b)  # accuracy: the answerable prompts
+        if not both.any():
+            continue
+        mean, low, high = paired_bootstrap_ci(a[both], b[both], n_resamples=n_resamples, seed=seed)
         out[m.name] = {"mean": mean, "low": low, "high": high, "verdict": verdict(m, low, high)}
     return out
