@@ -176,7 +176,7 @@ def _guard_block(guard: bool | dict, action_mapping: ActionMapping) -> dict:
 
 def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping,
                truncation: Truncation | dict | None, model: dict | None, label: str, source: dict | None,
-               guard: bool | dict = True) -> dict:
+               guard: bool | dict = True, diversity_range: tuple[float, float] | None = None) -> dict:
     model = dict(model or {})
     if model.get("vocab_size") is not None:
         model["vocab_size"] = int(model["vocab_size"])
@@ -194,10 +194,23 @@ def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMappi
                   **{k: v for k, v in model.items() if k not in ("name", "vocab_size")}},
         "baseline": None,
         "guard": _guard_block(guard, action_mapping),
+        "diversity": _diversity_block(kind, feature_spec, diversity_range),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "kelvin_version": _kelvin_version(),
         "source": source or {},
     }
+
+
+def _diversity_block(kind: str, feature_spec: FeatureSpec, diversity_range: tuple[float, float] | None) -> dict | None:
+    """``spec.json`` ``diversity``: the λ range a policy reading the diversity dial was trained on (samplers refuse
+    a λ outside it); None for a policy without the dial, or a baseline given no range (baselines ignore λ)."""
+    if not feature_spec.include_diversity_weight or (kind == "baseline" and diversity_range is None):
+        return None
+    if diversity_range is None:
+        raise ValueError("this policy reads the diversity dial (features.include_diversity_weight): give "
+                         "diversity_range=(low, high), the λ range it was trained on (env.diversity_bounds)")
+    lo, hi = float(diversity_range[0]), float(diversity_range[1])
+    return {"range": [lo, hi]}
 
 
 def _check_prior(token_prior: torch.Tensor | None, model: dict | None) -> torch.Tensor | None:
@@ -213,12 +226,14 @@ def _check_prior(token_prior: torch.Tensor | None, model: dict | None) -> torch.
 def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, action_mapping: ActionMapping,
                    truncation: Truncation | dict | None = None, model: dict | None = None,
                    obs_normalization: dict | None = None, token_prior: torch.Tensor | None = None,
-                   label: str = "learned (PPO)", source: dict | None = None, guard: bool | dict = True) -> Path:
+                   label: str = "learned (PPO)", source: dict | None = None, guard: bool | dict = True,
+                   diversity_range: tuple[float, float] | None = None) -> Path:
     """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip, :func:`actor_module`) and ``spec.json``.
 
     ``obs_normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (VecNormalize's ``obs_rms`` and
     settings) or None when the policy saw raw observations. ``guard`` (True = the defaults, False =
     off, a dict of settings) is the guard rails the samplers put around the policy by default.
+    ``diversity_range``: the λ range it was trained on (required when the feature spec reads the dial).
     """
     obs_space = getattr(sb3_policy, "observation_space", None)
     if obs_space is not None and tuple(obs_space.shape) != (feature_spec.dim,):
@@ -235,7 +250,7 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
             raise ArtifactError(f"normalisation statistics have {len(norm['mean'])} entries; the feature spec has "
                                 f"{feature_spec.dim}")
     module = actor_module(sb3_policy, norm)
-    spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source, guard)
+    spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source, guard, diversity_range)
     spec["obs_normalization"] = norm
     spec["network"] = {"layers": [repr(m) for m in module.net]}
     return _write(Path(out_dir), spec, module, _check_prior(token_prior, model))
@@ -243,13 +258,14 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
 
 def export_baseline(policy: BaselinePolicy, out_dir: str | Path, truncation: Truncation | dict | None = None,
                     model: dict | None = None, token_prior: torch.Tensor | None = None,
-                    source: dict | None = None, guard: bool | dict = True) -> Path:
+                    source: dict | None = None, guard: bool | dict = True,
+                    diversity_range: tuple[float, float] | None = None) -> Path:
     """Export a baseline: its ``to_config()`` (parameters only) with its feature spec and action mapping."""
     if not isinstance(policy, BaselinePolicy):
         raise TypeError(f"export_baseline needs a baseline TemperaturePolicy (policies.make_policy('pid', ...)); "
                         f"got {type(policy).__name__}")
     spec = _base_spec("baseline", policy.feature_spec, policy.action_mapping, truncation, model, policy.label, source,
-                      guard)
+                      guard, diversity_range)
     spec["baseline"] = json.loads(json.dumps(policy.to_config()))  # JSON-safe check (inf -> Infinity)
     return _write(Path(out_dir), spec, None, _check_prior(token_prior, model))
 
@@ -309,7 +325,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
               "timesteps": int(getattr(model, "num_timesteps", 0)), "token_prior": prior_source}
     return export_learned(model.policy, out_dir if out_dir is not None else run.export_dir,
                           config.env.feature_spec(), config.env.action, config.env.truncation,
-                          _model_info(config, lm), norm, token_prior, label="learned (PPO)", source=source, guard=guard)
+                          _model_info(config, lm), norm, token_prior, label="learned (PPO)", source=source, guard=guard,
+                          diversity_range=config.env.diversity_bounds)
 
 
 def _run_token_prior(run: RunDir, config, lm) -> tuple[torch.Tensor | None, str]:
@@ -340,7 +357,9 @@ def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path
     policy = make_policy(spec, config.env.feature_spec(), config.env.action)
     lm = _load_lm(config, lm)
     return export_baseline(policy, out_dir, config.env.truncation, _model_info(config, lm), _token_prior(config, lm),
-                           source={"config": str(config_path.resolve()), "spec": spec}, guard=guard)
+                           source={"config": str(config_path.resolve()), "spec": spec}, guard=guard,
+                           diversity_range=config.env.diversity_bounds if config.env.features.include_diversity_weight
+                           else None)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +123,32 @@ class PolicyArtifact:
         return dict(self.spec.get("model") or {})
 
     @property
+    def diversity_range(self) -> tuple[float, float] | None:
+        """The λ range the policy was trained on (``spec.json`` ``diversity.range``), or None."""
+        return diversity_range_of(self.spec)
+
+    @property
     def vocab_size(self) -> int | None:
         v = self.model.get("vocab_size")
         return None if v is None else int(v)
+
+
+def diversity_range_of(spec: dict) -> tuple[float, float] | None:
+    """``(low, high)`` of a ``spec.json``'s ``diversity.range``: the λ range a policy conditioned on the diversity
+    dial was trained on; None when the export has none (a baseline, or a policy without the dial)."""
+    block = spec.get("diversity")
+    if not block:
+        return None
+    rng = block.get("range") if isinstance(block, dict) else None
+    try:
+        lo, hi = (float(v) for v in rng)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"diversity={block!r} must be {{\"range\": [low, high]}}; export the policy "
+                            "again") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise ArtifactError(f"diversity.range={rng!r} must be finite with 0 <= low <= high; export the "
+                            "policy again")
+    return lo, hi
 
 
 def _read_spec(path: Path) -> dict:
@@ -265,6 +289,10 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
     feature_spec = _feature_spec(spec, spec_path)
     mapping = _action_mapping(spec, spec_path)
     truncation = _truncation(spec, spec_path)
+    try:
+        diversity_range_of(spec)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{spec_path}: {exc}") from None
     files = spec.get("files") or {}
     if spec["kind"] == "learned":
         module = _load_module(path, feature_spec)

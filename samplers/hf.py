@@ -83,7 +83,7 @@ class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
     ``truncation`` (``{top_k, top_p, min_p, top_n_sigma}``, computed on the base distribution before
     the temperature, as in training), ``token_prior`` ((V,) anomaly priors the featurizer used in
     training; :meth:`from_pretrained` loads them), ``category`` (the prompt category of every row,
-    or one per row, for policies conditioned on it; default "other"), ``diversity_weight``,
+    or one per row, for policies conditioned on it; default "other"), ``diversity`` (the λ dial, inside the trained range),
     ``guard`` (guard rails, **on by default**: bounds, a rate limit, a reset into a safe range when
     the anomaly detector fires, a fallback on non-finite input; ``False`` switches them off, a dict
     sets them, see :mod:`policies.guard`; :meth:`from_pretrained` takes the export's settings).

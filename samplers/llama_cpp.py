@@ -76,7 +76,7 @@ class LlamaCppPolicyProcessor(RuntimeAdapter):
     """``(input_ids (n,), scores (V,)) -> scores (V,)`` numpy logits processor for one sequence.
 
     Arguments as :class:`samplers.hf.PolicyLogitsProcessor`: ``policy``, ``feature_spec``,
-    ``action_mapping``, ``truncation``, ``token_prior``, ``category``, ``diversity_weight``, ``guard``.
+    ``action_mapping``, ``truncation``, ``token_prior``, ``category``, ``diversity`` (the λ dial, inside the trained range), ``guard``.
     """
 
     def __init__(self, policy, feature_spec: FeatureSpec | None = None, action_mapping: ActionMapping | None = None,

@@ -21,6 +21,7 @@ request slot, stepped a subset at a time with ``step(..., rows=slots)`` and :met
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -140,6 +141,28 @@ def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] 
     return out
 
 
+def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float, float] | None, owner: str = "diversity") -> float:
+    """The diversity dial λ as a float, or a ``ValueError`` naming ``owner`` and the fix: the policy must read λ
+    (``features.include_diversity_weight``; ``spec`` None: not checked), λ must be finite and >= 0, and inside
+    ``trained_range`` when that is known (a network is not to be trusted on inputs it never saw)."""
+    if spec is not None and not spec.include_diversity_weight:
+        raise ValueError(f"{owner}={value!r} was given, but this policy has no diversity dial (trained with "
+                         "features.include_diversity_weight=false); drop it")
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        lam = math.nan
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{owner}={value!r} must be a finite number >= 0 (the weight of diversity in the reward the "
+                         "policy was trained on)")
+    if trained_range is not None:
+        lo, hi = trained_range
+        if not lo - 1e-9 <= lam <= hi + 1e-9:
+            raise ValueError(f"{owner}={lam:g} is outside the range the policy was trained on [{lo:g}, {hi:g}]; "
+                             f"choose a value in it (or train with env.diversity_range covering {lam:g})")
+    return lam
+
+
 class PolicyRuntime:
     """Featurizer + policy + truncation for a batch of rows (see the module doc).
 
@@ -148,8 +171,10 @@ class PolicyRuntime:
     ``action_mapping`` (default: the policy's; given, they must be the policy's), ``truncation``
     (a :class:`~samplers.core.Truncation` or ``{top_k, top_p, min_p, top_n_sigma}``; default off),
     ``token_prior`` ((V,) per-token anomaly priors the featurizer used in training), ``category`` /
-    ``diversity_weight`` (the conditioning inputs, when the feature spec has them; applied to every row
-    a :meth:`start` begins). ``guard``: guard rails around the policy (:mod:`policies.guard`), **on by
+    ``diversity`` (the conditioning inputs, when the feature spec has them: the task category and the
+    diversity dial λ; applied to every row a :meth:`start` begins). ``diversity_range``: the λ range the
+    policy was trained on (``spec.json`` ``diversity.range``; from :meth:`pretrained_arguments`): a λ
+    outside it is refused, since the network never saw it. ``guard``: guard rails around the policy (:mod:`policies.guard`), **on by
     default**: ``True`` (default settings), a dict of settings (``{"max_delta": 0.3, "safe_range": (0.2,
     0.6)}``) or ``False`` (the policy's temperatures as they are). :attr:`guard` is the
     :class:`~policies.guard.GuardedPolicy` (None when off), :attr:`guard_counters` its intervention
@@ -160,8 +185,9 @@ class PolicyRuntime:
 
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None,
-                 token_prior: torch.Tensor | None = None, category=None, diversity_weight=None, record: bool = True,
-                 guard: bool | dict | None = True, exported_model: dict | None = None):
+                 token_prior: torch.Tensor | None = None, category=None, diversity=None, record: bool = True,
+                 guard: bool | dict | None = True, exported_model: dict | None = None,
+                 diversity_range: tuple[float, float] | None = None):
         if not isinstance(policy, TemperaturePolicy):
             raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) and actions(obs) as "
                             f"a Kelvin TemperaturePolicy does (a baseline, a LearnedPolicy, policies.load_policy(path)); "
@@ -182,15 +208,13 @@ class PolicyRuntime:
         self.action_mapping = policy.action_mapping if self.guard is None else self.guard.policy.action_mapping
         self.token_prior = token_prior
         self.category = category
-        self.diversity_weight = diversity_weight
+        self.diversity_range = None if diversity_range is None else (float(diversity_range[0]), float(diversity_range[1]))
+        self.diversity = None if diversity is None else self.check_diversity(diversity)
         self.record = record
         self.exported_model = dict(exported_model or {})
         """spec.json ``model`` of the export this runtime runs (``{name, vocab_size}``; empty when built by hand)."""
         if category is not None:  # validate the names now, not at the first generate step
             category_indices(self.feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
-        if diversity_weight is not None and not self.feature_spec.include_diversity_weight:
-            raise ValueError("diversity_weight was given, but this policy is not conditioned on it "
-                             "(features.include_diversity_weight is false); drop the argument")
         self.featurizer: Featurizer | None = None
         self.temperatures: list[torch.Tensor] = []
         self._last_t: torch.Tensor | None = None  # (B,) temperatures of the previous step
@@ -228,6 +252,7 @@ class PolicyRuntime:
         kwargs.setdefault("token_prior", art.token_prior)
         kwargs["guard"] = merge_guard(art.guard, kwargs.get("guard"))
         kwargs.setdefault("exported_model", art.model)
+        kwargs.setdefault("diversity_range", art.diversity_range)
         return (art.policy, art.feature_spec, art.action_mapping, art.truncation), kwargs
 
     # ------------------------------------------------------------------ rows
@@ -240,17 +265,22 @@ class PolicyRuntime:
             self.token_prior = self.token_prior.to(device)
         return self.token_prior
 
-    def start(self, batch_size: int, device: torch.device | str = "cpu", category=None, diversity_weight=None) -> None:
+    def check_diversity(self, value, owner: str = "diversity") -> float:
+        """``value`` as the λ this policy reads, or a ``ValueError`` naming ``owner``: the policy must have a
+        diversity dial, λ must be a finite number >= 0 and inside the trained range (when known)."""
+        return check_diversity(value, self.feature_spec, self.diversity_range, owner)
+
+    def start(self, batch_size: int, device: torch.device | str = "cpu", category=None, diversity=None) -> None:
         """Fresh episodes on every row (a new generate call): featurizer, policy state, recorded temperatures.
 
-        ``category`` / ``diversity_weight`` override the constructor's for these rows.
+        ``category`` / ``diversity`` override the constructor's for these rows.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         device = torch.device(device)
         self.featurizer = Featurizer(self.feature_spec, batch_size, device, token_prior=self._prior_on(device))
         cats = category_indices(self.feature_spec, self.category if category is None else category, batch_size)
-        dw = self.diversity_weight if diversity_weight is None else diversity_weight
+        dw = self.diversity if diversity is None else self.check_diversity(diversity)
         if cats is not None or dw is not None:
             self.featurizer.reset(None, category=cats, diversity_weight=dw)
         self.policy.reset(batch_size)
@@ -258,10 +288,10 @@ class PolicyRuntime:
         self._episode_start = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.temperatures = []
 
-    def reset_rows(self, rows: Sequence[int] | torch.Tensor, category=None, diversity_weight=None) -> None:
+    def reset_rows(self, rows: Sequence[int] | torch.Tensor, category=None, diversity=None) -> None:
         """Start fresh episodes on ``rows`` only (a request entering an engine slot); the others keep theirs.
 
-        ``category`` (one name / index for all these rows) and ``diversity_weight`` (one value) set their
+        ``category`` (one name / index for all these rows) and ``diversity`` (one λ) set their
         conditioning inputs; None keeps the constructor's. The policy's per-row state resets at the rows'
         next step (``episode_start``).
         """
@@ -275,7 +305,7 @@ class PolicyRuntime:
             raise ValueError(f"rows {idx.tolist()} outside the {f.batch_size} rows started")
         cat = self.category if category is None else category
         cats = None if cat is None else category_indices(self.feature_spec, cat, 1) * idx.numel()
-        dw = self.diversity_weight if diversity_weight is None else diversity_weight
+        dw = self.diversity if diversity is None else self.check_diversity(diversity)
         f.reset(idx, category=cats, diversity_weight=dw)
         self._last_t[idx] = self.feature_spec.initial_temperature
         self._episode_start[idx] = True
@@ -391,10 +421,11 @@ class RuntimeAdapter:
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None, *,
                  token_prior: torch.Tensor | None = None, category=None,
-                 diversity_weight=None, guard: bool | dict | None = True, exported_model: dict | None = None):
+                 diversity=None, guard: bool | dict | None = True, exported_model: dict | None = None,
+                 diversity_range: tuple[float, float] | None = None):
         self.runtime = PolicyRuntime(policy, feature_spec, action_mapping, truncation, token_prior=token_prior,
-                                     category=category, diversity_weight=diversity_weight, guard=guard,
-                                     exported_model=exported_model)
+                                     category=category, diversity=diversity, guard=guard,
+                                     exported_model=exported_model, diversity_range=diversity_range)
 
     @classmethod
     def from_pretrained(cls, path, model=None, **kwargs):

@@ -52,7 +52,7 @@ top_p=1.0, top_k=0 (or -1), min_p=0.0)`` and no repetition / frequency / presenc
 ``kelvin``             ``false`` / ``0`` / ``"off"``: leave this request alone (any sampling params go)
 ``kelvin_category``    the prompt category, for policies conditioned on it (default ``"other"``)
 ``kelvin_diversity``   the diversity dial lambda, for policies conditioned on it (the runtime's
-                       ``diversity_weight`` of that request)
+                       ``diversity`` of that request; refused outside the trained range)
 =====================  ===========================================================================
 
 Memory: the processor keeps the previous step's log-probabilities of every slot, ``max_num_seqs x vocab x
@@ -84,7 +84,8 @@ import torch
 
 from policies.features import FeatureSpec
 from samplers.core import did_you_mean
-from samplers.runtime import PolicyRuntime, category_indices, check_engine_model
+from policies.artifact import diversity_range_of
+from samplers.runtime import PolicyRuntime, category_indices, check_diversity, check_engine_model
 
 try:  # Model Runner V2's interface (vLLM >= 0.23); the module imports without vLLM
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _V2Base
@@ -121,16 +122,18 @@ class RequestOptions:
 
     enabled: bool = True
     category: str | int | None = None  # None: the policy's "other" slot
-    diversity_weight: float | None = None  # None: the runtime's default
+    diversity: float | None = None  # None: the runtime's default
 
 
 def _extra_args(params) -> dict:
     return dict(getattr(params, "extra_args", None) or {})
 
 
-def request_options(params, spec: FeatureSpec | None = None) -> RequestOptions:
+def request_options(params, spec: FeatureSpec | None = None,
+                    diversity_range: tuple[float, float] | None = None) -> RequestOptions:
     """Parse and check the ``kelvin*`` keys of ``params.extra_args`` (see the module doc); ``spec`` checks the
-    category and the diversity dial against the policy. Raises ``ValueError`` naming the key and the fix."""
+    category and the diversity dial against the policy, ``diversity_range`` (the export's trained λ range) the
+    dial's value. Raises ``ValueError`` naming the key and the fix."""
     extra = _extra_args(params)
     for key in extra:
         if key.startswith("kelvin") and key not in _ARGS:
@@ -157,15 +160,7 @@ def request_options(params, spec: FeatureSpec | None = None) -> RequestOptions:
             raise ValueError(f"extra_args[{CATEGORY_ARG!r}]: {exc}") from None
     diversity = extra.get(DIVERSITY_ARG)
     if diversity is not None:
-        try:
-            diversity = float(diversity)
-        except (TypeError, ValueError):
-            diversity = math.nan
-        if not math.isfinite(diversity):
-            raise ValueError(f"extra_args[{DIVERSITY_ARG!r}]={extra.get(DIVERSITY_ARG)!r} must be a finite number")
-        if spec is not None and not spec.include_diversity_weight:
-            raise ValueError(f"extra_args[{DIVERSITY_ARG!r}] was given, but this policy has no diversity dial "
-                             f"(trained with features.include_diversity_weight=false); drop {DIVERSITY_ARG}")
+        diversity = check_diversity(diversity, spec, diversity_range, f"extra_args[{DIVERSITY_ARG!r}]")
     return RequestOptions(True, category, diversity)
 
 
@@ -209,10 +204,10 @@ class RequestSlots:
     def add(self, slot: int, params) -> bool:
         """A request enters ``slot``: fresh features, policy state and previous temperature."""
         slot = self._check_slot(slot)
-        options = request_options(params, self.runtime.feature_spec)
+        options = request_options(params, self.runtime.feature_spec, self.runtime.diversity_range)
         self.enabled[slot] = options.enabled
         if options.enabled:
-            self.runtime.reset_rows([slot], category=options.category, diversity_weight=options.diversity_weight)
+            self.runtime.reset_rows([slot], category=options.category, diversity=options.diversity)
         return options.enabled
 
     def remove(self, slot: int) -> None:
@@ -274,8 +269,9 @@ class _KelvinProcessorBase:
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         """Refuse (``ValueError``) a request whose sampling would re-warp the policy, or bad ``kelvin*`` options."""
-        spec = FeatureSpec.from_dict(cls._spec()["feature_spec"])
-        if request_options(sampling_params, spec).enabled:
+        raw = cls._spec()
+        spec = FeatureSpec.from_dict(raw["feature_spec"])
+        if request_options(sampling_params, spec, diversity_range_of(raw)).enabled:
             check_sampling_params(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
@@ -323,7 +319,7 @@ class KelvinLogitsProcessor(_KelvinProcessorBase, _V2Base):
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         """A request enters slot ``req_idx``; its state is reset at :meth:`apply_staged_writes`."""
-        options = request_options(sampling_params, self.slots.runtime.feature_spec)
+        options = request_options(sampling_params, self.slots.runtime.feature_spec, self.slots.runtime.diversity_range)
         self._pending.append((int(req_idx), sampling_params))
         return options.enabled
 

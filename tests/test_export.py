@@ -138,6 +138,40 @@ def test_a_gsde_policy_exports_its_mean_action(tmp_path):
     np.testing.assert_allclose(a_exp, a_ref, atol=1e-6, rtol=0)
 
 
+DIAL = FeatureSpec(horizon=8, categories=("code", "creative"), include_diversity_weight=True)
+
+
+def test_the_trained_lambda_range_is_in_the_artifact_and_a_lambda_outside_it_is_refused(tmp_path):
+    model = _dummy_ppo(DIAL)
+    with pytest.raises(ValueError, match=r"reads the diversity dial.*give diversity_range=\(low, high\)"):
+        export_learned(model.policy, tmp_path / "none", DIAL, MAPPING)
+    out = export_learned(model.policy, tmp_path / "dial", DIAL, MAPPING, diversity_range=(0.0, 2.0))
+    assert json.loads((out / "spec.json").read_text())["diversity"] == {"range": [0.0, 2.0]}
+    assert load_artifact(out).diversity_range == (0.0, 2.0)
+    proc = PolicyLogitsProcessor.from_pretrained(out, diversity=1.5)
+    proc.runtime.start(3)
+    col = DIAL.index("diversity_weight")
+    obs = proc.runtime.featurizer.observe(torch.randn(3, V))
+    assert obs[:, col].tolist() == [1.5] * 3  # λ is what the policy observes
+    proc.runtime.reset_rows([1], diversity=0.25)
+    assert proc.runtime.featurizer.observe(torch.randn(3, V))[:, col].tolist() == [1.5, 0.25, 1.5]
+    with pytest.raises(ValueError, match=r"diversity=3 is outside the range the policy was trained on \[0, 2\]"):
+        PolicyLogitsProcessor.from_pretrained(out, diversity=3.0)
+    with pytest.raises(ValueError, match=r"diversity=-0.5 must be a finite number >= 0"):
+        proc.runtime.start(2, diversity=-0.5)
+    with pytest.raises(ValueError, match=r"diversity=nan must be a finite number"):
+        proc.runtime.reset_rows([0], diversity=float("nan"))
+    no_dial = export_learned(_dummy_ppo(SPEC).policy, tmp_path / "plain", SPEC, MAPPING)
+    assert json.loads((no_dial / "spec.json").read_text())["diversity"] is None
+    with pytest.raises(ValueError, match="this policy has no diversity dial"):
+        PolicyLogitsProcessor.from_pretrained(no_dial, diversity=0.5)
+    spec = json.loads((out / "spec.json").read_text())
+    spec["diversity"] = {"range": [2.0, 1.0]}
+    (out / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match=r"spec.json: diversity.range=\[2.0, 1.0\] must be finite"):
+        load_artifact(out)
+
+
 def test_building_the_learned_policy_draws_no_random_numbers(dummy_export):
     """Training validates through learned_policy(): a draw from the global torch generator there (a fresh Linear's
     random init) would change PPO's later exploration noise, so a run that validates would train another model."""
@@ -674,6 +708,9 @@ def _replay(proc, lm, prompts, length, rec) -> torch.Tensor:
     return proc.temperature_trace()
 
 
+PARITY_LAMBDA = 0.7  # the diversity dial of every row: the processor is given the same λ
+
+
 @pytest.fixture(scope="module")
 def parity_env(smoke_run, lm):
     from envs.generation import TemperatureVecEnv
@@ -681,7 +718,7 @@ def parity_env(smoke_run, lm):
     from kelvin.config import load_config
 
     config = load_config(smoke_run.run_dir / "config.yaml")
-    env_config = replace(config.env, batch_size=2, group_size=1)
+    env_config = replace(config.env, batch_size=2, group_size=1, diversity_values=[PARITY_LAMBDA])
     env = TemperatureVecEnv(env_config, lm=lm, reward=RewardConfig(coherence=0.0, group_semantic=0.0))
     yield config, env
     env.close()
@@ -705,7 +742,9 @@ def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
     prompts, length, rec = _rollout(env, policy, config.env.max_new_tokens)
     assert (length > 0).all()
     # guard=False: training runs the policy without guard rails, and this checks the policy line itself
-    proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts], guard=False)
+    proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts], guard=False,
+                                                 diversity=PARITY_LAMBDA)
+    assert env.feature_spec.include_diversity_weight and proc.runtime.diversity == PARITY_LAMBDA
     assert proc.runtime.token_prior is not None
     torch.testing.assert_close(proc.runtime.token_prior, env.core.featurizer.token_prior.cpu())
     trace = _replay(proc, lm, prompts, length, rec)

@@ -122,7 +122,7 @@ def _draw(row: torch.Tensor, g: torch.Generator) -> int:
 
 def _alone(export, logits, tokens, category=None, diversity=None, prompt=PROMPT) -> list[float]:
     """Temperatures of one request run alone through the transformers processor (the reference)."""
-    proc = PolicyLogitsProcessor.from_pretrained(export, category=category, diversity_weight=diversity)
+    proc = PolicyLogitsProcessor.from_pretrained(export, category=category, diversity=diversity)
     ids = torch.tensor([prompt])
     for z, tok in zip(logits, tokens):
         proc(ids, z.view(1, -1))
@@ -302,6 +302,14 @@ def test_v2_request_options(tmp_path, pid_export):
         make_logits_processor(plain).validate_params(_params(kelvin_diversity=0.5))
     with pytest.raises(ValueError, match="this policy has no category features"):
         make_logits_processor(plain).validate_params(_params(kelvin_category="code"))
+    ranged = export_baseline(make_policy("pid", SPEC, MAPPING), tmp_path / "ranged", diversity_range=(0.0, 1.0))
+    make_logits_processor(ranged).validate_params(_params(kelvin_diversity="1.0"))
+    with pytest.raises(ValueError, match=r"kelvin_diversity'\]=1.5 is outside the range the policy was trained on "
+                                         r"\[0, 1\]"):
+        make_logits_processor(ranged).validate_params(_params(kelvin_diversity="1.5"))
+    runner = FakeRunnerV2(make_logits_processor(ranged), capacity=1)
+    with pytest.raises(ValueError, match="outside the range the policy was trained on"):
+        runner.add("hot", _params(kelvin_diversity=2))
 
 
 def test_refuses_speculative_decoding_another_model_and_a_missing_export(pid_export, monkeypatch):
