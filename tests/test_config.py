@@ -37,21 +37,21 @@ CASES = {
     "nan clip": (None, ["reward.logprob_clip=.nan"],
                  "reward.logprob_clip=nan: must be a finite number > 0 (e.g. reward.logprob_clip: 10.0)"),
     "bool as int": ("env:\n  max_new_tokens: true\n", None,
-                    "env.max_new_tokens=True: must be an integer >= 1 (e.g. env.max_new_tokens: 24)"),
+                    "env.max_new_tokens=True: must be an integer >= 1 (e.g. env.max_new_tokens: 16)"),
     "negative checkpoint": ("train:\n  checkpoint_every: -5\n", None,
                             "train.checkpoint_every=-5: must be an integer >= 0 (e.g. train.checkpoint_every: 4096)"),
-    "gamma above 1": ("ppo:\n  gamma: 1.5\n", None, "ppo.gamma=1.5: must be a number in [0, 1] (e.g. ppo.gamma: 0.98)"),
+    "gamma above 1": ("ppo:\n  gamma: 1.5\n", None, "ppo.gamma=1.5: must be a number in [0, 1] (e.g. ppo.gamma: 1.0)"),
     "string batch": ('env:\n  batch_size: "four"\n', None,
-                     "env.batch_size='four': must be an integer >= 1 (e.g. env.batch_size: 16)"),
-    "set word": (None, ["ppo.n_steps=eight"], "ppo.n_steps='eight': must be an integer >= 1 (e.g. ppo.n_steps: 64)"),
+                     "env.batch_size='four': must be an integer >= 1 (e.g. env.batch_size: 32)"),
+    "set word": (None, ["ppo.n_steps=eight"], "ppo.n_steps='eight': must be an integer >= 1 (e.g. ppo.n_steps: 32)"),
     "set empty": (None, ["env.batch_size="],
-                  "--set 'env.batch_size=': no value after '='; give one, e.g. --set env.batch_size=16"),
+                  "--set 'env.batch_size=': no value after '='; give one, e.g. --set env.batch_size=32"),
     "net_arch word": ("ppo:\n  policy_kwargs:\n    net_arch: foo\n", None,
                       "ppo.policy_kwargs.net_arch='foo': must be a list of integers >= 1 or a mapping with keys pi, vf "
                       "(e.g. ppo.policy_kwargs.net_arch: [64, 64])"),
     "seed word": ("train:\n  seed: abc\n", None, "train.seed='abc': must be an integer >= 0 (e.g. train.seed: 0)"),
     "negative lr": ("ppo:\n  learning_rate: -1\n", None,
-                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0003)"),
+                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0005)"),
     "infinite t_max": ("env:\n  action:\n    t_max: .inf\n", None,
                        "env.action.t_max=inf: must be a finite number (e.g. env.action.t_max: 2.4)"),
     "top_p above 1": ("env:\n  truncation:\n    top_p: 1.5\n", None,
@@ -89,7 +89,7 @@ def test_unknown_and_moved_keys_name_the_right_one(tmp_path):
 
 
 def test_cross_field_rules_are_checked_at_load(tmp_path):
-    assert "env: group_size=3 must divide batch_size=16" in _error(tmp_path, None, ["env.group_size=3"])
+    assert "env: group_size=3 must divide batch_size=32" in _error(tmp_path, None, ["env.group_size=3"])
     assert "env.action: t_min=3.0 must be below t_max=2.4" in _error(tmp_path, None, ["env.action.t_min=3"])
     assert ("ppo.batch_size=4096 exceeds the rollout size ppo.n_steps * env.batch_size = 1024"
             in _error(tmp_path, None, ["ppo.batch_size=4096"]))
@@ -124,13 +124,17 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert config == load_config(None) == KelvinConfig()
     assert config.env == EnvConfig()
     a = dataclasses.asdict(config)
-    assert (a["env"]["batch_size"], a["env"]["group_size"], a["env"]["max_new_tokens"]) == (16, 4, 24)
+    assert (a["env"]["batch_size"], a["env"]["group_size"], a["env"]["max_new_tokens"]) == (32, 4, 16)
+    assert a["env"]["truncation"] == {"top_k": 0, "top_p": 1.0, "min_p": 0.02, "top_n_sigma": None}
+    assert tuple(a["env"]["diversity_range"]) == (0.0, 2.0) and a["env"]["features"]["include_diversity_weight"]
     assert a["env"]["action"] == {"kind": "linear", "t_min": -1.0, "t_max": 2.4, "min_abs_temperature": 0.05,
                                   "max_delta": None}
     assert (a["train"]["total_timesteps"], a["train"]["checkpoint_every"], a["train"]["validate_every"],
             a["train"]["validation_prompts"]) == (20480, 4096, 10, 8)
-    assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (64, 256, 0.98)
-    assert a["ppo"]["policy_kwargs"] == {"net_arch": [64, 64], "log_std_init": -1.0, "ortho_init": True}
+    assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (32, 256, 1.0)
+    assert (a["ppo"]["use_sde"], a["ppo"]["sde_sample_freq"]) == (True, -1)
+    assert a["ppo"]["policy_kwargs"] == {"net_arch": [64, 64], "log_std_init": -3.0, "ortho_init": True}
+    assert a["reward"]["entropy"] == 0.0 and a["reward"]["group_baseline"]  # #12: nothing a constant T optimises
 
 
 def test_the_default_env_starts_at_a_sane_temperature():

@@ -369,7 +369,7 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
     data = json.loads((out / "metrics.json").read_text())
-    learned = [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=1"]  # smoke: n_lambdas 2 over λ in [0, 1]
+    learned = [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=2"]  # smoke: n_lambdas 2 over λ in [0, 2]
     assert list(data["policies"]) == [*learned, "pid"]
     assert data["reference"] == learned[-1]
     for name, block in data["policies"].items():
@@ -377,12 +377,12 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
         assert block["n_prompts"] == 6 and block["n_completions"] == 12  # 6 test prompts (2 answerable) x 2
     assert {k: list(v["points"]) for k, v in data["families"].items()} == {
         "fixed": ["fixed:T=0", "fixed:T=1"], "negative_minp": ["negative_minp:T=-1"],
-        "hotcold": ["hotcold:2x1/0.5"], "table": ["table:λ=0", "table:λ=1"]}
+        "hotcold": ["hotcold:2x1/0.5"], "table": ["table:λ=0", "table:λ=2"]}
     greedy = data["families"]["fixed"]["points"]["fixed:T=0"]["metrics"]
     assert greedy["temperature_mean"]["mean"] == 0.0 and greedy["near_greedy_fraction"]["mean"] == 1.0
     neg = data["families"]["negative_minp"]["points"]["negative_minp:T=-1"]["metrics"]
     assert neg["negative_fraction"]["mean"] == 1.0
-    assert set(data["tables"]["table"]) == {"0", "1"}  # one tuned table per λ of the learned front
+    assert set(data["tables"]["table"]) == {"0", "2"}  # one tuned table per λ of the learned front
     for table in data["tables"]["table"].values():
         assert set(table.values()) <= {0.0, 1.0}  # each category's T is one of the tuned grid's
     assert [f["name"] for f in data["fronts"]] == ["main", "open", "open_logprob", "open_ngram"]
@@ -394,12 +394,12 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
         pts = [(p["x"], p["y"]) for p in info["points"]]
         assert info["hv_common"] == pytest.approx(hull_hypervolume(pts, tuple(main_front["reference"])), rel=1e-12)
     run_front = main_front["learned"][str(run_dir)]
-    assert [p["lambda"] for p in run_front["points"]] == [0.0, 1.0]
+    assert [p["lambda"] for p in run_front["points"]] == [0.0, 2.0]
     for fam, v in run_front["vs"].items():  # each verdict is the one its own interval gives
         assert v["low"] <= v["diff"] + 1e-12 and v["diff"] <= v["high"] + 1e-12, fam
         assert v["verdict"] == ("outside" if v["low"] > 0 else "inside" if v["high"] < 0 else "no difference"), fam
     goal = data["goals"][str(run_dir)]
-    assert (goal["lowest_lambda"], goal["highest_lambda"]) == (0.0, 1.0)
+    assert (goal["lowest_lambda"], goal["highest_lambda"]) == (0.0, 2.0)
     assert goal["beats_every_family_on_main_front"] == all(v == "outside" for v in goal["main_front"].values())
 
     report = (out / "report.md").read_text()
@@ -456,7 +456,7 @@ def test_ctrl_c_writes_a_partial_report_and_resume_finishes_with_the_same_number
     out = tmp_path / "cut"
     assert main([*args, "--out", str(out)]) == 130
     partial = json.loads((out / "metrics.json").read_text())
-    assert partial["interrupted"] and list(partial["policies"]) == [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=1",
+    assert partial["interrupted"] and list(partial["policies"]) == [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=2",
                                                                     "pid"]
     assert "interrupted (Ctrl-C)" in (out / "report.md").read_text()
     assert "rerun with --resume" in capsys.readouterr().err

@@ -106,6 +106,9 @@ class ReplayLM:
         return self._pop() if self._next < len(self._logits) else torch.zeros(1, len(self._logits[0]))
 
 
+DIAL = 0.6  # the diversity dial λ of the env's group and of the processor
+
+
 def env_temperatures(monkeypatch, config, lm, policy, prompt: Prompt, rec: Recorder) -> np.ndarray:
     """The temperatures the environment's own step chooses with ``policy`` on llama.cpp's logits and tokens."""
     from envs.rewards import RewardConfig
@@ -113,7 +116,7 @@ def env_temperatures(monkeypatch, config, lm, policy, prompt: Prompt, rec: Recor
     logits = [z for _, z in rec.calls]
     forced = [*rec.drawn(), int(np.argmax(logits[-1]))]  # the last draw is never read by a temperature
     assert len(logits) <= config.env.max_new_tokens  # (its max_new_tokens is the feature spec's horizon)
-    env_config = replace(config.env, batch_size=1, group_size=1)
+    env_config = replace(config.env, batch_size=1, group_size=1, diversity_values=[DIAL])
     core = envs.generation.GenerationCore(env_config, ReplayLM(lm, logits), RewardConfig(coherence=0.0, group_semantic=0.0),
                                           prompts=[prompt])
     step = {"k": 0}
@@ -152,6 +155,7 @@ def test_llama_cpp_temperatures_equal_the_env_on_the_same_logits(which, llm, lm,
     from kelvin.export import learned_policy
 
     spec, mapping = smoke_config.env.feature_spec(), smoke_config.env.action
+    assert spec.include_diversity_weight  # the smoke run reads the dial: the processor gets the env's λ
     if which == "learned":
         export = smoke_run.run_dir / "export"
         with open(smoke_run.run_dir / "vecnormalize.pkl", "rb") as fh:
@@ -162,7 +166,8 @@ def test_llama_cpp_temperatures_equal_the_env_on_the_same_logits(which, llm, lm,
         policy = make_policy("pid", spec, mapping)
     for text, category in PROMPTS:
         # guard=False: training runs the policy without guard rails, and this checks the policy line itself
-        proc = LlamaCppPolicyProcessor.from_pretrained(export, model=llm, category=category, guard=False)
+        proc = LlamaCppPolicyProcessor.from_pretrained(export, model=llm, category=category, guard=False,
+                                                       diversity=DIAL)
         prompt_ids = lm.encode([text])[0]  # the env's chat-templated prompt, fed to llama.cpp as tokens
         _, rec = generate(llm, proc, prompt_ids, max_tokens=smoke_config.env.max_new_tokens)
         trace = proc.temperature_trace()
