@@ -250,6 +250,9 @@ class EvaluationConfig:
     """Bootstrap resamples over prompts for every interval."""
 
     def __post_init__(self):
+        if self.fixed and not (0.0 in self.fixed and 1.0 in self.fixed):
+            raise ValueError(f"evaluation.fixed={self.fixed} must contain 0.0 (greedy) and 1.0 (the reference point of "
+                             "the fronts and of the diversity goal), or be [] to drop the family")
         if self.batch_size % self.samples:
             raise ValueError(f"evaluation.batch_size={self.batch_size} must be a multiple of evaluation.samples="
                              f"{self.samples} (the K samples of a prompt are one group)")
