@@ -144,7 +144,7 @@ class ShardWorker:
         return self.env.reset(), dict(self.env.timings)
 
     def step(self, actions: np.ndarray):
-        obs, rewards, dones, infos = self.env.step(actions)
+        obs, rewards, dones, infos = self.env.step(np.array(actions))  # a writable copy: Ray's arrays are read-only
         return obs, rewards, dones, infos, dict(self.env.timings)
 
     def get_attr(self, name: str, indices: list[int]) -> list[Any]:

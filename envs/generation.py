@@ -101,6 +101,9 @@ class EnvConfig:
         if self.batch_size % self.group_size:
             raise ValueError(f"group_size={self.group_size} must divide batch_size={self.batch_size} "
                              "(rows are split into groups that share a prompt)")
+        if self.ray_address is not None and self.workers == 1:
+            raise ValueError(f"ray_address={self.ray_address!r} is used only with workers > 1 (Ray workers); set "
+                             "env.workers=N to run N model copies on that cluster, or drop env.ray_address")
         low, high = self.diversity_range
         if low > high:
             raise ValueError(f"diversity_range={list(self.diversity_range)} must be [low, high] with low <= high, "

@@ -32,8 +32,9 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
+from envs.distributed import make_vec_env
 from envs.generation import TemperatureVecEnv
 from envs.lm import load_causal_lm
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
@@ -75,7 +76,7 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
 class KelvinCallback(BaseCallback):
     """Monitoring, validation and checkpoints (one callback, so rollouts are read once)."""
 
-    def __init__(self, config: KelvinConfig, run: RunDir, train_env: TemperatureVecEnv,
+    def __init__(self, config: KelvinConfig, run: RunDir, train_env: VecEnv,
                  vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv):
         super().__init__(verbose=0)
         self.stop_requested = False
@@ -88,7 +89,7 @@ class KelvinCallback(BaseCallback):
         self._fixed_cache: dict[float, dict] | None = None
         self._last_checkpoint = 0
         self._reset_accumulators()
-        self._timings = dict(train_env.core.timings)
+        self._timings = dict(train_env.timings)
         self._t_rollout = time.perf_counter()
         self._t_rollout_end: float | None = None
         self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
@@ -121,7 +122,7 @@ class KelvinCallback(BaseCallback):
             self.logger.record("hparams", HParam(hparams, {"validation/learned_reward": 0.0, "rollout/ep_rew_mean": 0.0}),
                                exclude=("stdout", "log", "json", "csv"))
         self._t_rollout = time.perf_counter()
-        self._timings = dict(self.train_env.core.timings)
+        self._timings = dict(self.train_env.timings)
 
     def _on_rollout_start(self) -> None:
         now = time.perf_counter()
@@ -174,7 +175,7 @@ class KelvinCallback(BaseCallback):
             answered = [e["correct"] for e in self._episodes if e["answerable"]]
             if answered:
                 rec("episode/accuracy", float(np.mean(answered)))
-        t = self.train_env.core.timings
+        t = self.train_env.timings
         model_s = t["model_s"] - self._timings["model_s"]
         env_s = t["env_s"] - self._timings["env_s"]
         tokens = t["tokens"] - self._timings["tokens"]
@@ -320,7 +321,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     tc = config.train
     torch.manual_seed(tc.seed)
     lm = load_causal_lm(config.model)
-    env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
+    # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
+    env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
     val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
                                 reward=replace(config.reward, group_baseline=False))  # absolute returns
     if resume:
@@ -350,7 +352,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         model.save(run.model_file)
         if vec is not None:
             vec.save(str(run.normalizer_file))
-    export_dir = _export(run, env)
+    export_dir = _export(run, val_env)  # in-process: it holds the model the export is checked on
     validation = None
     if not interrupted:
         validation = callback.validate()
@@ -358,7 +360,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     env.close()
     val_env.close()
     wall = time.perf_counter() - t0
-    timings = env.core.timings
+    timings = env.timings
     perf = {"tokens": timings["tokens"], "wall_s": wall, "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
             "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
             "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,

@@ -450,7 +450,7 @@ def test_leave_one_out_baseline_by_hand():
 def test_group_returns_are_relative_in_quality():
     """With λ = 0 every group's episode returns sum to zero: each sample is paid its quality minus the mean
     quality of the others; without the baseline the same episodes pay their absolute quality."""
-    prompts = [_prompt(0, "len=2,4 go"), _prompt(1, "len=3,1 go")]
+    prompts = [stub_prompt(0, "len=2,4 go"), stub_prompt(1, "len=3,1 go")]
     returns = {}
     for baseline in (True, False):
         reward = RewardConfig(coherence=0.0, group_semantic=0.0, group_baseline=baseline)
