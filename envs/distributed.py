@@ -219,11 +219,11 @@ class RayVecEnv(VecEnv):
         if ray.is_initialized():
             return  # someone in this process started Ray: use it as it is and leave it running
         address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
         if address is None:  # a local instance for this env, with a CPU for every worker
-            kwargs.update(num_cpus=max(os.cpu_count() or 1, self.n_workers),
-                          object_store_memory=LOCAL_OBJECT_STORE_BYTES)
-        ray.init(address=address, **kwargs)
+            ray.init(num_cpus=max(os.cpu_count() or 1, self.n_workers), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     include_dashboard=False)
+        else:  # join a cluster: its resources are its own (Ray refuses num_cpus and the like here)
+            ray.init(address=address)
         self._owns_ray = True
 
     def _placement(self) -> tuple[str, int, float, float]:

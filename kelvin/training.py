@@ -112,7 +112,8 @@ class KelvinCallback(BaseCallback):
         self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
         if self.model.num_timesteps == 0:
             env = self.config.env
-            hparams = {"env/batch_size": env.batch_size, "env/max_new_tokens": env.max_new_tokens,
+            hparams = {"env/batch_size": env.batch_size, "env/workers": env.workers,
+                       "env/max_new_tokens": env.max_new_tokens,
                        "env/action/kind": env.action.kind, "env/action/t_min": env.action.t_min,
                        "env/action/t_max": env.action.t_max, "train/total_timesteps": self.config.train.total_timesteps}
             for k, v in self.config.ppo.kwargs().items():
