@@ -12,6 +12,8 @@ Each repeat runs ``--updates`` PPO updates per variant. A callback splits the wa
 (``collect_rollouts``: the env steps, the policy's forward pass, the transfer) and the learner (the PPO update).
 ``rollout tok/s`` = completion tokens the env drew / rollout time; ``ratio_workers_over_one`` = the N-worker
 rollout rate over the 1-worker one, per repeat, median. ``learner share`` = update time / (rollout + update).
+``worker busy`` = a worker's time inside its env steps (``timings``: model + env work, the mean over workers) over
+the rollout time: the rest is the driver (the policy's forward pass, Ray's messages) and waiting for a CPU.
 
 It also prints what N workers on N GPUs would give by this measurement: each worker keeps its B rows, so a
 rollout takes about as long for every N, while the update grows with the N x B x n_steps samples it learns from.
@@ -74,10 +76,9 @@ def _config(args, workers: int):
                  f"env.workers={workers}", f"env.batch_size={per_copy}", f"env.group_size={args.group_size}",
                  f"env.max_new_tokens={args.max_new_tokens}", f"env.seed={args.seed}", f"ppo.n_steps={args.n_steps}",
                  *args.overrides]
-    cfg = load_config(None, overrides)
-    minibatch = min(cfg.ppo.batch_size, args.n_steps * rows)
-    extra = [f"ppo.batch_size={minibatch}"] + (["ppo.n_epochs=1"] if args.smoke else [])
-    return load_config(None, overrides + extra)
+    # PPO's default minibatch (256) cut to the rollout when the rollout is smaller; --set ppo.batch_size wins
+    minibatch = [f"ppo.batch_size={min(256, args.n_steps * rows)}"] + (["ppo.n_epochs=1"] if args.smoke else [])
+    return load_config(None, minibatch + overrides)
 
 
 class PhaseTimer(BaseCallback):
@@ -101,12 +102,14 @@ class PhaseTimer(BaseCallback):
 def _learn(model, env, updates: int) -> dict:
     """``updates`` PPO updates on ``env``: wall time split into rollout and learner, tokens drawn."""
     timer = PhaseTimer()
-    tokens0 = env.timings["tokens"]
+    before = dict(env.timings)
     t0 = time.perf_counter()
     model.learn(total_timesteps=updates * model.n_steps * env.num_envs, callback=timer, reset_num_timesteps=False)
     wall = time.perf_counter() - t0
+    after = env.timings
+    busy = (after["model_s"] + after["env_s"]) - (before["model_s"] + before["env_s"])  # a worker's (mean) env work
     return {"wall_s": wall, "rollout_s": timer.rollout_s, "learner_s": wall - timer.rollout_s,
-            "tokens": env.timings["tokens"] - tokens0}
+            "tokens": after["tokens"] - before["tokens"], "worker_busy_s": busy}
 
 
 def main(argv=None) -> dict:
@@ -141,8 +144,7 @@ def main(argv=None) -> dict:
         for name, env in envs.items():
             cfg = one_cfg if env is envs["1 worker"] else many_cfg
             models[name] = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **cfg.ppo.kwargs())
-            if not args.smoke:  # warm-up: first-call allocations, the workers' first prompts
-                _learn(models[name], env, 1)
+            _learn(models[name], env, 1)  # warm-up, untimed: the first reset and prefill, first-call allocations
         for rep in range(args.repeats):
             for name, env in envs.items():
                 r = _learn(models[name], env, args.updates)
@@ -160,29 +162,38 @@ def main(argv=None) -> dict:
         s = {"rollout_tokens_per_s": median(r["tokens"] / r["rollout_s"] for r in rs),
              "rollout_s_per_update": median(r["rollout_s"] / args.updates for r in rs),
              "learner_s_per_update": median(r["learner_s"] / args.updates for r in rs),
-             "learner_share": median(r["learner_s"] / r["wall_s"] for r in rs)}
+             "learner_share": median(r["learner_s"] / r["wall_s"] for r in rs),
+             "worker_busy_share": median(r["worker_busy_s"] / r["rollout_s"] for r in rs)}
         summary[name] = s
         table.append([name, s["rollout_tokens_per_s"], s["rollout_s_per_update"], s["learner_s_per_update"],
-                      f"{100 * s['learner_share']:.1f}%"])
-    print(format_table(["variant", "rollout tok/s", "rollout s/update", "learner s/update", "learner share"], table))
+                      f"{100 * s['learner_share']:.1f}%", f"{100 * s['worker_busy_share']:.1f}%"])
+    print(format_table(["variant", "rollout tok/s", "rollout s/update", "learner s/update", "learner share",
+                        "worker busy"], table))
+    print("worker busy = a worker's time in its env step (model + env work) over the rollout's wall time; the rest "
+          "is the driver (policy forward pass, Ray messages) and waiting for a CPU")
     # N workers on N GPUs, by this measurement: one worker's rollout r per update stays, the update grows as N l
     r = summary[many]["rollout_s_per_update"]
     l = summary[many]["learner_s_per_update"] / args.workers  # the update of one worker's B x n_steps samples
     crossover = r / l if l > 0 else float("inf")
     projection = {n: {"samples_per_s_speedup": n * (r + l) / (r + n * l), "learner_share": n * l / (r + n * l)}
                   for n in (1, 2, 4, 8, 16)}
+    samples = args.batch_size * args.n_steps  # one worker's share of an update
+    learner_rate = samples / l if l > 0 else float("inf")
     print(f"per update of one worker's {args.batch_size} rows x {args.n_steps} steps: rollout r = {r:.2f} s, "
           f"learner l = {l:.3f} s; N workers on N devices: learner share N l / (r + N l) = " +
           ", ".join(f"N={n}: {100 * p['learner_share']:.0f}% (x{p['samples_per_s_speedup']:.1f} samples/s)"
                     for n, p in projection.items()) +
-          f"; the learner takes half the wall time from N = r / l = {crossover:.1f}")
+          f"; the learner takes half the wall time from N = r / l = {crossover:.1f}. The learner digests "
+          f"{learner_rate:.0f} samples/s (PPO with these settings on the driver's CPU): N workers of R samples/s "
+          f"(row-steps/s) each keep it under half the wall time while N x R < {learner_rate:.0f}")
     print(f"SUMMARY ray_throughput: {rows} rows: rollout tok/s {args.workers} workers / 1 worker {ratio:.3f}; learner "
           f"share {100 * summary[one]['learner_share']:.1f}% (1 worker), {100 * summary[many]['learner_share']:.1f}% "
           f"({args.workers} workers); learner is half the wall time from N = {crossover:.1f} workers")
     payload = {"benchmark": "ray_throughput", "args": vars(args), "environment": info, "cpu_count": os.cpu_count(),
                "torch_threads_driver": torch.get_num_threads(), "ratio_workers_over_one": ratio,
                "learner_share_one": summary[one]["learner_share"], "learner_share_workers": summary[many]["learner_share"],
-               "summary": summary, "projection": projection, "learner_half_at_workers": crossover, "raw": runs}
+               "summary": summary, "projection": projection, "learner_half_at_workers": crossover,
+               "learner_samples_per_s": learner_rate, "raw": runs}
     write_json(args.json, payload)
     return payload
 

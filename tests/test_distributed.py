@@ -138,6 +138,12 @@ def test_ray_env_plays_the_exact_autoreset_arrays_and_the_in_process_shards_roll
         for key in ("tokens", "waiting_rows"):
             assert env.timings[key] - before[key] == sum(s.timings[key] for s in shards), key
         assert env.timings["tokens"] - before["tokens"] == 48  # the stub's rows of a group end together: no waiting
+        # an error inside a worker comes back with its type and the shard named, and closes the env
+        actions = np.zeros((4, 1), dtype=np.float32)
+        actions[3] = np.nan
+        with pytest.raises(ValueError, match=r"env shard 1 of 2 \(rows 2-3, pid .*\) failed during step: .*action"):
+            env.step(actions)
+        assert env.closed
     finally:
         env.close()
     assert _gone(ray_pids) == set(), "Ray processes left after close()"
