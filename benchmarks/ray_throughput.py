@@ -1,10 +1,11 @@
-"""Rollouts on N Ray workers against one in-process env of the same rows, and the PPO learner's share of wall time.
+"""Rollouts on N Ray workers against one in-process env, and the PPO learner's share of wall time.
 
 Two variants, interleaved in one process (1 worker, N workers, 1 worker, ...), both PPO (stable-baselines3) on the
-same ``env:`` settings and the same total rows ``N x B``:
+same ``env:`` settings:
 
-* **1 worker**: today's in-process env (``env.workers=1``): one model copy decoding ``N x B`` rows, with the
-  driver's torch threads (``--threads``; give it the machine's CPUs for a fair comparison).
+* **1 worker**: today's in-process env (``env.workers=1``): one model copy decoding ``B`` rows (what adding
+  workers with a device each scales), or ``N x B`` rows with ``--same-total-rows`` (the same batch split in N),
+  with the driver's torch threads (``--threads``).
 * **N workers**: :class:`envs.distributed.RayVecEnv` (``env.workers=N``): N Ray actors with a model copy and ``B``
   rows each, the CPUs split between them (one GPU each on a GPU machine), one PPO learner in the driver.
 
@@ -20,7 +21,8 @@ rollout takes about as long for every N, while the update grows with the N x B x
 With ``r`` the rollout seconds and ``l`` the update seconds per update of one worker's B rows, N workers spend
 ``r + N l`` per update, the learner's share is ``N l / (r + N l)``, and it passes half at ``N = r / l``.
 
-    .venv/bin/python benchmarks/ray_throughput.py --threads 1                 # 2 workers x 8 rows, 2 updates, 2 repeats
+    .venv/bin/python benchmarks/ray_throughput.py --threads 1                 # 1 x 8 vs 2 x 8 rows, 2 updates, 2 repeats
+    .venv/bin/python benchmarks/ray_throughput.py --threads 1 --same-total-rows   # 1 x 16 vs 2 x 8 rows
     .venv/bin/python benchmarks/ray_throughput.py --quick --json ray.json
     .venv/bin/python benchmarks/ray_throughput.py --smoke                     # the test suite runs it
 """
@@ -52,6 +54,8 @@ def parse_args(argv=None):
                    help=f"episode length limit (default {DEFAULTS['max_new_tokens']})")
     p.add_argument("--n-steps", type=int, default=None, help=f"PPO steps per row per update (default {DEFAULTS['n_steps']})")
     p.add_argument("--updates", type=int, default=None, help=f"PPO updates per variant and repeat (default {DEFAULTS['updates']})")
+    p.add_argument("--same-total-rows", action="store_true",
+                   help="the in-process variant decodes workers x B rows (default: B rows, one worker's share)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                    help="further config overrides, as train.py --set (env., reward., ppo.)")
     args = p.parse_args(argv)
@@ -67,11 +71,11 @@ def parse_args(argv=None):
 
 
 def _config(args, workers: int):
-    """The run config of one variant: ``workers`` model copies, ``workers x B`` rows in all for the in-process one."""
+    """The run config of one variant: ``workers`` model copies (B rows each; N x B for one with --same-total-rows)."""
     from kelvin.config import load_config
 
-    rows = args.workers * args.batch_size
-    per_copy = args.batch_size if workers > 1 else rows
+    per_copy = args.workers * args.batch_size if workers == 1 and args.same_total_rows else args.batch_size
+    rows = workers * per_copy
     overrides = [f"model.name={args.model}", f"model.device={args.device}", f"model.dtype={args.dtype}",
                  f"env.workers={workers}", f"env.batch_size={per_copy}", f"env.group_size={args.group_size}",
                  f"env.max_new_tokens={args.max_new_tokens}", f"env.seed={args.seed}", f"ppo.n_steps={args.n_steps}",
@@ -133,11 +137,10 @@ def main(argv=None) -> dict:
     ray_env = envs[f"{args.workers} workers"]
     print(f"# {args.workers} Ray workers started in {time.perf_counter() - t0:.1f} s: " + "; ".join(
         f"shard {s.index} pid {s.pid} {s.device} {s.threads} thread(s)" for s in ray_env.shards), flush=True)
-    rows = args.workers * args.batch_size
-    print(f"# {rows} rows in all (in-process: 1 x {rows}; Ray: {args.workers} x {args.batch_size}), group "
-          f"{args.group_size}, max_new_tokens {args.max_new_tokens}, PPO n_steps {args.n_steps}, batch "
-          f"{one_cfg.ppo.batch_size}, {one_cfg.ppo.n_epochs} epochs; {args.updates} update(s) x {args.repeats} "
-          f"repeat(s)", flush=True)
+    print(f"# rows: in-process 1 x {one_cfg.env.batch_size}, Ray {args.workers} x {args.batch_size}; group "
+          f"{args.group_size}, max_new_tokens {args.max_new_tokens}, PPO n_steps {args.n_steps}, minibatch "
+          f"{one_cfg.ppo.batch_size} / {many_cfg.ppo.batch_size}, {one_cfg.ppo.n_epochs} epochs; {args.updates} "
+          f"update(s) x {args.repeats} repeat(s)", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in envs}
     try:
         models = {}
@@ -186,7 +189,7 @@ def main(argv=None) -> dict:
           f"; the learner takes half the wall time from N = r / l = {crossover:.1f}. The learner digests "
           f"{learner_rate:.0f} samples/s (PPO with these settings on the driver's CPU): N workers of R samples/s "
           f"(row-steps/s) each keep it under half the wall time while N x R < {learner_rate:.0f}")
-    print(f"SUMMARY ray_throughput: {rows} rows: rollout tok/s {args.workers} workers / 1 worker {ratio:.3f}; learner "
+    print(f"SUMMARY ray_throughput: 1 x {one_cfg.env.batch_size} vs {args.workers} x {args.batch_size} rows: rollout tok/s {args.workers} workers / 1 worker {ratio:.3f}; learner "
           f"share {100 * summary[one]['learner_share']:.1f}% (1 worker), {100 * summary[many]['learner_share']:.1f}% "
           f"({args.workers} workers); learner is half the wall time from N = {crossover:.1f} workers")
     payload = {"benchmark": "ray_throughput", "args": vars(args), "environment": info, "cpu_count": os.cpu_count(),

@@ -25,7 +25,8 @@ an in-process env of ``N x B`` rows (its tokens differ: one random stream cannot
 
 **Devices.** When the cluster has GPUs and ``model.device`` is ``auto`` or ``cuda``, each worker
 reserves one (``num_gpus=1``; Ray makes it the worker's ``cuda``), with one CPU thread. Otherwise the
-cluster's CPUs are split: each worker reserves and uses ``CPUs // N`` torch threads (at least 1).
+cluster's CPUs are split: each worker reserves and uses ``CPUs // N`` torch threads (at least 1, at most
+the CPUs of the largest node).
 ``env.ray_address`` None starts a local Ray instance (``num_cpus = max(CPUs, N)``, no dashboard) that
 :meth:`RayVecEnv.close` stops again; an address joins that cluster; a Ray this process has already
 started is used as it is (and left running).
@@ -240,7 +241,10 @@ class RayVecEnv(VecEnv):
         if cpus < n:
             raise ValueError(f"env.workers={n} needs {n} CPUs (one per worker) but the Ray cluster has {cpus}; lower "
                              "env.workers or add nodes to the cluster")
-        threads = max(1, cpus // n)
+        # no more than one node holds, or Ray would wait forever for a node that big (a cluster of small nodes)
+        per_node = max((int(node["Resources"].get("CPU", 0)) for node in self._ray.nodes() if node.get("Alive")),
+                       default=cpus)
+        threads = max(1, min(cpus // n, per_node))
         return ("cpu" if wanted == "auto" else wanted), threads, float(threads), 0.0
 
     def _start_workers(self, reward: RewardConfig | None, prompts: Sequence[Prompt] | None) -> None:

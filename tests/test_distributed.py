@@ -193,37 +193,59 @@ def test_train_with_two_workers_writes_every_file_a_normal_run_writes(smoke_run,
     assert "validation reward: learned" in proc.stdout
 
 
-def test_ctrl_c_with_two_workers_saves_exits_130_leaves_no_ray_process_and_resumes(tmp_path):
+def _start_train(args: list[str], tag: str) -> subprocess.Popen:
+    """``train.py ARGS`` in its own process group (signalled as a terminal signals its foreground group), every
+    process it starts marked with ``KELVIN_TEST_TAG=tag``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", KELVIN_TEST_TAG=tag)
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, after: int, tag: str) -> list[int]:
+    """Wait until the run saves a checkpoint past step ``after``; returns its 2 Ray workers' pids."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not any(
+            int(p.stem.split("_")[1]) > after for p in (run_dir / "checkpoints").glob("step_*.zip")):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    started = _tagged(tag)
+    workers = [p for p in started if b"ShardWorker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2, sorted(started)  # the tag finds the Ray processes, so "none left" below means it
+    return workers
+
+
+def test_ctrl_c_and_a_killed_worker_save_the_model_leave_no_ray_process_and_resume(tmp_path):
     from stable_baselines3 import PPO
 
-    run_dir = tmp_path / "interrupted"
+    run_dir = tmp_path / "run"
+    long_run = ["--set", "train.total_timesteps=100000", "--set", "train.validate_every=0"]
     tag = uuid.uuid4().hex
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", KELVIN_TEST_TAG=tag)
-    # its own process group, signalled as a terminal's Ctrl-C signals the foreground group
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
-                             "--set", "env.workers=2", "--set", "env.batch_size=2",
-                             "--set", "train.total_timesteps=100000", "--set", "train.validate_every=0"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = _start_train(["--config", str(SMOKE), "--run-dir", str(run_dir), "--set", "env.workers=2",
+                         "--set", "env.batch_size=2", *long_run], tag)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*.zip")):
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        started = _tagged(tag)
-        workers = [p for p in started if b"ShardWorker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(workers) == 2, sorted(started)  # the tag finds the Ray processes, so "none left" below means it
-        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for_checkpoint(proc, run_dir, 0, tag)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted (model saved)" in out
-    assert _gone(_tagged(tag)) == set(), "Ray processes outlived train.py"
+    assert _gone(_tagged(tag)) == set(), "Ray processes outlived train.py after Ctrl-C"
     steps = PPO.load(run_dir / "model.zip", device="cpu").num_timesteps
     assert steps >= 32
-    # --resume continues the interrupted run on fresh workers
-    proc = run_train(["--resume", str(run_dir), "--set", f"train.total_timesteps={steps + 32}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["timesteps"] == steps + 32
+
+    # --resume continues on fresh workers; then one of them is killed: an error naming the shard, the model saved
+    tag = uuid.uuid4().hex
+    proc = _start_train(["--resume", str(run_dir), *long_run], tag)
+    try:
+        workers = _wait_for_checkpoint(proc, run_dir, steps, tag)
+        os.kill(workers[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "WorkerDiedError: env shard" in err and "died during step" in err, err[-3000:]
+    assert _gone(_tagged(tag)) == set(), "Ray processes outlived train.py after a worker died"
+    assert PPO.load(run_dir / "model.zip", device="cpu").num_timesteps >= steps + 32  # saved, and it had continued
