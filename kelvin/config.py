@@ -206,8 +206,15 @@ class KelvinConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (every default filled in), as a run's ``config.yaml`` holds it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write :meth:`to_yaml` to ``path`` atomically (:func:`kelvin.rundir.write_atomic`)."""
+        from kelvin.rundir import write_text_atomic
+
+        write_text_atomic(path, self.to_yaml())
 
 
 MOVED_KEYS = {
