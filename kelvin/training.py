@@ -411,15 +411,16 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         if point is not None and point.step >= tc.total_timesteps:
             return {"run_dir": str(run.path), "timesteps": point.step, "finished": True, "interrupted": False,
                     "signal": None, "wall_s": 0.0, "validation": None, "export": None}
-        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(run.config_file)
-        history = run.command_file.read_text() if run.command_file.is_file() else ""
-        write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
         torch.manual_seed(tc.seed)
         lm = load_causal_lm(config.model)
         env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
         val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
                                     reward=replace(config.reward, group_baseline=False))  # absolute returns
+        # written once the model and the prompts have loaded: a run that fails to start leaves its directory empty
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(run.config_file)
+        history = run.command_file.read_text() if run.command_file.is_file() else ""
+        write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
         if point is not None:
             model, vec = _resume(run, config, env, point)
         else:
