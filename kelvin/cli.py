@@ -9,6 +9,7 @@ shows the full traceback. Warnings print as one ``warning: ...`` line each.
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from typing import Callable
@@ -32,11 +33,12 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
         warnings.formatwarning = _one_line_warning
     try:
         return body()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a second SIGINT/SIGTERM (kelvin.training.TrainingStop names it)
         if debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        name = exc.args[0] if exc.args and exc.args[0] in signal.Signals.__members__ else "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        return 128 + signal.Signals[name].value
     except Exception as exc:
         if debug:
             raise

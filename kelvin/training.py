@@ -130,7 +130,7 @@ class TrainingStop:
             if self._saving:
                 print(f"\n{key}: saving the model, one moment", file=sys.stderr, flush=True)
                 return
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signal.Signals(signum).name)  # run_cli exits 128 + that signal's number
         self.signum = signum
         print(f"\n{key}: stopping after this step and saving the model ({key} again to stop at once)",
               file=sys.stderr, flush=True)
