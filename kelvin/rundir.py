@@ -249,10 +249,15 @@ class RunDir:
     def resume_point(self, normalized: bool, device: str = "cpu") -> ResumePoint | None:
         """The newest model of the run that loads, with its normaliser (required when ``normalized``); None
         when the run has saved no model yet. Each damaged or unpaired model on the way is skipped with a
-        warning naming it and the reason; a :class:`RunDirError` lists them all when none loads."""
+        warning naming it and the reason, and so is a model whose step cannot be read (damaged: it would be
+        tried last); a :class:`RunDirError` lists them all when none loads."""
         skipped = []
-        for step, model_file, norm_file in self.saved_models():
+        saved = self.saved_models()
+        for step, model_file, norm_file in sorted(saved, key=lambda item: item[0] >= 0):  # unreadable ones first
             try:
+                if step < 0:  # no readable step: damaged; load it for the reason
+                    load_ppo(model_file, device=device)
+                    continue  # loads without a readable step: cannot happen with an SB3 save, never resumed from
                 model = load_ppo(model_file, device=device)
                 step = int(model.num_timesteps)
                 if norm_file.is_file():
