@@ -391,7 +391,7 @@ class Snapshot:
     """A PPO model and its VecNormalize serialised in memory at one moment of training.
 
     ``model`` holds the bytes ``PPO.save`` writes (parameters, optimizer state, ``num_timesteps``,
-    ``_n_updates``), ``normalizer`` those of ``VecNormalize.save`` (None without normalisation).
+    ``_n_updates``: SB3 counts one per epoch of each update), ``normalizer`` those of ``VecNormalize.save`` (None without normalisation).
     Training takes one after every PPO update, so whatever interrupts it, the state it saves is one a
     completed update left, and a rollout in progress is never half in it.
     """

@@ -475,7 +475,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                 "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
                 "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
                 "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-        summary = {"run_dir": str(run.path), "timesteps": saved.step, "updates": saved.n_updates, "finished": False,
+        summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
+                   "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
                    "interrupted": interrupted, "signal": stop.name,
                    "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
                    "validation": validation, "export": None if export_dir is None else str(export_dir),
