@@ -135,10 +135,22 @@ def _finite_list(values, name: str) -> list[float]:
     return out
 
 
+def _check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; a NotADirectoryError when it, or a folder above it, is a file."""
+    out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"export directory {out_dir}: {folder} is a file, not a directory; give "
+                                         "another output directory")
+            break
+    return out_dir
+
+
 def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prior: torch.Tensor | None) -> Path:
     """Write the files, each atomically (:func:`kelvin.rundir.write_atomic`); ``spec.json`` is removed first
     and written last, so an interrupted export has none and fails to load clearly."""
-    out_dir = Path(out_dir)
+    out_dir = _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / SPEC_FILE
     if stale.exists():
@@ -392,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source)
 
     def body() -> int:
+        _check_out_dir(args.out_dir)  # before anything loads
         guard = False if args.no_guard else parse_guard_settings(args.guard) or True
         if source.is_dir():
             if args.config or args.overrides:

@@ -383,3 +383,14 @@ def test_env_refuses_bad_actions_and_an_empty_prompt(lm):
     vec.reset()
     with pytest.raises(ValueError, match=r"expected 2 actions \(one per row\), got 3"):
         vec.step(np.zeros(3, dtype=np.float32))
+
+
+def test_export_refuses_an_output_path_that_is_a_file_before_loading(tmp_path, capsys):
+    from kelvin.export import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert main(["pid", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: export directory {out}: {a_file} is a file, not a directory; "
+                                           "give another output directory\n")
