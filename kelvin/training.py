@@ -530,9 +530,10 @@ def _report(summary: dict, config: KelvinConfig) -> int:
               f"to train on, raise it: --resume {run_dir} --set train.total_timesteps=N")
         return 0
     if summary["interrupted"]:
+        updates = f"{summary['updates']} PPO update" + ("s" if summary["updates"] != 1 else "")
         print(f"interrupted (model saved): {summary['signal']} at step {steps + summary['discarded_steps']}; saved "
-              f"the model of step {steps} ({summary['updates']} PPO updates), the {summary['discarded_steps']} steps "
-              f"of the unfinished rollout are collected again by --resume {run_dir}")
+              f"the model of step {steps} ({updates}), the {summary['discarded_steps']} steps of the unfinished "
+              f"rollout are collected again by --resume {run_dir}")
         return summary["exit_code"]
     v = summary.get("validation")
     print(f"done: {steps} steps in {summary['wall_s']:.0f} s -> {run_dir}")
