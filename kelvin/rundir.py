@@ -367,7 +367,7 @@ def load_vecnormalize(norm_file: str | Path, venv=None, step: int | None = None)
     if not isinstance(vec, VecNormalize):
         raise RunDirError(f"{norm_file} holds a {type(vec).__name__}, not VecNormalize statistics; the observation "
                           "statistics are part of the policy: use an earlier checkpoint, or train again")
-    saved = getattr(vec, "kelvin_step", None)
+    saved = vec.__dict__.get("kelvin_step")  # not getattr: VecEnvWrapper.__getattr__ recurses without a venv
     if step is not None and saved is not None and saved != step:
         raise RunDirError(f"{norm_file} holds the statistics of step {saved}, its model is at step {step}: a save "
                           "was interrupted between the two files")

@@ -394,3 +394,21 @@ def test_export_refuses_an_output_path_that_is_a_file_before_loading(tmp_path, c
         assert main(["pid", str(out)]) == 2
         assert capsys.readouterr().err == (f"error: export directory {out}: {a_file} is a file, not a directory; "
                                            "give another output directory\n")
+
+
+def test_normalizer_pairing_with_its_model_step(tmp_path):
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from kelvin.rundir import load_vecnormalize
+
+    vec = VecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
+    plain = tmp_path / "plain.pkl"
+    vec.save(str(plain))  # saved outside Kelvin: no step recorded, nothing to check (and no recursion in getattr)
+    assert "kelvin_step" not in load_vecnormalize(plain, step=64).__dict__
+    vec.kelvin_step = 32  # what Snapshot.take records
+    paired = tmp_path / "paired.pkl"
+    vec.save(str(paired))
+    assert load_vecnormalize(paired, step=32).kelvin_step == 32
+    with pytest.raises(RunDirError, match="holds the statistics of step 32, its model is at step 64"):
+        load_vecnormalize(paired, step=64)
