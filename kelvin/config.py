@@ -211,10 +211,7 @@ class KelvinConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def dump(self, path: str | Path) -> None:
-        """Write :meth:`to_yaml` to ``path`` atomically (:func:`kelvin.rundir.write_atomic`)."""
-        from kelvin.rundir import write_text_atomic
-
-        write_text_atomic(path, self.to_yaml())
+        Path(path).write_text(self.to_yaml())
 
 
 MOVED_KEYS = {

@@ -418,7 +418,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                                     reward=replace(config.reward, group_baseline=False))  # absolute returns
         # written once the model and the prompts have loaded: a run that fails to start leaves its directory empty
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(run.config_file)
+        write_text_atomic(run.config_file, config.to_yaml())
         history = run.command_file.read_text() if run.command_file.is_file() else ""
         write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
         if point is not None:
