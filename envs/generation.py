@@ -609,7 +609,10 @@ class TemperatureEnv(gym.Env):
     def step(self, action):
         if self._done:
             raise RuntimeError("the episode has ended; call reset() before step()")
-        result = self.core.step(np.asarray(action, dtype=np.float32).reshape(1))
+        action = np.asarray(action, dtype=np.float32)
+        if action.size != 1:
+            raise ValueError(f"step(action): expected one action (shape (1,) or a scalar), got shape {action.shape}")
+        result = self.core.step(action.reshape(1))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])  # a group of one: done now
         info = {"temperature": float(result.temperature[0]),
                 "reward_components": {k: float(v[0]) for k, v in result.components.items()}}

@@ -279,8 +279,12 @@ class KelvinConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (every default filled in), as a run's ``config.yaml`` holds it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 MOVED_KEYS = {
