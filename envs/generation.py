@@ -57,8 +57,9 @@ class EnvConfig:
     categories: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["code", "explanation"]])
     """Only these prompt categories (None = all)."""
     batch_size: StrictInt = Field(32, ge=1)
-    """Rows decoded together (the VecEnv's num_envs); raise it on a GPU. 32 on a 2-core CPU: bare decode runs
-    ~1.6x faster per token than at 16 (benchmarks/decode_throughput.py), and 8 groups of 4 per step."""
+    """Rows decoded together by one model copy (the VecEnv's num_envs is ``workers`` x this); raise it on a GPU.
+    32 on a 2-core CPU: bare decode runs ~1.6x faster per token than at 16 (benchmarks/decode_throughput.py),
+    and 8 groups of 4 per step."""
     group_size: StrictInt = Field(4, ge=1)
     """Rows that share a prompt (diversity across samples of one prompt); divides batch_size."""
     max_new_tokens: StrictInt = Field(16, ge=1)
@@ -89,11 +90,20 @@ class EnvConfig:
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
     seed: StrictInt = Field(0, ge=0)
     """Seed of the prompt order, the λ draws and the token draws."""
+    workers: StrictInt = Field(1, ge=1)
+    """Model copies generating in parallel: 1 = one in-process env; N > 1 = N Ray actors of ``batch_size`` rows
+    each behind one VecEnv (envs/distributed.py; needs the ``ray`` extra)."""
+    ray_address: Optional[StrictStr] = Field(None, examples=["auto"])
+    """With ``workers`` > 1: the Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``); None = start
+    a local Ray instance for the run (or use the one this process already started)."""
 
     def __post_init__(self):
         if self.batch_size % self.group_size:
             raise ValueError(f"group_size={self.group_size} must divide batch_size={self.batch_size} "
                              "(rows are split into groups that share a prompt)")
+        if self.ray_address is not None and self.workers == 1:
+            raise ValueError(f"ray_address={self.ray_address!r} is used only with workers > 1 (Ray workers); set "
+                             "env.workers=N to run N model copies on that cluster, or drop env.ray_address")
         low, high = self.diversity_range
         if low > high:
             raise ValueError(f"diversity_range={list(self.diversity_range)} must be [low, high] with low <= high, "
@@ -142,10 +152,14 @@ class GenerationCore:
     Group ``g``'s k-th episode uses prompt ``order[(g + k * n_groups) % N]`` (``order`` a seeded
     permutation) and draws its λ from ``env.diversity_values`` or ``env.diversity_range`` (a seeded
     stream of its own). No autoreset: the envs call :meth:`reset_groups`.
+
+    ``shard=(i, n)`` makes these rows shard ``i`` of ``n`` equal shards of one env of ``n * B`` rows
+    (envs/distributed.py): the prompt schedule is that env's (its groups are ``i * n_groups ...``), and
+    the λ and token streams are the shard's own, derived from the seed (shard 0 keeps the seed's own).
     """
 
     def __init__(self, config: EnvConfig, lm: CausalLM, reward: RewardConfig | RewardModel | None = None,
-                 prompts: Sequence[Prompt] | None = None):
+                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1)):
         self.config = config
         self.lm = lm
         self.device = lm.device
@@ -159,6 +173,10 @@ class GenerationCore:
         self.B = config.batch_size
         self.G = config.group_size
         self.n_groups = self.B // self.G
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard={shard}: expected (index, count) with 0 <= index < count")
+        self.shard = (int(index), int(count))
         token_prior = build_token_prior(lm, config.discovered_anomalies) if config.token_prior else None  # (V,)
         self.featurizer = Featurizer(self.spec, self.B, self.device, token_prior=token_prior)
         self.seed(config.seed)
@@ -171,13 +189,17 @@ class GenerationCore:
         seed = self.config.seed if seed is None else int(seed)
         self._seed = seed
         self._order = np.random.default_rng(seed).permutation(len(self.prompts))
-        self._diversity_rng = np.random.default_rng([seed, 1])
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        index = self.shard[0]
+        self._diversity_rng = np.random.default_rng([seed, 1] if index == 0 else [seed, 1, index])
+        token_seed = seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+        self.generator = torch.Generator(device=self.device).manual_seed(token_seed)
         self.group_episodes = np.zeros(self.n_groups, dtype=np.int64)  # per group: how many episodes started
 
     def _next_prompt_indices(self, groups: np.ndarray) -> np.ndarray:
+        index, count = self.shard
         k = self.group_episodes[groups]
-        return self._order[(groups + k * self.n_groups) % len(self.prompts)]
+        slot = index * self.n_groups + groups  # the group's place in the schedule of all shards
+        return self._order[(slot + k * count * self.n_groups) % len(self.prompts)]
 
     def _draw_diversity(self, n: int) -> np.ndarray:
         c = self.config
@@ -438,18 +460,20 @@ class TemperatureVecEnv(VecEnv):
     its next episode.
 
     ## Arguments
-    ``config`` (:class:`EnvConfig`), ``lm`` (a loaded :class:`CausalLM`; default: load
-    ``model_config``), ``reward`` (:class:`RewardConfig`), ``prompts`` (override the prompt file).
+    ``config`` (:class:`EnvConfig`; ``workers`` is the factory's business, see
+    :func:`envs.distributed.make_vec_env`), ``lm`` (a loaded :class:`CausalLM`; default: load
+    ``model_config``), ``reward`` (:class:`RewardConfig`), ``prompts`` (override the prompt file),
+    ``shard`` (``(index, count)``: these rows are one shard of a larger env, see :class:`GenerationCore`).
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, config: EnvConfig | None = None, lm: CausalLM | None = None,
                  reward: RewardConfig | None = None, model_config: ModelConfig | None = None,
-                 prompts: Sequence[Prompt] | None = None):
+                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1)):
         config = config or EnvConfig()
         lm = lm or load_causal_lm(model_config or ModelConfig())
-        self.core = GenerationCore(config, lm, reward, prompts)
+        self.core = GenerationCore(config, lm, reward, prompts, shard=shard)
         self.config = config
         self.render_mode = None
         self._actions: np.ndarray | None = None
@@ -468,6 +492,12 @@ class TemperatureVecEnv(VecEnv):
     @property
     def action_mapping(self) -> ActionMapping:
         return self.core.mapping
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Cumulative ``model_s`` and ``env_s`` (seconds in the LM and in the env's own work), ``tokens`` (completion
+        tokens drawn) and ``waiting_rows`` (row-steps spent waiting for a group); the Ray env has the same."""
+        return self.core.timings
 
     def reset(self) -> np.ndarray:
         seed = self._seeds[0] if getattr(self, "_seeds", None) and self._seeds[0] is not None else None
@@ -579,7 +609,10 @@ class TemperatureEnv(gym.Env):
     def step(self, action):
         if self._done:
             raise RuntimeError("the episode has ended; call reset() before step()")
-        result = self.core.step(np.asarray(action, dtype=np.float32).reshape(1))
+        action = np.asarray(action, dtype=np.float32)
+        if action.size != 1:
+            raise ValueError(f"step(action): expected one action (shape (1,) or a scalar), got shape {action.shape}")
+        result = self.core.step(action.reshape(1))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])  # a group of one: done now
         info = {"temperature": float(result.temperature[0]),
                 "reward_components": {k: float(v[0]) for k, v in result.components.items()}}

@@ -168,8 +168,16 @@ def _load_hf(directory: Path, gguf_file: str | None, dtype: torch.dtype):
     kwargs = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+    except Exception as exc:  # transformers' errors on a damaged file: struct.error, reshape, multi-line OSError...
+        what = directory / gguf_file if gguf_file is not None else directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"cannot load the model at {what} ({type(exc).__name__}: {first}); the file is truncated or damaged, "
+            "or not a causal LM that transformers reads: give another model.name, or reinstall the model"
+        ) from exc
     return model, tokenizer
 
 

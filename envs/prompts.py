@@ -197,8 +197,15 @@ def _read_file(path: Path) -> list[Prompt]:
             f"Prompt file {str(path)!r} has unsupported extension {suffix or '(none)'!r}. "
             f"Accepted formats: {_ACCEPTED_FORMATS}."
         )
-    with path.open(encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        with path.open(encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"Prompt file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at line {line}): "
+            f"is it a binary file? Pass a path to {_ACCEPTED_FORMATS}."
+        ) from None
 
     prompts: list[Prompt] = []
     if suffix == ".txt":

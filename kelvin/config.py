@@ -121,10 +121,10 @@ class PPOConfig:
     learning_rate: StrictFloat = Field(5e-4, gt=0, allow_inf_nan=False)
     """Adam learning rate."""
     n_steps: StrictInt = Field(32, ge=1)
-    """Env steps per row between updates (x env.batch_size rows = the rollout: 1024 samples, 64 groups, by
-    default)."""
+    """Env steps per row between updates (x env.workers x env.batch_size rows = the rollout: 1024 samples, 64
+    groups, by default)."""
     batch_size: StrictInt = Field(256, ge=2)
-    """Minibatch size of the PPO update (at most ppo.n_steps x env.batch_size)."""
+    """Minibatch size of the PPO update (at most ppo.n_steps x env.workers x env.batch_size)."""
     n_epochs: StrictInt = Field(10, ge=1)
     """Passes over each rollout."""
     gamma: StrictFloat = Field(1.0, ge=0.0, le=1.0)
@@ -274,16 +274,20 @@ class KelvinConfig:
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
-        rollout = self.ppo.n_steps * self.env.batch_size
+        rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
         if self.ppo.batch_size > rollout:
             raise ValueError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
-                             f"env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+                             f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (every default filled in), as a run's ``config.yaml`` holds it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 MOVED_KEYS = {

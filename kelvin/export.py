@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, normalization_stats
+from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, normalization_stats, write_atomic, write_text_atomic
 from policies.actions import ActionMapping
 from policies.artifact import (
     ARTIFACT_FORMAT_VERSION,
@@ -136,30 +137,43 @@ def _finite_list(values, name: str) -> list[float]:
     return out
 
 
-def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prior: torch.Tensor | None) -> Path:
-    """Write the files; ``spec.json`` last, so an interrupted export has none and fails to load clearly."""
+def _check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; a NotADirectoryError when it, or a folder above it, is a file."""
     out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"export directory {out_dir}: {folder} is a file, not a directory; give "
+                                         "another output directory")
+            break
+    return out_dir
+
+
+def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prior: torch.Tensor | None) -> Path:
+    """Write the files, each atomically (:func:`kelvin.rundir.write_atomic`); ``spec.json`` is removed first
+    and written last, so an interrupted export has none and fails to load clearly."""
+    out_dir = _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / SPEC_FILE
     if stale.exists():
         stale.unlink()
     files = {"policy": None, "token_prior": None}
     if module is not None:
+        buffer = io.BytesIO()
         with quiet_jit():
-            scripted = torch.jit.script(module)
-            torch.jit.save(scripted, str(out_dir / POLICY_FILE))
+            torch.jit.save(torch.jit.script(module), buffer)
+        write_atomic(out_dir / POLICY_FILE, buffer.getvalue())
         files["policy"] = POLICY_FILE
     elif (out_dir / POLICY_FILE).exists():
         (out_dir / POLICY_FILE).unlink()
     if token_prior is not None:
-        torch.save(token_prior.detach().to("cpu", torch.float32).contiguous(), str(out_dir / TOKEN_PRIOR_FILE))
+        buffer = io.BytesIO()
+        torch.save(token_prior.detach().to("cpu", torch.float32).contiguous(), buffer)
+        write_atomic(out_dir / TOKEN_PRIOR_FILE, buffer.getvalue())
         files["token_prior"] = TOKEN_PRIOR_FILE
     elif (out_dir / TOKEN_PRIOR_FILE).exists():
         (out_dir / TOKEN_PRIOR_FILE).unlink()
-    spec = {**spec, "files": files}
-    tmp = out_dir / (SPEC_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    os.replace(tmp, out_dir / SPEC_FILE)
+    write_text_atomic(out_dir / SPEC_FILE, json.dumps({**spec, "files": files}, indent=2) + "\n")
     return out_dir
 
 
@@ -406,9 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-guard", action="store_true",
                         help="export with the guard rails off (samplers then apply the policy's temperatures as "
                              "they are, unless the caller passes guard=True)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     source = Path(args.source)
-    try:
+
+    def body() -> int:
+        _check_out_dir(args.out_dir)  # before anything loads
         guard = False if args.no_guard else parse_guard_settings(args.guard) or True
         if source.is_dir():
             if args.config or args.overrides:
@@ -416,18 +433,22 @@ def main(argv: list[str] | None = None) -> int:
             out = export_run(source, args.out_dir, checkpoint=args.checkpoint, guard=guard)
         else:
             if os.sep in args.source or args.source.endswith((".zip", ".yaml")):
+                if source.exists():
+                    raise NotADirectoryError(f"{args.source} is a file, not a run directory (one holding model.zip "
+                                             "and config.yaml): give the run's directory")
                 raise FileNotFoundError(f"no run directory at {args.source}")
             if args.checkpoint:
                 raise ValueError("--checkpoint applies to run directories, not to baseline specs")
             out = export_baseline_spec(args.source, args.out_dir, args.config or "configs/default.yaml",
                                        args.overrides, guard=guard)
-    except (ArtifactError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    spec: dict[str, Any] = json.loads((out / SPEC_FILE).read_text())
-    what = spec["baseline"]["name"] if spec["kind"] == "baseline" else "learned policy"
-    print(f"exported {what} ({spec['label']}) -> {out}")
-    return 0
+        spec: dict[str, Any] = json.loads((out / SPEC_FILE).read_text())
+        what = spec["baseline"]["name"] if spec["kind"] == "baseline" else "learned policy"
+        print(f"exported {what} ({spec['label']}) -> {out}")
+        return 0
+
+    from kelvin.cli import run_cli
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -17,23 +17,119 @@
 Training, export and evaluation all read runs through :class:`RunDir`, :func:`load_ppo` and
 :func:`load_vecnormalize`: a missing file is a ``FileNotFoundError`` and a damaged one a
 :class:`RunDirError`, each naming the file and what to do.
+
+**Writes cannot half-happen.** Every file of a run (and of an export) is written by
+:func:`write_atomic`: a temporary file in the same directory, flushed and fsynced, checked, then
+``os.replace``d over the target, so a crash, a SIGKILL or a full disk leaves the old file or the new
+one, never a torn one. A model is saved as a :class:`Snapshot` (the bytes of ``PPO.save`` and
+``VecNormalize.save`` taken at one moment, after a PPO update); writing one checks that the file loads
+before it replaces anything. The normaliser records the step of its model (``kelvin_step``), so a
+``model.zip`` and a ``vecnormalize.pkl`` from two different saves are never paired.
+
+**Ownership.** :meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one
+unless told to overwrite it); :meth:`RunDir.resume_point` finds the newest model of a run that loads,
+skipping damaged ones with a warning that names them and says why.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import json
+import os
 import pickle
 import re
+import secrets
+import shutil
+import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["RunDir", "RunDirError", "load_ppo", "load_vecnormalize", "model_files", "normalization_stats"]
+__all__ = ["RunDir", "RunDirError", "ResumePoint", "SaveError", "Snapshot", "load_ppo", "load_vecnormalize",
+           "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip")
+_TEMP_PREFIX = ".kelvin-tmp-"  # temporary files of write_atomic: hidden, never matched by step_*.zip
 
 
 class RunDirError(ValueError):
     """A run directory or a file in it that cannot be used; the message names the file and the fix."""
+
+
+class SaveError(RunDirError):
+    """A file that could not be written (full disk, read-only directory, a save that does not load back);
+    the message names the file, the reason, and that the previous version of the file is kept."""
+
+
+# ---------------------------------------------------------------------- atomic writes
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one.
+
+    The bytes go to a temporary file in the same directory (same file system, so the rename is atomic),
+    which is flushed and fsynced; ``check(temp_path)`` may then refuse it by raising (e.g. a model that
+    does not load back); only then is it ``os.replace``d over ``path``. On any failure the temporary
+    file is removed, ``path`` is left as it was, and a :class:`SaveError` names the file and the cause.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+    try:  # mode 0o666 minus the umask, as a plain open() would create the file (mkstemp's 0o600 is not)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise SaveError(_save_message(path, exc)) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SaveError(_save_message(path, exc)) from None
+        if isinstance(exc, RunDirError) and not isinstance(exc, SaveError):
+            raise SaveError(f"{path} was not written: the new file does not load back ({exc}); "
+                            f"{_kept(path)}") from None
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_atomic` for text (UTF-8)."""
+    return write_atomic(path, text.encode("utf-8"))
+
+
+def _kept(path: Path) -> str:
+    return f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+
+
+def _save_message(path: Path, exc: OSError) -> str:
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EROFS: "the file system is read-only",
+              errno.ENOENT: f"its directory {path.parent} does not exist"}.get(exc.errno,
+                                                                                 exc.strerror or type(exc).__name__)
+    fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the directory writable"
+    return f"cannot write {path}: {reason} ({type(exc).__name__} errno {exc.errno}); {_kept(path)}: {fix} and try again"
 
 
 @dataclass(frozen=True)
@@ -78,19 +174,108 @@ class RunDir:
         steps = [int(m.group(1)) for p in self.checkpoint_dir.glob("step_*.zip") if (m := _STEP_RE.fullmatch(p.name))]
         return sorted(steps)
 
-    def latest(self) -> tuple[Path, Path | None]:
-        """The newest model of the run (``model.zip`` counts as the newest, then the highest step) and its
-        normaliser file (None when absent)."""
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"no such run directory {self.path}; give the --run-dir of an earlier run")
+    # ------------------------------------------------------------------ ownership
+    OWN_ENTRIES = ("config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "checkpoints", "tb",
+                   "validation.json", "summary.json", "export")
+    """What a run directory holds (what ``--overwrite`` removes)."""
+
+    def check_writable(self) -> None:
+        """A :class:`RunDirError` when the run directory (or, for a new one, its nearest existing parent) is
+        not a writable directory."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {self.path} is a file, not a directory; give another --run-dir")
+        probe_dir = self.path
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise RunDirError(f"cannot create run directory {self.path}: {probe_dir} is a file; give another "
+                              "--run-dir")
+        try:
+            fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=probe_dir)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            what = "run directory" if probe_dir == self.path else f"parent directory {probe_dir} of"
+            raise RunDirError(f"cannot write to the {what} {self.path} ({exc.strerror or exc}); make it writable "
+                              "or give another --run-dir") from None
+
+    def claim(self, overwrite: bool = False) -> "RunDir":
+        """Make ``path`` the empty directory of a new run.
+
+        A non-empty directory is refused with a hint (``--resume`` continues it, ``--overwrite``
+        replaces it); ``overwrite`` removes the files of an earlier run, and still refuses a
+        directory holding anything else (it is not a run directory: nothing of the user's is deleted).
+        """
+        self.check_writable()
+        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if entries and not overwrite:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunDirError(f"run directory {self.path} is not empty ({shown}); continue that run with "
+                              f"--resume {self.path}, replace it with --overwrite, or give another --run-dir")
+        foreign = [e for e in entries if e not in self.OWN_ENTRIES and not e.startswith(_TEMP_PREFIX)]
+        if foreign:
+            raise RunDirError(f"--overwrite: {self.path} holds files that are not a Kelvin run's ("
+                              f"{', '.join(foreign[:5])}); nothing was deleted: give another --run-dir")
+        for name in entries:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temporary files a killed save left behind (never a complete file); returns them."""
+        stale = [p for d in (self.path, self.checkpoint_dir, self.export_dir) if d.is_dir()
+                 for p in d.glob(_TEMP_PREFIX + "*")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    # ------------------------------------------------------------------ resuming
+    def saved_models(self) -> list[tuple[int, Path, Path]]:
+        """``(step, model file, normaliser file)`` of ``model.zip`` and every checkpoint, newest first (steps
+        read from the files; ``model.zip`` first among equals; unreadable ones last, step -1)."""
+        found = []
         if self.model_file.is_file():
-            model, norm = self.model_file, self.normalizer_file
-        elif self.checkpoints():
-            model, norm = self.checkpoint_files(self.checkpoints()[-1])
-        else:
-            raise FileNotFoundError(f"{self.path} holds no model.zip and no checkpoints/step_*.zip: nothing to "
-                                    "resume (start a new run without --resume)")
-        return model, norm if norm.is_file() else None
+            found.append((saved_step(self.model_file), 1, self.model_file, self.normalizer_file))
+        for step in self.checkpoints():
+            model, norm = self.checkpoint_files(step)
+            found.append((saved_step(model), 0, model, norm))
+        found.sort(key=lambda item: (-1 if item[0] is None else item[0], item[1]), reverse=True)
+        return [(-1 if s is None else s, m, n) for s, _, m, n in found]
+
+    def resume_point(self, normalized: bool, device: str = "cpu") -> ResumePoint | None:
+        """The newest model of the run that loads, with its normaliser (required when ``normalized``); None
+        when the run has saved no model yet. Each damaged or unpaired model on the way is skipped with a
+        warning naming it and the reason, and so is a model whose step cannot be read (damaged: it would be
+        tried last); a :class:`RunDirError` lists them all when none loads."""
+        skipped = []
+        saved = self.saved_models()
+        for step, model_file, norm_file in sorted(saved, key=lambda item: item[0] >= 0):  # unreadable ones first
+            try:
+                if step < 0:  # no readable step: damaged; load it for the reason
+                    load_ppo(model_file, device=device)
+                    continue  # loads without a readable step: cannot happen with an SB3 save, never resumed from
+                model = load_ppo(model_file, device=device)
+                step = int(model.num_timesteps)
+                if norm_file.is_file():
+                    load_vecnormalize(norm_file, step=step)
+                elif normalized:
+                    raise FileNotFoundError(f"{norm_file.name} is missing")
+                else:
+                    norm_file = None
+            except (RunDirError, FileNotFoundError) as exc:
+                reason = str(exc).split("; ")[0]
+                skipped.append(f"{model_file}: {reason}")
+                warnings.warn(f"skipping {model_file}: {reason}", RuntimeWarning, stacklevel=2)
+                continue
+            return ResumePoint(step, model_file, norm_file)
+        if skipped:
+            raise RunDirError(f"no model of {self.path} loads ({'; '.join(skipped)}); start a new run "
+                              "(--overwrite) or restore a copy")
+        return None
 
     def model_for(self, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
         """``model.zip`` (None) or a checkpoint (``step_N``, ``step_N.zip``, or a path) and its normaliser file."""
@@ -130,35 +315,120 @@ def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:
     return run, model, norm if norm.is_file() else None
 
 
+_PPO_MEMBERS = ("data", "policy.pth")
+"""Members every ``PPO.save`` zip holds (a zip cut short can still open on a nested archive's directory)."""
+
+
 def load_ppo(model_file: str | Path, env=None, device: str = "cpu"):
-    """A stable-baselines3 PPO model from a ``.zip`` (with ``env`` to continue training), checked first."""
+    """A stable-baselines3 PPO model from a ``.zip`` (with ``env`` to continue training), checked first.
+
+    A missing file is a ``FileNotFoundError``; a damaged one (truncated, corrupt member, not a PPO save)
+    a :class:`RunDirError` naming it.
+    """
     from stable_baselines3 import PPO
 
     model_file = Path(model_file)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} is missing: nothing to load")
     try:
         with zipfile.ZipFile(model_file) as zf:
+            missing = [m for m in _PPO_MEMBERS if m not in zf.namelist()]
+            if missing:
+                raise zipfile.BadZipFile(f"no {missing[0]!r} member: truncated, or not a stable-baselines3 save")
             bad = zf.testzip()
         if bad is not None:
             raise zipfile.BadZipFile(f"corrupt member {bad}")
-        return PPO.load(model_file, env=env, device=device)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        model = PPO.load(model_file, env=env, device=device)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, RuntimeError, AssertionError, TypeError,
+            AttributeError, pickle.UnpicklingError) as exc:
         raise RunDirError(f"cannot load {model_file} ({type(exc).__name__}: {exc}); the model file is damaged: "
                           "use an earlier checkpoint, or train again") from None
+    return model
 
 
-def load_vecnormalize(norm_file: str | Path, venv=None):
-    """The VecNormalize statistics pickled in ``norm_file`` (attached to ``venv`` when given, to go on training)."""
+def load_vecnormalize(norm_file: str | Path, venv=None, step: int | None = None):
+    """The VecNormalize statistics pickled in ``norm_file`` (attached to ``venv`` when given, to go on training).
+
+    ``step``: the ``num_timesteps`` of the model it is paired with; statistics saved by Kelvin record
+    theirs, and a mismatch (a save interrupted between the two files) is a :class:`RunDirError`.
+    """
+    from stable_baselines3.common.vec_env import VecNormalize
+
     norm_file = Path(norm_file)
+    if not norm_file.is_file():
+        raise FileNotFoundError(f"{norm_file} is missing: the observation statistics of the model are not there")
     try:
-        if venv is not None:
-            from stable_baselines3.common.vec_env import VecNormalize
-
-            return VecNormalize.load(str(norm_file), venv)
         with open(norm_file, "rb") as fh:
-            return pickle.load(fh)  # what VecNormalize.load does, without wrapping an env
-    except (OSError, EOFError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as exc:
+            vec = pickle.load(fh)  # what VecNormalize.load does, before it wraps an env
+    except (OSError, EOFError, ValueError, KeyError, AttributeError, ImportError, IndexError, TypeError,
+            pickle.UnpicklingError) as exc:
         raise RunDirError(f"cannot read {norm_file} ({type(exc).__name__}: {exc}); the observation statistics "
                           "are part of the policy: use an earlier checkpoint, or train again") from None
+    if not isinstance(vec, VecNormalize):
+        raise RunDirError(f"{norm_file} holds a {type(vec).__name__}, not VecNormalize statistics; the observation "
+                          "statistics are part of the policy: use an earlier checkpoint, or train again")
+    saved = vec.__dict__.get("kelvin_step")  # not getattr: VecEnvWrapper.__getattr__ recurses without a venv
+    if step is not None and saved is not None and saved != step:
+        raise RunDirError(f"{norm_file} holds the statistics of step {saved}, its model is at step {step}: a save "
+                          "was interrupted between the two files")
+    if venv is not None:
+        vec.set_venv(venv)
+    return vec
+
+
+def saved_step(model_file: str | Path) -> int | None:
+    """``num_timesteps`` recorded in a ``PPO.save`` zip, read without loading the model (None: unreadable)."""
+    try:
+        with zipfile.ZipFile(model_file) as zf:
+            return int(json.loads(zf.read("data"))["num_timesteps"])
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError):
+        return None
+
+
+# ---------------------------------------------------------------------- snapshots (model + normaliser)
+@dataclass(frozen=True)
+class Snapshot:
+    """A PPO model and its VecNormalize serialised in memory at one moment of training.
+
+    ``model`` holds the bytes ``PPO.save`` writes (parameters, optimizer state, ``num_timesteps``,
+    ``_n_updates``: SB3 counts one per epoch of each update), ``normalizer`` those of ``VecNormalize.save`` (None without normalisation).
+    Training takes one after every PPO update, so whatever interrupts it, the state it saves is one a
+    completed update left, and a rollout in progress is never half in it.
+    """
+
+    step: int
+    n_updates: int
+    model: bytes
+    normalizer: bytes | None
+
+    @classmethod
+    def take(cls, model, vec_normalize=None) -> "Snapshot":
+        buffer = io.BytesIO()
+        model.save(buffer)
+        norm = None
+        if vec_normalize is not None:
+            vec_normalize.kelvin_step = int(model.num_timesteps)  # pairs the statistics with their model
+            norm = pickle.dumps(vec_normalize)  # what VecNormalize.save writes
+        return cls(int(model.num_timesteps), int(model._n_updates), buffer.getvalue(), norm)
+
+    def write(self, model_file: str | Path, norm_file: str | Path) -> None:
+        """Write both files atomically, each checked to load back before it replaces the old one (normaliser
+        first: a model file is only ever replaced once its statistics are on disk)."""
+        model_file, norm_file = Path(model_file), Path(norm_file)
+        if self.normalizer is not None:
+            write_atomic(norm_file, self.normalizer, check=lambda p: load_vecnormalize(p, step=self.step))
+        elif norm_file.exists():
+            norm_file.unlink()  # a stale normaliser must not pass for this model's
+        write_atomic(model_file, self.model, check=load_ppo)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A model of a run that loads, with its normaliser file (None when the run did not normalise)."""
+
+    step: int
+    model_file: Path
+    norm_file: Path | None
 
 
 def normalization_stats(vec_normalize) -> dict | None:

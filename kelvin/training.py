@@ -12,10 +12,23 @@ temperature on validation prompts, same prompts and seeds), ``hparams``, and tex
 Validation runs the learned policy as the samplers do: :func:`kelvin.export.learned_policy` (the
 exported actor module, VecNormalize's statistics applied in torch), through
 :func:`kelvin.rollout.collect_episodes`.
+
+**Stopping and resuming lose no learning.** After every PPO update the callback takes a
+:class:`~kelvin.rundir.Snapshot` of the model and its normaliser (SB3 runs ``train()`` between
+``on_rollout_end`` and the next ``on_rollout_start``, and after the last rollout before
+``on_training_end``: those two hooks see each completed update), and a checkpoint, when due, is that
+snapshot written to disk: it holds the update of the rollout it is named after. SIGINT (Ctrl-C) and
+SIGTERM (schedulers, preemption) are handled alike (:class:`TrainingStop`): the rollout stops after
+the current env step, a validation in progress stops after its current step, a PPO update in progress
+finishes (a fraction of a second), and the last snapshot is saved: the steps of an unfinished rollout,
+which no update has learned from, are the only thing dropped, and ``--resume`` collects them again.
+The exit code is 128 + the signal number (130, 143). A second signal stops at once (the last snapshot
+is still saved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -32,18 +45,19 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
+from envs.distributed import make_vec_env
 from envs.generation import TemperatureVecEnv
 from envs.lm import load_causal_lm
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
 from kelvin.config import KelvinConfig, load_config
 from kelvin.export import export_run, learned_policy
 from kelvin.rollout import collect_episodes
-from kelvin.rundir import RunDir, RunDirError, load_ppo, load_vecnormalize
+from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_text_atomic
 from policies.registry import make_policy
 
-__all__ = ["train", "CheckpointError", "summarize_episodes"]
+__all__ = ["train", "CheckpointError", "TrainingStop", "summarize_episodes"]
 
 TB_NAME = "PPO"
 
@@ -72,13 +86,91 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
     return out
 
 
-class KelvinCallback(BaseCallback):
-    """Monitoring, validation and checkpoints (one callback, so rollouts are read once)."""
+class _ValidationStopped(Exception):
+    """A stop was requested while validating: the validation is abandoned."""
 
-    def __init__(self, config: KelvinConfig, run: RunDir, train_env: TemperatureVecEnv,
-                 vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv):
+
+class TrainingStop:
+    """SIGINT (Ctrl-C) and SIGTERM handled alike while a run trains: the first one asks for a stop
+    (``requested``; the callback ends the rollout after the current env step, validation after its
+    current step), a second one raises KeyboardInterrupt at once, except while the run saves
+    (:meth:`saving`). A KeyboardInterrupt raised at an arbitrary point can land inside a ``__del__`` or a
+    library's cleanup, where Python only prints it and goes on: the flag cannot be lost that way.
+    Outside the main thread (no signal handlers there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._saving = False
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        """``SIGINT`` or ``SIGTERM`` once a stop was requested."""
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 128 + its number (130, 143)."""
+        return 128 + int(self.signum or 0)
+
+    def check(self) -> None:
+        """Raise :class:`_ValidationStopped` when a stop was requested (called after each validation step)."""
+        if self.requested:
+            raise _ValidationStopped
+
+    def _handle(self, signum, frame) -> None:
+        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self.requested:
+            if self._saving:
+                print(f"\n{key}: saving the model, one moment", file=sys.stderr, flush=True)
+                return
+            raise KeyboardInterrupt(signal.Signals(signum).name)  # run_cli exits 128 + that signal's number
+        self.signum = signum
+        print(f"\n{key}: stopping after this step and saving the model ({key} again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A block (``with stop.saving():``) that a second signal does not cut short."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    def __enter__(self) -> "TrainingStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class KelvinCallback(BaseCallback):
+    """Monitoring, validation and checkpoints (one callback, so rollouts are read once).
+
+    ``snapshot`` is the state the last completed PPO update left (:class:`~kelvin.rundir.Snapshot`):
+    what the run saves however it ends.
+    """
+
+    def __init__(self, config: KelvinConfig, run: RunDir, train_env: VecEnv,
+                 vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv, stop: TrainingStop,
+                 snapshot: Snapshot):
         super().__init__(verbose=0)
-        self.stop_requested = False
+        self.stop = stop
+        self.snapshot = snapshot
+        self._updating = False  # True between a rollout's end and the end of its PPO update
         self.config = config
         self.run = run
         self.train_env = train_env
@@ -88,7 +180,7 @@ class KelvinCallback(BaseCallback):
         self._fixed_cache: dict[float, dict] | None = None
         self._last_checkpoint = 0
         self._reset_accumulators()
-        self._timings = dict(train_env.core.timings)
+        self._timings = dict(train_env.timings)
         self._t_rollout = time.perf_counter()
         self._t_rollout_end: float | None = None
         self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
@@ -111,7 +203,8 @@ class KelvinCallback(BaseCallback):
         self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
         if self.model.num_timesteps == 0:
             env = self.config.env
-            hparams = {"env/batch_size": env.batch_size, "env/max_new_tokens": env.max_new_tokens,
+            hparams = {"env/batch_size": env.batch_size, "env/workers": env.workers,
+                       "env/max_new_tokens": env.max_new_tokens,
                        "env/action/kind": env.action.kind, "env/action/t_min": env.action.t_min,
                        "env/action/t_max": env.action.t_max, "train/total_timesteps": self.config.train.total_timesteps}
             for k, v in self.config.ppo.kwargs().items():
@@ -121,13 +214,28 @@ class KelvinCallback(BaseCallback):
             self.logger.record("hparams", HParam(hparams, {"validation/learned_reward": 0.0, "rollout/ep_rew_mean": 0.0}),
                                exclude=("stdout", "log", "json", "csv"))
         self._t_rollout = time.perf_counter()
-        self._timings = dict(self.train_env.core.timings)
+        self._timings = dict(self.train_env.timings)
 
     def _on_rollout_start(self) -> None:
         now = time.perf_counter()
         if self._t_rollout_end is not None:  # SB3 ran the PPO update since the last rollout ended
             self.perf["ppo_s"] += now - self._t_rollout_end
-        self._t_rollout = now
+        if self._updating:
+            self._update_done()
+        self._t_rollout = time.perf_counter()
+
+    def _on_training_end(self) -> None:
+        if self._updating:  # learn() ran the last rollout's update, then ended
+            self._update_done()
+
+    def _update_done(self) -> None:
+        """A PPO update has completed: take the snapshot, and write it as a checkpoint when one is due."""
+        self._updating = False
+        self.snapshot = Snapshot.take(self.model, self.vec_normalize)
+        every = self.config.train.checkpoint_every
+        if every and self.snapshot.step - self._last_checkpoint >= every:
+            self.snapshot.write(*self.run.checkpoint_files(self.snapshot.step))
+            self._last_checkpoint = self.snapshot.step
 
     def _on_step(self) -> bool:
         all_infos = self.locals["infos"]
@@ -140,19 +248,7 @@ class KelvinCallback(BaseCallback):
             for k in STEP_COMPONENTS:
                 self._step_sums[k] += comps[k]
         self._n_steps += len(infos)
-        every = self.config.train.checkpoint_every
-        if every and self.model.num_timesteps - self._last_checkpoint >= every:
-            self._save_checkpoint()
-        return not self.stop_requested  # False ends model.learn after this step (Ctrl-C, see GracefulStop)
-
-    def _save_checkpoint(self) -> None:
-        self.run.checkpoint_dir.mkdir(exist_ok=True)
-        step = self.model.num_timesteps
-        model_file, norm_file = self.run.checkpoint_files(step)
-        self.model.save(model_file)
-        if self.vec_normalize is not None:
-            self.vec_normalize.save(str(norm_file))
-        self._last_checkpoint = step
+        return not self.stop.requested  # False ends model.learn after this step (see TrainingStop)
 
     def _on_rollout_end(self) -> None:
         self.n_rollouts += 1
@@ -174,7 +270,7 @@ class KelvinCallback(BaseCallback):
             answered = [e["correct"] for e in self._episodes if e["answerable"]]
             if answered:
                 rec("episode/accuracy", float(np.mean(answered)))
-        t = self.train_env.core.timings
+        t = self.train_env.timings
         model_s = t["model_s"] - self._timings["model_s"]
         env_s = t["env_s"] - self._timings["env_s"]
         tokens = t["tokens"] - self._timings["tokens"]
@@ -189,8 +285,9 @@ class KelvinCallback(BaseCallback):
         self._timings = dict(t)
         self._reset_accumulators()
         every = self.config.train.validate_every
-        if every and self.n_rollouts % every == 0:
+        if every and self.n_rollouts % every == 0 and not self.stop.requested:
             self.validate()
+        self._updating = True  # SB3 runs this rollout's PPO update next
         self._t_rollout_end = time.perf_counter()
 
     # ------------------------------------------------------------------ validation
@@ -202,15 +299,20 @@ class KelvinCallback(BaseCallback):
         tc = self.config.train
         n_groups = self.val_env.num_envs // self.config.env.group_size
         per_row = max(1, math.ceil(tc.validation_prompts / n_groups))
-        result = collect_episodes(self.val_env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007)
+        result = collect_episodes(self.val_env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007,
+                                  on_step=self.stop.check)
         result["summary"] = summarize_episodes(result["episodes"])
         return result
 
-    def validate(self) -> dict:
-        """Learned policy vs every fixed temperature on the validation prompts (same prompts, same seeds)."""
+    def validate(self) -> dict | None:
+        """Learned policy vs every fixed temperature on the validation prompts (same prompts, same seeds);
+        None when a stop request ended it."""
         t0 = time.perf_counter()
         try:
             return self._validate()
+        except _ValidationStopped:
+            print("validation stopped", file=sys.stderr, flush=True)
+            return None
         finally:
             self.perf["validation_s"] += time.perf_counter() - t0
 
@@ -251,19 +353,19 @@ class KelvinCallback(BaseCallback):
             "margin_vs_best_fixed": lr["reward"] - fixed[best_t],
             "episodes_per_policy": len(learned["episodes"]),
         }
-        self.run.validation_file.write_text(json.dumps(self.last_validation, indent=2))
+        write_text_atomic(self.run.validation_file, json.dumps(self.last_validation, indent=2))
         return self.last_validation
 
 
-def _load_checkpoint(run: RunDir, env, config: KelvinConfig):
-    """The run's newest model and normaliser, attached to ``env`` to go on training."""
-    model_path, norm_path = run.latest()
+def _resume(run: RunDir, config: KelvinConfig, env: TemperatureVecEnv, point) -> tuple[PPO, VecNormalize | None]:
+    """The model and normaliser of ``point`` (:meth:`RunDir.resume_point`), attached to ``env`` to go on training."""
     try:
-        vec = load_vecnormalize(norm_path, env) if norm_path is not None else None
-        model = load_ppo(model_path, env=vec or env, device=config.train.policy_device)
+        vec = load_vecnormalize(point.norm_file, env, step=point.step) if point.norm_file is not None else None
+        model = load_ppo(point.model_file, env=vec or env, device=config.train.policy_device)
     except RunDirError as exc:
-        raise CheckpointError(f"cannot load checkpoint {model_path}: {exc}. Delete it to resume from the previous "
-                              "checkpoint, or start a new run without --resume") from None
+        raise CheckpointError(f"cannot continue from {point.model_file}: {exc}") from None
+    if vec is not None:
+        vec.training = True
     return model, vec
 
 
@@ -271,7 +373,7 @@ def _export(run: RunDir, env: TemperatureVecEnv) -> Path | None:
     """Write ``run_dir/export/`` for the samplers; a failure warns and leaves the saved model alone."""
     try:
         return export_run(run.path, run.export_dir, lm=env.lm, token_prior=env.core.featurizer.token_prior)
-    except Exception as exc:  # the model is saved already: never lose a run to an export problem
+    except (Exception, KeyboardInterrupt) as exc:  # the model is saved already: never lose a run to an export problem
         stale = run.export_dir / "spec.json"
         if stale.is_file():  # an export of an earlier save must not pass for this model
             stale.unlink()
@@ -281,92 +383,117 @@ def _export(run: RunDir, env: TemperatureVecEnv) -> Path | None:
         return None
 
 
-class GracefulStop:
-    """Ctrl-C during ``model.learn``: the first one asks the callback to stop after the current env step
-    (SB3 then leaves ``learn`` cleanly and the model is saved); a second one raises KeyboardInterrupt
-    at once (also saved). A KeyboardInterrupt raised at an arbitrary point can land inside a
-    ``__del__`` or a library's cleanup, where Python only prints it and goes on training: the flag
-    cannot be lost that way. Outside the main thread (no signal handlers there) it does nothing.
-    """
-
-    def __init__(self, callback: "KelvinCallback"):
-        self.callback = callback
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.callback.stop_requested:
-            raise KeyboardInterrupt
-        self.callback.stop_requested = True
-        print("\nCtrl-C: stopping after this step and saving the model (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None) -> dict:
-    """Train (or resume) a PPO temperature policy; returns a summary with the last validation."""
-    run = RunDir(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    config.dump(run.config_file)
-    with open(run.command_file, "a") as fh:
-        fh.write((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool):
+    """Claim (new run) or check (resume) the run directory before anything heavy loads; the resume point."""
     tc = config.train
-    torch.manual_seed(tc.seed)
-    lm = load_causal_lm(config.model)
-    env = TemperatureVecEnv(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward)
-    val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
-                                reward=replace(config.reward, group_baseline=False))  # absolute returns
-    if resume:
-        model, vec = _load_checkpoint(run, env, config)
-        if vec is not None:
-            vec.training = True
-    else:
-        vec = None
-        if tc.normalize_obs or tc.normalize_reward:
-            vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
-        model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
-                    device=tc.policy_device, verbose=0, **config.ppo.kwargs())
-    model.tensorboard_log = str(run.tensorboard_dir)
-    callback = KelvinCallback(config, run, env, vec, val_env)
-    remaining = tc.total_timesteps - model.num_timesteps
-    interrupted = False
+    if not resume:
+        run.claim(overwrite)
+        return None
+    run.require()
+    run.check_writable()
+    run.remove_stale_temps()
+    return run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+
+
+def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Train (or resume) a PPO temperature policy; returns a summary with the last validation.
+
+    A new run needs an empty (or new) ``run_dir``; ``overwrite`` replaces an earlier run there. ``resume``
+    continues from the newest model of the run that loads (a finished run returns at once with
+    ``summary["finished"]``; raise ``train.total_timesteps`` to go on). Raises :class:`RunDirError` (a
+    directory that cannot be used, or a save that failed: the message says what is kept) and
+    :class:`CheckpointError` (nothing to continue from).
+    """
+    run = RunDir(run_dir)
+    tc = config.train
     t0 = time.perf_counter()
-    try:
-        if remaining > 0:
-            with GracefulStop(callback):
+    with TrainingStop() as stop:
+        point = _start(config, run, resume, overwrite)
+        if point is not None and point.step >= tc.total_timesteps:
+            return {"run_dir": str(run.path), "timesteps": point.step, "finished": True, "interrupted": False,
+                    "signal": None, "wall_s": 0.0, "validation": None, "export": None}
+        torch.manual_seed(tc.seed)
+        lm = load_causal_lm(config.model)
+        # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
+        env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
+        val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
+                                    reward=replace(config.reward, group_baseline=False))  # absolute returns
+        # written once the model and the prompts have loaded: a run that fails to start leaves its directory empty
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.config_file, config.to_yaml())
+        history = run.command_file.read_text() if run.command_file.is_file() else ""
+        write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+        if point is not None:
+            model, vec = _resume(run, config, env, point)
+        else:
+            if resume:
+                print(f"{run.path} has no saved model yet: training from step 0 with its config.yaml", file=sys.stderr)
+            vec = None
+            if tc.normalize_obs or tc.normalize_reward:
+                vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward,
+                                   gamma=config.ppo.gamma)
+            model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
+                        device=tc.policy_device, verbose=0, **config.ppo.kwargs())
+        model.tensorboard_log = str(run.tensorboard_dir)
+        start = Snapshot.take(model, vec)
+        callback = KelvinCallback(config, run, env, vec, val_env, stop, start)
+        remaining = tc.total_timesteps - model.num_timesteps
+        learned, failure, crash = False, None, None
+        try:
+            if remaining > 0 and not stop.requested:
+                learned = True
                 model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
-                            reset_num_timesteps=not resume, progress_bar=tc.progress_bar)
-        interrupted = callback.stop_requested
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        model.save(run.model_file)
-        if vec is not None:
-            vec.save(str(run.normalizer_file))
-    export_dir = _export(run, env)
-    validation = None
-    if not interrupted:
-        validation = callback.validate()
-        callback.logger.dump(model.num_timesteps)
-    env.close()
-    val_env.close()
-    wall = time.perf_counter() - t0
-    timings = env.core.timings
-    perf = {"tokens": timings["tokens"], "wall_s": wall, "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
-            "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
-            "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
-            "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-    summary = {"run_dir": str(run.path), "timesteps": int(model.num_timesteps), "interrupted": interrupted,
-               "wall_s": wall, "perf": perf, "validation": validation,
-               "export": None if export_dir is None else str(export_dir)}
-    run.summary_file.write_text(json.dumps(summary, indent=2, default=float))
+                            reset_num_timesteps=point is None, progress_bar=tc.progress_bar)
+        except KeyboardInterrupt:  # a second signal: the last snapshot is saved below
+            pass
+        except SaveError as exc:  # a checkpoint could not be written (full disk...): save what we can, then report
+            failure = exc
+        except Exception as exc:  # a crash mid-run (a Ray worker died...): save the last update, then re-raise
+            crash = exc
+        saved = callback.snapshot
+        export_dir = None
+        if saved is not start:  # an update completed in this process
+            with stop.saving():
+                try:
+                    saved.write(run.model_file, run.normalizer_file)
+                except SaveError as exc:
+                    failure = failure or exc
+            if failure is None and crash is None:
+                export_dir = _export(run, val_env)  # in-process: it holds the model the export is checked on
+        validation = None
+        if crash is not None:
+            env.close()
+            val_env.close()
+            print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
+                  f"continue with --resume {run.path}", file=sys.stderr)
+            raise crash
+        if learned and not stop.requested and failure is None:
+            validation = callback.validate()
+            if validation is not None:
+                callback.logger.dump(saved.step)
+        env.close()
+        val_env.close()
+        if failure is not None:
+            kept = run.saved_models()
+            raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
+                            f"{kept[0][1] if kept else 'none'}: free space, then continue with --resume {run.path}")
+        interrupted = stop.requested
+        wall = time.perf_counter() - t0
+        timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
+        perf = {"tokens": timings["tokens"], "wall_s": wall,
+                "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
+                "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
+                "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
+                "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
+        summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
+                   "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
+                   "interrupted": interrupted, "signal": stop.name,
+                   "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
+                   "validation": validation, "export": None if export_dir is None else str(export_dir),
+                   "exit_code": stop.exit_code if interrupted else 0}
+        with stop.saving():
+            write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
     return summary
 
 
@@ -374,31 +501,54 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of ``train.py``."""
     import argparse
 
+    from kelvin.cli import run_cli
+
     parser = argparse.ArgumentParser(description="Train a temperature policy with PPO (Kelvin).")
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--run-dir", default=None, help="output directory of a new run; it must be new or empty "
+                                                        "(default: runs/<config name>)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last checkpoint (its config.yaml is used)")
+                        help="continue the run in RUN_DIR from its newest model that loads (its config.yaml is used)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --run-dir (its files are deleted first)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                         help="override a config value, e.g. --set ppo.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
+    if args.resume and (args.overwrite or args.run_dir):
+        parser.error("--resume RUN_DIR continues that run: it takes no --run-dir or --overwrite")
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    try:
+
+    def body() -> int:
         if args.resume:
             run = RunDir(args.resume)
-            config = run.load_config(args.overrides)
+            config = run.require().load_config(args.overrides)
             summary = train(config, run.path, resume=True, command=command)
         else:
             config = load_config(args.config, args.overrides)
             run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-            summary = train(config, run_dir, resume=False, command=command)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError, CheckpointError, RunDirError: one line each
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            summary = train(config, run_dir, resume=False, command=command, overwrite=args.overwrite)
+        return _report(summary, config)
+
+    return run_cli(body, debug=args.debug)
+
+
+def _report(summary: dict, config: KelvinConfig) -> int:
+    """Print the outcome of ``train`` and return the exit code."""
+    run_dir, steps = summary["run_dir"], summary["timesteps"]
+    if summary["finished"]:
+        print(f"{run_dir} is finished: {steps} steps of train.total_timesteps={config.train.total_timesteps}; "
+              f"to train on, raise it: --resume {run_dir} --set train.total_timesteps=N")
+        return 0
+    if summary["interrupted"]:
+        updates = f"{summary['updates']} PPO update" + ("s" if summary["updates"] != 1 else "")
+        print(f"interrupted (model saved): {summary['signal']} at step {steps + summary['discarded_steps']}; saved "
+              f"the model of step {steps} ({updates}), the {summary['discarded_steps']} steps of the unfinished "
+              f"rollout are collected again by --resume {run_dir}")
+        return summary["exit_code"]
     v = summary.get("validation")
-    status = "interrupted (model saved)" if summary["interrupted"] else "done"
-    print(f"{status}: {summary['timesteps']} steps in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
+    print(f"done: {steps} steps in {summary['wall_s']:.0f} s -> {run_dir}")
     if v:
         print(f"validation reward: learned {v['learned']['reward']:.3f} vs best fixed T={v['best_fixed_temperature']:g} "
               f"{v['best_fixed_reward']:.3f} (margin {v['margin_vs_best_fixed']:+.3f})")
-    return 130 if summary["interrupted"] else 0
+    return 0

@@ -440,6 +440,9 @@ def sample(
     ``return_tempered=True`` (the (B, V) logits the draw used, as :func:`apply_temperature`
     after :func:`truncate` returns them), so callers need not temper twice.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"sample(generator={generator!r}): expected a torch.Generator (on the logits' device) or None, "
+                        f"got a {type(generator).__name__}")
     y, limit = _prepare(logits, temperature, eps, Truncation(top_k, top_p, min_p, top_n_sigma))  # (B, V)
     if y.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=y.device)

@@ -31,7 +31,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # pip never reaches for a CUDA build on a CPU machine.
   "${PIP[@]}" install "${KELVIN_TORCH:-torch==2.13.0}"
 fi
-extras="dev"
+extras="dev,ray"   # ray: env.workers > 1 (envs/distributed.py), tested in CI
 find_links=()
 if [ "$LLAMA" != "0" ]; then
   # llama-cpp-python ships as source only. Its default build compiles for the build machine's CPU
@@ -59,7 +59,7 @@ if [ "$LLAMA" != "0" ]; then
     rm -rf "$wheel_dir"
     mv "$tmp" "$wheel_dir"   # a crash mid-build leaves no half wheel directory behind
   fi
-  extras="dev,llama"
+  extras="$extras,llama"
   find_links=(--find-links "$wheel_dir" --only-binary llama-cpp-python)
 fi
 "${PIP[@]}" install "${find_links[@]}" -e ".[$extras]"

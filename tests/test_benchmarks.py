@@ -19,6 +19,7 @@ PROMISED = {
                           "results.4.ratio_prompt_cache_speedup"],
     "processor_overhead.py": ["ratio_policy_over_plain", "ratio_guarded_over_unguarded"],
     "train_throughput.py": ["ratio_train_over_bare"],
+    "ray_throughput.py": ["ratio_workers_over_one", "learner_share_one", "learner_share_workers"],
 }
 
 

@@ -91,8 +91,11 @@ def test_unknown_and_moved_keys_name_the_right_one(tmp_path):
 def test_cross_field_rules_are_checked_at_load(tmp_path):
     assert "env: group_size=3 must divide batch_size=32" in _error(tmp_path, None, ["env.group_size=3"])
     assert "env.action: t_min=3.0 must be below t_max=2.4" in _error(tmp_path, None, ["env.action.t_min=3"])
-    assert ("ppo.batch_size=4096 exceeds the rollout size ppo.n_steps * env.batch_size = 1024"
+    assert ("ppo.batch_size=4096 exceeds the rollout size ppo.n_steps * env.workers * env.batch_size = 1024"
             in _error(tmp_path, None, ["ppo.batch_size=4096"]))
+    load_config(None, ["ppo.batch_size=4096", "env.workers=4"])  # 4 workers x 16 rows x 64 steps: the rollout fits
+    assert "env: ray_address='auto' is used only with workers > 1" in _error(tmp_path, None, ["env.ray_address=auto"])
+    assert "env.workers=0: must be an integer >= 1" in _error(tmp_path, None, ["env.workers=0"])
     assert "env.features: feature spec version 2 is not this Kelvin's featurizer" in _error(
         tmp_path, None, ["env.features.version=2"])
     assert ("evaluation.fixed=[0.5, 0.9] must contain 0.0 (greedy) and 1.0 (the reference point"

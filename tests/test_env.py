@@ -1,13 +1,7 @@
 """The temperature environments: exact autoreset on a stub LM, the same contract on the real model,
 Gymnasium / SB3 ``check_env``, reward directions, seeding, and bad input.
 
-The stub LM (:class:`StubLM`) implements the :class:`envs.lm.CausalLM` interface over an 8-token
-vocabulary (EOS = 0). A prompt's text says how its episode goes: ``"len=3 ..."`` ends with EOS as the
-3rd token (EOS is the only finite logit once 2 tokens are generated; ``"len=2,4"`` gives even rows 2
-tokens and odd rows 4, so the rows of a group end at different times), ``"loop=1,2 ..."`` forces the
-non-EOS tokens to cycle 1, 2, 1, 2, ... (otherwise a fixed distribution over tokens 1..7). So the
-episode lengths, and hence the ``dones`` array at every step, are known in advance (the pattern of
-SB3's ``test_vecenv_terminal_obs`` and Gymnasium's autoreset tests).
+The stub LM and the exact-autoreset scenario live in tests/stub_lm.py (the Ray env plays the same one).
 """
 
 from __future__ import annotations
@@ -21,18 +15,12 @@ import torch
 
 import envs
 from envs.generation import EnvConfig, GenerationCore, TemperatureEnv, TemperatureVecEnv
-from envs.lm import CausalLM
-from envs.prompts import CATEGORIES, Prompt
+from envs.prompts import Prompt
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from kelvin.config import load_config
 from policies.actions import ActionMapping
-
-V = 8
-EOS = 0
-NO_EMBEDDER = RewardConfig(coherence=0.0, group_semantic=0.0)
-SYMMETRIC = ActionMapping(t_min=-2.0, t_max=2.0)  # linear on [-2, 2]: T = 2a, easy to check by hand
-# The fixed non-EOS distribution of the stub: EOS masked, tokens 1..7 with increasing logits.
-BASE_LOGITS = torch.tensor([-math.inf, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+from stub_lm import (HORIZON, NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, check_exact_autoreset, obs_col, stub_config,
+                     stub_prompt)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,194 +34,17 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-# --------------------------------------------------------------------------- stub LM
-
-
-class StubState:
-    """Per-row progress of the stub: which prompt (registry key) and how many tokens so far."""
-
-    def __init__(self, keys: list[int]):
-        self.key = torch.tensor(keys, dtype=torch.long)  # (B,)
-        self.generated = torch.zeros(len(keys), dtype=torch.long)  # (B,)
-        self.fed: list[torch.Tensor] = []  # tokens given to decode(), one (B,) tensor per call
-
-
-class StubLM:
-    """A deterministic CausalLM with a known episode length per prompt (see the module doc)."""
-
-    def __init__(self, max_context: int = 64):
-        self.vocab_size = V
-        self.eos_token_ids = torch.tensor([EOS])
-        self.device = torch.device("cpu")
-        self.tokenizer = None
-        self.name = "stub"
-        self.max_context = max_context
-        self._episodes: list[tuple[int, tuple[int, ...]]] = []  # key -> (length, forced cycle)
-        self._keys: dict[str, int] = {}
-
-    check_fits = CausalLM.check_fits  # the real check and message
-    is_eos = CausalLM.is_eos
-
-    def encode(self, prompts, chat=None) -> list[list[int]]:
-        out = []
-        for text in prompts:
-            if text not in self._keys:
-                fields = dict(w.split("=", 1) for w in text.split() if "=" in w)
-                lengths = tuple(int(n) for n in fields.get("len", str(10**6)).split(","))
-                cycle = tuple(int(t) for t in fields["loop"].split(",")) if "loop" in fields else ()
-                self._keys[text] = len(self._episodes)
-                self._episodes.append((lengths, cycle))
-            out.append([self._keys[text]] * len(text.split()))  # one id per word: prompt length = words
-        return out
-
-    def decode_text(self, ids, skip_special_tokens=True) -> str:
-        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
-        return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i == EOS))
-
-    def _logits(self, state: StubState, rows: torch.Tensor) -> torch.Tensor:
-        out = []
-        for r in rows.tolist():
-            lengths, cycle = self._episodes[int(state.key[r])]
-            length = lengths[r % len(lengths)]  # "len=2,4": even rows end at 2 tokens, odd rows at 4
-            n = int(state.generated[r])
-            if n >= length - 1:
-                row = torch.full((V,), -math.inf)
-                row[EOS] = 0.0
-            elif cycle:
-                row = torch.full((V,), -math.inf)
-                row[cycle[n % len(cycle)]] = 0.0
-            else:
-                row = BASE_LOGITS.clone()
-            out.append(row)
-        return torch.stack(out)  # (R, V)
-
-    def prefill(self, prompt_ids):
-        state = StubState([ids[0] for ids in prompt_ids])
-        return self._logits(state, torch.arange(len(prompt_ids))), state
-
-    def decode(self, state: StubState, tokens: torch.Tensor) -> torch.Tensor:
-        state.fed.append(tokens.clone())
-        state.generated += 1
-        return self._logits(state, torch.arange(state.key.shape[0]))
-
-    def replace_rows(self, state: StubState, rows, prompt_ids) -> torch.Tensor:
-        rows = torch.as_tensor(rows, dtype=torch.long).view(-1)
-        state.key[rows] = torch.tensor([ids[0] for ids in prompt_ids])
-        state.generated[rows] = 0
-        return self._logits(state, rows)
-
-
-def _prompt(i: int, text: str, category: str | None = None) -> Prompt:
-    return Prompt(text=text, category=category or CATEGORIES[i], id=f"p{i}")
-
-
-def _obs_col(env, name: str) -> int:
-    return env.feature_spec.index(name)
-
-
-def _category_slot(env, obs_row: np.ndarray) -> int:
-    start = _obs_col(env, f"category_{CATEGORIES[0]}")
-    onehot = obs_row[start:start + len(CATEGORIES)]  # the diversity weight λ follows the one-hot
-    assert sorted(onehot.tolist()) == [0.0] * (len(onehot) - 1) + [1.0]
-    return int(onehot.argmax())
-
-
 # --------------------------------------------------------------------------- 1. exact autoreset (stub)
-
-# Five prompts with episode lengths 1, 2, 3, 4, 6 (EOS as token L); max_new_tokens = 4, so prompt 3
-# ends with EOS exactly at the limit (terminated, not truncated) and prompt 4 is truncated at 4.
-STUB_LENGTHS = [1, 2, 3, 4, 6]
-STUB_PROMPTS = [_prompt(i, f"len={n} tell me something") for i, n in enumerate(STUB_LENGTHS)]
-HORIZON = 4
-# seed 0: order = permutation(5) = [2, 4, 3, 0, 1]; 2 groups, group g's k-th prompt is
-# order[(g + 2k) % 5]: group 0 (rows 0, 1) plays prompts 2, 3, 1, 4, 0 (lengths 3, 4, 2, 4T, 1),
-# group 1 (rows 2, 3) plays 4, 0, 2, 3, 1 (lengths 4T, 1, 3, 4, 2). T = truncated.
-GROUP_PROMPTS = {0: [2, 3, 1, 4, 0, 2], 1: [4, 0, 2, 3, 1, 4]}  # k = 5 wraps around
-EXPECTED_DONES = [  # step 1 .. 14
-    [0, 0, 0, 0],
-    [0, 0, 0, 0],
-    [1, 1, 0, 0],  # group 0: prompt 2 (len 3) ends with EOS
-    [0, 0, 1, 1],  # group 1: prompt 4 truncated at 4 tokens
-    [0, 0, 1, 1],  # group 1: prompt 0 (len 1): EOS as its first token
-    [0, 0, 0, 0],
-    [1, 1, 0, 0],  # group 0: prompt 3 (len 4): EOS exactly at the limit -> terminated
-    [0, 0, 1, 1],  # group 1: prompt 2 (len 3)
-    [1, 1, 0, 0],  # group 0: prompt 1 (len 2)
-    [0, 0, 0, 0],
-    [0, 0, 0, 0],
-    [0, 0, 1, 1],  # group 1: prompt 3 (len 4)
-    [1, 1, 0, 0],  # group 0: prompt 4 truncated
-    [1, 1, 1, 1],  # group 0: prompt 0 (len 1); group 1: prompt 1 (len 2)
-]
 
 
 def _stub_env(batch_size=4, group_size=2, max_new_tokens=HORIZON, prompts=STUB_PROMPTS, seed=0, action=SYMMETRIC):
-    config = EnvConfig(batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
-                       token_prior=False, seed=seed, action=action)
+    config = stub_config(batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
+                         action=action)
     return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=prompts)
 
 
 def test_stub_autoreset_exact_arrays_at_every_step():
-    assert np.random.default_rng(0).permutation(5).tolist() == [2, 4, 3, 0, 1]  # the schedule below
-    env = _stub_env()
-    pos, prev_t = _obs_col(env, "position"), _obs_col(env, "prev_temperature")
-    surprise, drawn = _obs_col(env, "last_surprise"), _obs_col(env, "mean_drawn_prob")
-    entropy = _obs_col(env, "entropy")
-    obs = env.reset()
-    assert obs.shape == (4, env.feature_spec.dim) and obs.dtype == np.float32
-    episode = {r: 0 for r in range(4)}  # index k of each row's current episode
-    prompt_of = lambda r: GROUP_PROMPTS[r // 2][episode[r]]  # noqa: E731
-    assert [_category_slot(env, obs[r]) for r in range(4)] == [prompt_of(r) for r in range(4)]
-    assert obs[:, pos].tolist() == [0.0] * 4 and obs[:, prev_t].tolist() == [1.0] * 4
-    n_tokens = np.zeros(4, dtype=int)
-    returns = np.zeros(4)
-    rng = np.random.default_rng(123)
-    for step, expected in enumerate(EXPECTED_DONES, start=1):
-        actions = rng.uniform(-1, 1, size=(4, 1)).astype(np.float32)
-        temps = (2.0 * actions[:, 0]).astype(np.float32)  # linear mapping on [-2, 2]: T = 2a
-        obs, rewards, dones, infos = env.step(actions)
-        n_tokens += 1
-        returns += rewards
-        assert dones.dtype == bool and dones.astype(int).tolist() == expected, f"step {step}"
-        assert obs.shape == (4, env.feature_spec.dim) and obs.dtype == np.float32
-        assert rewards.shape == (4,) and np.isfinite(rewards).all()
-        assert [i["temperature"] for i in infos] == pytest.approx(temps.tolist(), abs=1e-6)
-        for r in range(4):
-            info = infos[r]
-            old_prompt = prompt_of(r)
-            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS)
-            if not dones[r]:  # the row goes on, untouched by the others' resets
-                assert "terminal_observation" not in info and "episode" not in info
-                assert "TimeLimit.truncated" not in info
-                assert obs[r, pos] == pytest.approx(n_tokens[r] / HORIZON)
-                assert obs[r, prev_t] == pytest.approx(temps[r], abs=1e-6)
-                assert _category_slot(env, obs[r]) == old_prompt
-                continue
-            length = min(STUB_LENGTHS[old_prompt], HORIZON)
-            truncated = STUB_LENGTHS[old_prompt] > HORIZON
-            assert n_tokens[r] == length
-            assert info["TimeLimit.truncated"] is truncated
-            assert info["episode"]["l"] == length
-            assert info["episode"]["r"] == pytest.approx(returns[r], rel=1e-6, abs=1e-6)
-            assert info["prompt_id"] == f"p{old_prompt}"
-            assert len(info["temperatures"]) == length and info["temperatures"][-1] == pytest.approx(temps[r], abs=1e-6)
-            # the terminal observation is the one computed after the last token, before the reset
-            term = info["terminal_observation"]
-            assert term.shape == (env.feature_spec.dim,) and term.dtype == np.float32
-            assert term[pos] == pytest.approx(length / HORIZON)
-            assert term[prev_t] == pytest.approx(temps[r], abs=1e-6)
-            assert _category_slot(env, term) == old_prompt
-            # the returned observation is the first one of the next episode
-            episode[r] += 1
-            new_prompt = prompt_of(r)
-            assert obs[r, pos] == 0.0 and obs[r, prev_t] == 1.0
-            assert obs[r, surprise] == 0.0 and obs[r, drawn] == 1.0
-            assert _category_slot(env, obs[r]) == new_prompt
-            # a len-1 prompt starts with EOS as the only finite logit: zero entropy; others do not
-            assert (obs[r, entropy] == 0.0) == (STUB_LENGTHS[new_prompt] == 1)
-            n_tokens[r] = 0
-            returns[r] = 0.0
-    assert [episode[r] for r in range(4)] == [5, 5, 5, 5]
+    check_exact_autoreset(_stub_env())
 
 
 def test_stub_rows_receive_their_drawn_tokens_and_eos_only_at_the_end():
@@ -253,9 +64,9 @@ def test_stub_rows_receive_their_drawn_tokens_and_eos_only_at_the_end():
 def test_stub_rows_of_a_group_wait_for_each_other():
     """Row 0 ends at 2 tokens, row 1 at 4 (same prompt, same group): row 0 waits two steps (actions
     ignored, EOS fed, observation held, reward 0), then both end their episode at step 4."""
-    prompts = [_prompt(0, "len=2,4 loop=7 go"), _prompt(1, "len=3 go")]
+    prompts = [stub_prompt(0, "len=2,4 loop=7 go"), stub_prompt(1, "len=3 go")]
     env = _stub_env(batch_size=2, group_size=2, max_new_tokens=6, prompts=prompts)
-    pos = _obs_col(env, "position")
+    pos = obs_col(env, "position")
     env.reset()
     first = env.core.row_prompt.tolist()
     assert first == [0, 0]  # seed 0: permutation(2) = [0, 1]
@@ -298,7 +109,7 @@ def test_real_model_vecenv_contract(lm):
     core_step = env.core.step
     env.core.step = lambda a: steps.append(core_step(a)) or steps[-1]  # spy on the drawn tokens
     dim = env.feature_spec.dim
-    pos = _obs_col(env, "position")
+    pos = obs_col(env, "position")
     obs = env.reset()
     assert obs.shape == (4, dim) and obs.dtype == np.float32 and np.isfinite(obs).all()
     n_tokens = np.zeros(4, dtype=int)
@@ -393,7 +204,7 @@ def test_gymnasium_env_episode_end_and_options(lm):
 
 
 def test_repeated_ngram_detection_and_distinct_on_forced_loops():
-    prompts = [_prompt(0, "loop=5 go"), _prompt(1, "loop=1,2 go"), _prompt(2, "loop=1,2,3,4,5,6,7 go")]
+    prompts = [stub_prompt(0, "loop=5 go"), stub_prompt(1, "loop=1,2 go"), stub_prompt(2, "loop=1,2,3,4,5,6,7 go")]
     config = EnvConfig(batch_size=3, group_size=1, max_new_tokens=8, token_prior=False)
     core = GenerationCore(config, StubLM(), NO_EMBEDDER, prompts)
     core.reset_groups(None, prompt_indices=[0, 1, 2])
@@ -411,7 +222,7 @@ def test_repeated_ngram_detection_and_distinct_on_forced_loops():
 
 def test_closes_repeated_ngram_directly():
     config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=6, token_prior=False)
-    core = GenerationCore(config, StubLM(), NO_EMBEDDER, [_prompt(0, "len=9 go")])
+    core = GenerationCore(config, StubLM(), NO_EMBEDDER, [stub_prompt(0, "len=9 go")])
     core.reset_groups(None)
     core.tokens[:] = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
     closes = [core._closes_repeated_ngram(torch.tensor([p, p])).tolist() for p in range(6)]
@@ -597,7 +408,7 @@ def test_empty_prompt_file_is_a_clear_error(tmp_path):
 
 def test_prompt_longer_than_the_context_window():
     config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=4, token_prior=False)
-    long_prompt = [_prompt(0, "len=3 " + "word " * 12)]  # 13 tokens + 4 > 16
+    long_prompt = [stub_prompt(0, "len=3 " + "word " * 12)]  # 13 tokens + 4 > 16
     with pytest.raises(ValueError, match="context window"):
         GenerationCore(config, StubLM(max_context=16), NO_EMBEDDER, long_prompt)
     GenerationCore(config, StubLM(max_context=17), NO_EMBEDDER, long_prompt)  # exactly fits
@@ -639,7 +450,7 @@ def test_leave_one_out_baseline_by_hand():
 def test_group_returns_are_relative_in_quality():
     """With λ = 0 every group's episode returns sum to zero: each sample is paid its quality minus the mean
     quality of the others; without the baseline the same episodes pay their absolute quality."""
-    prompts = [_prompt(0, "len=2,4 go"), _prompt(1, "len=3,1 go")]
+    prompts = [stub_prompt(0, "len=2,4 go"), stub_prompt(1, "len=3,1 go")]
     returns = {}
     for baseline in (True, False):
         reward = RewardConfig(coherence=0.0, group_semantic=0.0, group_baseline=baseline)

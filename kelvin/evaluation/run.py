@@ -334,8 +334,10 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     prompts = _prompts(config, prompts_file, split, ev.max_prompts)
     k = ev.samples
     n_groups = max(1, min(ev.batch_size // k, len(prompts)))
+    # One process whatever env.workers says: a policy's numbers must not depend on how many Ray workers trained it
+    # (one random stream cannot be split across shards), and evaluation batches its rows itself.
     config = replace(config, env=replace(config.env, group_size=k, batch_size=n_groups * k, seed=seed, split=split,
-                                         prompts=prompts_file))
+                                         prompts=prompts_file, workers=1, ray_address=None))
     main = resolve_policies(parse_policy_specs(policies), config, run, warnings)
     learned = [e for e in main if e.family == "learned"]
     train_truncation = learned[0].truncation if learned else None

@@ -1,0 +1,54 @@
+"""What the command lines (``train.py``, ``evaluate.py``, ``python -m kelvin.export``) share: errors as one line.
+
+:func:`run_cli` runs a command's body and turns every exception into one line on stderr, with no
+traceback: the message of a bad input (a config value, a path, a damaged file: the library's errors
+name the file or field and the fix) with exit code 2; a failure to write (:class:`~kelvin.rundir.SaveError`)
+or an unexpected error with exit code 1, the latter naming its type and pointing to ``--debug``, which
+shows the full traceback. Warnings print as one ``warning: ...`` line each.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import warnings
+from typing import Callable
+
+from kelvin.rundir import SaveError
+
+__all__ = ["run_cli", "BAD_INPUT"]
+
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnicodeError)
+"""Errors of a user's input (configs, paths, files): ConfigError, RunDirError, EvaluationError, ArtifactError..."""
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def run_cli(body: Callable[[], int], debug: bool = False) -> int:
+    """``body()``'s exit code; an exception becomes one line on stderr (re-raised as it is when ``debug``)."""
+    previous = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
+    try:
+        return body()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a second SIGINT/SIGTERM (kelvin.training.TrainingStop names it)
+        if debug:
+            raise
+        name = exc.args[0] if exc.args and exc.args[0] in signal.Signals.__members__ else "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, SaveError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, BAD_INPUT):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = previous
