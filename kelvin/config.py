@@ -222,7 +222,8 @@ class EvaluationConfig:
     n_lambdas: StrictInt = Field(5, ge=1)
     """How many λ values when ``lambdas`` is None."""
     fixed: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5])
-    """Fixed T, no truncation (0 = greedy)."""
+    """Fixed T, no truncation. T = 0 (greedy) and T = 1.0 always run: 1.0 is the fronts' reference point and the
+    rival of the diversity goal."""
     minp: list[FiniteFloat] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
     """T inside min-p 0.1 (the community's favourite for creative text)."""
     topp: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.6, 0.9, 1.2, 1.5])
@@ -250,9 +251,6 @@ class EvaluationConfig:
     """Bootstrap resamples over prompts for every interval."""
 
     def __post_init__(self):
-        if self.fixed and not (0.0 in self.fixed and 1.0 in self.fixed):
-            raise ValueError(f"evaluation.fixed={self.fixed} must contain 0.0 (greedy) and 1.0 (the reference point of "
-                             "the fronts and of the diversity goal), or be [] to drop the family")
         if self.batch_size % self.samples:
             raise ValueError(f"evaluation.batch_size={self.batch_size} must be a multiple of evaluation.samples="
                              f"{self.samples} (the K samples of a prompt are one group)")

@@ -180,6 +180,11 @@ def test_family_points_run_under_a_wide_mapping_with_their_truncation():
     assert fams["hotcold"][0].params["spec"] == "hotcold:hot=2,n=1,cold=0.5"
     assert all(e.policy.action_mapping == BASELINE_MAPPING for es in fams.values() for e in es)
     assert len({e.cache_key for es in fams.values() for e in es}) == sum(len(es) for es in fams.values())
+    # greedy and T = 1.0 (the fronts' reference) always run, whatever the grid says
+    fams = family_entries(load_config(SMOKE, ["evaluation.fixed=[0.5,1.2]"]), Truncation(min_p=0.02))
+    assert [e.name for e in fams["fixed"]] == ["fixed:T=0", "fixed:T=0.5", "fixed:T=1", "fixed:T=1.2"]
+    assert [e.name for e in fams["fixed@train"]] == ["fixed@train:T=0", "fixed@train:T=0.5", "fixed@train:T=1",
+                                                     "fixed@train:T=1.2"]
 
 
 def test_policy_specs_keep_baseline_parameters_together():
@@ -377,7 +382,10 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
         assert block["n_prompts"] == 6 and block["n_completions"] == 12  # 6 test prompts (2 answerable) x 2
     assert {k: list(v["points"]) for k, v in data["families"].items()} == {
         "fixed": ["fixed:T=0", "fixed:T=1"], "negative_minp": ["negative_minp:T=-1"],
-        "hotcold": ["hotcold:2x1/0.5"], "table": ["table:λ=0", "table:λ=2"]}
+        "hotcold": ["hotcold:2x1/0.5"], "table": ["table:λ=0", "table:λ=2"],
+        # the smoke run trains under min-p 0.02 (the default): fixed T and the table again under it
+        "fixed@train": ["fixed@train:T=0", "fixed@train:T=1"], "table@train": ["table@train:λ=0", "table@train:λ=2"]}
+    assert data["families"]["fixed@train"]["points"]["fixed@train:T=1"]["truncation"]["min_p"] == 0.02
     greedy = data["families"]["fixed"]["points"]["fixed:T=0"]["metrics"]
     assert greedy["temperature_mean"]["mean"] == 0.0 and greedy["near_greedy_fraction"]["mean"] == 1.0
     neg = data["families"]["negative_minp"]["points"]["negative_minp:T=-1"]["metrics"]

@@ -97,11 +97,14 @@ def family_entries(config: KelvinConfig, train_truncation: Truncation | None = N
     out: dict[str, list[PolicyEntry]] = {}
     for family, (spec, short, truncation) in _SWEPT.items():
         grid = getattr(ev, family)
+        if family == "fixed" and grid:
+            grid = sorted(set(grid) | {0.0, 1.0})  # greedy and T = 1.0 (the fronts' reference, the diversity goal's rival)
         if grid:
             out[family] = [_entry(family, spec(v), short(v), truncation, config) for v in grid]
     if train_truncation is not None and train_truncation.active and ev.fixed:
         spec, short, _ = _SWEPT["fixed"]
-        out["fixed@train"] = [_entry("fixed@train", spec(v), short(v), train_truncation, config) for v in ev.fixed]
+        out["fixed@train"] = [_entry("fixed@train", spec(v), short(v), train_truncation, config)
+                              for v in sorted(set(ev.fixed) | {0.0, 1.0})]
     return out
 
 
