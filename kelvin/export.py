@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, normalization_stats, write_atomic, write_text_atomic
+from kelvin.rundir import (RunDir, load_ppo, load_vecnormalize, normalization_stats, unusable_output_dir, write_atomic,
+                           write_text_atomic)
 from policies.actions import ActionMapping
 from policies.artifact import (
     ARTIFACT_FORMAT_VERSION,
@@ -140,12 +141,10 @@ def _finite_list(values, name: str) -> list[float]:
 def _check_out_dir(out_dir: str | Path) -> Path:
     """``out_dir`` as a Path; a NotADirectoryError when it, or a folder above it, is a file."""
     out_dir = Path(out_dir)
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(f"export directory {out_dir}: {folder} is a file, not a directory; give "
-                                         "another output directory")
-            break
+    problem = unusable_output_dir(out_dir)
+    if problem is not None and problem[0] == "file":  # an unwritable folder fails at the write, naming the file
+        raise NotADirectoryError(f"export directory {out_dir}: {problem[1]} is a file, not a directory; give "
+                                 "another output directory")
     return out_dir
 
 

@@ -55,6 +55,25 @@ _STEP_RE = re.compile(r"step_(\d+)\.zip")
 _TEMP_PREFIX = ".kelvin-tmp-"  # temporary files of write_atomic: hidden, never matched by step_*.zip
 
 
+def unusable_output_dir(path: Path) -> tuple[str, Path, str] | None:
+    """Why ``path`` cannot become an output directory, found before anything is created (the one check behind
+    run directories, evaluation reports and exports): ``("file", folder, "")`` when ``path`` or a folder above it
+    is a file (``folder`` is that file), ``("unwritable", folder, reason)`` when its nearest existing folder
+    refuses a new file (a real probe: ``os.access`` says yes to root on a read-only sysfs); None when it can."""
+    folder = Path(path)
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return "file", folder, ""
+    try:
+        fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return "unwritable", folder, str(exc.strerror or exc)
+    return None
+
+
 class RunDirError(ValueError):
     """A run directory or a file in it that cannot be used; the message names the file and the fix."""
 
@@ -182,22 +201,18 @@ class RunDir:
     def check_writable(self) -> None:
         """A :class:`RunDirError` when the run directory (or, for a new one, its nearest existing parent) is
         not a writable directory."""
-        if self.path.exists() and not self.path.is_dir():
+        problem = unusable_output_dir(self.path)
+        if problem is None:
+            return
+        kind, folder, reason = problem
+        if kind == "file" and folder == self.path:
             raise RunDirError(f"run directory {self.path} is a file, not a directory; give another --run-dir")
-        probe_dir = self.path
-        while not probe_dir.exists():
-            probe_dir = probe_dir.parent
-        if not probe_dir.is_dir():
-            raise RunDirError(f"cannot create run directory {self.path}: {probe_dir} is a file; give another "
+        if kind == "file":
+            raise RunDirError(f"cannot create run directory {self.path}: {folder} is a file; give another "
                               "--run-dir")
-        try:
-            fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=probe_dir)
-            os.close(fd)
-            os.unlink(name)
-        except OSError as exc:
-            what = "run directory" if probe_dir == self.path else f"parent directory {probe_dir} of"
-            raise RunDirError(f"cannot write to the {what} {self.path} ({exc.strerror or exc}); make it writable "
-                              "or give another --run-dir") from None
+        what = "run directory" if folder == self.path else f"parent directory {folder} of"
+        raise RunDirError(f"cannot write to the {what} {self.path} ({reason}); make it writable "
+                          "or give another --run-dir")
 
     def claim(self, overwrite: bool = False) -> "RunDir":
         """Make ``path`` the empty directory of a new run.

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from kelvin.evaluation.metrics import HEADLINE, METRIC_BY_NAME, METRICS
+from kelvin.rundir import write_text_atomic
 
 __all__ = ["write_csv", "write_report", "write_samples", "write_tensorboard"]
 
@@ -276,9 +276,7 @@ def write_report(path: Path, data: dict, main: list, results: dict, reference, p
              "![histogram](temperature_hist.png)\n",
              *_samples_section(main, results, setup["prompt_texts"], n_samples_shown),
              *_definitions_section()]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- data files

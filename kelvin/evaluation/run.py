@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pickle
 import platform
 import shlex
@@ -43,6 +42,7 @@ from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectori
 from kelvin.evaluation.policies import EvaluationError, PolicyEntry, lambda_grid, parse_policy_specs, resolve_policies
 from kelvin.evaluation.report import write_csv, write_report, write_samples, write_tensorboard
 from kelvin.evaluation.statistics import PolicyResult, paired_differences, summarize
+from kelvin.rundir import unusable_output_dir, write_atomic, write_text_atomic
 from policies.features import FEATURE_SPEC_VERSION
 
 __all__ = ["check_output_dir", "evaluate", "select_prompts"]
@@ -68,16 +68,16 @@ def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[P
 
 def check_output_dir(out: Path) -> None:
     """Refuse, before anything runs, an output directory that cannot be written: a file, a path under a file, or a
-    directory (or its nearest existing parent) without write permission. Creates nothing: bad input leaves no trace."""
-    if out.exists() and not out.is_dir():
+    directory (or its nearest existing parent) that refuses a new file. Creates nothing: bad input leaves no trace."""
+    problem = unusable_output_dir(out)
+    if problem is None:
+        return
+    kind, folder, reason = problem
+    if kind == "file" and folder == out:
         raise EvaluationError(f"--out {out} is a file; give a directory for the report (it is created if missing)")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise EvaluationError(f"--out {out}: {existing} is a file, so {out} cannot be created; choose another directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EvaluationError(f"--out {out}: {existing} is not writable; choose another directory")
+    if kind == "file":
+        raise EvaluationError(f"--out {out}: {folder} is a file, so {out} cannot be created; choose another directory")
+    raise EvaluationError(f"--out {out}: {folder} is not writable ({reason}); choose another directory")
 
 
 def _prompts(config: KelvinConfig, prompts_file: str | None, split: str | None, max_prompts: int | None) -> list[Prompt]:
@@ -87,15 +87,6 @@ def _prompts(config: KelvinConfig, prompts_file: str | None, split: str | None, 
         raise EvaluationError(f"--prompts: {exc}") from exc
     except ValueError as exc:
         raise EvaluationError(f"prompts: {exc}") from exc
-
-
-def _atomic_pickle(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Runner:
@@ -164,9 +155,9 @@ class Runner:
         result = PolicyResult(entry, groups, per, stats, out["tokens_per_s"], out["wall_s"])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_pickle(path, {"signature": self.signature, "key": entry.cache_key, "groups": groups,
+            write_atomic(path, pickle.dumps({"signature": self.signature, "key": entry.cache_key, "groups": groups,
                                   "per_prompt": per, "stats": stats, "tokens_per_s": out["tokens_per_s"],
-                                  "wall_s": out["wall_s"]})
+                                  "wall_s": out["wall_s"]}))
         return result
 
     def close(self) -> None:
@@ -308,9 +299,7 @@ def _write_outputs(out: Path, data: dict, config: KelvinConfig, main: list[Polic
     plot_histograms(figures["temperature_hist"], results, main, t_range, subtitle)
     setup["wall_s"] = time.perf_counter() - t_start
     write_report(out / "report.md", data, main, results, reference, paired, warnings)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
-    os.replace(tmp, out / "metrics.json")
+    write_text_atomic(out / "metrics.json", json.dumps(data, indent=2, default=_json_default, allow_nan=False))
     write_csv(out / "metrics.csv", data)
     write_samples(out / "samples.jsonl", main, results)
     write_tensorboard(out / "tb", data, (out / "report.md").read_text(), figures)
