@@ -53,7 +53,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
-from samplers.core import did_you_mean
+from samplers.core import did_you_mean, top_values
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
            "check_feature_version", "distribution_features"]
@@ -189,7 +189,7 @@ def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[tor
     varentropy = (s2 / s0 - mean_y * mean_y).clamp_min(0.0)
     entropy_norm = torch.where(n > 1, entropy / torch.log(n.clamp_min(2.0)), torch.zeros_like(entropy)).clamp(0.0, 1.0)
     k = min(median_k, vocab)
-    top = (z.topk(k, dim=-1).values - zmax).exp() / s0.unsqueeze(1)  # (B, k) largest probabilities, descending
+    top = (top_values(z, k) - zmax).exp() / s0.unsqueeze(1)  # (B, k) largest probabilities, descending
     max_prob = 1.0 / s0  # the argmax has e = 1
     top2_margin = max_prob - top[:, 1] if k > 1 else max_prob
     # median over the k most likely (fewer when fewer tokens are finite): mean of the middle two

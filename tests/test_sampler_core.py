@@ -491,3 +491,77 @@ def test_sample_return_tempered_matches_apply_temperature_after_truncate():
     torch.testing.assert_close(y, expected)
     assert tokens.shape == (2,)
     assert torch.isfinite(y.gather(1, tokens.view(-1, 1))).all()  # drawn tokens are in the kept set
+
+
+# --------------------------------------------------------------------------- packed draw (large vocabularies)
+
+
+def _lm_like_logits(batch: int, vocab: int, seed: int) -> torch.Tensor:
+    """A peaked head over a long flat tail, as an LM's next-token logits: min-p keeps a few dozen tokens."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, vocab, generator=g)
+    head = torch.randint(0, vocab, (batch, 40), generator=g)
+    z.scatter_(1, head, 9.0 + 3.0 * torch.rand(batch, 40, generator=g))
+    return z
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_p=0.02), dict(min_p=0.1, top_k=8), dict(top_k=50),
+                                    dict(top_p=0.9), dict(top_n_sigma=2.0)])
+def test_packed_draw_is_the_full_width_draw(kwargs, monkeypatch):
+    """sample() draws from the kept tokens packed into a few blocks; the tokens and the tempered logits are
+    exactly (bit for bit) those of the full-width path, for positive, negative, greedy and infinite T."""
+    import samplers.core as core
+
+    z = _lm_like_logits(12, 16384, 0)
+    z[3, :8192] = -math.inf  # a row with masked tokens
+    z[11, 100] = z[11].max()  # a tie with the argmax (row 11: T = 1e-8, the greedy limit)
+    t = torch.tensor([0.7, 1.3, -0.8, 0.0, 2.5, -1e-9, math.inf, -math.inf, 0.3, -2.0, 1.0, 1e-8])
+    packed = []
+    calls = {"pack": 0}
+    real_pack = core._pack
+
+    def counting(*args):
+        out = real_pack(*args)
+        calls["pack"] += out is not None
+        return out
+
+    monkeypatch.setattr(core, "_pack", counting)
+    for seed in range(3):
+        packed.append(sample(z, t, generator=torch.Generator().manual_seed(seed), return_tempered=True, **kwargs))
+    assert calls["pack"] == 3  # the packed path really ran
+    monkeypatch.setattr(core, "_pack", lambda *args: None)  # the full-width path
+    for seed, (tokens, tempered) in enumerate(packed):
+        ref_tokens, ref_tempered = sample(z, t, generator=torch.Generator().manual_seed(seed), return_tempered=True,
+                                          **kwargs)
+        assert torch.equal(tokens, ref_tokens)
+        assert torch.equal(tempered, ref_tempered)
+    assert tokens[3] == z[3].argmax() and tokens[11] == 100  # greedy rows; the tie takes the first index
+
+
+def test_packed_draw_falls_back_when_the_kept_set_is_wide():
+    """A flat row keeps most of the vocabulary: packing would save nothing, the full-width path runs (None)."""
+    import samplers.core as core
+
+    z = torch.zeros(2, 4096)
+    z[0, 7] = 1.0
+    assert core._pack(z, core._keep_threshold(z, z.amax(-1), core.Truncation(min_p=0.02))) is None
+    z = _lm_like_logits(2, 4096, 1)
+    values, columns, _ = core._pack(z, core._keep_threshold(z, z.amax(-1), core.Truncation(min_p=0.02)))
+    kept = z >= core._keep_threshold(z, z.amax(-1), core.Truncation(min_p=0.02))[:, None]
+    for row in range(2):  # exactly the kept tokens, in vocabulary order, each with its logit
+        finite = values[row] > -math.inf
+        assert columns[row][finite].tolist() == kept[row].nonzero().flatten().tolist()
+        assert torch.equal(values[row][finite], z[row][kept[row]])
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_top_values_equal_torch_topk(k):
+    from samplers.core import top_values
+
+    z = _lm_like_logits(6, 8192, 2)
+    z[1, :6000] = -math.inf
+    z[2, :] = 0.5  # every value tied
+    z[3, 10:20] = z[3].max()  # ties at the top
+    assert torch.equal(top_values(z, k), torch.topk(z, k, dim=-1).values)
+    small = torch.randn(3, 100)  # not a multiple of the block: plain topk
+    assert torch.equal(top_values(small, k), torch.topk(small, k, dim=-1).values)
