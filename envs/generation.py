@@ -10,6 +10,7 @@ reward.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, Optional, Sequence
 
@@ -90,6 +91,11 @@ class EnvConfig:
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
     seed: StrictInt = Field(0, ge=0)
     """Seed of the prompt order, the λ draws and the token draws."""
+    overlap: StrictBool = True
+    """Run the work the model does not wait for on a second thread while the model decodes: scoring the groups
+    that end at a step (MiniLM embeddings, text checks) and prefilling, into the prompt cache, the prompt each
+    group starts next. Same tokens and rewards either way; it hides that work where a core is idle (one torch
+    thread per process on a 2-core CPU, or the CPU beside a GPU)."""
     workers: StrictInt = Field(1, ge=1)
     """Model copies generating in parallel: 1 = one in-process env; N > 1 = N Ray actors of ``batch_size`` rows
     each behind one VecEnv (envs/distributed.py; needs the ``ray`` extra)."""
@@ -183,6 +189,13 @@ class GenerationCore:
         self.state = None
         self.logits: torch.Tensor | None = None
         self.timings = {"model_s": 0.0, "env_s": 0.0, "tokens": 0, "waiting_rows": 0}
+        self._side: ThreadPoolExecutor | None = None  # env.overlap: scoring and prefetching while the model decodes
+        self._prefetching: list[Future] = []
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_side"], state["_prefetching"] = None, []  # a thread is not copied: a copy starts its own
+        return state
 
     # ------------------------------------------------------------------ seeding / schedule
     def seed(self, seed: int | None) -> None:
@@ -238,6 +251,7 @@ class GenerationCore:
             if prompt_idx.shape[0] != groups.shape[0]:
                 raise ValueError(f"reset_groups got {groups.shape[0]} groups but {prompt_idx.shape[0]} prompt indices")
         self.group_episodes[groups] += 1
+        self._await_prefetch()  # a prompt must not be prefilled here while the side thread prefills it
         if diversity is None:
             lam = self._draw_diversity(groups.shape[0])
         else:
@@ -269,6 +283,8 @@ class GenerationCore:
             self.logits[rows_t] = new_logits
         dt_model = time.perf_counter() - t_model
         self.timings["model_s"] += dt_model
+        if prompt_indices is None:
+            self._prefetch(self._next_prompt_indices(groups))  # these groups' next prompts, while they run
         self.row_prompt[rows] = row_prompt
         self.diversity[rows] = np.repeat(lam, self.G)
         rows_t = torch.as_tensor(rows, device=self.device)
@@ -321,6 +337,10 @@ class GenerationCore:
         newly_ended = active & (eos_np | full_np)
         self.ended_by_eos |= newly_ended & eos_np
         self.ended |= newly_ended
+        done = np.repeat(self.ended.reshape(self.n_groups, self.G).all(axis=1), self.G)  # (B,)
+        done_rows = np.flatnonzero(done)
+        # The completions of the groups that end here are final: score them while the model decodes.
+        finished = self._score_groups(done_rows) if done_rows.size else None
         t_model = time.perf_counter()
         self.logits = self.lm.decode(self.state, tokens)  # (B, V)
         dt_model = time.perf_counter() - t_model
@@ -333,11 +353,9 @@ class GenerationCore:
         components = {k: np.where(active, v.detach().cpu().numpy(), 0.0).astype(np.float32) for k, v in comps.items()}
         for k in EPISODE_COMPONENTS:
             components[k] = np.zeros(self.B, dtype=np.float32)
-        done = np.repeat(self.ended.reshape(self.n_groups, self.G).all(axis=1), self.G)  # (B,)
-        if done.any():
-            rows = np.flatnonzero(done)
-            for k, v in self._episode_components(rows).items():
-                components[k][rows] = v
+        if finished is not None:
+            for k, v in finished.result().items():
+                components[k][done_rows] = v
         reward = self.reward.combine(components, self.diversity)
         for k, v in components.items():
             self.ep_components[k] += v
@@ -377,6 +395,48 @@ class GenerationCore:
 
     def completion_text(self, row: int) -> str:
         return self.lm.decode_text(self.completion_ids(row))
+
+    def _score_groups(self, rows: np.ndarray) -> Future:
+        """:meth:`_episode_components` of ``rows`` (whole groups), on the side thread with ``env.overlap``.
+
+        The side thread runs while the caller decodes the next token of every row: the MiniLM embeddings and
+        text checks of the finished groups then cost no wall time on a machine with a core to spare (the
+        model and the embedder never touch the same tensors; the rows' tokens are final). Without it the work
+        runs here and the returned future is already done.
+        """
+        if not self.config.overlap:
+            done: Future = Future()
+            done.set_result(self._episode_components(rows))
+            return done
+        return self._side_thread().submit(self._episode_components, rows)
+
+    def _side_thread(self) -> ThreadPoolExecutor:
+        if self._side is None:
+            threads = torch.get_num_threads()
+            self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-side",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+        return self._side
+
+    def _prefetch(self, prompt_indices: np.ndarray) -> None:
+        """Prefill ``prompt_indices`` into the prompt cache on the side thread (with ``env.overlap`` and a cache)."""
+        cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to prefetch
+        if not self.config.overlap or cache is None or cache.max_bytes <= 0:
+            return
+        ids = [self._prompt_ids[i] for i in dict.fromkeys(prompt_indices.tolist())]
+        self._prefetching.append(self._side_thread().submit(self.lm.prefetch, ids))
+
+    def _await_prefetch(self) -> None:
+        pending, self._prefetching = self._prefetching, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Release the model state and stop the side thread (idempotent)."""
+        self.state = None
+        self._prefetching = []
+        if self._side is not None:
+            self._side.shutdown(wait=True)
+            self._side = None
 
     def _episode_components(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Completion components of ``rows`` (whole groups, in group order)."""
@@ -536,7 +596,7 @@ class TemperatureVecEnv(VecEnv):
         return obs, result.reward, result.done.copy(), infos
 
     def close(self) -> None:
-        self.core.state = None
+        self.core.close()
 
     # ------------------------------------------------------------------ VecEnv plumbing
     def _indices(self, indices) -> list[int]:
@@ -605,6 +665,9 @@ class TemperatureEnv(gym.Env):
         self._done = False
         p = self.core.prompts[self.core.row_prompt[0]]
         return obs[0].cpu().numpy(), {"prompt_id": p.id, "prompt": p.text, "category": p.category}
+
+    def close(self) -> None:
+        self.core.close()
 
     def step(self, action):
         if self._done:

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,38 +426,53 @@ class PromptCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[tuple[int, ...], PromptEntry] = OrderedDict()
+        self._lock = threading.Lock()  # CausalLM.prefetch fills it from a second thread
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock is not copied: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: tuple[int, ...]) -> PromptEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
 
     def put(self, key: tuple[int, ...], entry: PromptEntry) -> None:
-        if key in self._entries or entry.nbytes > self.max_bytes:
-            return
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes:
+        with self._lock:
+            if key in self._entries or entry.nbytes > self.max_bytes:
+                return
+            self._entries[key] = entry
+            self.nbytes += entry.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._entries and self.nbytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
     def resize(self, max_bytes: int) -> None:
         """Set the bound, evicting the least recently used entries above it."""
-        self.max_bytes = int(max_bytes)
-        while self._entries and self.nbytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict()
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
 
 
 class CausalLM:
@@ -621,6 +637,16 @@ class CausalLM:
                 found[key] = entry
                 self.prompt_cache.put(key, entry)
         return [found[k] for k in keys]
+
+    @torch.inference_mode()
+    def prefetch(self, prompt_ids: Sequence[Sequence[int]]) -> None:
+        """Prefill prompts into the prompt cache ahead of their episodes (those already there cost nothing).
+
+        Safe on a second thread while this thread decodes (the env does so with ``env.overlap``): it
+        touches no batch state, only the model's weights (read) and the cache (locked). A prompt being
+        prefetched should not be prefilled here at the same time; the env waits for its prefetch first.
+        """
+        self._entries(prompt_ids)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]], extra_columns: int = 64) -> tuple[torch.Tensor, DecodeState]:

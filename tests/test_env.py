@@ -368,6 +368,72 @@ def test_same_seed_same_rollout_different_seed_different_tokens(lm):
     assert not torch.equal(tokens_a[:, 0], tokens_a[:, 1])  # rows of a group draw independently
 
 
+@pytest.mark.slow
+def test_rewards_scored_beside_the_decode_are_the_rewards_scored_inline(lm):
+    """env.overlap scores finished groups (real MiniLM embeddings) on the side thread while the model
+    decodes: every reward, every component and every episode record is the same as scoring them inline."""
+    import threading
+
+    prompts = [Prompt("Write one sentence about the sea.", "creative_writing", "sea"),
+               Prompt("What is the capital of France?", "factual_qa", "fr", answers=("Paris",))]
+    runs = {}
+    for overlap in (True, False):
+        config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=5, overlap=overlap, seed=3)
+        env = TemperatureVecEnv(config, lm=lm, prompts=prompts)
+        threads = []
+        scorer = env.core._episode_components
+        env.core._episode_components = lambda rows: threads.append(threading.current_thread().name) or scorer(rows)
+        env.reset()
+        steps = []
+        actions = np.random.default_rng(0).uniform(-1, 1, size=(12, 4, 1)).astype(np.float32)
+        for a in actions:
+            obs, rewards, dones, infos = env.step(a)
+            steps.append((obs, rewards, dones, [i["reward_components"] for i in infos],
+                          [(i["episode"]["r"], i["completion"]) for i in infos if "episode" in i]))
+        env.close()
+        runs[overlap] = steps
+        assert threads and all(n.startswith("kelvin-side") == overlap for n in threads), threads
+    ended = 0
+    for (o1, r1, d1, c1, e1), (o2, r2, d2, c2, e2) in zip(runs[True], runs[False]):
+        assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(d1, d2)
+        assert c1 == c2 and e1 == e2
+        ended += len(e1)
+    assert ended >= 4  # two groups finished, so the semantic and coherence scores really ran
+    assert any(c["coherence"] != 0.0 for step in runs[True] for c in step[3])
+
+
+@pytest.mark.slow
+def test_next_prompts_are_prefilled_beside_the_decode(lm):
+    """With env.overlap each reset prefills the prompt its groups start next into the prompt cache on the side
+    thread, so the restarts themselves find every prompt there (no prefill left for the decoding thread)."""
+    from envs.lm import PromptCache
+
+    prompts = [Prompt("Write one sentence about the sea.", "creative_writing", "sea"),
+               Prompt("Name a colour.", "creative_writing", "colour"),
+               Prompt("What is 2 + 2?", "math", "two", answers=("4",))]
+    kept, lm.prompt_cache = lm.prompt_cache, PromptCache(2**30)
+    try:
+        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
+                                prompts=prompts)
+        cache = lm.prompt_cache
+        cache.clear()
+        cache.misses = 0
+        env.reset()
+        env.core._await_prefetch()
+        # groups 0 and 1 started on order[0] and order[1]; their next prompts are order[2] and order[0]
+        assert (len(cache), cache.misses) == (3, 3)
+        restarted = 0
+        for _ in range(8):
+            _, _, dones, _ = env.step(np.zeros((4, 1), dtype=np.float32))
+            restarted += int(dones.sum())
+            env.core._await_prefetch()
+            assert cache.misses == 3  # every restart and every later prefetch found its prompt prefilled
+        assert restarted >= 4
+        env.close()
+    finally:
+        lm.prompt_cache = kept
+
+
 # --------------------------------------------------------------------------- 6. bad input
 
 
