@@ -186,7 +186,8 @@ class TrainConfig:
     checkpoint_every: StrictInt = Field(4096, ge=0)
     """Save a checkpoint every this many environment steps (0 = only at the end)."""
     validate_every: StrictInt = Field(10, ge=0)
-    """Validate every this many PPO updates (0 = only at the end)."""
+    """Validate every this many PPO updates and once after the last one (0 = only after the last; a slot that
+    falls on the last update is left to that final validation)."""
     validation_prompts: StrictInt = Field(8, ge=1)
     """Validation prompts (each sampled group_size times, same prompts and seeds for every policy)."""
     validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1)

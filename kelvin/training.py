@@ -31,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shlex
 import signal
 import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,6 +159,13 @@ class TrainingStop:
         self._previous = {}
 
 
+def _background_thread(threads: int) -> None:
+    """Initialise a helper thread: the process's torch thread count, and a lower priority than training (Linux)."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class KelvinCallback(BaseCallback):
     """Monitoring, validation and checkpoints (one callback, so rollouts are read once).
 
@@ -178,12 +187,15 @@ class KelvinCallback(BaseCallback):
         self.val_env = val_env
         self.n_rollouts = 0
         self._fixed_cache: dict[float, dict] | None = None
+        self._baselines: Future | None = None  # the fixed temperatures' validation, run beside training
+        self._baseline_env: TemperatureVecEnv | None = None
+        self._cancel = threading.Event()
         self._last_checkpoint = 0
         self._reset_accumulators()
         self._timings = dict(train_env.timings)
         self._t_rollout = time.perf_counter()
         self._t_rollout_end: float | None = None
-        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
+        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0, "baselines_s": 0.0}  # wall time by phase
         self.last_validation: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -215,6 +227,8 @@ class KelvinCallback(BaseCallback):
                                exclude=("stdout", "log", "json", "csv"))
         self._t_rollout = time.perf_counter()
         self._timings = dict(self.train_env.timings)
+        if not self.stop.requested:
+            self.start_baselines()
 
     def _on_rollout_start(self) -> None:
         now = time.perf_counter()
@@ -285,22 +299,70 @@ class KelvinCallback(BaseCallback):
         self._timings = dict(t)
         self._reset_accumulators()
         every = self.config.train.validate_every
-        if every and self.n_rollouts % every == 0 and not self.stop.requested:
+        last = self.model.num_timesteps >= self.model._total_timesteps  # the validation after training covers it
+        if every and self.n_rollouts % every == 0 and not last and not self.stop.requested:
             self.validate()
         self._updating = True  # SB3 runs this rollout's PPO update next
         self._t_rollout_end = time.perf_counter()
 
     # ------------------------------------------------------------------ validation
+    def start_baselines(self) -> None:
+        """Start the fixed temperatures' validation on a thread of its own, beside training.
+
+        Their results never change during a run (same prompts, seeds and reward), so they need not wait for the
+        first validation: on their own copy of the validation env (the model's weights and prompt cache are
+        shared, read-only and locked) they use a core the training leaves idle (one torch thread per process
+        on a CPU, or the spare capacity of a GPU), at lower scheduling priority than training. The first
+        validation takes their results (waiting if they are not done). Same numbers as running them there.
+        """
+        if self._baselines is not None or self._fixed_cache is not None:
+            return
+        threads = torch.get_num_threads()
+        self._baseline_env = TemperatureVecEnv(self.val_env.config, lm=self.val_env.lm,
+                                               reward=self.val_env.core.reward.config)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-baselines",
+                                  initializer=_background_thread, initargs=(threads,))
+        self._baselines = pool.submit(self._run_baselines, self._baseline_env)
+        pool.shutdown(wait=False)  # the thread ends with its one job
+
+    def _run_baselines(self, env: TemperatureVecEnv) -> dict[float, dict]:
+        t0 = time.perf_counter()
+        spec, mapping = env.feature_spec, env.action_mapping
+        out = {float(t): self._run(make_policy(f"fixed:{t}", spec, mapping), env, self._check_baselines)
+               for t in self.config.train.validation_temperatures}
+        self.perf["baselines_s"] = time.perf_counter() - t0  # beside training: not a share of its wall time
+        return out
+
+    def _check_baselines(self) -> None:
+        if self._cancel.is_set() or self.stop.requested:
+            raise _ValidationStopped
+
+    def close(self) -> None:
+        """Stop the baselines' thread (if it still runs) and release its env; idempotent."""
+        self._cancel.set()
+        if self._baselines is not None:
+            try:
+                self._baselines.result()
+            except _ValidationStopped:
+                pass
+            except Exception as exc:  # noqa: BLE001 - reported, never hides the run's own outcome
+                warnings.warn(f"the fixed-temperature validation failed ({type(exc).__name__}: {exc})",
+                              RuntimeWarning, stacklevel=2)
+        if self._baseline_env is not None:
+            self._baseline_env.close()
+            self._baseline_env = None
+
     def _policy(self):
         """The current actor as the samplers run it (a copy: training goes on)."""
         return learned_policy(self.model, self.vec_normalize, self.val_env.feature_spec, self.val_env.action_mapping)
 
-    def _run(self, policy) -> dict:
+    def _run(self, policy, env: TemperatureVecEnv | None = None, on_step=None) -> dict:
         tc = self.config.train
-        n_groups = self.val_env.num_envs // self.config.env.group_size
+        env = env or self.val_env
+        n_groups = env.num_envs // self.config.env.group_size
         per_row = max(1, math.ceil(tc.validation_prompts / n_groups))
-        result = collect_episodes(self.val_env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007,
-                                  on_step=self.stop.check)
+        result = collect_episodes(env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007,
+                                  on_step=on_step or self.stop.check)
         result["summary"] = summarize_episodes(result["episodes"])
         return result
 
@@ -318,12 +380,12 @@ class KelvinCallback(BaseCallback):
 
     def _validate(self) -> dict:
         tc = self.config.train
-        spec, mapping = self.val_env.feature_spec, self.val_env.action_mapping
-        if self._fixed_cache is None:  # fixed baselines do not change during training: run them once
-            self._fixed_cache = {}
-            for t in tc.validation_temperatures:
-                self._fixed_cache[float(t)] = self._run(make_policy(f"fixed:{t}", spec, mapping))
         learned = self._run(self._policy())
+        if self._fixed_cache is None:  # fixed baselines do not change during training: run once, beside it
+            if self._baselines is None:
+                self._fixed_cache = self._run_baselines(self.val_env)
+            else:
+                self._fixed_cache = self._baselines.result()
         fixed = {t: r["summary"]["reward"] for t, r in self._fixed_cache.items()}
         best_t = max(fixed, key=fixed.get)
         rec = self.logger.record
@@ -438,62 +500,66 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         model.tensorboard_log = str(run.tensorboard_dir)
         start = Snapshot.take(model, vec)
         callback = KelvinCallback(config, run, env, vec, val_env, stop, start)
-        remaining = tc.total_timesteps - model.num_timesteps
-        learned, failure, crash = False, None, None
         try:
-            if remaining > 0 and not stop.requested:
-                learned = True
-                model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
-                            reset_num_timesteps=point is None, progress_bar=tc.progress_bar)
-        except KeyboardInterrupt:  # a second signal: the last snapshot is saved below
-            pass
-        except SaveError as exc:  # a checkpoint could not be written (full disk...): save what we can, then report
-            failure = exc
-        except Exception as exc:  # a crash mid-run (a Ray worker died...): save the last update, then re-raise
-            crash = exc
-        saved = callback.snapshot
-        export_dir = None
-        if saved is not start:  # an update completed in this process
-            with stop.saving():
-                try:
-                    saved.write(run.model_file, run.normalizer_file)
-                except SaveError as exc:
-                    failure = failure or exc
-            if failure is None and crash is None:
-                export_dir = _export(run, val_env)  # in-process: it holds the model the export is checked on
-        validation = None
-        if crash is not None:
+            remaining = tc.total_timesteps - model.num_timesteps
+            learned, failure, crash = False, None, None
+            try:
+                if remaining > 0 and not stop.requested:
+                    learned = True
+                    model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
+                                reset_num_timesteps=point is None, progress_bar=tc.progress_bar)
+            except KeyboardInterrupt:  # a second signal: the last snapshot is saved below
+                pass
+            except SaveError as exc:  # a checkpoint could not be written (full disk...): save what we can, then report
+                failure = exc
+            except Exception as exc:  # a crash mid-run (a Ray worker died...): save the last update, then re-raise
+                crash = exc
+            saved = callback.snapshot
+            export_dir = None
+            if saved is not start:  # an update completed in this process
+                with stop.saving():
+                    try:
+                        saved.write(run.model_file, run.normalizer_file)
+                    except SaveError as exc:
+                        failure = failure or exc
+                if failure is None and crash is None:
+                    export_dir = _export(run, val_env)  # in-process: it holds the model the export is checked on
+            validation = None
+            if crash is not None:
+                env.close()
+                val_env.close()
+                print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
+                      f"continue with --resume {run.path}", file=sys.stderr)
+                raise crash
+            if learned and not stop.requested and failure is None:
+                validation = callback.validate()
+                if validation is not None:
+                    callback.logger.dump(saved.step)
             env.close()
             val_env.close()
-            print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
-                  f"continue with --resume {run.path}", file=sys.stderr)
-            raise crash
-        if learned and not stop.requested and failure is None:
-            validation = callback.validate()
-            if validation is not None:
-                callback.logger.dump(saved.step)
-        env.close()
-        val_env.close()
-        if failure is not None:
-            kept = run.saved_models()
-            raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
-                            f"{kept[0][1] if kept else 'none'}: free space, then continue with --resume {run.path}")
-        interrupted = stop.requested
-        wall = time.perf_counter() - t0
-        timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
-        perf = {"tokens": timings["tokens"], "wall_s": wall,
-                "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
-                "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
-                "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
-                "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-        summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
-                   "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
-                   "interrupted": interrupted, "signal": stop.name,
-                   "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
-                   "validation": validation, "export": None if export_dir is None else str(export_dir),
-                   "exit_code": stop.exit_code if interrupted else 0}
-        with stop.saving():
-            write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
+            if failure is not None:
+                kept = run.saved_models()
+                raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
+                                f"{kept[0][1] if kept else 'none'}: free space, then continue with --resume {run.path}")
+            interrupted = stop.requested
+            wall = time.perf_counter() - t0
+            timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
+            perf = {"tokens": timings["tokens"], "wall_s": wall,
+                    "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
+                    "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
+                    "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
+                    "baselines_s": callback.perf["baselines_s"],  # fixed-T validation, on a thread beside training
+                    "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
+            summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
+                       "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
+                       "interrupted": interrupted, "signal": stop.name,
+                       "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
+                       "validation": validation, "export": None if export_dir is None else str(export_dir),
+                       "exit_code": stop.exit_code if interrupted else 0}
+            with stop.saving():
+                write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
+        finally:
+            callback.close()  # the baselines' thread, if a stop or a crash left it running
     return summary
 
 
