@@ -1,19 +1,24 @@
 """The whole training loop against bare batched decoding, at the same batch, measured side by side.
 
-Two variants, interleaved in one process (bare, train, bare, train, ...), on the same model and batch:
+Two variants, interleaved in one process (train, bare, train, bare, ...), on the same model and batch:
 
-* **train**: ``kelvin.training.train`` on a config (default ``configs/default.yaml``) cut to
-  ``--updates`` PPO updates, with everything a real run does: the env (rewards, MiniLM at group ends,
-  waiting rows), PPO's updates, validation against fixed temperatures (every ``--validate-every``
-  updates), checkpoints, TensorBoard, the export at the end. Its rate is the completion tokens the
-  training env drew divided by the whole wall time of ``train()``.
+* **train**: ``kelvin.training.train`` on a config (default ``configs/default.yaml``, the README's default run,
+  unchanged: all its PPO updates and its validation schedule), with everything a real run does: the env
+  (rewards, MiniLM at group ends, waiting rows, the first prefill of every prompt), PPO's updates,
+  validation against fixed temperatures, checkpoints, TensorBoard, the export at the end. Its rate is the
+  completion tokens the training env drew divided by the whole wall time of ``train()``. The prompt
+  cache is emptied before it, as in a fresh ``train.py`` process.
 * **bare**: ``lm.prefill`` of B prompts then ``lm.decode`` with argmax for ``max_new_tokens`` steps,
-  repeated to the same number of tokens: the model alone, the physical limit of the loop.
+  repeated to the same number of tokens: the model alone, the physical limit of the loop (the B
+  prompts are prefilled once and copied from the prompt cache after that).
 
 ``ratio_train_over_bare`` (goal >= 0.80) is what the loop keeps of the model's speed; the rest goes
 to waiting rows (synchronised groups), the env's own work, PPO and validation, printed as shares.
+The run's ``perf/tokens_per_s`` of its first and last rollout (TensorBoard) are printed too, with
+their ratio (goal: within 10%).
 
-    .venv/bin/python benchmarks/train_throughput.py --threads 1                 # default config, 4 updates, 2 repeats
+    .venv/bin/python benchmarks/train_throughput.py --threads 1                 # the default run as is, 1 repeat (~12 min)
+    .venv/bin/python benchmarks/train_throughput.py --quick --threads 1         # 4 updates, validation every 2 (~4 min)
     .venv/bin/python benchmarks/train_throughput.py --set env.batch_size=64 --updates 3
     .venv/bin/python benchmarks/train_throughput.py --smoke                     # seconds: the test suite runs it
 """
@@ -29,8 +34,8 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import REPO_ROOT, add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json
 
-DEFAULTS = {"updates": 4, "validate_every": 2, "repeats": 2}
-QUICK = {"updates": 2, "validate_every": 2, "repeats": 1}
+DEFAULTS = {"updates": None, "validate_every": None, "repeats": 1}  # None: the config's own
+QUICK = {"updates": 4, "validate_every": 2, "repeats": 1}
 SMOKE = {"updates": 1, "validate_every": 1, "repeats": 1}
 
 
@@ -41,15 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="training config (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                    help="config overrides, as train.py --set")
-    p.add_argument("--updates", type=int, default=None, help=f"PPO updates per training run (default {DEFAULTS['updates']})")
+    p.add_argument("--updates", type=int, default=None,
+                   help=f"PPO updates per training run (default: the config's; --quick {QUICK['updates']})")
     p.add_argument("--validate-every", type=int, default=None,
-                   help=f"validation every this many updates (default {DEFAULTS['validate_every']})")
+                   help=f"validation every this many updates (default: the config's; --quick {QUICK['validate_every']})")
     args = p.parse_args(argv)
     preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
     for key in ("updates", "validate_every", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    if args.updates < 1 or args.repeats < 1:
+    if (args.updates is not None and args.updates < 1) or args.repeats < 1:
         p.error("--updates and --repeats must be >= 1")
     return args
 
@@ -66,21 +72,43 @@ def _config(args):
                       "train.validation_temperatures=[0.7]"]
     cfg = load_config(args.config, overrides)
     rollout = cfg.ppo.n_steps * cfg.env.batch_size
-    final = load_config(args.config, overrides + [f"train.total_timesteps={rollout * args.updates}",
-                                                  f"train.validate_every={args.validate_every}",
-                                                  f"train.checkpoint_every={rollout * args.updates}"])
-    return final
+    updates = args.updates or -(-cfg.train.total_timesteps // rollout)
+    cut = [f"train.total_timesteps={rollout * updates}"]
+    if args.validate_every is not None:
+        cut.append(f"train.validate_every={args.validate_every}")
+    if args.updates is not None:
+        cut.append(f"train.checkpoint_every={rollout * updates}")
+    return load_config(args.config, overrides + cut)
 
 
-def run_train(config) -> dict:
+def _rollout_rates(run_dir: Path) -> list[float]:
+    """``perf/tokens_per_s`` of every rollout of the run, in order (from its TensorBoard events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rates = {}
+    for events in sorted(run_dir.glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "perf/tokens_per_s" in acc.Tags().get("scalars", []):
+            rates.update({e.step: e.value for e in acc.Scalars("perf/tokens_per_s")})
+    return [rates[k] for k in sorted(rates)]
+
+
+def run_train(config, lm) -> dict:
     from kelvin.training import train
 
+    lm.prompt_cache.clear()  # as in a fresh train.py process: every prompt's first prefill is part of the run
     with tempfile.TemporaryDirectory(prefix="kelvin-train-bench-") as tmp:
         t0 = time.perf_counter()
         summary = train(config, Path(tmp) / "run")
         wall = time.perf_counter() - t0
         perf = json.loads((Path(tmp) / "run" / "summary.json").read_text()).get("perf", {})
-    return {"wall_s": wall, "tokens": perf.get("tokens", summary["timesteps"]), "perf": perf}
+        rates = _rollout_rates(Path(tmp) / "run")
+    v = summary.get("validation") or {}
+    validation = {"learned": v.get("learned", {}).get("reward"), "best_fixed": v.get("best_fixed_reward"),
+                  "best_fixed_temperature": v.get("best_fixed_temperature")}
+    return {"wall_s": wall, "tokens": perf.get("tokens", summary["timesteps"]), "perf": perf, "rollout_rates": rates,
+            "validation": validation}
 
 
 def run_bare(lm, prompt_ids, steps_per_episode: int, tokens: int) -> dict:
@@ -102,17 +130,23 @@ def main(argv=None) -> dict:
     config = _config(args)
     B, L = config.env.batch_size, config.env.max_new_tokens
     prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
-    print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {args.updates} PPO updates of "
-          f"{config.ppo.n_steps} steps, validation every {args.validate_every}; {args.repeats} repeats", flush=True)
+    updates = config.train.total_timesteps // (config.ppo.n_steps * B)
+    print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {updates} PPO updates of "
+          f"{config.ppo.n_steps} steps, validation every {config.train.validate_every} and after the last; "
+          f"{args.repeats} repeats", flush=True)
     runs = {"train": [], "bare": []}
     for rep in range(args.repeats):
-        t = run_train(config)
+        t = run_train(config, lm)
         b = run_bare(lm, prompt_ids, L, max(int(t["tokens"]), B * L))
         runs["train"].append(t)
         runs["bare"].append(b)
         print(f"  repeat {rep + 1}/{args.repeats}: train {t['tokens']} tokens in {t['wall_s']:.1f} s "
               f"({t['tokens'] / t['wall_s']:.1f} tok/s)  bare {b['tokens']} tokens in {b['wall_s']:.1f} s "
               f"({b['tokens'] / b['wall_s']:.1f} tok/s)", flush=True)
+        v = t["validation"]
+        if v["learned"] is not None:
+            print(f"    its validation: learned {v['learned']:.4f} vs best fixed T={v['best_fixed_temperature']:g} "
+                  f"{v['best_fixed']:.4f}", flush=True)
     ratio = median((t["tokens"] / t["wall_s"]) / (b["tokens"] / b["wall_s"]) for t, b in zip(runs["train"], runs["bare"]))
     shares = {k: median(t["perf"].get(k, float("nan")) for t in runs["train"])
               for k in ("model_share", "env_share", "ppo_share", "validation_share", "waiting_share")}
@@ -121,9 +155,18 @@ def main(argv=None) -> dict:
     print(format_table(["variant", "tok/s", "train/bare"], rows))
     print("where the training wall time goes (median shares): " +
           ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in shares.items()))
-    print(f"SUMMARY train_throughput: B={B}: train/bare {ratio:.3f} (goal >= 0.80)")
+    beside = median(t["perf"].get("baselines_s", 0.0) / t["wall_s"] for t in runs["train"])
+    print(f"beside it, on a second thread: the fixed-temperature validation for {100 * beside:.1f}% of the wall time; "
+          "the env's side thread scores finished groups and prefetches prompts (see env_throughput.py)")
+    drift = median(t["rollout_rates"][-1] / t["rollout_rates"][0] for t in runs["train"]) if all(
+        len(t["rollout_rates"]) > 1 for t in runs["train"]) else float("nan")
+    first_last = [(t["rollout_rates"][0], t["rollout_rates"][-1]) for t in runs["train"] if t["rollout_rates"]]
+    print("perf/tokens_per_s of the first and last rollout: " + "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in first_last)
+          + f" (last/first {drift:.3f}, goal within 10%)")
+    print(f"SUMMARY train_throughput: B={B}: train/bare {ratio:.3f} (goal >= 0.80), last/first rollout rate "
+          f"{drift:.3f} (goal 0.90-1.10)")
     payload = {"benchmark": "train_throughput", "args": vars(args), "environment": info,
-               "ratio_train_over_bare": ratio, "shares": shares, "raw": runs}
+               "ratio_train_over_bare": ratio, "ratio_last_over_first_rollout": drift, "shares": shares, "raw": runs}
     write_json(args.json, payload)
     return payload
 
