@@ -168,16 +168,16 @@ def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[tor
     e = y.exp()  # (B, V)
     s0 = e.sum(dim=-1)  # (B,) >= 1
     s1 = torch.linalg.vecdot(y, e)  # (B,) NaN on rows with -inf
-    s2 = torch.linalg.vecdot(y * e, y)
     sy = y.sum(dim=-1)
     syy = torch.linalg.vecdot(y, y)
     n = torch.full_like(s0, float(vocab))
     masked = ~torch.isfinite(s1)  # (B,) rows holding -inf (or a broken row, which the caller rejects)
-    if bool(masked.any()):
+    em = e[masked] if bool(masked.any()) else None  # (M, V), before e is reused below
+    s2 = torch.linalg.vecdot(e.mul_(y), y)  # e becomes y * e in place: one (B, V) buffer fewer per call
+    if em is not None:
         ym = y[masked]  # (M, V)
         finite = torch.isfinite(ym)
         yf = torch.where(finite, ym, torch.zeros_like(ym))
-        em = e[masked]
         s1[masked] = torch.linalg.vecdot(yf, em)
         s2[masked] = torch.linalg.vecdot(yf * em, yf)
         sy[masked] = yf.sum(dim=-1)
