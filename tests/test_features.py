@@ -82,3 +82,18 @@ def test_a_step_on_some_rows_leaves_the_others_untouched():
         assert torch.equal(getattr(f.state, name)[1], old[1]), name
     stats = f.update(torch.tensor([1, 0, 2]), torch.tensor([1.0, 1.0, 1.0]))  # each row reads its own pending logits
     torch.testing.assert_close(stats.logp, torch.log(torch.tensor([0.25, 0.2, 0.4])), atol=1e-6, rtol=0)
+
+
+def test_distribution_features_in_row_slices_equal_all_rows_at_once(monkeypatch):
+    """On a CPU the rows go through in cache-sized slices: the features and shifts are exactly those of
+    one pass over all rows (masked rows included)."""
+    import policies.features as features
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(11, 5000, generator=g) * 3
+    z[4, :4000] = float("-inf")
+    monkeypatch.setattr(features, "_SLICE_ELEMENTS", 10**9)  # one slice
+    whole = features.distribution_features(z)
+    monkeypatch.setattr(features, "_SLICE_ELEMENTS", 3 * 5000)  # slices of 3 rows: 3, 3, 3, 2
+    sliced = features.distribution_features(z)
+    assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[1], sliced[1])
