@@ -9,6 +9,9 @@ reward.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -142,6 +145,15 @@ class StepResult:
     components: dict[str, np.ndarray]  # per-token components (B,); completion components (B,), 0 where not done
 
 
+def init_helper_thread(threads: int, nice: int = 0) -> None:
+    """Initialise a helper thread (env.overlap's side threads, training's validation baselines): the process's
+    torch thread count, and ``nice`` steps below the caller's scheduling priority (Linux; elsewhere none)."""
+    torch.set_num_threads(threads)
+    if nice:
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
 class GenerationCore:
     """B rows of generation sharing one model and KV cache, in groups of ``group_size`` rows.
 
@@ -189,12 +201,12 @@ class GenerationCore:
         self.state = None
         self.logits: torch.Tensor | None = None
         self.timings = {"model_s": 0.0, "env_s": 0.0, "tokens": 0, "waiting_rows": 0}
-        self._side: ThreadPoolExecutor | None = None  # env.overlap: scoring and prefetching while the model decodes
+        self._side: dict[str, ThreadPoolExecutor] = {}  # env.overlap: scoring and prefetching while the model decodes
         self._prefetching: list[Future] = []
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_side"], state["_prefetching"] = None, []  # a thread is not copied: a copy starts its own
+        state["_side"], state["_prefetching"] = {}, []  # a thread is not copied: a copy starts its own
         return state
 
     # ------------------------------------------------------------------ seeding / schedule
@@ -408,14 +420,16 @@ class GenerationCore:
             done: Future = Future()
             done.set_result(self._episode_components(rows))
             return done
-        return self._side_thread().submit(self._episode_components, rows)
+        return self._side_thread("score").submit(self._episode_components, rows)
 
-    def _side_thread(self) -> ThreadPoolExecutor:
-        if self._side is None:
-            threads = torch.get_num_threads()
-            self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-side",
-                                            initializer=torch.set_num_threads, initargs=(threads,))
-        return self._side
+    def _side_thread(self, job: str) -> ThreadPoolExecutor:
+        """The side thread of ``job``: ``score`` (needed at the end of this step) or ``prefetch`` (needed at the
+        group's next start, many steps later, so it runs at a lower priority and never delays a score)."""
+        if job not in self._side:
+            self._side[job] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kelvin-side-{job}",
+                                                 initializer=init_helper_thread,
+                                                 initargs=(torch.get_num_threads(), 0 if job == "score" else 5))
+        return self._side[job]
 
     def _prefetch(self, prompt_indices: np.ndarray) -> None:
         """Prefill ``prompt_indices`` into the prompt cache on the side thread (with ``env.overlap`` and a cache)."""
@@ -423,7 +437,7 @@ class GenerationCore:
         if not self.config.overlap or cache is None or cache.max_bytes <= 0:
             return
         ids = [self._prompt_ids[i] for i in dict.fromkeys(prompt_indices.tolist())]
-        self._prefetching.append(self._side_thread().submit(self.lm.prefetch, ids))
+        self._prefetching.append(self._side_thread("prefetch").submit(self.lm.prefetch, ids))
 
     def _await_prefetch(self) -> None:
         pending, self._prefetching = self._prefetching, []
@@ -434,9 +448,9 @@ class GenerationCore:
         """Release the model state and stop the side thread (idempotent)."""
         self.state = None
         self._prefetching = []
-        if self._side is not None:
-            self._side.shutdown(wait=True)
-            self._side = None
+        for pool in self._side.values():
+            pool.shutdown(wait=True)
+        self._side = {}
 
     def _episode_components(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Completion components of ``rows`` (whole groups, in group order)."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shlex
 import signal
 import sys
@@ -50,7 +49,7 @@ from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from envs.distributed import make_vec_env
-from envs.generation import TemperatureVecEnv
+from envs.generation import TemperatureVecEnv, init_helper_thread
 from envs.lm import load_causal_lm
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
 from kelvin.config import KelvinConfig, load_config
@@ -157,13 +156,6 @@ class TrainingStop:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
-
-
-def _background_thread(threads: int) -> None:
-    """Initialise a helper thread: the process's torch thread count, and a lower priority than training (Linux)."""
-    torch.set_num_threads(threads)
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 class KelvinCallback(BaseCallback):
@@ -321,7 +313,7 @@ class KelvinCallback(BaseCallback):
         self._baseline_env = TemperatureVecEnv(self.val_env.config, lm=self.val_env.lm,
                                                reward=self.val_env.core.reward.config)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-baselines",
-                                  initializer=_background_thread, initargs=(threads,))
+                                  initializer=init_helper_thread, initargs=(threads, 10))
         self._baselines = pool.submit(self._run_baselines, self._baseline_env)
         pool.shutdown(wait=False)  # the thread ends with its one job
 

@@ -392,7 +392,7 @@ def test_rewards_scored_beside_the_decode_are_the_rewards_scored_inline(lm):
                           [(i["episode"]["r"], i["completion"]) for i in infos if "episode" in i]))
         env.close()
         runs[overlap] = steps
-        assert threads and all(n.startswith("kelvin-side") == overlap for n in threads), threads
+        assert threads and all(n.startswith("kelvin-side-score") == overlap for n in threads), threads
     ended = 0
     for (o1, r1, d1, c1, e1), (o2, r2, d2, c2, e2) in zip(runs[True], runs[False]):
         assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(d1, d2)
