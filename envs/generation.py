@@ -371,12 +371,11 @@ class GenerationCore:
         reward = self.reward.combine(components, self.diversity)
         for k, v in components.items():
             self.ep_components[k] += v
-        if done.any() and self.reward.config.group_baseline:
-            rows = np.flatnonzero(done)
-            totals = {k: v[rows] for k, v in self.ep_components.items()}  # whole episodes, this step included
-            groups = [list(range(i, i + self.G)) for i in range(0, len(rows), self.G)]
+        if done_rows.size and self.reward.config.group_baseline:
+            totals = {k: v[done_rows] for k, v in self.ep_components.items()}  # whole episodes, this step included
             reward = reward.copy()
-            reward[rows] += self.reward.leave_one_out_baseline(groups, self.reward.quality_return(totals)).astype(np.float32)
+            reward[done_rows] += self.reward.leave_one_out_baseline(
+                self._groups_of(len(done_rows)), self.reward.quality_return(totals)).astype(np.float32)
         self.ep_return += reward
         self.ep_waited += ~active
         self.timings["model_s"] += dt_model
@@ -452,13 +451,16 @@ class GenerationCore:
             pool.shutdown(wait=True)
         self._side = {}
 
+    def _groups_of(self, n: int) -> list[list[int]]:
+        """Positions ``0..n-1`` of ``n`` rows taken whole groups at a time, split into their groups."""
+        return [list(range(i, i + self.G)) for i in range(0, n, self.G)]
+
     def _episode_components(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Completion components of ``rows`` (whole groups, in group order)."""
         ids = [self.completion_ids(int(r)) for r in rows]
         texts = [self.lm.decode_text(t) for t in ids]
         prompts = [self.prompts[self.row_prompt[r]] for r in rows]
-        groups = [list(range(i, i + self.G)) for i in range(0, len(rows), self.G)]
-        return self.reward.episode_components(groups, [p.id for p in prompts], [p.text for p in prompts],
+        return self.reward.episode_components(self._groups_of(len(rows)), [p.id for p in prompts], [p.text for p in prompts],
                                               [p.answers for p in prompts], texts, ids)
 
     def episode_info(self, row: int) -> dict[str, Any]:

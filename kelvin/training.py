@@ -307,18 +307,17 @@ class KelvinCallback(BaseCallback):
         on a CPU, or the spare capacity of a GPU), at lower scheduling priority than training. The first
         validation takes their results (waiting if they are not done). Same numbers as running them there.
         """
-        if self._baselines is not None or self._fixed_cache is not None:
+        if self._baselines is not None:
             return
-        threads = torch.get_num_threads()
-        self._baseline_env = TemperatureVecEnv(self.val_env.config, lm=self.val_env.lm,
-                                               reward=self.val_env.core.reward.config)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-baselines",
-                                  initializer=init_helper_thread, initargs=(threads, 10))
-        self._baselines = pool.submit(self._run_baselines, self._baseline_env)
+                                  initializer=init_helper_thread, initargs=(torch.get_num_threads(), 10))
+        self._baselines = pool.submit(self._run_baselines)
         pool.shutdown(wait=False)  # the thread ends with its one job
 
-    def _run_baselines(self, env: TemperatureVecEnv) -> dict[float, dict]:
+    def _run_baselines(self) -> dict[float, dict]:
         t0 = time.perf_counter()
+        env = self._baseline_env = TemperatureVecEnv(self.val_env.config, lm=self.val_env.lm,
+                                                     reward=self.val_env.core.reward.config)  # built on this thread
         spec, mapping = env.feature_spec, env.action_mapping
         out = {float(t): self._run(make_policy(f"fixed:{t}", spec, mapping), env, self._check_baselines)
                for t in self.config.train.validation_temperatures}
@@ -374,10 +373,8 @@ class KelvinCallback(BaseCallback):
         tc = self.config.train
         learned = self._run(self._policy())
         if self._fixed_cache is None:  # fixed baselines do not change during training: run once, beside it
-            if self._baselines is None:
-                self._fixed_cache = self._run_baselines(self.val_env)
-            else:
-                self._fixed_cache = self._baselines.result()
+            self.start_baselines()  # running since training started, unless validate() is called on its own
+            self._fixed_cache = self._baselines.result()
         fixed = {t: r["summary"]["reward"] for t, r in self._fixed_cache.items()}
         best_t = max(fixed, key=fixed.get)
         rec = self.logger.record

@@ -95,16 +95,15 @@ def family_entries(config: KelvinConfig, train_truncation: Truncation | None = N
     policy trained under a truncation, ``fixed@train`` repeats the fixed grid under it."""
     ev: EvaluationConfig = config.evaluation
     out: dict[str, list[PolicyEntry]] = {}
+    # greedy and T = 1.0 always (the fronts' reference, the diversity goal's rival) in both fixed families
+    fixed = sorted(set(ev.fixed) | {0.0, 1.0}) if ev.fixed else []
     for family, (spec, short, truncation) in _SWEPT.items():
-        grid = getattr(ev, family)
-        if family == "fixed" and grid:
-            grid = sorted(set(grid) | {0.0, 1.0})  # greedy and T = 1.0 (the fronts' reference, the diversity goal's rival)
+        grid = fixed if family == "fixed" else getattr(ev, family)
         if grid:
             out[family] = [_entry(family, spec(v), short(v), truncation, config) for v in grid]
-    if train_truncation is not None and train_truncation.active and ev.fixed:
+    if train_truncation is not None and train_truncation.active and fixed:
         spec, short, _ = _SWEPT["fixed"]
-        out["fixed@train"] = [_entry("fixed@train", spec(v), short(v), train_truncation, config)
-                              for v in sorted(set(ev.fixed) | {0.0, 1.0})]
+        out["fixed@train"] = [_entry("fixed@train", spec(v), short(v), train_truncation, config) for v in fixed]
     return out
 
 
