@@ -1,8 +1,9 @@
 """The temperature VecEnv over N Ray workers: one model copy and ``B`` rows per worker, one learner.
 
-:func:`make_vec_env` is the one place an env is built from the ``env:`` block: ``env.workers = 1`` (the
-default) gives the in-process :class:`~envs.generation.TemperatureVecEnv` and never imports Ray;
-``env.workers = N > 1`` gives a :class:`RayVecEnv`.
+:func:`make_vec_env` builds the training env from the ``env:`` block: ``env.workers = 1`` (the default)
+gives the in-process :class:`~envs.generation.TemperatureVecEnv` and never imports Ray; ``env.workers =
+N > 1`` gives a :class:`RayVecEnv`. Validation and evaluation always build an in-process
+``TemperatureVecEnv`` (their numbers must not depend on how many workers trained the policy).
 
 :class:`RayVecEnv` is an SB3 ``VecEnv`` of ``N x B`` rows (``B = env.batch_size``, rows per model copy).
 Each of its N Ray actors (:class:`ShardWorker`) loads its own model copy on its own device and runs a

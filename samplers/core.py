@@ -410,17 +410,25 @@ def _temper(z: Tensor, zmax: Tensor, temperature, eps: float, info: dict):
     return y, limit
 
 
-def _prepare(logits: Tensor, temperature, eps: float, truncation: Truncation):
-    """Shared path of the public functions: validate, truncate, temper."""
+def _prepare(logits: Tensor, temperature, eps: float, truncation: Truncation, pack: bool = False):
+    """Shared path of the public functions: validate, truncate, temper. Returns ``(y, limit, packed)``.
+
+    With ``pack`` the kept tokens may come packed (:func:`_pack`): ``y`` is then (B, K) and ``packed`` holds
+    ``(values, columns, scatter)`` to map back; otherwise (and whenever packing saves little) ``y`` is (B, V)
+    and ``packed`` is None.
+    """
     logits = _as_logits(logits)
     eps = _check_eps(eps)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V); no copy for float32/64
     t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
     zmax, info = _inspect(z, t, eps)
     threshold = _keep_threshold(z, zmax, truncation)
-    if threshold is not None:
+    packed = _pack(z, threshold) if pack and threshold is not None and z.shape[0] else None
+    if packed is not None:
+        z = packed[0]  # (B, K): the kept tokens in vocabulary order, -inf elsewhere
+    elif threshold is not None:
         z = z.masked_fill(z < threshold[:, None], -math.inf)  # (B, V); argmax kept, so zmax still holds
-    return _temper(z, zmax, t, eps, info)
+    return (*_temper(z, zmax, t, eps, info), packed)
 
 
 # --------------------------------------------------------------------------- public API
@@ -504,20 +512,9 @@ def sample(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sample(generator={generator!r}): expected a torch.Generator (on the logits' device) or None, "
                         f"got a {type(generator).__name__}")
-    logits = _as_logits(logits)
-    eps = _check_eps(eps)
-    z = logits.to(_compute_dtype(logits.dtype))  # (B, V)
-    t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
-    zmax, info = _inspect(z, t, eps)
-    if z.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=z.device)
-    threshold = _keep_threshold(z, zmax, Truncation(top_k, top_p, min_p, top_n_sigma))
-    packed = None if threshold is None else _pack(z, threshold)
-    if packed is not None:
-        z, columns, scatter = packed  # (B, K): the kept tokens in vocabulary order, -inf elsewhere
-    elif threshold is not None:
-        z = z.masked_fill(z < threshold[:, None], -math.inf)
-    y, limit = _temper(z, zmax, t, eps, info)  # (B, V) or (B, K)
+    y, limit, packed = _prepare(logits, temperature, eps, Truncation(top_k, top_p, min_p, top_n_sigma), pack=True)
+    if y.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=y.device)
     if limit is not None and limit[0] is None:
         tokens = limit[1].clone()  # every row greedy / limit: no draw needed
     else:
@@ -526,6 +523,7 @@ def sample(
             rows, index = limit
             tokens = torch.where(rows, index, tokens)  # exact argmax / argmin
     if packed is not None:
+        _, columns, scatter = packed
         tokens = columns.gather(1, tokens.view(-1, 1)).squeeze(1)
         if return_tempered:
             y = scatter(y)
