@@ -67,6 +67,18 @@ class SentenceEmbedder:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.dim = int(model.config.hidden_size)
+        # One encode at a time: the training env's and the validation baselines' side threads share the default
+        # embedder, and a fast tokenizer called with padding/truncation from two threads at once can fail.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock is not copied: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -114,7 +126,7 @@ class SentenceEmbedder:
             return out
         # Longest first: batches of similar length waste little compute on padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 enc = self.tokenizer(
