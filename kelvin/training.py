@@ -371,10 +371,12 @@ class KelvinCallback(BaseCallback):
 
     def _validate(self) -> dict:
         tc = self.config.train
-        learned = self._run(self._policy())
         if self._fixed_cache is None:  # fixed baselines do not change during training: run once, beside it
             self.start_baselines()  # running since training started, unless validate() is called on its own
             self._fixed_cache = self._baselines.result()
+        # After the baselines, never beside them: both envs take the validation prompts from the shared prompt
+        # cache, and a prompt prefilled in another batch can differ in its last float bits (and so in its draws).
+        learned = self._run(self._policy())
         fixed = {t: r["summary"]["reward"] for t, r in self._fixed_cache.items()}
         best_t = max(fixed, key=fixed.get)
         rec = self.logger.record
