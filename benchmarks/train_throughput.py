@@ -106,7 +106,8 @@ def run_train(config, lm) -> dict:
         rates = _rollout_rates(Path(tmp) / "run")
     v = summary.get("validation") or {}
     validation = {"learned": v.get("learned", {}).get("reward"), "best_fixed": v.get("best_fixed_reward"),
-                  "best_fixed_temperature": v.get("best_fixed_temperature")}
+                  "best_fixed_temperature": v.get("best_fixed_temperature"),
+                  "margin": (v.get("margin_vs_best_fixed") or {}).get("mean")}
     return {"wall_s": wall, "tokens": perf.get("tokens", summary["timesteps"]), "perf": perf, "rollout_rates": rates,
             "validation": validation}
 
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
         v = t["validation"]
         if v["learned"] is not None:
             print(f"    its validation: learned {v['learned']:.4f} vs best fixed T={v['best_fixed_temperature']:g} "
-                  f"{v['best_fixed']:.4f}", flush=True)
+                  f"{v['best_fixed']:.4f} (margin {v['margin']:+.4f})", flush=True)
     ratio = median((t["tokens"] / t["wall_s"]) / (b["tokens"] / b["wall_s"]) for t, b in zip(runs["train"], runs["bare"]))
     shares = {k: median(t["perf"].get(k, float("nan")) for t in runs["train"])
               for k in ("model_share", "env_share", "ppo_share", "validation_share", "waiting_share")}
@@ -155,9 +156,9 @@ def main(argv=None) -> dict:
     print(format_table(["variant", "tok/s", "train/bare"], rows))
     print("where the training wall time goes (median shares): " +
           ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in shares.items()))
-    beside = median(t["perf"].get("baselines_s", 0.0) / t["wall_s"] for t in runs["train"])
-    print(f"beside it, on a second thread: the fixed-temperature validation for {100 * beside:.1f}% of the wall time; "
-          "the env's side thread scores finished groups and prefetches prompts (see env_throughput.py)")
+    setup = median((t["perf"].get("baselines_s") or 0.0) + (t["perf"].get("base_tuning_s") or 0.0) for t in runs["train"])
+    print(f"before training, in the run's wall time: base tuning + fixed-T and base validation {setup:.1f} s "
+          "(cached after the first run: kelvin/tuning.py)")
     drift = median(t["rollout_rates"][-1] / t["rollout_rates"][0] for t in runs["train"]) if all(
         len(t["rollout_rates"]) > 1 for t in runs["train"]) else float("nan")
     first_last = [(t["rollout_rates"][0], t["rollout_rates"][-1]) for t in runs["train"] if t["rollout_rates"]]

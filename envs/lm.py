@@ -99,7 +99,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _cache_root(cache_dir: str | None) -> Path:
+def cache_root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
     return Path(os.environ.get("KELVIN_CACHE", Path.home() / ".cache" / "kelvin")).expanduser()
@@ -160,7 +160,7 @@ def _gguf_cache_dir(source: _Source, cache_dir: str | None) -> Path:
     stat = gguf.stat()
     key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return _cache_root(cache_dir) / "gguf" / f"{Path(str(source.gguf_file)).stem}-{digest}"
+    return cache_root(cache_dir) / "gguf" / f"{Path(str(source.gguf_file)).stem}-{digest}"
 
 
 def _load_hf(directory: Path, gguf_file: str | None, dtype: torch.dtype):

@@ -28,9 +28,10 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from envs.answers import check_answers_field
 from samplers.core import did_you_mean
@@ -43,6 +44,7 @@ __all__ = [
     "Prompt",
     "category_index",
     "load_prompts",
+    "select_prompts",
 ]
 
 #: The task categories, in the fixed order of the observation's category one-hot.
@@ -181,6 +183,24 @@ def load_prompts(
             f"[{', '.join(present_categories)}]; ask for a combination that exists."
         )
     return prompts
+
+
+def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[Prompt]:
+    """The first ``max_prompts`` prompts taken round-robin over categories (file order within each)."""
+    prompts = list(prompts)
+    if max_prompts is None or max_prompts >= len(prompts):
+        return prompts
+    by_cat: OrderedDict[str, list[Prompt]] = OrderedDict()
+    for p in prompts:
+        by_cat.setdefault(p.category, []).append(p)
+    out: list[Prompt] = []
+    i = 0
+    while len(out) < max_prompts:
+        for items in by_cat.values():
+            if i < len(items) and len(out) < max_prompts:
+                out.append(items[i])
+        i += 1
+    return out
 
 
 def _read_file(path: Path) -> list[Prompt]:

@@ -1,6 +1,6 @@
 """Kelvin run configuration: YAML blocks loaded into typed, range-checked dataclasses.
 
-A config has six blocks, each mirroring the constructor it feeds (rl-zoo style):
+A config has seven blocks, each mirroring the constructor it feeds (rl-zoo style):
 
 | block    | dataclass                                   | feeds                                            |
 |----------|---------------------------------------------|--------------------------------------------------|
@@ -10,6 +10,7 @@ A config has six blocks, each mirroring the constructor it feeds (rl-zoo style):
 | `ppo`    | :class:`PPOConfig`: exactly keyword arguments of ``stable_baselines3.PPO`` | ``PPO(**config.ppo.kwargs())`` |
 | `train`  | :class:`TrainConfig`                        | :func:`kelvin.training.train`                    |
 | `evaluation` | :class:`EvaluationConfig`               | :func:`kelvin.evaluation.run.evaluate`           |
+| `policy` | :class:`PolicyConfig`                       | the tuned base of the residual policy (:func:`kelvin.tuning.tune_base`) |
 
 **One source of defaults.** The dataclass field defaults *are* the embedded default run; a YAML file
 lists only what differs from them (``configs/default.yaml`` is ``{}``), and a run's ``config.yaml``
@@ -188,10 +189,15 @@ class TrainConfig:
     validate_every: StrictInt = Field(10, ge=0)
     """Validate every this many PPO updates and once after the last one (0 = only after the last; a slot that
     falls on the last update is left to that final validation)."""
-    validation_prompts: StrictInt = Field(8, ge=1)
-    """Validation prompts (each sampled group_size times, same prompts and seeds for every policy)."""
-    validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1)
-    """Fixed temperatures the learned policy is compared with; the best one is reported."""
+    validation_prompts: StrictInt = Field(32, ge=1)
+    """Validation prompts, taken round-robin over the split's categories (32: 8 of them answerable), each sampled
+    group_size times; the same prompts, λ draws and random stream for every policy."""
+    validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 1.0],
+                                                       min_length=1)
+    """Fixed temperatures the learned policy is compared with; the best one is reported. Their episodes are
+    cached (kelvin/tuning.py): a second run with the same settings does not recompute them."""
+    validation_bootstrap: StrictInt = Field(2000, ge=10)
+    """Bootstrap resamples over validation prompts for the margins' paired 95% intervals."""
     validation_split: Literal["train", "validation", "test"] = "validation"
     """Prompt split used for validation."""
     samples_to_log: StrictInt = Field(3, ge=0)
@@ -203,6 +209,25 @@ class TrainConfig:
 
 
 NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class PolicyConfig:
+    """The ``policy:`` block: what the learned temperature is a correction of (DESIGN.md, "Residual on a tuned base").
+
+    With a base, the policy acts as ``T = map(base(category, λ) + residual(obs))``: before PPO, training tunes
+    the base on the train split with the training reward, and the actor's last layer starts at zero, so at
+    update 0 the policy is the base (policies/tuned_base.py, kelvin/tuning.py)."""
+
+    base: Literal["table", "fixed", "none"] = "table"
+    """``table``: one temperature per category and λ (needs env.include_category); ``fixed``: one per λ, for a
+    policy that does not see the category; ``none``: PPO from scratch around action 0."""
+    base_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9, 1.2], min_length=1)
+    """The temperature grid the base is chosen from (each runs once on the tuning prompts; cached)."""
+    base_prompts: StrictInt = Field(32, ge=1)
+    """Train-split prompts the base is tuned on, round-robin over categories (K = env.group_size samples each)."""
+    base_lambdas: StrictInt = Field(5, ge=1)
+    """λ grid points over env.diversity_range the base is tuned at; linear in between."""
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -271,8 +296,16 @@ class KelvinConfig:
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     def __post_init__(self):
+        if self.policy.base == "table" and not self.env.include_category:
+            raise ValueError("policy.base='table' tunes one temperature per category, but env.include_category is "
+                             "false: use policy.base: fixed (one per λ) or none")
+        lo, hi = self.env.diversity_bounds
+        if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity_weight:
+            raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
+                             "env.features.include_diversity_weight is false: set it true, or policy.base: none")
         rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
         if self.ppo.batch_size > rollout:
             raise ValueError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
@@ -448,12 +481,12 @@ def _check_keys(raw: dict) -> None:
 def _build(raw, source: str) -> KelvinConfig:
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping of blocks"
-        raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation); "
+        raise ConfigError(f"{source} is {kind}: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation, policy); "
                           "write {} for the embedded defaults, or the blocks that differ from them")
     raw = {block: ({} if values is None else values) for block, values in raw.items()}
     bad = [block for block in raw if not isinstance(block, str)]
     if bad:
-        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train, evaluation); "
+        raise ConfigError(f"{source}: block names must be words (model, env, reward, ppo, train, evaluation, policy); "
                           f"got {bad[0]!r}")
     try:
         _check_keys(raw)

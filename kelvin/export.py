@@ -53,6 +53,7 @@ from policies.artifact import (
 from policies.base import BaselinePolicy
 from policies.features import FeatureSpec
 from policies.learned import ActorModule, LearnedPolicy
+from policies.tuned_base import BaseModule, TunedBase
 from samplers.core import Truncation
 
 __all__ = ["actor_module", "learned_policy", "export_learned", "export_baseline", "export_run",
@@ -79,12 +80,13 @@ def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
                         "activations (the MlpPolicy of stable-baselines3) are supported")
 
 
-def actor_module(sb3_policy, normalization: dict | None = None) -> ActorModule:
+def actor_module(sb3_policy, normalization: dict | None = None, base: BaseModule | None = None) -> ActorModule:
     """The deterministic actor of an SB3 ``ActorCriticPolicy`` (PPO ``MlpPolicy``) as a plain torch module.
 
     ``normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (:func:`kelvin.rundir.normalization_stats`
-    of the VecNormalize the policy was trained with) or None for raw observations. The layers are copied:
-    the module does not change when training goes on.
+    of the VecNormalize the policy was trained with) or None for raw observations. ``base``: the tuned base
+    the actor's output is a residual on (:mod:`policies.tuned_base`), or None. The layers are copied: the
+    module does not change when training goes on.
     """
     from stable_baselines3.common.distributions import DiagGaussianDistribution, StateDependentNoiseDistribution
     from stable_baselines3.common.torch_layers import FlattenExtractor
@@ -108,17 +110,20 @@ def actor_module(sb3_policy, normalization: dict | None = None) -> ActorModule:
                             "or a bare action_net)")
     net = torch.nn.Sequential(*layers).eval()
     if normalization is None:
-        return ActorModule(net, None, None).eval()
+        return ActorModule(net, None, None, base=base).eval()
     return ActorModule(net, torch.as_tensor(np.asarray(normalization["mean"], dtype=np.float32)),
                        torch.as_tensor(np.asarray(normalization["var"], dtype=np.float32)),
-                       float(normalization.get("clip", 10.0)), float(normalization.get("epsilon", 1e-8))).eval()
+                       float(normalization.get("clip", 10.0)), float(normalization.get("epsilon", 1e-8)),
+                       base=base).eval()
 
 
 def learned_policy(model, vec_normalize, feature_spec: FeatureSpec, action_mapping: ActionMapping,
-                   label: str = "learned (PPO)") -> LearnedPolicy:
+                   label: str = "learned (PPO)", base: TunedBase | None = None) -> LearnedPolicy:
     """The :class:`~policies.learned.LearnedPolicy` of a PPO model and the VecNormalize it was trained with
-    (None: raw observations): the same network and normalisation the export writes."""
-    return LearnedPolicy(actor_module(model.policy, normalization_stats(vec_normalize)), feature_spec,
+    (None: raw observations), on its tuned ``base`` (None: none): the network, normalisation and base the
+    export writes."""
+    module = None if base is None else base.module(feature_spec, action_mapping)
+    return LearnedPolicy(actor_module(model.policy, normalization_stats(vec_normalize), module), feature_spec,
                          action_mapping, label=label)
 
 
@@ -240,13 +245,15 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
                    truncation: Truncation | dict | None = None, model: dict | None = None,
                    obs_normalization: dict | None = None, token_prior: torch.Tensor | None = None,
                    label: str = "learned (PPO)", source: dict | None = None, guard: bool | dict = True,
-                   diversity_range: tuple[float, float] | None = None) -> Path:
+                   diversity_range: tuple[float, float] | None = None, base: TunedBase | None = None) -> Path:
     """Export an SB3 PPO policy: ``policy.pt`` (normalise -> actor -> clip, :func:`actor_module`) and ``spec.json``.
 
     ``obs_normalization`` is ``{"mean", "var", "clip", "epsilon"}`` (VecNormalize's ``obs_rms`` and
     settings) or None when the policy saw raw observations. ``guard`` (True = the defaults, False =
     off, a dict of settings) is the guard rails the samplers put around the policy by default.
     ``diversity_range``: the λ range it was trained on (required when the feature spec reads the dial).
+    ``base``: the tuned base the policy is a residual on; it is part of ``policy.pt`` (every sampler applies it)
+    and recorded in ``spec.json`` (``base``).
     """
     obs_space = getattr(sb3_policy, "observation_space", None)
     if obs_space is not None and tuple(obs_space.shape) != (feature_spec.dim,):
@@ -262,9 +269,12 @@ def export_learned(sb3_policy, out_dir: str | Path, feature_spec: FeatureSpec, a
         if len(norm["mean"]) != feature_spec.dim or len(norm["var"]) != feature_spec.dim:
             raise ArtifactError(f"normalisation statistics have {len(norm['mean'])} entries; the feature spec has "
                                 f"{feature_spec.dim}")
-    module = actor_module(sb3_policy, norm)
+    if base is not None:
+        base.check_serves(feature_spec, diversity_range or (0.0, 0.0), owner="export base")
+    module = actor_module(sb3_policy, norm, None if base is None else base.module(feature_spec, action_mapping))
     spec = _base_spec("learned", feature_spec, action_mapping, truncation, model, label, source, guard, diversity_range)
     spec["obs_normalization"] = norm
+    spec["base"] = None if base is None else base.to_dict()
     spec["network"] = {"layers": [repr(m) for m in module.net]}
     return _write(Path(out_dir), spec, module, _check_prior(token_prior, model))
 
@@ -339,7 +349,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
     return export_learned(model.policy, out_dir if out_dir is not None else run.export_dir,
                           config.env.feature_spec(), config.env.action, config.env.truncation,
                           _model_info(config, lm), norm, token_prior, label="learned (PPO)", source=source, guard=guard,
-                          diversity_range=config.env.diversity_bounds)
+                          diversity_range=config.env.diversity_bounds, base=run.load_base())
 
 
 def _run_token_prior(run: RunDir, config, lm) -> tuple[torch.Tensor | None, str]:

@@ -169,6 +169,8 @@ class RunDir:
     validation_file = property(lambda self: self.path / "validation.json")
     summary_file = property(lambda self: self.path / "summary.json")
     export_dir = property(lambda self: self.path / "export")
+    base_file = property(lambda self: self.path / "base.json")  # the tuned base of a residual policy
+    cache_dir = property(lambda self: self.path / "cache")  # the deterministic validation runs (kelvin.tuning)
 
     def require(self) -> "RunDir":
         """Self, or a FileNotFoundError when the directory or its ``config.yaml`` is missing."""
@@ -179,10 +181,30 @@ class RunDir:
         return self
 
     def load_config(self, overrides: list[str] | None = None):
-        """The run's resolved :class:`~kelvin.config.KelvinConfig` (its ``config.yaml``)."""
+        """The run's resolved :class:`~kelvin.config.KelvinConfig` (its ``config.yaml``). A run written before the
+        ``policy`` block existed was trained without a tuned base: it reads as ``policy.base: none``."""
         from kelvin.config import load_config
 
-        return load_config(self.require().config_file, overrides)
+        text = self.require().config_file.read_text()
+        legacy = [] if re.search(r"^policy:", text, flags=re.MULTILINE) else ["policy.base=none"]
+        return load_config(self.config_file, legacy + list(overrides or []))
+
+    def load_base(self):
+        """The tuned base the run's policy is a residual on (:class:`policies.tuned_base.TunedBase`), or None when
+        the run has none (``policy.base: none``, or a run from before residual policies)."""
+        from policies.tuned_base import BaseError, TunedBase
+
+        if not self.base_file.is_file():
+            return None
+        try:
+            data = json.loads(self.base_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"cannot read {self.base_file} ({exc}); the run's tuned base is damaged: start a new "
+                              "run") from None
+        try:
+            return TunedBase.from_dict(data, source=str(self.base_file))
+        except BaseError as exc:
+            raise RunDirError(str(exc)) from None
 
     def checkpoint_files(self, step: int) -> tuple[Path, Path]:
         """``checkpoints/step_N.zip`` and its ``step_N_vecnormalize.pkl``."""

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shlex
 import signal
 import sys
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,14 +47,15 @@ from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from envs.distributed import make_vec_env
-from envs.generation import TemperatureVecEnv, init_helper_thread
 from envs.lm import load_causal_lm
+from envs.residual import ResidualActionVecEnv
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
 from kelvin.config import KelvinConfig, load_config
 from kelvin.export import export_run, learned_policy
-from kelvin.rollout import collect_episodes
 from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_text_atomic
-from policies.registry import make_policy
+from kelvin.tuning import EpisodeCache, tune_base
+from kelvin.validation import Validation, margin_text, summarize_episodes
+from policies.tuned_base import TunedBase, TunedBasePolicy
 
 __all__ = ["train", "CheckpointError", "TrainingStop", "summarize_episodes"]
 
@@ -65,26 +64,6 @@ TB_NAME = "PPO"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or cannot be loaded; the message says which file and what to do."""
-
-
-def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
-    """Mean return, length and temperature statistics of a list of end-of-episode infos."""
-    if not episodes:
-        return {}
-    temps = np.concatenate([e["temperatures"] for e in episodes]) if episodes else np.zeros(0)
-    out = {
-        "reward": float(np.mean([e["episode"]["r"] for e in episodes])),
-        "length": float(np.mean([e["episode"]["l"] for e in episodes])),
-        "temperature_mean": float(temps.mean()) if temps.size else 0.0,
-        "temperature_std": float(temps.std()) if temps.size else 0.0,
-        "negative_fraction": float((temps < 0).mean()) if temps.size else 0.0,
-    }
-    for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
-        out[k] = float(np.mean([e["reward_components"][k] for e in episodes]))
-    answered = [e["correct"] for e in episodes if e.get("answerable")]
-    out["accuracy"] = float(np.mean(answered)) if answered else float("nan")
-    out["answerable_episodes"] = len(answered)
-    return out
 
 
 class _ValidationStopped(Exception):
@@ -166,8 +145,8 @@ class KelvinCallback(BaseCallback):
     """
 
     def __init__(self, config: KelvinConfig, run: RunDir, train_env: VecEnv,
-                 vec_normalize: VecNormalize | None, val_env: TemperatureVecEnv, stop: TrainingStop,
-                 snapshot: Snapshot):
+                 vec_normalize: VecNormalize | None, validation: Validation, base: TunedBase | None,
+                 stop: TrainingStop, snapshot: Snapshot):
         super().__init__(verbose=0)
         self.stop = stop
         self.snapshot = snapshot
@@ -176,19 +155,17 @@ class KelvinCallback(BaseCallback):
         self.run = run
         self.train_env = train_env
         self.vec_normalize = vec_normalize
-        self.val_env = val_env
+        self.validation = validation
+        self.base = base
         self.n_rollouts = 0
-        self._fixed_cache: dict[float, dict] | None = None
-        self._baselines: Future | None = None  # the fixed temperatures' validation, run beside training
-        self._baseline_env: TemperatureVecEnv | None = None
-        self._cancel = threading.Event()
         self._last_checkpoint = 0
         self._reset_accumulators()
         self._timings = dict(train_env.timings)
         self._t_rollout = time.perf_counter()
         self._t_rollout_end: float | None = None
-        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0, "baselines_s": 0.0}  # wall time by phase
+        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
         self.last_validation: dict | None = None
+        self.history: list[dict] = _validation_history(run)
 
     # ------------------------------------------------------------------ helpers
     def _reset_accumulators(self):
@@ -219,8 +196,6 @@ class KelvinCallback(BaseCallback):
                                exclude=("stdout", "log", "json", "csv"))
         self._t_rollout = time.perf_counter()
         self._timings = dict(self.train_env.timings)
-        if not self.stop.requested:
-            self.start_baselines()
 
     def _on_rollout_start(self) -> None:
         now = time.perf_counter()
@@ -298,68 +273,14 @@ class KelvinCallback(BaseCallback):
         self._t_rollout_end = time.perf_counter()
 
     # ------------------------------------------------------------------ validation
-    def start_baselines(self) -> None:
-        """Start the fixed temperatures' validation on a thread of its own, beside training.
-
-        Their results never change during a run (same prompts, seeds and reward), so they need not wait for the
-        first validation: on their own copy of the validation env (the model's weights and prompt cache are
-        shared, read-only and locked) they use a core the training leaves idle (one torch thread per process
-        on a CPU, or the spare capacity of a GPU), at lower scheduling priority than training. The first
-        validation takes their results (waiting if they are not done). Same numbers as running them there.
-        """
-        if self._baselines is not None:
-            return
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kelvin-baselines",
-                                  initializer=init_helper_thread, initargs=(torch.get_num_threads(), 10))
-        self._baselines = pool.submit(self._run_baselines)
-        pool.shutdown(wait=False)  # the thread ends with its one job
-
-    def _run_baselines(self) -> dict[float, dict]:
-        t0 = time.perf_counter()
-        env = self._baseline_env = TemperatureVecEnv(self.val_env.config, lm=self.val_env.lm,
-                                                     reward=self.val_env.core.reward.config)  # built on this thread
-        spec, mapping = env.feature_spec, env.action_mapping
-        out = {float(t): self._run(make_policy(f"fixed:{t}", spec, mapping), env, self._check_baselines)
-               for t in self.config.train.validation_temperatures}
-        self.perf["baselines_s"] = time.perf_counter() - t0  # beside training: not a share of its wall time
-        return out
-
-    def _check_baselines(self) -> None:
-        if self._cancel.is_set() or self.stop.requested:
-            raise _ValidationStopped
-
-    def close(self) -> None:
-        """Stop the baselines' thread (if it still runs) and release its env; idempotent."""
-        self._cancel.set()
-        if self._baselines is not None:
-            try:
-                self._baselines.result()
-            except _ValidationStopped:
-                pass
-            except Exception as exc:  # noqa: BLE001 - reported, never hides the run's own outcome
-                warnings.warn(f"the fixed-temperature validation failed ({type(exc).__name__}: {exc})",
-                              RuntimeWarning, stacklevel=2)
-        if self._baseline_env is not None:
-            self._baseline_env.close()
-            self._baseline_env = None
-
     def _policy(self):
-        """The current actor as the samplers run it (a copy: training goes on)."""
-        return learned_policy(self.model, self.vec_normalize, self.val_env.feature_spec, self.val_env.action_mapping)
-
-    def _run(self, policy, env: TemperatureVecEnv | None = None, on_step=None) -> dict:
-        tc = self.config.train
-        env = env or self.val_env
-        n_groups = env.num_envs // self.config.env.group_size
-        per_row = max(1, math.ceil(tc.validation_prompts / n_groups))
-        result = collect_episodes(env, policy, episodes_per_row=per_row, seed=tc.seed + 10_007,
-                                  on_step=on_step or self.stop.check)
-        result["summary"] = summarize_episodes(result["episodes"])
-        return result
+        """The current actor as the samplers run it (a copy: training goes on), with the run's base."""
+        v = self.validation
+        return learned_policy(self.model, self.vec_normalize, v.feature_spec, v.action_mapping, base=self.base)
 
     def validate(self) -> dict | None:
-        """Learned policy vs every fixed temperature on the validation prompts (same prompts, same seeds);
-        None when a stop request ended it."""
+        """Learned policy vs every fixed temperature and vs the base on the validation prompts (same prompts, λ
+        draws and seeds); None when a stop request ended it."""
         t0 = time.perf_counter()
         try:
             return self._validate()
@@ -371,46 +292,71 @@ class KelvinCallback(BaseCallback):
 
     def _validate(self) -> dict:
         tc = self.config.train
-        if self._fixed_cache is None:  # fixed baselines do not change during training: run once, beside it
-            self.start_baselines()  # running since training started, unless validate() is called on its own
-            self._fixed_cache = self._baselines.result()
-        # After the baselines, never beside them: both envs take the validation prompts from the shared prompt
-        # cache, and a prompt prefilled in another batch can differ in its last float bits (and so in its draws).
-        learned = self._run(self._policy())
-        fixed = {t: r["summary"]["reward"] for t, r in self._fixed_cache.items()}
-        best_t = max(fixed, key=fixed.get)
+        episodes = self.validation.episodes(self._policy())
+        v = self.validation.compare(episodes, self.model.num_timesteps)
         rec = self.logger.record
-        lr = learned["summary"]
-        rec("validation/learned_reward", lr["reward"])
-        rec("validation/best_fixed_reward", fixed[best_t])
-        rec("validation/best_fixed_temperature", best_t)
-        rec("validation/margin_vs_best_fixed", lr["reward"] - fixed[best_t])
-        rec("validation/learned_temperature_mean", lr["temperature_mean"])
-        rec("validation/learned_temperature_std", lr["temperature_std"])
-        for t, v in fixed.items():
-            rec(f"validation/fixed_{t:g}_reward", v)
+        rec("validation/learned_reward", v["learned"]["reward"])
+        rec("validation/best_fixed_reward", v["best_fixed_reward"])
+        rec("validation/best_fixed_temperature", v["best_fixed_temperature"])
+        margins = {"best_fixed": v["margin_vs_best_fixed"], "base": v["margin_vs_base"]}
+        for name, m in margins.items():
+            if m is not None:
+                rec(f"validation/margin_vs_{name}", m["mean"])
+                rec(f"validation/margin_vs_{name}_low", m["low"])
+                rec(f"validation/margin_vs_{name}_high", m["high"])
+        if v["base"] is not None:
+            rec("validation/base_reward", v["base"]["reward"])
+        rec("validation/learned_temperature_mean", v["learned"]["temperature_mean"])
+        rec("validation/learned_temperature_std", v["learned"]["temperature_std"])
+        rec("validation/learned_accuracy", v["learned"]["accuracy"])
+        for t, summary in v["fixed"].items():
+            rec(f"validation/fixed_{t}_reward", summary["reward"])
         writer = self._writer()
         if writer is not None and tc.samples_to_log:
             lines = []
-            for e in learned["episodes"][: tc.samples_to_log]:
+            for e in episodes[: tc.samples_to_log]:
                 trace = ", ".join(f"{x:.2f}" for x in e["temperatures"][:64])
                 lines.append(f"**{e['prompt_id']}** ({e['category']}), return {e['episode']['r']:.2f}\n\n"
                              f"    {e['completion']!r}\n\ntemperatures: [{trace}]")
             writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
-        self.last_validation = {
-            "step": int(self.model.num_timesteps),
-            "learned": lr,
-            "fixed": {f"{t:g}": r["summary"] for t, r in self._fixed_cache.items()},
-            "best_fixed_temperature": best_t,
-            "best_fixed_reward": fixed[best_t],
-            "margin_vs_best_fixed": lr["reward"] - fixed[best_t],
-            "episodes_per_policy": len(learned["episodes"]),
-        }
-        write_text_atomic(self.run.validation_file, json.dumps(self.last_validation, indent=2))
-        return self.last_validation
+        self.history.append({"step": v["step"], "updates": self.model._n_updates // self.config.ppo.n_epochs,
+                             "learned_reward": v["learned"]["reward"], "margin_vs_best_fixed": v["margin_vs_best_fixed"],
+                             "margin_vs_base": v["margin_vs_base"]})
+        v["history"] = self.history  # the margins against the update number, this run's resumes included
+        self.last_validation = v
+        write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
+        return v
 
 
-def _resume(run: RunDir, config: KelvinConfig, env: TemperatureVecEnv, point) -> tuple[PPO, VecNormalize | None]:
+def _validation_history(run: RunDir) -> list[dict]:
+    """The validation history of an earlier part of the run (``--resume``), or none."""
+    try:
+        return list(json.loads(run.validation_file.read_text()).get("history", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _tuned_base(config: KelvinConfig, run: RunDir, lm, cache: EpisodeCache, stop: TrainingStop,
+                trained: bool) -> tuple[TunedBase | None, dict | None]:
+    """The base of the run's residual policy and its tuning record (None when the base was read from the run).
+
+    A run that already has a model keeps the base it was trained on (``base.json``; a run without one was
+    trained without a base); otherwise ``policy.base`` is tuned now (:func:`kelvin.tuning.tune_base`)."""
+    if trained or run.base_file.is_file():
+        base = run.load_base()
+        if base is not None:
+            base.check_serves(config.env.feature_spec(), config.env.diversity_bounds)
+        return base, None
+    if config.policy.base == "none":
+        return None, None
+    base, tuning = tune_base(config, lm, cache, stop.check)
+    base.check_serves(config.env.feature_spec(), config.env.diversity_bounds)
+    print(f"tuned base ({base.kind}) on {tuning['prompts']} train prompts x {len(tuning['temperatures'])} temperatures: "
+          + ("cached" if tuning["cached"] else f"{tuning['wall_s']:.0f} s"), file=sys.stderr)
+    return base, tuning
+
+
+def _resume(run: RunDir, config: KelvinConfig, env: VecEnv, point) -> tuple[PPO, VecNormalize | None]:
     """The model and normaliser of ``point`` (:meth:`RunDir.resume_point`), attached to ``env`` to go on training."""
     try:
         vec = load_vecnormalize(point.norm_file, env, step=point.step) if point.norm_file is not None else None
@@ -422,7 +368,7 @@ def _resume(run: RunDir, config: KelvinConfig, env: TemperatureVecEnv, point) ->
     return model, vec
 
 
-def _export(run: RunDir, env: TemperatureVecEnv) -> Path | None:
+def _export(run: RunDir, env) -> Path | None:
     """Write ``run_dir/export/`` for the samplers; a failure warns and leaves the saved model alone."""
     try:
         return export_run(run.path, run.export_dir, lm=env.lm, token_prior=env.core.featurizer.token_prior)
@@ -470,27 +416,47 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         lm = load_causal_lm(config.model)
         # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
         env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
-        val_env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
-                                    reward=replace(config.reward, group_baseline=False))  # absolute returns
-        # written once the model and the prompts have loaded: a run that fails to start leaves its directory empty
+        cache = EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model))
+        try:
+            base, tuning = _tuned_base(config, run, lm, cache, stop, trained=point is not None)
+            spec, mapping = config.env.feature_spec(), config.env.action
+            validator = Validation(config, lm, None if base is None else TunedBasePolicy(base, spec, mapping), cache,
+                                    stop.check)
+            baselines = validator.prepare()
+        except _ValidationStopped:  # a signal during the set-up: nothing was trained, nothing is saved
+            env.close()
+            raise KeyboardInterrupt(stop.name) from None
+        what = f"{len(tc.validation_temperatures)} fixed T" + (" + the base" if base is not None else "")
+        print(f"validation baselines ({what}, {len(validator.prompts)} prompts): "
+              + ("cached" if baselines["cached"] else f"computed in {baselines['wall_s']:.0f} s"), file=sys.stderr)
+        # written once the model, the prompts and the base are ready: a run that fails to start leaves its directory empty
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.config_file, config.to_yaml())
         history = run.command_file.read_text() if run.command_file.is_file() else ""
         write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+        if base is not None and tuning is not None:
+            write_text_atomic(run.base_file, json.dumps({**base.to_dict(), "tuning": tuning}, indent=2))
+        cache.keep_in(run.cache_dir)
+        # PPO's action is the residual on the base (inside VecNormalize: the base reads raw observations)
+        train_env = env if base is None else ResidualActionVecEnv(env, base.module(spec, mapping))
         if point is not None:
-            model, vec = _resume(run, config, env, point)
+            model, vec = _resume(run, config, train_env, point)
         else:
             if resume:
                 print(f"{run.path} has no saved model yet: training from step 0 with its config.yaml", file=sys.stderr)
             vec = None
             if tc.normalize_obs or tc.normalize_reward:
-                vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward,
+                vec = VecNormalize(train_env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward,
                                    gamma=config.ppo.gamma)
-            model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
+            model = PPO("MlpPolicy", vec or train_env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
                         device=tc.policy_device, verbose=0, **config.ppo.kwargs())
+            if base is not None:  # the deterministic policy starts as the base: PPO learns only the correction
+                with torch.no_grad():
+                    model.policy.action_net.weight.zero_()
+                    model.policy.action_net.bias.zero_()
         model.tensorboard_log = str(run.tensorboard_dir)
         start = Snapshot.take(model, vec)
-        callback = KelvinCallback(config, run, env, vec, val_env, stop, start)
+        callback = KelvinCallback(config, run, env, vec, validator, base, stop, start)
         try:
             remaining = tc.total_timesteps - model.num_timesteps
             learned, failure, crash = False, None, None
@@ -514,11 +480,11 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     except SaveError as exc:
                         failure = failure or exc
                 if failure is None and crash is None:
-                    export_dir = _export(run, val_env)  # in-process: it holds the model the export is checked on
+                    export_dir = _export(run, validator.env)  # in-process: it holds the model the export is checked on
             validation = None
             if crash is not None:
                 env.close()
-                val_env.close()
+                validator.close()
                 print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
                       f"continue with --resume {run.path}", file=sys.stderr)
                 raise crash
@@ -527,7 +493,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                 if validation is not None:
                     callback.logger.dump(saved.step)
             env.close()
-            val_env.close()
+            validator.close()
             if failure is not None:
                 kept = run.saved_models()
                 raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
@@ -539,7 +505,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
                     "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
                     "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
-                    "baselines_s": callback.perf["baselines_s"],  # fixed-T validation, on a thread beside training
+                    "baselines_s": baselines["wall_s"], "baselines_cached": baselines["cached"],
+                    "base_tuning_s": None if tuning is None else tuning["wall_s"],
                     "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
             summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
                        "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
@@ -550,7 +517,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             with stop.saving():
                 write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
         finally:
-            callback.close()  # the baselines' thread, if a stop or a crash left it running
+            validator.close()  # idempotent
     return summary
 
 
@@ -606,6 +573,8 @@ def _report(summary: dict, config: KelvinConfig) -> int:
     v = summary.get("validation")
     print(f"done: {steps} steps in {summary['wall_s']:.0f} s -> {run_dir}")
     if v:
-        print(f"validation reward: learned {v['learned']['reward']:.3f} vs best fixed T={v['best_fixed_temperature']:g} "
-              f"{v['best_fixed_reward']:.3f} (margin {v['margin_vs_best_fixed']:+.3f})")
+        base = f" | vs its base {margin_text(v['margin_vs_base'])}" if v.get("margin_vs_base") else ""
+        print(f"validation ({v['prompts']} prompts x {config.env.group_size}, paired 95% CI): learned "
+              f"{v['learned']['reward']:.3f} | vs best fixed T={v['best_fixed_temperature']:g} "
+              f"{margin_text(v['margin_vs_best_fixed'])}{base}")
     return 0

@@ -15,21 +15,26 @@ import torch
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
+from policies.tuned_base import BaseModule
 
 __all__ = ["ActorModule", "LearnedPolicy"]
 
 
 class ActorModule(torch.nn.Module):
-    """Raw observations (B, F) -> actions (B, 1) in [-1, 1]: normalise, actor MLP, clip.
+    """Raw observations (B, F) -> actions (B, 1) in [-1, 1]: normalise, actor MLP, clip, plus the base, clip.
 
     ``clip((obs - mean) / sqrt(var + epsilon), -clip, clip)`` with VecNormalize's statistics (skipped
     when ``mean`` is None), then ``net`` (SB3's ``mlp_extractor.policy_net`` + ``action_net``: the
-    Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)``.
+    Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)``. With a ``base``
+    (:class:`~policies.tuned_base.BaseModule`, reading the raw observation) the result is the residual:
+    ``clamp(base(obs) + residual, -1, 1)``.
     """
 
     def __init__(self, net: torch.nn.Sequential, mean: torch.Tensor | None, var: torch.Tensor | None,
-                 clip: float = 10.0, epsilon: float = 1e-8):
+                 clip: float = 10.0, epsilon: float = 1e-8, base: BaseModule | None = None):
         super().__init__()
+        self.has_base = base is not None
+        self.base = base if base is not None else BaseModule.zero()
         dim = int(net[0].in_features)
         self.net = net
         self.normalize = mean is not None
@@ -42,7 +47,10 @@ class ActorModule(torch.nn.Module):
         x = obs.to(torch.float32)  # (B, F)
         if self.normalize:
             x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
-        return torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+        a = torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+        if self.has_base:
+            a = torch.clamp(a + self.base(obs).view(-1, 1), -1.0, 1.0)  # (B, 1) base + residual
+        return a
 
 
 class LearnedPolicy(TemperaturePolicy):

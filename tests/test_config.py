@@ -66,8 +66,8 @@ def test_issue_15_inputs_get_one_line_naming_field_value_and_fix(case, tmp_path)
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("", "is empty: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation); write {} for the embedded "
-         "defaults"),
+    ("", "is empty: a config is a mapping of blocks (model, env, reward, ppo, train, evaluation, policy); write {} for the "
+         "embedded defaults"),
     ("# only a comment\n", "is empty"),
     ("- env\n- ppo\n", "is a list, not a mapping of blocks"),
     ("just words\n", "is a str, not a mapping of blocks"),
@@ -133,7 +133,9 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert a["env"]["action"] == {"kind": "linear", "t_min": -1.0, "t_max": 2.4, "min_abs_temperature": 0.05,
                                   "max_delta": None}
     assert (a["train"]["total_timesteps"], a["train"]["checkpoint_every"], a["train"]["validate_every"],
-            a["train"]["validation_prompts"]) == (20480, 4096, 10, 8)
+            a["train"]["validation_prompts"]) == (20480, 4096, 10, 32)
+    assert a["policy"] == {"base": "table", "base_temperatures": [0.0, 0.3, 0.6, 0.9, 1.2], "base_prompts": 32,
+                           "base_lambdas": 5}
     assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (32, 256, 1.0)
     assert (a["ppo"]["use_sde"], a["ppo"]["sde_sample_freq"]) == (True, -1)
     assert a["ppo"]["policy_kwargs"] == {"net_arch": [64, 64], "log_std_init": -3.0, "ortho_init": True}

@@ -311,7 +311,8 @@ def test_run_of_another_feature_version_is_refused(run_dir, tmp_path):
 
 
 def test_run_of_another_observation_layout_is_refused(run_dir, tmp_path):
-    other = _edit_config(run_dir, tmp_path / "nocat", lambda raw: raw["env"].update(include_category=False))
+    other = _edit_config(run_dir, tmp_path / "nocat", lambda raw: (raw["env"].update(include_category=False),
+                                                                    raw.update(policy={"base": "fixed"})))
     with pytest.raises(EvaluationError, match="other observations"):
         evaluate(load_config(SMOKE), tmp_path / "out", [f"learned:{other}"])
     # the evaluation's own settings must match the run too (horizon = max_new_tokens)
@@ -473,3 +474,32 @@ def test_ctrl_c_writes_a_partial_report_and_resume_finishes_with_the_same_number
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["warnings"] == [f"--resume: 3 runs reused from {out / 'cache'}"]
     assert _numbers(resumed) == _numbers(json.loads((tmp_path / "full" / "metrics.json").read_text()))
+
+
+def test_reward_headline_pairs_each_learned_lambda_with_its_rivals_by_hand():
+    """learned − rival per prompt, at the same λ only; the base of another run is not a rival."""
+    from kelvin.evaluation.headline import reward_headline
+    from kelvin.evaluation.policies import PolicyEntry
+    from kelvin.evaluation.statistics import PolicyResult
+    from policies.actions import ActionMapping
+    from policies.features import FeatureSpec
+    from policies.registry import make_policy
+
+    policy = make_policy("fixed:0.5", FeatureSpec(horizon=8), ActionMapping())
+
+    def entry(name, family, lam, run=None):
+        return PolicyEntry(name, name, family, policy, params={"n": name}, run_dir=run, diversity=lam)
+
+    learned = entry("learned@1", "learned", 1.0, "runA")
+    rivals = {"table": [entry("table@0", "table", 0.0), entry("table@1", "table", 1.0)],
+              "fixed-tuned": [entry("fixed-tuned@1", "fixed-tuned", 1.0)], "edt": [entry("edt", "edt", None)]}
+    bases = [entry("baseA@1", "base", 1.0, "runA"), entry("baseB@1", "base", 1.0, "runB")]
+    rewards = {"learned@1": [3.0, 5.0], "table@0": [9.0, 9.0], "table@1": [3.0, 3.0], "fixed-tuned@1": [2.0, 4.0],
+               "edt": [0.0, 0.0], "baseA@1": [1.0, 1.0], "baseB@1": [0.0, 0.0]}
+    everything = [learned, *bases, *[e for es in rivals.values() for e in es]]
+    results = {e.cache_key: PolicyResult(e, [], {"reward": np.asarray(rewards[e.name])}, {}, 0.0, 0.0)
+               for e in everything}
+    rows = reward_headline(results, [learned, *bases], rivals, n_resamples=2000, seed=0)
+    got = {r["rival_name"]: (r["mean"], r["low"], r["high"], r["verdict"]) for r in rows}
+    assert got == {"table@1": (1.0, 0.0, 2.0, "no difference"),  # differences 0 and 2: bootstrap means 0, 1, 2
+                   "fixed-tuned@1": (1.0, 1.0, 1.0, "better"), "baseA@1": (3.0, 2.0, 4.0, "better")}

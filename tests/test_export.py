@@ -729,13 +729,15 @@ def parity_env(smoke_run, lm):
 def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
     smoke_run = smoke_run.run_dir
     from kelvin.export import export_baseline_spec, learned_policy
-    from kelvin.rundir import load_ppo, load_vecnormalize
+    from kelvin.rundir import RunDir, load_ppo, load_vecnormalize
 
     config, env = parity_env
     if which == "learned":  # the policy as training's validation runs it
         export = smoke_run / "export"
+        base = RunDir(smoke_run).load_base()
+        assert base is not None  # the smoke run is a residual on a tuned table: the samplers must apply it too
         policy = learned_policy(load_ppo(smoke_run / "model.zip"), load_vecnormalize(smoke_run / "vecnormalize.pkl"),
-                                env.feature_spec, env.action_mapping)
+                                env.feature_spec, env.action_mapping, base=base)
     else:
         export = export_baseline_spec(which, tmp_path / which, smoke_run / "config.yaml", lm=lm)
         policy = make_policy(which, env.feature_spec, env.action_mapping)
@@ -801,7 +803,7 @@ def test_generate_with_the_trained_export(smoke_run, lm):
     from transformers import LogitsProcessorList
 
     from kelvin.export import learned_policy
-    from kelvin.rundir import load_ppo, load_vecnormalize
+    from kelvin.rundir import RunDir, load_ppo, load_vecnormalize
 
     export = smoke_run / "export"
     proc = PolicyLogitsProcessor.from_pretrained(export, category="creative_writing")  # guarded, as exported
@@ -818,7 +820,7 @@ def test_generate_with_the_trained_export(smoke_run, lm):
     # TorchScript export) behind the export's guard: the same temperatures, token by token
     art = load_artifact(export)
     trained = learned_policy(load_ppo(smoke_run / "model.zip"), load_vecnormalize(smoke_run / "vecnormalize.pkl"),
-                             art.feature_spec, art.action_mapping)
+                             art.feature_spec, art.action_mapping, base=RunDir(smoke_run).load_base())
     reference = PolicyLogitsProcessor(trained, truncation=art.truncation, token_prior=art.token_prior,
                                       category="creative_writing", guard=art.guard)
     for step in range(steps):

@@ -153,6 +153,7 @@ def test_llama_cpp_temperatures_equal_the_env_on_the_same_logits(which, llm, lm,
     from stable_baselines3 import PPO
 
     from kelvin.export import learned_policy
+    from kelvin.rundir import RunDir
 
     spec, mapping = smoke_config.env.feature_spec(), smoke_config.env.action
     assert spec.include_diversity_weight  # the smoke run reads the dial: the processor gets the env's λ
@@ -160,7 +161,7 @@ def test_llama_cpp_temperatures_equal_the_env_on_the_same_logits(which, llm, lm,
         export = smoke_run.run_dir / "export"
         with open(smoke_run.run_dir / "vecnormalize.pkl", "rb") as fh:
             policy = learned_policy(PPO.load(smoke_run.run_dir / "model.zip", device="cpu"), pickle.load(fh), spec,
-                                    mapping)
+                                    mapping, base=RunDir(smoke_run.run_dir).load_base())
     else:
         export = export_baseline_spec("pid", tmp_path / "pid", smoke_run.run_dir / "config.yaml", lm=lm)
         policy = make_policy("pid", spec, mapping)

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import ROOT, SMOKE, run_train
 
+from envs.prompts import CATEGORIES
+
 PROMISED_SCALARS = {
     "rollout/ep_rew_mean", "rollout/ep_len_mean", "rollout/temperature_mean", "rollout/temperature_std",
     "rollout/negative_fraction", "rollout/near_greedy_fraction", "rollout/anomaly_rate",
@@ -21,7 +23,9 @@ PROMISED_SCALARS = {
     "perf/tokens_per_s", "perf/model_share", "perf/env_share", "perf/waiting_share",
     "train/value_loss", "train/policy_gradient_loss", "train/entropy_loss", "train/approx_kl",
     "validation/learned_reward", "validation/best_fixed_reward", "validation/best_fixed_temperature",
-    "validation/margin_vs_best_fixed",
+    "validation/margin_vs_best_fixed", "validation/margin_vs_best_fixed_low", "validation/margin_vs_best_fixed_high",
+    "validation/margin_vs_base", "validation/margin_vs_base_low", "validation/margin_vs_base_high",
+    "validation/base_reward",
 }
 
 
@@ -36,7 +40,8 @@ def _tags(run_dir: Path):
 @pytest.mark.slow
 def test_smoke_run_writes_every_promised_file(smoke_run):
     run_dir = smoke_run.run_dir
-    for name in ["config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "validation.json", "summary.json"]:
+    for name in ["config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "validation.json", "summary.json",
+                 "base.json"]:
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.zip")) == ["step_32.zip", "step_64.zip",
                                                                                     "step_96.zip"]
@@ -50,7 +55,18 @@ def test_smoke_run_writes_every_promised_file(smoke_run):
     val = json.loads((run_dir / "validation.json").read_text())
     assert set(val["fixed"]) == {"0.7", "1"}
     assert val["fixed"]["0.7"]["temperature_mean"] == pytest.approx(0.7, abs=1e-5)
-    assert "validation reward: learned" in smoke_run.stdout
+    # the margins carry paired intervals around their means, and the base was validated on the same episodes
+    for name in ("margin_vs_best_fixed", "margin_vs_base"):
+        m = val[name]
+        assert m["low"] <= m["mean"] <= m["high"]
+    assert val["margin_vs_best_fixed"]["mean"] == pytest.approx(val["learned"]["reward"] - val["best_fixed_reward"])
+    assert val["margin_vs_base"]["mean"] == pytest.approx(val["learned"]["reward"] - val["base"]["reward"])
+    assert [h["step"] for h in val["history"]] == [64, 96]  # validate_every 2 and after the last update
+    assert "vs its base" in smoke_run.stdout.splitlines()[-1] and "paired 95% CI" in smoke_run.stdout
+    base = json.loads((run_dir / "base.json").read_text())
+    assert base["kind"] == "table" and base["lambdas"] == [0.0, 2.0] and base["tuning"]["prompts"] == 4
+    assert set(base["temperatures"]) == {*CATEGORIES, "other"}
+    assert {t for row in base["temperatures"].values() for t in row} <= {0.0, 1.0}  # from policy.base_temperatures
 
 
 @pytest.mark.slow
@@ -82,7 +98,7 @@ def test_saved_model_acts_as_its_export(smoke_run):
     f = Featurizer(spec, 3)
     obs = f.observe(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3)  # (3, F) raw features
     saved = learned_policy(load_ppo(run.model_file), load_vecnormalize(run.normalizer_file), spec,
-                           exported.action_mapping)
+                           exported.action_mapping, base=run.load_base())
     a_saved, _ = saved.predict(obs)
     a_exported, _ = exported.predict(obs)
     assert a_saved.shape == (3, 1)

@@ -33,18 +33,14 @@ no setting is clipped into a different one and every label says what ran.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Sequence
-
-import numpy as np
-
 from kelvin.config import EvaluationConfig, KelvinConfig
 from kelvin.evaluation.policies import EvaluationError, PolicyEntry
+from kelvin.tuning import tune_tables  # its home: the base of a residual policy is tuned by it too
 from policies.actions import ActionMapping
 from policies.registry import make_policy
 from samplers.core import Truncation
 
-__all__ = ["BASELINE_MAPPING", "FAMILY_TITLES", "family_entries", "table_entries", "tune_tables"]
+__all__ = ["BASELINE_MAPPING", "FAMILY_TITLES", "family_entries", "table_entries", "tune_tables", "tuned_fixed_entries"]
 
 BASELINE_MAPPING = ActionMapping(kind="linear", t_min=-5.0, t_max=5.0)
 """The action mapping baselines run under: wide, so every swept temperature is applied as it is."""
@@ -58,6 +54,8 @@ FAMILY_TITLES = {
     "surprise": "surprise τ", "pid": "PID target", "negative_minp": "T < 0 inside min-p 0.1",
     "hotcold": "hot start, cold finish", "table": "per-category table", "fixed@train": "fixed T at the learned truncation",
     "table@train": "per-category table at the learned truncation",
+    "fixed-tuned": "best fixed T tuned on validation at λ",
+    "fixed-tuned@train": "best fixed T at the learned truncation, tuned on validation at λ",
 }
 
 
@@ -117,35 +115,23 @@ def table_entries(tables: dict[float, dict[str, float]], family: str, truncation
         spec = "table:" + ",".join(f"{c}={_g(t)}" for c, t in table.items())
         entry = _entry(family, spec, f"λ={_g(lam)}", truncation, config)
         entry.params["table"] = dict(table)
+        entry.params["lambda"] = float(lam)
+        entry.diversity = float(lam)  # its reward is scored at its λ (the headline); its tokens do not depend on λ
         entries.append(entry)
     return entries
 
 
-def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
-    """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos of a validation run) with
-    the highest mean reward in each category: ``{λ: {category: T}}``. Reward = the absolute quality return +
-    λ times the diversity return of each episode (``reward`` a :class:`envs.rewards.RewardModel`); ties go
-    to the lower temperature. Categories a validation run did not see get ``other`` = the overall best."""
-    from envs.rewards import DIVERSITY_COMPONENTS
-
-    weights = reward.config.weights()
-    per: dict[float, dict[str, list[tuple[float, float]]]] = {}  # T -> category -> [(quality, diversity)]
-    for t, episodes in episodes_by_t.items():
-        cats: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for e in episodes:
-            comps = e["reward_components"]
-            q = sum(w * comps[k] for k, w in weights.items() if k not in DIVERSITY_COMPONENTS)
-            d = sum(w * comps[k] for k, w in weights.items() if k in DIVERSITY_COMPONENTS)
-            cats[e["category"]].append((q, d))
-        per[t] = cats
-    temps = sorted(per)
-    categories = sorted({c for cats in per.values() for c in cats})
-    tables: dict[float, dict[str, float]] = {}
-    for lam in lambdas:
-        def score(t: float, cat: str | None) -> float:
-            pairs = [p for c, ps in per[t].items() if cat is None or c == cat for p in ps]
-            return float(np.mean([q + lam * d for q, d in pairs])) if pairs else -np.inf
-        table = {c: max(temps, key=lambda t, c=c: (score(t, c), -t)) for c in categories}
-        table["other"] = max(temps, key=lambda t: (score(t, None), -t))
-        tables[float(lam)] = table
-    return tables
+def tuned_fixed_entries(tables: dict[float, dict[str, float]], family: str, truncation: Truncation,
+                        config: KelvinConfig) -> list[PolicyEntry]:
+    """One ``fixed-tuned`` entry per λ: the single temperature with the best validation reward at that λ over all
+    prompts (the tables' ``other``), scored at that λ; the headline's fixed-T rival, tuned with the table's runs."""
+    entries = []
+    for lam, tuned in sorted(tables.items()):
+        t = tuned["other"]
+        entry = _entry("fixed", f"fixed:{_g(t)}", f"T={_g(t)}", truncation, config)
+        entry.name, entry.family = f"{family}:λ={_g(lam)}", family
+        entry.label = f"{FAMILY_TITLES[family]}: T={_g(t)} at λ={_g(lam)}"
+        entry.params.update(t=float(t), **{"lambda": float(lam)})
+        entry.diversity = float(lam)
+        entries.append(entry)
+    return entries

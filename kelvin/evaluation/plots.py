@@ -13,7 +13,7 @@ import numpy as np
 
 from kelvin.evaluation.fronts import AXIS_LABELS
 
-__all__ = ["LEARNED_COLOR", "plot_histograms", "plot_hulls", "plot_trajectories"]
+__all__ = ["LEARNED_COLOR", "plot_histograms", "plot_hulls", "plot_trajectories", "plot_validation_history"]
 
 LEARNED_COLOR = "crimson"
 
@@ -162,3 +162,36 @@ def plot_histograms(path: Path, results: dict, main: list, t_range: tuple[float,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_validation_history(path: Path, histories: dict[str, list[dict]], subtitle: str = "") -> Path:
+    """Training's validation margins against the PPO update, one line per run with its paired 95% band: against
+    the best fixed temperature (left) and against the run's own tuned base (right). ``histories``: run name ->
+    ``validation.json``'s ``history``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in zip(axes, ("margin_vs_best_fixed", "margin_vs_base"),
+                              ("learned − best fixed T", "learned − its tuned base")):
+        for i, (name, history) in enumerate(histories.items()):
+            points = [(h["updates"], h[key]) for h in history if h.get(key)]
+            if not points:
+                continue
+            x = np.asarray([u for u, _ in points], dtype=float)
+            mean = np.asarray([m["mean"] for _, m in points])
+            low, high = np.asarray([m["low"] for _, m in points]), np.asarray([m["high"] for _, m in points])
+            color = _LEARNED_COLORS[i % len(_LEARNED_COLORS)] if len(histories) > 1 else LEARNED_COLOR
+            ax.plot(x, mean, marker="o", color=color, label=name)
+            ax.fill_between(x, low, high, color=color, alpha=0.15)
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("PPO updates")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation reward margin (paired 95% CI)")
+    axes[0].legend(fontsize=8)
+    if subtitle:
+        fig.suptitle(subtitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)

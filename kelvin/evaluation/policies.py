@@ -17,6 +17,7 @@ from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, make_policy
+from policies.tuned_base import TunedBasePolicy
 from samplers.core import Truncation, did_you_mean
 
 __all__ = ["EvaluationError", "PolicyEntry", "lambda_grid", "load_learned_policy", "parse_policy_specs",
@@ -45,7 +46,8 @@ class PolicyEntry:
     @property
     def cache_key(self) -> str:
         """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it)."""
-        what = {"name": self.family, "params": self.params} if self.run_dir is None else {"run": self.run_dir}
+        what = {"name": self.family, "params": self.params} if self.run_dir is None else {"run": self.run_dir,
+                                                                                          "family": self.family}
         return json.dumps({**what, "mapping": asdict(self.policy.action_mapping), "diversity": self.diversity,
                            "truncation": None if self.truncation is None else self.truncation.to_dict()},
                           sort_keys=True, default=str)
@@ -152,7 +154,33 @@ def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) 
     if norm_path is None:
         warnings.append(f"{target}: no VecNormalize statistics found next to {model_path.name}; using raw observations")
     name = run.path.name if model_path.name == "model.zip" else f"{run.path.name}/{model_path.stem}"
-    return learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})"), str(run.path)
+    try:
+        base = run.load_base()
+        if base is not None:
+            base.check_serves(spec, run_cfg.env.diversity_bounds, owner=f"learned policy {target!r}")
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    return learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})", base=base), str(run.path)
+
+
+def load_base_policy(target: str, config: KelvinConfig, warnings: list[str]) -> tuple[TemperaturePolicy, str]:
+    """A run's tuned base alone (its residual at zero: what PPO started from), checked like :func:`load_learned_policy`."""
+    run = RunDir(target)
+    run_cfg = _run_config(target, run)
+    _check_compatible(target, run_cfg, config, run, warnings)
+    try:
+        base = run.load_base()
+    except RunDirError as exc:
+        raise EvaluationError(f"base policy {target!r}: {exc}") from None
+    if base is None:
+        raise EvaluationError(f"base policy {target!r}: {run.base_file} is missing; the run was trained without a "
+                              "tuned base (policy.base: none), so there is no base to evaluate")
+    spec = config.env.feature_spec()
+    try:
+        base.check_serves(spec, run_cfg.env.diversity_bounds, owner=f"base policy {target!r}")
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    return TunedBasePolicy(base, spec, config.env.action, label=f"base ({run.path.name}, {base.kind})"), str(run.path)
 
 
 # --------------------------------------------------------------------------- specs -> entries
@@ -163,6 +191,11 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
         policy = GuardedPolicy(inner.policy)
         return PolicyEntry(f"guarded:{inner.name}", policy.label, "guarded", policy,
                            params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir)
+    if spec.startswith("base:"):  # a run's tuned base alone: what PPO adds is learned - base
+        target = spec.partition(":")[2] or run
+        policy, run_dir = load_base_policy(target, config, warnings)
+        return PolicyEntry(f"base:{target}", policy.label, "base", policy, run_dir=run_dir,
+                           truncation=RunDir(run_dir).load_config().env.truncation)
     if spec == "learned" or spec.startswith("learned:"):
         target = spec.partition(":")[2] or run
         if not target:

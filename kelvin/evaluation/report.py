@@ -132,6 +132,24 @@ def _verdict_section(data: dict, reference) -> list[str]:
     return lines
 
 
+def _headline_section(data: dict) -> list[str]:
+    """The objective itself at each λ: learned reward minus each rival's at that λ (kelvin/evaluation/headline.py)."""
+    rows = data.get("headline") or []
+    if not rows:
+        return []
+    from kelvin.evaluation.headline import RIVAL_FAMILIES
+
+    lines = ["## Headline: the reward at each λ\n",
+             "The held-out reward (the return the policy was trained on, quality + λ · diversity) of each learned "
+             "run at each λ minus each rival's at the same λ, paired over the test prompts (95% bootstrap). Rivals: "
+             + "; ".join(f"`{k}` = {v}" for k, v in RIVAL_FAMILIES.items()) + ".\n"]
+    table = [[r["learned"], f"{r['lambda']:g}", _md_escape(r["rival_label"]), _fmt(r["learned_reward"]),
+              _fmt(r["rival_reward"]), _fmt_diff(r), r["verdict"]] for r in rows]
+    lines.append(_table(["learned", "λ", "rival", "learned reward", "rival reward", "learned − rival", "verdict"],
+                        table))
+    return lines + [""]
+
+
 def _fronts_section(data: dict) -> list[str]:
     fronts = data.get("fronts") or []
     if not fronts:
@@ -265,6 +283,7 @@ def write_report(path: Path, data: dict, main: list, results: dict, reference, p
     setup = data["setup"]
     lines = [*_setup_section(setup, reference, warnings),
              *_verdict_section(data, reference),
+             *_headline_section(data),
              *_fronts_section(data),
              *_tables_section(main, results),
              *_category_section(data, main),

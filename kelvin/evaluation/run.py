@@ -33,9 +33,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.prompts import Prompt, load_prompts
+from envs.prompts import Prompt, load_prompts, select_prompts
 from kelvin.config import KelvinConfig
-from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables
+from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
+from kelvin.evaluation.headline import reward_headline
 from kelvin.evaluation.goals import category_tables, compute_fronts, goals
 from kelvin.evaluation.metrics import METRICS, group_by_prompt, prompt_metrics
 from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectories
@@ -46,24 +47,6 @@ from kelvin.rundir import unusable_output_dir, write_atomic, write_text_atomic
 from policies.features import FEATURE_SPEC_VERSION
 
 __all__ = ["check_output_dir", "evaluate", "select_prompts"]
-
-
-def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[Prompt]:
-    """The first ``max_prompts`` prompts taken round-robin over categories (file order within each)."""
-    prompts = list(prompts)
-    if max_prompts is None or max_prompts >= len(prompts):
-        return prompts
-    by_cat: OrderedDict[str, list[Prompt]] = OrderedDict()
-    for p in prompts:
-        by_cat.setdefault(p.category, []).append(p)
-    out: list[Prompt] = []
-    i = 0
-    while len(out) < max_prompts:
-        for items in by_cat.values():
-            if i < len(items) and len(out) < max_prompts:
-                out.append(items[i])
-        i += 1
-    return out
 
 
 def check_output_dir(out: Path) -> None:
@@ -227,6 +210,8 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             episodes = {e.params["t"]: [ep for g in done[e.cache_key].groups for ep in g] for e in points}
             tables[family] = tune_tables(episodes, lambdas, reward)
             families[family] = table_entries(tables[family], family, truncation, config)
+            rival = "fixed-tuned" + family[len("table"):]  # the headline's fixed-T rival, tuned by the same runs
+            families[rival] = tuned_fixed_entries(tables[family], rival, truncation, config)
     finally:
         runner.close()
     return families, tables, interrupted
@@ -340,7 +325,9 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
         if ev.table_temperatures and config.env.include_category:
             table_fams, tables, interrupted = _tables(config, lambdas, train_truncation, seed, out, resume, progress)
             fams.update(table_fams)
-    entries = list(OrderedDict((e.cache_key, e) for e in main + [e for es in fams.values() for e in es]).values())
+    rivals = {f: fams.pop(f) for f in list(fams) if f.startswith("fixed-tuned")}  # the headline's, not a front
+    entries = list(OrderedDict((e.cache_key, e) for e in main + [e for es in (*fams.values(), *rivals.values())
+                                                                 for e in es]).values())
     runner = Runner(config, prompts, seed, out / "cache", resume)
     try:
         results, stopped = ({}, True) if interrupted else _run_entries(runner, entries, "evaluate", progress)
@@ -354,6 +341,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
         raise EvaluationError("interrupted before the first compared policy finished; nothing to report (rerun with "
                               "--resume)")
     fams = {f: es for f, es in fams.items() if all(e.cache_key in results for e in es)}  # complete families only
+    rivals = {f: es for f, es in rivals.items() if all(e.cache_key in results for e in es)}
     if interrupted:
         warnings.append("interrupted (Ctrl-C): the report covers the runs finished so far")
 
@@ -371,6 +359,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
                      for f, es in fams.items()},
         "tables": {f: {f"{lam:g}": t for lam, t in ts.items()} for f, ts in tables.items()},
         "fronts": fronts,
+        "headline": reward_headline(results, main, {**fams, **rivals}, ev.bootstrap, seed),
         "goals": goals(results, main, fams, fronts, ev.bootstrap, seed) if fams else {},
         "categories": category_tables(results, main, fams),
         "metric_definitions": {m.name: {"group": m.group, "unit": m.unit, "direction": m.direction, "doc": m.doc}

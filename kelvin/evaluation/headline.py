@@ -1,0 +1,53 @@
+"""The evaluation's headline: the objective itself, at each λ of a learned policy's front.
+
+At each diversity setting λ the learned policy was evaluated at, its held-out **reward** (the return it was
+trained on: quality + λ · diversity, absolute) minus that of each rival at the same λ, with a paired 95%
+bootstrap interval over the test prompts (DESIGN.md, "Evaluation"):
+
+| rival | what it is | tuned on |
+|---|---|---|
+| ``fixed-tuned`` | the one fixed temperature with the best validation reward at that λ | validation split, the table family's grid |
+| ``table`` | the per-category temperature table at that λ | the same validation runs |
+| ``base`` | the run's own tuned base alone (``base:RUN``: the residual at zero) | train split, before PPO |
+
+Every rival from the fixed grid gets the same tuning budget (the table family's validation runs); the base
+is what PPO started from, so ``learned − base`` is what PPO added.
+"""
+
+from __future__ import annotations
+
+from kelvin.evaluation.statistics import verdict
+from kelvin.evaluation.metrics import METRIC_BY_NAME
+from envs.text_metrics import paired_bootstrap_ci
+
+__all__ = ["RIVAL_FAMILIES", "reward_headline"]
+
+RIVAL_FAMILIES = {"fixed-tuned": "best fixed T (tuned on validation at λ)", "table": "per-category table at λ",
+                  "fixed-tuned@train": "best fixed T at the learned truncation (tuned on validation at λ)",
+                  "table@train": "per-category table at the learned truncation", "base": "its tuned base (residual 0)"}
+
+
+def _lam(entry) -> float | None:
+    return None if entry.diversity is None else round(float(entry.diversity), 9)
+
+
+def reward_headline(results: dict, main: list, fams: dict, n_resamples: int, seed: int) -> list[dict]:
+    """One row per (learned run, λ, rival): ``{run, lambda, rival, rival_name, learned, rival_reward, mean, low,
+    high, verdict}``, the difference ``learned − rival`` of the per-prompt reward at that λ."""
+    rivals = [e for f, es in fams.items() if f in RIVAL_FAMILIES for e in es]
+    rivals += [e for e in main if e.family == "base"]
+    rows = []
+    for e in main:
+        if e.family != "learned" or _lam(e) is None:
+            continue
+        ours = results[e.cache_key].per_prompt["reward"]
+        for r in rivals:
+            if _lam(r) != _lam(e) or (r.family == "base" and r.run_dir != e.run_dir):
+                continue
+            theirs = results[r.cache_key].per_prompt["reward"]
+            mean, low, high = paired_bootstrap_ci(ours, theirs, n_resamples=n_resamples, seed=seed)
+            rows.append({"run": e.run_dir, "learned": e.name, "lambda": float(e.diversity), "rival": r.family,
+                         "rival_name": r.name, "rival_label": r.label, "learned_reward": float(ours.mean()),
+                         "rival_reward": float(theirs.mean()), "mean": float(mean), "low": float(low),
+                         "high": float(high), "verdict": verdict(METRIC_BY_NAME["reward"], low, high)})
+    return rows

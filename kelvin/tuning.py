@@ -1,0 +1,219 @@
+"""Fixed-temperature runs, cached; per-category temperature tables; the tuned base of a residual policy.
+
+**Cached, not recomputed.** A fixed temperature's episodes are deterministic given the model, the
+prompts, the env and reward settings and the seed (DESIGN.md, "Devices and speed"). :class:`EpisodeCache`
+keeps them, keyed by a hash of exactly those inputs, in the run directory (``cache/``) and in the machine's
+cache (``$KELVIN_CACHE/episodes`` or ``~/.cache/kelvin/episodes``): training's validation baselines and the
+base tuning of a second run with the same settings cost nothing. Settings that do not change a token
+(``env.overlap``, ``env.workers``, ``env.ray_address``) are left out of the key.
+
+**Tables.** :func:`tune_tables` picks, for each λ, the temperature of a grid with the highest mean reward
+in each category. The reward of an episode at any λ is ``quality + λ · diversity`` with the episode's
+own components, and a fixed temperature's tokens do not depend on λ, so one run per temperature scores
+every λ (exactly: the same sum the env computes). The evaluation's per-category table family and the
+residual policy's base (:func:`tune_base`, on the **train** split) are both tuned by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from envs.prompts import Prompt, load_prompts, select_prompts
+from kelvin.rollout import collect_episodes
+from kelvin.rundir import write_text_atomic
+from policies.tuned_base import ALL, TunedBase, interpolation_grid
+
+__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "episode_rewards", "quality_diversity", "run_cached", "tune_base",
+           "tune_tables"]
+
+CACHE_VERSION = 1
+"""Bump when a change of the env, sampler or reward code changes the episodes of the same inputs."""
+
+_KEPT = ("row", "k", "group", "prompt_id", "category", "answerable", "correct", "diversity", "reward_components",
+         "episode", "temperatures", "completion", "TimeLimit.truncated")
+
+
+def compact_episode(info: dict) -> dict:
+    """The JSON-safe part of an end-of-episode info that validation, tuning and reports read."""
+    out = {k: info[k] for k in _KEPT if k in info}
+    out["temperatures"] = [float(t) for t in np.asarray(info.get("temperatures", ()), dtype=np.float64)]
+    out["episode"] = {k: float(v) for k, v in info["episode"].items()}
+    out["reward_components"] = {k: float(v) for k, v in info["reward_components"].items()}
+    return out
+
+
+def quality_diversity(episodes: Sequence[dict], reward_config) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted quality return and diversity return of each episode (R,), (R,), from its components."""
+    from envs.rewards import DIVERSITY_COMPONENTS
+
+    weights = reward_config.weights()
+    q = np.asarray([sum(w * e["reward_components"][k] for k, w in weights.items() if k not in DIVERSITY_COMPONENTS)
+                    for e in episodes], dtype=np.float64)
+    d = np.asarray([sum(w * e["reward_components"][k] for k, w in weights.items() if k in DIVERSITY_COMPONENTS)
+                    for e in episodes], dtype=np.float64)
+    return q, d
+
+
+def episode_rewards(episodes: Sequence[dict], reward_config, lam: float | np.ndarray | None = None) -> np.ndarray:
+    """Absolute returns of ``episodes`` (R,): ``quality + λ · diversity`` from each episode's components, at the
+    episode's own λ (``diversity``) or at ``lam``. The env's return with ``group_baseline`` off, in float64."""
+    q, d = quality_diversity(episodes, reward_config)
+    lams = np.asarray([e["diversity"] for e in episodes], dtype=np.float64) if lam is None else lam
+    return q + lams * d
+
+
+class EpisodeCache:
+    """Episodes of deterministic runs as JSON files named by the hash of their inputs. ``dirs`` are read in
+    order (the first that holds a key answers); a new entry is written, atomically, to the last one (the
+    machine's cache), and :meth:`keep_in` copies every entry used so far to another (a run directory, once
+    the run has started: a run that fails to start leaves its directory empty)."""
+
+    def __init__(self, *dirs: Path | None):
+        self.dirs = [Path(d) for d in dirs if d is not None]
+        self.used: dict[str, tuple[list[dict], str]] = {}
+
+    @staticmethod
+    def default_dir(model_config) -> Path:
+        from envs.lm import cache_root
+
+        return cache_root(getattr(model_config, "cache_dir", None)) / "episodes"
+
+    @staticmethod
+    def key(env, policy_key: str, seed: int, episodes_per_row: int) -> str:
+        """Hash of everything a run's episodes depend on: model, prompts, env and reward settings, seed, policy."""
+        core = env.core
+        cfg = {k: v for k, v in asdict(env.config).items() if k not in ("overlap", "workers", "ray_address", "seed")}
+        lm = core.lm
+        payload = {"version": CACHE_VERSION, "model": [getattr(lm, "name", None), str(lm.device),
+                                                       str(getattr(getattr(lm, "model", None), "dtype", ""))],
+                   "prompts": [[p.id, p.text, p.category, p.answers] for p in core.prompts],
+                   "env": cfg, "reward": asdict(core.reward.config), "seed": int(seed),
+                   "episodes_per_row": int(episodes_per_row), "policy": policy_key}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> list[dict] | None:
+        for d in self.dirs:
+            path = d / f"{key}.json"
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text())
+                    self.used[key] = (data["episodes"], data["about"])
+                    return data["episodes"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # a damaged entry is recomputed
+        return None
+
+    def put(self, key: str, episodes: list[dict], about: str) -> None:
+        self.used[key] = (episodes, about)
+        if self.dirs:
+            self._write(self.dirs[-1], key)
+
+    def keep_in(self, directory: Path) -> None:
+        """Write every entry used so far to ``directory`` too (those it has not got)."""
+        for key in self.used:
+            if not (Path(directory) / f"{key}.json").is_file():
+                self._write(Path(directory), key)
+
+    def _write(self, directory: Path, key: str) -> None:
+        episodes, about = self.used[key]
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(directory / f"{key}.json", json.dumps({"about": about, "episodes": episodes}))
+        except OSError as exc:  # a read-only machine cache costs time, never the run
+            print(f"note: could not cache {about} in {directory} ({exc.strerror or exc})", file=sys.stderr)
+
+
+def run_cached(env, policy, policy_key: str | None, n_prompts: int, seed: int, cache: EpisodeCache | None,
+               on_step: Callable[[], None] | None = None) -> tuple[list[dict], bool]:
+    """Episodes of ``policy`` on the first ``n_prompts`` prompts of ``env``'s schedule, K samples each (compact,
+    ordered by (row, k)), and whether they came from ``cache``. ``policy_key`` None: not cached (a policy
+    that changes, the learned one)."""
+    per_row = max(1, math.ceil(n_prompts / (env.num_envs // env.config.group_size)))
+    key = None if cache is None or policy_key is None else EpisodeCache.key(env, policy_key, seed, per_row)
+    if key is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit, True
+    episodes = [compact_episode(e) for e in collect_episodes(env, policy, episodes_per_row=per_row, seed=seed,
+                                                             on_step=on_step)["episodes"]]
+    if key is not None:
+        cache.put(key, episodes, about=policy_key)
+    return episodes, False
+
+
+def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
+    """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
+    in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
+    return of each episode (``reward`` a :class:`envs.rewards.RewardModel` or its config); ties go to the lower
+    temperature. ``other`` (a category the runs did not see, or every prompt) gets the overall best."""
+    config = getattr(reward, "config", reward)
+    temps = sorted(episodes_by_t)
+    parts = {}  # T -> (categories (R,), quality (R,), diversity (R,))
+    for t in temps:
+        eps = episodes_by_t[t]
+        parts[t] = (np.asarray([e["category"] for e in eps]), *quality_diversity(eps, config))
+    categories = sorted({c for cats, _, _ in parts.values() for c in cats})
+    tables: dict[float, dict[str, float]] = {}
+    for lam in lambdas:
+        def score(t: float, cat: str | None) -> float:
+            cats, q, d = parts[t]
+            mask = np.ones(len(cats), dtype=bool) if cat is None else cats == cat
+            return float(np.mean(q[mask] + lam * d[mask])) if mask.any() else -np.inf
+        table = {c: max(temps, key=lambda t, c=c: (score(t, c), -t)) for c in categories}
+        table["other"] = max(temps, key=lambda t: (score(t, None), -t))
+        tables[float(lam)] = table
+    return tables
+
+
+def tuning_prompts(config) -> list[Prompt]:
+    """The train-split prompts the base is tuned on: ``policy.base_prompts`` of them, round-robin over categories."""
+    prompts = load_prompts(config.env.prompts, split=config.env.split, categories=config.env.categories)
+    return select_prompts(prompts, config.policy.base_prompts)
+
+
+def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None] | None = None) -> tuple[TunedBase, dict]:
+    """Tune the base of a residual policy (``config.policy.base``: ``table`` or ``fixed``) on the train split with
+    the training reward (absolute returns): every temperature of ``policy.base_temperatures`` runs once on the
+    same prompts and random stream, and each (category, λ) of the grid gets the best one. Returns the base and
+    a record ``{prompts, answerable, temperatures, lambdas, wall_s, cached}``."""
+    from envs.generation import TemperatureVecEnv
+    from policies.registry import make_policy
+
+    pc = config.policy
+    t0 = time.perf_counter()
+    prompts = tuning_prompts(config)
+    env = TemperatureVecEnv(replace(config.env, seed=config.train.seed + 2), lm=lm, prompts=prompts,
+                            reward=replace(config.reward, group_baseline=False))
+    try:
+        runs, hits = {}, 0
+        for t in pc.base_temperatures:
+            policy = make_policy(f"fixed:{t}", env.feature_spec, env.action_mapping)
+            runs[float(t)], hit = run_cached(env, policy, f"fixed:{float(t)!r}", len(prompts),
+                                            config.train.seed + 20_011, cache, on_step)
+            hits += hit
+    finally:
+        env.close()
+    lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_lambdas)
+    tables = tune_tables(runs, lambdas, config.reward)
+    if pc.base == "fixed":
+        rows = {ALL: tuple(tables[lam]["other"] for lam in lambdas)}
+    else:
+        # a category the tuning prompts did not hold (a small base_prompts) gets the overall best, as "other" does
+        names = sorted({c for table in tables.values() for c in table} | set(config.env.feature_spec().categories))
+        rows = {c: tuple(tables[lam].get(c, tables[lam]["other"]) for lam in lambdas) for c in names}
+    base = TunedBase(kind=pc.base, lambdas=lambdas, temperatures=rows)
+    record = {"prompts": len(prompts), "answerable": sum(p.answerable for p in prompts),
+              "temperatures": [float(t) for t in pc.base_temperatures], "lambdas": list(lambdas),
+              "wall_s": time.perf_counter() - t0, "cached": hits == len(pc.base_temperatures)}
+    return base, record
+

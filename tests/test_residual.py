@@ -1,0 +1,180 @@
+"""The residual policy on a tuned base: the base's lookup and interpolation, a zero residual is exactly the base
+(in the actor, in the training env and in an export), the base round-trips, tuning and validation arithmetic by
+hand, and bad bases refused with one line. Stub LM only: fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from envs.generation import TemperatureVecEnv
+from envs.prompts import CATEGORIES
+from envs.residual import ResidualActionVecEnv
+from kelvin.config import ConfigError, load_config
+from kelvin.export import export_learned, learned_policy
+from kelvin.rundir import RunDir, RunDirError
+from kelvin.tuning import episode_rewards, tune_tables
+from kelvin.validation import group_means, paired_margin
+from policies.artifact import load_policy
+from policies.features import FeatureSettings, FeatureSpec
+from policies.tuned_base import BaseError, BaseModule, TunedBase, TunedBasePolicy
+from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
+
+SPEC = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, CATEGORIES)
+TABLE = TunedBase(kind="table", lambdas=(0.0, 1.0, 2.0),
+                  temperatures={**{c: (0.2, 0.6, 1.0) for c in CATEGORIES}, "math": (0.0, 0.0, 0.4),
+                                "other": (0.5, 0.5, 0.5)})
+
+
+def _obs(categories: list[int], lams: list[float], spec: FeatureSpec = SPEC) -> torch.Tensor:
+    """Raw observations (B, F) with a category one-hot and λ, every other feature 0.3."""
+    obs = torch.full((len(lams), spec.dim), 0.3)
+    if spec.categories:
+        start = spec.index(f"category_{spec.categories[0]}")
+        obs[:, start:start + len(spec.categories) + 1] = 0.0
+        for row, c in enumerate(categories):
+            obs[row, start + c] = 1.0
+    obs[:, spec.index("diversity_weight")] = torch.tensor(lams)
+    return obs
+
+
+def test_base_module_picks_the_category_and_interpolates_in_lambda_by_hand():
+    module = TABLE.module(SPEC, SYMMETRIC)  # linear on [-2, 2]: action = T / 2
+    math_row, other_row = CATEGORIES.index("math"), len(CATEGORIES)
+    obs = _obs([0, 0, 0, math_row, math_row, other_row, 0], [0.0, 0.5, 1.0, 1.5, 2.0, 1.3, 5.0])
+    expected = torch.tensor([0.2, 0.4, 0.6, 0.2, 0.4, 0.5, 1.0]) / 2  # (0.2+0.6)/2 = 0.4; (0+0.4)/2 = 0.2; λ=5 clamps
+    torch.testing.assert_close(module(obs), expected, atol=1e-7, rtol=0)
+    assert module(obs)[2] == SYMMETRIC.to_action(torch.tensor([0.6]))[0]  # exact at a grid point
+    policy = TunedBasePolicy(TABLE, SPEC, SYMMETRIC)
+    torch.testing.assert_close(policy.temperatures(obs), expected * 2, atol=2e-7, rtol=0)
+    assert TABLE.temperature("math", 1.5) == pytest.approx(0.2) and TABLE.temperature("nope", 0.7) == 0.5
+
+
+def test_fixed_base_reads_lambda_only():
+    base = TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.0, 1.2)})
+    spec = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, ())
+    out = base.module(spec, SYMMETRIC)(_obs([], [0.0, 1.0, 2.0], spec))
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.3, 0.6]), atol=1e-7, rtol=0)
+
+
+def _stub_env(seed=0):
+    config = stub_config(batch_size=4, group_size=2, max_new_tokens=4, seed=seed,
+                         features=FeatureSettings(include_diversity_weight=True))
+    return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
+
+
+def test_zero_residual_is_exactly_the_base_in_the_actor_the_training_env_and_the_export(tmp_path):
+    env = _stub_env()
+    spec, mapping = env.feature_spec, env.action_mapping
+    base = TunedBase(kind="table", lambdas=(0.0, 1.0, 2.0),
+                     temperatures={**{c: (0.3 + 0.1 * i, 0.7, 1.1 - 0.05 * i) for i, c in enumerate(CATEGORIES)},
+                                   "other": (0.5, 0.9, 1.3)})
+    wrapped = ResidualActionVecEnv(env, base.module(spec, mapping))
+    model = PPO("MlpPolicy", wrapped, n_steps=4, batch_size=8, seed=0, device="cpu")
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.zero_()
+    actor = learned_policy(model, None, spec, mapping, base=base)
+    reference = TunedBasePolicy(base, spec, mapping)
+    obs = wrapped.reset()
+    for _ in range(6):  # the env applies base + zero residual: every row at its base temperature
+        t_actor = actor.temperatures(obs)
+        assert torch.equal(actor.actions(torch.as_tensor(obs)), reference.actions(torch.as_tensor(obs)))
+        obs_next, _, _, infos = wrapped.step(np.zeros((4, 1), dtype=np.float32))
+        applied = torch.tensor([info["temperature"] for info in infos], dtype=torch.float32)
+        active = torch.tensor([info["active"] for info in infos])
+        torch.testing.assert_close(applied[active], t_actor[active], atol=1e-6, rtol=0)
+        obs = obs_next
+    lam = obs[:, obs_col(env, "diversity_weight")]
+    assert len(set(lam.round(6).tolist())) > 1  # the groups' λ differ: the interpolation is exercised
+    out = export_learned(model.policy, tmp_path / "export", spec, mapping, model={"name": "stub", "vocab_size": 8},
+                         diversity_range=(0.0, 2.0), base=base)
+    assert json.loads((out / "spec.json").read_text())["base"] == base.to_dict()
+    exported = load_policy(out)
+    probe = torch.as_tensor(obs)
+    assert torch.equal(exported.actions(probe), reference.actions(probe))
+    env.close()
+
+
+def test_trained_residual_is_added_to_the_base_and_clipped():
+    env = _stub_env()
+    spec, mapping = env.feature_spec, env.action_mapping
+    base = TunedBase(kind="fixed", lambdas=(0.0,), temperatures={"all": (1.8,)})  # action 0.9 on [-2, 2]
+    model = PPO("MlpPolicy", ResidualActionVecEnv(env, base.module(spec, mapping)), n_steps=4, batch_size=8, seed=0)
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.fill_(0.3)  # residual +0.3: 0.9 + 0.3 = 1.2 -> clipped to 1
+    obs = torch.as_tensor(env.reset())
+    torch.testing.assert_close(learned_policy(model, None, spec, mapping, base=base).actions(obs), torch.ones(4))
+    with torch.no_grad():
+        model.policy.action_net.bias.fill_(-0.5)
+    torch.testing.assert_close(learned_policy(model, None, spec, mapping, base=base).actions(obs),
+                               torch.full((4,), 0.4), atol=1e-6, rtol=0)
+    env.close()
+
+
+def test_base_round_trips_through_the_run_directory(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.load_base() is None  # a run without a base
+    run.base_file.write_text(json.dumps({**TABLE.to_dict(), "tuning": {"prompts": 32}}))
+    assert run.load_base() == TABLE
+    run.base_file.write_text("{not json")
+    with pytest.raises(RunDirError, match="base.json.*damaged"):
+        run.load_base()
+
+
+def test_bad_bases_are_refused_with_one_line_naming_them():
+    with pytest.raises(ConfigError, match=r"policy\.base.*'tabel'"):
+        load_config(None, ["policy.base=tabel"])
+    with pytest.raises(ConfigError, match="env.include_category is false: use policy.base: fixed"):
+        load_config(None, ["env.include_category=false"])
+    assert load_config(None, ["env.include_category=false", "policy.base=fixed"]).policy.base == "fixed"
+    partial = TunedBase(kind="table", lambdas=(0.0, 2.0), temperatures={"code": (0.1, 0.2), "other": (0.5, 0.5)})
+    with pytest.raises(BaseError, match="does not cover category 'creative_writing'"):
+        partial.check_serves(SPEC, (0.0, 2.0))
+    with pytest.raises(BaseError, match=r"λ range \[0, 3\] is outside the range the base was tuned on \[0, 2\]"):
+        TABLE.check_serves(SPEC, (0.0, 3.0))
+    with pytest.raises(BaseError, match="strictly increasing"):
+        TunedBase(kind="fixed", lambdas=(1.0, 0.0), temperatures={"all": (0.1, 0.2)})
+    with pytest.raises(BaseError, match="kind='tabel'"):
+        TunedBase.from_dict({"kind": "tabel", "lambdas": [0.0], "temperatures": {"all": [0.5]}})
+
+
+def _episode(category, quality_logprob, semantic, lam=0.0, row=0, k=0):
+    comps = {"logprob": quality_logprob, "repetition": 0.0, "anomaly": 0.0, "entropy": 0.0, "coherence": 0.0,
+             "text_anomaly": 0.0, "correct": 0.0, "group_semantic": semantic, "group_ngram": 0.0}
+    return {"category": category, "reward_components": comps, "diversity": lam, "row": row, "k": k}
+
+
+def test_tune_tables_by_hand():
+    """Reward = logprob (weight 1) + λ · 6 · semantic. code: T=0 scores -1 + 0 = -1, T=1 scores -3 + λ·6·0.5:
+    T=1 wins once 3λ > 2, i.e. λ > 2/3. math: T=0 always (-0.5 vs -4 + 3λ·0.5... never above at λ <= 2)."""
+    from envs.rewards import RewardConfig
+
+    runs = {0.0: [_episode("code", -1.0, 0.0), _episode("math", -0.5, 0.0)],
+            1.0: [_episode("code", -3.0, 0.5), _episode("math", -4.0, 0.25)]}
+    tables = tune_tables(runs, [0.0, 0.5, 1.0, 2.0], RewardConfig())
+    assert [tables[lam]["code"] for lam in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 1.0, 1.0]
+    assert [tables[lam]["math"] for lam in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 0.0, 0.0]
+    # other: mean over both prompts. T=0: -0.75; T=1: -3.5 + λ·6·0.375 = -3.5 + 2.25λ -> wins above λ = 11/9
+    assert [tables[lam]["other"] for lam in (0.0, 1.0, 2.0)] == [0.0, 0.0, 1.0]
+    np.testing.assert_allclose(episode_rewards(runs[1.0], RewardConfig(), 2.0), [-3.0 + 6.0, -4.0 + 3.0])
+
+
+def test_validation_interval_by_hand():
+    """Two groups whose differences are 0 and 2: the bootstrap means are 0, 1, 2 with chances 1/4, 1/2, 1/4, so
+    the 95% interval is [0, 2] around the mean 1; constant differences give a zero-width interval."""
+    assert paired_margin(np.array([3.0, 5.0]), np.array([3.0, 3.0]), 2000, 0) == {"mean": 1.0, "low": 0.0,
+                                                                                   "high": 2.0}
+    assert paired_margin(np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.5, 2.5]), 2000, 0) == {
+        "mean": 0.5, "low": 0.5, "high": 0.5}
+    # group means follow (row // K, k): rows 0-1 are group 0, rows 2-3 group 1; k is the episode index
+    episodes = [{"row": r, "k": k} for r in range(4) for k in range(2)]
+    values = [10 * r + k for r in range(4) for k in range(2)]
+    np.testing.assert_allclose(group_means(episodes, 2, values), [5.0, 6.0, 25.0, 26.0])
+    assert not math.isnan(paired_margin(np.array([1.0, 3.0]), np.array([0.0, 0.0]), 50, 1)["low"])
