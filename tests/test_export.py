@@ -56,13 +56,19 @@ def _dummy_ppo(spec: FeatureSpec, **ppo_kwargs):
     return PPO("MlpPolicy", _Env(), policy_kwargs={"net_arch": [32, 32]}, device="cpu", seed=0, **ppo_kwargs)
 
 
-def _sb3_actions(model, obs: np.ndarray, norm: dict | None) -> np.ndarray:
-    """The reference: SB3's own numpy path (VecNormalize's formula in numpy, then ``policy.predict``)."""
+def _sb3_actions(model, obs: np.ndarray, norm: dict | None, base=None) -> np.ndarray:
+    """The reference: SB3's own numpy path (VecNormalize's formula in numpy, then ``policy.predict``), plus the
+    tuned base as the training env's residual wrapper adds it (``base``: a BaseModule, or None)."""
     x = np.asarray(obs, dtype=np.float32)
     if norm is not None:
         x = np.clip((x - norm["mean"]) / np.sqrt(norm["var"] + norm["epsilon"]), -norm["clip"], norm["clip"])
     actions, _ = model.policy.predict(x.astype(np.float32), deterministic=True)
-    return np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0)  # (B, 1)
+    actions = np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0)  # (B, 1)
+    if base is None:
+        return actions
+    with torch.no_grad():
+        shift = base(torch.as_tensor(np.asarray(obs, dtype=np.float32))).numpy()  # (B,)
+    return np.clip(actions + shift[:, None], -1.0, 1.0)
 
 
 def _random_obs(spec: FeatureSpec, n: int, seed: int = 0) -> np.ndarray:
@@ -662,7 +668,10 @@ def test_trained_policy_round_trips_without_sb3(smoke_run, tmp_path):
     obs = _random_obs(art.feature_spec, 32, seed=5)
     actions, info = _load_in_fresh_process(export, obs, tmp_path)
     assert info["sb3"] is False and info["type"] == "ExportedPolicy"
-    reference = _sb3_actions(PPO.load(smoke_run / "model.zip", device="cpu"), obs, norm)
+    from kelvin.rundir import RunDir
+
+    base = RunDir(smoke_run).load_base().module(art.feature_spec, art.action_mapping)
+    reference = _sb3_actions(PPO.load(smoke_run / "model.zip", device="cpu"), obs, norm, base)
     np.testing.assert_allclose(actions, reference, atol=1e-6, rtol=0)
 
 

@@ -20,7 +20,7 @@ from kelvin.evaluation.statistics import verdict
 from kelvin.evaluation.metrics import METRIC_BY_NAME
 from envs.text_metrics import paired_bootstrap_ci
 
-__all__ = ["RIVAL_FAMILIES", "reward_headline"]
+__all__ = ["RIVAL_FAMILIES", "dial_check", "reward_headline"]
 
 RIVAL_FAMILIES = {"fixed-tuned": "best fixed T (tuned on validation at λ)", "table": "per-category table at λ",
                   "fixed-tuned@train": "best fixed T at the learned truncation (tuned on validation at λ)",
@@ -51,3 +51,32 @@ def reward_headline(results: dict, main: list, fams: dict, n_resamples: int, see
                          "rival_reward": float(theirs.mean()), "mean": float(mean), "low": float(low),
                          "high": float(high), "verdict": verdict(METRIC_BY_NAME["reward"], low, high)})
     return rows
+
+
+def dial_check(results: dict, main: list) -> list[dict]:
+    """Does each learned run's diversity dial run the right way? Per run: accuracy (answerable prompts) and
+    semantic distance (open prompts) at each λ, and whether accuracy at the lowest λ is at least that at the
+    highest and semantic distance rises from the lowest λ to the highest."""
+    import numpy as np
+
+    runs: dict[str, list] = {}
+    for e in main:
+        if e.family == "learned" and e.diversity is not None:
+            runs.setdefault(e.run_dir, []).append(e)
+    out = []
+    for run, entries in runs.items():
+        entries = sorted(entries, key=lambda e: e.diversity)
+        points = []
+        for e in entries:
+            per = results[e.cache_key].per_prompt
+            acc, sem = np.asarray(per["accuracy"], dtype=float), np.asarray(per["semantic_distance"], dtype=float)
+            answerable = np.isfinite(acc)
+            points.append({"lambda": float(e.diversity),
+                           "accuracy": float(acc[answerable].mean()) if answerable.any() else None,
+                           "semantic_distance_open": float(sem[~answerable].mean()) if (~answerable).any() else None})
+        lo, hi = points[0], points[-1]
+        out.append({"run": run, "points": points,
+                    "accuracy_falls_with_lambda": None if lo["accuracy"] is None else lo["accuracy"] >= hi["accuracy"],
+                    "diversity_rises_with_lambda": None if lo["semantic_distance_open"] is None
+                    else hi["semantic_distance_open"] > lo["semantic_distance_open"]})
+    return out

@@ -147,6 +147,11 @@ def _headline_section(data: dict) -> list[str]:
               _fmt(r["rival_reward"]), _fmt_diff(r), r["verdict"]] for r in rows]
     lines.append(_table(["learned", "λ", "rival", "learned reward", "rival reward", "learned − rival", "verdict"],
                         table))
+    for d in data.get("dial") or []:
+        pts = ", ".join(f"λ={p['lambda']:g}: accuracy {_fmt(p['accuracy'])}, semantic distance (open) "
+                        f"{_fmt(p['semantic_distance_open'])}" for p in d["points"])
+        lines.append(f"\n- The dial of {d['run']}: {pts}. Accuracy at the lowest λ >= at the highest: "
+                     f"{d['accuracy_falls_with_lambda']}; diversity rises with λ: {d['diversity_rises_with_lambda']}.")
     return lines + [""]
 
 

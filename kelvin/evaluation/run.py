@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from envs.prompts import Prompt, load_prompts, select_prompts
 from kelvin.config import KelvinConfig
 from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
-from kelvin.evaluation.headline import reward_headline
+from kelvin.evaluation.headline import dial_check, reward_headline
 from kelvin.evaluation.goals import category_tables, compute_fronts, goals
 from kelvin.evaluation.metrics import METRICS, group_by_prompt, prompt_metrics
 from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectories
@@ -360,6 +360,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
         "tables": {f: {f"{lam:g}": t for lam, t in ts.items()} for f, ts in tables.items()},
         "fronts": fronts,
         "headline": reward_headline(results, main, {**fams, **rivals}, ev.bootstrap, seed),
+        "dial": dial_check(results, main),
         "goals": goals(results, main, fams, fronts, ev.bootstrap, seed) if fams else {},
         "categories": category_tables(results, main, fams),
         "metric_definitions": {m.name: {"group": m.group, "unit": m.unit, "direction": m.direction, "doc": m.doc}
