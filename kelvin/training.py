@@ -268,7 +268,7 @@ class KelvinCallback(BaseCallback):
         every = self.config.train.validate_every
         last = self.model.num_timesteps >= self.model._total_timesteps  # the validation after training covers it
         if every and self.n_rollouts % every == 0 and not last and not self.stop.requested:
-            self.validate()
+            self.validate(pending=True)
         self._updating = True  # SB3 runs this rollout's PPO update next
         self._t_rollout_end = time.perf_counter()
 
@@ -278,19 +278,20 @@ class KelvinCallback(BaseCallback):
         v = self.validation
         return learned_policy(self.model, self.vec_normalize, v.feature_spec, v.action_mapping, base=self.base)
 
-    def validate(self) -> dict | None:
+    def validate(self, pending: bool = False) -> dict | None:
         """Learned policy vs every fixed temperature and vs the base on the validation prompts (same prompts, λ
-        draws and seeds); None when a stop request ended it."""
+        draws and seeds); None when a stop request ended it. ``pending``: the rollout just collected has not been
+        learned from yet (a periodic validation at a rollout's end)."""
         t0 = time.perf_counter()
         try:
-            return self._validate()
+            return self._validate(pending)
         except _ValidationStopped:
             print("validation stopped", file=sys.stderr, flush=True)
             return None
         finally:
             self.perf["validation_s"] += time.perf_counter() - t0
 
-    def _validate(self) -> dict:
+    def _validate(self, pending: bool) -> dict:
         tc = self.config.train
         episodes = self.validation.episodes(self._policy())
         v = self.validation.compare(episodes, self.model.num_timesteps)
@@ -319,13 +320,19 @@ class KelvinCallback(BaseCallback):
                 lines.append(f"**{e['prompt_id']}** ({e['category']}), return {e['episode']['r']:.2f}\n\n"
                              f"    {e['completion']!r}\n\ntemperatures: [{trace}]")
             writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
-        self.history.append({"step": v["step"], "updates": self.model._n_updates // self.config.ppo.n_epochs,
+        self.history.append({"step": v["step"], "updates": _updates(self.config, v["step"]) - int(pending),
                              "learned_reward": v["learned"]["reward"], "margin_vs_best_fixed": v["margin_vs_best_fixed"],
                              "margin_vs_base": v["margin_vs_base"]})
         v["history"] = self.history  # the margins against the update number, this run's resumes included
         self.last_validation = v
         write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
         return v
+
+
+def _updates(config: KelvinConfig, step: int) -> int:
+    """PPO updates behind ``step`` env steps: one per rollout (SB3's ``_n_updates`` counts epochs, fewer with
+    ``target_kl``). At a periodic validation, the rollout just collected is not yet learned from."""
+    return int(step) // (config.ppo.n_steps * config.env.batch_size * config.env.workers)
 
 
 def _validation_history(run: RunDir) -> list[dict]:
@@ -509,7 +516,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     "base_tuning_s": None if tuning is None else tuning["wall_s"],
                     "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
             summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
-                       "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
+                       "updates": _updates(config, saved.step),
                        "interrupted": interrupted, "signal": stop.name,
                        "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
                        "validation": validation, "export": None if export_dir is None else str(export_dir),

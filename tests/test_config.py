@@ -51,7 +51,7 @@ CASES = {
                       "(e.g. ppo.policy_kwargs.net_arch: [64, 64])"),
     "seed word": ("train:\n  seed: abc\n", None, "train.seed='abc': must be an integer >= 0 (e.g. train.seed: 0)"),
     "negative lr": ("ppo:\n  learning_rate: -1\n", None,
-                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0005)"),
+                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0001)"),
     "infinite t_max": ("env:\n  action:\n    t_max: .inf\n", None,
                        "env.action.t_max=inf: must be a finite number (e.g. env.action.t_max: 2.4)"),
     "top_p above 1": ("env:\n  truncation:\n    top_p: 1.5\n", None,
