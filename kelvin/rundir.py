@@ -22,8 +22,9 @@ Training, export and evaluation all read runs through :class:`RunDir`, :func:`lo
 :func:`write_atomic`: a temporary file in the same directory, flushed and fsynced, checked, then
 ``os.replace``d over the target, so a crash, a SIGKILL or a full disk leaves the old file or the new
 one, never a torn one. A model is saved as a :class:`Snapshot` (the bytes of ``PPO.save`` and
-``VecNormalize.save`` taken at one moment, after a PPO update); writing one checks that the file loads
-before it replaces anything. The normaliser records the step of its model (``kelvin_step``), so a
+``VecNormalize.save`` taken at one moment, after a PPO update), written as one transaction: both files
+complete and checked to load back before either replaces anything, so a failed save keeps the previous
+pair. The normaliser records the step of its model (``kelvin_step``), so a
 ``model.zip`` and a ``vecnormalize.pkl`` from two different saves are never paired.
 
 **Ownership.** :meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one
@@ -33,6 +34,7 @@ skipping damaged ones with a warning that names them and says why.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -107,6 +109,15 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
     file is removed, ``path`` is left as it was, and a :class:`SaveError` names the file and the cause.
     """
     path = Path(path)
+    tmp = _stage(path, data, check)
+    _commit([(tmp, path)])
+    return path
+
+
+def _stage(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
+    """The first half of :func:`write_atomic`: ``data`` in a complete, fsynced and checked temporary file beside
+    ``path`` (returned); ``path`` is not touched. On failure the temporary file is removed and a
+    :class:`SaveError` names ``path`` and the cause."""
     tmp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
     try:  # mode 0o666 minus the umask, as a plain open() would create the file (mkstemp's 0o600 is not)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -119,7 +130,6 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
             os.fsync(fh.fileno())
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -128,8 +138,46 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
             raise SaveError(f"{path} was not written: the new file does not load back ({exc}); "
                             f"{_kept(path)}") from None
         raise
-    _fsync_dir(path.parent)
-    return path
+    return tmp
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """The second half: rename each staged ``(temporary, target)`` over its target, as one step. Should a rename
+    fail (the file system turned read-only...), the targets already replaced get their previous files back (kept
+    as hard links until every rename is done), the temporary files are removed, and a :class:`SaveError` names the
+    file. Only a crash between two renames (microseconds) can leave a new file beside an old one: the
+    normaliser's ``kelvin_step`` then tells them apart (:func:`load_vecnormalize`)."""
+    backups: list[tuple[Path, Path | None]] = []  # (target, hard link to its previous file, or None: had none)
+    target = staged[0][1]
+    try:
+        for tmp, target in staged:
+            backup = None
+            if len(staged) > 1 and target.exists():
+                backup = target.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-previous-{target.name}")
+                os.link(target, backup)
+            backups.append((target, backup))
+            os.replace(tmp, target)
+    except OSError as exc:
+        failed = target
+        for done, backup in backups:  # put back what was replaced before the failure
+            if done == failed:
+                break
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, done)
+                else:
+                    done.unlink()
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for _, backup in backups:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        raise SaveError(_save_message(failed, exc)) from None
+    for _, backup in backups:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+    for directory in dict.fromkeys(target.parent for _, target in staged):
+        _fsync_dir(directory)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -427,14 +475,24 @@ class Snapshot:
         return cls(int(model.num_timesteps), int(model._n_updates), buffer.getvalue(), norm)
 
     def write(self, model_file: str | Path, norm_file: str | Path) -> None:
-        """Write both files atomically, each checked to load back before it replaces the old one (normaliser
-        first: a model file is only ever replaced once its statistics are on disk)."""
+        """Write the model and its normaliser as one transaction: both go to temporary files, each checked to load
+        back (the normaliser paired with this step), and only once both are complete are they renamed over the
+        previous pair (:func:`_commit`). A failed save (full disk, read-only file system) leaves the previous pair
+        as it was, loadable, and raises a :class:`SaveError`."""
         model_file, norm_file = Path(model_file), Path(norm_file)
-        if self.normalizer is not None:
-            write_atomic(norm_file, self.normalizer, check=lambda p: load_vecnormalize(p, step=self.step))
-        elif norm_file.exists():
-            norm_file.unlink()  # a stale normaliser must not pass for this model's
-        write_atomic(model_file, self.model, check=load_ppo)
+        staged = []
+        try:
+            if self.normalizer is not None:
+                staged.append((_stage(norm_file, self.normalizer,
+                                      check=lambda p: load_vecnormalize(p, step=self.step)), norm_file))
+            staged.append((_stage(model_file, self.model, check=load_ppo), model_file))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        _commit(staged)
+        if self.normalizer is None:
+            norm_file.unlink(missing_ok=True)  # a stale normaliser must not pass for this model's
 
 
 @dataclass(frozen=True)

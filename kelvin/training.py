@@ -448,6 +448,21 @@ def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool):
     return run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
 
 
+def _newest_loadable(run: RunDir, config: KelvinConfig) -> str:
+    """Where ``--resume`` would continue from, in words (for the messages of a run that could not save)."""
+    tc = config.train
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point = run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    except RunDirError:
+        point = None
+    if point is None:
+        return f"no model of {run.path} loads: --resume {run.path} would start again from step 0"
+    return (f"the newest model that loads is {point.model_file} (step {point.step}): continue from it with --resume "
+            f"{run.path}")
+
+
 def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None,
           overwrite: bool = False) -> dict:
     """Train (or resume) a PPO temperature policy; returns a summary with the last validation.
@@ -507,10 +522,12 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                 crash = exc
             saved = callback.snapshot
             export_dir = None
+            written = False  # this session wrote model.zip
             if saved is not start:  # an update completed in this process
                 with stop.saving():
                     try:
                         saved.write(run.model_file, run.normalizer_file)
+                        written = True
                     except SaveError as exc:
                         failure = failure or exc
                 if failure is None and crash is None:
@@ -519,8 +536,13 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             if crash is not None:
                 env.close()
                 val_env.close()
-                print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
-                      f"continue with --resume {run.path}", file=sys.stderr)
+                if written:
+                    outcome = f"saved the model of step {saved.step}; continue with --resume {run.path}"
+                else:
+                    lost = "no PPO update completed in this session" if saved is start else \
+                        f"{run.model_file.name} of step {saved.step} could not be written"
+                    outcome = f"{lost}; {_newest_loadable(run, config)}"
+                print(f"{type(crash).__name__} at step {model.num_timesteps}: {outcome}", file=sys.stderr)
                 raise crash
             if learned and not stop.requested and failure is None:
                 validation = callback.validate()
@@ -529,9 +551,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             env.close()
             val_env.close()
             if failure is not None:
-                kept = run.saved_models()
-                raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
-                                f"{kept[0][1] if kept else 'none'}: free space, then continue with --resume {run.path}")
+                raise SaveError(f"{failure}. Training stopped at step {saved.step}; {_newest_loadable(run, config)} "
+                                "once the cause is fixed")
             interrupted = stop.requested
             wall = time.perf_counter() - t0
             timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
