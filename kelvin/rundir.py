@@ -43,14 +43,16 @@ import pickle
 import re
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["RunDir", "RunDirError", "ResumePoint", "SaveError", "Snapshot", "load_ppo", "load_vecnormalize",
+__all__ = ["RunDir", "RunDirError", "RunDirLocked", "ResumePoint", "SaveError", "Snapshot", "load_ppo", "load_vecnormalize",
            "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip")
@@ -78,6 +80,10 @@ def unusable_output_dir(path: Path) -> tuple[str, Path, str] | None:
 
 class RunDirError(ValueError):
     """A run directory or a file in it that cannot be used; the message names the file and the fix."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live process trains in this run directory (its lock file names it)."""
 
 
 class SaveError(RunDirError):
@@ -217,6 +223,7 @@ class RunDir:
     validation_file = property(lambda self: self.path / "validation.json")
     summary_file = property(lambda self: self.path / "summary.json")
     export_dir = property(lambda self: self.path / "export")
+    lock_file = property(lambda self: self.path / "train.lock")
 
     def require(self) -> "RunDir":
         """Self, or a FileNotFoundError when the directory or its ``config.yaml`` is missing."""
@@ -243,7 +250,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ ownership
     OWN_ENTRIES = ("config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "checkpoints", "tb",
-                   "validation.json", "summary.json", "export")
+                   "validation.json", "summary.json", "export", "train.lock")
     """What a run directory holds (what ``--overwrite`` removes)."""
 
     def check_writable(self) -> None:
@@ -270,7 +277,7 @@ class RunDir:
         directory holding anything else (it is not a run directory: nothing of the user's is deleted).
         """
         self.check_writable()
-        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        entries = sorted(p.name for p in self.path.iterdir() if p != self.lock_file) if self.path.is_dir() else []
         if entries and not overwrite:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise RunDirError(f"run directory {self.path} is not empty ({shown}); continue that run with "
@@ -287,6 +294,54 @@ class RunDir:
                 target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's exclusive writer lock (``train.lock``: pid, host and start time of the holder) for the
+        ``with`` block; the directory is created when missing. Another live holder is a :class:`RunDirLocked`
+        naming it; the lock of a process that is gone (a dead pid on this host: a crash, a SIGKILL) is stale and
+        taken over. Readers (evaluation, export) never take it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = _stage(self.lock_file, json.dumps(mine).encode())
+        try:
+            for _ in range(2):  # a stale lock is removed once, then taken
+                try:
+                    os.link(tmp, self.lock_file)  # atomic, and refuses an existing lock
+                    break
+                except FileExistsError:
+                    holder = self.lock_holder()
+                    if holder is not None and not _is_dead(holder):
+                        raise RunDirLocked(
+                            f"run directory {self.path} is in use: {_describe_holder(holder)} holds "
+                            f"{self.lock_file.name}; wait for it to end (or stop it), or, if that process is gone, "
+                            f"delete {self.lock_file}") from None
+                    warnings.warn(f"{self.lock_file}: taking over the stale lock of "
+                                  f"{_describe_holder(holder) if holder else 'an unreadable holder'}", RuntimeWarning,
+                                  stacklevel=3)
+                    self.lock_file.unlink(missing_ok=True)
+            else:
+                raise RunDirLocked(f"run directory {self.path}: another process took {self.lock_file.name} at the "
+                                   "same moment; try again")
+        except OSError as exc:
+            raise SaveError(_save_message(self.lock_file, exc)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if self.lock_holder() == mine:
+                with contextlib.suppress(OSError):  # a file system gone read-only: the lock goes stale with us
+                    self.lock_file.unlink(missing_ok=True)
+
+    def lock_holder(self) -> dict | None:
+        """``{"pid", "host", "since"}`` of the process holding the run's lock; None when none (or unreadable)."""
+        try:
+            holder = json.loads(self.lock_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) and {"pid", "host", "since"} <= set(holder) else None
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete temporary files a killed save left behind (never a complete file); returns them."""
@@ -354,6 +409,23 @@ class RunDir:
                 ")" if self.checkpoints() else ""
             raise FileNotFoundError(f"{model} is missing: nothing to load{hint}")
         return model, model.with_name(model.stem + "_vecnormalize.pkl")
+
+
+def _is_dead(holder: dict) -> bool:
+    """True when a lock's holder is certainly gone: a pid that no longer runs on this host (another host: unknown)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it runs, as another user
+        return False
+    return False
+
+
+def _describe_holder(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
 def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:

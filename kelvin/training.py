@@ -436,14 +436,18 @@ def _export(run: RunDir, env: TemperatureVecEnv) -> Path | None:
         return None
 
 
-def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool):
-    """Claim (new run) or check (resume) the run directory before anything heavy loads; the resume point."""
+def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool, held: contextlib.ExitStack):
+    """Take the run's lock (into ``held``) and claim (new run) or check (resume) the run directory before anything
+    heavy loads; the resume point."""
     tc = config.train
     if not resume:
+        run.check_writable()
+        held.enter_context(run.lock())
         run.claim(overwrite)
         return None
     run.require()
     run.check_writable()
+    held.enter_context(run.lock())
     run.remove_stale_temps()
     return run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
 
@@ -469,15 +473,16 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
 
     A new run needs an empty (or new) ``run_dir``; ``overwrite`` replaces an earlier run there. ``resume``
     continues from the newest model of the run that loads (a finished run returns at once with
-    ``summary["finished"]``; raise ``train.total_timesteps`` to go on). Raises :class:`RunDirError` (a
+    ``summary["finished"]``; raise ``train.total_timesteps`` to go on). The run's lock (:meth:`RunDir.lock`) is
+    held throughout: a second writer is refused. Raises :class:`RunDirError` (a
     directory that cannot be used, or a save that failed: the message says what is kept) and
     :class:`CheckpointError` (nothing to continue from).
     """
     run = RunDir(run_dir)
     tc = config.train
     t0 = time.perf_counter()
-    with TrainingStop() as stop:
-        point = _start(config, run, resume, overwrite)
+    with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock, released at the end
+        point = _start(config, run, resume, overwrite, held)
         if point is not None and point.step >= tc.total_timesteps:
             return {"run_dir": str(run.path), "timesteps": point.step, "finished": True, "interrupted": False,
                     "signal": None, "wall_s": 0.0, "validation": None, "export": None}

@@ -131,3 +131,69 @@ def test_a_full_disk_during_the_final_save_of_a_resume_keeps_the_run(smoke_run, 
     proc = run_train(["--resume", str(run_dir), *more])  # what the message says works
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert RunDir(run_dir).resume_point(normalized=True).step == 128
+
+# --------------------------------------------------------------------------- one writer per run directory (D3)
+def _new_run_dir(tmp_path: Path, overrides: list[str] | None = None) -> RunDir:
+    """A run directory as train.py leaves it once started (config.yaml), before its first save."""
+    from kelvin.config import load_config
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoint_dir.mkdir(parents=True)
+    run.config_file.write_text(load_config(SMOKE, overrides).to_yaml())
+    return run
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_stale(tmp_path, capsys):
+    from kelvin.training import main
+
+    run = _new_run_dir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    host = socket.gethostname()
+    lock = {"pid": holder.pid, "host": host, "since": "2026-12-03T00:00:00Z"}
+    try:
+        run.lock_file.write_text(json.dumps(lock))
+        refused = (f"error: run directory {run.path} is in use: pid {holder.pid} on host {host} (since "
+                   f"2026-12-03T00:00:00Z) holds train.lock; wait for it to end (or stop it), or, if that process "
+                   f"is gone, delete {run.lock_file}\n")
+        assert main(["--resume", str(run.path)]) == 2
+        assert capsys.readouterr().err == refused
+        # nor may a new run replace the directory of a run that trains
+        assert main(["--config", str(SMOKE), "--run-dir", str(run.path), "--overwrite"]) == 2
+        assert capsys.readouterr().err == refused
+        assert json.loads(run.lock_file.read_text()) == lock and run.config_file.is_file()
+        # readers take no lock
+        assert RunDir(run.path).load_config().train.total_timesteps == 96
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(RuntimeWarning, match=f"taking over the stale lock of pid {holder.pid} on host"):
+        with run.lock():
+            assert run.lock_holder()["pid"] == os.getpid()
+            with pytest.raises(RunDirError, match=f"is in use: pid {os.getpid()} on host"):
+                with RunDir(run.path).lock():
+                    pass
+    assert not run.lock_file.exists()  # released at the end
+
+
+
+@pytest.mark.slow
+def test_a_second_train_py_in_a_running_run_is_refused(tmp_path):
+    import signal
+
+    from conftest import run_train
+    from test_faults import _popen_train, _wait_for_first_checkpoint
+
+    run_dir = tmp_path / "busy"
+    first = _popen_train(["--config", str(SMOKE), "--run-dir", str(run_dir), "--set", "train.total_timesteps=100000",
+                          "--set", "train.validate_every=0"])
+    try:
+        _wait_for_first_checkpoint(run_dir, first)
+        second = run_train(["--resume", str(run_dir)])
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.startswith(f"error: run directory {run_dir} is in use: pid {first.pid} on host "
+                                        f"{socket.gethostname()} (since "), second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=600)
+    assert first.returncode == 143 and not (run_dir / "train.lock").exists()
