@@ -58,8 +58,8 @@ from envs.lm import ModelConfig
 from envs.rewards import RewardConfig
 from samplers.core import did_you_mean
 
-__all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MOVED_KEYS", "PPOConfig", "PolicyKwargs", "TrainConfig", "apply_overrides",
-           "load_config"]
+__all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MODEL_SETTINGS", "MOVED_KEYS", "PPOConfig", "PolicyKwargs",
+           "TrainConfig", "apply_overrides", "load_config", "model_setting_changes"]
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
@@ -287,6 +287,33 @@ class KelvinConfig:
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+MODEL_SETTINGS = ("model.name", "env.max_new_tokens", "env.include_category", "env.features", "env.action",
+                  "train.normalize_obs", "ppo.policy_kwargs")
+"""Settings a trained model is bound to: the LM whose logits its features describe, the observation layout
+(``env.features``, the horizon ``env.max_new_tokens``, the category one-hot), what its actions mean
+(``env.action``), whether it sees normalised observations, and its network's shape."""
+
+
+def _leaves(value, prefix: str) -> dict[str, Any]:
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def model_setting_changes(saved: KelvinConfig, new: KelvinConfig) -> list[str]:
+    """The :data:`MODEL_SETTINGS` that differ between a run's ``saved`` config and ``new`` one, as
+    ``"env.include_category: true -> false"`` (empty when a model trained under ``saved`` fits ``new``)."""
+    changes = []
+    for path in MODEL_SETTINGS:
+        block, key = path.split(".")
+        old, now = _leaves(getattr(getattr(saved, block), key), path), _leaves(getattr(getattr(new, block), key), path)
+        changes += [f"{k}: {_yaml_value(old.get(k))} -> {_yaml_value(now.get(k))}" for k in dict.fromkeys([*old, *now])
+                    if old.get(k) != now.get(k)]
+    return changes
 
 
 MOVED_KEYS = {

@@ -52,7 +52,7 @@ from envs.distributed import make_vec_env
 from envs.generation import TemperatureVecEnv, init_helper_thread
 from envs.lm import load_causal_lm
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
-from kelvin.config import KelvinConfig, load_config
+from kelvin.config import KelvinConfig, load_config, model_setting_changes
 from kelvin.export import export_run, learned_policy
 from kelvin.rollout import collect_episodes
 from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_text_atomic
@@ -448,8 +448,20 @@ def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool, hel
     run.require()
     run.check_writable()
     held.enter_context(run.lock())
+    changes = model_setting_changes(run.load_config(), config)  # checked before config.yaml is touched
+    if changes:
+        raise RunDirError(f"--resume {run.path}: the saved model is bound to settings this config changes "
+                          f"({'; '.join(changes)}); drop those --set overrides (nothing was changed), or train a new "
+                          "run with them")
     run.remove_stale_temps()
-    return run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    point = run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    if point is not None:
+        saved = tuple(load_ppo(point.model_file, device=tc.policy_device).observation_space.shape)
+        if saved != (config.env.feature_spec().dim,):
+            raise RunDirError(f"--resume {run.path}: {point.model_file.name} takes observations of shape {saved}, "
+                              f"this config gives {config.env.feature_spec().dim} features; its config.yaml does not "
+                              "describe the model: restore the config.yaml it was trained with")
+    return point
 
 
 def _newest_loadable(run: RunDir, config: KelvinConfig) -> str:

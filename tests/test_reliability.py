@@ -197,3 +197,34 @@ def test_a_second_train_py_in_a_running_run_is_refused(tmp_path):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=600)
     assert first.returncode == 143 and not (run_dir / "train.lock").exists()
+
+# --------------------------------------------------------------------------- a resume may not change the model's settings (D2)
+def test_resume_refuses_changing_what_the_model_is_bound_to_before_touching_config_yaml(tmp_path, capsys):
+    from kelvin.training import main
+
+    run = _new_run_dir(tmp_path)
+    before = run.config_file.read_bytes()
+    code = main(["--resume", str(run.path), "--set", "env.include_category=false", "--set", "env.action.t_max=2.0"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume {run.path}: the saved model is bound to settings this config changes "
+        "(env.include_category: true -> false; env.action.t_max: 2.4 -> 2.0); drop those --set overrides (nothing "
+        "was changed), or train a new run with them\n")
+    assert run.config_file.read_bytes() == before
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "config.yaml"]  # no lock left behind
+
+
+def test_model_setting_changes_lists_only_what_binds_the_model():
+    from kelvin.config import load_config, model_setting_changes
+
+    saved = load_config(SMOKE)
+    free = load_config(SMOKE, ["train.total_timesteps=4096", "ppo.learning_rate=1e-4", "env.batch_size=8",
+                               "reward.coherence=1.0"])
+    assert model_setting_changes(saved, free) == []
+    bound = load_config(SMOKE, ["model.name=/models/other.gguf", "env.max_new_tokens=16",
+                                "env.features.include_diversity_weight=false", "train.normalize_obs=false",
+                                "ppo.policy_kwargs.net_arch=[32]"])
+    assert model_setting_changes(saved, bound) == [
+        "model.name: smollm2-135m-instruct -> /models/other.gguf", "env.max_new_tokens: 8 -> 16",
+        "env.features.include_diversity_weight: true -> false", "train.normalize_obs: true -> false",
+        "ppo.policy_kwargs.net_arch: [64, 64] -> [32]"]
