@@ -26,6 +26,21 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _message(exc: BaseException) -> str:
+    """An exception's message on one line: a pydantic ValidationError (a settings object rebuilt by the code with a
+    value it does not take) is named field by field, not dumped."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err.get("ctx", {}).get("error", err["msg"]))
+        parts.append(f"{exc.title}{'.' + where if where else ''}: {message}")
+    return "; ".join(dict.fromkeys(parts))
+
+
 def run_cli(body: Callable[[], int], debug: bool = False) -> int:
     """``body()``'s exit code; an exception becomes one line on stderr (re-raised as it is when ``debug``)."""
     previous = warnings.formatwarning
@@ -46,7 +61,7 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, BAD_INPUT):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_message(exc)}", file=sys.stderr)
             return 2
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -272,11 +272,13 @@ class KelvinConfig:
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
-    def __post_init__(self):
+    def check_training(self) -> None:
+        """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout. Not a
+        build-time check: evaluation rebuilds the env block with its own batch and never runs PPO."""
         rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
         if self.ppo.batch_size > rollout:
-            raise ValueError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
-                             f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+            raise ConfigError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
+                              f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -528,8 +530,10 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KelvinConfig:
-    """Read a YAML config (None = the embedded defaults), apply overrides, check every block.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                training: bool = True) -> KelvinConfig:
+    """Read a YAML config (None = the embedded defaults), apply overrides, check every block (and, when it is for
+    ``training``, the rules only training needs: :meth:`KelvinConfig.check_training`).
 
     Raises :class:`ConfigError` (one line per problem) before anything heavy is loaded.
     """
@@ -549,4 +553,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(p)
         if not isinstance(raw, dict):
             _build(raw, source)  # the empty / non-mapping error
-    return _build(apply_overrides(raw, overrides), source)
+    config = _build(apply_overrides(raw, overrides), source)
+    if training:
+        try:
+            config.check_training()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return config

@@ -490,6 +490,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     directory that cannot be used, or a save that failed: the message says what is kept) and
     :class:`CheckpointError` (nothing to continue from).
     """
+    config.check_training()
     run = RunDir(run_dir)
     tc = config.train
     t0 = time.perf_counter()

@@ -228,3 +228,42 @@ def test_model_setting_changes_lists_only_what_binds_the_model():
         "model.name: smollm2-135m-instruct -> /models/other.gguf", "env.max_new_tokens: 8 -> 16",
         "env.features.include_diversity_weight: true -> false", "train.normalize_obs: true -> false",
         "ppo.policy_kwargs.net_arch: [64, 64] -> [32]"]
+
+
+# --------------------------------------------------------------------------- evaluation checks only what it uses (B1)
+def test_evaluation_config_may_shrink_the_batch_below_the_ppo_minibatch(tmp_path):
+    from dataclasses import replace
+
+    from kelvin.config import ConfigError, load_config
+
+    config = load_config(SMOKE, ["env.batch_size=2"], training=False)  # PPO's minibatch (32) > 8 x 2: not its concern
+    rebuilt = replace(config, env=replace(config.env, batch_size=2, group_size=2))  # what evaluate() builds
+    assert rebuilt.env.batch_size == 2
+    with pytest.raises(ConfigError, match=r"smoke.yaml: ppo.batch_size=32 exceeds the rollout size .* = 16"):
+        load_config(SMOKE, ["env.batch_size=2"])  # for training it is
+    with pytest.raises(ConfigError, match=r"^ppo.batch_size=32 exceeds the rollout size"):
+        rebuilt.check_training()
+
+
+def test_a_settings_error_raised_inside_the_code_is_one_line(capsys):
+    from kelvin.cli import run_cli
+    from policies.actions import ActionMapping
+
+    def body():
+        ActionMapping(t_min=3.0, t_max=1.0)
+
+    assert run_cli(body) == 2
+    assert capsys.readouterr().err == "error: ActionMapping: t_min=3.0 must be below t_max=1.0; set a non-empty " \
+                                      "temperature range\n"
+
+
+@pytest.mark.slow
+def test_evaluate_with_one_prompt_runs(tmp_path, capsys):
+    from kelvin.evaluation import main
+
+    out = tmp_path / "out"
+    code = main(["--config", str(SMOKE), "--policies", "fixed:0.7", "--no-families", "--set", "evaluation.max_prompts=1",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and "validation error" not in err, err
+    assert json.loads((out / "metrics.json").read_text())["setup"]["n_prompts"] == 1

@@ -45,31 +45,35 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set evaluation.samples=4 --set evaluation.minp=[] "
                         "(sizes and grids live in the evaluation block; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line of ``evaluate.py``; exit code 2 with a one-line error for bad input."""
+    """Command line of ``evaluate.py``: exit code 2 with a one-line error for bad input, 130 after Ctrl-C (the report
+    of what finished is written; before the first run, nothing is), ``--debug`` for a traceback."""
+    from kelvin.cli import run_cli
+
     args = parser().parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    try:
+
+    def body() -> int:
         specs = parse_policy_specs(args.policies or ("learned" if args.run else "all"))
         learned_target = args.run or next((s.partition(":")[2] for s in specs if s.startswith("learned:")), None)
         config_path = args.config
         if config_path is None:
             config_path = model_files(learned_target)[0].config_file if learned_target else "configs/default.yaml"
-        config = load_config(config_path, args.overrides)
+        config = load_config(config_path, args.overrides, training=False)  # evaluation checks what it uses
         split = None if args.split in ("all", "none", "") else args.split
         name = Path(learned_target).name if learned_target else Path(config_path).stem
         out = Path(args.out or Path("reports") / name)
         data = evaluate(config, out, specs, run=args.run, split=split, prompts_file=args.prompts, seed=args.seed,
                         families=args.families, resume=args.resume, progress=not args.no_progress, command=command)
-    except (ValueError, FileNotFoundError) as exc:  # EvaluationError, ConfigError, RunDirError: one line each
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
-    for goal in data["goals"].values():
-        verdicts = goal.get("main_front", {})
-        beaten = sum(v == "outside" for v in verdicts.values())
-        print(f"{goal['label']}: outside the hull of {beaten} of {len(verdicts)} families on the main front")
-    return 130 if data["interrupted"] else 0
+        print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
+        for goal in data["goals"].values():
+            verdicts = goal.get("main_front", {})
+            beaten = sum(v == "outside" for v in verdicts.values())
+            print(f"{goal['label']}: outside the hull of {beaten} of {len(verdicts)} families on the main front")
+        return 130 if data["interrupted"] else 0
+
+    return run_cli(body, debug=args.debug)
