@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -52,8 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["RunDir", "RunDirError", "RunDirLocked", "ResumePoint", "SaveError", "Snapshot", "load_ppo", "load_vecnormalize",
-           "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
+__all__ = ["RunDir", "RunDirError", "RunDirLocked", "ResumePoint", "SaveError", "Snapshot", "content_hash", "load_ppo",
+           "load_vecnormalize", "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip")
 _TEMP_PREFIX = ".kelvin-tmp-"  # temporary files of write_atomic: hidden, never matched by step_*.zip
@@ -509,6 +510,16 @@ def load_vecnormalize(norm_file: str | Path, venv=None, step: int | None = None)
     if venv is not None:
         vec.set_venv(venv)
     return vec
+
+
+def content_hash(*files: str | Path | None) -> str:
+    """SHA-256 (hex) of the bytes of ``files`` in order (None: an absent file, hashed as such): what identifies a
+    saved model and its statistics, whatever their names (a cache keyed on it never mixes two models)."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(b"\0absent\0" if file is None else Path(file).read_bytes())
+        digest.update(b"\0next\0")
+    return digest.hexdigest()
 
 
 def saved_step(model_file: str | Path) -> int | None:

@@ -267,3 +267,55 @@ def test_evaluate_with_one_prompt_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0 and "validation error" not in err, err
     assert json.loads((out / "metrics.json").read_text())["setup"]["n_prompts"] == 1
+
+
+# --------------------------------------------------------------------------- a learned policy is its files (C)
+def _learned_run(tmp_path: Path) -> Path:
+    """A run directory (test_evaluate's untrained policy) with a checkpoint whose actor differs from model.zip."""
+    import shutil
+
+    import torch
+    from stable_baselines3 import PPO
+    from test_evaluate import _make_run
+
+    run = _make_run(tmp_path / "run")
+    (run / "checkpoints").mkdir()
+    model = PPO.load(run / "model.zip", device="cpu")
+    with torch.no_grad():
+        model.policy.action_net.bias.fill_(0.5)
+    model.save(run / "checkpoints" / "step_32.zip")
+    shutil.copy(run / "vecnormalize.pkl", run / "checkpoints" / "step_32_vecnormalize.pkl")
+    return run
+
+
+def test_two_models_of_one_run_are_two_runs_of_the_evaluation(tmp_path):
+    import shutil
+
+    from kelvin.config import load_config
+    from kelvin.evaluation.policies import resolve_policies
+
+    run = _learned_run(tmp_path)
+    config = load_config(SMOKE, ["evaluation.lambdas=[0.5]"])
+    final, checkpoint = resolve_policies([f"learned:{run}", f"learned:{run}/checkpoints/step_32.zip"], config, None, [])
+    assert final.cache_key != checkpoint.cache_key  # each row shows its own model's numbers
+    shutil.copy(run / "checkpoints" / "step_32.zip", run / "model.zip")  # the same files: the same run (and cache)
+    again, _ = resolve_policies([f"learned:{run}", f"learned:{run}/checkpoints/step_32.zip"], config, None, [])
+    assert again.cache_key == checkpoint.cache_key
+
+
+def test_evaluation_and_export_refuse_statistics_of_another_save(tmp_path):
+    from kelvin.config import load_config
+    from kelvin.evaluation import EvaluationError, evaluate
+    from kelvin.export import export_run
+    from kelvin.rundir import RunDirError
+
+    run = _learned_run(tmp_path)
+    (run / "vecnormalize.pkl").write_bytes(_snapshot(64).normalizer)  # a later save's statistics, beside step 0
+    with pytest.raises(EvaluationError, match="holds the statistics of step 64, its model is at step 0"):
+        evaluate(load_config(SMOKE), tmp_path / "out", [f"learned:{run}"])
+    with pytest.raises(RunDirError, match="holds the statistics of step 64, its model is at step 0"):
+        export_run(run, tmp_path / "export")
+    (run / "checkpoints" / "step_32_vecnormalize.pkl").unlink()  # a normalising run without its statistics
+    with pytest.raises(EvaluationError, match=r"normalised its observations \(train.normalize_obs\) but no statistics"):
+        evaluate(load_config(SMOKE), tmp_path / "out", [f"learned:{run}/checkpoints/step_32.zip"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "export").exists()

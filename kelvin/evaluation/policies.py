@@ -12,7 +12,7 @@ import numpy as np
 
 from kelvin.config import ConfigError, KelvinConfig
 from kelvin.export import learned_policy
-from kelvin.rundir import RunDir, RunDirError, load_ppo, load_vecnormalize, model_files
+from kelvin.rundir import RunDir, RunDirError, content_hash, load_ppo, load_vecnormalize, model_files
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
@@ -41,11 +41,15 @@ class PolicyEntry:
     run_dir: str | None = None
     truncation: Truncation | None = None
     diversity: float | None = None
+    model_hash: str | None = None  # a learned policy: content hash of its model and statistics files
 
     @property
     def cache_key(self) -> str:
-        """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it)."""
-        what = {"name": self.family, "params": self.params} if self.run_dir is None else {"run": self.run_dir}
+        """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it). A learned
+        policy is known by the content of its model and statistics files, not by its run's name."""
+        what = {"name": self.family, "params": self.params}
+        if self.run_dir is not None:
+            what = {**what, "run": self.run_dir, "model": self.model_hash}
         return json.dumps({**what, "mapping": asdict(self.policy.action_mapping), "diversity": self.diversity,
                            "truncation": None if self.truncation is None else self.truncation.to_dict()},
                           sort_keys=True, default=str)
@@ -124,13 +128,16 @@ def _check_compatible(target: str, run_cfg: KelvinConfig, config: KelvinConfig, 
                         f"{config.env.truncation.to_dict()}")
 
 
-def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) -> tuple[TemperaturePolicy, str]:
+def load_learned_policy(target: str, config: KelvinConfig,
+                        warnings: list[str]) -> tuple[TemperaturePolicy, str, str]:
     """The :class:`~policies.learned.LearnedPolicy` of a run directory or checkpoint, checked against the
-    evaluation's config; and its run directory.
+    evaluation's config; its run directory; and the content hash of its model and statistics files.
 
     Errors (:class:`EvaluationError`) for a missing path, a run without ``config.yaml``, another LM,
     another feature-spec version or observation layout, another action mapping, an observation size
-    the model does not take, or an unreadable model file. Reward or truncation differences only warn.
+    the model does not take, an unreadable model file, statistics of another save than the model's (as
+    ``--resume`` checks them), or missing statistics of a run that normalised its observations. Reward or
+    truncation differences only warn.
     """
     try:
         run, model_path, norm_path = model_files(target)
@@ -141,18 +148,21 @@ def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) 
     spec = config.env.feature_spec()
     try:
         model = load_ppo(model_path)
-        vec = None if norm_path is None else load_vecnormalize(norm_path)
+        vec = None if norm_path is None else load_vecnormalize(norm_path, step=model.num_timesteps)
     except RunDirError as exc:
         raise EvaluationError(f"learned policy {target!r}: {exc}") from exc
+    if norm_path is None and run_cfg.train.normalize_obs:
+        raise EvaluationError(f"learned policy {target!r}: the run normalised its observations "
+                              f"(train.normalize_obs) but no statistics lie next to {model_path.name}; restore them "
+                              "or evaluate another checkpoint")
     shape = tuple(model.observation_space.shape)
     if shape != (spec.dim,):
         raise EvaluationError(
             f"learned policy {target!r} takes observations of shape {shape} but this feature spec has {spec.dim} "
             f"features ({', '.join(spec.names)}); it was trained with another observation layout")
-    if norm_path is None:
-        warnings.append(f"{target}: no VecNormalize statistics found next to {model_path.name}; using raw observations")
     name = run.path.name if model_path.name == "model.zip" else f"{run.path.name}/{model_path.stem}"
-    return learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})"), str(run.path)
+    return (learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})"), str(run.path),
+            content_hash(model_path, norm_path))
 
 
 # --------------------------------------------------------------------------- specs -> entries
@@ -162,14 +172,15 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
         inner = _entry(spec[len("guarded:"):], config, run, warnings)
         policy = GuardedPolicy(inner.policy)
         return PolicyEntry(f"guarded:{inner.name}", policy.label, "guarded", policy,
-                           params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir)
+                           params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir,
+                           model_hash=inner.model_hash)
     if spec == "learned" or spec.startswith("learned:"):
         target = spec.partition(":")[2] or run
         if not target:
             raise EvaluationError("policy 'learned' needs a run: give --run runs/NAME or learned:runs/NAME")
-        policy, run_dir = load_learned_policy(target, config, warnings)
+        policy, run_dir, model_hash = load_learned_policy(target, config, warnings)
         return PolicyEntry(f"learned:{target}", policy.label, "learned", policy, run_dir=run_dir,
-                           truncation=RunDir(run_dir).load_config().env.truncation)
+                           truncation=RunDir(run_dir).load_config().env.truncation, model_hash=model_hash)
     try:
         policy = make_policy(spec, config.env.feature_spec(), config.env.action)
     except ValueError as exc:
