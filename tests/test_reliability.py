@@ -319,3 +319,14 @@ def test_evaluation_and_export_refuse_statistics_of_another_save(tmp_path):
     with pytest.raises(EvaluationError, match=r"normalised its observations \(train.normalize_obs\) but no statistics"):
         evaluate(load_config(SMOKE), tmp_path / "out", [f"learned:{run}/checkpoints/step_32.zip"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "export").exists()
+
+
+def test_evaluation_refuses_a_lambda_outside_the_trained_range(tmp_path):
+    from kelvin.config import load_config
+    from kelvin.evaluation import EvaluationError, evaluate
+
+    run = _learned_run(tmp_path)
+    with pytest.raises(EvaluationError) as err:
+        evaluate(load_config(SMOKE, ["evaluation.lambdas=[0.0, 50.0]"]), tmp_path / "out", [f"learned:{run}"])
+    assert str(err.value) == (f"learned:{run}: evaluation.lambdas entry=50 is outside the range the policy was trained "
+                              "on [0, 2]; choose a value in it (or train with env.diversity_range covering 50)")

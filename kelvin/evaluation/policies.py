@@ -18,6 +18,7 @@ from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, make_policy
 from samplers.core import Truncation, did_you_mean
+from samplers.runtime import check_diversity
 
 __all__ = ["EvaluationError", "PolicyEntry", "lambda_grid", "load_learned_policy", "parse_policy_specs",
            "resolve_policies"]
@@ -189,14 +190,19 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
 
 
 def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
-    """The λ values a learned policy is evaluated at: ``evaluation.lambdas``, else ``evaluation.n_lambdas``
-    values evenly over the range its run was trained on; ``[]`` for a policy that does not observe λ."""
+    """The λ values a learned policy is evaluated at: ``evaluation.lambdas`` (each inside the range its run was
+    trained on, else an :class:`EvaluationError`), else ``evaluation.n_lambdas`` values evenly over that range;
+    ``[]`` for a policy that does not observe λ."""
     if entry.run_dir is None or not entry.policy.feature_spec.include_diversity_weight:
         return []
     ev = config.evaluation
-    if ev.lambdas is not None:
-        return [float(v) for v in ev.lambdas]
     low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
+    if ev.lambdas is not None:
+        try:  # a network is not to be trusted on a λ it never saw: the samplers' own check
+            return [check_diversity(v, None, (low, high), owner=f"{entry.name}: evaluation.lambdas entry")
+                    for v in ev.lambdas]
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
     return [float(v) for v in np.linspace(low, high, ev.n_lambdas)] if high > low else [float(low)]
 
 
