@@ -273,12 +273,19 @@ class KelvinConfig:
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def check_training(self) -> None:
-        """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout. Not a
-        build-time check: evaluation rebuilds the env block with its own batch and never runs PPO."""
+        """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the
+        validation's fixed temperatures lie in the action mapping's range. Not a build-time check: evaluation
+        rebuilds the env block with its own batch and never runs PPO."""
         rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
         if self.ppo.batch_size > rollout:
             raise ConfigError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
                               f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+        lo, hi = self.env.action.t_min, self.env.action.t_max
+        outside = [t for t in self.train.validation_temperatures if not lo <= t <= hi]
+        if outside:
+            raise ConfigError(f"train.validation_temperatures={self.train.validation_temperatures}: "
+                              f"{', '.join(f'{t:g}' for t in outside)} outside env.action's range [{lo:g}, {hi:g}]; "
+                              "drop them or widen env.action.t_min / env.action.t_max")
 
     def to_dict(self) -> dict:
         return asdict(self)

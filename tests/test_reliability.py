@@ -330,3 +330,24 @@ def test_evaluation_refuses_a_lambda_outside_the_trained_range(tmp_path):
         evaluate(load_config(SMOKE, ["evaluation.lambdas=[0.0, 50.0]"]), tmp_path / "out", [f"learned:{run}"])
     assert str(err.value) == (f"learned:{run}: evaluation.lambdas entry=50 is outside the range the policy was trained "
                               "on [0, 2]; choose a value in it (or train with env.diversity_range covering 50)")
+
+
+# --------------------------------------------------------------------------- labels that tell the truth (C)
+def test_a_fixed_temperature_outside_its_mapping_is_refused(tmp_path):
+    from kelvin.config import ConfigError, load_config
+    from kelvin.evaluation import EvaluationError, evaluate
+    from policies.actions import ActionMapping
+    from policies.registry import make_policy
+
+    spec = load_config(SMOKE).env.feature_spec()
+    for t, ran in (("-2.0", "-1"), ("9", "2.4"), ("inf", "2.4")):
+        with pytest.raises(ValueError) as err:
+            make_policy(f"fixed:{t}", spec, ActionMapping())
+        assert str(err.value) == (f"FixedTemperature t={float(t):g} is outside its action mapping's range [-1, 2.4] "
+                                  f"(it would run at {ran}); choose a T in the range, or widen it (env.action.t_min / "
+                                  "env.action.t_max)")
+    assert make_policy("fixed:2.4", spec, ActionMapping()).t == 2.4 and make_policy("fixed:-1", spec, None).t == -1
+    with pytest.raises(EvaluationError, match=r"--policies item 'fixed:9': FixedTemperature t=9 is outside"):
+        evaluate(load_config(SMOKE), tmp_path / "out", ["fixed:9"])
+    with pytest.raises(ConfigError, match=r"train.validation_temperatures=\[0.7, 3.0\]: 3 outside env.action's range "):
+        load_config(SMOKE, ["train.validation_temperatures=[0.7, 3.0]"])
