@@ -243,16 +243,17 @@ class Truncation:
 _NO_TRUNCATION = Truncation()
 
 
-def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False) -> str:
+def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False, cutoff: float = 0.6) -> str:
     """``"did you mean 'x'?"`` for the valid name closest to ``name`` (case-insensitive), else ``"valid: a, b"``.
 
-    ``always_list`` adds the valid names after a suggestion too. The one suggestion helper of Kelvin:
-    every layer may import :mod:`samplers.core`.
+    ``always_list`` adds the valid names after a suggestion too; ``cutoff``: how close a suggestion must be
+    (difflib's ratio; raise it to flag only near-misses). The one suggestion helper of Kelvin: every layer may
+    import :mod:`samplers.core`.
     """
     valid = [str(v) for v in valid]
     by_lower = {v.lower(): v for v in valid}
-    close = difflib.get_close_matches(str(name), valid, n=1) or difflib.get_close_matches(
-        str(name).lower(), list(by_lower), n=1)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=cutoff) or difflib.get_close_matches(
+        str(name).lower(), list(by_lower), n=1, cutoff=cutoff)
     listing = f"valid: {', '.join(valid)}"
     if not close:
         return listing

@@ -351,3 +351,22 @@ def test_a_fixed_temperature_outside_its_mapping_is_refused(tmp_path):
         evaluate(load_config(SMOKE), tmp_path / "out", ["fixed:9"])
     with pytest.raises(ConfigError, match=r"train.validation_temperatures=\[0.7, 3.0\]: 3 outside env.action's range "):
         load_config(SMOKE, ["train.validation_temperatures=[0.7, 3.0]"])
+
+
+def test_a_near_miss_of_a_category_is_refused(tmp_path):
+    from envs.prompts import load_prompts
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"text": "Capital of France?", "category": "factual_questoin"}) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_prompts(path)
+    assert str(err.value) == (f"{path}:1: category 'factual_questoin' is not one of the built-in categories (did you "
+                              "mean 'factual_question'?); fix the spelling (a name outside creative_writing, "
+                              "explanation, code, brainstorming, factual_question, summarisation, math conditions the "
+                              "policy as 'other').")
+    for near in ("summarization", "Math"):
+        path.write_text(json.dumps({"text": "x", "category": near}) + "\n")
+        with pytest.raises(ValueError, match=f"category '{near}' is not one of the built-in"):
+            load_prompts(path)
+    path.write_text(json.dumps({"text": "x", "category": "planning"}) + "\n")  # a name of one's own: "other"
+    assert load_prompts(path)[0].category == "planning"
