@@ -30,7 +30,7 @@ from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec, Featurizer
-from samplers.core import Truncation, sample
+from samplers.core import Truncation, did_you_mean, sample
 
 __all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 
@@ -638,6 +638,10 @@ class TemperatureVecEnv(VecEnv):
         return [None for _ in range(self.num_envs)]
 
 
+RESET_OPTIONS = ("prompt", "category", "diversity")
+"""What ``TemperatureEnv.reset(options=...)`` reads: a prompt to generate for (and its category), the λ dial."""
+
+
 class TemperatureEnv(gym.Env):
     """Single-episode Gymnasium view of :class:`TemperatureVecEnv` (one row, same machinery).
 
@@ -669,6 +673,10 @@ class TemperatureEnv(gym.Env):
         if seed is not None:
             self.core.seed(seed)
         prompt_indices = None
+        unknown = [key for key in options or {} if key not in RESET_OPTIONS]
+        if unknown:
+            raise ValueError(f"reset(options=...): unknown option {unknown[0]!r}; "
+                             f"{did_you_mean(unknown[0], RESET_OPTIONS, always_list=True)}")
         if options and "prompt" in options:
             if not isinstance(options["prompt"], str) or not options["prompt"].strip():
                 raise ValueError(f"reset(options={{'prompt': {options['prompt']!r}}}): the prompt is empty; give the "

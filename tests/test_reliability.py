@@ -370,3 +370,18 @@ def test_a_near_miss_of_a_category_is_refused(tmp_path):
             load_prompts(path)
     path.write_text(json.dumps({"text": "x", "category": "planning"}) + "\n")  # a name of one's own: "other"
     assert load_prompts(path)[0].category == "planning"
+
+
+def test_unknown_reset_options_are_refused():
+    from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM
+
+    from envs.generation import TemperatureEnv
+
+    env = TemperatureEnv(lm=StubLM(), max_new_tokens=3, reward=NO_EMBEDDER, action=SYMMETRIC, prompts=STUB_PROMPTS,
+                         token_prior=False)
+    with pytest.raises(ValueError) as err:
+        env.reset(options={"promt": "Name a colour."})
+    assert str(err.value) == ("reset(options=...): unknown option 'promt'; did you mean 'prompt'? (valid: prompt, "
+                              "category, diversity)")
+    _, info = env.reset(options={"prompt": "Name a colour.", "category": "explanation"})
+    assert (info["prompt"], info["category"]) == ("Name a colour.", "explanation")
