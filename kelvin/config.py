@@ -66,7 +66,26 @@ FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``) and refuses a key given twice in
+    one mapping (plain YAML keeps the last silently: one of the two settings would be lost)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` then a key: an override, as YAML means it
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise ConfigError(f"key {key!r} is given twice, at line {first} and line {line}; keep one (YAML "
+                                      "would silently use the last)")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -522,6 +541,8 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             raise ConfigError(f"--set {item!r}: no value after '='; give one{hint} (null for an optional setting)")
         try:
             parsed = _yaml_load(value)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
         except yaml.YAMLError:
             parsed = value  # not YAML: the field's type check names it
         target = raw
@@ -553,6 +574,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "configs/default.yaml")
         try:
             raw = _yaml_load(p.read_text())
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the position shown") from exc
         except UnicodeDecodeError:

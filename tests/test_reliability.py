@@ -385,3 +385,24 @@ def test_unknown_reset_options_are_refused():
                               "category, diversity)")
     _, info = env.reset(options={"prompt": "Name a colour.", "category": "explanation"})
     assert (info["prompt"], info["category"]) == ("Name a colour.", "explanation")
+
+
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path):
+    from kelvin.config import ConfigError, load_config
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("env:\n  batch_size: 4\n  group_size: 2\n  batch_size: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: key 'batch_size' is given twice, at line 2 and line 4; keep one (YAML would "
+                              "silently use the last)")
+    path.write_text("env:\n  batch_size: 4\nppo:\n  n_steps: 8\nenv:\n  group_size: 2\n")
+    with pytest.raises(ConfigError, match="key 'env' is given twice, at line 1 and line 5"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set 'env.action=\{t_min: -1.0, t_min: 0.0\}': key 't_min' is given "
+                                          "twice, at line 1 and line 1"):
+        load_config(None, ["env.action={t_min: -1.0, t_min: 0.0}"])
+    from kelvin.config import _yaml_load
+
+    merged = _yaml_load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")  # a merge key, then an override: still YAML's
+    assert merged == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
