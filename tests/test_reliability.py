@@ -406,3 +406,24 @@ def test_a_key_given_twice_in_a_config_is_refused(tmp_path):
 
     merged = _yaml_load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")  # a merge key, then an override: still YAML's
     assert merged == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_booleans_and_complex_numbers_are_not_numbers_to_the_samplers():
+    import torch
+
+    from samplers.core import apply_temperature, sample
+    from samplers.runtime import check_diversity
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    with pytest.raises(TypeError, match=r"^temperature must hold real numbers; got a tensor of dtype torch.bool"):
+        sample(logits, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="temperature must be a real number"):
+        sample(logits, True)
+    with pytest.raises(TypeError, match=r"^logits must hold real numbers; got a tensor of dtype torch.bool"):
+        sample(logits > 2, 1.0)
+    with pytest.raises(TypeError, match=r"^logits must hold real numbers; got a tensor of dtype torch.complex64: pass "
+                                        "the model's real-valued scores, e.g. logits.float\\(\\)"):
+        apply_temperature(logits.to(torch.complex64), 1.0)
+    with pytest.raises(ValueError, match=r"^diversity=True must be a finite number >= 0"):
+        check_diversity(True, None, (0.0, 2.0))
+    assert check_diversity(1, None, (0.0, 2.0)) == 1.0
