@@ -485,8 +485,9 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
 
     A new run needs an empty (or new) ``run_dir``; ``overwrite`` replaces an earlier run there. ``resume``
     continues from the newest model of the run that loads (a finished run returns at once with
-    ``summary["finished"]``; raise ``train.total_timesteps`` to go on). The run's lock (:meth:`RunDir.lock`) is
-    held throughout: a second writer is refused. Raises :class:`RunDirError` (a
+    ``summary["resumed_finished"]``; raise ``train.total_timesteps`` to go on). ``summary["completed"]``: every
+    ``train.total_timesteps`` step is trained; ``summary["saved"]``: this call wrote ``model.zip``. The run's lock
+    (:meth:`RunDir.lock`) is held throughout: a second writer is refused. Raises :class:`RunDirError` (a
     directory that cannot be used, or a save that failed: the message says what is kept) and
     :class:`CheckpointError` (nothing to continue from).
     """
@@ -497,8 +498,9 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock, released at the end
         point = _start(config, run, resume, overwrite, held)
         if point is not None and point.step >= tc.total_timesteps:
-            return {"run_dir": str(run.path), "timesteps": point.step, "finished": True, "interrupted": False,
-                    "signal": None, "wall_s": 0.0, "validation": None, "export": None}
+            return {"run_dir": str(run.path), "timesteps": point.step, "resumed_finished": True, "completed": True,
+                    "saved": False, "interrupted": False, "signal": None, "wall_s": 0.0, "validation": None,
+                    "export": None}
         torch.manual_seed(tc.seed)
         lm = load_causal_lm(config.model)
         # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
@@ -580,7 +582,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
                     "baselines_s": callback.perf["baselines_s"],  # fixed-T validation, on a thread beside training
                     "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-            summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
+            summary = {"run_dir": str(run.path), "timesteps": saved.step, "resumed_finished": False,
+                       "completed": saved.step >= tc.total_timesteps, "saved": written,
                        "updates": saved.n_updates // config.ppo.n_epochs,  # SB3's _n_updates counts epochs
                        "interrupted": interrupted, "signal": stop.name,
                        "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
@@ -632,10 +635,14 @@ def main(argv: list[str] | None = None) -> int:
 def _report(summary: dict, config: KelvinConfig) -> int:
     """Print the outcome of ``train`` and return the exit code."""
     run_dir, steps = summary["run_dir"], summary["timesteps"]
-    if summary["finished"]:
+    if summary.get("resumed_finished", summary.get("finished")):  # "finished": summaries of earlier releases
         print(f"{run_dir} is finished: {steps} steps of train.total_timesteps={config.train.total_timesteps}; "
               f"to train on, raise it: --resume {run_dir} --set train.total_timesteps=N")
         return 0
+    if summary["interrupted"] and not summary.get("saved", True):
+        print(f"interrupted (nothing saved): {summary['signal']} before the first PPO update of this session "
+              f"completed; continue with --resume {run_dir}")
+        return summary["exit_code"]
     if summary["interrupted"]:
         updates = f"{summary['updates']} PPO update" + ("s" if summary["updates"] != 1 else "")
         print(f"interrupted (model saved): {summary['signal']} at step {steps + summary['discarded_steps']}; saved "

@@ -427,3 +427,57 @@ def test_booleans_and_complex_numbers_are_not_numbers_to_the_samplers():
     with pytest.raises(ValueError, match=r"^diversity=True must be a finite number >= 0"):
         check_diversity(True, None, (0.0, 2.0))
     assert check_diversity(1, None, (0.0, 2.0)) == 1.0
+
+
+# --------------------------------------------------------------------------- what a run says it did (C)
+def _summary(**fields) -> dict:
+    base = {"run_dir": "runs/x", "timesteps": 0, "resumed_finished": False, "completed": False, "saved": False,
+            "updates": 0, "interrupted": True, "signal": "SIGTERM", "discarded_steps": 0, "wall_s": 1.0,
+            "validation": None, "export": None, "exit_code": 143}
+    return {**base, **fields}
+
+
+def test_the_report_of_a_run_says_what_was_saved(capsys):
+    from kelvin.config import load_config
+    from kelvin.training import _report
+
+    config = load_config(SMOKE)
+    assert _report(_summary(), config) == 143
+    assert capsys.readouterr().out == ("interrupted (nothing saved): SIGTERM before the first PPO update of this "
+                                       "session completed; continue with --resume runs/x\n")
+    assert _report(_summary(timesteps=64, saved=True, updates=2, discarded_steps=5), config) == 143
+    assert capsys.readouterr().out.startswith("interrupted (model saved): SIGTERM at step 69; saved the model of "
+                                              "step 64 (2 PPO updates)")
+    finished = _summary(timesteps=96, resumed_finished=True, completed=True, interrupted=False)
+    for summary in (finished, {k: v for k, v in finished.items() if k != "resumed_finished"} | {"finished": True}):
+        assert _report(summary, config) == 0  # "finished": the field's name in earlier releases
+        assert capsys.readouterr().out.startswith("runs/x is finished: 96 steps")
+
+
+@pytest.mark.slow
+def test_sigterm_while_starting_saves_nothing_and_says_so(tmp_path):
+    import signal
+
+    from conftest import ROOT
+
+    run_dir = tmp_path / "early"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "train.lock").exists() and proc.poll() is None:  # the lock: the signal handlers are in place
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    assert out == (f"interrupted (nothing saved): SIGTERM before the first PPO update of this session completed; "
+                   f"continue with --resume {run_dir}\n")
+    assert not (run_dir / "model.zip").exists() and not (run_dir / "train.lock").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["saved"], summary["completed"], summary["resumed_finished"]) == (False, False, False)
+    assert "finished" not in summary
+
+
+@pytest.mark.slow
+def test_a_completed_run_says_so_in_its_summary(smoke_run):
+    summary = json.loads((smoke_run.run_dir / "summary.json").read_text())
+    assert (summary["completed"], summary["saved"], summary["resumed_finished"]) == (True, True, False)
