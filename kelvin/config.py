@@ -54,7 +54,7 @@ from pydantic.dataclasses import dataclass as settings_dataclass
 from pydantic.fields import FieldInfo
 
 from envs.generation import EnvConfig
-from envs.lm import ModelConfig
+from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
 from samplers.core import did_you_mean
 
@@ -219,6 +219,9 @@ class TrainConfig:
     """Show a progress bar while training."""
     policy_device: StrictStr = "cpu"
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
+
+    def __post_init__(self):
+        check_device(self.policy_device, "policy_device")
 
 
 NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]

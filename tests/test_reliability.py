@@ -481,3 +481,20 @@ def test_sigterm_while_starting_saves_nothing_and_says_so(tmp_path):
 def test_a_completed_run_says_so_in_its_summary(smoke_run):
     summary = json.loads((smoke_run.run_dir / "summary.json").read_text())
     assert (summary["completed"], summary["saved"], summary["resumed_finished"]) == (True, True, False)
+
+
+# --------------------------------------------------------------------------- errors that read (B)
+def test_a_device_torch_does_not_know_is_refused_at_load(tmp_path, capsys):
+    from kelvin.config import ConfigError, load_config
+    from kelvin.training import main
+
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["train.policy_device=banana"])
+    assert str(err.value) == (f"{SMOKE}: train: policy_device='banana' is not a device torch knows; use auto, cpu, "
+                              "cuda, cuda:N or mps")
+    with pytest.raises(ConfigError, match="model: device='cuda:x' is not a device torch knows"):
+        load_config(SMOKE, ["model.device=cuda:x"])
+    assert load_config(SMOKE, ["train.policy_device=cuda:1", "model.device=auto"]).train.policy_device == "cuda:1"
+    assert main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), "--set", "train.policy_device=banana"]) == 2
+    assert "policy_device='banana'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # the corrected rerun is not refused
