@@ -9,6 +9,7 @@ shows the full traceback. Warnings print as one ``warning: ...`` line each.
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import warnings
@@ -16,7 +17,7 @@ from typing import Callable
 
 from kelvin.rundir import SaveError
 
-__all__ = ["run_cli", "BAD_INPUT"]
+__all__ = ["run_cli", "run_main", "BAD_INPUT"]
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnicodeError)
 """Errors of a user's input (configs, paths, files): ConfigError, RunDirError, EvaluationError, ArtifactError..."""
@@ -24,6 +25,17 @@ BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryErro
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+def run_main(module: str, argv: list[str] | None = None) -> int:
+    """The entry points' one line (``train.py``, ``evaluate.py``): import ``module`` (torch and the rest: seconds)
+    and return its ``main(argv)``; a Ctrl-C during that import exits 130 with one line, as one later does."""
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT.value
+    return main(argv)
 
 
 def _message(exc: BaseException) -> str:

@@ -498,3 +498,12 @@ def test_a_device_torch_does_not_know_is_refused_at_load(tmp_path, capsys):
     assert main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), "--set", "train.policy_device=banana"]) == 2
     assert "policy_device='banana'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # the corrected rerun is not refused
+
+
+def test_ctrl_c_while_the_entry_point_imports_is_one_line(tmp_path, monkeypatch, capsys):
+    from kelvin.cli import run_main
+
+    (tmp_path / "slow_to_import.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run_main("slow_to_import") == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT)\n"
