@@ -44,6 +44,12 @@ def _truncation(value):
     return Truncation.from_dict(value) if isinstance(value, dict) else value
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed of a run or an evaluation (``train.seed``, ``evaluate.py --seed``): numpy's legacy seeding
+(SB3's ``set_random_seed``) takes 32 bits. The env's own seed (``seed + 1`` for validation...) may go beyond it,
+up to what torch's generators take (63 bits)."""
+
+
 @settings_dataclass(config=ConfigDict(extra="forbid"))
 class EnvConfig:
     """The ``env:`` block of a Kelvin config (its defaults are the embedded default run's).
@@ -92,7 +98,7 @@ class EnvConfig:
     weight, and an observation feature with ``features.include_diversity_weight``)."""
     diversity_values: Optional[list[Lambda]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=2**63 - 1)
     """Seed of the prompt order, the λ draws and the token draws."""
     overlap: StrictBool = True
     """Run the work the model does not wait for on a second thread while the model decodes: scoring the groups

@@ -53,7 +53,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 from pydantic.fields import FieldInfo
 
-from envs.generation import EnvConfig
+from envs.generation import MAX_SEED, EnvConfig
 from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
 from samplers.core import did_you_mean
@@ -196,7 +196,7 @@ class TrainConfig:
 
     total_timesteps: StrictInt = Field(20_480, ge=1)
     """Environment steps (tokens over all rows) to train for: 20 PPO updates by default (~15 min on a 2-core CPU)."""
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     """Seed of PPO, the env's prompt order and token draws."""
     normalize_obs: StrictBool = True
     """Running observation normalisation (VecNormalize); its statistics are saved with the model."""

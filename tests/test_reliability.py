@@ -507,3 +507,16 @@ def test_ctrl_c_while_the_entry_point_imports_is_one_line(tmp_path, monkeypatch,
     monkeypatch.syspath_prepend(str(tmp_path))
     assert run_main("slow_to_import") == 130
     assert capsys.readouterr().err == "interrupted (SIGINT)\n"
+
+
+def test_a_seed_out_of_range_names_the_flag(capsys):
+    from kelvin.config import ConfigError, load_config
+    from kelvin.evaluation import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seed", str(10**23), "--policies", "pid"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --seed: '100000000000000000000000' is not a seed: give an integer in [0, 4294967295]")
+    with pytest.raises(ConfigError, match=r"train.seed=100000000000000000000000: must be an integer in \[0, 4294967295\]"):
+        load_config(SMOKE, [f"train.seed={10**23}"])

@@ -16,6 +16,18 @@ from policies.registry import BASELINE_NAMES
 __all__ = ["main", "parser"]
 
 
+def _seed(text: str) -> int:
+    from envs.generation import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give an integer in [0, {MAX_SEED}]")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Evaluate temperature policies (learned and baselines) on the same prompts and seeds (Kelvin).",
@@ -34,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="prompt split: train, validation, test or all (default: test)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="a .jsonl or .txt prompt file (default: "
                    "the packaged set)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and token draws (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the prompt order and token draws, in [0, 2^32 - 1] "
+                                                      "(default: 0)")
     p.add_argument("--families", action=argparse.BooleanOptionalAction, default=True,
                    help="sweep the baseline families (grids: the config's evaluation block) and compare the learned "
                         "fronts with their hulls (default: on)")
