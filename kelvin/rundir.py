@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 __all__ = ["RunDir", "RunDirError", "RunDirLocked", "ResumePoint", "SaveError", "Snapshot", "content_hash", "load_ppo",
-           "load_vecnormalize", "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
+           "load_vecnormalize", "model_files", "normalization_stats", "saved_step", "write_atomic", "write_failure",
+           "write_text_atomic"]
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip")
 _TEMP_PREFIX = ".kelvin-tmp-"  # temporary files of write_atomic: hidden, never matched by step_*.zip
@@ -196,14 +197,21 @@ def _kept(path: Path) -> str:
     return f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
 
 
-def _save_message(path: Path, exc: OSError) -> str:
+def write_failure(path: str | Path, exc: OSError) -> tuple[str, str]:
+    """``(reason, fix)`` in words for an ``OSError`` writing ``path``: ``("the disk is full", "free some space")``."""
+    path = Path(os.fsdecode(path))
     reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "the file system is read-only",
               errno.ENOENT: f"its directory {path.parent} does not exist"}.get(exc.errno,
                                                                                  exc.strerror or type(exc).__name__)
     fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the directory writable"
-    return f"cannot write {path}: {reason} ({type(exc).__name__} errno {exc.errno}); {_kept(path)}: {fix} and try again"
+    return f"{reason} ({type(exc).__name__} errno {exc.errno})", fix
+
+
+def _save_message(path: Path, exc: OSError) -> str:
+    reason, fix = write_failure(path, exc)
+    return f"cannot write {path}: {reason}; {_kept(path)}: {fix} and try again"
 
 
 @dataclass(frozen=True)

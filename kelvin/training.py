@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -55,7 +56,8 @@ from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
 from kelvin.config import KelvinConfig, load_config, model_setting_changes
 from kelvin.export import export_run, learned_policy
 from kelvin.rollout import collect_episodes
-from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_text_atomic
+from kelvin.rundir import (RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_failure,
+                           write_text_atomic)
 from policies.registry import make_policy
 
 __all__ = ["train", "CheckpointError", "TrainingStop", "summarize_episodes"]
@@ -464,6 +466,24 @@ def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool, hel
     return point
 
 
+@contextlib.contextmanager
+def _event_writer_errors_in_main_thread():
+    """TensorBoard writes its event files on a thread of its own; an error there (a full or read-only disk) is
+    raised again in the training thread at its next write, where the run stops and says what it kept. The thread's
+    own traceback would only bury that line: it is not printed."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def _newest_loadable(run: RunDir, config: KelvinConfig) -> str:
     """Where ``--resume`` would continue from, in words (for the messages of a run that could not save)."""
     tc = config.train
@@ -496,6 +516,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     tc = config.train
     t0 = time.perf_counter()
     with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock, released at the end
+        held.enter_context(_event_writer_errors_in_main_thread())
         point = _start(config, run, resume, overwrite, held)
         if point is not None and point.step >= tc.total_timesteps:
             return {"run_dir": str(run.path), "timesteps": point.step, "resumed_finished": True, "completed": True,
@@ -562,6 +583,11 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     lost = "no PPO update completed in this session" if saved is start else \
                         f"{run.model_file.name} of step {saved.step} could not be written"
                     outcome = f"{lost}; {_newest_loadable(run, config)}"
+                if isinstance(crash, OSError):  # the run directory failed under the run (read-only, full): one line
+                    where = os.fsdecode(crash.filename) if crash.filename else str(run.path)
+                    reason, fix = write_failure(where, crash)
+                    raise SaveError(f"cannot write {where}: {reason}; training stopped at step {model.num_timesteps}: "
+                                    f"{outcome} once the cause is fixed ({fix})") from None
                 print(f"{type(crash).__name__} at step {model.num_timesteps}: {outcome}", file=sys.stderr)
                 raise crash
             if learned and not stop.requested and failure is None:

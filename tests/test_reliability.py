@@ -520,3 +520,55 @@ def test_a_seed_out_of_range_names_the_flag(capsys):
         "error: argument --seed: '100000000000000000000000' is not a seed: give an integer in [0, 4294967295]")
     with pytest.raises(ConfigError, match=r"train.seed=100000000000000000000000: must be an integer in \[0, 4294967295\]"):
         load_config(SMOKE, [f"train.seed={10**23}"])
+
+
+def test_the_event_writer_thread_traceback_is_not_printed(monkeypatch):
+    import threading
+
+    from kelvin.training import _event_writer_errors_in_main_thread
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(str(args.exc_value)))
+
+    class _AsyncWriterThread(threading.Thread):  # TensorBoard's writer thread, by name
+        def run(self):
+            raise OSError(30, "Read-only file system")  # raised again in the training thread at its next write
+
+    class Other(threading.Thread):
+        def run(self):
+            raise RuntimeError("any other thread's error")
+
+    with _event_writer_errors_in_main_thread():
+        for thread in (_AsyncWriterThread(), Other()):
+            thread.start()
+            thread.join()
+    assert printed == ["any other thread's error"]
+
+
+@pytest.fixture
+def read_only_able(tmp_path):
+    """A tmpfs that the test may remount read-only (root in a container that allows mounts), else skip."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "none", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs root and mount to turn a file system read-only")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_file_system_turning_read_only_is_one_true_line(read_only_able):
+    from test_faults import _popen_train, _wait_for_first_checkpoint
+
+    run_dir = read_only_able / "run"
+    proc = _popen_train(["--config", str(SMOKE), "--run-dir", str(run_dir), "--set", "train.total_timesteps=100000",
+                         "--set", "train.validate_every=0"])
+    _wait_for_first_checkpoint(run_dir, proc)
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_able)], check=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"error: cannot write {run_dir}/") and "the file system is read-only" in lines[0]
+    point = RunDir(run_dir).resume_point(normalized=True)
+    assert point is not None and f"the newest model that loads is {point.model_file} (step {point.step})" in lines[0]
