@@ -13,6 +13,7 @@
 | ``validation.json``           | the last validation: learned policy vs every fixed temperature    |
 | ``summary.json``              | steps, wall time, interruption, the last validation, the export   |
 | ``export/``                   | the policy exported for samplers (:mod:`kelvin.export`)            |
+| ``train.lock``                | the training process writing the run (pid, host, since), while it runs |
 
 Training, export and evaluation all read runs through :class:`RunDir`, :func:`load_ppo` and
 :func:`load_vecnormalize`: a missing file is a ``FileNotFoundError`` and a damaged one a
@@ -27,8 +28,8 @@ complete and checked to load back before either replaces anything, so a failed s
 pair. The normaliser records the step of its model (``kelvin_step``), so a
 ``model.zip`` and a ``vecnormalize.pkl`` from two different saves are never paired.
 
-**Ownership.** :meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one
-unless told to overwrite it); :meth:`RunDir.resume_point` finds the newest model of a run that loads,
+**Ownership.** :meth:`RunDir.lock` lets one process write a run at a time (readers take no lock);
+:meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one unless told to overwrite it); :meth:`RunDir.resume_point` finds the newest model of a run that loads,
 skipping damaged ones with a warning that names them and says why.
 """
 
