@@ -156,14 +156,18 @@ def _commit(staged: list[tuple[Path, Path]]) -> None:
     as hard links until every rename is done), the temporary files are removed, and a :class:`SaveError` names the
     file. Only a crash between two renames (microseconds) can leave a new file beside an old one: the
     normaliser's ``kelvin_step`` then tells them apart (:func:`load_vecnormalize`)."""
-    backups: list[tuple[Path, Path | None]] = []  # (target, hard link to its previous file, or None: had none)
+    # (target, hard link to its previous file; None: it had none; False: the file system has no hard links)
+    backups: list[tuple[Path, Path | None | bool]] = []
     target = staged[0][1]
     try:
         for tmp, target in staged:
             backup = None
             if len(staged) > 1 and target.exists():
                 backup = target.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-previous-{target.name}")
-                os.link(target, backup)
+                try:
+                    os.link(target, backup)
+                except OSError:
+                    backup = False  # no way back for this one: kelvin_step still tells a mixed pair apart
             backups.append((target, backup))
             os.replace(tmp, target)
     except OSError as exc:
@@ -172,18 +176,18 @@ def _commit(staged: list[tuple[Path, Path]]) -> None:
             if done == failed:
                 break
             with contextlib.suppress(OSError):
-                if backup is not None:
+                if backup:
                     os.replace(backup, done)
-                else:
+                elif backup is None:
                     done.unlink()
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         for _, backup in backups:
-            if backup is not None:
+            if backup:
                 backup.unlink(missing_ok=True)
         raise SaveError(_save_message(failed, exc)) from None
     for _, backup in backups:
-        if backup is not None:
+        if backup:
             backup.unlink(missing_ok=True)
     for directory in dict.fromkeys(target.parent for _, target in staged):
         _fsync_dir(directory)
@@ -308,36 +312,33 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's exclusive writer lock (``train.lock``: pid, host and start time of the holder) for the
-        ``with`` block; the directory is created when missing. Another live holder is a :class:`RunDirLocked`
-        naming it; the lock of a process that is gone (a dead pid on this host: a crash, a SIGKILL) is stale and
-        taken over. Readers (evaluation, export) never take it."""
+        ``with`` block; the directory is created when missing. Another live holder (or a lock that cannot be read) is
+        a :class:`RunDirLocked` naming it; the lock of a process that is gone (a dead pid on this host: a crash, a
+        SIGKILL) is stale and taken over. Readers (evaluation, export) never take it."""
         self.path.mkdir(parents=True, exist_ok=True)
         mine = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tmp = _stage(self.lock_file, json.dumps(mine).encode())
         try:
             for _ in range(2):  # a stale lock is removed once, then taken
                 try:
-                    os.link(tmp, self.lock_file)  # atomic, and refuses an existing lock
+                    _create_exclusive(self.lock_file, json.dumps(mine).encode())
                     break
                 except FileExistsError:
                     holder = self.lock_holder()
-                    if holder is not None and not _is_dead(holder):
+                    gone = holder is not None and _is_dead(holder)
+                    if not gone:
+                        who = _describe_holder(holder) if holder else "a process (the lock cannot be read)"
                         raise RunDirLocked(
-                            f"run directory {self.path} is in use: {_describe_holder(holder)} holds "
-                            f"{self.lock_file.name}; wait for it to end (or stop it), or, if that process is gone, "
-                            f"delete {self.lock_file}") from None
-                    warnings.warn(f"{self.lock_file}: taking over the stale lock of "
-                                  f"{_describe_holder(holder) if holder else 'an unreadable holder'}", RuntimeWarning,
-                                  stacklevel=3)
+                            f"run directory {self.path} is in use: {who} holds {self.lock_file.name}; wait for it to "
+                            f"end (or stop it), or, if that process is gone, delete {self.lock_file}") from None
+                    warnings.warn(f"{self.lock_file}: taking over the stale lock of {_describe_holder(holder)}",
+                                  RuntimeWarning, stacklevel=3)
                     self.lock_file.unlink(missing_ok=True)
             else:
                 raise RunDirLocked(f"run directory {self.path}: another process took {self.lock_file.name} at the "
                                    "same moment; try again")
         except OSError as exc:
             raise SaveError(_save_message(self.lock_file, exc)) from None
-        finally:
-            tmp.unlink(missing_ok=True)
         try:
             yield
         finally:
@@ -419,6 +420,25 @@ class RunDir:
                 ")" if self.checkpoints() else ""
             raise FileNotFoundError(f"{model} is missing: nothing to load{hint}")
         return model, model.with_name(model.stem + "_vecnormalize.pkl")
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, or a ``FileExistsError`` when it exists. A complete temporary file is
+    hard-linked into place (atomic: a reader never sees it half-written); where the file system has no hard links,
+    the file is created exclusively and written (a reader may then briefly see it empty: unreadable, never stale)."""
+    tmp = _stage(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _is_dead(holder: dict) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import SMOKE
 
-from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_vecnormalize
+from kelvin.rundir import RunDir, RunDirError, RunDirLocked, SaveError, Snapshot, load_vecnormalize
 
 
 # --------------------------------------------------------------------------- saves as one transaction (D1)
@@ -572,3 +572,33 @@ def test_a_file_system_turning_read_only_is_one_true_line(read_only_able):
     assert lines[0].startswith(f"error: cannot write {run_dir}/") and "the file system is read-only" in lines[0]
     point = RunDir(run_dir).resume_point(normalized=True)
     assert point is not None and f"the newest model that loads is {point.model_file} (step {point.step})" in lines[0]
+
+
+# --------------------------------------------------------------------------- file systems without hard links
+def test_saves_and_the_lock_work_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    run = _run_with_a_saved_pair(tmp_path)  # the first save had nothing to keep
+    _snapshot(64).write(run.model_file, run.normalizer_file)
+    assert run.resume_point(normalized=True).step == 64 and _temps(run.path) == []
+    with run.lock():
+        assert run.lock_holder()["pid"] == os.getpid()
+        with pytest.raises(RunDirLocked, match=f"is in use: pid {os.getpid()} on host"):
+            with RunDir(run.path).lock():
+                pass
+    assert not run.lock_file.exists() and _temps(run.path) == []
+
+
+def test_a_lock_that_cannot_be_read_is_refused_not_taken(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.lock_file.write_text("")  # e.g. caught between its creation and its first write
+    with pytest.raises(RunDirLocked) as err:
+        with run.lock():
+            pass
+    assert str(err.value) == (f"run directory {run.path} is in use: a process (the lock cannot be read) holds "
+                              f"train.lock; wait for it to end (or stop it), or, if that process is gone, delete "
+                              f"{run.lock_file}")
+    assert run.lock_file.read_text() == ""
