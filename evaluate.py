@@ -8,7 +8,7 @@ the learned policy of ``--run`` plus every baseline; ``--help`` lists every opti
 
 import sys
 
-from kelvin.evaluation import main
+from kelvin.cli import run_main  # light: kelvin.evaluation (torch...) is imported inside, where a Ctrl-C is one line
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("kelvin.evaluation"))

@@ -7,7 +7,7 @@ Thin entry point over :func:`kelvin.training.train`; ``--resume runs/NAME`` cont
 
 import sys
 
-from kelvin.training import main
+from kelvin.cli import run_main  # light: kelvin.training (torch...) is imported inside, where a Ctrl-C is one line
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("kelvin.training"))

@@ -30,7 +30,7 @@ from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec, Featurizer
-from samplers.core import Truncation, sample
+from samplers.core import Truncation, did_you_mean, sample
 
 __all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 
@@ -42,6 +42,12 @@ Lambda = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
 def _truncation(value):
     """``env.truncation`` from a mapping: the sampler core's :class:`~samplers.core.Truncation` checks its own fields."""
     return Truncation.from_dict(value) if isinstance(value, dict) else value
+
+
+MAX_SEED = 2**32 - 1
+"""The largest seed of a run or an evaluation (``train.seed``, ``evaluate.py --seed``): numpy's legacy seeding
+(SB3's ``set_random_seed``) takes 32 bits. The env's own seed (``seed + 1`` for validation...) may go beyond it,
+up to what torch's generators take (63 bits)."""
 
 
 @settings_dataclass(config=ConfigDict(extra="forbid"))
@@ -92,7 +98,7 @@ class EnvConfig:
     weight, and an observation feature with ``features.include_diversity_weight``)."""
     diversity_values: Optional[list[Lambda]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=2**63 - 1)
     """Seed of the prompt order, the λ draws and the token draws."""
     overlap: StrictBool = True
     """Run the work the model does not wait for on a second thread while the model decodes: scoring the groups
@@ -638,6 +644,10 @@ class TemperatureVecEnv(VecEnv):
         return [None for _ in range(self.num_envs)]
 
 
+RESET_OPTIONS = ("prompt", "category", "diversity")
+"""What ``TemperatureEnv.reset(options=...)`` reads: a prompt to generate for (and its category), the λ dial."""
+
+
 class TemperatureEnv(gym.Env):
     """Single-episode Gymnasium view of :class:`TemperatureVecEnv` (one row, same machinery).
 
@@ -669,6 +679,10 @@ class TemperatureEnv(gym.Env):
         if seed is not None:
             self.core.seed(seed)
         prompt_indices = None
+        unknown = [key for key in options or {} if key not in RESET_OPTIONS]
+        if unknown:
+            raise ValueError(f"reset(options=...): unknown option {unknown[0]!r}; "
+                             f"{did_you_mean(unknown[0], RESET_OPTIONS, always_list=True)}")
         if options and "prompt" in options:
             if not isinstance(options["prompt"], str) or not options["prompt"].strip():
                 raise ValueError(f"reset(options={{'prompt': {options['prompt']!r}}}): the prompt is empty; give the "

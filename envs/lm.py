@@ -53,6 +53,7 @@ __all__ = [
     "CausalLM",
     "DecodeState",
     "load_causal_lm",
+    "check_device",
     "resolve_device",
 ]
 
@@ -84,6 +85,20 @@ class ModelConfig:
     """Memory for prefilled prompts (keys, values and first logits), reused by every later episode on
     the same prompt; least recently used out first. The embedded model needs about 1.6 MB per packaged
     prompt, so the default holds all of them. 0 = prefill every episode."""
+
+    def __post_init__(self):
+        check_device(self.device, "device")
+
+
+def check_device(device: str, field: str) -> None:
+    """A ``ValueError`` naming ``field`` unless ``device`` is ``auto`` or a device name torch reads (``cpu``,
+    ``cuda``, ``cuda:1``, ``mps``...): checked when the config loads, before anything is created."""
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{field}={device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def resolve_device(device: str) -> torch.device:

@@ -20,7 +20,9 @@ A prompt with ``answers`` (a non-empty list of accepted strings) is **answerable
 
 The category conditions the policy: ``category_index`` maps a name to its slot in a
 one-hot of ``NUM_CATEGORY_SLOTS = len(CATEGORIES) + 1`` entries, the last slot meaning
-"other" (any category outside ``CATEGORIES``, such as ``"general"``).
+"other" (any category outside ``CATEGORIES``, such as ``"general"``). A name that is a near-miss
+of a built-in one (``"factual_questoin"``, ``"summarization"``, ``"Math"``) is refused with the
+name it misses: it would silently become "other".
 """
 
 from __future__ import annotations
@@ -286,6 +288,15 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> Prompt:
             f"Omit it to use {DEFAULT_CATEGORY!r}."
         )
 
+    category = category.strip()
+    if category not in CATEGORIES:  # a name of one's own conditions the policy as "other"; a near-miss is a typo
+        hint = did_you_mean(category, CATEGORIES, cutoff=0.8)
+        if hint.startswith("did you mean"):
+            raise ValueError(
+                f"{where}: category {category!r} is not one of the built-in categories ({hint}); fix the "
+                f"spelling (a name outside {', '.join(CATEGORIES)} conditions the policy as 'other')."
+            )
+
     prompt_id = record.get("id", f"{path.stem}-{lineno}")
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)) or not str(
         prompt_id
@@ -303,7 +314,7 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> Prompt:
         )
 
     answers = check_answers_field(record.get("answers"), where)
-    return Prompt(text.strip(), category.strip(), str(prompt_id), split, answers)
+    return Prompt(text.strip(), category, str(prompt_id), split, answers)
 
 
 def _suggestion(name: str, choices: Iterable[str]) -> str:

@@ -9,6 +9,7 @@ shows the full traceback. Warnings print as one ``warning: ...`` line each.
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import warnings
@@ -16,7 +17,7 @@ from typing import Callable
 
 from kelvin.rundir import SaveError
 
-__all__ = ["run_cli", "BAD_INPUT"]
+__all__ = ["run_cli", "run_main", "BAD_INPUT"]
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnicodeError)
 """Errors of a user's input (configs, paths, files): ConfigError, RunDirError, EvaluationError, ArtifactError..."""
@@ -24,6 +25,32 @@ BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryErro
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+def run_main(module: str, argv: list[str] | None = None) -> int:
+    """The entry points' one line (``train.py``, ``evaluate.py``): import ``module`` (torch and the rest: seconds)
+    and return its ``main(argv)``; a Ctrl-C during that import exits 130 with one line, as one later does."""
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT.value
+    return main(argv)
+
+
+def _message(exc: BaseException) -> str:
+    """An exception's message on one line: a pydantic ValidationError (a settings object rebuilt by the code with a
+    value it does not take) is named field by field, not dumped."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err.get("ctx", {}).get("error", err["msg"]))
+        parts.append(f"{exc.title}{'.' + where if where else ''}: {message}")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def run_cli(body: Callable[[], int], debug: bool = False) -> int:
@@ -46,7 +73,7 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, BAD_INPUT):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_message(exc)}", file=sys.stderr)
             return 2
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -54,20 +54,39 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 from pydantic.fields import FieldInfo
 
-from envs.generation import EnvConfig
-from envs.lm import ModelConfig
+from envs.generation import MAX_SEED, EnvConfig
+from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
 from samplers.core import did_you_mean
 
-__all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MOVED_KEYS", "PPOConfig", "PolicyKwargs", "TrainConfig", "apply_overrides",
-           "load_config"]
+__all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MODEL_SETTINGS", "MOVED_KEYS", "PPOConfig", "PolicyKwargs",
+           "TrainConfig", "apply_overrides", "load_config", "model_setting_changes"]
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``) and refuses a key given twice in
+    one mapping (plain YAML keeps the last silently: one of the two settings would be lost)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` then a key: an override, as YAML means it
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise ConfigError(f"key {key!r} is given twice, at line {first} and line {line}; keep one (YAML "
+                                      "would silently use the last)")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -180,7 +199,7 @@ class TrainConfig:
 
     total_timesteps: StrictInt = Field(20_480, ge=1)
     """Environment steps (tokens over all rows) to train for: 20 PPO updates by default (~15 min on a 2-core CPU)."""
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     """Seed of PPO, the env's prompt order and token draws."""
     normalize_obs: StrictBool = True
     """Running observation normalisation (VecNormalize); its statistics are saved with the model."""
@@ -208,6 +227,9 @@ class TrainConfig:
     """Show a progress bar while training."""
     policy_device: StrictStr = "cpu"
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
+
+    def __post_init__(self):
+        check_device(self.policy_device, "policy_device")
 
 
 NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
@@ -308,10 +330,24 @@ class KelvinConfig:
         if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity_weight:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity_weight is false: set it true, or policy.base: none")
+
+    def check_training(self) -> None:
+        """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the
+        validation's and the base's fixed temperatures lie in the action mapping's range. Not a build-time check:
+        evaluation rebuilds the env block with its own batch and never runs PPO."""
         rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
         if self.ppo.batch_size > rollout:
-            raise ValueError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
-                             f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+            raise ConfigError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
+                              f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+        lo, hi = self.env.action.t_min, self.env.action.t_max
+        grids = {"train.validation_temperatures": self.train.validation_temperatures}
+        if self.policy.base != "none":
+            grids["policy.base_temperatures"] = self.policy.base_temperatures
+        for name, grid in grids.items():
+            outside = [t for t in grid if not lo <= t <= hi]
+            if outside:
+                raise ConfigError(f"{name}={grid}: {', '.join(f'{t:g}' for t in outside)} outside env.action's range "
+                                  f"[{lo:g}, {hi:g}]; drop them or widen env.action.t_min / env.action.t_max")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -322,6 +358,34 @@ class KelvinConfig:
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+MODEL_SETTINGS = ("model.name", "env.max_new_tokens", "env.include_category", "env.features", "env.action",
+                  "train.normalize_obs", "ppo.policy_kwargs", "policy.base")
+"""Settings a trained model is bound to: the LM whose logits its features describe, the observation layout
+(``env.features``, the horizon ``env.max_new_tokens``, the category one-hot), what its actions mean
+(``env.action``), whether it sees normalised observations, its network's shape, and the kind of base its
+actions are a residual on (``policy.base``; the run keeps its tuned ``base.json``)."""
+
+
+def _leaves(value, prefix: str) -> dict[str, Any]:
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def model_setting_changes(saved: KelvinConfig, new: KelvinConfig) -> list[str]:
+    """The :data:`MODEL_SETTINGS` that differ between a run's ``saved`` config and ``new`` one, as
+    ``"env.include_category: true -> false"`` (empty when a model trained under ``saved`` fits ``new``)."""
+    changes = []
+    for path in MODEL_SETTINGS:
+        block, key = path.split(".")
+        old, now = _leaves(getattr(getattr(saved, block), key), path), _leaves(getattr(getattr(new, block), key), path)
+        changes += [f"{k}: {_yaml_value(old.get(k))} -> {_yaml_value(now.get(k))}" for k in dict.fromkeys([*old, *now])
+                    if old.get(k) != now.get(k)]
+    return changes
 
 
 MOVED_KEYS = {
@@ -521,6 +585,8 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             raise ConfigError(f"--set {item!r}: no value after '='; give one{hint} (null for an optional setting)")
         try:
             parsed = _yaml_load(value)
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
         except yaml.YAMLError:
             parsed = value  # not YAML: the field's type check names it
         target = raw
@@ -536,8 +602,10 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KelvinConfig:
-    """Read a YAML config (None = the embedded defaults), apply overrides, check every block.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                training: bool = True) -> KelvinConfig:
+    """Read a YAML config (None = the embedded defaults), apply overrides, check every block (and, when it is for
+    ``training``, the rules only training needs: :meth:`KelvinConfig.check_training`).
 
     Raises :class:`ConfigError` (one line per problem) before anything heavy is loaded.
     """
@@ -550,6 +618,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "configs/default.yaml")
         try:
             raw = _yaml_load(p.read_text())
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the position shown") from exc
         except UnicodeDecodeError:
@@ -557,4 +627,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(p)
         if not isinstance(raw, dict):
             _build(raw, source)  # the empty / non-mapping error
-    return _build(apply_overrides(raw, overrides), source)
+    config = _build(apply_overrides(raw, overrides), source)
+    if training:
+        try:
+            config.check_training()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return config

@@ -334,7 +334,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, lm=None,
     model = load_ppo(model_path)
     norm = None
     if norm_path.is_file():
-        norm = normalization_stats(load_vecnormalize(norm_path))
+        norm = normalization_stats(load_vecnormalize(norm_path, step=model.num_timesteps))  # its pair, as --resume
     elif config.train.normalize_obs:
         raise FileNotFoundError(f"{norm_path} is missing, but the run normalised its observations "
                                 "(train.normalize_obs): the policy cannot be exported without those statistics")

@@ -13,6 +13,7 @@
 | ``validation.json``           | the last validation: learned policy vs every fixed temperature    |
 | ``summary.json``              | steps, wall time, interruption, the last validation, the export   |
 | ``export/``                   | the policy exported for samplers (:mod:`kelvin.export`)            |
+| ``train.lock``                | the training process writing the run (pid, host, since), while it runs |
 
 Training, export and evaluation all read runs through :class:`RunDir`, :func:`load_ppo` and
 :func:`load_vecnormalize`: a missing file is a ``FileNotFoundError`` and a damaged one a
@@ -22,18 +23,21 @@ Training, export and evaluation all read runs through :class:`RunDir`, :func:`lo
 :func:`write_atomic`: a temporary file in the same directory, flushed and fsynced, checked, then
 ``os.replace``d over the target, so a crash, a SIGKILL or a full disk leaves the old file or the new
 one, never a torn one. A model is saved as a :class:`Snapshot` (the bytes of ``PPO.save`` and
-``VecNormalize.save`` taken at one moment, after a PPO update); writing one checks that the file loads
-before it replaces anything. The normaliser records the step of its model (``kelvin_step``), so a
+``VecNormalize.save`` taken at one moment, after a PPO update), written as one transaction: both files
+complete and checked to load back before either replaces anything, so a failed save keeps the previous
+pair. The normaliser records the step of its model (``kelvin_step``), so a
 ``model.zip`` and a ``vecnormalize.pkl`` from two different saves are never paired.
 
-**Ownership.** :meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one
-unless told to overwrite it); :meth:`RunDir.resume_point` finds the newest model of a run that loads,
+**Ownership.** :meth:`RunDir.lock` lets one process write a run at a time (readers take no lock);
+:meth:`RunDir.claim` gives a new run an empty directory (refusing a non-empty one unless told to overwrite it); :meth:`RunDir.resume_point` finds the newest model of a run that loads,
 skipping damaged ones with a warning that names them and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -41,15 +45,18 @@ import pickle
 import re
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["RunDir", "RunDirError", "ResumePoint", "SaveError", "Snapshot", "load_ppo", "load_vecnormalize",
-           "model_files", "normalization_stats", "saved_step", "write_atomic", "write_text_atomic"]
+__all__ = ["RunDir", "RunDirError", "RunDirLocked", "ResumePoint", "SaveError", "Snapshot", "content_hash", "load_ppo",
+           "load_vecnormalize", "model_files", "normalization_stats", "saved_step", "write_atomic", "write_failure",
+           "write_text_atomic"]
 
 _STEP_RE = re.compile(r"step_(\d+)\.zip")
 _TEMP_PREFIX = ".kelvin-tmp-"  # temporary files of write_atomic: hidden, never matched by step_*.zip
@@ -76,6 +83,10 @@ def unusable_output_dir(path: Path) -> tuple[str, Path, str] | None:
 
 class RunDirError(ValueError):
     """A run directory or a file in it that cannot be used; the message names the file and the fix."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live process trains in this run directory (its lock file names it)."""
 
 
 class SaveError(RunDirError):
@@ -107,6 +118,15 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
     file is removed, ``path`` is left as it was, and a :class:`SaveError` names the file and the cause.
     """
     path = Path(path)
+    tmp = _stage(path, data, check)
+    _commit([(tmp, path)])
+    return path
+
+
+def _stage(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
+    """The first half of :func:`write_atomic`: ``data`` in a complete, fsynced and checked temporary file beside
+    ``path`` (returned); ``path`` is not touched. On failure the temporary file is removed and a
+    :class:`SaveError` names ``path`` and the cause."""
     tmp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
     try:  # mode 0o666 minus the umask, as a plain open() would create the file (mkstemp's 0o600 is not)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -119,7 +139,6 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
             os.fsync(fh.fileno())
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -128,8 +147,50 @@ def write_atomic(path: str | Path, data: bytes, check: Callable[[Path], None] | 
             raise SaveError(f"{path} was not written: the new file does not load back ({exc}); "
                             f"{_kept(path)}") from None
         raise
-    _fsync_dir(path.parent)
-    return path
+    return tmp
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """The second half: rename each staged ``(temporary, target)`` over its target, as one step. Should a rename
+    fail (the file system turned read-only...), the targets already replaced get their previous files back (kept
+    as hard links until every rename is done), the temporary files are removed, and a :class:`SaveError` names the
+    file. Only a crash between two renames (microseconds) can leave a new file beside an old one: the
+    normaliser's ``kelvin_step`` then tells them apart (:func:`load_vecnormalize`)."""
+    # (target, hard link to its previous file; None: it had none; False: the file system has no hard links)
+    backups: list[tuple[Path, Path | None | bool]] = []
+    target = staged[0][1]
+    try:
+        for tmp, target in staged:
+            backup = None
+            if len(staged) > 1 and target.exists():
+                backup = target.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(6)}-previous-{target.name}")
+                try:
+                    os.link(target, backup)
+                except OSError:
+                    backup = False  # no way back for this one: kelvin_step still tells a mixed pair apart
+            backups.append((target, backup))
+            os.replace(tmp, target)
+    except OSError as exc:
+        failed = target
+        for done, backup in backups:  # put back what was replaced before the failure
+            if done == failed:
+                break
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, done)
+                elif backup is None:
+                    done.unlink()
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for _, backup in backups:
+            if backup:
+                backup.unlink(missing_ok=True)
+        raise SaveError(_save_message(failed, exc)) from None
+    for _, backup in backups:
+        if backup:
+            backup.unlink(missing_ok=True)
+    for directory in dict.fromkeys(target.parent for _, target in staged):
+        _fsync_dir(directory)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -141,14 +202,21 @@ def _kept(path: Path) -> str:
     return f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
 
 
-def _save_message(path: Path, exc: OSError) -> str:
+def write_failure(path: str | Path, exc: OSError) -> tuple[str, str]:
+    """``(reason, fix)`` in words for an ``OSError`` writing ``path``: ``("the disk is full", "free some space")``."""
+    path = Path(os.fsdecode(path))
     reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "the file system is read-only",
               errno.ENOENT: f"its directory {path.parent} does not exist"}.get(exc.errno,
                                                                                  exc.strerror or type(exc).__name__)
     fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the directory writable"
-    return f"cannot write {path}: {reason} ({type(exc).__name__} errno {exc.errno}); {_kept(path)}: {fix} and try again"
+    return f"{reason} ({type(exc).__name__} errno {exc.errno})", fix
+
+
+def _save_message(path: Path, exc: OSError) -> str:
+    reason, fix = write_failure(path, exc)
+    return f"cannot write {path}: {reason}; {_kept(path)}: {fix} and try again"
 
 
 @dataclass(frozen=True)
@@ -171,6 +239,7 @@ class RunDir:
     export_dir = property(lambda self: self.path / "export")
     base_file = property(lambda self: self.path / "base.json")  # the tuned base of a residual policy
     cache_dir = property(lambda self: self.path / "cache")  # the deterministic validation runs (kelvin.tuning)
+    lock_file = property(lambda self: self.path / "train.lock")
 
     def require(self) -> "RunDir":
         """Self, or a FileNotFoundError when the directory or its ``config.yaml`` is missing."""
@@ -217,7 +286,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ ownership
     OWN_ENTRIES = ("config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "checkpoints", "tb",
-                   "validation.json", "summary.json", "export")
+                   "validation.json", "summary.json", "export", "train.lock")
     """What a run directory holds (what ``--overwrite`` removes)."""
 
     def check_writable(self) -> None:
@@ -244,7 +313,7 @@ class RunDir:
         directory holding anything else (it is not a run directory: nothing of the user's is deleted).
         """
         self.check_writable()
-        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        entries = sorted(p.name for p in self.path.iterdir() if p != self.lock_file) if self.path.is_dir() else []
         if entries and not overwrite:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise RunDirError(f"run directory {self.path} is not empty ({shown}); continue that run with "
@@ -261,6 +330,51 @@ class RunDir:
                 target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's exclusive writer lock (``train.lock``: pid, host and start time of the holder) for the
+        ``with`` block; the directory is created when missing. Another live holder (or a lock that cannot be read) is
+        a :class:`RunDirLocked` naming it; the lock of a process that is gone (a dead pid on this host: a crash, a
+        SIGKILL) is stale and taken over. Readers (evaluation, export) never take it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            for _ in range(2):  # a stale lock is removed once, then taken
+                try:
+                    _create_exclusive(self.lock_file, json.dumps(mine).encode())
+                    break
+                except FileExistsError:
+                    holder = self.lock_holder()
+                    gone = holder is not None and _is_dead(holder)
+                    if not gone:
+                        who = _describe_holder(holder) if holder else "a process (the lock cannot be read)"
+                        raise RunDirLocked(
+                            f"run directory {self.path} is in use: {who} holds {self.lock_file.name}; wait for it to "
+                            f"end (or stop it), or, if that process is gone, delete {self.lock_file}") from None
+                    warnings.warn(f"{self.lock_file}: taking over the stale lock of {_describe_holder(holder)}",
+                                  RuntimeWarning, stacklevel=3)
+                    self.lock_file.unlink(missing_ok=True)
+            else:
+                raise RunDirLocked(f"run directory {self.path}: another process took {self.lock_file.name} at the "
+                                   "same moment; try again")
+        except OSError as exc:
+            raise SaveError(_save_message(self.lock_file, exc)) from None
+        try:
+            yield
+        finally:
+            if self.lock_holder() == mine:
+                with contextlib.suppress(OSError):  # a file system gone read-only: the lock goes stale with us
+                    self.lock_file.unlink(missing_ok=True)
+
+    def lock_holder(self) -> dict | None:
+        """``{"pid", "host", "since"}`` of the process holding the run's lock; None when none (or unreadable)."""
+        try:
+            holder = json.loads(self.lock_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) and {"pid", "host", "since"} <= set(holder) else None
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete temporary files a killed save left behind (never a complete file); returns them."""
@@ -328,6 +442,42 @@ class RunDir:
                 ")" if self.checkpoints() else ""
             raise FileNotFoundError(f"{model} is missing: nothing to load{hint}")
         return model, model.with_name(model.stem + "_vecnormalize.pkl")
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, or a ``FileExistsError`` when it exists. A complete temporary file is
+    hard-linked into place (atomic: a reader never sees it half-written); where the file system has no hard links,
+    the file is created exclusively and written (a reader may then briefly see it empty: unreadable, never stale)."""
+    tmp = _stage(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_dead(holder: dict) -> bool:
+    """True when a lock's holder is certainly gone: a pid that no longer runs on this host (another host: unknown)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it runs, as another user
+        return False
+    return False
+
+
+def _describe_holder(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
 def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:
@@ -413,6 +563,16 @@ def load_vecnormalize(norm_file: str | Path, venv=None, step: int | None = None)
     return vec
 
 
+def content_hash(*files: str | Path | None) -> str:
+    """SHA-256 (hex) of the bytes of ``files`` in order (None: an absent file, hashed as such): what identifies a
+    saved model and its statistics, whatever their names (a cache keyed on it never mixes two models)."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(b"\0absent\0" if file is None else Path(file).read_bytes())
+        digest.update(b"\0next\0")
+    return digest.hexdigest()
+
+
 def saved_step(model_file: str | Path) -> int | None:
     """``num_timesteps`` recorded in a ``PPO.save`` zip, read without loading the model (None: unreadable)."""
     try:
@@ -449,14 +609,24 @@ class Snapshot:
         return cls(int(model.num_timesteps), int(model._n_updates), buffer.getvalue(), norm)
 
     def write(self, model_file: str | Path, norm_file: str | Path) -> None:
-        """Write both files atomically, each checked to load back before it replaces the old one (normaliser
-        first: a model file is only ever replaced once its statistics are on disk)."""
+        """Write the model and its normaliser as one transaction: both go to temporary files, each checked to load
+        back (the normaliser paired with this step), and only once both are complete are they renamed over the
+        previous pair (:func:`_commit`). A failed save (full disk, read-only file system) leaves the previous pair
+        as it was, loadable, and raises a :class:`SaveError`."""
         model_file, norm_file = Path(model_file), Path(norm_file)
-        if self.normalizer is not None:
-            write_atomic(norm_file, self.normalizer, check=lambda p: load_vecnormalize(p, step=self.step))
-        elif norm_file.exists():
-            norm_file.unlink()  # a stale normaliser must not pass for this model's
-        write_atomic(model_file, self.model, check=load_ppo)
+        staged = []
+        try:
+            if self.normalizer is not None:
+                staged.append((_stage(norm_file, self.normalizer,
+                                      check=lambda p: load_vecnormalize(p, step=self.step)), norm_file))
+            staged.append((_stage(model_file, self.model, check=load_ppo), model_file))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        _commit(staged)
+        if self.normalizer is None:
+            norm_file.unlink(missing_ok=True)  # a stale normaliser must not pass for this model's
 
 
 @dataclass(frozen=True)

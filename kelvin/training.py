@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -50,9 +51,10 @@ from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
-from kelvin.config import KelvinConfig, load_config
+from kelvin.config import KelvinConfig, load_config, model_setting_changes
 from kelvin.export import export_run, learned_policy
-from kelvin.rundir import RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_text_atomic
+from kelvin.rundir import (RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_failure,
+                           write_text_atomic)
 from kelvin.tuning import EpisodeCache, tune_base
 from kelvin.validation import Validation, margin_text, summarize_episodes
 from policies.tuned_base import TunedBase, TunedBasePolicy
@@ -389,16 +391,65 @@ def _export(run: RunDir, env) -> Path | None:
         return None
 
 
-def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool):
-    """Claim (new run) or check (resume) the run directory before anything heavy loads; the resume point."""
+def _start(config: KelvinConfig, run: RunDir, resume: bool, overwrite: bool, held: contextlib.ExitStack):
+    """Take the run's lock (into ``held``) and claim (new run) or check (resume) the run directory before anything
+    heavy loads; the resume point."""
     tc = config.train
     if not resume:
+        run.check_writable()
+        held.enter_context(run.lock())
         run.claim(overwrite)
         return None
     run.require()
     run.check_writable()
+    held.enter_context(run.lock())
+    changes = model_setting_changes(run.load_config(), config)  # checked before config.yaml is touched
+    if changes:
+        raise RunDirError(f"--resume {run.path}: the saved model is bound to settings this config changes "
+                          f"({'; '.join(changes)}); drop those --set overrides (nothing was changed), or train a new "
+                          "run with them")
     run.remove_stale_temps()
-    return run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    point = run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    if point is not None:
+        saved = tuple(load_ppo(point.model_file, device=tc.policy_device).observation_space.shape)
+        if saved != (config.env.feature_spec().dim,):
+            raise RunDirError(f"--resume {run.path}: {point.model_file.name} takes observations of shape {saved}, "
+                              f"this config gives {config.env.feature_spec().dim} features; its config.yaml does not "
+                              "describe the model: restore the config.yaml it was trained with")
+    return point
+
+
+@contextlib.contextmanager
+def _event_writer_errors_in_main_thread():
+    """TensorBoard writes its event files on a thread of its own; an error there (a full or read-only disk) is
+    raised again in the training thread at its next write, where the run stops and says what it kept. The thread's
+    own traceback would only bury that line: it is not printed."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def _newest_loadable(run: RunDir, config: KelvinConfig) -> str:
+    """Where ``--resume`` would continue from, in words (for the messages of a run that could not save)."""
+    tc = config.train
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point = run.resume_point(normalized=tc.normalize_obs or tc.normalize_reward, device=tc.policy_device)
+    except RunDirError:
+        point = None
+    if point is None:
+        return f"no model of {run.path} loads: --resume {run.path} would start again from step 0"
+    return (f"the newest model that loads is {point.model_file} (step {point.step}): continue from it with --resume "
+            f"{run.path}")
 
 
 def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, command: str | None = None,
@@ -407,18 +458,23 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
 
     A new run needs an empty (or new) ``run_dir``; ``overwrite`` replaces an earlier run there. ``resume``
     continues from the newest model of the run that loads (a finished run returns at once with
-    ``summary["finished"]``; raise ``train.total_timesteps`` to go on). Raises :class:`RunDirError` (a
+    ``summary["resumed_finished"]``; raise ``train.total_timesteps`` to go on). ``summary["completed"]``: every
+    ``train.total_timesteps`` step is trained; ``summary["saved"]``: this call wrote ``model.zip``. The run's lock
+    (:meth:`RunDir.lock`) is held throughout: a second writer is refused. Raises :class:`RunDirError` (a
     directory that cannot be used, or a save that failed: the message says what is kept) and
     :class:`CheckpointError` (nothing to continue from).
     """
+    config.check_training()
     run = RunDir(run_dir)
     tc = config.train
     t0 = time.perf_counter()
-    with TrainingStop() as stop:
-        point = _start(config, run, resume, overwrite)
+    with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock, released at the end
+        held.enter_context(_event_writer_errors_in_main_thread())
+        point = _start(config, run, resume, overwrite, held)
         if point is not None and point.step >= tc.total_timesteps:
-            return {"run_dir": str(run.path), "timesteps": point.step, "finished": True, "interrupted": False,
-                    "signal": None, "wall_s": 0.0, "validation": None, "export": None}
+            return {"run_dir": str(run.path), "timesteps": point.step, "resumed_finished": True, "completed": True,
+                    "saved": False, "interrupted": False, "signal": None, "wall_s": 0.0, "validation": None,
+                    "export": None}
         torch.manual_seed(tc.seed)
         lm = load_causal_lm(config.model)
         # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
@@ -480,10 +536,12 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                 crash = exc
             saved = callback.snapshot
             export_dir = None
+            written = False  # this session wrote model.zip
             if saved is not start:  # an update completed in this process
                 with stop.saving():
                     try:
                         saved.write(run.model_file, run.normalizer_file)
+                        written = True
                     except SaveError as exc:
                         failure = failure or exc
                 if failure is None and crash is None:
@@ -492,8 +550,18 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             if crash is not None:
                 env.close()
                 validator.close()
-                print(f"{type(crash).__name__} at step {model.num_timesteps}: saved the model of step {saved.step}; "
-                      f"continue with --resume {run.path}", file=sys.stderr)
+                if written:
+                    outcome = f"saved the model of step {saved.step}; continue with --resume {run.path}"
+                else:
+                    lost = "no PPO update completed in this session" if saved is start else \
+                        f"{run.model_file.name} of step {saved.step} could not be written"
+                    outcome = f"{lost}; {_newest_loadable(run, config)}"
+                if isinstance(crash, OSError):  # the run directory failed under the run (read-only, full): one line
+                    where = os.fsdecode(crash.filename) if crash.filename else str(run.path)
+                    reason, fix = write_failure(where, crash)
+                    raise SaveError(f"cannot write {where}: {reason}; training stopped at step {model.num_timesteps}: "
+                                    f"{outcome} once the cause is fixed ({fix})") from None
+                print(f"{type(crash).__name__} at step {model.num_timesteps}: {outcome}", file=sys.stderr)
                 raise crash
             if learned and not stop.requested and failure is None:
                 validation = callback.validate()
@@ -502,9 +570,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
             env.close()
             validator.close()
             if failure is not None:
-                kept = run.saved_models()
-                raise SaveError(f"{failure}. Training stopped at step {saved.step}; the newest model on disk is "
-                                f"{kept[0][1] if kept else 'none'}: free space, then continue with --resume {run.path}")
+                raise SaveError(f"{failure}. Training stopped at step {saved.step}; {_newest_loadable(run, config)} "
+                                "once the cause is fixed")
             interrupted = stop.requested
             wall = time.perf_counter() - t0
             timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
@@ -515,7 +582,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
                     "baselines_s": baselines["wall_s"], "baselines_cached": baselines["cached"],
                     "base_tuning_s": None if tuning is None else tuning["wall_s"],
                     "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-            summary = {"run_dir": str(run.path), "timesteps": saved.step, "finished": False,
+            summary = {"run_dir": str(run.path), "timesteps": saved.step, "resumed_finished": False,
+                       "completed": saved.step >= tc.total_timesteps, "saved": written,
                        "updates": _updates(config, saved.step),
                        "interrupted": interrupted, "signal": stop.name,
                        "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
@@ -567,10 +635,14 @@ def main(argv: list[str] | None = None) -> int:
 def _report(summary: dict, config: KelvinConfig) -> int:
     """Print the outcome of ``train`` and return the exit code."""
     run_dir, steps = summary["run_dir"], summary["timesteps"]
-    if summary["finished"]:
+    if summary.get("resumed_finished", summary.get("finished")):  # "finished": summaries of earlier releases
         print(f"{run_dir} is finished: {steps} steps of train.total_timesteps={config.train.total_timesteps}; "
               f"to train on, raise it: --resume {run_dir} --set train.total_timesteps=N")
         return 0
+    if summary["interrupted"] and not summary.get("saved", True):
+        print(f"interrupted (nothing saved): {summary['signal']} before the first PPO update of this session "
+              f"completed; continue with --resume {run_dir}")
+        return summary["exit_code"]
     if summary["interrupted"]:
         updates = f"{summary['updates']} PPO update" + ("s" if summary["updates"] != 1 else "")
         print(f"interrupted (model saved): {summary['signal']} at step {steps + summary['discarded_steps']}; saved "

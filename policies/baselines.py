@@ -65,8 +65,8 @@ class FixedTemperature(BaselinePolicy):
     Any real ``t``: ``t > 0`` ordinary sampling, ``t = 0`` greedy (``greedy`` preset), ``t < 0`` the
     inverted distribution (see :mod:`samplers.core`), ``+-inf`` uniform over the kept tokens.
 
-    Arguments: ``t`` (default 1.0, plain sampling). Spec strings: ``fixed:0.7``, ``fixed:t=-0.5``,
-    ``greedy``.
+    Arguments: ``t`` (default 1.0, plain sampling), inside the action mapping's ``[t_min, t_max]`` (a ``t``
+    outside is refused: the mapping would clamp it). Spec strings: ``fixed:0.7``, ``fixed:t=-0.5``, ``greedy``.
     """
 
     name = "fixed"
@@ -77,6 +77,11 @@ class FixedTemperature(BaselinePolicy):
     def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, *, t: float = 1.0):
         t = check_real("FixedTemperature", "t", t, finite=False)
         super().__init__(feature_spec, action_mapping, t=t)
+        lo, hi = self.action_mapping.t_min, self.action_mapping.t_max
+        if not lo <= t <= hi:  # the mapping would clamp it: the label would name a temperature never used
+            raise ValueError(f"FixedTemperature t={t:g} is outside its action mapping's range [{lo:g}, {hi:g}] (it "
+                             f"would run at {min(max(t, lo), hi):g}); choose a T in the range, or widen it "
+                             "(env.action.t_min / env.action.t_max)")
         self.t = t
 
     @classmethod

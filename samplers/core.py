@@ -67,7 +67,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["Truncation", "apply_temperature", "did_you_mean", "truncate", "tempered_probs", "sample", "top_values"]
+__all__ = ["Truncation", "apply_temperature", "did_you_mean", "require_real", "truncate", "tempered_probs", "sample",
+           "top_values"]
 
 # Slack on inclusive float thresholds (min-p in log space, top-p on cumulative probability).
 _BOUNDARY_SLACK = 1e-6
@@ -96,9 +97,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def require_real(x: Tensor, what: str, fix: str) -> None:
+    """A ``TypeError`` naming ``what`` when the tensor ``x`` holds booleans or complex numbers (torch would read a
+    bool as 0 / 1, and refuse a complex one deep inside with its own words); ``fix`` says what to pass instead."""
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{what} must hold real numbers; got a tensor of dtype {x.dtype}: {fix}")
+
+
 def _as_logits(logits: Tensor) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor of shape (B, V); got {type(logits).__name__}")
+    require_real(logits, "logits", "pass the model's real-valued scores, e.g. logits.float()")
     if logits.ndim != 2 or logits.shape[-1] == 0:
         raise ValueError(
             f"logits must have shape (B, V) with V >= 1; got shape {tuple(logits.shape)} "
@@ -118,6 +127,7 @@ def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torc
                 f"got shape {tuple(temperature.shape)}"
             )
         else:
+            require_real(temperature, "temperature", "pass float temperatures (a bool would read as T = 1 or greedy)")
             return temperature.to(device=device, dtype=dtype)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a real number or a (B,) tensor; got {temperature!r}")
@@ -243,16 +253,17 @@ class Truncation:
 _NO_TRUNCATION = Truncation()
 
 
-def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False) -> str:
+def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False, cutoff: float = 0.6) -> str:
     """``"did you mean 'x'?"`` for the valid name closest to ``name`` (case-insensitive), else ``"valid: a, b"``.
 
-    ``always_list`` adds the valid names after a suggestion too. The one suggestion helper of Kelvin:
-    every layer may import :mod:`samplers.core`.
+    ``always_list`` adds the valid names after a suggestion too; ``cutoff``: how close a suggestion must be
+    (difflib's ratio; raise it to flag only near-misses). The one suggestion helper of Kelvin: every layer may
+    import :mod:`samplers.core`.
     """
     valid = [str(v) for v in valid]
     by_lower = {v.lower(): v for v in valid}
-    close = difflib.get_close_matches(str(name), valid, n=1) or difflib.get_close_matches(
-        str(name).lower(), list(by_lower), n=1)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=cutoff) or difflib.get_close_matches(
+        str(name).lower(), list(by_lower), n=1, cutoff=cutoff)
     listing = f"valid: {', '.join(valid)}"
     if not close:
         return listing

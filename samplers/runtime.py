@@ -34,7 +34,7 @@ from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
-from samplers.core import Truncation, apply_temperature, did_you_mean, truncate
+from samplers.core import Truncation, apply_temperature, did_you_mean, require_real, truncate
 
 __all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity",
            "merge_guard"]
@@ -149,7 +149,7 @@ def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float,
         raise ValueError(f"{owner}={value!r} was given, but this policy has no diversity dial (trained with "
                          "features.include_diversity_weight=false); drop it")
     try:
-        lam = float(value)
+        lam = math.nan if isinstance(value, bool) else float(value)  # True is not λ = 1
     except (TypeError, ValueError):
         lam = math.nan
     if not math.isfinite(lam) or lam < 0:
@@ -374,6 +374,7 @@ class PolicyRuntime:
             raise RuntimeError("PolicyRuntime.step called before start(batch_size, device)")
         if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
             raise ValueError(f"scores must be a (B, V) tensor; got {getattr(scores, 'shape', type(scores).__name__)}")
+        require_real(scores, "scores", "pass the engine's real-valued logits")
         if scores.shape[0] != f.batch_size:
             raise ValueError(f"scores have {scores.shape[0]} rows but {f.batch_size} rows are tracked; call start()")
         vocab = self.exported_model.get("vocab_size")

@@ -49,7 +49,7 @@ CASES = {
     "net_arch word": ("ppo:\n  policy_kwargs:\n    net_arch: foo\n", None,
                       "ppo.policy_kwargs.net_arch='foo': must be a list of integers >= 1 or a mapping with keys pi, vf "
                       "(e.g. ppo.policy_kwargs.net_arch: [64, 64])"),
-    "seed word": ("train:\n  seed: abc\n", None, "train.seed='abc': must be an integer >= 0 (e.g. train.seed: 0)"),
+    "seed word": ("train:\n  seed: abc\n", None, "train.seed='abc': must be an integer in [0, 4294967295] (e.g. train.seed: 0)"),
     "negative lr": ("ppo:\n  learning_rate: -1\n", None,
                     "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0001)"),
     "infinite t_max": ("env:\n  action:\n    t_max: .inf\n", None,

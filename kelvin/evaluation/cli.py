@@ -16,6 +16,18 @@ from policies.registry import BASELINE_NAMES
 __all__ = ["main", "parser"]
 
 
+def _seed(text: str) -> int:
+    from envs.generation import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give an integer in [0, {MAX_SEED}]")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Evaluate temperature policies (learned and baselines) on the same prompts and seeds (Kelvin).",
@@ -34,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="prompt split: train, validation, test or all (default: test)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="a .jsonl or .txt prompt file (default: "
                    "the packaged set)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and token draws (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the prompt order and token draws, in [0, 2^32 - 1] "
+                                                      "(default: 0)")
     p.add_argument("--families", action=argparse.BooleanOptionalAction, default=True,
                    help="sweep the baseline families (grids: the config's evaluation block) and compare the learned "
                         "fronts with their hulls (default: on)")
@@ -45,31 +58,35 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set evaluation.samples=4 --set evaluation.minp=[] "
                         "(sizes and grids live in the evaluation block; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line of ``evaluate.py``; exit code 2 with a one-line error for bad input."""
+    """Command line of ``evaluate.py``: exit code 2 with a one-line error for bad input, 130 after Ctrl-C (the report
+    of what finished is written; before the first run, nothing is), ``--debug`` for a traceback."""
+    from kelvin.cli import run_cli
+
     args = parser().parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    try:
+
+    def body() -> int:
         specs = parse_policy_specs(args.policies or ("learned" if args.run else "all"))
         learned_target = args.run or next((s.partition(":")[2] for s in specs if s.startswith("learned:")), None)
         config_path = args.config
         if config_path is None:
             config_path = model_files(learned_target)[0].config_file if learned_target else "configs/default.yaml"
-        config = load_config(config_path, args.overrides)
+        config = load_config(config_path, args.overrides, training=False)  # evaluation checks what it uses
         split = None if args.split in ("all", "none", "") else args.split
         name = Path(learned_target).name if learned_target else Path(config_path).stem
         out = Path(args.out or Path("reports") / name)
         data = evaluate(config, out, specs, run=args.run, split=split, prompts_file=args.prompts, seed=args.seed,
                         families=args.families, resume=args.resume, progress=not args.no_progress, command=command)
-    except (ValueError, FileNotFoundError) as exc:  # EvaluationError, ConfigError, RunDirError: one line each
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
-    for goal in data["goals"].values():
-        verdicts = goal.get("main_front", {})
-        beaten = sum(v == "outside" for v in verdicts.values())
-        print(f"{goal['label']}: outside the hull of {beaten} of {len(verdicts)} families on the main front")
-    return 130 if data["interrupted"] else 0
+        print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
+        for goal in data["goals"].values():
+            verdicts = goal.get("main_front", {})
+            beaten = sum(v == "outside" for v in verdicts.values())
+            print(f"{goal['label']}: outside the hull of {beaten} of {len(verdicts)} families on the main front")
+        return 130 if data["interrupted"] else 0
+
+    return run_cli(body, debug=args.debug)

@@ -12,13 +12,14 @@ import numpy as np
 
 from kelvin.config import ConfigError, KelvinConfig
 from kelvin.export import learned_policy
-from kelvin.rundir import RunDir, RunDirError, load_ppo, load_vecnormalize, model_files
+from kelvin.rundir import RunDir, RunDirError, content_hash, load_ppo, load_vecnormalize, model_files
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, make_policy
 from policies.tuned_base import TunedBasePolicy
 from samplers.core import Truncation, did_you_mean
+from samplers.runtime import check_diversity
 
 __all__ = ["EvaluationError", "PolicyEntry", "lambda_grid", "load_learned_policy", "parse_policy_specs",
            "resolve_policies"]
@@ -42,12 +43,16 @@ class PolicyEntry:
     run_dir: str | None = None
     truncation: Truncation | None = None
     diversity: float | None = None
+    model_hash: str | None = None  # a learned policy: content hash of its model and statistics files
 
     @property
     def cache_key(self) -> str:
-        """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it)."""
-        what = {"name": self.family, "params": self.params} if self.run_dir is None else {"run": self.run_dir,
-                                                                                          "family": self.family}
+        """Two entries with the same key are the same run: it runs once (and ``--resume`` finds it). A learned
+        policy is known by the content of its model and statistics files (and its tuned base), not by its run's
+        name."""
+        what = {"name": self.family, "params": self.params}
+        if self.run_dir is not None:
+            what = {**what, "run": self.run_dir, "model": self.model_hash}
         return json.dumps({**what, "mapping": asdict(self.policy.action_mapping), "diversity": self.diversity,
                            "truncation": None if self.truncation is None else self.truncation.to_dict()},
                           sort_keys=True, default=str)
@@ -126,13 +131,16 @@ def _check_compatible(target: str, run_cfg: KelvinConfig, config: KelvinConfig, 
                         f"{config.env.truncation.to_dict()}")
 
 
-def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) -> tuple[TemperaturePolicy, str]:
+def load_learned_policy(target: str, config: KelvinConfig,
+                        warnings: list[str]) -> tuple[TemperaturePolicy, str, str]:
     """The :class:`~policies.learned.LearnedPolicy` of a run directory or checkpoint, checked against the
-    evaluation's config; and its run directory.
+    evaluation's config; its run directory; and the content hash of its model and statistics files.
 
     Errors (:class:`EvaluationError`) for a missing path, a run without ``config.yaml``, another LM,
     another feature-spec version or observation layout, another action mapping, an observation size
-    the model does not take, or an unreadable model file. Reward or truncation differences only warn.
+    the model does not take, an unreadable model file, statistics of another save than the model's (as
+    ``--resume`` checks them), or missing statistics of a run that normalised its observations. Reward or
+    truncation differences only warn.
     """
     try:
         run, model_path, norm_path = model_files(target)
@@ -143,16 +151,18 @@ def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) 
     spec = config.env.feature_spec()
     try:
         model = load_ppo(model_path)
-        vec = None if norm_path is None else load_vecnormalize(norm_path)
+        vec = None if norm_path is None else load_vecnormalize(norm_path, step=model.num_timesteps)
     except RunDirError as exc:
         raise EvaluationError(f"learned policy {target!r}: {exc}") from exc
+    if norm_path is None and run_cfg.train.normalize_obs:
+        raise EvaluationError(f"learned policy {target!r}: the run normalised its observations "
+                              f"(train.normalize_obs) but no statistics lie next to {model_path.name}; restore them "
+                              "or evaluate another checkpoint")
     shape = tuple(model.observation_space.shape)
     if shape != (spec.dim,):
         raise EvaluationError(
             f"learned policy {target!r} takes observations of shape {shape} but this feature spec has {spec.dim} "
             f"features ({', '.join(spec.names)}); it was trained with another observation layout")
-    if norm_path is None:
-        warnings.append(f"{target}: no VecNormalize statistics found next to {model_path.name}; using raw observations")
     name = run.path.name if model_path.name == "model.zip" else f"{run.path.name}/{model_path.stem}"
     try:
         base = run.load_base()
@@ -160,7 +170,8 @@ def load_learned_policy(target: str, config: KelvinConfig, warnings: list[str]) 
             base.check_serves(spec, run_cfg.env.diversity_bounds, owner=f"learned policy {target!r}")
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    return learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})", base=base), str(run.path)
+    return (learned_policy(model, vec, spec, config.env.action, label=f"learned ({name})", base=base), str(run.path),
+            content_hash(model_path, norm_path, *([run.base_file] if base is not None else [])))
 
 
 def load_base_policy(target: str, config: KelvinConfig, warnings: list[str]) -> tuple[TemperaturePolicy, str]:
@@ -190,19 +201,21 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
         inner = _entry(spec[len("guarded:"):], config, run, warnings)
         policy = GuardedPolicy(inner.policy)
         return PolicyEntry(f"guarded:{inner.name}", policy.label, "guarded", policy,
-                           params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir)
+                           params={"inner": inner.name, **policy.params}, run_dir=inner.run_dir,
+                           model_hash=inner.model_hash)
     if spec.startswith("base:"):  # a run's tuned base alone: what PPO adds is learned - base
         target = spec.partition(":")[2] or run
         policy, run_dir = load_base_policy(target, config, warnings)
         return PolicyEntry(f"base:{target}", policy.label, "base", policy, run_dir=run_dir,
-                           truncation=RunDir(run_dir).load_config().env.truncation)
+                           truncation=RunDir(run_dir).load_config().env.truncation,
+                           model_hash=content_hash(RunDir(run_dir).base_file))
     if spec == "learned" or spec.startswith("learned:"):
         target = spec.partition(":")[2] or run
         if not target:
             raise EvaluationError("policy 'learned' needs a run: give --run runs/NAME or learned:runs/NAME")
-        policy, run_dir = load_learned_policy(target, config, warnings)
+        policy, run_dir, model_hash = load_learned_policy(target, config, warnings)
         return PolicyEntry(f"learned:{target}", policy.label, "learned", policy, run_dir=run_dir,
-                           truncation=RunDir(run_dir).load_config().env.truncation)
+                           truncation=RunDir(run_dir).load_config().env.truncation, model_hash=model_hash)
     try:
         policy = make_policy(spec, config.env.feature_spec(), config.env.action)
     except ValueError as exc:
@@ -211,14 +224,19 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
 
 
 def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
-    """The λ values a learned policy is evaluated at: ``evaluation.lambdas``, else ``evaluation.n_lambdas``
-    values evenly over the range its run was trained on; ``[]`` for a policy that does not observe λ."""
+    """The λ values a learned policy is evaluated at: ``evaluation.lambdas`` (each inside the range its run was
+    trained on, else an :class:`EvaluationError`), else ``evaluation.n_lambdas`` values evenly over that range;
+    ``[]`` for a policy that does not observe λ."""
     if entry.run_dir is None or not entry.policy.feature_spec.include_diversity_weight:
         return []
     ev = config.evaluation
-    if ev.lambdas is not None:
-        return [float(v) for v in ev.lambdas]
     low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
+    if ev.lambdas is not None:
+        try:  # a network is not to be trusted on a λ it never saw: the samplers' own check
+            return [check_diversity(v, None, (low, high), owner=f"{entry.name}: evaluation.lambdas entry")
+                    for v in ev.lambdas]
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
     return [float(v) for v in np.linspace(low, high, ev.n_lambdas)] if high > low else [float(low)]
 
 
