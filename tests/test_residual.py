@@ -22,7 +22,7 @@ from kelvin.tuning import episode_rewards, tune_tables
 from kelvin.validation import group_means, paired_margin
 from policies.artifact import load_policy
 from policies.features import FeatureSettings, FeatureSpec
-from policies.tuned_base import BaseError, BaseModule, TunedBase, TunedBasePolicy
+from policies.tuned_base import BaseError, TunedBase, TunedBasePolicy
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
 
 SPEC = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, CATEGORIES)

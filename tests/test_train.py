@@ -176,3 +176,22 @@ def test_bad_config_names_the_key_and_suggests(tmp_path):
     assert cfg.ppo.learning_rate == 1e-4 and cfg.env.action.t_min == -1.5
     proc = run_train(["--config", str(SMOKE), "--run-dir", str(tmp_path / "x"), "--set", "ppo.n_step=4"])
     assert proc.returncode == 2 and "n_steps" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_settings_reads_its_baselines_and_base_from_the_cache(smoke_run, tmp_path):
+    """The fixed temperatures' and the base's validation episodes, and the base tuning's, are deterministic: a second
+    run with the same config computes none of them (it says so) and gets the same numbers and the same base."""
+    proc = run_train(["--config", str(SMOKE), "--run-dir", str(tmp_path / "again"),
+                      "--set", "train.total_timesteps=32"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tuned base (table) on 4 train prompts x 2 temperatures: cached" in proc.stderr
+    assert "validation baselines (2 fixed T + the base, 2 prompts): cached" in proc.stderr
+    first = json.loads((smoke_run.run_dir / "validation.json").read_text())
+    second = json.loads((tmp_path / "again" / "validation.json").read_text())
+    assert second["fixed"] == first["fixed"] and second["base"] == first["base"]
+    base = lambda d: {k: v for k, v in json.loads((d / "base.json").read_text()).items() if k != "tuning"}  # noqa: E731
+    assert base(tmp_path / "again") == base(smoke_run.run_dir)
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["perf"]["baselines_cached"] is True
+    assert sorted(p.suffix for p in (tmp_path / "again" / "cache").iterdir()) == [".json"] * 5  # 2 T + base, 2 tuning
