@@ -130,7 +130,7 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert (a["env"]["batch_size"], a["env"]["group_size"], a["env"]["max_new_tokens"]) == (32, 4, 16)
     assert a["env"]["truncation"] == {"top_k": 0, "top_p": 1.0, "min_p": 0.02, "top_n_sigma": None}
     assert tuple(a["env"]["diversity_range"]) == (0.0, 2.0) and a["env"]["features"]["include_diversity_weight"]
-    assert a["env"]["action"] == {"kind": "linear", "t_min": -1.0, "t_max": 2.4, "min_abs_temperature": 0.05,
+    assert a["env"]["action"] == {"kind": "linear", "t_min": 0.0, "t_max": 2.4, "min_abs_temperature": 0.05,
                                   "max_delta": None}
     assert (a["train"]["total_timesteps"], a["train"]["checkpoint_every"], a["train"]["validate_every"],
             a["train"]["validation_prompts"]) == (20480, 4096, 10, 32)
@@ -142,11 +142,12 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert a["reward"]["entropy"] == 0.0 and a["reward"]["group_baseline"]  # #12: nothing a constant T optimises
 
 
-def test_the_default_env_starts_at_a_sane_temperature():
-    """PPO's first action is 0: the default mapping puts it at T = 0.7, not on the greedy / argmin cliff."""
+def test_the_default_env_has_no_greedy_cliff():
+    """The default mapping is linear on [0, 2.4]: greedy is its lower edge (a residual exploring around a T = 0 base
+    is clipped to greedy, never flipped to the argmin side), and PPO's action 0 without a base is T = 1.2."""
     mapping = EnvConfig().action
-    assert mapping.to_temperature(torch.tensor([0.0])).item() == pytest.approx(0.7, abs=1e-6)
-    assert mapping.to_temperature(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([-1.0, 2.4])
+    assert mapping.to_temperature(torch.tensor([0.0])).item() == pytest.approx(1.2, abs=1e-6)
+    assert mapping.to_temperature(torch.tensor([-1.0, -1.3, 1.0])).tolist() == pytest.approx([0.0, 0.0, 2.4])
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -276,14 +276,15 @@ def test_guarded_prefix_wraps_any_policy_in_the_default_guard(tmp_path):
     from kelvin.evaluation import resolve_policies
     from policies.guard import GuardedPolicy
 
-    entries = resolve_policies(["fixed:-0.5", "guarded:fixed:-0.5", "guarded:pid"], load_config(SMOKE), None, [])
+    negative = load_config(SMOKE, ["env.action.t_min=-1.0"])  # a mapping with negative temperatures
+    entries = resolve_policies(["fixed:-0.5", "guarded:fixed:-0.5", "guarded:pid"], negative, None, [])
     plain, guarded, pid = entries
     assert isinstance(guarded.policy, GuardedPolicy) and guarded.policy.policy.params == plain.policy.params
     assert (guarded.name, guarded.family, guarded.label) == ("guarded:fixed:-0.5", "guarded", "Guarded(Fixed(T=-0.5))")
     assert len({e.cache_key for e in entries}) == 3 and pid.policy.hold == 8  # no cache collision
     # with a rate limit in the env's mapping, a guarded policy runs in an env with the guard's own mapping
     # (the rate limit applied inside the guard, before its rules: the samplers' order)
-    config = load_config(SMOKE, ["env.action.max_delta=0.3"])
+    config = load_config(SMOKE, ["env.action.max_delta=0.3", "env.action.t_min=-1.0"])
     plain, guarded = resolve_policies(["fixed:-0.5", "guarded:fixed:-0.5"], config, None, [])
     assert plain.policy.action_mapping == config.env.action
     assert guarded.policy.action_mapping == replace(config.env.action, max_delta=None)
