@@ -88,7 +88,7 @@ def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, t
     return input_ids.to(device), mask.to(device)
 
 
-def build_processor(spec: str, lm, guard: bool | None = None):
+def build_processor(spec: str, guard: bool | None = None):
     from samplers.hf import PolicyLogitsProcessor
 
     if Path(spec).is_dir():
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     lm, info = start(args)
     from transformers import LogitsProcessorList
 
-    proc, what = build_processor(args.policy, lm)
+    proc, what = build_processor(args.policy)
     timed = TimedProcessor(proc, lm.device)
-    timed_bare = TimedProcessor(build_processor(args.policy, lm, guard=False)[0], lm.device)
+    timed_bare = TimedProcessor(build_processor(args.policy, guard=False)[0], lm.device)
     ids = benchmark_prompt_ids(lm, args.batch, args.seed)
     input_ids, mask = left_pad(ids, lm.pad_token_id, lm.device)  # (B, L), as the env's prefill
     common = dict(input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,

@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
           "is the driver (policy forward pass, Ray messages) and waiting for a CPU")
     # N workers on N GPUs, by this measurement: one worker's rollout r per update stays, the update grows as N l
     r = summary[many]["rollout_s_per_update"]
-    l = summary[many]["learner_s_per_update"] / args.workers  # the update of one worker's B x n_steps samples
+    l = summary[many]["learner_s_per_update"] / args.workers  # noqa: E741 (the module doc's symbol) one worker's update
     crossover = r / l if l > 0 else float("inf")
     projection = {n: {"samples_per_s_speedup": n * (r + l) / (r + n * l), "learner_share": n * l / (r + n * l)}
                   for n in (1, 2, 4, 8, 16)}

@@ -401,7 +401,7 @@ class RayVecEnv(VecEnv):
                                 for i, rows in parts.items()], f"env_method({method_name!r})", list(parts))
         return [value for reply in replies for value in reply]
 
-    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:  # noqa: ARG002 (SB3's VecEnv signature)
         return [False for rows in self._by_shard(indices).values() for _ in rows]
 
     def get_images(self):

@@ -636,13 +636,13 @@ class TemperatureVecEnv(VecEnv):
     def get_attr(self, attr_name: str, indices=None) -> list[Any]:
         return [getattr(self, attr_name) for _ in self._indices(indices)]
 
-    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:  # noqa: ARG002 (SB3's VecEnv signature)
         setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
         return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._indices(indices)]
 
-    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:  # noqa: ARG002 (SB3's VecEnv signature)
         return [False for _ in self._indices(indices)]
 
     def get_images(self):

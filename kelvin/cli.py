@@ -23,7 +23,7 @@ BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryErro
 """Errors of a user's input (configs, paths, files): ConfigError, RunDirError, EvaluationError, ArtifactError..."""
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 (warnings.formatwarning)
     return f"warning: {message}\n"
 
 

@@ -107,7 +107,7 @@ class TrainingStop:
         if self.requested:
             raise _ValidationStopped
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (a signal handler's signature)
         key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.requested:
             if self._saving:
@@ -365,7 +365,7 @@ def _tuned_base(config: KelvinConfig, run: RunDir, lm, cache: EpisodeCache, stop
     return base, tuning
 
 
-def _resume(run: RunDir, config: KelvinConfig, env: VecEnv, point) -> tuple[PPO, VecNormalize | None]:
+def _resume(config: KelvinConfig, env: VecEnv, point) -> tuple[PPO, VecNormalize | None]:
     """The model and normaliser of ``point`` (:meth:`RunDir.resume_point`), attached to ``env`` to go on training."""
     try:
         vec = load_vecnormalize(point.norm_file, env, step=point.step) if point.norm_file is not None else None
@@ -503,7 +503,7 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
         # PPO's action is the residual on the base (inside VecNormalize: the base reads raw observations)
         train_env = env if base is None else ResidualActionVecEnv(env, base.module(spec, mapping))
         if point is not None:
-            model, vec = _resume(run, config, train_env, point)
+            model, vec = _resume(config, train_env, point)
         else:
             if resume:
                 print(f"{run.path} has no saved model yet: training from step 0 with its config.yaml", file=sys.stderr)

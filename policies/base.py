@@ -119,7 +119,7 @@ class TemperaturePolicy(abc.ABC):
             return self.action_mapping.to_temperature(a, previous=obs[:, self._prev_col],
                                                       first_step=obs[:, self._position_col] == 0)
 
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):  # noqa: ARG002 (SB3)
         """SB3 ``PolicyPredictor.predict``: actions (B, 1) float32 numpy in [-1, 1] and ``state`` unchanged.
 
         ``observation`` is an np.ndarray or torch tensor of shape (B, F), or (F,) for one
@@ -175,7 +175,7 @@ class TemperaturePolicy(abc.ABC):
     def row_state(self, state: dict[str, torch.Tensor] | None) -> None:
         self._state = state
 
-    def _initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _initial_state(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:  # noqa: ARG002 (stateless)
         """Fresh per-row state: a dict of tensors with a leading (B,) axis. Stateful subclasses override."""
         return {}
 
@@ -256,7 +256,7 @@ class BaselinePolicy(TemperaturePolicy):
         return obs[:, self._col[name]]
 
     @classmethod
-    def param_defaults(cls, feature_spec: FeatureSpec | None = None) -> dict[str, Any]:
+    def param_defaults(cls, feature_spec: FeatureSpec | None = None) -> dict[str, Any]:  # noqa: ARG003 (overridden)
         """The keyword-only constructor parameters and their defaults, in signature order (a policy whose
         parameters depend on the observation, like a per-category table, reads them from ``feature_spec``)."""
         sig = inspect.signature(cls.__init__)

@@ -95,7 +95,7 @@ class FixedTemperature(BaselinePolicy):
     def label(self) -> str:
         return "Greedy(T=0)" if self.t == 0 else super().label
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         return _full(obs, self.t)  # (B,)
 
 
@@ -276,7 +276,7 @@ class EntropyDynamicTemperature(BaselinePolicy):
         base = super().label
         return base if self.N == 0.8 else base[:-1] + f", N={self.N:g})"
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         h = self.column(obs, "entropy").clamp_min(self.h_floor)  # (B,)
         return self.t0 * torch.exp((self.theta / h) * math.log(self.N))  # (B,), exp(-huge) = 0
 
@@ -293,7 +293,7 @@ class _LinearRule(BaselinePolicy):
         for k, v in params.items():
             setattr(self, k, v)
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         t = _full(obs, self.a)  # (B,)
         for param, feature in self.terms:
             t = t + getattr(self, param) * self.column(obs, feature)
@@ -409,7 +409,7 @@ class DynaTemp(BaselinePolicy):
         self.t, self.delta, self.exponent = t, delta, exponent
         self.min_t, self.max_t = max(0.0, t - delta), t + delta
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         h = self.column(obs, "entropy_norm").clamp(0.0, 1.0)  # (B,)
         return self.min_t + (self.max_t - self.min_t) * h.pow(self.exponent)  # (B,)
 
@@ -499,7 +499,7 @@ class HotColdSchedule(BaselinePolicy):
         super().__init__(feature_spec, action_mapping, hot=hot, n=n, cold=cold)
         self.hot, self.n, self.cold = hot, n, cold
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         token = torch.round(self.column(obs, "position") * self.feature_spec.horizon)  # (B,) index of the next token
         return torch.where(token < self.n, _full(obs, self.hot), _full(obs, self.cold))
 
@@ -541,7 +541,7 @@ class CategoryTable(BaselinePolicy):
     def label(self) -> str:
         return "Table(" + ", ".join(f"{c[:5]}={_fmt(t)}" for c, t in self._params.items()) + ")"
 
-    def _temperatures(self, obs, episode_start=None):
+    def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
         start = self._col[self.reads[0]]
         onehot = obs[:, start:start + len(self.reads)]  # (B, C + 1)
         return onehot @ self._table.to(obs.device)  # (B,)

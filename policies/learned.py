@@ -76,7 +76,7 @@ class LearnedPolicy(TemperaturePolicy):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(label={self.label!r}, features={self.feature_spec.dim})"
 
-    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
         if obs.device != self._device:
             self.module = self.module.to(obs.device)
             self._device = obs.device

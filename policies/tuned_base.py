@@ -194,7 +194,7 @@ class TunedBasePolicy(TemperaturePolicy):
     def label(self) -> str:
         return self._label
 
-    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
         self.module = self.module.to(obs.device)
         with torch.no_grad():
             return self.module(obs).clamp(-1.0, 1.0)  # (B,)

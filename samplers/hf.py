@@ -64,13 +64,13 @@ NEUTRAL_GENERATE_KWARGS = {"do_sample": True, "temperature": 1.0, "top_k": 0, "t
 # Warpers generate() appends after custom processors: class name -> (attribute, is neutral, argument to pass).
 _WARPERS = {
     "TemperatureLogitsWarper": ("temperature", lambda v: float(v) == 1.0, "temperature=1.0"),
-    "TopKLogitsWarper": ("top_k", lambda v: False, "top_k=0"),
+    "TopKLogitsWarper": ("top_k", lambda _v: False, "top_k=0"),
     "TopPLogitsWarper": ("top_p", lambda v: float(v) >= 1.0, "top_p=1.0"),
     "MinPLogitsWarper": ("min_p", lambda v: float(v) == 0.0, "min_p=0.0"),
     "TypicalLogitsWarper": ("mass", lambda v: float(v) >= 1.0, "typical_p=1.0"),
     "EpsilonLogitsWarper": ("epsilon", lambda v: float(v) == 0.0, "epsilon_cutoff=0.0"),
-    "EtaLogitsWarper": ("epsilon", lambda v: False, "eta_cutoff=0.0"),
-    "TopHLogitsWarper": ("top_h", lambda v: False, "top_h=None"),
+    "EtaLogitsWarper": ("epsilon", lambda _v: False, "eta_cutoff=0.0"),
+    "TopHLogitsWarper": ("top_h", lambda _v: False, "top_h=None"),
 }
 _HARMLESS = {"LogitNormalization"}  # log_softmax: the same distribution
 

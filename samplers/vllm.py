@@ -73,7 +73,6 @@ a class bound to an export directory instead of ``$KELVIN_POLICY``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,7 +364,7 @@ class KelvinLegacyLogitsProcessor(_KelvinProcessorBase, _V1Base):
     and reads each request's history from the live output-token list vLLM hands over when it is added.
     """
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool = False):
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool = False):  # noqa: ARG002 (vLLM's signature)
         self._start(vllm_config, _capacity(vllm_config), device)
         self.rows: list[int | None] = []  # row -> slot (None: empty row)
         self.free = list(range(self.slots.capacity - 1, -1, -1))  # free slots, popped from the end

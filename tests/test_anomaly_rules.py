@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -202,12 +201,9 @@ def minilm_tokenizer():
 
 def test_token_flags_real_tokenizer(minilm_tokenizer):
     tok = minilm_tokenizer
-    start = time.perf_counter()
-    flags = token_flags(tok)
-    elapsed = time.perf_counter() - start
+    flags = token_flags(tok)  # ~0.6 s for 30522 pieces on one core (no time is asserted: machines are noisy)
     assert flags.shape == (len(tok),)
     assert float(flags.min()) >= 0.0 and float(flags.max()) <= 1.0
-    assert elapsed < 10.0  # ~0.6 s for 30522 pieces on one core
     for word in ["the", "temperature", "volcano", "##ing", "(", "."]:
         assert flags[tok.convert_tokens_to_ids(word)] == 0.0, word
     assert all(flags[i] == 0.0 for i in tok.all_special_ids)

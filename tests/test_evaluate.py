@@ -17,8 +17,6 @@ import pytest
 import yaml
 
 from kelvin.config import ConfigError, load_config
-from kelvin.evaluation.metrics import METRIC_BY_NAME
-from kelvin.evaluation.statistics import verdict
 from kelvin.evaluation import (
     METRICS,
     EvaluationError,

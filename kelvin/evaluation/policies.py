@@ -18,7 +18,7 @@ from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy
 from policies.registry import BASELINE_NAMES, make_policy
 from policies.tuned_base import TunedBasePolicy
-from samplers.core import Truncation, did_you_mean
+from samplers.core import Truncation
 from samplers.runtime import check_diversity
 
 __all__ = ["EvaluationError", "PolicyEntry", "lambda_grid", "load_learned_policy", "parse_policy_specs",

@@ -90,7 +90,7 @@ def _fmt_iv(d: dict, digits: int = 3) -> str:
 _HULL_WORDS = {"outside": "✅ outside the hull", "inside": "❌ inside the hull", "no difference": "≈ on the hull"}
 
 
-def _goal_lines(goal: dict, front_names: list[str]) -> list[str]:
+def _goal_lines(goal: dict) -> list[str]:
     lines = [f"**{goal['label']}**\n"]
     if "main_front" in goal:
         beat = [f for f, v in goal["main_front"].items() if v == "outside"]
@@ -116,7 +116,7 @@ def _goal_lines(goal: dict, front_names: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _verdict_section(data: dict, reference) -> list[str]:
+def _verdict_section(data: dict) -> list[str]:
     lines = ["## Verdict\n"]
     if data.get("interrupted"):
         lines.append("**Interrupted:** this report covers the runs finished before Ctrl-C (`--resume` continues).\n")
@@ -128,7 +128,7 @@ def _verdict_section(data: dict, reference) -> list[str]:
                  "beats it when the hypervolume of the learned hull minus the family's has a 95% paired bootstrap "
                  "interval above 0. Fronts and reference points: see below.\n")
     for goal in goals.values():
-        lines += _goal_lines(goal, [f["name"] for f in data["fronts"]])
+        lines += _goal_lines(goal)
     return lines
 
 
@@ -287,7 +287,7 @@ def write_report(path: Path, data: dict, main: list, results: dict, reference, p
     """``report.md``: every section in order."""
     setup = data["setup"]
     lines = [*_setup_section(setup, reference, warnings),
-             *_verdict_section(data, reference),
+             *_verdict_section(data),
              *_headline_section(data),
              *_fronts_section(data),
              *_tables_section(main, results),
