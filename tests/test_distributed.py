@@ -167,14 +167,19 @@ def test_a_killed_worker_is_an_error_naming_its_shard_and_nothing_is_left():
     env.close()  # idempotent
 
 
-def _relative_files(run_dir: Path) -> set[str]:
-    """The files of a run directory, the event files' host-specific names replaced by a placeholder."""
-    out = set()
+def _relative_files(run_dir: Path) -> list[str]:
+    """The files of a run directory, sorted, with the event files' host-specific names and the episode cache's hashed
+    names (a worker's batch is part of the hashed settings) replaced by placeholders."""
+    out = []
     for p in run_dir.rglob("*"):
         if p.is_file():
             rel = p.relative_to(run_dir).as_posix()
-            out.add(rel.split("events.out.tfevents.")[0] + "events.out.tfevents.*" if "tfevents" in rel else rel)
-    return out
+            if "tfevents" in rel:
+                rel = rel.split("events.out.tfevents.")[0] + "events.out.tfevents.*"
+            elif rel.startswith("cache/"):
+                rel = "cache/*.json"
+            out.append(rel)
+    return sorted(out)
 
 
 def test_train_with_two_workers_writes_every_file_a_normal_run_writes(smoke_run, tmp_path):
@@ -190,7 +195,7 @@ def test_train_with_two_workers_writes_every_file_a_normal_run_writes(smoke_run,
     perf = summary["perf"]
     assert perf["tokens"] > 0 and perf["tokens"] + round(perf["waiting_share"] * 96) == 96
     assert load_config(run_dir / "config.yaml").env.workers == 2
-    assert "validation reward: learned" in proc.stdout
+    assert "paired 95% CI): learned" in proc.stdout and "vs its base" in proc.stdout
 
 
 def _start_train(args: list[str], tag: str) -> subprocess.Popen:
