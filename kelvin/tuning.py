@@ -32,7 +32,7 @@ from kelvin.rollout import collect_episodes
 from kelvin.rundir import write_text_atomic
 from policies.tuned_base import ALL, TunedBase, interpolation_grid
 
-__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "episode_rewards", "quality_diversity", "run_cached", "tune_base",
+__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "quality_diversity", "run_cached", "tune_base",
            "tune_tables"]
 
 CACHE_VERSION = 1
@@ -61,14 +61,6 @@ def quality_diversity(episodes: Sequence[dict], reward_config) -> tuple[np.ndarr
     d = np.asarray([sum(w * e["reward_components"][k] for k, w in weights.items() if k in DIVERSITY_COMPONENTS)
                     for e in episodes], dtype=np.float64)
     return q, d
-
-
-def episode_rewards(episodes: Sequence[dict], reward_config, lam: float | np.ndarray | None = None) -> np.ndarray:
-    """Absolute returns of ``episodes`` (R,): ``quality + λ · diversity`` from each episode's components, at the
-    episode's own λ (``diversity``) or at ``lam``. The env's return with ``group_baseline`` off, in float64."""
-    q, d = quality_diversity(episodes, reward_config)
-    lams = np.asarray([e["diversity"] for e in episodes], dtype=np.float64) if lam is None else lam
-    return q + lams * d
 
 
 class EpisodeCache:

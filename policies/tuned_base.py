@@ -86,21 +86,7 @@ class TunedBase:
         except (TypeError, ValueError) as exc:
             raise BaseError(f"{source}: {exc}") from None
 
-    # ------------------------------------------------------------------ reading
-    def temperature(self, category: str | None, lam: float) -> float:
-        """The base temperature of ``category`` at ``lam`` (linear in T between grid points: the mapping's
-        action is linear in T for ``linear`` mappings; reports only, the policy uses :class:`BaseModule`)."""
-        row = self.temperatures[ALL] if self.kind == "fixed" else self.temperatures.get(category or "other",
-                                                                                        self.temperatures["other"])
-        lams = self.lambdas
-        if lam <= lams[0] or len(lams) == 1:
-            return row[0]
-        if lam >= lams[-1]:
-            return row[-1]
-        i = next(j for j in range(1, len(lams)) if lams[j] >= lam)
-        w = (lam - lams[i - 1]) / (lams[i] - lams[i - 1])
-        return (1.0 - w) * row[i - 1] + w * row[i]
-
+    # ------------------------------------------------------------------ use
     def check_serves(self, spec: FeatureSpec, diversity_bounds: tuple[float, float], owner: str = "policy.base") -> None:
         """Refuse a base that cannot serve a policy observing ``spec`` over the λ range ``diversity_bounds``."""
         if self.kind == "table":
