@@ -32,7 +32,7 @@ from kelvin.rollout import collect_episodes
 from kelvin.rundir import write_text_atomic
 from policies.tuned_base import ALL, TunedBase, interpolation_grid
 
-__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "quality_diversity", "run_cached", "tune_base",
+__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "quality_diversity", "run_cached", "run_fixed", "tune_base",
            "tune_tables"]
 
 CACHE_VERSION = 1
@@ -143,6 +143,19 @@ def run_cached(env, policy, policy_key: str | None, n_prompts: int, seed: int, c
     return episodes, False
 
 
+def run_fixed(env, temperatures: Sequence[float], n_prompts: int, seed: int, cache: EpisodeCache | None,
+              on_step: Callable[[], None] | None = None) -> tuple[dict[float, list[dict]], int]:
+    """:func:`run_cached` for each fixed temperature: ``({T: episodes}, how many came from the cache)``."""
+    from policies.registry import make_policy
+
+    runs, hits = {}, 0
+    for t in temperatures:
+        policy = make_policy(f"fixed:{t}", env.feature_spec, env.action_mapping)
+        runs[float(t)], hit = run_cached(env, policy, f"fixed:{float(t)!r}", n_prompts, seed, cache, on_step)
+        hits += hit
+    return runs, hits
+
+
 def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
     """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
     in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
@@ -179,20 +192,13 @@ def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None
     same prompts and random stream, and each (category, λ) of the grid gets the best one. Returns the base and
     a record ``{prompts, answerable, temperatures, lambdas, wall_s, cached}``."""
     from envs.generation import TemperatureVecEnv
-    from policies.registry import make_policy
-
     pc = config.policy
     t0 = time.perf_counter()
     prompts = tuning_prompts(config)
     env = TemperatureVecEnv(replace(config.env, seed=config.train.seed + 2), lm=lm, prompts=prompts,
                             reward=replace(config.reward, group_baseline=False))
     try:
-        runs, hits = {}, 0
-        for t in pc.base_temperatures:
-            policy = make_policy(f"fixed:{t}", env.feature_spec, env.action_mapping)
-            runs[float(t)], hit = run_cached(env, policy, f"fixed:{float(t)!r}", len(prompts),
-                                            config.train.seed + 20_011, cache, on_step)
-            hits += hit
+        runs, hits = run_fixed(env, pc.base_temperatures, len(prompts), config.train.seed + 20_011, cache, on_step)
     finally:
         env.close()
     lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_lambdas)

@@ -22,9 +22,8 @@ import numpy as np
 
 from envs.prompts import load_prompts, select_prompts
 from envs.text_metrics import paired_bootstrap_ci
-from kelvin.tuning import EpisodeCache, run_cached
+from kelvin.tuning import EpisodeCache, run_cached, run_fixed
 from policies.base import TemperaturePolicy
-from policies.registry import make_policy
 
 __all__ = ["Validation", "group_means", "margin_text", "paired_margin", "summarize_episodes"]
 
@@ -101,12 +100,8 @@ class Validation:
     def prepare(self) -> dict:
         """Run (or read from the cache) every fixed temperature and the base; ``{wall_s, cached}``."""
         t0 = time.perf_counter()
-        hits = 0
-        for t in self.config.train.validation_temperatures:
-            policy = make_policy(f"fixed:{t}", self.feature_spec, self.action_mapping)
-            self.fixed[float(t)], hit = run_cached(self.env, policy, f"fixed:{float(t)!r}", len(self.prompts),
-                                                   self.seed, self.cache, self.on_step)
-            hits += hit
+        self.fixed, hits = run_fixed(self.env, self.config.train.validation_temperatures, len(self.prompts), self.seed,
+                                     self.cache, self.on_step)
         runs = len(self.fixed)
         if self.base_policy is not None:
             key = "base:" + repr(sorted(self.base_policy.base.to_dict().items()))
