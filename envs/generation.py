@@ -80,7 +80,7 @@ class EnvConfig:
     default is linear on [0, 2.4]: greedy is the edge of the range, not a cliff in its middle. A residual policy
     explores around its base, and most bases are T = 0 at low λ: with t_min = -1 half of that exploration drew
     inverted tokens (6-22% of a rollout's tokens at T < 0) and PPO drifted below its base (validation margin vs the
-    base -0.58 after 20 updates), against +0.17 [-0.17, +0.51] on [0, 2.4] (seed 0, README, Results). Negative
+    base -0.58 after 20 updates), against +0.17 [-0.17, +0.51] on [0, 2.4] (seed 0, docs/results.md). Negative
     temperatures stay one setting away: ``t_min: -1.0``."""
     truncation: Annotated[Truncation, BeforeValidator(_truncation)] = Field(
         default_factory=lambda: Truncation(min_p=0.02))

@@ -66,7 +66,7 @@ vLLM serves)::
         --logits-processors samplers.vllm:KelvinLogitsProcessor
     # VLLM_USE_V2_MODEL_RUNNER=0 (legacy runner): --logits-processors samplers.vllm:KelvinLegacyLogitsProcessor
 
-The README gives the offline (``LLM``) and OpenAI-client recipes. ``make_logits_processor(path)`` returns
+docs/engines.md gives the offline (``LLM``) and OpenAI-client recipes. ``make_logits_processor(path)`` returns
 a class bound to an export directory instead of ``$KELVIN_POLICY``.
 """
 

@@ -40,7 +40,7 @@ if [ "$LLAMA" != "0" ]; then
   # install. GGML_NATIVE=OFF compiles the portable x86-64 set (SSE4.2, AVX, AVX2, FMA, F16C, BMI2);
   # LLAVA_BUILD=OFF skips the multimodal library (a third of the build; Kelvin generates text only).
   # The wheel is built once per (version, flags) into $WHEELS, bypassing pip's cache, and
-  # installed from there (see the README for the build times).
+  # installed from there (see docs/speed.md for the build times).
   version=$(sed -n 's/^llama = \["llama-cpp-python==\([0-9.]*\)"\]$/\1/p' pyproject.toml)
   if [ -z "$version" ]; then
     echo "setup.sh: pyproject.toml must pin the llama extra as llama = [\"llama-cpp-python==X.Y.Z\"]" >&2

@@ -261,7 +261,7 @@ def test_bad_input_is_refused_with_the_fix(llm, tmp_path):
 
 def test_llama_cpp_logits_track_the_transformers_model(llm, lm):
     """llama.cpp computes the same GGUF with quantised activations; transformers runs the dequantised
-    float32 weights. On the same tokens the logits differ by ~0.2 on average (README: measured figures),
+    float32 weights. On the same tokens the logits differ by ~0.2 on average (docs/speed.md: measured figures),
     and the most likely token agrees almost always."""
     agree, total, mean_diff = 0, 0, []
     for seed, (text, _) in enumerate(PROMPTS):
