@@ -30,7 +30,7 @@ from anomaly.discovery import (
     write_discovery_json,
 )
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _histogram(tokens: list[AnomalousToken], path: Path, title: str) -> None:
@@ -50,7 +50,8 @@ def _histogram(tokens: list[AnomalousToken], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m kelvin.discovery``."""
     parser = argparse.ArgumentParser(prog="python -m kelvin.discovery",
                                      description="Discover a model's anomalous tokens (negative-T probe + embeddings).")
     parser.add_argument("--model", default=None, help="embedded alias, .gguf file or HF directory (default: the "
@@ -66,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check-temperature", type=float, default=None, metavar="T",
                         help="also sample the probe prompts at this ordinary temperature (e.g. 0.7) and report how "
                              "many of the top-10 discovered tokens it emits (expected: 0)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from envs.lm import ModelConfig, load_causal_lm
 

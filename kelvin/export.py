@@ -57,7 +57,7 @@ from policies.tuned_base import BaseModule, TunedBase
 from samplers.core import Truncation
 
 __all__ = ["actor_module", "learned_policy", "export_learned", "export_baseline", "export_run",
-           "export_baseline_spec", "main"]
+           "export_baseline_spec", "build_parser", "main"]
 
 
 def _plain_copy(module: torch.nn.Module, where: str) -> torch.nn.Module:
@@ -409,7 +409,8 @@ def parse_guard_settings(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m kelvin.export``."""
     parser = argparse.ArgumentParser(
         prog="python -m kelvin.export",
         description="Export a trained run, or a baseline spec, into a directory samplers load without SB3.")
@@ -430,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="export with the guard rails off (samplers then apply the policy's temperatures as "
                              "they are, unless the caller passes guard=True)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     source = Path(args.source)
 
     def body() -> int:

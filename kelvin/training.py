@@ -28,6 +28,7 @@ is still saved).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -59,7 +60,7 @@ from kelvin.tuning import EpisodeCache, tune_base
 from kelvin.validation import Validation, margin_text, summarize_episodes
 from policies.tuned_base import TunedBase, TunedBasePolicy
 
-__all__ = ["train", "CheckpointError", "TrainingStop", "summarize_episodes"]
+__all__ = ["train", "build_parser", "CheckpointError", "TrainingStop", "summarize_episodes"]
 
 TB_NAME = "PPO"
 
@@ -596,12 +597,8 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``train.py``."""
-    import argparse
-
-    from kelvin.cli import run_cli
-
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``train.py`` (also read by ``tests/test_docs.py`` to check the documented commands)."""
     parser = argparse.ArgumentParser(description="Train a temperature policy with PPO (Kelvin).")
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--run-dir", default=None, help="output directory of a new run; it must be new or empty "
@@ -613,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                         help="override a config value, e.g. --set ppo.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``train.py``."""
+    from kelvin.cli import run_cli
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.run_dir):
         parser.error("--resume RUN_DIR continues that run: it takes no --run-dir or --overwrite")

@@ -13,10 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kelvin.evaluation.plots import plot_validation_history  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (each with validation.json)")
     parser.add_argument("--out", required=True, help="PNG to write")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     histories = {}
     for run in args.runs:

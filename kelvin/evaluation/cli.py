@@ -13,7 +13,7 @@ from kelvin.evaluation.run import evaluate
 from kelvin.rundir import model_files
 from policies.registry import BASELINE_NAMES
 
-__all__ = ["main", "parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _seed(text: str) -> int:
@@ -28,7 +28,8 @@ def _seed(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``evaluate.py``."""
     p = argparse.ArgumentParser(
         description="Evaluate temperature policies (learned and baselines) on the same prompts and seeds (Kelvin).",
         epilog="Example: evaluate.py --config configs/default.yaml --policies learned:runs/NAME,pid,edt,fixed:0.7 "
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     of what finished is written; before the first run, nothing is), ``--debug`` for a traceback."""
     from kelvin.cli import run_cli
 
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
 
     def body() -> int:
