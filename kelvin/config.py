@@ -213,10 +213,14 @@ class TrainConfig:
     validation_prompts: StrictInt = Field(32, ge=1)
     """Validation prompts, taken round-robin over the split's categories (32: 8 of them answerable), each sampled
     group_size times; the same prompts, λ draws and random stream for every policy."""
-    validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 1.0],
+    validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 1.0, 1.2],
                                                        min_length=1)
     """Fixed temperatures the learned policy is compared with; the best one is reported. Their episodes are
     cached (kelvin/tuning.py): a second run with the same settings does not recompute them."""
+    validation_diversity: Optional[list[FiniteFloat]] = Field(None, min_length=1, examples=[[0.0, 1.0, 2.0]])
+    """The diversity dial values λ every validation prompt is scored at (each prompt's group runs once per value);
+    None: 3 values evenly over the env's λ range (0, 1, 2 by default). A fixed grid, not random draws: a margin
+    is then the same quantity on every run, and the report gives it per λ too."""
     validation_bootstrap: StrictInt = Field(2000, ge=10)
     """Bootstrap resamples over validation prompts for the margins' paired 95% intervals."""
     validation_split: Literal["train", "validation", "test"] = "validation"
@@ -343,6 +347,12 @@ class KelvinConfig:
         grids = {"train.validation_temperatures": self.train.validation_temperatures}
         if self.policy.base != "none":
             grids["policy.base_temperatures"] = self.policy.base_temperatures
+        dlo, dhi = self.env.diversity_bounds
+        outside = [v for v in self.train.validation_diversity or () if not dlo <= v <= dhi]
+        if outside:
+            raise ConfigError(f"train.validation_diversity={self.train.validation_diversity}: "
+                              f"{', '.join(f'{v:g}' for v in outside)} outside the env's λ range [{dlo:g}, {dhi:g}] "
+                              "(env.diversity_range / env.diversity_values); drop them or widen the range")
         for name, grid in grids.items():
             outside = [t for t in grid if not lo <= t <= hi]
             if outside:

@@ -2,30 +2,40 @@
 
 Every policy runs through the same env code on the same ``train.validation_prompts`` prompts of the validation
 split (round-robin over categories: 32 prompts hold 8 answerable ones), K = ``env.group_size`` samples each,
-with the same λ draws and the same random stream (:func:`kelvin.rollout.collect_episodes` with one seed). The
-returns are absolute (``reward.group_baseline`` off).
+with the same random stream (:func:`kelvin.rollout.collect_episodes` with one seed), at **every** λ of a fixed
+grid (``train.validation_diversity``, 0 / 1 / 2 by default). The returns are absolute (``reward.group_baseline``
+off).
 
-**A margin is a paired interval.** The unit is a group (one prompt, its K samples, its λ): the same unit for
-every policy. A margin is the mean over groups of ``reward(learned) - reward(other)``, with a 95% percentile
-bootstrap interval that resamples the groups jointly (:func:`envs.text_metrics.paired_bootstrap_ci`). The best
-fixed temperature is chosen on the same episodes (which favours it). The fixed temperatures and the base are
-deterministic, so their episodes are computed once, before training, and cached (:mod:`kelvin.tuning`).
+**Why a grid.** With λ drawn at random per group, the quantity a margin estimates changed with the draws: the
+same two policies re-validated on other streams gave margins 0.9 apart, wider than either interval, and a
+policy that lost 0.55 at λ = 1 on the test split looked level. On a grid every run measures the same thing,
+and the record says at which λ a policy wins or loses.
+
+**A margin is a paired interval.** The unit is a prompt's group (its K samples), the same for every policy;
+its value is the group's mean return averaged over the λ grid (per λ: at that λ). A margin is the mean over
+groups of ``reward(learned) - reward(other)``, with a 95% percentile bootstrap interval that resamples the
+groups jointly (:func:`envs.text_metrics.paired_bootstrap_ci`). The best fixed temperature is one T for the
+whole grid (the setting people use), chosen on the same episodes (which favours it); per λ, the best T at that
+λ. A fixed temperature's tokens do not depend on λ, so one run per T is scored at every λ exactly
+(:func:`kelvin.tuning.quality_diversity`). The fixed temperatures and the base are deterministic: their
+episodes are computed once and cached (:mod:`kelvin.tuning`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from envs.prompts import load_prompts, select_prompts
 from envs.text_metrics import paired_bootstrap_ci
-from kelvin.tuning import EpisodeCache, run_cached, run_fixed
+from kelvin.tuning import EpisodeCache, quality_diversity, run_cached, run_fixed
 from policies.base import TemperaturePolicy
+from policies.tuned_base import interpolation_grid
 
-__all__ = ["Validation", "group_means", "margin_text", "paired_margin", "summarize_episodes"]
+__all__ = ["Validation", "grid_rewards", "group_means", "margin_text", "paired_margin", "scalars", "summarize_episodes"]
 
 
 def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
@@ -65,8 +75,26 @@ def paired_margin(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> 
     return {"mean": float(mean), "low": float(low), "high": float(high)}
 
 
+def grid_rewards(episodes: list[dict], lambdas: Sequence[float], group_size: int, reward_config=None,
+                 rescore: bool = False) -> np.ndarray:
+    """Each group's mean absolute return at each λ of ``lambdas``: (L, G).
+
+    ``rescore`` False: ``episodes`` are L blocks of equal length, one per λ in order, each at its own λ (the
+    env's returns). ``rescore`` True: ``episodes`` is one run (a fixed temperature, whose tokens do not depend
+    on λ), scored at every λ from its components: ``quality + λ · diversity`` (``reward_config``'s weights)."""
+    if rescore:
+        q, d = quality_diversity(episodes, reward_config)
+        return np.stack([group_means(episodes, group_size, q + lam * d) for lam in lambdas])
+    n = len(episodes) // len(lambdas)
+    blocks = [episodes[i * n:(i + 1) * n] for i in range(len(lambdas))]
+    if n * len(lambdas) != len(episodes) or any(not np.isclose(e["diversity"], lam)
+                                                for lam, block in zip(lambdas, blocks) for e in block):
+        raise ValueError(f"{len(episodes)} validation episodes are not {len(lambdas)} blocks at λ = {list(lambdas)}")
+    return np.stack([group_means(block, group_size, [e["episode"]["r"] for e in block]) for block in blocks])
+
+
 class Validation:
-    """The validation prompts' env and the cached baselines (fixed temperatures, the tuned base) a learned policy
+    """The validation prompts' envs and the cached baselines (fixed temperatures, the tuned base) a learned policy
     is measured against. ``on_step`` is called after every env step (a stop request raises there)."""
 
     def __init__(self, config, lm, base_policy: TemperaturePolicy | None, cache: EpisodeCache | None,
@@ -74,11 +102,16 @@ class Validation:
         from envs.generation import TemperatureVecEnv
 
         tc = config.train
-        self.config, self.cache, self.on_step = config, cache, on_step
+        self.config, self.cache, self.on_step, self.lm = config, cache, on_step, lm
         self.prompts = select_prompts(load_prompts(config.env.prompts, split=tc.validation_split,
                                                    categories=config.env.categories), tc.validation_prompts)
-        self.env = TemperatureVecEnv(replace(config.env, split=tc.validation_split, seed=tc.seed + 1), lm=lm,
-                                     prompts=self.prompts, reward=replace(config.reward, group_baseline=False))
+        self.lambdas = tuple(float(v) for v in (tc.validation_diversity
+                                                or interpolation_grid(config.env.diversity_bounds, 3)))
+        self._env_config = replace(config.env, split=tc.validation_split, seed=tc.seed + 1)
+        self._reward = replace(config.reward, group_baseline=False)
+        # the fixed temperatures run here (their tokens do not depend on λ); each λ of the grid has its own env
+        self.env = TemperatureVecEnv(self._env_config, lm=lm, prompts=self.prompts, reward=self._reward)
+        self._envs: dict[float, object] = {}
         self.seed = tc.seed + 10_007
         self.base_policy = base_policy
         self.fixed: dict[float, list[dict]] = {}
@@ -93,9 +126,28 @@ class Validation:
     def action_mapping(self):
         return self.env.action_mapping
 
-    def episodes(self, policy: TemperaturePolicy, key: str | None = None) -> list[dict]:
-        """Compact episodes of ``policy`` on the validation prompts (cached under ``key`` when given)."""
-        return run_cached(self.env, policy, key, len(self.prompts), self.seed, self.cache, self.on_step)[0]
+    def _env_at(self, lam: float):
+        from envs.generation import TemperatureVecEnv
+
+        if lam not in self._envs:
+            self._envs[lam] = TemperatureVecEnv(replace(self._env_config, diversity_values=[lam]), lm=self.lm,
+                                                prompts=self.prompts, reward=self._reward)
+        return self._envs[lam]
+
+    def _run_grid(self, policy: TemperaturePolicy, key: str | None) -> tuple[list[dict], int]:
+        """``policy``'s episodes at every λ of the grid, λ by λ (each block ordered by (row, k)), and how many of
+        the blocks came from the cache (``key`` None: none is cached)."""
+        episodes, hits = [], 0
+        for lam in self.lambdas:
+            eps, hit = run_cached(self._env_at(lam), policy, None if key is None else f"{key}@{lam!r}",
+                                  len(self.prompts), self.seed, self.cache, self.on_step)
+            episodes += eps
+            hits += hit
+        return episodes, hits
+
+    def episodes(self, policy: TemperaturePolicy) -> list[dict]:
+        """Compact episodes of ``policy`` on the validation prompts at every λ of the grid (not cached)."""
+        return self._run_grid(policy, None)[0]
 
     def prepare(self) -> dict:
         """Run (or read from the cache) every fixed temperature and the base; ``{wall_s, cached}``."""
@@ -105,46 +157,84 @@ class Validation:
         runs = len(self.fixed)
         if self.base_policy is not None:
             key = "base:" + repr(sorted(self.base_policy.base.to_dict().items()))
-            self.base, hit = run_cached(self.env, self.base_policy, key, len(self.prompts), self.seed, self.cache,
-                                        self.on_step)
+            self.base, hit = self._run_grid(self.base_policy, key)
             hits += hit
-            runs += 1
+            runs += len(self.lambdas)
         self.baselines = {"wall_s": time.perf_counter() - t0, "cached": hits == runs}
         return self.baselines
 
-    def _group_rewards(self, episodes: list[dict]) -> np.ndarray:
-        """Each group's mean return (the env's absolute return at the group's λ): (G,)."""
-        return group_means(episodes, self.config.env.group_size, [e["episode"]["r"] for e in episodes])
-
     def compare(self, learned: list[dict], step: int) -> dict:
-        """The validation record of ``learned``'s episodes: summaries, the best fixed T, the paired margins."""
+        """The validation record of ``learned``'s episodes (from :meth:`episodes`): summaries, the best fixed T,
+        the paired margins over the grid and at each λ (``by_diversity``)."""
         if not self.fixed:
             self.prepare()
         n, seed = self.config.train.validation_bootstrap, self.seed
-        ours = self._group_rewards(learned)
-        fixed_groups = {t: self._group_rewards(eps) for t, eps in self.fixed.items()}
-        best_t = max(fixed_groups, key=lambda t: (fixed_groups[t].mean(), -t))
+        g = self.config.env.group_size
+        ours = grid_rewards(learned, self.lambdas, g)
+        fixed = {t: grid_rewards(eps, self.lambdas, g, self._reward, rescore=True) for t, eps in self.fixed.items()}
+        best_t = max(fixed, key=lambda t: (fixed[t].mean(), -t))
+        base = None if self.base is None else grid_rewards(self.base, self.lambdas, g)
+        summaries = {}
+        for t, eps in self.fixed.items():
+            summaries[f"{t:g}"] = {**summarize_episodes(eps), "reward": float(fixed[t].mean())}  # over the grid
         record = {
             "step": int(step),
             "prompts": len(self.prompts),
             "answerable_prompts": sum(p.answerable for p in self.prompts),
+            "diversity": list(self.lambdas),
             "episodes_per_policy": len(learned),
             "learned": summarize_episodes(learned),
-            "fixed": {f"{t:g}": summarize_episodes(eps) for t, eps in self.fixed.items()},
+            "fixed": summaries,
             "best_fixed_temperature": best_t,
-            "best_fixed_reward": float(fixed_groups[best_t].mean()),
-            "margin_vs_best_fixed": paired_margin(ours, fixed_groups[best_t], n, seed),
+            "best_fixed_reward": float(fixed[best_t].mean()),
+            "margin_vs_best_fixed": paired_margin(ours.mean(0), fixed[best_t].mean(0), n, seed),
             "base": None,
             "margin_vs_base": None,
+            "by_diversity": {},
         }
-        if self.base is not None:
-            record["base"] = summarize_episodes(self.base)
-            record["margin_vs_base"] = paired_margin(ours, self._group_rewards(self.base), n, seed)
-            record["base_vs_best_fixed"] = paired_margin(self._group_rewards(self.base), fixed_groups[best_t], n, seed)
+        if base is not None:
+            record["base"] = {**summarize_episodes(self.base), "reward": float(base.mean())}
+            record["margin_vs_base"] = paired_margin(ours.mean(0), base.mean(0), n, seed)
+            record["base_vs_best_fixed"] = paired_margin(base.mean(0), fixed[best_t].mean(0), n, seed)
+        for i, lam in enumerate(self.lambdas):
+            t_at = max(fixed, key=lambda t: (fixed[t][i].mean(), -t))
+            at = {"learned_reward": float(ours[i].mean()), "best_fixed_temperature": t_at,
+                  "best_fixed_reward": float(fixed[t_at][i].mean()),
+                  "margin_vs_best_fixed": paired_margin(ours[i], fixed[t_at][i], n, seed)}
+            if base is not None:
+                at.update(base_reward=float(base[i].mean()), margin_vs_base=paired_margin(ours[i], base[i], n, seed))
+            record["by_diversity"][f"{lam:g}"] = at
         return record
 
     def close(self) -> None:
         self.env.close()
+        for env in self._envs.values():
+            env.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The TensorBoard scalars of a validation record, ``validation/...``: rewards, the margins with their bounds
+    (over the grid and ``..._at_λ`` per λ), the learned policy's temperatures and accuracy."""
+    out = {"learned_reward": record["learned"]["reward"], "best_fixed_reward": record["best_fixed_reward"],
+           "best_fixed_temperature": record["best_fixed_temperature"]}
+
+    def margins(suffix: str, at: dict) -> None:
+        for name in ("best_fixed", "base"):
+            m = at.get(f"margin_vs_{name}")
+            if m is not None:
+                out.update({f"margin_vs_{name}{suffix}": m["mean"], f"margin_vs_{name}{suffix}_low": m["low"],
+                            f"margin_vs_{name}{suffix}_high": m["high"]})
+
+    margins("", record)
+    for lam, at in record.get("by_diversity", {}).items():
+        margins(f"_at_{lam}", at)
+    if record.get("base") is not None:
+        out["base_reward"] = record["base"]["reward"]
+    for key in ("temperature_mean", "temperature_std", "accuracy"):
+        out[f"learned_{key}"] = record["learned"][key]
+    for t, summary in record["fixed"].items():
+        out[f"fixed_{t}_reward"] = summary["reward"]
+    return {f"validation/{k}": float(v) for k, v in out.items()}
 
 
 def margin_text(m: dict | None) -> str:

@@ -15,11 +15,12 @@ from stable_baselines3 import PPO
 from envs.generation import TemperatureVecEnv
 from envs.prompts import CATEGORIES
 from envs.residual import ResidualActionVecEnv
+from envs.rewards import RewardConfig
 from kelvin.config import ConfigError, load_config
 from kelvin.export import export_learned, learned_policy
 from kelvin.rundir import RunDir, RunDirError
 from kelvin.tuning import quality_diversity, tune_tables
-from kelvin.validation import group_means, paired_margin
+from kelvin.validation import grid_rewards, group_means, paired_margin
 from policies.artifact import load_policy
 from policies.features import FeatureSettings, FeatureSpec
 from policies.tuned_base import BaseError, TunedBase, TunedBasePolicy
@@ -153,7 +154,6 @@ def _episode(category, quality_logprob, semantic, lam=0.0, row=0, k=0):
 def test_tune_tables_by_hand():
     """Reward = logprob (weight 1) + λ · 6 · semantic. code: T=0 scores -1 + 0 = -1, T=1 scores -3 + λ·6·0.5:
     T=1 wins once 3λ > 2, i.e. λ > 2/3. math: T=0 always (-0.5 vs -4 + 3λ·0.5... never above at λ <= 2)."""
-    from envs.rewards import RewardConfig
 
     runs = {0.0: [_episode("code", -1.0, 0.0), _episode("math", -0.5, 0.0)],
             1.0: [_episode("code", -3.0, 0.5), _episode("math", -4.0, 0.25)]}
@@ -178,3 +178,22 @@ def test_validation_interval_by_hand():
     values = [10 * r + k for r in range(4) for k in range(2)]
     np.testing.assert_allclose(group_means(episodes, 2, values), [5.0, 6.0, 25.0, 26.0])
     assert not math.isnan(paired_margin(np.array([1.0, 3.0]), np.array([0.0, 0.0]), 50, 1)["low"])
+
+
+def test_validation_grid_by_hand():
+    """The validation's λ grid: a fixed temperature's one run is scored at every λ from its components
+    (quality + λ · diversity with the reward's weights), a policy's runs are one block per λ at its own λ."""
+    def episode(row, logprob, semantic, lam=0.0, r=0.0):
+        components = {k: 0.0 for k in RewardConfig().weights()}
+        components.update(logprob=logprob, group_semantic=semantic)
+        return {"row": row, "k": 0, "diversity": lam, "episode": {"r": r}, "reward_components": components}
+
+    # K = 2: rows 0-1 are group 0, rows 2-3 group 1. Weights: logprob 1, group_semantic 6.
+    fixed = [episode(0, -1.0, 0.5), episode(1, -3.0, 0.5), episode(2, -2.0, 0.0), episode(3, -2.0, 0.25)]
+    # group 0: q = -2, d = 3 -> λ=0: -2, λ=2: 4; group 1: q = -2, d = 0.75 -> λ=0: -2, λ=2: -0.5
+    np.testing.assert_allclose(grid_rewards(fixed, (0.0, 2.0), 2, RewardConfig(), rescore=True),
+                               [[-2.0, -2.0], [4.0, -0.5]])
+    learned = [episode(r, 0, 0, lam, r=10 * lam + r) for lam in (0.0, 2.0) for r in range(4)]
+    np.testing.assert_allclose(grid_rewards(learned, (0.0, 2.0), 2), [[0.5, 2.5], [20.5, 22.5]])
+    with pytest.raises(ValueError, match="not 2 blocks"):
+        grid_rewards(learned[::-1], (0.0, 2.0), 2)

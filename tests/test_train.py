@@ -194,4 +194,5 @@ def test_a_second_run_of_the_same_settings_reads_its_baselines_and_base_from_the
     assert base(tmp_path / "again") == base(smoke_run.run_dir)
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert summary["perf"]["baselines_cached"] is True
-    assert sorted(p.suffix for p in (tmp_path / "again" / "cache").iterdir()) == [".json"] * 5  # 2 T + base, 2 tuning
+    # 2 fixed T (one run each, scored at every λ), the base at each of the 2 λ of the grid, 2 tuning runs
+    assert sorted(p.suffix for p in (tmp_path / "again" / "cache").iterdir()) == [".json"] * 6
