@@ -33,30 +33,10 @@ import torch
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
-from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
+from policies.guard import GUARD_COUNTERS, GuardedPolicy, GuardSettings, apply_guard, resolve_guard
 from samplers.core import Truncation, apply_temperature, did_you_mean, require_real, truncate
 
-__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity",
-           "merge_guard"]
-
-
-def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | dict:
-    """The guard setting of a sampler built from an export: the export's ``guard`` block, then the caller's.
-
-    ``requested`` None keeps ``exported``; False switches the guard off; True switches it on with
-    the exported settings; a dict updates the exported settings (and switches the guard on unless
-    it says ``enabled``).
-    """
-    if requested is None:
-        return exported
-    if requested is False:
-        return False
-    base = dict(exported) if isinstance(exported, dict) else {}
-    if requested is True:
-        return {**base, "enabled": True}
-    if isinstance(requested, dict):
-        return {**base, "enabled": True, **requested}
-    raise TypeError(f"guard={requested!r} must be None (the export's setting), True, False or a dict of settings")
+__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity"]
 
 
 MODEL_CHECK_ENV = "KELVIN_MODEL_CHECK"
@@ -186,7 +166,7 @@ class PolicyRuntime:
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None,
                  token_prior: torch.Tensor | None = None, category=None, diversity=None, record: bool = True,
-                 guard: bool | dict | None = True, exported_model: dict | None = None,
+                 guard: bool | dict | GuardSettings | None = True, exported_model: dict | None = None,
                  diversity_range: tuple[float, float] | None = None):
         if not isinstance(policy, TemperaturePolicy):
             raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) and actions(obs) as "
@@ -250,7 +230,7 @@ class PolicyRuntime:
             check_engine_model(art.model, *engine_model_identity(model))
         kwargs = dict(kwargs)
         kwargs.setdefault("token_prior", art.token_prior)
-        kwargs["guard"] = merge_guard(art.guard, kwargs.get("guard"))
+        kwargs["guard"] = resolve_guard(kwargs.get("guard"), art.action_mapping, base=art.guard)
         kwargs.setdefault("exported_model", art.model)
         kwargs.setdefault("diversity_range", art.diversity_range)
         return (art.policy, art.feature_spec, art.action_mapping, art.truncation), kwargs
