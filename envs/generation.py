@@ -50,7 +50,7 @@ MAX_SEED = 2**32 - 1
 up to what torch's generators take (63 bits)."""
 
 
-@settings_dataclass(config=ConfigDict(extra="forbid"))
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class EnvConfig:
     """The ``env:`` block of a Kelvin config (its defaults are the embedded default run's).
 

@@ -65,7 +65,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@settings_dataclass(config=ConfigDict(extra="forbid"))
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ModelConfig:
     """The ``model:`` block of a Kelvin config (a pydantic dataclass: fields checked when it is built)."""
 
