@@ -27,16 +27,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, GuardSettings, apply_guard, resolve_guard
-from samplers.core import Truncation, apply_temperature, did_you_mean, require_real, truncate
+from samplers.core import Truncation, apply_temperature, require_real, truncate
 
-__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity"]
+__all__ = ["PolicyRuntime", "RuntimeAdapter", "check_engine_model", "engine_model_identity"]
 
 
 MODEL_CHECK_ENV = "KELVIN_MODEL_CHECK"
@@ -87,38 +86,6 @@ def check_engine_model(exported: dict, engine_name: str | None, engine_vocab: in
             f"this policy was exported for model {name!r} (vocabulary {vocab}) but the engine runs {engine_name!r} "
             f"(vocabulary {engine_vocab}): its features and temperatures only make sense on the model it was "
             f"trained with. Run {name!r}, or train and export a policy on {engine_name!r}.{hint}")
-
-
-def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] | None:
-    """One-hot slots (B,) for ``category``: None, a name / index for every row, or one per row.
-
-    Names index ``spec.categories``; ``"other"`` (or None inside a list) is the final slot. Returns
-    None when ``category`` is None (rows keep the "other" slot a fresh featurizer row starts with).
-    """
-    if category is None:
-        return None
-    if not spec.categories:
-        raise ValueError("category was given, but this policy has no category features (it was trained with "
-                         "env.include_category=false); drop the category argument")
-    items = [category] * batch_size if isinstance(category, (str, int)) else list(category)
-    if len(items) != batch_size:
-        raise ValueError(f"category has {len(items)} entries for a batch of {batch_size} rows; give one per row "
-                         "or a single name for all")
-    out = []
-    other = len(spec.categories)
-    for c in items:
-        if c is None or c == "other":
-            out.append(other)
-        elif isinstance(c, str):
-            if c not in spec.categories:
-                raise ValueError(f"unknown category {c!r}; {did_you_mean(c, [*spec.categories, 'other'], always_list=True)}")
-            out.append(spec.categories.index(c))
-        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= int(c) <= other:
-            out.append(int(c))
-        else:
-            raise ValueError(f"category {c!r} must be a name ({', '.join(spec.categories)}, other) or an index "
-                             f"in [0, {other}]")
-    return out
 
 
 def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float, float] | None, owner: str = "diversity") -> float:
@@ -194,7 +161,7 @@ class PolicyRuntime:
         self.exported_model = dict(exported_model or {})
         """spec.json ``model`` of the export this runtime runs (``{name, vocab_size}``; empty when built by hand)."""
         if category is not None:  # validate the names now, not at the first generate step
-            category_indices(self.feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
+            self.feature_spec.category_rows(category, 1 if isinstance(category, (str, int)) else len(category))
         self.featurizer: Featurizer | None = None
         self.temperatures: list[torch.Tensor] = []
         self._last_t: torch.Tensor | None = None  # (B,) temperatures of the previous step
@@ -259,7 +226,7 @@ class PolicyRuntime:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         device = torch.device(device)
         self.featurizer = Featurizer(self.feature_spec, batch_size, device, token_prior=self._prior_on(device))
-        cats = category_indices(self.feature_spec, self.category if category is None else category, batch_size)
+        cats = self.feature_spec.category_rows(self.category if category is None else category, batch_size)
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
         if cats is not None or dw is not None:
             self.featurizer.reset(None, category=cats, diversity_weight=dw)
@@ -284,7 +251,7 @@ class PolicyRuntime:
         if bool(((idx < 0) | (idx >= f.batch_size)).any()):
             raise ValueError(f"rows {idx.tolist()} outside the {f.batch_size} rows started")
         cat = self.category if category is None else category
-        cats = None if cat is None else category_indices(self.feature_spec, cat, 1) * idx.numel()
+        cats = None if cat is None else self.feature_spec.category_rows(cat, 1) * idx.numel()
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
         f.reset(idx, category=cats, diversity_weight=dw)
         self._last_t[idx] = self.feature_spec.initial_temperature
