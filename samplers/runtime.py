@@ -33,7 +33,7 @@ from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
 from policies.guard import GUARD_COUNTERS, GuardedPolicy, GuardSettings, apply_guard, resolve_guard
-from samplers.core import Truncation, apply_temperature, require_real, truncate
+from samplers.core import Truncation, apply_temperature, check_logits, require_real, truncate
 
 __all__ = ["PolicyRuntime", "RuntimeAdapter", "check_engine_model", "engine_model_identity"]
 
@@ -332,13 +332,7 @@ class PolicyRuntime:
                 f"the logits have {scores.shape[1]} columns (the engine model's vocabulary) but the policy was "
                 f"exported for another model{f' ({name!r})' if name else ''} with a vocabulary of {vocab}: use the "
                 "model it was trained with (spec.json 'model'), or train and export a policy on this one")
-        zmax = scores.amax(dim=-1)  # (B,): NaN, +inf and all -inf rows show here
-        if not bool(torch.isfinite(zmax).all()):  # check before the featurizer reads them
-            rows = torch.nonzero(~torch.isfinite(zmax)).flatten().tolist()
-            raise ValueError(
-                f"logits rows {rows[:10]} contain NaN or +inf, or are entirely -inf. Check the model outputs "
-                "(float16 overflow? run the model in float32 or bfloat16); mask tokens with -inf, never with NaN "
-                "or +inf, and keep at least one finite logit per row")
+        check_logits(scores)  # before the featurizer reads them
         if tokens is not None:
             tokens = torch.as_tensor(tokens, device=f.device).long().reshape(-1)  # (B,)
             if drew is None or bool(drew.any()):

@@ -447,7 +447,7 @@ def test_processor_bad_inputs():
         proc(torch.zeros(1, 3, dtype=torch.long), torch.zeros(V))
     with pytest.raises(ValueError, match="input_ids must be"):
         proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(1, V))
-    with pytest.raises(ValueError, match=r"rows \[0\] contain NaN or \+inf"):
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf in rows \[0\] \(NaN in rows \[0\]"):
         proc(torch.zeros(1, 3, dtype=torch.long), torch.full((1, V), float("nan")))
     with pytest.raises(ValueError, match="unknown category 'cod'; did you mean 'code'"):
         PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), category="cod")
