@@ -30,7 +30,8 @@ from envs.prompts import CATEGORIES, DEFAULT_CATEGORY, Prompt, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec, Featurizer
-from samplers.core import Truncation, did_you_mean, sample
+from samplers.core import Truncation, sample
+from samplers.suggest import did_you_mean
 
 __all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 

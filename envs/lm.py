@@ -45,7 +45,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictStr
 from pydantic.dataclasses import dataclass as settings_dataclass
 from transformers.cache_utils import Cache, DynamicLayer
 
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "EMBEDDED_MODELS",

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from envs.answers import check_answers_field
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "CATEGORIES",

@@ -35,7 +35,7 @@ import torch
 from policies.actions import ActionMapping, anomaly_reset, rate_limit
 from policies.base import BaselinePolicy, _fmt, check_real
 from policies.features import FeatureSpec
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "CategoryTable",

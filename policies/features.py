@@ -54,7 +54,8 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
-from samplers.core import did_you_mean, top_values
+from samplers.core import top_values
+from samplers.suggest import did_you_mean
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
            "check_feature_version", "distribution_features"]

@@ -67,7 +67,7 @@ from pydantic.dataclasses import dataclass as settings_dataclass
 
 from policies.actions import ActionMapping, anomaly_reset, rate_limit
 from policies.base import TemperaturePolicy
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = ["GUARD_COUNTERS", "GUARD_SETTINGS", "GuardSettings", "GuardedPolicy", "apply_guard", "resolve_guard"]
 

@@ -58,16 +58,16 @@ than ``top_p - 1e-6``. Tokens tied with the last kept value of top-k / top-p are
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Truncation", "apply_temperature", "check_logits", "did_you_mean", "require_real", "truncate", "tempered_probs", "sample",
+from samplers.suggest import did_you_mean
+
+__all__ = ["Truncation", "apply_temperature", "check_logits", "require_real", "truncate", "tempered_probs", "sample",
            "top_values"]
 
 # Slack on inclusive float thresholds (min-p in log space, top-p on cumulative probability).
@@ -270,24 +270,6 @@ class Truncation:
 
 
 _NO_TRUNCATION = Truncation()
-
-
-def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False, cutoff: float = 0.6) -> str:
-    """``"did you mean 'x'?"`` for the valid name closest to ``name`` (case-insensitive), else ``"valid: a, b"``.
-
-    ``always_list`` adds the valid names after a suggestion too; ``cutoff``: how close a suggestion must be
-    (difflib's ratio; raise it to flag only near-misses). The one suggestion helper of Kelvin: every layer may
-    import :mod:`samplers.core`.
-    """
-    valid = [str(v) for v in valid]
-    by_lower = {v.lower(): v for v in valid}
-    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=cutoff) or difflib.get_close_matches(
-        str(name).lower(), list(by_lower), n=1, cutoff=cutoff)
-    listing = f"valid: {', '.join(valid)}"
-    if not close:
-        return listing
-    hint = f"did you mean {by_lower.get(close[0], close[0])!r}?"
-    return f"{hint} ({listing})" if always_list else hint
 
 
 # --------------------------------------------------------------------------- kernels

@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from policies.features import FeatureSpec
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 from policies.artifact import diversity_range_of
 from samplers.runtime import PolicyRuntime, check_diversity, check_engine_model
 
