@@ -562,6 +562,33 @@ def test_default_guard_falls_back_when_the_policy_fails():
                                                                            torch.randn(1, V))
 
 
+def test_hf_generate_checks_the_generation_config_it_would_run_with():
+    """PolicyLogitsProcessor.generate reads the call's settings through GenerationConfig (no model run here)."""
+    from transformers import GenerationConfig
+
+    from samplers.hf import NEUTRAL_GENERATE_KWARGS, check_generation_config, generation_config_of
+
+    class HubModel:  # a model whose generation_config ships T = 0.6 and top-k 50, as many Hub models do
+        generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_k=50)
+
+        def generate(self, **kwargs):
+            self.called = kwargs
+            return "tokens"
+
+    model = HubModel()
+    proc = PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), guard=False)
+    with pytest.raises(ValueError, match=r"TemperatureLogitsWarper\(temperature=0.6\), TopKLogitsWarper\(top_k=50\) "
+                                         r"after PolicyLogitsProcessor.*Pass temperature=1.0, top_k=0 to generate"):
+        proc.generate(model, input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert not hasattr(model, "called") and model.generation_config.temperature == 0.6  # the model's config untouched
+    with pytest.raises(ValueError, match=r"MinPLogitsWarper\(min_p=0.1\).*Pass min_p=0.0"):
+        check_generation_config(generation_config_of(model, **{**NEUTRAL_GENERATE_KWARGS, "min_p": 0.1}))
+    with pytest.raises(ValueError, match="do_sample is not True"):
+        check_generation_config(GenerationConfig(do_sample=False))
+    assert proc.generate(model, max_new_tokens=2, **NEUTRAL_GENERATE_KWARGS) == "tokens"
+    assert list(model.called["logits_processor"]) == [proc] and model.called["max_new_tokens"] == 2
+
+
 def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
     from kelvin.export import parse_guard_settings
 
