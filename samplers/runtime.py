@@ -175,11 +175,6 @@ class PolicyRuntime:
             return {**dict.fromkeys(GUARD_COUNTERS, 0), "decisions": 0}
         return {**self.guard.counters, "decisions": self.guard.decisions}
 
-    @property
-    def last_temperatures(self) -> torch.Tensor | None:
-        """(B,) the temperatures of the last step (None before the first)."""
-        return self._last_t
-
     @classmethod
     def pretrained_arguments(cls, path, kwargs: dict, model=None) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for an adapter's constructor from an export directory (``from_pretrained``).
