@@ -26,11 +26,12 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from anomaly.prior import build_token_prior
 from envs.lm import CausalLM, ModelConfig, load_causal_lm
-from envs.prompts import CATEGORIES, Prompt, category_index, load_prompts
+from envs.prompts import CATEGORIES, DEFAULT_CATEGORY, Prompt, load_prompts
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec, Featurizer
-from samplers.core import Truncation, did_you_mean, sample
+from samplers.core import Truncation, sample
+from samplers.suggest import did_you_mean
 
 __all__ = ["EnvConfig", "GenerationCore", "TemperatureVecEnv", "TemperatureEnv"]
 
@@ -50,7 +51,7 @@ MAX_SEED = 2**32 - 1
 up to what torch's generators take (63 bits)."""
 
 
-@settings_dataclass(config=ConfigDict(extra="forbid"))
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class EnvConfig:
     """The ``env:`` block of a Kelvin config (its defaults are the embedded default run's).
 
@@ -322,7 +323,7 @@ class GenerationCore:
             v[rows] = 0.0
         self.ep_waited[rows] = 0
         self.ep_start[rows] = time.perf_counter()
-        cats = [category_index(self.prompts[i].category) for i in row_prompt]
+        cats = [self.spec.category_slot(self.prompts[i].category) for i in row_prompt]
         self.featurizer.reset(rows_t, category=cats, diversity_weight=self.diversity[rows])
         obs = self.featurizer.observe(self.logits)
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model
@@ -692,7 +693,7 @@ class TemperatureEnv(gym.Env):
             if not isinstance(options["prompt"], str) or not options["prompt"].strip():
                 raise ValueError(f"reset(options={{'prompt': {options['prompt']!r}}}): the prompt is empty; give the "
                                  "text to generate for, or leave 'prompt' out to take the next prompt of the split")
-            prompt = Prompt(text=str(options["prompt"]), category=str(options.get("category", "general")),
+            prompt = Prompt(text=str(options["prompt"]), category=str(options.get("category", DEFAULT_CATEGORY)),
                             id=f"user-{len(self.core.prompts)}", split=None)
             prompt_indices = [self.core.add_prompt(prompt)]
         obs = self.core.reset_groups(None if self.core.state is None else np.array([0]), prompt_indices,

@@ -45,7 +45,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictStr
 from pydantic.dataclasses import dataclass as settings_dataclass
 from transformers.cache_utils import Cache, DynamicLayer
 
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -65,7 +65,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@settings_dataclass(config=ConfigDict(extra="forbid"))
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ModelConfig:
     """The ``model:`` block of a Kelvin config (a pydantic dataclass: fields checked when it is built)."""
 

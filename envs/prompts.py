@@ -18,9 +18,9 @@ A prompt with ``answers`` (a non-empty list of accepted strings) is **answerable
 ``load_prompts`` reads that file or a user file (``.jsonl`` in the same format, or a
 ``.txt`` file with one prompt per line) and filters it by split and category.
 
-The category conditions the policy: ``category_index`` maps a name to its slot in a
-one-hot of ``NUM_CATEGORY_SLOTS = len(CATEGORIES) + 1`` entries, the last slot meaning
-"other" (any category outside ``CATEGORIES``, such as ``"general"``). A name that is a near-miss
+The category conditions the policy: the observation's feature spec maps a name to its slot in a
+one-hot of ``len(CATEGORIES) + 1`` entries (:meth:`policies.features.FeatureSpec.category_slot`), the
+last slot meaning "other" (any category outside ``CATEGORIES``, such as ``"general"``). A name that is a near-miss
 of a built-in one (``"factual_questoin"``, ``"summarization"``, ``"Math"``) is refused with the
 name it misses: it would silently become "other".
 """
@@ -36,15 +36,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from envs.answers import check_answers_field
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "CATEGORIES",
     "DEFAULT_CATEGORY",
-    "NUM_CATEGORY_SLOTS",
     "SPLITS",
     "Prompt",
-    "category_index",
     "load_prompts",
     "select_prompts",
 ]
@@ -59,9 +57,6 @@ CATEGORIES: tuple[str, ...] = (
     "summarisation",
     "math",
 )
-
-#: Size of the category one-hot: one slot per entry of CATEGORIES plus a final "other".
-NUM_CATEGORY_SLOTS: int = len(CATEGORIES) + 1
 
 #: Valid values of a prompt's ``split`` field and of ``load_prompts(split=...)``.
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -98,14 +93,6 @@ class Prompt:
     def answerable(self) -> bool:
         """True when the prompt has accepted answers (the ``correct`` reward and accuracy apply)."""
         return self.answers is not None
-
-
-def category_index(name: str) -> int:
-    """Return the one-hot slot of a category: its index in CATEGORIES, else len(CATEGORIES)."""
-    try:
-        return CATEGORIES.index(name)
-    except ValueError:
-        return len(CATEGORIES)
 
 
 def load_prompts(

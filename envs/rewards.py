@@ -66,7 +66,7 @@ DIVERSITY_COMPONENTS = ("entropy", "group_semantic", "group_ngram")
 """Components scaled by the group's diversity dial λ (the rest are quality, unscaled)."""
 
 
-@settings_dataclass(config=ConfigDict(extra="forbid"))
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RewardConfig:
     """The ``reward:`` block: one weight per component (0 switches it off) and their parameters.
 

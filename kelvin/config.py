@@ -57,7 +57,7 @@ from pydantic.fields import FieldInfo
 from envs.generation import MAX_SEED, EnvConfig
 from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MODEL_SETTINGS", "MOVED_KEYS", "PPOConfig", "PolicyKwargs",
            "TrainConfig", "apply_overrides", "load_config", "model_setting_changes"]

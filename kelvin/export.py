@@ -183,13 +183,9 @@ def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prio
 
 def _guard_block(guard: bool | dict, action_mapping: ActionMapping) -> dict:
     """The resolved ``guard`` block of spec.json (True = defaults, False = off, dict = settings)."""
-    from policies.guard import resolve_guard_settings
+    from policies.guard import resolve_guard
 
-    if isinstance(guard, bool):
-        guard = {"enabled": guard}
-    if not isinstance(guard, dict):
-        raise ValueError(f"guard={guard!r} must be True, False or a dict of guard settings")
-    return resolve_guard_settings(guard, action_mapping, owner="export guard")
+    return resolve_guard(guard, action_mapping, owner="export guard").to_dict()
 
 
 def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMapping,
@@ -401,6 +397,8 @@ def parse_guard_settings(items: list[str]) -> dict:
                 out[key] = [float(v) for v in value.split(",")]
             elif key == "enabled":
                 out[key] = {"true": True, "false": False}[value.lower()]
+            elif key == "hold":
+                out[key] = int(float(value)) if float(value).is_integer() else float(value)  # tokens
             else:
                 out[key] = float(value)
         except (ValueError, KeyError):

@@ -51,6 +51,7 @@ import torch
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, check_feature_version
+from policies.guard import GuardSettings, resolve_guard
 from policies.learned import LearnedPolicy
 from samplers.core import Truncation
 
@@ -112,11 +113,10 @@ class PolicyArtifact:
         return self.spec["kind"]
 
     @property
-    def guard(self) -> dict:
-        """The export's guard settings (``spec.json`` ``guard``; the defaults when it has none), resolved."""
-        from policies.guard import resolve_guard_settings
-
-        return resolve_guard_settings(self.spec.get("guard"), self.action_mapping)
+    def guard(self) -> GuardSettings:
+        """The export's guard settings (``spec.json`` ``guard``; the defaults, on, when it has none), resolved."""
+        guard = self.spec.get("guard")
+        return resolve_guard(True if guard is None else guard, self.action_mapping, owner=f"{self.path} guard")
 
     @property
     def model(self) -> dict:
@@ -310,13 +310,11 @@ def load_artifact(path: str | Path) -> PolicyArtifact:
             raise ArtifactError(f"{spec_path}: cannot rebuild baseline {config.get('name')!r}: {exc}") from None
     guard = spec.get("guard")
     if guard is not None:
-        from policies.guard import resolve_guard_settings
-
         if not isinstance(guard, dict):
             raise ArtifactError(f"{spec_path}: guard={guard!r} must be an object of guard settings "
                                 "({\"enabled\": true, \"max_delta\": 0.5, ...}); export the policy again")
         try:
-            resolve_guard_settings(guard, mapping, owner=f"{spec_path} guard")
+            resolve_guard(guard, mapping, owner=f"{spec_path} guard")
         except ValueError as exc:
             raise ArtifactError(f"{exc}; fix the guard block or export the policy again") from None
     prior = _load_token_prior(path, files.get("token_prior"))

@@ -35,7 +35,7 @@ import torch
 from policies.actions import ActionMapping, anomaly_reset, rate_limit
 from policies.base import BaselinePolicy, _fmt, check_real
 from policies.features import FeatureSpec
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = [
     "CategoryTable",
@@ -521,7 +521,7 @@ class CategoryTable(BaselinePolicy):
     def __init__(self, feature_spec: FeatureSpec, action_mapping: ActionMapping | None = None, **temperatures: float):
         if not feature_spec.categories:
             raise ValueError("CategoryTable needs the category one-hot in the observation (env.include_category: true)")
-        names = [*feature_spec.categories, "other"]
+        names = feature_spec.category_slots
         unknown = sorted(set(temperatures) - set(names))
         if unknown:
             raise ValueError(f"CategoryTable: unknown category {unknown[0]!r}; {did_you_mean(unknown[0], names, always_list=True)}")
@@ -534,7 +534,7 @@ class CategoryTable(BaselinePolicy):
     @classmethod
     def param_defaults(cls, feature_spec: FeatureSpec | None = None) -> dict[str, float]:
         """One temperature per category of ``feature_spec`` plus ``other`` (none without a spec)."""
-        names = [*feature_spec.categories, "other"] if feature_spec is not None else []
+        names = feature_spec.category_slots if feature_spec is not None else ()
         return {c: 0.7 for c in names}
 
     @property

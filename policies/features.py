@@ -45,6 +45,7 @@ full selection per row per step.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
@@ -53,9 +54,10 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
-from samplers.core import did_you_mean, top_values
+from samplers.core import top_values
+from samplers.suggest import did_you_mean
 
-__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
            "check_feature_version", "distribution_features"]
 
 FEATURE_SPEC_VERSION = 1
@@ -65,6 +67,8 @@ DISTRIBUTION_FEATURES = ("entropy", "entropy_norm", "varentropy", "max_prob", "t
 HISTORY_FEATURES = ("position", "prev_temperature", "last_surprise", "mean_surprise", "mean_drawn_prob",
                     "repetition", "quality", "anomaly")
 BASE_FEATURES = DISTRIBUTION_FEATURES + HISTORY_FEATURES
+OTHER_CATEGORY = "other"
+"""The name of the category one-hot's final slot: any category outside :attr:`FeatureSpec.categories`."""
 
 
 def check_feature_version(version) -> None:
@@ -117,11 +121,56 @@ class FeatureSpec(FeatureSettings):
         """The spec of an env: its ``env.features`` settings, ``horizon`` (max_new_tokens) and category names."""
         return cls(horizon=horizon, categories=tuple(categories), **asdict(settings))
 
+    # ------------------------------------------------------------------ the category one-hot
+    @property
+    def category_slots(self) -> tuple[str, ...]:
+        """The names of the category one-hot's slots, in order: :attr:`categories` then :data:`OTHER_CATEGORY`
+        (empty without category features). Feature ``category_<slot>`` is slot ``<slot>``."""
+        return (*self.categories, OTHER_CATEGORY) if self.categories else ()
+
+    def category_slot(self, name: str) -> int:
+        """The one-hot slot of category ``name``: its index in :attr:`categories`, else the final "other" slot
+        (any other name: a prompt file's own category, ``envs.prompts.DEFAULT_CATEGORY``)."""
+        return self.categories.index(name) if name in self.categories else len(self.categories)
+
+    def category_rows(self, category, batch_size: int) -> list[int] | None:
+        """One-hot slots (B,) for a sampler's ``category`` argument: None, a name / index for every row, or one
+        per row.
+
+        Unlike :meth:`category_slot` a name must be one of :attr:`category_slots` (a typo would silently become
+        "other"); None inside a list is "other". Returns None when ``category`` is None (rows keep the "other"
+        slot a fresh featurizer row starts with). Raises ValueError with the fix.
+        """
+        if category is None:
+            return None
+        if not self.categories:
+            raise ValueError("category was given, but this policy has no category features (it was trained with "
+                             "env.include_category=false); drop the category argument")
+        items = [category] * batch_size if isinstance(category, (str, int)) else list(category)
+        if len(items) != batch_size:
+            raise ValueError(f"category has {len(items)} entries for a batch of {batch_size} rows; give one per row "
+                             "or a single name for all")
+        other = len(self.categories)
+        out = []
+        for c in items:
+            if c is None:
+                out.append(other)
+            elif isinstance(c, str):
+                if c not in self.category_slots:
+                    raise ValueError(f"unknown category {c!r}; "
+                                     f"{did_you_mean(c, self.category_slots, always_list=True)}")
+                out.append(self.category_slot(c))
+            elif isinstance(c, numbers.Integral) and not isinstance(c, bool) and 0 <= int(c) <= other:
+                out.append(int(c))
+            else:
+                raise ValueError(f"category {c!r} must be a name ({', '.join(self.category_slots)}) or an index "
+                                 f"in [0, {other}]")
+        return out
+
     @property
     def names(self) -> tuple[str, ...]:
         names = list(BASE_FEATURES)
-        if self.categories:
-            names += [f"category_{c}" for c in self.categories] + ["category_other"]
+        names += [f"category_{c}" for c in self.category_slots]
         if self.include_diversity_weight:
             names.append("diversity_weight")
         return tuple(names)
@@ -286,7 +335,8 @@ class Featurizer:
             last_surprise=z.clone(), ema_surprise=z.clone(), ema_prob=z.clone(), ema_repeat=z.clone(),
             ema_anomaly=z.clone(), ema_weight=z.clone(),
             recent=torch.full((batch_size, self.spec.repeat_window), -1, dtype=torch.long, device=self.device),
-            category=torch.full((batch_size,), len(self.spec.categories), dtype=torch.long, device=self.device),
+            category=torch.full((batch_size,), self.spec.category_slot(OTHER_CATEGORY), dtype=torch.long,
+                                device=self.device),
             diversity_weight=z.clone(),
         )
 
@@ -366,7 +416,7 @@ class Featurizer:
         ], dim=-1)  # (B, 8)
         parts = [dist, history]
         if self.spec.categories:
-            parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.categories) + 1).float())
+            parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.category_slots)).float())
         if self.spec.include_diversity_weight:
             parts.append(s.diversity_weight.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)

@@ -33,7 +33,7 @@ counts since construction or :meth:`GuardedPolicy.reset_counters`; ``guard.decis
 (no sync per step); reading ``counters`` syncs once. With ``enabled=False`` the guard passes the
 policy's temperatures through untouched and counts nothing.
 
-Defaults (:func:`resolve_guard_settings`): bounds from the wrapped policy's action mapping,
+Settings (:class:`GuardSettings`, read from any ``guard`` argument by :func:`resolve_guard`): bounds from the wrapped policy's action mapping,
 ``max_delta = 0.5`` per token, ``safe_range = (0.1, 0.7)`` (ordinary, sharpened sampling: where the
 anomalous-token regime of negative temperatures ends) and ``fallback_temperature = 0.7``, both
 clipped into the bounds, ``hold = 8`` tokens, ``anomaly_threshold = 0.5`` (the
@@ -45,7 +45,8 @@ Serialisation: ``to_config()`` -> ``{"name": "guarded", "params": {...}, "policy
 
 The samplers (:class:`samplers.runtime.PolicyRuntime` and every engine adapter on it) guard every
 policy by default through :func:`apply_guard`: ``guard=True`` (the defaults, or the ``guard`` block
-an export wrote into ``spec.json``), ``guard={"max_delta": 0.3}`` (settings), ``guard=False`` (off).
+an export wrote into ``spec.json``), ``guard={"max_delta": 0.3}`` or a :class:`GuardSettings` (settings),
+``guard=False`` (off).
 By hand::
 
     policy = GuardedPolicy(load_policy("runs/default/export"), max_delta=0.3)
@@ -55,16 +56,20 @@ By hand::
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
+from typing import Annotated, Optional
 
 import torch
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic.dataclasses import dataclass as settings_dataclass
 
-from policies.actions import anomaly_reset, rate_limit
-from policies.base import TemperaturePolicy, check_real
-from samplers.core import did_you_mean
+from policies.actions import ActionMapping, anomaly_reset, rate_limit
+from policies.base import TemperaturePolicy
+from samplers.suggest import did_you_mean
 
-__all__ = ["GUARD_COUNTERS", "GUARD_SETTINGS", "GuardedPolicy", "apply_guard", "resolve_guard_settings"]
+__all__ = ["GUARD_COUNTERS", "GUARD_SETTINGS", "GuardSettings", "GuardedPolicy", "apply_guard", "resolve_guard"]
 
 GUARD_COUNTERS = ("clamp", "rate_limit", "anomaly_reset", "fallback")
 """Intervention kinds, the keys of :attr:`GuardedPolicy.counters`."""
@@ -75,100 +80,163 @@ DEFAULT_SAFE_RANGE = (0.1, 0.7)
 DEFAULT_FALLBACK_TEMPERATURE = 0.7
 DEFAULT_ANOMALY_THRESHOLD = 0.5
 DEFAULT_HOLD = 8
-GUARD_SETTINGS = ("t_min", "t_max", "max_delta", "safe_range", "fallback_temperature", "anomaly_threshold", "hold",
-                  "enabled")
-"""Keys of a guard setting (the ``guard`` block of an export's ``spec.json``, a sampler's ``guard={...}``)."""
 
 
-def resolve_guard_settings(settings: dict | None, action_mapping, owner: str = "guard") -> dict:
-    """Every guard setting, checked, with the defaults filled in for ``action_mapping``.
+def _real(value):
+    """Any real number (an int, a numpy float) as a float; anything else (a bool, a string) as it is, for the
+    strict float check to reject."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
 
-    ``settings`` holds any of :data:`GUARD_SETTINGS` (missing or None = default, except that
-    ``max_delta`` / ``anomaly_threshold`` = None switch the rate limit / the anomaly reset off):
-    bounds default to the mapping's ``[t_min, t_max]``; ``safe_range`` to (0.1, 0.7) and
-    ``fallback_temperature`` to 0.7, each clipped into the bounds (a policy trained on [-2, -0.1]
-    gets safe range and fallback -0.1). Returns a JSON-safe dict (``safe_range`` a list); raises
-    ValueError naming the key for anything else.
+
+def _rate(value):
+    """``max_delta``: +inf means no rate limit, as None does."""
+    value = _real(value)
+    return None if isinstance(value, float) and math.isinf(value) and value > 0 else value
+
+
+def _tokens(value):
+    """``hold``: None = 0 tokens; a whole float (8.0, from JSON) = that integer."""
+    if value is None:
+        return 0
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Real = Annotated[StrictFloat, BeforeValidator(_real), Field(allow_inf_nan=False)]
+"""A finite real number (an int or a numpy float is converted; a bool or a string is an error)."""
+
+
+@settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class GuardSettings:
+    """The guard rails' settings: the ``guard`` block of an export's ``spec.json``, a sampler's ``guard={...}``,
+    the keyword arguments of :class:`GuardedPolicy` (the rules are in the module doc).
+
+    A frozen pydantic dataclass (the style of :mod:`kelvin.config`): each field's type and range is checked when
+    it is built. The bounds, ``safe_range`` and ``fallback_temperature`` default to None, "from the policy's
+    action mapping"; :meth:`resolved` fills them in and checks them against the bounds. Build one from a
+    sampler's ``guard`` argument with :func:`resolve_guard`, which also turns a bad value into one line.
     """
-    s = dict(settings or {})
-    unknown = sorted(set(s) - set(GUARD_SETTINGS))
-    if unknown:
-        raise ValueError(f"{owner}: unknown setting {unknown[0]!r}; {did_you_mean(unknown[0], GUARD_SETTINGS, always_list=True)}")
-    t_min = action_mapping.t_min if s.get("t_min") is None else check_real(owner, "t_min", s["t_min"])
-    t_max = action_mapping.t_max if s.get("t_max") is None else check_real(owner, "t_max", s["t_max"])
-    if not t_min < t_max:
-        raise ValueError(f"{owner} bounds t_min={t_min} >= t_max={t_max}: the temperature range is empty; "
-                         "set t_min below t_max")
-    max_delta = check_real(owner, "max_delta", s.get("max_delta", DEFAULT_MAX_DELTA), optional=True, finite=False)
-    if max_delta is not None and math.isinf(max_delta) and max_delta > 0:
-        max_delta = None  # inf = no rate limit
-    if max_delta is not None and not max_delta > 0:
-        raise ValueError(f"{owner} max_delta={max_delta} must be > 0, or None to switch the rate limit off")
 
-    def clip(x: float) -> float:
-        return min(max(x, t_min), t_max)
+    t_min: Optional[Real] = None
+    """Lowest temperature the guard lets through; None = the policy's ``action_mapping.t_min``."""
+    t_max: Optional[Real] = None
+    """Highest temperature the guard lets through; None = the policy's ``action_mapping.t_max``."""
+    max_delta: Annotated[Optional[Real], BeforeValidator(_rate)] = Field(DEFAULT_MAX_DELTA, gt=0)
+    """Rate limit: largest |T_t - T_(t-1)| per token; None (or inf) = no rate limit."""
+    safe_range: Optional[tuple[Real, Real]] = None
+    """``(lo, hi)`` the anomaly reset clamps into, inside the bounds; None = (0.1, 0.7) clipped into the bounds."""
+    fallback_temperature: Optional[Real] = None
+    """Temperature of a row whose observation or policy output is not finite; None = 0.7 clipped into the
+    bounds."""
+    anomaly_threshold: Optional[Real] = DEFAULT_ANOMALY_THRESHOLD
+    """The ``anomaly`` feature above which a row resets into ``safe_range``; None = no anomaly reset."""
+    hold: Annotated[StrictInt, BeforeValidator(_tokens)] = Field(DEFAULT_HOLD, ge=0)
+    """Tokens a reset row stays in ``safe_range`` after the feature drops (None or 0 = no hold)."""
+    enabled: StrictBool = True
+    """False: the policy's temperatures pass through untouched (no guard)."""
 
-    safe_range = s.get("safe_range")
-    if safe_range is None:
-        safe_lo, safe_hi = clip(DEFAULT_SAFE_RANGE[0]), clip(DEFAULT_SAFE_RANGE[1])
-    else:
-        if not isinstance(safe_range, (tuple, list)) or len(safe_range) != 2:
-            raise ValueError(f"{owner} safe_range={safe_range!r} must be a pair (lo, hi), e.g. (0.1, 0.7)")
-        safe_lo, safe_hi = (check_real(owner, n, v) for n, v in zip(("safe_range[0]", "safe_range[1]"), safe_range))
+    def resolved(self, action_mapping: ActionMapping, owner: str = "guard") -> "GuardSettings":
+        """These settings with the defaults of ``action_mapping`` filled in and checked against the bounds: a
+        policy trained on [-2, -0.1] gets safe range and fallback -0.1. Raises ValueError naming ``owner``'s
+        setting and the fix."""
+        t_min = action_mapping.t_min if self.t_min is None else self.t_min
+        t_max = action_mapping.t_max if self.t_max is None else self.t_max
+        if not t_min < t_max:
+            raise ValueError(f"{owner} bounds t_min={t_min} >= t_max={t_max}: the temperature range is empty; "
+                             "set t_min below t_max")
+
+        def clip(x: float) -> float:
+            return min(max(x, t_min), t_max)
+
+        safe_lo, safe_hi = ((clip(DEFAULT_SAFE_RANGE[0]), clip(DEFAULT_SAFE_RANGE[1])) if self.safe_range is None
+                            else self.safe_range)
         if not t_min <= safe_lo <= safe_hi <= t_max:
             raise ValueError(f"{owner} safe_range=({safe_lo}, {safe_hi}) must be ordered and inside the bounds "
                              f"[t_min={t_min}, t_max={t_max}]")
-    fallback = s.get("fallback_temperature")
-    if fallback is None:
-        fallback = clip(DEFAULT_FALLBACK_TEMPERATURE)
-    else:
-        fallback = check_real(owner, "fallback_temperature", fallback)
+        fallback = clip(DEFAULT_FALLBACK_TEMPERATURE) if self.fallback_temperature is None else self.fallback_temperature
         if not t_min <= fallback <= t_max:
             raise ValueError(f"{owner} fallback_temperature={fallback} must lie in the bounds [t_min={t_min}, "
                              f"t_max={t_max}]")
-    anomaly_threshold = check_real(owner, "anomaly_threshold", s.get("anomaly_threshold", DEFAULT_ANOMALY_THRESHOLD),
-                                   optional=True)
-    hold = s.get("hold", DEFAULT_HOLD)
-    hold = 0 if hold is None else hold
-    if isinstance(hold, float) and hold.is_integer():
-        hold = int(hold)
-    if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
-        raise ValueError(f"{owner} hold={hold!r} must be a whole number of tokens >= 0 (0 = no hold after a reset)")
-    enabled = s.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ValueError(f"{owner} enabled={enabled!r} must be true or false")
-    return {"t_min": t_min, "t_max": t_max, "max_delta": max_delta, "safe_range": [safe_lo, safe_hi],
-            "fallback_temperature": fallback, "anomaly_threshold": anomaly_threshold, "hold": hold, "enabled": enabled}
+        return replace(self, t_min=t_min, t_max=t_max, safe_range=(safe_lo, safe_hi), fallback_temperature=fallback)
+
+    def to_dict(self) -> dict:
+        """JSON-safe (``safe_range`` a list): the ``guard`` block of ``spec.json``, a guard's ``params``."""
+        out = asdict(self)
+        out["safe_range"] = None if self.safe_range is None else list(self.safe_range)
+        return out
 
 
-def apply_guard(policy: TemperaturePolicy, guard: "bool | dict | None" = True) -> TemperaturePolicy:
-    """``policy`` behind guard rails as a sampler's ``guard`` argument asks.
+GUARD_SETTINGS = tuple(f.name for f in fields(GuardSettings))
+"""Keys of a guard setting (the fields of :class:`GuardSettings`)."""
 
-    ``True``: :class:`GuardedPolicy` with the defaults; a dict: with those settings
-    (:func:`resolve_guard_settings`; ``{"enabled": False}`` = off); ``False`` / None: the policy
-    itself. A policy that is already a :class:`GuardedPolicy` is returned as it is (``guard=False``
-    unwraps it).
+_MUST = {
+    "t_min": "a finite number (None = the policy's action mapping's t_min)",
+    "t_max": "a finite number (None = the policy's action mapping's t_max)",
+    "max_delta": "a number > 0, or None to switch the rate limit off",
+    "safe_range": "a pair (lo, hi) of finite numbers, e.g. (0.1, 0.7)",
+    "fallback_temperature": "a finite number inside the bounds, e.g. 0.7",
+    "anomaly_threshold": "a finite number, or None to switch the anomaly reset off",
+    "hold": "a whole number of tokens >= 0 (0 = no hold after a reset)",
+    "enabled": "true or false",
+}
+"""What each setting must be, for the one-line error of :func:`resolve_guard`."""
+
+
+def _settings(values: dict, owner: str) -> GuardSettings:
+    """``GuardSettings(**values)``, or a ValueError naming ``owner``'s setting, its value and what it must be."""
+    unknown = sorted(set(values) - set(GUARD_SETTINGS), key=str)
+    if unknown:
+        raise ValueError(f"{owner}: unknown setting {unknown[0]!r}; "
+                         f"{did_you_mean(unknown[0], GUARD_SETTINGS, always_list=True)}")
+    try:
+        return GuardSettings(**values)
+    except ValidationError as exc:
+        name = str(exc.errors()[0]["loc"][0])
+        raise ValueError(f"{owner} {name}={values[name]!r} must be {_MUST[name]}") from None
+
+
+def resolve_guard(guard: "bool | dict | GuardSettings | None", action_mapping: ActionMapping, *,
+                  base: GuardSettings | None = None, owner: str = "guard") -> GuardSettings:
+    """The one reading of a ``guard`` argument (samplers, exports, :class:`GuardedPolicy`): the
+    :class:`GuardSettings` it asks for, resolved for ``action_mapping``.
+
+    ``base`` is the setting the argument changes (an export's ``guard`` block; default: no guard). None keeps
+    ``base``; False switches the guard off; True switches it on with ``base``'s settings (the defaults without
+    a base); a dict updates ``base``'s settings and switches the guard on unless it says ``enabled``; a
+    :class:`GuardSettings` is taken as it is. A bad setting is a ValueError naming ``owner``'s setting, its value
+    and the fix; any other ``guard`` a TypeError.
+    """
+    if base is None:
+        base = GuardSettings(enabled=False)
+    if guard is None:
+        settings = base
+    elif isinstance(guard, bool):
+        settings = replace(base, enabled=guard)
+    elif isinstance(guard, GuardSettings):
+        settings = guard
+    elif isinstance(guard, dict):
+        settings = _settings({**asdict(base), "enabled": True, **guard}, owner)
+    else:
+        raise TypeError(f"{owner}={guard!r} must be True (guard rails on), False (off), None (the default setting) "
+                        f"or a dict of settings ({', '.join(GUARD_SETTINGS)})")
+    return settings.resolved(action_mapping, owner)
+
+
+def apply_guard(policy: TemperaturePolicy, guard: "bool | dict | GuardSettings | None" = True) -> TemperaturePolicy:
+    """``policy`` behind guard rails as a sampler's ``guard`` argument asks (:func:`resolve_guard`; None or
+    ``{"enabled": False}`` = off). A policy that is already a :class:`GuardedPolicy` is returned as it is
+    (``guard=False`` unwraps it).
     """
     if not isinstance(policy, TemperaturePolicy):
         raise TypeError(f"apply_guard needs a Kelvin TemperaturePolicy; got {type(policy).__name__}")
     if isinstance(policy, GuardedPolicy):
         if guard is False or guard is None:
             return policy.policy
-        if isinstance(guard, dict) and guard:
+        if isinstance(guard, GuardSettings) or (isinstance(guard, dict) and guard):
             raise ValueError("the policy is already a GuardedPolicy; give guard settings either there or here, "
                              "not both")
         return policy
-    if guard is None or guard is False:
-        return policy
-    if guard is True:
-        return GuardedPolicy(policy)
-    if isinstance(guard, dict):
-        guard = resolve_guard_settings(guard, policy.action_mapping, owner="guard")  # the error names the setting
-        if guard.get("enabled", True) is False:
-            return policy
-        return GuardedPolicy(policy, **{k: v for k, v in guard.items() if k != "enabled"})
-    raise TypeError(f"guard={guard!r} must be True (default guard rails), False (none) or a dict of settings "
-                    f"({', '.join(GUARD_SETTINGS)})")
+    settings = resolve_guard(guard, policy.action_mapping)
+    return GuardedPolicy(policy, **asdict(settings)) if settings.enabled else policy
 
 
 class GuardedPolicy(TemperaturePolicy):
@@ -189,15 +257,15 @@ class GuardedPolicy(TemperaturePolicy):
         if isinstance(policy, GuardedPolicy):
             raise TypeError(f"{owner}: the policy is already guarded ({policy.label}); wrap the inner policy "
                             "(guard.policy) instead of guarding twice")
-        p = resolve_guard_settings(dict(t_min=t_min, t_max=t_max, max_delta=max_delta, safe_range=safe_range,
-                                        fallback_temperature=fallback_temperature,
-                                        anomaly_threshold=anomaly_threshold, hold=hold, enabled=enabled),
-                                   policy.action_mapping, owner)
+        settings = resolve_guard(dict(t_min=t_min, t_max=t_max, max_delta=max_delta, safe_range=safe_range,
+                                      fallback_temperature=fallback_temperature, anomaly_threshold=anomaly_threshold,
+                                      hold=hold, enabled=enabled), policy.action_mapping, owner=owner)
         # The guard's actions are final temperatures: its mapping is the policy's without a rate limit.
-        super().__init__(policy.feature_spec, replace(policy.action_mapping, max_delta=None), **p)
+        super().__init__(policy.feature_spec, replace(policy.action_mapping, max_delta=None), **settings.to_dict())
+        self.settings = settings
+        """The resolved :class:`GuardSettings`; each of its fields is an attribute of the guard too."""
         for key in GUARD_SETTINGS:
-            setattr(self, key, p[key])
-        self.safe_range = tuple(p["safe_range"])
+            setattr(self, key, getattr(settings, key))
         self.policy = policy
         self.last_error: BaseException | None = None
         self._warned = False

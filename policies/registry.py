@@ -35,7 +35,7 @@ from policies.actions import ActionMapping
 from policies.base import BaselinePolicy
 from policies import baselines
 from policies.features import FeatureSpec
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 
 __all__ = ["BASELINE_NAMES", "all_baselines", "make_policy", "policy_from_config"]
 

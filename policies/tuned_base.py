@@ -110,7 +110,7 @@ class TunedBase:
     def module(self, spec: FeatureSpec, mapping: ActionMapping) -> "BaseModule":
         """This base as a :class:`BaseModule` over ``spec``'s raw observations, in ``mapping``'s action space."""
         if self.kind == "table":
-            names = [*spec.categories, "other"]
+            names = spec.category_slots
             rows = [self.temperatures[c] for c in names]
             cat_start = spec.index(f"category_{names[0]}")
         else:

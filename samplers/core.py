@@ -58,16 +58,16 @@ than ``top_p - 1e-6``. Tokens tied with the last kept value of top-k / top-p are
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Truncation", "apply_temperature", "did_you_mean", "require_real", "truncate", "tempered_probs", "sample",
+from samplers.suggest import did_you_mean
+
+__all__ = ["Truncation", "apply_temperature", "check_logits", "require_real", "truncate", "tempered_probs", "sample",
            "top_values"]
 
 # Slack on inclusive float thresholds (min-p in log space, top-p on cumulative probability).
@@ -116,8 +116,9 @@ def _as_logits(logits: Tensor) -> Tensor:
     return logits
 
 
-def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torch.dtype):
-    """A python float, or a (B,) tensor on ``device`` for per-row temperatures."""
+def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """``(t, shared)``: the (B,) temperatures on ``device`` (a number broadcast to every row), and whether one
+    number was given for all rows (then greedy / limit rows need no draw at all)."""
     if isinstance(temperature, Tensor):
         if temperature.ndim == 0:
             temperature = temperature.item()
@@ -128,7 +129,7 @@ def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torc
             )
         else:
             require_real(temperature, "temperature", "pass float temperatures (a bool would read as T = 1 or greedy)")
-            return temperature.to(device=device, dtype=dtype)
+            return temperature.to(device=device, dtype=dtype), False
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a real number or a (B,) tensor; got {temperature!r}")
     temperature = float(temperature)
@@ -137,27 +138,19 @@ def _temperature_rows(temperature, batch: int, device: torch.device, dtype: torc
             "temperature is NaN (for all rows); temperatures must be real numbers "
             "(+-inf allowed, meaning uniform over the kept tokens)"
         )
-    return temperature
+    return torch.full((batch,), temperature, dtype=dtype, device=device), True
 
 
-def _inspect(z: Tensor, temperature, eps: float):
-    """Validate logits (and a per-row temperature) with a single device sync.
-
-    Returns ``(zmax, flags)``: ``zmax`` is (B,) and ``flags`` a dict of python bools describing the
-    temperature rows (only for a tensor temperature). The argmax is left to the greedy / limit path,
-    the only one that needs it (``amax`` is several times cheaper than ``max`` with indices on CPU).
-    """
+def _logit_rows(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(zmax, bad, empty)`` of logits (B, V): the row max (B,), rows holding NaN or +inf (B,) and rows with
+    every token masked (B,), without a device sync."""
     zmax = z.amax(dim=-1)  # (B,); NaN propagates into zmax, +inf shows as +inf
-    bad = torch.isnan(zmax) | (zmax == math.inf)  # (B,) rows holding NaN or +inf
-    empty = zmax == -math.inf  # (B,) rows with every token masked
-    checks = [bad.any(), empty.any()]
-    per_row = isinstance(temperature, Tensor)
-    if per_row:
-        t = temperature
-        checks += [torch.isnan(t).any(), (t < 0).any(), _is_limit(t, eps).any(), torch.isinf(t).any()]
-    flags = torch.stack(checks).tolist()  # the one sync
+    return zmax, torch.isnan(zmax) | (zmax == math.inf), zmax == -math.inf
 
-    if flags[0]:
+
+def _refuse_logits(z: Tensor, bad: Tensor, empty: Tensor, any_bad: bool, any_empty: bool) -> None:
+    """The ValueError for NaN / +inf logits or an all -inf row, naming the rows (the NaN / inf policy)."""
+    if any_bad:
         nan_rows = torch.isnan(z).any(dim=-1)
         inf_rows = (z == math.inf).any(dim=-1)
         raise ValueError(
@@ -165,13 +158,39 @@ def _inspect(z: Tensor, temperature, eps: float):
             f"+inf in rows {_rows(inf_rows)}). Check the model outputs (float16 overflow? run the "
             "model in float32 or bfloat16); mask tokens with -inf, never with NaN or +inf."
         )
-    if flags[1]:
+    if any_empty:
         raise ValueError(
             f"logits rows {_rows(empty)} are entirely -inf (every token masked); "
             "each row must keep at least one finite logit"
         )
+
+
+def check_logits(logits: Tensor) -> Tensor:
+    """The row max (B,) of logits (B, V), after the one check of Kelvin's NaN / inf policy: a ``ValueError``
+    naming the rows that hold NaN or +inf or are entirely -inf. For callers that read logits before tempering
+    them (:class:`samplers.runtime.PolicyRuntime` feeds them to the featurizer first)."""
+    z = _as_logits(logits)
+    zmax, bad, empty = _logit_rows(z)
+    _refuse_logits(z, bad, empty, *torch.stack([bad.any(), empty.any()]).tolist())
+    return zmax
+
+
+def _inspect(z: Tensor, temperature: Tensor | None, eps: float):
+    """Validate logits (and the (B,) temperatures, when given) with a single device sync.
+
+    Returns ``(zmax, flags)``: ``zmax`` is (B,) and ``flags`` a dict of python bools describing the
+    temperature rows (empty without temperatures). The argmax is left to the greedy / limit path,
+    the only one that needs it (``amax`` is several times cheaper than ``max`` with indices on CPU).
+    """
+    zmax, bad, empty = _logit_rows(z)
+    checks = [bad.any(), empty.any()]
+    if temperature is not None:
+        t = temperature
+        checks += [torch.isnan(t).any(), (t < 0).any(), _is_limit(t, eps).any(), torch.isinf(t).any()]
+    flags = torch.stack(checks).tolist()  # the one sync
+    _refuse_logits(z, bad, empty, flags[0], flags[1])
     info = {}
-    if per_row:
+    if temperature is not None:
         if flags[2]:
             raise ValueError(
                 f"temperature is NaN in rows {_rows(torch.isnan(temperature))}; temperatures must "
@@ -251,24 +270,6 @@ class Truncation:
 
 
 _NO_TRUNCATION = Truncation()
-
-
-def did_you_mean(name, valid: Iterable[str], *, always_list: bool = False, cutoff: float = 0.6) -> str:
-    """``"did you mean 'x'?"`` for the valid name closest to ``name`` (case-insensitive), else ``"valid: a, b"``.
-
-    ``always_list`` adds the valid names after a suggestion too; ``cutoff``: how close a suggestion must be
-    (difflib's ratio; raise it to flag only near-misses). The one suggestion helper of Kelvin: every layer may
-    import :mod:`samplers.core`.
-    """
-    valid = [str(v) for v in valid]
-    by_lower = {v.lower(): v for v in valid}
-    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=cutoff) or difflib.get_close_matches(
-        str(name).lower(), list(by_lower), n=1, cutoff=cutoff)
-    listing = f"valid: {', '.join(valid)}"
-    if not close:
-        return listing
-    hint = f"did you mean {by_lower.get(close[0], close[0])!r}?"
-    return f"{hint} ({listing})" if always_list else hint
 
 
 # --------------------------------------------------------------------------- kernels
@@ -366,34 +367,15 @@ def _pack(z: Tensor, threshold: Tensor):
     return values, columns, scatter
 
 
-def _temper(z: Tensor, zmax: Tensor, temperature, eps: float, info: dict):
+def _temper(z: Tensor, zmax: Tensor, temperature: Tensor, eps: float, info: dict, shared: bool = False):
     """Tempered logits (B, V) with row max 0, and the greedy/limit override (or None).
 
-    ``z`` (B, V) validated logits (``-inf`` = masked), ``zmax`` (B,) its row max. Returns ``(y, limit)`` where ``limit`` is None or ``(rows, index)``: ``index``
-    (B,) the exact token of the greedy / limit rows, ``rows`` a (B,) bool of those rows or
-    None when every row is one (single scalar temperature).
+    ``z`` (B, V) validated logits (``-inf`` = masked), ``zmax`` (B,) its row max, ``temperature`` (B,) validated
+    (no NaN; one number broadcast when ``shared``), ``info`` the flags of :func:`_inspect`. Returns ``(y, limit)``
+    where ``limit`` is None or ``(rows, index)``: ``index`` (B,) the exact token of the greedy / limit rows,
+    ``rows`` a (B,) bool of those rows or None when every row is one (a ``shared`` temperature on the limit path).
     """
     neg_inf = -math.inf
-    vocab = z.shape[-1]
-    if not isinstance(temperature, Tensor):  # one temperature for all rows
-        t = temperature
-        if abs(t) < eps or t == 0:  # greedy (t >= 0, includes -0.0) or argmin limit (t < 0)
-            if t >= 0:
-                index = z.argmax(dim=-1)  # (B,), first index on ties
-            else:
-                index = z.masked_fill(z == neg_inf, math.inf).min(dim=-1).indices  # (B,)
-            onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
-            y = torch.full_like(z, neg_inf).masked_fill(onehot, 0.0)
-            return y, (None, index)
-        if math.isinf(t):
-            return torch.full_like(z, neg_inf).masked_fill(z > neg_inf, 0.0), None
-        if t > 0:
-            return (z - zmax[:, None]).div_(t), None  # -inf stays -inf
-        kept = z > neg_inf  # (B, V)
-        zmin = torch.where(kept, z, math.inf).amin(dim=-1, keepdim=True)  # (B, 1)
-        return torch.where(kept, (z - zmin) / t, neg_inf), None
-
-    # One temperature per row: t (B,), validated (no NaN).
     t = temperature
     shift = zmax  # (B,)
     amin = None
@@ -415,9 +397,9 @@ def _temper(z: Tensor, zmax: Tensor, temperature, eps: float, info: dict):
     if limit_rows is not None:
         amax = z.argmax(dim=-1)  # (B,), first index on ties
         index = amax if amin is None else torch.where(temperature >= 0, amax, amin)  # (B,)
-        onehot = torch.arange(vocab, device=z.device) == index[:, None]  # (B, V)
+        onehot = torch.arange(z.shape[-1], device=z.device) == index[:, None]  # (B, V)
         y = torch.where(limit_rows[:, None], torch.where(onehot, 0.0, neg_inf), y)
-        limit = (limit_rows, index)
+        limit = (None if shared else limit_rows, index)
     return y, limit
 
 
@@ -431,7 +413,7 @@ def _prepare(logits: Tensor, temperature, eps: float, truncation: Truncation, pa
     logits = _as_logits(logits)
     eps = _check_eps(eps)
     z = logits.to(_compute_dtype(logits.dtype))  # (B, V); no copy for float32/64
-    t = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
+    t, shared = _temperature_rows(temperature, z.shape[0], z.device, z.dtype)
     zmax, info = _inspect(z, t, eps)
     threshold = _keep_threshold(z, zmax, truncation)
     packed = _pack(z, threshold) if pack and threshold is not None and z.shape[0] else None
@@ -439,7 +421,7 @@ def _prepare(logits: Tensor, temperature, eps: float, truncation: Truncation, pa
         z = packed[0]  # (B, K): the kept tokens in vocabulary order, -inf elsewhere
     elif threshold is not None:
         z = z.masked_fill(z < threshold[:, None], -math.inf)  # (B, V); argmax kept, so zmax still holds
-    return (*_temper(z, zmax, t, eps, info), packed)
+    return (*_temper(z, zmax, t, eps, info, shared), packed)
 
 
 # --------------------------------------------------------------------------- public API

@@ -2,12 +2,11 @@
 
 Usage::
 
-    from transformers import LogitsProcessorList
     from samplers.hf import NEUTRAL_GENERATE_KWARGS, PolicyLogitsProcessor
 
     proc = PolicyLogitsProcessor.from_pretrained("runs/default/export")
-    out = model.generate(**inputs, **NEUTRAL_GENERATE_KWARGS,   # do_sample=True, temperature=1.0, top_k=0, ...
-                         logits_processor=LogitsProcessorList([proc]), max_new_tokens=64)
+    out = proc.generate(model, **inputs, **NEUTRAL_GENERATE_KWARGS,   # do_sample=True, temperature=1.0, top_k=0, ...
+                        max_new_tokens=64)   # = model.generate(..., logits_processor=[proc]) after the checks
     proc.temperature_trace()   # (B, steps) temperatures the policy chose
 
 How transformers (v5, ``generation/utils.py::_sample``) calls it: at every step
@@ -20,15 +19,18 @@ penalties, biases and bans run *before* custom processors, the warpers (temperat
 min-p, typical, epsilon, eta, top-h) are appended *after* them, and ``generate`` falls back to the
 model's ``generation_config`` for every setting the call does not override. Many Hub models ship
 ``temperature=0.6`` / ``top_k=50`` / ``top_p=0.9`` there, which would re-warp the policy's
-distribution. So the processor **refuses** such a call: on the first step of a generation it looks at
-the ``LogitsProcessorList`` that is calling it and raises a ``ValueError`` naming every warper that
-follows it, with its value and the ``generate`` argument that switches it off
-(:data:`NEUTRAL_GENERATE_KWARGS`: ``temperature=1.0, top_k=0, top_p=1.0`` and the others at their
-neutral values). Other processors that follow it get a ``RuntimeWarning`` (they may change the
-distribution). Processors *before* it (``repetition_penalty``, ``no_repeat_ngram_size``, bad words)
+distribution. So :meth:`PolicyLogitsProcessor.generate` **refuses** such a call before it starts: it
+resolves the call's settings as ``generate`` does (the call's arguments over the model's
+``generation_config``, through transformers' public ``GenerationConfig.update``) and raises a
+``ValueError`` naming every warper those settings build, with its value and the ``generate`` argument
+that switches it off (:data:`NEUTRAL_GENERATE_KWARGS`: ``temperature=1.0, top_k=0, top_p=1.0`` and the
+others at their neutral values). Other processors that follow it get a ``RuntimeWarning`` (they may
+change the distribution). Calling ``model.generate(logits_processor=[proc])`` directly skips these checks
+(a processor is not told the call's settings); :func:`check_generation_config` runs them on any
+``GenerationConfig``. Processors *before* it (``repetition_penalty``, ``no_repeat_ngram_size``, bad words)
 change the logits the policy observes, unlike training; leave them off unless that is wanted.
 ``do_sample=True`` is required (greedy decoding ignores the temperature's magnitude; a policy's
-``T = 0`` rows are already one-hot).
+``T = 0`` rows are already one-hot); :meth:`~PolicyLogitsProcessor.generate` refuses a call without it.
 
 Per step the processor runs :class:`samplers.runtime.PolicyRuntime`: the same featurizer, policy,
 action mapping (rate limit included), truncation and signed temperature as training, so a policy
@@ -43,36 +45,70 @@ processed (``generate`` feeds them padding); their temperatures after EOS are me
 
 from __future__ import annotations
 
-import inspect
+import copy
 import warnings
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from policies.actions import ActionMapping
 from policies.features import FeatureSpec
 from samplers.runtime import RuntimeAdapter
 
-__all__ = ["NEUTRAL_GENERATE_KWARGS", "PolicyLogitsProcessor"]
+__all__ = ["NEUTRAL_GENERATE_KWARGS", "PolicyLogitsProcessor", "check_generation_config", "generation_config_of"]
 
 NEUTRAL_GENERATE_KWARGS = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 """``generate`` arguments that leave transformers' own warpers out (or neutral) whatever the model's
-``generation_config`` says, so the policy's distribution is sampled as it is: ``model.generate(**inputs,
-**NEUTRAL_GENERATE_KWARGS, logits_processor=LogitsProcessorList([proc]))``."""
+``generation_config`` says, so the policy's distribution is sampled as it is: ``proc.generate(model, **inputs,
+**NEUTRAL_GENERATE_KWARGS)``."""
 
-# Warpers generate() appends after custom processors: class name -> (attribute, is neutral, argument to pass).
+# GenerationConfig fields whose warper generate() appends after custom processors (with do_sample), in its order:
+# field -> (warper, is neutral (no warper, or one that changes nothing), the argument to pass).
 _WARPERS = {
-    "TemperatureLogitsWarper": ("temperature", lambda v: float(v) == 1.0, "temperature=1.0"),
-    "TopKLogitsWarper": ("top_k", lambda _v: False, "top_k=0"),
-    "TopPLogitsWarper": ("top_p", lambda v: float(v) >= 1.0, "top_p=1.0"),
-    "MinPLogitsWarper": ("min_p", lambda v: float(v) == 0.0, "min_p=0.0"),
-    "TypicalLogitsWarper": ("mass", lambda v: float(v) >= 1.0, "typical_p=1.0"),
-    "EpsilonLogitsWarper": ("epsilon", lambda v: float(v) == 0.0, "epsilon_cutoff=0.0"),
-    "EtaLogitsWarper": ("epsilon", lambda _v: False, "eta_cutoff=0.0"),
-    "TopHLogitsWarper": ("top_h", lambda _v: False, "top_h=None"),
+    "temperature": ("TemperatureLogitsWarper", lambda v: float(v) == 1.0, "temperature=1.0"),
+    "top_h": ("TopHLogitsWarper", lambda _v: False, "top_h=None"),
+    "top_k": ("TopKLogitsWarper", lambda v: int(v) == 0, "top_k=0"),
+    "top_p": ("TopPLogitsWarper", lambda v: float(v) >= 1.0, "top_p=1.0"),
+    "min_p": ("MinPLogitsWarper", lambda v: float(v) == 0.0, "min_p=0.0"),
+    "typical_p": ("TypicalLogitsWarper", lambda v: float(v) >= 1.0, "typical_p=1.0"),
+    "epsilon_cutoff": ("EpsilonLogitsWarper", lambda v: not 0.0 < float(v) < 1.0, "epsilon_cutoff=0.0"),
+    "eta_cutoff": ("EtaLogitsWarper", lambda v: not 0.0 < float(v) < 1.0, "eta_cutoff=0.0"),
 }
 _HARMLESS = {"LogitNormalization"}  # log_softmax: the same distribution
+
+
+def generation_config_of(model, **generate_kwargs) -> GenerationConfig:
+    """The settings ``model.generate(**generate_kwargs)`` samples with: the call's ``generation_config`` (else the
+    model's), updated with the call's arguments through transformers' public ``GenerationConfig.update``."""
+    base = generate_kwargs.pop("generation_config", None) or getattr(model, "generation_config", None)
+    if not isinstance(base, GenerationConfig):
+        raise TypeError(f"model={type(model).__name__} has no generation_config; pass a transformers model (for a "
+                        "Kelvin CausalLM: its .model)")
+    config = copy.deepcopy(base)
+    config.update(**generate_kwargs)  # keyword arguments that are not generation settings are left out
+    return config
+
+
+def check_generation_config(config: GenerationConfig) -> None:
+    """Refuse settings under which ``generate`` rescales the policy's distribution after the processor: a
+    ``ValueError`` naming each warper transformers builds from ``config`` (its documented fields), its value and
+    the argument that switches it off (:data:`NEUTRAL_GENERATE_KWARGS`), or asking for ``do_sample=True``."""
+    if not config.do_sample:
+        raise ValueError("generate() would decode greedily (do_sample is not True), ignoring the policy's "
+                         "temperatures; pass do_sample=True (samplers.hf.NEUTRAL_GENERATE_KWARGS holds every "
+                         "neutral setting)")
+    rescaling = []
+    for field, (warper, neutral, fix) in _WARPERS.items():
+        value = getattr(config, field, None)
+        if value is not None and not neutral(value):
+            rescaling.append((f"{warper}({field}={value!r})", fix))
+    if rescaling:
+        raise ValueError(
+            f"generate() would apply {', '.join(r for r, _ in rescaling)} after PolicyLogitsProcessor and rescale the "
+            "policy's distribution (these come from the call's arguments or the model's generation_config). Pass "
+            f"{', '.join(f for _, f in rescaling)} to generate() (samplers.hf.NEUTRAL_GENERATE_KWARGS holds every "
+            "neutral setting); the policy sets the temperature and truncation itself")
 
 
 class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
@@ -122,42 +158,21 @@ class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
         self._last_tokens = None
 
     # ------------------------------------------------------------------ the processor
-    def _check_what_follows(self, frame) -> None:
-        """Refuse warpers that transformers runs after this processor (see the module doc).
-
-        ``frame`` is this call's frame; its caller is ``LogitsProcessorList.__call__`` inside
-        ``generate`` (``self`` = the list). Called directly (not from a list), nothing is checked.
-        """
-        caller = frame.f_back if frame is not None else None
-        owner = caller.f_locals.get("self") if caller is not None else None
-        del frame, caller
-        if not isinstance(owner, LogitsProcessorList):
-            return
-        position = next((i for i, p in enumerate(owner) if p is self), None)
-        if position is None:
-            return
-        rescaling, unknown = [], []
-        for proc in list(owner)[position + 1:]:
-            name = type(proc).__name__
-            if name in _WARPERS:
-                attribute, neutral, fix = _WARPERS[name]
-                value = getattr(proc, attribute, None)
-                value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-                if value is None or not neutral(value):
-                    rescaling.append((f"{name}({attribute}={value!r})", fix))
-            elif name not in _HARMLESS:
-                unknown.append(name)
-        if rescaling:
-            found = ", ".join(r for r, _ in rescaling)
-            fixes = ", ".join(f for _, f in rescaling)
-            raise ValueError(
-                f"generate() would apply {found} after PolicyLogitsProcessor and rescale the policy's distribution "
-                "(these come from the call's arguments or the model's generation_config). Pass "
-                f"{fixes} to generate() (samplers.hf.NEUTRAL_GENERATE_KWARGS holds every neutral setting); the "
-                "policy sets the temperature and truncation itself")
-        if unknown:
-            warnings.warn(f"{', '.join(unknown)} run(s) after PolicyLogitsProcessor and may change the policy's "
-                          "distribution; put PolicyLogitsProcessor last", RuntimeWarning, stacklevel=3)
+    def generate(self, model, **generate_kwargs):
+        """``model.generate(**generate_kwargs)`` with this processor, after checking the settings it samples with
+        (:func:`generation_config_of`, :func:`check_generation_config`): the call is refused when transformers
+        would warp the policy's distribution again. The processor runs last among the call's own
+        ``logits_processor`` (added there when missing); a processor after it gets a ``RuntimeWarning``."""
+        check_generation_config(generation_config_of(model, **generate_kwargs))
+        processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+        if not any(p is self for p in processors):
+            processors.append(self)
+        after = [type(p).__name__ for p in processors[next(i for i, p in enumerate(processors) if p is self) + 1:]]
+        after = [name for name in after if name not in _HARMLESS]
+        if after:
+            warnings.warn(f"{', '.join(after)} run(s) after PolicyLogitsProcessor and may change the policy's "
+                          "distribution; put PolicyLogitsProcessor last", RuntimeWarning, stacklevel=2)
+        return model.generate(**generate_kwargs, logits_processor=processors)
 
     def _is_continuation(self, input_ids: torch.Tensor) -> bool:
         if self._last_len is None or self._last_tokens is None:
@@ -178,7 +193,6 @@ class PolicyLogitsProcessor(RuntimeAdapter, LogitsProcessor):
         if self._is_continuation(input_ids):
             tokens = input_ids[:, -1]  # (B,) drawn at the previous step
         else:
-            self._check_what_follows(inspect.currentframe())
             self.runtime.start(scores.shape[0], scores.device)
             tokens = None
         out = self.runtime.step(scores, tokens)  # (B, V) new tensor

@@ -27,36 +27,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec, Featurizer
-from policies.guard import GUARD_COUNTERS, GuardedPolicy, apply_guard
-from samplers.core import Truncation, apply_temperature, did_you_mean, require_real, truncate
+from policies.guard import GUARD_COUNTERS, GuardedPolicy, GuardSettings, apply_guard, resolve_guard
+from samplers.core import Truncation, apply_temperature, check_logits, require_real, truncate
 
-__all__ = ["PolicyRuntime", "RuntimeAdapter", "category_indices", "check_engine_model", "engine_model_identity",
-           "merge_guard"]
-
-
-def merge_guard(exported: bool | dict, requested: bool | dict | None) -> bool | dict:
-    """The guard setting of a sampler built from an export: the export's ``guard`` block, then the caller's.
-
-    ``requested`` None keeps ``exported``; False switches the guard off; True switches it on with
-    the exported settings; a dict updates the exported settings (and switches the guard on unless
-    it says ``enabled``).
-    """
-    if requested is None:
-        return exported
-    if requested is False:
-        return False
-    base = dict(exported) if isinstance(exported, dict) else {}
-    if requested is True:
-        return {**base, "enabled": True}
-    if isinstance(requested, dict):
-        return {**base, "enabled": True, **requested}
-    raise TypeError(f"guard={requested!r} must be None (the export's setting), True, False or a dict of settings")
+__all__ = ["PolicyRuntime", "RuntimeAdapter", "check_engine_model", "engine_model_identity"]
 
 
 MODEL_CHECK_ENV = "KELVIN_MODEL_CHECK"
@@ -109,38 +88,6 @@ def check_engine_model(exported: dict, engine_name: str | None, engine_vocab: in
             f"trained with. Run {name!r}, or train and export a policy on {engine_name!r}.{hint}")
 
 
-def category_indices(spec: FeatureSpec, category, batch_size: int) -> list[int] | None:
-    """One-hot slots (B,) for ``category``: None, a name / index for every row, or one per row.
-
-    Names index ``spec.categories``; ``"other"`` (or None inside a list) is the final slot. Returns
-    None when ``category`` is None (rows keep the "other" slot a fresh featurizer row starts with).
-    """
-    if category is None:
-        return None
-    if not spec.categories:
-        raise ValueError("category was given, but this policy has no category features (it was trained with "
-                         "env.include_category=false); drop the category argument")
-    items = [category] * batch_size if isinstance(category, (str, int)) else list(category)
-    if len(items) != batch_size:
-        raise ValueError(f"category has {len(items)} entries for a batch of {batch_size} rows; give one per row "
-                         "or a single name for all")
-    out = []
-    other = len(spec.categories)
-    for c in items:
-        if c is None or c == "other":
-            out.append(other)
-        elif isinstance(c, str):
-            if c not in spec.categories:
-                raise ValueError(f"unknown category {c!r}; {did_you_mean(c, [*spec.categories, 'other'], always_list=True)}")
-            out.append(spec.categories.index(c))
-        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= int(c) <= other:
-            out.append(int(c))
-        else:
-            raise ValueError(f"category {c!r} must be a name ({', '.join(spec.categories)}, other) or an index "
-                             f"in [0, {other}]")
-    return out
-
-
 def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float, float] | None, owner: str = "diversity") -> float:
     """The diversity dial λ as a float, or a ``ValueError`` naming ``owner`` and the fix: the policy must read λ
     (``features.include_diversity_weight``; ``spec`` None: not checked), λ must be finite and >= 0, and inside
@@ -186,7 +133,7 @@ class PolicyRuntime:
     def __init__(self, policy: TemperaturePolicy, feature_spec: FeatureSpec | None = None,
                  action_mapping: ActionMapping | None = None, truncation: Truncation | dict | None = None,
                  token_prior: torch.Tensor | None = None, category=None, diversity=None, record: bool = True,
-                 guard: bool | dict | None = True, exported_model: dict | None = None,
+                 guard: bool | dict | GuardSettings | None = True, exported_model: dict | None = None,
                  diversity_range: tuple[float, float] | None = None):
         if not isinstance(policy, TemperaturePolicy):
             raise TypeError(f"policy must answer predict(obs, state, episode_start, deterministic) and actions(obs) as "
@@ -214,7 +161,7 @@ class PolicyRuntime:
         self.exported_model = dict(exported_model or {})
         """spec.json ``model`` of the export this runtime runs (``{name, vocab_size}``; empty when built by hand)."""
         if category is not None:  # validate the names now, not at the first generate step
-            category_indices(self.feature_spec, category, 1 if isinstance(category, (str, int)) else len(category))
+            self.feature_spec.category_rows(category, 1 if isinstance(category, (str, int)) else len(category))
         self.featurizer: Featurizer | None = None
         self.temperatures: list[torch.Tensor] = []
         self._last_t: torch.Tensor | None = None  # (B,) temperatures of the previous step
@@ -227,11 +174,6 @@ class PolicyRuntime:
         if self.guard is None:
             return {**dict.fromkeys(GUARD_COUNTERS, 0), "decisions": 0}
         return {**self.guard.counters, "decisions": self.guard.decisions}
-
-    @property
-    def last_temperatures(self) -> torch.Tensor | None:
-        """(B,) the temperatures of the last step (None before the first)."""
-        return self._last_t
 
     @classmethod
     def pretrained_arguments(cls, path, kwargs: dict, model=None) -> tuple[tuple, dict]:
@@ -250,7 +192,7 @@ class PolicyRuntime:
             check_engine_model(art.model, *engine_model_identity(model))
         kwargs = dict(kwargs)
         kwargs.setdefault("token_prior", art.token_prior)
-        kwargs["guard"] = merge_guard(art.guard, kwargs.get("guard"))
+        kwargs["guard"] = resolve_guard(kwargs.get("guard"), art.action_mapping, base=art.guard)
         kwargs.setdefault("exported_model", art.model)
         kwargs.setdefault("diversity_range", art.diversity_range)
         return (art.policy, art.feature_spec, art.action_mapping, art.truncation), kwargs
@@ -279,7 +221,7 @@ class PolicyRuntime:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         device = torch.device(device)
         self.featurizer = Featurizer(self.feature_spec, batch_size, device, token_prior=self._prior_on(device))
-        cats = category_indices(self.feature_spec, self.category if category is None else category, batch_size)
+        cats = self.feature_spec.category_rows(self.category if category is None else category, batch_size)
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
         if cats is not None or dw is not None:
             self.featurizer.reset(None, category=cats, diversity_weight=dw)
@@ -304,7 +246,7 @@ class PolicyRuntime:
         if bool(((idx < 0) | (idx >= f.batch_size)).any()):
             raise ValueError(f"rows {idx.tolist()} outside the {f.batch_size} rows started")
         cat = self.category if category is None else category
-        cats = None if cat is None else category_indices(self.feature_spec, cat, 1) * idx.numel()
+        cats = None if cat is None else self.feature_spec.category_rows(cat, 1) * idx.numel()
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
         f.reset(idx, category=cats, diversity_weight=dw)
         self._last_t[idx] = self.feature_spec.initial_temperature
@@ -385,13 +327,7 @@ class PolicyRuntime:
                 f"the logits have {scores.shape[1]} columns (the engine model's vocabulary) but the policy was "
                 f"exported for another model{f' ({name!r})' if name else ''} with a vocabulary of {vocab}: use the "
                 "model it was trained with (spec.json 'model'), or train and export a policy on this one")
-        zmax = scores.amax(dim=-1)  # (B,): NaN, +inf and all -inf rows show here
-        if not bool(torch.isfinite(zmax).all()):  # check before the featurizer reads them
-            rows = torch.nonzero(~torch.isfinite(zmax)).flatten().tolist()
-            raise ValueError(
-                f"logits rows {rows[:10]} contain NaN or +inf, or are entirely -inf. Check the model outputs "
-                "(float16 overflow? run the model in float32 or bfloat16); mask tokens with -inf, never with NaN "
-                "or +inf, and keep at least one finite logit per row")
+        check_logits(scores)  # before the featurizer reads them
         if tokens is not None:
             tokens = torch.as_tensor(tokens, device=f.device).long().reshape(-1)  # (B,)
             if drew is None or bool(drew.any()):

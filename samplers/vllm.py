@@ -82,9 +82,9 @@ import numpy as np
 import torch
 
 from policies.features import FeatureSpec
-from samplers.core import did_you_mean
+from samplers.suggest import did_you_mean
 from policies.artifact import diversity_range_of
-from samplers.runtime import PolicyRuntime, category_indices, check_diversity, check_engine_model
+from samplers.runtime import PolicyRuntime, check_diversity, check_engine_model
 
 try:  # Model Runner V2's interface (vLLM >= 0.23); the module imports without vLLM
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _V2Base
@@ -154,7 +154,7 @@ def request_options(params, spec: FeatureSpec | None = None,
             raise ValueError(f"extra_args[{CATEGORY_ARG!r}]={category!r}: this policy has no category features "
                              f"(trained with env.include_category=false); drop {CATEGORY_ARG}")
         try:
-            category_indices(spec, category, 1)
+            spec.category_rows(category, 1)
         except ValueError as exc:
             raise ValueError(f"extra_args[{CATEGORY_ARG!r}]: {exc}") from None
     diversity = extra.get(DIVERSITY_ARG)

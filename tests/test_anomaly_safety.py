@@ -7,8 +7,10 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import torch
 from anomaly.detector import AnomalyDetector
 from anomaly.prior import build_token_prior
 from policies import ActionMapping, FeatureSpec, Featurizer, TemperaturePolicy, make_policy
-from policies.guard import GUARD_COUNTERS, GuardedPolicy
+from policies.guard import GUARD_COUNTERS, GuardedPolicy, GuardSettings, apply_guard, resolve_guard
 
 PROBE = dict(n_tokens=12, seed=0)  # small probe: 16 prompts x 12 tokens
 
@@ -447,6 +449,61 @@ def test_guard_validates_arguments():
         GuardedPolicy(pid, max_delta=-1.0)
     with pytest.raises(TypeError, match="feature_spec"):
         GuardedPolicy(object())
+
+
+def test_resolve_guard_reads_every_kind_of_guard_argument():
+    """One resolver for bool / None / dict / GuardSettings, on a base (an export's block) or on none."""
+    mapping = ActionMapping(t_min=-2.0, t_max=-0.1)
+    on = resolve_guard(True, mapping)
+    assert on == GuardSettings(t_min=-2.0, t_max=-0.1, safe_range=(-0.1, -0.1), fallback_temperature=-0.1)
+    assert on.enabled and on.max_delta == 0.5 and on.hold == 8 and on.anomaly_threshold == 0.5
+    assert resolve_guard(None, mapping).enabled is False and resolve_guard(False, mapping).enabled is False
+    tuned = resolve_guard({"max_delta": 1, "hold": 4.0, "anomaly_threshold": None}, mapping)
+    assert (tuned.enabled, tuned.max_delta, tuned.hold, tuned.anomaly_threshold) == (True, 1.0, 4, None)
+    assert resolve_guard({"max_delta": math.inf, "hold": None}, mapping).max_delta is None
+    assert resolve_guard({"enabled": False}, mapping).enabled is False
+    assert resolve_guard(GuardSettings(max_delta=0.2), mapping) == replace(on, max_delta=0.2)
+    # on a base: None keeps it, False switches it off, True on, a dict updates it
+    base = replace(tuned, enabled=False)
+    assert resolve_guard(None, mapping, base=base) == base
+    assert resolve_guard(True, mapping, base=base) == tuned
+    assert resolve_guard({"hold": 2}, mapping, base=base) == replace(tuned, hold=2)
+    assert resolve_guard(False, mapping, base=tuned) == base
+    assert on.to_dict()["safe_range"] == [-0.1, -0.1] and json.loads(json.dumps(on.to_dict())) == on.to_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        on.hold = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("guard, error, message", [
+    ({"max_delt": 0.3}, ValueError, r"guard: unknown setting 'max_delt'; did you mean 'max_delta'\? \(valid: t_min"),
+    ({"hold": -1}, ValueError, "guard hold=-1 must be a whole number of tokens >= 0"),
+    ({"hold": 2.5}, ValueError, "guard hold=2.5 must be a whole number"),
+    ({"t_min": "low"}, ValueError, "guard t_min='low' must be a finite number"),
+    ({"enabled": 1}, ValueError, "guard enabled=1 must be true or false"),
+    ({"max_delta": math.nan}, ValueError, "guard max_delta=nan must be a number > 0, or None"),
+    ({"safe_range": [0.1]}, ValueError, r"guard safe_range=\[0.1\] must be a pair \(lo, hi\)"),
+    ({"anomaly_threshold": True}, ValueError, "guard anomaly_threshold=True must be a finite number, or None"),
+    ({"t_min": 1.0, "t_max": 0.5}, ValueError, "guard bounds t_min=1.0 >= t_max=0.5"),
+    ({"fallback_temperature": 9.0}, ValueError, r"guard fallback_temperature=9.0 must lie in the bounds \[t_min=-1"),
+    ("on", TypeError, "guard='on' must be True"),
+    (1, TypeError, "guard=1 must be True"),
+])
+def test_resolve_guard_names_the_bad_setting_in_one_line(guard, error, message):
+    with pytest.raises(error, match=message) as info:
+        resolve_guard(guard, ActionMapping())
+    assert "\n" not in str(info.value)
+
+
+def test_apply_guard_builds_the_resolved_settings():
+    pid = make_policy("pid", SPEC)
+    guarded = apply_guard(pid, GuardSettings(max_delta=0.3, hold=2))
+    assert isinstance(guarded, GuardedPolicy) and guarded.settings == resolve_guard({"max_delta": 0.3, "hold": 2},
+                                                                                   pid.action_mapping)
+    assert (guarded.max_delta, guarded.hold, guarded.safe_range) == (0.3, 2, (0.1, 0.7))
+    assert apply_guard(pid, {"enabled": False}) is pid and apply_guard(pid, None) is pid
+    assert apply_guard(guarded, False) is pid and apply_guard(guarded, True) is guarded
+    with pytest.raises(ValueError, match="already a GuardedPolicy"):
+        apply_guard(guarded, GuardSettings())
 
 
 # =========================================================================== the guard in a real generate call

@@ -156,6 +156,18 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == config
 
 
+def test_every_block_is_frozen():
+    """A block is a value: change one with dataclasses.replace, never in place (a run's saved config stays what
+    it ran with)."""
+    config = load_config(None)
+    for block in dataclasses.fields(KelvinConfig):
+        value = getattr(config, block.name)
+        name = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, name, getattr(value, name))
+    assert dataclasses.replace(config.env, batch_size=8).batch_size == 8 and config.env.batch_size == 32
+
+
 def test_ppo_block_is_exactly_ppo_keyword_arguments():
     from stable_baselines3 import PPO
 

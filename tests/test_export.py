@@ -447,7 +447,7 @@ def test_processor_bad_inputs():
         proc(torch.zeros(1, 3, dtype=torch.long), torch.zeros(V))
     with pytest.raises(ValueError, match="input_ids must be"):
         proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(1, V))
-    with pytest.raises(ValueError, match=r"rows \[0\] contain NaN or \+inf"):
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf in rows \[0\] \(NaN in rows \[0\]"):
         proc(torch.zeros(1, 3, dtype=torch.long), torch.full((1, V), float("nan")))
     with pytest.raises(ValueError, match="unknown category 'cod'; did you mean 'code'"):
         PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), category="cod")
@@ -562,6 +562,33 @@ def test_default_guard_falls_back_when_the_policy_fails():
                                                                            torch.randn(1, V))
 
 
+def test_hf_generate_checks_the_generation_config_it_would_run_with():
+    """PolicyLogitsProcessor.generate reads the call's settings through GenerationConfig (no model run here)."""
+    from transformers import GenerationConfig
+
+    from samplers.hf import NEUTRAL_GENERATE_KWARGS, check_generation_config, generation_config_of
+
+    class HubModel:  # a model whose generation_config ships T = 0.6 and top-k 50, as many Hub models do
+        generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_k=50)
+
+        def generate(self, **kwargs):
+            self.called = kwargs
+            return "tokens"
+
+    model = HubModel()
+    proc = PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), guard=False)
+    with pytest.raises(ValueError, match=r"TemperatureLogitsWarper\(temperature=0.6\), TopKLogitsWarper\(top_k=50\) "
+                                         r"after PolicyLogitsProcessor.*Pass temperature=1.0, top_k=0 to generate"):
+        proc.generate(model, input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert not hasattr(model, "called") and model.generation_config.temperature == 0.6  # the model's config untouched
+    with pytest.raises(ValueError, match=r"MinPLogitsWarper\(min_p=0.1\).*Pass min_p=0.0"):
+        check_generation_config(generation_config_of(model, **{**NEUTRAL_GENERATE_KWARGS, "min_p": 0.1}))
+    with pytest.raises(ValueError, match="do_sample is not True"):
+        check_generation_config(GenerationConfig(do_sample=False))
+    assert proc.generate(model, max_new_tokens=2, **NEUTRAL_GENERATE_KWARGS) == "tokens"
+    assert list(model.called["logits_processor"]) == [proc] and model.called["max_new_tokens"] == 2
+
+
 def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
     from kelvin.export import parse_guard_settings
 
@@ -573,7 +600,7 @@ def test_guard_settings_errors_name_the_setting(dummy_export, baseline_dir):
     with pytest.raises(TypeError, match="guard='yes' must be"):
         PolicyLogitsProcessor(make_policy("edt", SPEC, MAPPING), guard="yes")
     _rewrite(baseline_dir, guard={"max_delta": -1})
-    with pytest.raises(ArtifactError, match="spec.json guard max_delta=-1.0 must be > 0"):
+    with pytest.raises(ArtifactError, match="spec.json guard max_delta=-1 must be a number > 0, or None"):
         load_artifact(baseline_dir)
     _rewrite(baseline_dir, guard="on")
     with pytest.raises(ArtifactError, match="guard='on' must be an object"):

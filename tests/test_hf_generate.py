@@ -1,7 +1,7 @@
 """PolicyLogitsProcessor inside transformers' generate under real settings (the embedded SmolLM2).
 
 Many Hub models ship a generation_config with temperature / top_k / top_p set; generate() appends those
-warpers *after* custom processors. The processor must refuse such a call (naming what to pass) and, with
+warpers *after* custom processors. ``proc.generate`` must refuse such a call (naming what to pass) and, with
 the neutral arguments, be the only thing that shapes the distribution that is sampled.
 """
 
@@ -46,11 +46,11 @@ def test_generate_refuses_warpers_of_the_generation_config(hub_like_model):
     ids, mask = _prompt(lm)
     with pytest.raises(ValueError, match=r"TemperatureLogitsWarper\(temperature=0.6\), TopKLogitsWarper\(top_k=50\) "
                                          r"after PolicyLogitsProcessor.*Pass temperature=1.0, top_k=0 to generate"):
-        lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=lm.pad_token_id,
-                          logits_processor=LogitsProcessorList([proc]))
+        proc.generate(lm.model, input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=lm.pad_token_id)
     with pytest.raises(ValueError, match=r"TopPLogitsWarper\(top_p=0.9\).*Pass top_p=1.0"):  # the call's own setting
-        lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=lm.pad_token_id,
-                          logits_processor=LogitsProcessorList([proc]), **{**NEUTRAL_GENERATE_KWARGS, "top_p": 0.9})
+        proc.generate(lm.model, input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=lm.pad_token_id,
+                      logits_processor=LogitsProcessorList([proc]), **{**NEUTRAL_GENERATE_KWARGS, "top_p": 0.9})
+    assert proc.temperature_trace().shape[1] == 0  # refused before the model ran
 
 
 def test_with_neutral_arguments_the_policy_alone_shapes_the_distribution(hub_like_model):
@@ -60,9 +60,9 @@ def test_with_neutral_arguments_the_policy_alone_shapes_the_distribution(hub_lik
     ids, mask = _prompt(lm)
     torch.manual_seed(0)
     with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=lm.pad_token_id,
-                                logits_processor=LogitsProcessorList([proc]), return_dict_in_generate=True,
-                                output_scores=True, output_logits=True, **NEUTRAL_GENERATE_KWARGS)
+        out = proc.generate(lm.model, input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=lm.pad_token_id,
+                            return_dict_in_generate=True, output_scores=True, output_logits=True,
+                            **NEUTRAL_GENERATE_KWARGS)
     assert len(out.scores) == proc.temperature_trace().shape[1] >= 1
     for raw, sampled in zip(out.logits, out.scores):  # (1, V) model logits / what generate sampled from
         # exactly the policy's min-p set at T = 1.3: neither the config's T = 0.6 nor its top-k = 50 got in
@@ -77,8 +77,8 @@ def test_a_processor_after_the_policy_gets_a_warning(lm):
     proc = PolicyLogitsProcessor(FixedTemperature(SPEC, ActionMapping(), t=0.8), guard=False)
     ids, mask = _prompt(lm)
     with pytest.warns(RuntimeWarning, match="Shift run.s. after PolicyLogitsProcessor"):
-        lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, pad_token_id=lm.pad_token_id,
-                          logits_processor=LogitsProcessorList([proc, Shift()]), **NEUTRAL_GENERATE_KWARGS)
+        proc.generate(lm.model, input_ids=ids, attention_mask=mask, max_new_tokens=1, pad_token_id=lm.pad_token_id,
+                      logits_processor=LogitsProcessorList([proc, Shift()]), **NEUTRAL_GENERATE_KWARGS)
 
 
 def test_an_export_of_another_model_is_refused_with_both_names(lm, tmp_path):

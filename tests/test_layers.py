@@ -45,7 +45,7 @@ def _layer(module: str) -> str:
     """The DESIGN.md row a module belongs to (``samplers/__init__`` runs whenever ``samplers.core`` is imported)."""
     if module in ("train", "evaluate"):
         return "cli"
-    if module in ("samplers", "samplers.core"):
+    if module in ("samplers", "samplers.core", "samplers.suggest"):  # suggest: core's stdlib helper, for every layer
         return "samplers.core"
     return module.split(".")[0]
 

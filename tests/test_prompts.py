@@ -10,10 +10,8 @@ import pytest
 from envs.prompts import (
     CATEGORIES,
     DEFAULT_CATEGORY,
-    NUM_CATEGORY_SLOTS,
     SPLITS,
     Prompt,
-    category_index,
     load_prompts,
 )
 
@@ -40,7 +38,6 @@ def test_categories_fixed_order():
         "summarisation",
         "math",
     )
-    assert NUM_CATEGORY_SLOTS == len(CATEGORIES) + 1
 
 
 def test_packaged_size_and_balance(packaged):
@@ -275,10 +272,21 @@ def test_no_prompts_after_filtering(tmp_path):
         load_prompts(path, categories=["explanation"])
 
 
-# --- category_index ------------------------------------------------------------------------
+# --- category slots (policies.features.FeatureSpec, the one home of the mapping) -----------
 
 
-def test_category_index():
-    assert [category_index(c) for c in CATEGORIES] == list(range(len(CATEGORIES)))
-    assert category_index("general") == len(CATEGORIES)
-    assert category_index("no_such_category") == NUM_CATEGORY_SLOTS - 1
+def test_category_slots_of_the_env_spec():
+    from envs.generation import EnvConfig
+    from policies.features import OTHER_CATEGORY
+
+    spec = EnvConfig().feature_spec()
+    assert spec.category_slots == (*CATEGORIES, OTHER_CATEGORY)
+    assert [spec.category_slot(c) for c in CATEGORIES] == list(range(len(CATEGORIES)))
+    assert spec.category_slot(DEFAULT_CATEGORY) == spec.category_slot("no_such_category") == len(CATEGORIES)
+    assert [n for n in spec.names if n.startswith("category_")] == [f"category_{c}" for c in spec.category_slots]
+    assert spec.category_rows(["math", None, "other", 2], 4) == [CATEGORIES.index("math"), 7, 7, 2]
+    with pytest.raises(ValueError, match="unknown category 'mth'; did you mean 'math'"):
+        spec.category_rows("mth", 2)
+    with pytest.raises(ValueError, match="must be a name"):
+        spec.category_rows(True, 1)
+    assert EnvConfig(include_category=False).feature_spec().category_slots == ()

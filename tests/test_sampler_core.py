@@ -565,3 +565,24 @@ def test_top_values_equal_torch_topk(k):
     assert torch.equal(top_values(z, k), torch.topk(z, k, dim=-1).values)
     small = torch.randn(3, 100)  # not a multiple of the block: plain topk
     assert torch.equal(top_values(small, k), torch.topk(small, k, dim=-1).values)
+
+
+@pytest.mark.parametrize("t", [0.0, -0.0, 1e-9, -1e-9, 0.7, 1.0, 2.5, -0.5, -1.0, math.inf, -math.inf])
+def test_a_number_is_its_broadcast_row_tensor(t):
+    """One temperature path: a number for all rows gives exactly what the (B,) tensor of it gives."""
+    z = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    z[0, :5] = -math.inf
+    row = torch.full((3,), t)
+    assert torch.equal(apply_temperature(z, t), apply_temperature(z, row))
+    assert torch.equal(tempered_probs(z, t, min_p=0.05), tempered_probs(z, row, min_p=0.05))
+
+
+def test_check_logits_is_the_one_nan_inf_check():
+    from samplers.core import check_logits
+
+    z = torch.tensor([[0.0, 2.0], [1.0, -math.inf]])
+    assert check_logits(z).tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf in rows \[1\] \(NaN in rows \[\], \+inf in rows \[1\]\)"):
+        check_logits(torch.tensor([[0.0, 1.0], [math.inf, 0.0]]))
+    with pytest.raises(ValueError, match=r"logits rows \[0\] are entirely -inf"):
+        check_logits(torch.full((1, 3), -math.inf))

@@ -109,7 +109,7 @@ def table_entries(tables: dict[float, dict[str, float]], family: str, truncation
                   config: KelvinConfig) -> list[PolicyEntry]:
     """One ``table`` entry per λ (``tables``: λ -> category -> T)."""
     entries = []
-    names = [*config.env.feature_spec().categories, "other"]
+    names = config.env.feature_spec().category_slots
     for lam, tuned in sorted(tables.items()):
         table = {c: tuned.get(c, tuned["other"]) for c in names}  # a category validation did not see: as "other"
         spec = "table:" + ",".join(f"{c}={_g(t)}" for c, t in table.items())
