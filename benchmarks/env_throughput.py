@@ -175,7 +175,7 @@ class Profiler:
 
 
 def instrument(env, prof: Profiler, patches: Patches) -> None:
-    import envs.generation as generation
+    import envs.generation_core as generation_core
     import envs.rewards as rewards
 
     core, lm = env.core, env.core.lm
@@ -183,9 +183,9 @@ def instrument(env, prof: Profiler, patches: Patches) -> None:
     patches.replace(env, "step_wait", w("VecEnv.step_wait"))
     patches.replace(core, "step", w("core.step"))
     patches.replace(core.mapping, "to_temperature", w("action -> temperature"))
-    patches.replace(generation, "sample", w("sample (truncate, temper, draw)"))
+    patches.replace(generation_core, "sample", w("sample (truncate, temper, draw)"))
     patches.replace(core.featurizer, "update", w("featurizer.update"))
-    patches.replace(core, "_closes_repeated_ngram", w("repeated n-gram check"))
+    patches.replace(generation_core, "closes_repeated_ngram", w("repeated n-gram check"))
     patches.replace(core.reward, "step_components", w("reward.step_components"))
     patches.replace(lm, "is_eos", w("is_eos"))
     patches.replace(lm, "decode", w("lm.decode (MODEL)"))
@@ -222,7 +222,7 @@ class RestartRecorder:
             obs = original(groups, prompt_indices, diversity)
             if self.active and groups is not None:
                 r = self.core.group_rows(np.asarray(groups, dtype=np.int64))
-                self.events.append((self.step, r.tolist(), self.core.row_prompt[r].tolist()))
+                self.events.append((self.step, r.tolist(), self.core.episode.prompt[r].tolist()))
             return obs
 
         env.core.reset_groups = reset_groups
@@ -235,7 +235,7 @@ def run_env(env, recorder: RestartRecorder, steps: int, seed: int, after_reset=N
     env.reset()  # initial prefill: not timed
     if after_reset is not None:
         after_reset()
-    init_prompts = core.row_prompt.tolist()
+    init_prompts = core.episode.prompt.tolist()
     actions = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(steps, env.num_envs, 1)).astype(np.float32)
     before = dict(core.timings)
     recorder.events = []
@@ -284,7 +284,8 @@ def run_bare(lm, prompt_ids, init_prompts, steps: int, restarts=None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from envs.generation import EnvConfig, TemperatureVecEnv
+    from envs.config import EnvConfig
+    from envs.generation import TemperatureVecEnv
     from envs.lm import PromptCache
 
     lm, info = start(args)
@@ -310,7 +311,7 @@ def main(argv=None) -> dict:
             if core.reward.config.needs_embedder:
                 core.reward.embedder.encode(["warm-up sentence"])
             run_env(env, recorder, 3, args.seed)
-            run_bare(lm, prompt_ids, core.row_prompt.tolist(), 3, [(0, [0], [int(core.row_prompt[0])])])
+            run_bare(lm, prompt_ids, core.episode.prompt.tolist(), 3, [(0, [0], [int(core.episode.prompt[0])])])
             print(f"# warm-up done in {time.perf_counter() - t_w:.1f} s", flush=True)
 
             runs = {"env": [], "bare_restarts": [], "bare": [], "env_nocache": [], "env_serial": []}
