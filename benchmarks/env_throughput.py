@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from envs.config import EnvConfig
     from envs.generation import TemperatureVecEnv
-    from envs.lm import PromptCache
+    from envs.kv_cache import PromptCache
 
     lm, info = start(args)
     load = info.get("loadavg_start")

@@ -1,5 +1,7 @@
 """The env's side threads (``env.overlap``): work the model does not wait for, run while it decodes.
 
+Also the one lock that survives a copy (:class:`CopyableLock`), for objects those threads share.
+
 One module owns them (DESIGN, Devices and speed): :class:`SideThreads` keeps one single-thread pool per job,
 ``score`` (the completion components of the groups that end at a step, needed at the end of that step) and
 ``prefetch`` (prefilling into the prompt cache the prompts groups start next, needed many steps later, so it
@@ -16,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SideThreads", "init_helper_thread"]
+__all__ = ["CopyableLock", "SideThreads", "init_helper_thread"]
 
 
 def init_helper_thread(threads: int, nice: int = 0) -> None:
@@ -26,6 +28,26 @@ def init_helper_thread(threads: int, nice: int = 0) -> None:
     if nice:
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
+class CopyableLock:
+    """A ``threading.Lock`` (``with lock:``) that pickles and deep-copies as a new, unlocked lock: an object that
+    holds one can be sent to a Ray worker or copied, and the copy gets a lock of its own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
 
 
 class SideThreads:

@@ -406,7 +406,7 @@ def test_rewards_scored_beside_the_decode_are_the_rewards_scored_inline(lm):
 def test_next_prompts_are_prefilled_beside_the_decode(lm):
     """With env.overlap each reset prefills the prompt its groups start next into the prompt cache on the side
     thread, so the restarts themselves find every prompt there (no prefill left for the decoding thread)."""
-    from envs.lm import PromptCache
+    from envs.kv_cache import PromptCache
 
     prompts = [Prompt("Write one sentence about the sea.", "creative_writing", "sea"),
                Prompt("Name a colour.", "creative_writing", "colour"),
