@@ -8,6 +8,8 @@ measured next to each other drift much less.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import platform
@@ -38,7 +40,9 @@ def add_common_args(parser, default_repeats: int) -> None:
                         help=f"interleaved repetitions of every variant; medians are reported (default {default_repeats})")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) before measuring (default: torch's own choice). On a CPU "
-                             "shared with other busy processes, 1 thread can be several times faster than 2.")
+                             "shared with other busy processes, 1 thread can be several times faster than 2. "
+                             "env_throughput and train_throughput measure their headline at torch's own count and "
+                             "add the figures at N threads as a side line.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the token draws")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
     parser.add_argument("--quick", action="store_true", help="small settings for a quick check (1-3 minutes on 2 CPUs)")
@@ -69,9 +73,23 @@ def load_lm(args):
     return lm
 
 
-def start(args):
-    """Every benchmark's start: torch threads, the model, the environment header. Returns ``(lm, info)``."""
-    setup_torch(args.threads)
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """``torch.set_num_threads(threads)`` inside the block; torch's count before it is restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def start(args, set_threads: bool = True):
+    """Every benchmark's start: torch threads (``--threads``; ``set_threads=False``: torch's own, the flag is only
+    checked), the model, the environment header. Returns ``(lm, info)``."""
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    setup_torch(args.threads if set_threads else None)
     lm = load_lm(args)
     info = environment_info(lm)
     print_environment(info)

@@ -25,13 +25,17 @@ B * steps tokens:
 Then one extra env pass (with ``env.overlap`` off), not used for the ratios, with ``time.perf_counter`` wrappers around the
 env's components (featurizer, sampler, reward pieces, episode-end pieces incl. MiniLM, autoreset
 prefill), printed as a tree with ms/step and share of that pass's time. The wrappers are put on the
-instances (and on module attributes of envs.generation / envs.rewards) by this script and removed
+instances (and on module attributes of envs.generation_core / envs.rewards) by this script and removed
 after; library code is not edited. Nothing is asserted: the script only measures and prints.
 
     .venv/bin/python benchmarks/env_throughput.py                  # B=16, 100 steps, 3 repeats (12 min on 2 CPUs shared with a training job)
     .venv/bin/python benchmarks/env_throughput.py --quick          # B=8, 30 steps, 2 repeats (2.5 min there)
     .venv/bin/python benchmarks/env_throughput.py --batch-sizes 16,64 --steps 200 --json env.json
     .venv/bin/python benchmarks/env_throughput.py --smoke          # seconds: checks the script still runs (tests do)
+    .venv/bin/python benchmarks/env_throughput.py --quick --threads 1   # and again at 1 thread, a side line
+
+The headline runs at torch's own thread count (the README's commands); ``--threads N`` adds the same
+measurements at N threads as a side line.
 
 The headline ratio is ``ratio_env_over_bare``: env tokens/s over bare decoding without restarts at
 the same batch (goal >= 0.90): what the env costs on top of the model, restarts included.
@@ -48,7 +52,7 @@ from dataclasses import replace
 import _common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
-from _common import (add_common_args, format_table, median, start, sync, write_json)
+from _common import add_common_args, format_table, median, start, sync, torch_threads, write_json
 
 DEFAULTS = {"batch_sizes": "16", "group": 4, "max_new_tokens": 32, "steps": 100, "repeats": 3}
 QUICK = {"batch_sizes": "8", "group": 4, "max_new_tokens": 12, "steps": 30, "repeats": 2}
@@ -175,7 +179,7 @@ class Profiler:
 
 
 def instrument(env, prof: Profiler, patches: Patches) -> None:
-    import envs.generation as generation
+    import envs.generation_core as generation_core
     import envs.rewards as rewards
 
     core, lm = env.core, env.core.lm
@@ -183,9 +187,9 @@ def instrument(env, prof: Profiler, patches: Patches) -> None:
     patches.replace(env, "step_wait", w("VecEnv.step_wait"))
     patches.replace(core, "step", w("core.step"))
     patches.replace(core.mapping, "to_temperature", w("action -> temperature"))
-    patches.replace(generation, "sample", w("sample (truncate, temper, draw)"))
+    patches.replace(generation_core, "sample", w("sample (truncate, temper, draw)"))
     patches.replace(core.featurizer, "update", w("featurizer.update"))
-    patches.replace(core, "_closes_repeated_ngram", w("repeated n-gram check"))
+    patches.replace(generation_core, "closes_repeated_ngram", w("repeated n-gram check"))
     patches.replace(core.reward, "step_components", w("reward.step_components"))
     patches.replace(lm, "is_eos", w("is_eos"))
     patches.replace(lm, "decode", w("lm.decode (MODEL)"))
@@ -222,7 +226,7 @@ class RestartRecorder:
             obs = original(groups, prompt_indices, diversity)
             if self.active and groups is not None:
                 r = self.core.group_rows(np.asarray(groups, dtype=np.int64))
-                self.events.append((self.step, r.tolist(), self.core.row_prompt[r].tolist()))
+                self.events.append((self.step, r.tolist(), self.core.episode.prompt[r].tolist()))
             return obs
 
         env.core.reset_groups = reset_groups
@@ -235,7 +239,7 @@ def run_env(env, recorder: RestartRecorder, steps: int, seed: int, after_reset=N
     env.reset()  # initial prefill: not timed
     if after_reset is not None:
         after_reset()
-    init_prompts = core.row_prompt.tolist()
+    init_prompts = core.episode.prompt.tolist()
     actions = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(steps, env.num_envs, 1)).astype(np.float32)
     before = dict(core.timings)
     recorder.events = []
@@ -282,17 +286,12 @@ def run_bare(lm, prompt_ids, init_prompts, steps: int, restarts=None) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from envs.generation import EnvConfig, TemperatureVecEnv
-    from envs.lm import PromptCache
+def measure(args, lm) -> dict:
+    """Every variant at every batch size, at torch's current thread count: ``{B: _report(...)}``."""
+    from envs.config import EnvConfig
+    from envs.generation import TemperatureVecEnv
+    from envs.kv_cache import PromptCache
 
-    lm, info = start(args)
-    load = info.get("loadavg_start")
-    if load and lm.device.type == "cpu" and load[0] > (info["cpu_count"] or 1) and torch.get_num_threads() > 1:
-        print(f"# NOTE: the CPU is busy (load {load[0]:.1f} on {info['cpu_count']} CPUs); absolute numbers will be "
-              "noisy, and --threads 1 is often much faster than several threads under contention", flush=True)
-    t_start = time.perf_counter()
     all_results = {}
     for B in args.batch_sizes:
         group = min(args.group, B)
@@ -310,7 +309,7 @@ def main(argv=None) -> dict:
             if core.reward.config.needs_embedder:
                 core.reward.embedder.encode(["warm-up sentence"])
             run_env(env, recorder, 3, args.seed)
-            run_bare(lm, prompt_ids, core.row_prompt.tolist(), 3, [(0, [0], [int(core.row_prompt[0])])])
+            run_bare(lm, prompt_ids, core.episode.prompt.tolist(), 3, [(0, [0], [int(core.episode.prompt[0])])])
             print(f"# warm-up done in {time.perf_counter() - t_w:.1f} s", flush=True)
 
             runs = {"env": [], "bare_restarts": [], "bare": [], "env_nocache": [], "env_serial": []}
@@ -360,16 +359,39 @@ def main(argv=None) -> dict:
                 profile_rows, profile_records = prof.report(profile_wall, args.steps)
 
         all_results[B] = _report(B, args, runs, pattern, profile_rows, profile_records, profile_wall)
+    return all_results
+
+
+def _summary(all_results: dict) -> str:
+    return "; ".join(f"B={B}: env/bare {r['ratio_env_over_bare']:.3f} (one thread: "
+                     f"{r['ratio_env_serial_over_bare']:.3f}), "
+                     f"env/bare+restarts {r['ratio_env_over_bare_restarts']:.3f}, "
+                     f"prompt cache speed-up {r['ratio_prompt_cache_speedup']:.3f}, env's own work "
+                     f"{100 * r['env_breakdown']['own_work_share']:.1f}% of its step time"
+                     for B, r in all_results.items())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    lm, info = start(args, set_threads=False)  # the headline at torch's own thread count, as the README runs
+    load = info.get("loadavg_start")
+    if load and lm.device.type == "cpu" and load[0] > (info["cpu_count"] or 1) and torch.get_num_threads() > 1:
+        print(f"# NOTE: the CPU is busy (load {load[0]:.1f} on {info['cpu_count']} CPUs); absolute numbers will be "
+              "noisy; --threads 1 adds the figures at 1 thread as a side line", flush=True)
+    t_start = time.perf_counter()
+    all_results = measure(args, lm)
+    side = None
+    if args.threads is not None:
+        print(f"\n# side line: the same at --threads {args.threads}", flush=True)
+        with torch_threads(args.threads):
+            side = measure(args, lm)
     print(f"# total {time.perf_counter() - t_start:.0f} s")
-    parts = "; ".join(f"B={B}: env/bare {r['ratio_env_over_bare']:.3f} (one thread: "
-                      f"{r['ratio_env_serial_over_bare']:.3f}), "
-                      f"env/bare+restarts {r['ratio_env_over_bare_restarts']:.3f}, "
-                      f"prompt cache speed-up {r['ratio_prompt_cache_speedup']:.3f}, env's own work "
-                      f"{100 * r['env_breakdown']['own_work_share']:.1f}% of its step time"
-                      for B, r in all_results.items())
-    print(f"SUMMARY env_throughput: {parts} (goal env/bare >= 0.90)")
+    extra = "" if side is None else f"; at --threads {args.threads}: {_summary(side)}"
+    print(f"SUMMARY env_throughput: {_summary(all_results)} (goal env/bare >= 0.90){extra}")
     payload = {"benchmark": "env_throughput", "args": vars(args), "environment": info,
-               "results": {str(b): r for b, r in all_results.items()}, "total_s": time.perf_counter() - t_start}
+               "results": {str(b): r for b, r in all_results.items()}, "total_s": time.perf_counter() - t_start,
+               "threads_side_line": None if side is None else {
+                   "threads": args.threads, "results": {str(b): r for b, r in side.items()}}}
     write_json(args.json, payload)
     return payload
 

@@ -93,7 +93,7 @@ def build_processor(spec: str, guard: bool | None = None):
 
     if Path(spec).is_dir():
         return PolicyLogitsProcessor.from_pretrained(spec, guard=guard), f"export {spec}"
-    from envs.generation import EnvConfig
+    from envs.config import EnvConfig
     from policies.registry import make_policy
 
     env = EnvConfig()

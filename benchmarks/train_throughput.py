@@ -14,11 +14,14 @@ Two variants, interleaved in one process (train, bare, train, bare, ...), on the
 
 ``ratio_train_over_bare`` (goal >= 0.80) is what the loop keeps of the model's speed; the rest goes
 to waiting rows (synchronised groups), the env's own work, PPO and validation, printed as shares.
-The run's ``perf/tokens_per_s`` of its first and last rollout (TensorBoard) are printed too, with
-their ratio (goal: within 10%).
+The run's ``perf/tokens_per_s`` of its first and last training rollout (TensorBoard; each rollout's own wall
+time, without the set-up and the validations) are printed too, with their ratio (goal: within 10%). The
+headline runs at torch's own thread count (the README's commands); ``--threads N`` adds the same at N
+threads as a side line.
 
-    .venv/bin/python benchmarks/train_throughput.py --threads 1                 # the default run as is, 1 repeat (~12 min)
-    .venv/bin/python benchmarks/train_throughput.py --quick --threads 1         # 4 updates, validation every 2 (~4 min)
+    .venv/bin/python benchmarks/train_throughput.py                             # the default run as is, 1 repeat (~12 min)
+    .venv/bin/python benchmarks/train_throughput.py --quick                     # 4 updates, validation every 2 (~4 min)
+    .venv/bin/python benchmarks/train_throughput.py --quick --threads 1         # and again at 1 thread, a side line
     .venv/bin/python benchmarks/train_throughput.py --set env.batch_size=64 --updates 3
     .venv/bin/python benchmarks/train_throughput.py --smoke                     # seconds: the test suite runs it
 """
@@ -32,7 +35,9 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import REPO_ROOT, add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json
+import torch
+from _common import (REPO_ROOT, add_common_args, benchmark_prompt_ids, format_table, median, start, sync, torch_threads,
+                     write_json)
 
 DEFAULTS = {"updates": None, "validate_every": None, "repeats": 1}  # None: the config's own
 QUICK = {"updates": 4, "validate_every": 2, "repeats": 1}
@@ -126,16 +131,10 @@ def run_bare(lm, prompt_ids, steps_per_episode: int, tokens: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, "tokens": done}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    lm, info = start(args)
-    config = _config(args)
+def measure(args, lm, config, prompt_ids) -> dict:
+    """``args.repeats`` interleaved train / bare pairs at torch's current thread count: the ratio, the shares, the
+    first and last training rollout's rate, and the raw runs."""
     B, L = config.env.batch_size, config.env.max_new_tokens
-    prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
-    updates = config.train.total_timesteps // (config.ppo.n_steps * B)
-    print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {updates} PPO updates of "
-          f"{config.ppo.n_steps} steps, validation every {config.train.validate_every} and after the last; "
-          f"{args.repeats} repeats", flush=True)
     runs = {"train": [], "bare": []}
     for rep in range(args.repeats):
         t = run_train(config, lm)
@@ -152,23 +151,50 @@ def main(argv=None) -> dict:
     ratio = median((t["tokens"] / t["wall_s"]) / (b["tokens"] / b["wall_s"]) for t, b in zip(runs["train"], runs["bare"]))
     shares = {k: median(t["perf"].get(k, float("nan")) for t in runs["train"])
               for k in ("model_share", "env_share", "ppo_share", "validation_share", "waiting_share")}
-    rows = [["train (kelvin.training.train)", median(t["tokens"] / t["wall_s"] for t in runs["train"]), f"{ratio:.3f}"],
+    rates = [t["rollout_rates"] for t in runs["train"]]  # perf/tokens_per_s: each training rollout's own wall time
+    drift = median(r[-1] / r[0] for r in rates) if all(len(r) > 1 for r in rates) else float("nan")
+    return {"ratio": ratio, "shares": shares, "drift": drift, "first_last": [(r[0], r[-1]) for r in rates if r],
+            "runs": runs}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    lm, info = start(args, set_threads=False)  # the headline at torch's own thread count, as the README runs
+    config = _config(args)
+    B, L = config.env.batch_size, config.env.max_new_tokens
+    prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
+    updates = config.train.total_timesteps // (config.ppo.n_steps * B)
+    print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {updates} PPO updates of "
+          f"{config.ppo.n_steps} steps, validation every {config.train.validate_every} and after the last; "
+          f"{args.repeats} repeats, {torch.get_num_threads()} torch threads", flush=True)
+    m = measure(args, lm, config, prompt_ids)
+    runs = m["runs"]
+    rows = [["train (kelvin.training.train)", median(t["tokens"] / t["wall_s"] for t in runs["train"]), f"{m['ratio']:.3f}"],
             ["bare decode (prefill + argmax decode)", median(b["tokens"] / b["wall_s"] for b in runs["bare"]), "1.00"]]
     print(format_table(["variant", "tok/s", "train/bare"], rows))
     print("where the training wall time goes (median shares): " +
-          ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in shares.items()))
+          ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in m["shares"].items()))
     setup = median((t["perf"].get("baselines_s") or 0.0) + (t["perf"].get("base_tuning_s") or 0.0) for t in runs["train"])
     print(f"before training, in the run's wall time: base tuning + fixed-T and base validation {setup:.1f} s "
           "(cached after the first run: kelvin/tuning.py)")
-    drift = median(t["rollout_rates"][-1] / t["rollout_rates"][0] for t in runs["train"]) if all(
-        len(t["rollout_rates"]) > 1 for t in runs["train"]) else float("nan")
-    first_last = [(t["rollout_rates"][0], t["rollout_rates"][-1]) for t in runs["train"] if t["rollout_rates"]]
-    print("perf/tokens_per_s of the first and last rollout: " + "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in first_last)
-          + f" (last/first {drift:.3f}, goal within 10%)")
-    print(f"SUMMARY train_throughput: B={B}: train/bare {ratio:.3f} (goal >= 0.80), last/first rollout rate "
-          f"{drift:.3f} (goal 0.90-1.10)")
+    print("perf/tokens_per_s of the first and last training rollout (the set-up and the validations are not in "
+          "them): " + "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in m["first_last"])
+          + f" (last/first {m['drift']:.3f}, goal within 10%)")
+    side = None
+    if args.threads is not None:
+        print(f"# side line: the same at --threads {args.threads}", flush=True)
+        with torch_threads(args.threads):
+            side = measure(args, lm, config, prompt_ids)
+        print(f"at {args.threads} torch threads: train/bare {side['ratio']:.3f}, last/first rollout rate "
+              f"{side['drift']:.3f}")
+    extra = "" if side is None else f"; at --threads {args.threads}: train/bare {side['ratio']:.3f}"
+    print(f"SUMMARY train_throughput: B={B}: train/bare {m['ratio']:.3f} (goal >= 0.80), last/first rollout rate "
+          f"{m['drift']:.3f} (goal 0.90-1.10){extra}")
     payload = {"benchmark": "train_throughput", "args": vars(args), "environment": info,
-               "ratio_train_over_bare": ratio, "ratio_last_over_first_rollout": drift, "shares": shares, "raw": runs}
+               "ratio_train_over_bare": m["ratio"], "ratio_last_over_first_rollout": m["drift"], "shares": m["shares"],
+               "raw": runs, "threads_side_line": None if side is None else {
+                   "threads": args.threads, "ratio_train_over_bare": side["ratio"],
+                   "ratio_last_over_first_rollout": side["drift"], "shares": side["shares"], "raw": side["runs"]}}
     write_json(args.json, payload)
     return payload
 

@@ -63,7 +63,8 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecEnv
 
-from envs.generation import EnvConfig, TemperatureVecEnv
+from envs.config import EnvConfig
+from envs.generation import TemperatureVecEnv
 from envs.lm import CausalLM, ModelConfig, load_causal_lm
 from envs.prompts import Prompt
 from envs.rewards import RewardConfig

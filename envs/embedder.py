@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from envs.side_threads import CopyableLock
+
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
     "SentenceEmbedder",
@@ -69,16 +71,7 @@ class SentenceEmbedder:
         self.dim = int(model.config.hidden_size)
         # One encode at a time: the training env's and the validation baselines' side threads share the default
         # embedder, and a fast tokenizer called with padding/truncation from two threads at once can fail.
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        del state["_lock"]  # a lock is not copied: a copy gets its own
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock = CopyableLock()
 
     @classmethod
     def from_pretrained(

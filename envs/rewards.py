@@ -57,7 +57,7 @@ from envs.answers import is_correct
 from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
 __all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
-           "COMPONENTS"]
+           "COMPONENTS", "closes_repeated_ngram", "leave_one_out_baseline"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
@@ -114,6 +114,29 @@ class RewardConfig:
     def weights(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in COMPONENTS}
 
+
+def closes_repeated_ngram(tokens: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) bool: the token at ``pos`` (B,) of each row of ``tokens`` (B, W) closes an n-gram seen earlier in the row."""
+    batch, width = tokens.shape
+    if width < n + 1:
+        return torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    grams = tokens.unfold(1, n, 1)  # (B, W - n + 1, n): gram j covers tokens j..j+n-1
+    start = (pos - n + 1).clamp_min(0)  # (B,)
+    current = grams.gather(1, start.view(-1, 1, 1).expand(-1, 1, n))  # (B, 1, n)
+    same = (grams == current).all(-1)  # (B, W - n + 1)
+    earlier = torch.arange(grams.shape[1], device=tokens.device).view(1, -1) < start.view(-1, 1)
+    return (same & earlier).any(-1) & (pos >= n - 1)
+
+
+def leave_one_out_baseline(groups: Sequence[Sequence[int]], quality: np.ndarray) -> np.ndarray:
+    """Minus the mean ``quality`` (R,) of the other members of each sample's group (0 alone): (R,)."""
+    out = np.zeros(len(quality), dtype=np.float64)
+    for members in groups:
+        idx = np.asarray(members, dtype=np.int64)
+        if idx.size > 1:
+            q = quality[idx]
+            out[idx] = -(q.sum() - q) / (idx.size - 1)
+    return out
 
 
 class RewardModel:
@@ -182,15 +205,10 @@ class RewardModel:
             total = term if total is None else total + term
         return np.zeros(len(next(iter(episode_sums.values())))) if total is None else total
 
-    def leave_one_out_baseline(self, groups: Sequence[Sequence[int]], quality: np.ndarray) -> np.ndarray:
-        """Minus the mean ``quality`` (R,) of the other members of each sample's group (0 alone): (R,)."""
-        out = np.zeros(len(quality), dtype=np.float64)
-        for members in groups:
-            idx = np.asarray(members, dtype=np.int64)
-            if idx.size > 1:
-                q = quality[idx]
-                out[idx] = -(q.sum() - q) / (idx.size - 1)
-        return out
+    def group_baseline(self, groups: Sequence[Sequence[int]], episode_sums: dict[str, np.ndarray]) -> np.ndarray:
+        """The ``group_baseline`` term of R finished episodes (their component totals, (R,) each): minus the mean
+        quality return of the other members of each one's group (``groups`` partitions ``range(R)``): (R,)."""
+        return leave_one_out_baseline(groups, self.quality_return(episode_sums))
 
     # ------------------------------------------------------------------ per completion
     def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],

@@ -60,7 +60,7 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
         warnings.formatwarning = _one_line_warning
     try:
         return body()
-    except KeyboardInterrupt as exc:  # Ctrl-C, or a second SIGINT/SIGTERM (kelvin.training.TrainingStop names it)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a second SIGINT/SIGTERM (kelvin.callbacks.TrainingStop names it)
         if debug:
             raise
         name = exc.args[0] if exc.args and exc.args[0] in signal.Signals.__members__ else "SIGINT"

@@ -5,7 +5,7 @@ A config has seven blocks, each mirroring the constructor it feeds (rl-zoo style
 | block    | dataclass                                   | feeds                                            |
 |----------|---------------------------------------------|--------------------------------------------------|
 | `model`  | :class:`envs.lm.ModelConfig`                | :func:`envs.lm.load_causal_lm`                   |
-| `env`    | :class:`envs.generation.EnvConfig`, nesting `action` (:class:`policies.actions.ActionMapping`), `truncation` (:class:`samplers.core.Truncation`) and `features` (:class:`policies.features.FeatureSettings`) | :class:`envs.generation.TemperatureVecEnv` |
+| `env`    | :class:`envs.config.EnvConfig`, nesting `action` (:class:`policies.actions.ActionMapping`), `truncation` (:class:`samplers.core.Truncation`) and `features` (:class:`policies.features.FeatureSettings`) | :class:`envs.generation.TemperatureVecEnv` |
 | `reward` | :class:`envs.rewards.RewardConfig`          | :class:`envs.rewards.RewardModel`                |
 | `ppo`    | :class:`PPOConfig`: exactly keyword arguments of ``stable_baselines3.PPO`` | ``PPO(**config.ppo.kwargs())`` |
 | `train`  | :class:`TrainConfig`                        | :func:`kelvin.training.train`                    |
@@ -54,7 +54,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic.dataclasses import dataclass as settings_dataclass
 from pydantic.fields import FieldInfo
 
-from envs.generation import MAX_SEED, EnvConfig
+from envs.config import MAX_SEED, EnvConfig
 from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
 from samplers.suggest import did_you_mean

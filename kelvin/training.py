@@ -13,12 +13,14 @@ Validation runs the learned policy as the samplers do: :func:`kelvin.export.lear
 exported actor module, VecNormalize's statistics applied in torch), through
 :func:`kelvin.rollout.collect_episodes`.
 
-**Stopping and resuming lose no learning.** After every PPO update the callback takes a
+The run's callbacks (:mod:`kelvin.callbacks`) log, validate and checkpoint.
+
+**Stopping and resuming lose no learning.** After every PPO update a callback takes a
 :class:`~kelvin.rundir.Snapshot` of the model and its normaliser (SB3 runs ``train()`` between
 ``on_rollout_end`` and the next ``on_rollout_start``, and after the last rollout before
 ``on_training_end``: those two hooks see each completed update), and a checkpoint, when due, is that
 snapshot written to disk: it holds the update of the rollout it is named after. SIGINT (Ctrl-C) and
-SIGTERM (schedulers, preemption) are handled alike (:class:`TrainingStop`): the rollout stops after
+SIGTERM (schedulers, preemption) are handled alike (:class:`~kelvin.callbacks.TrainingStop`): the rollout stops after
 the current env step, a validation in progress stops after its current step, a PPO update in progress
 finishes (a fraction of a second), and the last snapshot is saved: the steps of an unfinished rollout,
 which no update has learned from, are the only thing dropped, and ``--resume`` collects them again.
@@ -33,317 +35,38 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
+from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
+                              updates)
 from kelvin.config import KelvinConfig, load_config, model_setting_changes
-from kelvin.export import export_run, learned_policy
+from kelvin.export import export_run
 from kelvin.rundir import (RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_failure,
                            write_text_atomic)
 from kelvin.tuning import EpisodeCache, tune_base
-from kelvin.validation import Validation, margin_text, summarize_episodes
+from kelvin.validation import Validation, margin_text
 from policies.tuned_base import TunedBase, TunedBasePolicy
 
-__all__ = ["train", "build_parser", "CheckpointError", "TrainingStop", "summarize_episodes"]
+__all__ = ["train", "build_parser", "CheckpointError"]
 
 TB_NAME = "PPO"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or cannot be loaded; the message says which file and what to do."""
-
-
-class _ValidationStopped(Exception):
-    """A stop was requested while validating: the validation is abandoned."""
-
-
-class TrainingStop:
-    """SIGINT (Ctrl-C) and SIGTERM handled alike while a run trains: the first one asks for a stop
-    (``requested``; the callback ends the rollout after the current env step, validation after its
-    current step), a second one raises KeyboardInterrupt at once, except while the run saves
-    (:meth:`saving`). A KeyboardInterrupt raised at an arbitrary point can land inside a ``__del__`` or a
-    library's cleanup, where Python only prints it and goes on: the flag cannot be lost that way.
-    Outside the main thread (no signal handlers there) it does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._saving = False
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str | None:
-        """``SIGINT`` or ``SIGTERM`` once a stop was requested."""
-        return None if self.signum is None else signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's code for a process ended by the signal: 128 + its number (130, 143)."""
-        return 128 + int(self.signum or 0)
-
-    def check(self) -> None:
-        """Raise :class:`_ValidationStopped` when a stop was requested (called after each validation step)."""
-        if self.requested:
-            raise _ValidationStopped
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (a signal handler's signature)
-        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if self.requested:
-            if self._saving:
-                print(f"\n{key}: saving the model, one moment", file=sys.stderr, flush=True)
-                return
-            raise KeyboardInterrupt(signal.Signals(signum).name)  # run_cli exits 128 + that signal's number
-        self.signum = signum
-        print(f"\n{key}: stopping after this step and saving the model ({key} again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def saving(self):
-        """A block (``with stop.saving():``) that a second signal does not cut short."""
-        self._saving = True
-        try:
-            yield
-        finally:
-            self._saving = False
-
-    def __enter__(self) -> "TrainingStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
-class KelvinCallback(BaseCallback):
-    """Monitoring, validation and checkpoints (one callback, so rollouts are read once).
-
-    ``snapshot`` is the state the last completed PPO update left (:class:`~kelvin.rundir.Snapshot`):
-    what the run saves however it ends.
-    """
-
-    def __init__(self, config: KelvinConfig, run: RunDir, train_env: VecEnv,
-                 vec_normalize: VecNormalize | None, validation: Validation, base: TunedBase | None,
-                 stop: TrainingStop, snapshot: Snapshot):
-        super().__init__(verbose=0)
-        self.stop = stop
-        self.snapshot = snapshot
-        self._updating = False  # True between a rollout's end and the end of its PPO update
-        self.config = config
-        self.run = run
-        self.train_env = train_env
-        self.vec_normalize = vec_normalize
-        self.validation = validation
-        self.base = base
-        self.n_rollouts = 0
-        self._last_checkpoint = 0
-        self._reset_accumulators()
-        self._timings = dict(train_env.timings)
-        self._t_rollout = time.perf_counter()
-        self._t_rollout_end: float | None = None
-        self.perf = {"rollout_s": 0.0, "validation_s": 0.0, "ppo_s": 0.0}  # wall time by phase
-        self.last_validation: dict | None = None
-        self.history: list[dict] = _validation_history(run)
-
-    # ------------------------------------------------------------------ helpers
-    def _reset_accumulators(self):
-        self._temps: list[np.ndarray] = []
-        self._step_sums = {k: 0.0 for k in STEP_COMPONENTS}
-        self._n_steps = 0
-        self._episodes: list[dict] = []
-
-    def _writer(self):
-        for fmt in self.logger.output_formats:
-            if isinstance(fmt, TensorBoardOutputFormat):
-                return fmt.writer
-        return None
-
-    def _on_training_start(self) -> None:
-        self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
-        if self.model.num_timesteps == 0:
-            env = self.config.env
-            hparams = {"env/batch_size": env.batch_size, "env/workers": env.workers,
-                       "env/max_new_tokens": env.max_new_tokens,
-                       "env/action/kind": env.action.kind, "env/action/t_min": env.action.t_min,
-                       "env/action/t_max": env.action.t_max, "train/total_timesteps": self.config.train.total_timesteps}
-            for k, v in self.config.ppo.kwargs().items():
-                hparams[f"ppo/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in self.config.reward.weights().items():
-                hparams[f"reward/{k}"] = v
-            self.logger.record("hparams", HParam(hparams, {"validation/learned_reward": 0.0, "rollout/ep_rew_mean": 0.0}),
-                               exclude=("stdout", "log", "json", "csv"))
-        self._t_rollout = time.perf_counter()
-        self._timings = dict(self.train_env.timings)
-
-    def _on_rollout_start(self) -> None:
-        now = time.perf_counter()
-        if self._t_rollout_end is not None:  # SB3 ran the PPO update since the last rollout ended
-            self.perf["ppo_s"] += now - self._t_rollout_end
-        if self._updating:
-            self._update_done()
-        self._t_rollout = time.perf_counter()
-
-    def _on_training_end(self) -> None:
-        if self._updating:  # learn() ran the last rollout's update, then ended
-            self._update_done()
-
-    def _update_done(self) -> None:
-        """A PPO update has completed: take the snapshot, and write it as a checkpoint when one is due."""
-        self._updating = False
-        self.snapshot = Snapshot.take(self.model, self.vec_normalize)
-        every = self.config.train.checkpoint_every
-        if every and self.snapshot.step - self._last_checkpoint >= every:
-            self.snapshot.write(*self.run.checkpoint_files(self.snapshot.step))
-            self._last_checkpoint = self.snapshot.step
-
-    def _on_step(self) -> bool:
-        all_infos = self.locals["infos"]
-        self._episodes.extend(info for info in all_infos if "episode" in info)  # waiting rows end episodes too
-        infos = [info for info in all_infos if info["active"]]  # rows that drew a token at this step
-        temps = np.fromiter((info["temperature"] for info in infos), dtype=np.float32, count=len(infos))
-        self._temps.append(temps)
-        for info in infos:
-            comps = info["reward_components"]
-            for k in STEP_COMPONENTS:
-                self._step_sums[k] += comps[k]
-        self._n_steps += len(infos)
-        return not self.stop.requested  # False ends model.learn after this step (see TrainingStop)
-
-    def _on_rollout_end(self) -> None:
-        self.n_rollouts += 1
-        rec = self.logger.record
-        temps = np.concatenate(self._temps) if self._temps else np.zeros(1, dtype=np.float32)
-        rec("rollout/temperature_mean", float(temps.mean()))
-        rec("rollout/temperature_std", float(temps.std()))
-        rec("rollout/temperature_hist", torch.as_tensor(temps), exclude=("stdout", "log", "json", "csv"))
-        rec("rollout/negative_fraction", float((temps < 0).mean()))
-        rec("rollout/near_greedy_fraction", float((np.abs(temps) < 0.05).mean()))
-        n = max(self._n_steps, 1)
-        for k, v in self._step_sums.items():
-            rec(f"reward/{k}", v / n)
-        rec("rollout/anomaly_rate", -self._step_sums["anomaly"] / n)
-        if self._episodes:
-            for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
-                rec(f"episode/{k}", float(np.mean([e["reward_components"][k] for e in self._episodes])))
-            rec("episode/truncated_fraction", float(np.mean([e["TimeLimit.truncated"] for e in self._episodes])))
-            answered = [e["correct"] for e in self._episodes if e["answerable"]]
-            if answered:
-                rec("episode/accuracy", float(np.mean(answered)))
-        t = self.train_env.timings
-        model_s = t["model_s"] - self._timings["model_s"]
-        env_s = t["env_s"] - self._timings["env_s"]
-        tokens = t["tokens"] - self._timings["tokens"]
-        waiting = t["waiting_rows"] - self._timings["waiting_rows"]
-        wall = time.perf_counter() - self._t_rollout
-        self.perf["rollout_s"] += wall
-        rec("perf/tokens_per_s", tokens / wall if wall > 0 else 0.0)
-        rec("perf/waiting_share", waiting / max(tokens + waiting, 1))  # row-steps spent waiting for a group
-        rec("perf/model_share", model_s / wall if wall > 0 else 0.0)
-        rec("perf/env_share", env_s / wall if wall > 0 else 0.0)
-        rec("perf/model_vs_env", model_s / env_s if env_s > 0 else 0.0)
-        self._timings = dict(t)
-        self._reset_accumulators()
-        every = self.config.train.validate_every
-        last = self.model.num_timesteps >= self.model._total_timesteps  # the validation after training covers it
-        if every and self.n_rollouts % every == 0 and not last and not self.stop.requested:
-            self.validate(pending=True)
-        self._updating = True  # SB3 runs this rollout's PPO update next
-        self._t_rollout_end = time.perf_counter()
-
-    # ------------------------------------------------------------------ validation
-    def _policy(self):
-        """The current actor as the samplers run it (a copy: training goes on), with the run's base."""
-        v = self.validation
-        return learned_policy(self.model, self.vec_normalize, v.feature_spec, v.action_mapping, base=self.base)
-
-    def validate(self, pending: bool = False) -> dict | None:
-        """Learned policy vs every fixed temperature and vs the base on the validation prompts (same prompts, λ
-        draws and seeds); None when a stop request ended it. ``pending``: the rollout just collected has not been
-        learned from yet (a periodic validation at a rollout's end)."""
-        t0 = time.perf_counter()
-        try:
-            return self._validate(pending)
-        except _ValidationStopped:
-            print("validation stopped", file=sys.stderr, flush=True)
-            return None
-        finally:
-            self.perf["validation_s"] += time.perf_counter() - t0
-
-    def _validate(self, pending: bool) -> dict:
-        tc = self.config.train
-        episodes = self.validation.episodes(self._policy())
-        v = self.validation.compare(episodes, self.model.num_timesteps)
-        rec = self.logger.record
-        rec("validation/learned_reward", v["learned"]["reward"])
-        rec("validation/best_fixed_reward", v["best_fixed_reward"])
-        rec("validation/best_fixed_temperature", v["best_fixed_temperature"])
-        margins = {"best_fixed": v["margin_vs_best_fixed"], "base": v["margin_vs_base"]}
-        for name, m in margins.items():
-            if m is not None:
-                rec(f"validation/margin_vs_{name}", m["mean"])
-                rec(f"validation/margin_vs_{name}_low", m["low"])
-                rec(f"validation/margin_vs_{name}_high", m["high"])
-        if v["base"] is not None:
-            rec("validation/base_reward", v["base"]["reward"])
-        rec("validation/learned_temperature_mean", v["learned"]["temperature_mean"])
-        rec("validation/learned_temperature_std", v["learned"]["temperature_std"])
-        rec("validation/learned_accuracy", v["learned"]["accuracy"])
-        for t, summary in v["fixed"].items():
-            rec(f"validation/fixed_{t}_reward", summary["reward"])
-        writer = self._writer()
-        if writer is not None and tc.samples_to_log:
-            lines = []
-            for e in episodes[: tc.samples_to_log]:
-                trace = ", ".join(f"{x:.2f}" for x in e["temperatures"][:64])
-                lines.append(f"**{e['prompt_id']}** ({e['category']}), return {e['episode']['r']:.2f}\n\n"
-                             f"    {e['completion']!r}\n\ntemperatures: [{trace}]")
-            writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
-        self.history.append({"step": v["step"], "updates": _updates(self.config, v["step"]) - int(pending),
-                             "learned_reward": v["learned"]["reward"], "margin_vs_best_fixed": v["margin_vs_best_fixed"],
-                             "margin_vs_base": v["margin_vs_base"]})
-        v["history"] = self.history  # the margins against the update number, this run's resumes included
-        self.last_validation = v
-        write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
-        return v
-
-
-def _updates(config: KelvinConfig, step: int) -> int:
-    """PPO updates behind ``step`` env steps: one per rollout (SB3's ``_n_updates`` counts epochs, fewer with
-    ``target_kl``). At a periodic validation, the rollout just collected is not yet learned from."""
-    return int(step) // (config.ppo.n_steps * config.env.batch_size * config.env.workers)
-
-
-def _validation_history(run: RunDir) -> list[dict]:
-    """The validation history of an earlier part of the run (``--resume``), or none."""
-    try:
-        return list(json.loads(run.validation_file.read_text()).get("history", []))
-    except (OSError, ValueError, AttributeError):
-        return []
 
 
 def _tuned_base(config: KelvinConfig, run: RunDir, lm, cache: EpisodeCache, stop: TrainingStop,
@@ -467,134 +190,200 @@ def train(config: KelvinConfig, run_dir: str | Path, resume: bool = False, comma
     """
     config.check_training()
     run = RunDir(run_dir)
-    tc = config.train
     t0 = time.perf_counter()
-    with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock, released at the end
+    with TrainingStop() as stop, contextlib.ExitStack() as held:  # held: the run's lock and the envs, to the end
         held.enter_context(_event_writer_errors_in_main_thread())
         point = _start(config, run, resume, overwrite, held)
-        if point is not None and point.step >= tc.total_timesteps:
+        if point is not None and point.step >= config.train.total_timesteps:
             return {"run_dir": str(run.path), "timesteps": point.step, "resumed_finished": True, "completed": True,
                     "saved": False, "interrupted": False, "signal": None, "wall_s": 0.0, "validation": None,
                     "export": None}
-        torch.manual_seed(tc.seed)
-        lm = load_causal_lm(config.model)
-        # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
-        env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
-        cache = EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model))
-        try:
-            base, tuning = _tuned_base(config, run, lm, cache, stop, trained=point is not None)
-            spec, mapping = config.env.feature_spec(), config.env.action
-            validator = Validation(config, lm, None if base is None else TunedBasePolicy(base, spec, mapping), cache,
-                                    stop.check)
-            baselines = validator.prepare()
-        except _ValidationStopped:  # a signal during the set-up: nothing was trained, nothing is saved
-            env.close()
-            raise KeyboardInterrupt(stop.name) from None
-        what = f"{len(tc.validation_temperatures)} fixed T" + (" + the base" if base is not None else "")
-        print(f"validation baselines ({what}, {len(validator.prompts)} prompts): "
-              + ("cached" if baselines["cached"] else f"computed in {baselines['wall_s']:.0f} s"), file=sys.stderr)
-        # written once the model, the prompts and the base are ready: a run that fails to start leaves its directory empty
-        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run.config_file, config.to_yaml())
-        history = run.command_file.read_text() if run.command_file.is_file() else ""
-        write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
-        if base is not None and tuning is not None:
-            write_text_atomic(run.base_file, json.dumps({**base.to_dict(), "tuning": tuning}, indent=2))
-        cache.keep_in(run.cache_dir)
-        # PPO's action is the residual on the base (inside VecNormalize: the base reads raw observations)
-        train_env = env if base is None else ResidualActionVecEnv(env, base.module(spec, mapping))
-        if point is not None:
-            model, vec = _resume(config, train_env, point)
-        else:
-            if resume:
-                print(f"{run.path} has no saved model yet: training from step 0 with its config.yaml", file=sys.stderr)
-            vec = None
-            if tc.normalize_obs or tc.normalize_reward:
-                vec = VecNormalize(train_env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward,
-                                   gamma=config.ppo.gamma)
-            model = PPO("MlpPolicy", vec or train_env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
-                        device=tc.policy_device, verbose=0, **config.ppo.kwargs())
-            if base is not None:  # the deterministic policy starts as the base: PPO learns only the correction
-                with torch.no_grad():
-                    model.policy.action_net.weight.zero_()
-                    model.policy.action_net.bias.zero_()
-        model.tensorboard_log = str(run.tensorboard_dir)
-        start = Snapshot.take(model, vec)
-        callback = KelvinCallback(config, run, env, vec, validator, base, stop, start)
-        try:
-            remaining = tc.total_timesteps - model.num_timesteps
-            learned, failure, crash = False, None, None
-            try:
-                if remaining > 0 and not stop.requested:
-                    learned = True
-                    model.learn(total_timesteps=remaining, callback=callback, tb_log_name=TB_NAME,
-                                reset_num_timesteps=point is None, progress_bar=tc.progress_bar)
-            except KeyboardInterrupt:  # a second signal: the last snapshot is saved below
-                pass
-            except SaveError as exc:  # a checkpoint could not be written (full disk...): save what we can, then report
-                failure = exc
-            except Exception as exc:  # a crash mid-run (a Ray worker died...): save the last update, then re-raise
-                crash = exc
-            saved = callback.snapshot
-            export_dir = None
-            written = False  # this session wrote model.zip
-            if saved is not start:  # an update completed in this process
-                with stop.saving():
-                    try:
-                        saved.write(run.model_file, run.normalizer_file)
-                        written = True
-                    except SaveError as exc:
-                        failure = failure or exc
-                if failure is None and crash is None:
-                    export_dir = _export(run, validator.env)  # in-process: it holds the model the export is checked on
-            validation = None
-            if crash is not None:
-                env.close()
-                validator.close()
-                if written:
-                    outcome = f"saved the model of step {saved.step}; continue with --resume {run.path}"
-                else:
-                    lost = "no PPO update completed in this session" if saved is start else \
-                        f"{run.model_file.name} of step {saved.step} could not be written"
-                    outcome = f"{lost}; {_newest_loadable(run, config)}"
-                if isinstance(crash, OSError):  # the run directory failed under the run (read-only, full): one line
-                    where = os.fsdecode(crash.filename) if crash.filename else str(run.path)
-                    reason, fix = write_failure(where, crash)
-                    raise SaveError(f"cannot write {where}: {reason}; training stopped at step {model.num_timesteps}: "
-                                    f"{outcome} once the cause is fixed ({fix})") from None
-                print(f"{type(crash).__name__} at step {model.num_timesteps}: {outcome}", file=sys.stderr)
-                raise crash
-            if learned and not stop.requested and failure is None:
-                validation = callback.validate()
-                if validation is not None:
-                    callback.logger.dump(saved.step)
-            env.close()
-            validator.close()
-            if failure is not None:
-                raise SaveError(f"{failure}. Training stopped at step {saved.step}; {_newest_loadable(run, config)} "
-                                "once the cause is fixed")
-            interrupted = stop.requested
-            wall = time.perf_counter() - t0
-            timings = env.timings  # TemperatureVecEnv and RayVecEnv: one interface
-            perf = {"tokens": timings["tokens"], "wall_s": wall,
-                    "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
-                    "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
-                    "ppo_share": callback.perf["ppo_s"] / wall, "validation_share": callback.perf["validation_s"] / wall,
-                    "baselines_s": baselines["wall_s"], "baselines_cached": baselines["cached"],
-                    "base_tuning_s": None if tuning is None else tuning["wall_s"],
-                    "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
-            summary = {"run_dir": str(run.path), "timesteps": saved.step, "resumed_finished": False,
-                       "completed": saved.step >= tc.total_timesteps, "saved": written,
-                       "updates": _updates(config, saved.step),
-                       "interrupted": interrupted, "signal": stop.name,
-                       "discarded_steps": int(model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
-                       "validation": validation, "export": None if export_dir is None else str(export_dir),
-                       "exit_code": stop.exit_code if interrupted else 0}
-            with stop.saving():
-                write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
-        finally:
-            validator.close()  # idempotent
+        session = _build(config, run, resume, command, point, stop, held)
+        learned = session.model.num_timesteps < config.train.total_timesteps and not stop.requested
+        error = _learn(session) if learned else None
+        return _finish(session, learned, error, t0)
+
+
+@dataclass
+class _Session:
+    """What one call of :func:`train` built: the envs, the model and its callbacks."""
+
+    config: KelvinConfig
+    run: RunDir
+    stop: TrainingStop
+    point: object  # the resume point (RunDir.resume_point); None: training from step 0
+    env: VecEnv  # the rollout env, under the residual and VecNormalize wrappers the model sees
+    validator: Validation
+    model: PPO
+    start: Snapshot  # the model as this session found it
+    stats: RolloutStats
+    validation: PeriodicValidation
+    checkpoint: SnapshotCheckpoint
+    baselines: dict  # Validation.prepare()'s record
+    tuning: dict | None  # the base tuning's record (None: no base, or the run's own base.json)
+
+    def close(self) -> None:
+        """Close the rollout and validation envs (idempotent)."""
+        self.env.close()
+        self.validator.close()
+
+
+def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None, point, stop: TrainingStop,
+           held: contextlib.ExitStack) -> _Session:
+    """Load the LM, build the envs (closed by ``held``), tune or read the base, prepare the validation baselines,
+    write the run's files, and make or resume the PPO model."""
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    lm = load_causal_lm(config.model)
+    # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
+    env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
+    held.callback(env.close)
+    cache = EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model))
+    spec, mapping = config.env.feature_spec(), config.env.action
+    try:
+        base, tuning = _tuned_base(config, run, lm, cache, stop, trained=point is not None)
+        validator = Validation(config, lm, None if base is None else TunedBasePolicy(base, spec, mapping), cache,
+                               stop.check)
+        held.callback(validator.close)
+        baselines = validator.prepare()
+    except ValidationStopped:  # a signal during the set-up: nothing was trained, nothing is saved
+        raise KeyboardInterrupt(stop.name) from None
+    what = f"{len(tc.validation_temperatures)} fixed T" + (" + the base" if base is not None else "")
+    print(f"validation baselines ({what}, {len(validator.prompts)} prompts): "
+          + ("cached" if baselines["cached"] else f"computed in {baselines['wall_s']:.0f} s"), file=sys.stderr)
+    _write_run_files(config, run, command, base, tuning, cache)
+    # PPO's action is the residual on the base (inside VecNormalize: the base reads raw observations)
+    train_env = env if base is None else ResidualActionVecEnv(env, base.module(spec, mapping))
+    if point is not None:
+        model, vec = _resume(config, train_env, point)
+    else:
+        if resume:
+            print(f"{run.path} has no saved model yet: training from step 0 with its config.yaml", file=sys.stderr)
+        model, vec = _new_model(config, run, train_env, start_at_base=base is not None)
+    model.tensorboard_log = str(run.tensorboard_dir)
+    start = Snapshot.take(model, vec)
+    return _Session(config, run, stop, point, env, validator, model, start, stats=RolloutStats(config, env),
+                    validation=PeriodicValidation(config, run, vec, validator, base, stop),
+                    checkpoint=SnapshotCheckpoint(config, run, vec, stop, start), baselines=baselines, tuning=tuning)
+
+
+def _write_run_files(config: KelvinConfig, run: RunDir, command: str | None, base: TunedBase | None,
+                     tuning: dict | None, cache: EpisodeCache) -> None:
+    """config.yaml, command.txt (a line per session), base.json and the episode cache: written once the model, the
+    prompts and the base are ready, so a run that fails to start leaves its directory empty."""
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.config_file, config.to_yaml())
+    history = run.command_file.read_text() if run.command_file.is_file() else ""
+    write_text_atomic(run.command_file, history + (command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+    if base is not None and tuning is not None:
+        write_text_atomic(run.base_file, json.dumps({**base.to_dict(), "tuning": tuning}, indent=2))
+    cache.keep_in(run.cache_dir)
+
+
+def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bool) -> tuple[PPO, VecNormalize | None]:
+    """A PPO model (and its normaliser) at step 0; ``start_at_base``: the actor's last layer is zero, so the
+    deterministic policy starts as the base and PPO learns only the correction."""
+    tc = config.train
+    vec = None
+    if tc.normalize_obs or tc.normalize_reward:
+        vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
+    model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
+                device=tc.policy_device, verbose=0, **config.ppo.kwargs())
+    if start_at_base:
+        with torch.no_grad():
+            model.policy.action_net.weight.zero_()
+            model.policy.action_net.bias.zero_()
+    return model, vec
+
+
+def _learn(s: _Session) -> Exception | None:
+    """PPO up to ``train.total_timesteps``. Returns None when it ran to the end or a signal stopped it (a second
+    signal interrupts it at once), else the error to report once the last snapshot is saved: a
+    :class:`SaveError` (a checkpoint could not be written) or a crash (a Ray worker died...)."""
+    callbacks = CallbackList([s.stats, s.validation, s.checkpoint])  # this order: see kelvin.callbacks
+    try:
+        s.model.learn(total_timesteps=s.config.train.total_timesteps - s.model.num_timesteps, callback=callbacks,
+                      tb_log_name=TB_NAME, reset_num_timesteps=s.point is None, progress_bar=s.config.train.progress_bar)
+    except KeyboardInterrupt:
+        return None
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _finish(s: _Session, learned: bool, error: Exception | None, t0: float) -> dict:
+    """Save the last snapshot as model.zip, then either report ``error`` (the save done) or export, validate and
+    write summary.json; returns the summary."""
+    run, stop, saved = s.run, s.stop, s.checkpoint.snapshot
+    written, save_error = _save(s, saved)
+    if error is not None and not isinstance(error, SaveError):
+        s.close()
+        _raise_crash(s, error, saved, written)
+    failure = error or save_error
+    export_dir = _export(run, s.validator.env) if written and failure is None else None  # in-process: holds the LM
+    validation = None
+    if learned and not stop.requested and failure is None:
+        validation = s.validation.validate()
+        if validation is not None:
+            s.model.logger.dump(saved.step)
+    s.close()
+    if failure is not None:
+        raise SaveError(f"{failure}. Training stopped at step {saved.step}; {_newest_loadable(run, s.config)} "
+                        "once the cause is fixed")
+    summary = _summary(s, saved, written, validation, export_dir, time.perf_counter() - t0)
+    with stop.saving():
+        write_text_atomic(run.summary_file, json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _save(s: _Session, saved: Snapshot) -> tuple[bool, SaveError | None]:
+    """Write ``saved`` as model.zip when an update completed in this session; (written, the error of a failed write)."""
+    if saved is s.start:
+        return False, None
+    with s.stop.saving():
+        try:
+            saved.write(s.run.model_file, s.run.normalizer_file)
+        except SaveError as exc:
+            return False, exc
+    return True, None
+
+
+def _raise_crash(s: _Session, crash: Exception, saved: Snapshot, written: bool) -> None:
+    """Re-raise a crash of ``learn()`` with what was kept: one line for a run directory that failed under the run."""
+    run, step = s.run, s.model.num_timesteps
+    if written:
+        outcome = f"saved the model of step {saved.step}; continue with --resume {run.path}"
+    else:
+        lost = "no PPO update completed in this session" if saved is s.start else \
+            f"{run.model_file.name} of step {saved.step} could not be written"
+        outcome = f"{lost}; {_newest_loadable(run, s.config)}"
+    if isinstance(crash, OSError):  # the run directory failed under the run (read-only, full): one line
+        where = os.fsdecode(crash.filename) if crash.filename else str(run.path)
+        reason, fix = write_failure(where, crash)
+        raise SaveError(f"cannot write {where}: {reason}; training stopped at step {step}: "
+                        f"{outcome} once the cause is fixed ({fix})") from None
+    print(f"{type(crash).__name__} at step {step}: {outcome}", file=sys.stderr)
+    raise crash
+
+
+def _summary(s: _Session, saved: Snapshot, written: bool, validation: dict | None, export_dir: Path | None,
+             wall: float) -> dict:
+    """summary.json of a session that trained (or was asked to)."""
+    stop, tc = s.stop, s.config.train
+    timings = s.env.timings  # TemperatureVecEnv and RayVecEnv: one interface
+    perf = {"tokens": timings["tokens"], "wall_s": wall,
+            "tokens_per_s": timings["tokens"] / wall if wall > 0 else 0.0,
+            "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
+            "ppo_share": s.checkpoint.perf["ppo_s"] / wall, "validation_share": s.validation.perf["validation_s"] / wall,
+            "baselines_s": s.baselines["wall_s"], "baselines_cached": s.baselines["cached"],
+            "base_tuning_s": None if s.tuning is None else s.tuning["wall_s"],
+            "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
+    return {"run_dir": str(s.run.path), "timesteps": saved.step, "resumed_finished": False,
+            "completed": saved.step >= tc.total_timesteps, "saved": written, "updates": updates(s.config, saved.step),
+            "interrupted": stop.requested, "signal": stop.name,
+            "discarded_steps": int(s.model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
+            "validation": validation, "export": None if export_dir is None else str(export_dir),
+            "exit_code": stop.exit_code if stop.requested else 0}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.generation import EnvConfig
+from envs.config import EnvConfig
 from envs.lm import CausalLM
 from envs.prompts import CATEGORIES, Prompt
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig

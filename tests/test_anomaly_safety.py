@@ -144,7 +144,8 @@ def test_discovery_rejects_bad_settings(lm):
 @pytest.mark.slow
 def test_generation_core_raises_discovered_token_priors(lm, discovered, monkeypatch):
     import anomaly.prior
-    from envs.generation import EnvConfig, GenerationCore
+    from envs.config import EnvConfig
+    from envs.generation_core import GenerationCore
     from envs.rewards import RewardConfig
 
     weights = torch.zeros(lm.vocab_size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE, run_train
 
-from envs.generation import EnvConfig
+from envs.config import EnvConfig
 from kelvin.config import ConfigError, KelvinConfig, PPOConfig, load_config
 
 DEFAULT = ROOT / "configs" / "default.yaml"

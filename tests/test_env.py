@@ -14,9 +14,12 @@ import pytest
 import torch
 
 import envs
-from envs.generation import EnvConfig, GenerationCore, TemperatureEnv, TemperatureVecEnv
+from envs.config import EnvConfig
+from envs.generation import TemperatureEnv, TemperatureVecEnv
+from envs.generation_core import GenerationCore
 from envs.prompts import Prompt
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel
+from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel, closes_repeated_ngram,
+                          leave_one_out_baseline)
 from kelvin.config import load_config
 from policies.actions import ActionMapping
 from stub_lm import (HORIZON, NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, check_exact_autoreset, obs_col, stub_config,
@@ -68,7 +71,7 @@ def test_stub_rows_of_a_group_wait_for_each_other():
     env = _stub_env(batch_size=2, group_size=2, max_new_tokens=6, prompts=prompts)
     pos = obs_col(env, "position")
     env.reset()
-    first = env.core.row_prompt.tolist()
+    first = env.core.episode.prompt.tolist()
     assert first == [0, 0]  # seed 0: permutation(2) = [0, 1]
     seen = []
     for step in range(1, 5):
@@ -88,7 +91,7 @@ def test_stub_rows_of_a_group_wait_for_each_other():
     assert info0["terminal_observation"][pos] == pytest.approx(2 / 6)
     assert len(info0["temperatures"]) == 2  # the temperatures of its own tokens only
     assert info0["temperatures"].tolist() == pytest.approx([0.5, 1.0])  # T = 2a on [-2, 2]
-    assert env.core.row_prompt.tolist() == [1, 1]  # the group restarted together on the next prompt
+    assert env.core.episode.prompt.tolist() == [1, 1]  # the group restarted together on the next prompt
     assert obs[:, pos].tolist() == [0.0, 0.0]
 
 
@@ -212,7 +215,7 @@ def test_repeated_ngram_detection_and_distinct_on_forced_loops():
     for _ in range(8):
         last = core.step(np.full(3, 0.5, dtype=np.float32))  # one finite token per step: forced
         repetition.append(last.components["repetition"].tolist())
-    assert core.tokens.tolist() == [[5] * 8, [1, 2] * 4, [1, 2, 3, 4, 5, 6, 7, 1]]
+    assert core.episode.tokens.tolist() == [[5] * 8, [1, 2] * 4, [1, 2, 3, 4, 5, 6, 7, 1]]
     rep = np.array(repetition).T  # (rows, steps); -1 where the token closes a trigram seen before
     assert rep[0].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]  # 5 5 5 | 5: (5,5,5) again
     assert rep[1].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]  # 1 2 1 2 | 1: (1,2,1) again
@@ -221,11 +224,8 @@ def test_repeated_ngram_detection_and_distinct_on_forced_loops():
 
 
 def test_closes_repeated_ngram_directly():
-    config = EnvConfig(batch_size=2, group_size=1, max_new_tokens=6, token_prior=False)
-    core = GenerationCore(config, StubLM(), NO_EMBEDDER, [stub_prompt(0, "len=9 go")])
-    core.reset_groups(None)
-    core.tokens[:] = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
-    closes = [core._closes_repeated_ngram(torch.tensor([p, p])).tolist() for p in range(6)]
+    tokens = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
+    closes = [closes_repeated_ngram(tokens, torch.tensor([p, p]), 3).tolist() for p in range(6)]
     assert closes == [[False, False], [False, False], [False, False], [False, False], [False, False],
                       [True, False]]
 
@@ -406,7 +406,7 @@ def test_rewards_scored_beside_the_decode_are_the_rewards_scored_inline(lm):
 def test_next_prompts_are_prefilled_beside_the_decode(lm):
     """With env.overlap each reset prefills the prompt its groups start next into the prompt cache on the side
     thread, so the restarts themselves find every prompt there (no prefill left for the decoding thread)."""
-    from envs.lm import PromptCache
+    from envs.kv_cache import PromptCache
 
     prompts = [Prompt("Write one sentence about the sea.", "creative_writing", "sea"),
                Prompt("Name a colour.", "creative_writing", "colour"),
@@ -419,14 +419,14 @@ def test_next_prompts_are_prefilled_beside_the_decode(lm):
         cache.clear()
         cache.misses = 0
         env.reset()
-        env.core._await_prefetch()
+        env.core.side.wait_prefetch()
         # groups 0 and 1 started on order[0] and order[1]; their next prompts are order[2] and order[0]
         assert (len(cache), cache.misses) == (3, 3)
         restarted = 0
         for _ in range(8):
             _, _, dones, _ = env.step(np.zeros((4, 1), dtype=np.float32))
             restarted += int(dones.sum())
-            env.core._await_prefetch()
+            env.core.side.wait_prefetch()
             assert cache.misses == 3  # every restart and every later prefetch found its prompt prefilled
         assert restarted >= 4
         env.close()
@@ -509,8 +509,9 @@ def test_leave_one_out_baseline_by_hand():
     quality = model.quality_return(sums)
     assert quality.tolist() == pytest.approx([5.0, -2.0, 2.0])
     # group [0, 1] and a sample alone: minus the mean of the others, nothing for a group of one
-    assert model.leave_one_out_baseline([[0, 1], [2]], quality).tolist() == pytest.approx([2.0, -5.0, 0.0])
-    assert model.leave_one_out_baseline([[0, 1, 2]], quality).tolist() == pytest.approx([0.0, -3.5, -1.5])
+    assert leave_one_out_baseline([[0, 1], [2]], quality).tolist() == pytest.approx([2.0, -5.0, 0.0])
+    assert leave_one_out_baseline([[0, 1, 2]], quality).tolist() == pytest.approx([0.0, -3.5, -1.5])
+    assert model.group_baseline([[0, 1], [2]], sums).tolist() == pytest.approx([2.0, -5.0, 0.0])
 
 
 def test_group_returns_are_relative_in_quality():

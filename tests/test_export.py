@@ -718,7 +718,7 @@ def _rollout(env, policy, steps: int):
     core.step = spy
     env.seed(123)
     obs = env.reset()
-    prompts = [core.prompts[i] for i in core.row_prompt]
+    prompts = [core.prompts[i] for i in core.episode.prompt]
     policy.reset(env.num_envs)
     starts = np.ones(env.num_envs, bool)
     length = np.zeros(env.num_envs, dtype=int)  # first episode length of each row (0 = running)

@@ -369,7 +369,8 @@ def test_sample_refuses_a_generator_that_is_not_one():
 
 @pytest.mark.slow
 def test_env_refuses_bad_actions_and_an_empty_prompt(lm):
-    from envs.generation import EnvConfig, TemperatureEnv, TemperatureVecEnv
+    from envs.config import EnvConfig
+    from envs.generation import TemperatureEnv, TemperatureVecEnv
     from envs.rewards import RewardConfig
 
     reward = RewardConfig(coherence=0.0, group_semantic=0.0)

@@ -17,7 +17,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _seed(text: str) -> int:
-    from envs.generation import MAX_SEED
+    from envs.config import MAX_SEED
 
     try:
         value = int(text)

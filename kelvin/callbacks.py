@@ -1,0 +1,338 @@
+"""The callbacks of a training run (:func:`kelvin.training.train`), one job each, run as one SB3 ``CallbackList``
+in this order: :class:`RolloutStats` (TensorBoard's rollout, reward, episode and perf tags),
+:class:`PeriodicValidation` (``validation/*``, ``validation.json``) and :class:`SnapshotCheckpoint` (the
+snapshot of every completed PPO update, checkpoints, and the stop on a signal). :class:`TrainingStop` turns
+SIGINT and SIGTERM into that stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+
+from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
+from kelvin.config import KelvinConfig
+from kelvin.export import learned_policy
+from kelvin.rundir import RunDir, Snapshot, write_text_atomic
+from kelvin.validation import Validation
+from policies.tuned_base import TunedBase
+
+__all__ = ["PeriodicValidation", "RolloutStats", "SnapshotCheckpoint", "TrainingStop", "ValidationStopped",
+           "updates"]
+
+
+class ValidationStopped(Exception):
+    """A stop was requested while validating: the validation is abandoned."""
+
+
+class TrainingStop:
+    """SIGINT (Ctrl-C) and SIGTERM handled alike while a run trains: the first one asks for a stop
+    (``requested``; the callback ends the rollout after the current env step, validation after its
+    current step), a second one raises KeyboardInterrupt at once, except while the run saves
+    (:meth:`saving`). A KeyboardInterrupt raised at an arbitrary point can land inside a ``__del__`` or a
+    library's cleanup, where Python only prints it and goes on: the flag cannot be lost that way.
+    Outside the main thread (no signal handlers there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._saving = False
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        """``SIGINT`` or ``SIGTERM`` once a stop was requested."""
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 128 + its number (130, 143)."""
+        return 128 + int(self.signum or 0)
+
+    def check(self) -> None:
+        """Raise :class:`ValidationStopped` when a stop was requested (called after each validation step)."""
+        if self.requested:
+            raise ValidationStopped
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (a signal handler's signature)
+        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self.requested:
+            if self._saving:
+                print(f"\n{key}: saving the model, one moment", file=sys.stderr, flush=True)
+                return
+            raise KeyboardInterrupt(signal.Signals(signum).name)  # run_cli exits 128 + that signal's number
+        self.signum = signum
+        print(f"\n{key}: stopping after this step and saving the model ({key} again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A block (``with stop.saving():``) that a second signal does not cut short."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    def __enter__(self) -> "TrainingStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class RolloutStats(BaseCallback):
+    """TensorBoard: the hyperparameters once, then per rollout the temperatures, the reward components (per
+    step and per episode) and the speed; ``perf["rollout_s"]`` sums the rollouts' wall time."""
+
+    def __init__(self, config: KelvinConfig, train_env: VecEnv):
+        super().__init__(verbose=0)
+        self.config = config
+        self.train_env = train_env
+        self._reset_accumulators()
+        self._timings = dict(train_env.timings)
+        self._t_rollout = time.perf_counter()
+        self.perf = {"rollout_s": 0.0}
+
+    def _reset_accumulators(self):
+        self._temps: list[np.ndarray] = []
+        self._step_sums = {k: 0.0 for k in STEP_COMPONENTS}
+        self._n_steps = 0
+        self._episodes: list[dict] = []
+
+    def _on_training_start(self) -> None:
+        if self.model.num_timesteps == 0:
+            env = self.config.env
+            hparams = {"env/batch_size": env.batch_size, "env/workers": env.workers,
+                       "env/max_new_tokens": env.max_new_tokens,
+                       "env/action/kind": env.action.kind, "env/action/t_min": env.action.t_min,
+                       "env/action/t_max": env.action.t_max, "train/total_timesteps": self.config.train.total_timesteps}
+            for k, v in self.config.ppo.kwargs().items():
+                hparams[f"ppo/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in self.config.reward.weights().items():
+                hparams[f"reward/{k}"] = v
+            self.logger.record("hparams", HParam(hparams, {"validation/learned_reward": 0.0, "rollout/ep_rew_mean": 0.0}),
+                               exclude=("stdout", "log", "json", "csv"))
+        self._t_rollout = time.perf_counter()
+        self._timings = dict(self.train_env.timings)
+
+    def _on_rollout_start(self) -> None:
+        self._t_rollout = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        all_infos = self.locals["infos"]
+        self._episodes.extend(info for info in all_infos if "episode" in info)  # waiting rows end episodes too
+        infos = [info for info in all_infos if info["active"]]  # rows that drew a token at this step
+        temps = np.fromiter((info["temperature"] for info in infos), dtype=np.float32, count=len(infos))
+        self._temps.append(temps)
+        for info in infos:
+            comps = info["reward_components"]
+            for k in STEP_COMPONENTS:
+                self._step_sums[k] += comps[k]
+        self._n_steps += len(infos)
+        return True
+
+    def _on_rollout_end(self) -> None:
+        rec = self.logger.record
+        temps = np.concatenate(self._temps) if self._temps else np.zeros(1, dtype=np.float32)
+        rec("rollout/temperature_mean", float(temps.mean()))
+        rec("rollout/temperature_std", float(temps.std()))
+        rec("rollout/temperature_hist", torch.as_tensor(temps), exclude=("stdout", "log", "json", "csv"))
+        rec("rollout/negative_fraction", float((temps < 0).mean()))
+        rec("rollout/near_greedy_fraction", float((np.abs(temps) < 0.05).mean()))
+        n = max(self._n_steps, 1)
+        for k, v in self._step_sums.items():
+            rec(f"reward/{k}", v / n)
+        rec("rollout/anomaly_rate", -self._step_sums["anomaly"] / n)
+        if self._episodes:
+            for k in STEP_COMPONENTS + EPISODE_COMPONENTS:
+                rec(f"episode/{k}", float(np.mean([e["reward_components"][k] for e in self._episodes])))
+            rec("episode/truncated_fraction", float(np.mean([e["TimeLimit.truncated"] for e in self._episodes])))
+            answered = [e["correct"] for e in self._episodes if e["answerable"]]
+            if answered:
+                rec("episode/accuracy", float(np.mean(answered)))
+        t = self.train_env.timings
+        model_s = t["model_s"] - self._timings["model_s"]
+        env_s = t["env_s"] - self._timings["env_s"]
+        tokens = t["tokens"] - self._timings["tokens"]
+        waiting = t["waiting_rows"] - self._timings["waiting_rows"]
+        wall = time.perf_counter() - self._t_rollout
+        self.perf["rollout_s"] += wall
+        rec("perf/tokens_per_s", tokens / wall if wall > 0 else 0.0)
+        rec("perf/waiting_share", waiting / max(tokens + waiting, 1))  # row-steps spent waiting for a group
+        rec("perf/model_share", model_s / wall if wall > 0 else 0.0)
+        rec("perf/env_share", env_s / wall if wall > 0 else 0.0)
+        rec("perf/model_vs_env", model_s / env_s if env_s > 0 else 0.0)
+        self._timings = dict(t)
+        self._reset_accumulators()
+
+class PeriodicValidation(BaseCallback):
+    """The learned policy against every fixed temperature and the base on the validation prompts, every
+    ``train.validate_every`` rollouts (not after the last: the run validates once more when it ends) and on
+    :meth:`validate`; ``history`` holds every validation of the run, its earlier parts (``--resume``) included."""
+
+    def __init__(self, config: KelvinConfig, run: RunDir, vec_normalize: VecNormalize | None, validation: Validation,
+                 base: TunedBase | None, stop: TrainingStop):
+        super().__init__(verbose=0)
+        self.config, self.run, self.stop = config, run, stop
+        self.vec_normalize, self.validation, self.base = vec_normalize, validation, base  # what _policy() needs
+        self.n_rollouts = 0
+        self.perf = {"validation_s": 0.0}
+        self.last_validation: dict | None = None
+        self.history: list[dict] = _validation_history(run)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.n_rollouts += 1
+        every = self.config.train.validate_every
+        last = self.model.num_timesteps >= self.model._total_timesteps  # the validation after training covers it
+        if every and self.n_rollouts % every == 0 and not last and not self.stop.requested:
+            self.validate(pending=True)
+
+    def _writer(self):
+        for fmt in self.logger.output_formats:
+            if isinstance(fmt, TensorBoardOutputFormat):
+                return fmt.writer
+        return None
+
+    def _policy(self):
+        """The current actor as the samplers run it (a copy: training goes on), with the run's base."""
+        v = self.validation
+        return learned_policy(self.model, self.vec_normalize, v.feature_spec, v.action_mapping, base=self.base)
+
+    def validate(self, pending: bool = False) -> dict | None:
+        """Learned policy vs every fixed temperature and vs the base on the validation prompts (same prompts, λ
+        draws and seeds); None when a stop request ended it. ``pending``: the rollout just collected has not been
+        learned from yet (a periodic validation at a rollout's end)."""
+        t0 = time.perf_counter()
+        try:
+            return self._validate(pending)
+        except ValidationStopped:
+            print("validation stopped", file=sys.stderr, flush=True)
+            return None
+        finally:
+            self.perf["validation_s"] += time.perf_counter() - t0
+
+    def _validate(self, pending: bool) -> dict:
+        tc = self.config.train
+        episodes = self.validation.episodes(self._policy())
+        v = self.validation.compare(episodes, self.model.num_timesteps)
+        rec = self.logger.record
+        rec("validation/learned_reward", v["learned"]["reward"])
+        rec("validation/best_fixed_reward", v["best_fixed_reward"])
+        rec("validation/best_fixed_temperature", v["best_fixed_temperature"])
+        margins = {"best_fixed": v["margin_vs_best_fixed"], "base": v["margin_vs_base"]}
+        for name, m in margins.items():
+            if m is not None:
+                rec(f"validation/margin_vs_{name}", m["mean"])
+                rec(f"validation/margin_vs_{name}_low", m["low"])
+                rec(f"validation/margin_vs_{name}_high", m["high"])
+        if v["base"] is not None:
+            rec("validation/base_reward", v["base"]["reward"])
+        rec("validation/learned_temperature_mean", v["learned"]["temperature_mean"])
+        rec("validation/learned_temperature_std", v["learned"]["temperature_std"])
+        rec("validation/learned_accuracy", v["learned"]["accuracy"])
+        for t, summary in v["fixed"].items():
+            rec(f"validation/fixed_{t}_reward", summary["reward"])
+        writer = self._writer()
+        if writer is not None and tc.samples_to_log:
+            lines = []
+            for e in episodes[: tc.samples_to_log]:
+                trace = ", ".join(f"{x:.2f}" for x in e["temperatures"][:64])
+                lines.append(f"**{e['prompt_id']}** ({e['category']}), return {e['episode']['r']:.2f}\n\n"
+                             f"    {e['completion']!r}\n\ntemperatures: [{trace}]")
+            writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
+        self.history.append({"step": v["step"], "updates": updates(self.config, v["step"]) - int(pending),
+                             "learned_reward": v["learned"]["reward"], "margin_vs_best_fixed": v["margin_vs_best_fixed"],
+                             "margin_vs_base": v["margin_vs_base"]})
+        v["history"] = self.history  # the margins against the update number, this run's resumes included
+        self.last_validation = v
+        write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
+        return v
+
+
+class SnapshotCheckpoint(BaseCallback):
+    """Takes a :class:`~kelvin.rundir.Snapshot` after every completed PPO update and writes it as a checkpoint
+    every ``train.checkpoint_every`` steps; ends ``learn()`` after the current env step once a stop is requested.
+
+    ``snapshot`` is the state the last completed update left: what the run saves however it ends. SB3 runs the
+    update between ``on_rollout_end`` and the next ``on_rollout_start`` (and after the last rollout, before
+    ``on_training_end``). ``perf["ppo_s"]`` sums the updates' wall time.
+    """
+
+    def __init__(self, config: KelvinConfig, run: RunDir, vec_normalize: VecNormalize | None, stop: TrainingStop,
+                 snapshot: Snapshot):
+        super().__init__(verbose=0)
+        self.config, self.run, self.stop = config, run, stop
+        self.vec_normalize = vec_normalize
+        self.snapshot = snapshot
+        self._updating = False  # True between a rollout's end and the end of its PPO update
+        self._last_checkpoint = 0
+        self._t_rollout_end: float | None = None
+        self.perf = {"ppo_s": 0.0}
+
+    def _on_training_start(self) -> None:
+        self._last_checkpoint = self.model.num_timesteps  # a resumed run counts from where it stopped
+
+    def _on_step(self) -> bool:
+        return not self.stop.requested  # False ends model.learn after this step (see TrainingStop)
+
+    def _on_rollout_end(self) -> None:
+        self._updating = True  # SB3 runs this rollout's PPO update next
+        self._t_rollout_end = time.perf_counter()
+
+    def _on_rollout_start(self) -> None:
+        if self._t_rollout_end is not None:  # SB3 ran the PPO update since the last rollout ended
+            self.perf["ppo_s"] += time.perf_counter() - self._t_rollout_end
+        if self._updating:
+            self._update_done()
+
+    def _on_training_end(self) -> None:
+        if self._updating:  # learn() ran the last rollout's update, then ended
+            self._update_done()
+
+    def _update_done(self) -> None:
+        """A PPO update has completed: take the snapshot, and write it as a checkpoint when one is due."""
+        self._updating = False
+        self.snapshot = Snapshot.take(self.model, self.vec_normalize)
+        every = self.config.train.checkpoint_every
+        if every and self.snapshot.step - self._last_checkpoint >= every:
+            self.snapshot.write(*self.run.checkpoint_files(self.snapshot.step))
+            self._last_checkpoint = self.snapshot.step
+
+
+def updates(config: KelvinConfig, step: int) -> int:
+    """PPO updates behind ``step`` env steps: one per rollout (SB3's ``_n_updates`` counts epochs, fewer with
+    ``target_kl``). At a periodic validation, the rollout just collected is not yet learned from."""
+    return int(step) // (config.ppo.n_steps * config.env.batch_size * config.env.workers)
+
+
+def _validation_history(run: RunDir) -> list[dict]:
+    """The validation history of an earlier part of the run (``--resume``), or none."""
+    try:
+        return list(json.loads(run.validation_file.read_text()).get("history", []))
+    except (OSError, ValueError, AttributeError):
+        return []
