@@ -25,6 +25,7 @@ from kelvin.config import KelvinConfig
 from kelvin.export import learned_policy
 from kelvin.rundir import RunDir, Snapshot, write_text_atomic
 from kelvin.validation import Validation
+from kelvin.validation import scalars as validation_scalars
 from policies.tuned_base import TunedBase
 
 __all__ = ["PeriodicValidation", "RolloutStats", "SnapshotCheckpoint", "TrainingStop", "ValidationStopped",
@@ -240,23 +241,8 @@ class PeriodicValidation(BaseCallback):
         tc = self.config.train
         episodes = self.validation.episodes(self._policy())
         v = self.validation.compare(episodes, self.model.num_timesteps)
-        rec = self.logger.record
-        rec("validation/learned_reward", v["learned"]["reward"])
-        rec("validation/best_fixed_reward", v["best_fixed_reward"])
-        rec("validation/best_fixed_temperature", v["best_fixed_temperature"])
-        margins = {"best_fixed": v["margin_vs_best_fixed"], "base": v["margin_vs_base"]}
-        for name, m in margins.items():
-            if m is not None:
-                rec(f"validation/margin_vs_{name}", m["mean"])
-                rec(f"validation/margin_vs_{name}_low", m["low"])
-                rec(f"validation/margin_vs_{name}_high", m["high"])
-        if v["base"] is not None:
-            rec("validation/base_reward", v["base"]["reward"])
-        rec("validation/learned_temperature_mean", v["learned"]["temperature_mean"])
-        rec("validation/learned_temperature_std", v["learned"]["temperature_std"])
-        rec("validation/learned_accuracy", v["learned"]["accuracy"])
-        for t, summary in v["fixed"].items():
-            rec(f"validation/fixed_{t}_reward", summary["reward"])
+        for name, value in validation_scalars(v).items():
+            self.logger.record(name, value)
         writer = self._writer()
         if writer is not None and tc.samples_to_log:
             lines = []

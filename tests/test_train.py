@@ -25,7 +25,8 @@ PROMISED_SCALARS = {
     "validation/learned_reward", "validation/best_fixed_reward", "validation/best_fixed_temperature",
     "validation/margin_vs_best_fixed", "validation/margin_vs_best_fixed_low", "validation/margin_vs_best_fixed_high",
     "validation/margin_vs_base", "validation/margin_vs_base_low", "validation/margin_vs_base_high",
-    "validation/base_reward",
+    "validation/base_reward", "validation/margin_vs_base_at_0", "validation/margin_vs_base_at_2_low",
+    "validation/margin_vs_best_fixed_at_2_high",
 }
 
 
@@ -62,7 +63,13 @@ def test_smoke_run_writes_every_promised_file(smoke_run):
     assert val["margin_vs_best_fixed"]["mean"] == pytest.approx(val["learned"]["reward"] - val["best_fixed_reward"])
     assert val["margin_vs_base"]["mean"] == pytest.approx(val["learned"]["reward"] - val["base"]["reward"])
     assert [h["step"] for h in val["history"]] == [64, 96]  # validate_every 2 and after the last update
-    assert "vs its base" in smoke_run.stdout.splitlines()[-1] and "paired 95% CI" in smoke_run.stdout
+    assert "prompts x 2 at λ = 0, 2, paired 95% CI" in smoke_run.stdout
+    assert smoke_run.stdout.splitlines()[-1].startswith("  vs its base at each λ: λ=0 ")
+    # the grid (configs/smoke.yaml: λ = 0 and 2): each prompt at each λ; the margins average the two, per λ as well
+    assert val["diversity"] == [0.0, 2.0] and set(val["by_diversity"]) == {"0", "2"}
+    assert val["episodes_per_policy"] == 2 * 2 * 2  # 2 prompts x 2 samples x 2 λ
+    per_lam = [val["by_diversity"][k]["margin_vs_base"]["mean"] for k in ("0", "2")]
+    assert val["margin_vs_base"]["mean"] == pytest.approx(sum(per_lam) / 2)
     base = json.loads((run_dir / "base.json").read_text())
     assert base["kind"] == "table" and base["lambdas"] == [0.0, 2.0] and base["tuning"]["prompts"] == 4
     assert set(base["temperatures"]) == {*CATEGORIES, "other"}
