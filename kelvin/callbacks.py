@@ -21,9 +21,10 @@ from stable_baselines3.common.logger import HParam, TensorBoardOutputFormat
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS
+from kelvin.atomic import write_text_atomic
 from kelvin.config import KelvinConfig
 from kelvin.export import learned_policy
-from kelvin.rundir import RunDir, Snapshot, write_text_atomic
+from kelvin.rundir import RunDir, Snapshot
 from kelvin.validation import Validation
 from kelvin.validation import scalars as validation_scalars
 from policies.tuned_base import TunedBase

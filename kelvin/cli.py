@@ -2,7 +2,7 @@
 
 :func:`run_cli` runs a command's body and turns every exception into one line on stderr, with no
 traceback: the message of a bad input (a config value, a path, a damaged file: the library's errors
-name the file or field and the fix) with exit code 2; a failure to write (:class:`~kelvin.rundir.SaveError`)
+name the file or field and the fix) with exit code 2; a failure to write (:class:`~kelvin.atomic.SaveError`)
 or an unexpected error with exit code 1, the latter naming its type and pointing to ``--debug``, which
 shows the full traceback. Warnings print as one ``warning: ...`` line each.
 """
@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Callable
 
-from kelvin.rundir import SaveError
+from kelvin.atomic import SaveError
 
 __all__ = ["run_cli", "run_main", "BAD_INPUT"]
 

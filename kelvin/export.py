@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kelvin.rundir import (RunDir, load_ppo, load_vecnormalize, normalization_stats, unusable_output_dir, write_atomic,
-                           write_text_atomic)
+from kelvin.atomic import unusable_output_dir, write_atomic, write_text_atomic
+from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, normalization_stats
 from policies.actions import ActionMapping
 from policies.artifact import (
     ARTIFACT_FORMAT_VERSION,
@@ -154,7 +154,7 @@ def _check_out_dir(out_dir: str | Path) -> Path:
 
 
 def _write(out_dir: Path, spec: dict, module: torch.nn.Module | None, token_prior: torch.Tensor | None) -> Path:
-    """Write the files, each atomically (:func:`kelvin.rundir.write_atomic`); ``spec.json`` is removed first
+    """Write the files, each atomically (:func:`kelvin.atomic.write_atomic`); ``spec.json`` is removed first
     and written last, so an interrupted export has none and fails to load clearly."""
     out_dir = _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -50,12 +50,12 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
+from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
 from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
                               updates)
 from kelvin.config import KelvinConfig, load_config, model_setting_changes
 from kelvin.export import export_run
-from kelvin.rundir import (RunDir, RunDirError, SaveError, Snapshot, load_ppo, load_vecnormalize, write_failure,
-                           write_text_atomic)
+from kelvin.rundir import RunDir, Snapshot, load_ppo, load_vecnormalize
 from kelvin.tuning import EpisodeCache, tune_base
 from kelvin.validation import Validation, margin_text
 from policies.tuned_base import TunedBase, TunedBasePolicy

@@ -29,7 +29,7 @@ import numpy as np
 
 from envs.prompts import Prompt, load_prompts, select_prompts
 from kelvin.rollout import collect_episodes
-from kelvin.rundir import write_text_atomic
+from kelvin.atomic import write_text_atomic
 from policies.tuned_base import ALL, TunedBase, interpolation_grid
 
 __all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "quality_diversity", "run_cached", "run_fixed", "tune_base",

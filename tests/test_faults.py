@@ -25,7 +25,8 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE, run_train
 
-from kelvin.rundir import RunDir, RunDirError, SaveError, write_atomic
+from kelvin.atomic import RunDirError, SaveError, write_atomic
+from kelvin.rundir import RunDir
 
 STEPS_PER_ROLLOUT = 32  # smoke.yaml: n_steps 8 x batch_size 4
 N_EPOCHS = 2  # smoke.yaml: ppo.n_epochs (SB3 counts _n_updates per epoch)

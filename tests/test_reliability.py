@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import SMOKE
 
-from kelvin.rundir import RunDir, RunDirError, RunDirLocked, SaveError, Snapshot, load_vecnormalize
+from kelvin.atomic import RunDirError, SaveError
+from kelvin.rundir import RunDir, RunDirLocked, Snapshot, load_vecnormalize
 
 
 # --------------------------------------------------------------------------- saves as one transaction (D1)
@@ -308,7 +309,7 @@ def test_evaluation_and_export_refuse_statistics_of_another_save(tmp_path):
     from kelvin.config import load_config
     from kelvin.evaluation import EvaluationError, evaluate
     from kelvin.export import export_run
-    from kelvin.rundir import RunDirError
+    from kelvin.atomic import RunDirError
 
     run = _learned_run(tmp_path)
     (run / "vecnormalize.pkl").write_bytes(_snapshot(64).normalizer)  # a later save's statistics, beside step 0

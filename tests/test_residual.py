@@ -16,9 +16,10 @@ from envs.generation import TemperatureVecEnv
 from envs.prompts import CATEGORIES
 from envs.residual import ResidualActionVecEnv
 from envs.rewards import RewardConfig
+from kelvin.atomic import RunDirError
 from kelvin.config import ConfigError, load_config
 from kelvin.export import export_learned, learned_policy
-from kelvin.rundir import RunDir, RunDirError
+from kelvin.rundir import RunDir
 from kelvin.tuning import quality_diversity, tune_tables
 from kelvin.validation import grid_rewards, group_means, paired_margin
 from policies.artifact import load_policy

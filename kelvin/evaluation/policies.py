@@ -10,9 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
+from kelvin.atomic import RunDirError
 from kelvin.config import ConfigError, KelvinConfig
 from kelvin.export import learned_policy
-from kelvin.rundir import RunDir, RunDirError, content_hash, load_ppo, load_vecnormalize, model_files
+from kelvin.rundir import RunDir, content_hash, load_ppo, load_vecnormalize, model_files
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 from policies.guard import GuardedPolicy

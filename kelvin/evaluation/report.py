@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kelvin.evaluation.metrics import HEADLINE, METRIC_BY_NAME, METRICS
-from kelvin.rundir import write_text_atomic
+from kelvin.atomic import write_text_atomic
 
 __all__ = ["write_csv", "write_report", "write_samples", "write_tensorboard"]
 

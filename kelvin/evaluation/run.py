@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from envs.prompts import Prompt, load_prompts, select_prompts
+from kelvin.atomic import unusable_output_dir, write_atomic, write_text_atomic
 from kelvin.config import KelvinConfig
 from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
 from kelvin.evaluation.headline import dial_check, reward_headline
@@ -43,7 +44,6 @@ from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectori
 from kelvin.evaluation.policies import EvaluationError, PolicyEntry, lambda_grid, parse_policy_specs, resolve_policies
 from kelvin.evaluation.report import write_csv, write_report, write_samples, write_tensorboard
 from kelvin.evaluation.statistics import PolicyResult, paired_differences, summarize
-from kelvin.rundir import unusable_output_dir, write_atomic, write_text_atomic
 from policies.features import FEATURE_SPEC_VERSION
 
 __all__ = ["check_output_dir", "evaluate", "select_prompts"]
