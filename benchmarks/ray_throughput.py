@@ -72,7 +72,7 @@ def parse_args(argv=None):
 
 def _config(args, workers: int):
     """The run config of one variant: ``workers`` model copies (B rows each; N x B for one with --same-total-rows)."""
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     per_copy = args.workers * args.batch_size if workers == 1 and args.same_total_rows else args.batch_size
     rows = workers * per_copy

@@ -66,7 +66,7 @@ def parse_args(argv=None):
 
 
 def _config(args):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     overrides = list(args.overrides) + [f"model.name={args.model}", f"model.device={args.device}",
                                         f"model.dtype={args.dtype}", f"train.seed={args.seed}",

@@ -366,7 +366,7 @@ def _run_token_prior(run: RunDir, config, lm) -> tuple[torch.Tensor | None, str]
 def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path = "configs/default.yaml",
                          overrides: list[str] | None = None, lm=None, guard: bool | dict = True) -> Path:
     """Export a baseline spec string (``pid``, ``edt:theta=1.0``) with the env settings of a config file."""
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
     from policies.registry import make_policy
 
     config_path = Path(config_path)

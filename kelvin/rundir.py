@@ -97,7 +97,7 @@ class RunDir:
     def load_config(self, overrides: list[str] | None = None):
         """The run's resolved :class:`~kelvin.config.KelvinConfig` (its ``config.yaml``). A run written before the
         ``policy`` block existed was trained without a tuned base: it reads as ``policy.base: none``."""
-        from kelvin.config import load_config
+        from kelvin.config_loading import load_config
 
         text = self.require().config_file.read_text()
         legacy = [] if re.search(r"^policy:", text, flags=re.MULTILINE) else ["policy.base=none"]

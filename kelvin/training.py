@@ -53,7 +53,8 @@ from envs.residual import ResidualActionVecEnv
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
 from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
                               updates)
-from kelvin.config import KelvinConfig, load_config, model_setting_changes
+from kelvin.config import KelvinConfig, model_setting_changes
+from kelvin.config_loading import load_config
 from kelvin.export import export_run
 from kelvin.rundir import RunDir, Snapshot, load_ppo, load_vecnormalize
 from kelvin.tuning import EpisodeCache, tune_base

@@ -1,7 +1,7 @@
 """Run configs: one source of defaults, and every value checked by type and range when the config loads.
 
 Each bad input of issue #15's probe gets one line that names the field, the value and the fix, from
-:func:`kelvin.config.load_config`, before anything heavy loads; the command line prints that line and
+:func:`kelvin.config_loading.load_config`, before anything heavy loads; the command line prints that line and
 exits 2 without a traceback or a half-made run directory.
 """
 
@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT, SMOKE, run_train
 
 from envs.config import EnvConfig
-from kelvin.config import ConfigError, KelvinConfig, PPOConfig, load_config
+from kelvin.config import ConfigError, KelvinConfig, PPOConfig
+from kelvin.config_loading import load_config
 
 DEFAULT = ROOT / "configs" / "default.yaml"
 

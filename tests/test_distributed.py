@@ -23,7 +23,7 @@ from ray import cloudpickle
 import stub_lm
 from envs.distributed import RayVecEnv, WorkerDiedError, make_vec_env
 from envs.generation import TemperatureVecEnv
-from kelvin.config import load_config
+from kelvin.config_loading import load_config
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, check_exact_autoreset, stub_config
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 Every shell command in a fenced ``bash`` block of ``README.md`` and ``docs/*.md`` is split as a shell would split
 it, and each ``python SCRIPT ...`` / ``.venv/bin/python -m MODULE ...`` is parsed by that command line's own
 argument parser (``build_parser()``; the benchmarks' ``parse_args``) without running it. Its ``--config`` file
-must exist and its ``--set`` overrides must load (:func:`kelvin.config.load_config` names an unknown key and its
+must exist and its ``--set`` overrides must load (:func:`kelvin.config_loading.load_config` names an unknown key and its
 closest match). Paths into the repository, in commands and in inline code, must exist; relative links must
 resolve, anchors included; every ``import`` of a Kelvin module in a ``python`` block must find its names. The
 README stays at most 150 lines, links every docs/ page, and its test command is the one ``.ci/run`` runs.
@@ -187,7 +187,7 @@ def test_the_pages_have_commands():
 
 @pytest.mark.parametrize("where,argv", PYTHON_COMMANDS, ids=[w for w, _ in PYTHON_COMMANDS])
 def test_python_command_parses_and_its_config_loads(where, argv):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     command = shlex.join(argv)
     owner = _parser_owner(argv)

@@ -20,7 +20,7 @@ from envs.generation_core import GenerationCore
 from envs.prompts import Prompt
 from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel, closes_repeated_ngram,
                           leave_one_out_baseline)
-from kelvin.config import load_config
+from kelvin.config_loading import load_config
 from policies.actions import ActionMapping
 from stub_lm import (HORIZON, NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, check_exact_autoreset, obs_col, stub_config,
                      stub_prompt)

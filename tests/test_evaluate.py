@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kelvin.config import ConfigError, load_config
+from kelvin.config import ConfigError
+from kelvin.config_loading import load_config
 from kelvin.evaluation import (
     METRICS,
     EvaluationError,

@@ -751,7 +751,7 @@ PARITY_LAMBDA = 0.7  # the diversity dial of every row: the processor is given t
 def parity_env(smoke_run, lm):
     from envs.generation import TemperatureVecEnv
     from envs.rewards import RewardConfig
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     config = load_config(smoke_run.run_dir / "config.yaml")
     env_config = replace(config.env, batch_size=2, group_size=1, diversity_values=[PARITY_LAMBDA])

@@ -142,7 +142,7 @@ def env_temperatures(monkeypatch, config, lm, policy, prompt: Prompt, rec: Recor
 
 @pytest.fixture(scope="module")
 def smoke_config(smoke_run):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     return load_config(smoke_run.run_dir / "config.yaml")
 

@@ -136,7 +136,7 @@ def test_a_full_disk_during_the_final_save_of_a_resume_keeps_the_run(smoke_run, 
 # --------------------------------------------------------------------------- one writer per run directory (D3)
 def _new_run_dir(tmp_path: Path, overrides: list[str] | None = None) -> RunDir:
     """A run directory as train.py leaves it once started (config.yaml), before its first save."""
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     run = RunDir(tmp_path / "run")
     run.checkpoint_dir.mkdir(parents=True)
@@ -217,7 +217,8 @@ def test_resume_refuses_changing_what_the_model_is_bound_to_before_touching_conf
 
 
 def test_model_setting_changes_lists_only_what_binds_the_model():
-    from kelvin.config import load_config, model_setting_changes
+    from kelvin.config import model_setting_changes
+    from kelvin.config_loading import load_config
 
     saved = load_config(SMOKE)
     free = load_config(SMOKE, ["train.total_timesteps=4096", "ppo.learning_rate=1e-4", "env.batch_size=8",
@@ -236,7 +237,8 @@ def test_model_setting_changes_lists_only_what_binds_the_model():
 def test_evaluation_config_may_shrink_the_batch_below_the_ppo_minibatch(tmp_path):
     from dataclasses import replace
 
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
 
     config = load_config(SMOKE, ["env.batch_size=2"], training=False)  # PPO's minibatch (32) > 8 x 2: not its concern
     rebuilt = replace(config, env=replace(config.env, batch_size=2, group_size=2))  # what evaluate() builds
@@ -293,7 +295,7 @@ def _learned_run(tmp_path: Path) -> Path:
 def test_two_models_of_one_run_are_two_runs_of_the_evaluation(tmp_path):
     import shutil
 
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
     from kelvin.evaluation.policies import resolve_policies
 
     run = _learned_run(tmp_path)
@@ -306,7 +308,7 @@ def test_two_models_of_one_run_are_two_runs_of_the_evaluation(tmp_path):
 
 
 def test_evaluation_and_export_refuse_statistics_of_another_save(tmp_path):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
     from kelvin.evaluation import EvaluationError, evaluate
     from kelvin.export import export_run
     from kelvin.atomic import RunDirError
@@ -324,7 +326,7 @@ def test_evaluation_and_export_refuse_statistics_of_another_save(tmp_path):
 
 
 def test_evaluation_refuses_a_lambda_outside_the_trained_range(tmp_path):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
     from kelvin.evaluation import EvaluationError, evaluate
 
     run = _learned_run(tmp_path)
@@ -336,7 +338,8 @@ def test_evaluation_refuses_a_lambda_outside_the_trained_range(tmp_path):
 
 # --------------------------------------------------------------------------- labels that tell the truth (C)
 def test_a_fixed_temperature_outside_its_mapping_is_refused(tmp_path):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
     from kelvin.evaluation import EvaluationError, evaluate
     from policies.actions import ActionMapping
     from policies.registry import make_policy
@@ -390,7 +393,8 @@ def test_unknown_reset_options_are_refused():
 
 
 def test_a_key_given_twice_in_a_config_is_refused(tmp_path):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
 
     path = tmp_path / "twice.yaml"
     path.write_text("env:\n  batch_size: 4\n  group_size: 2\n  batch_size: 8\n")
@@ -404,7 +408,7 @@ def test_a_key_given_twice_in_a_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--set 'env.action=\{t_min: -1.0, t_min: 0.0\}': key 't_min' is given "
                                           "twice, at line 1 and line 1"):
         load_config(None, ["env.action={t_min: -1.0, t_min: 0.0}"])
-    from kelvin.config import _yaml_load
+    from kelvin.config_loading import _yaml_load
 
     merged = _yaml_load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")  # a merge key, then an override: still YAML's
     assert merged == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
@@ -440,7 +444,7 @@ def _summary(**fields) -> dict:
 
 
 def test_the_report_of_a_run_says_what_was_saved(capsys):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
     from kelvin.training import _report
 
     config = load_config(SMOKE)
@@ -487,7 +491,8 @@ def test_a_completed_run_says_so_in_its_summary(smoke_run):
 
 # --------------------------------------------------------------------------- errors that read (B)
 def test_a_device_torch_does_not_know_is_refused_at_load(tmp_path, capsys):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
     from kelvin.training import main
 
     with pytest.raises(ConfigError) as err:
@@ -512,7 +517,8 @@ def test_ctrl_c_while_the_entry_point_imports_is_one_line(tmp_path, monkeypatch,
 
 
 def test_a_seed_out_of_range_names_the_flag(capsys):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
     from kelvin.evaluation import main
 
     with pytest.raises(SystemExit) as exit_:

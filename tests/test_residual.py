@@ -17,7 +17,8 @@ from envs.prompts import CATEGORIES
 from envs.residual import ResidualActionVecEnv
 from envs.rewards import RewardConfig
 from kelvin.atomic import RunDirError
-from kelvin.config import ConfigError, load_config
+from kelvin.config import ConfigError
+from kelvin.config_loading import load_config
 from kelvin.export import export_learned, learned_policy
 from kelvin.rundir import RunDir
 from kelvin.tuning import quality_diversity, tune_tables

@@ -165,7 +165,8 @@ def test_ctrl_c_leaves_a_loadable_model(tmp_path):
 
 
 def test_bad_config_names_the_key_and_suggests(tmp_path):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
 
     with pytest.raises(ConfigError, match="(?i)learning_rat.*did you mean 'learning_rate'"):
         load_config(SMOKE, ["ppo.learning_rat=1e-4"])

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kelvin.config import load_config
+from kelvin.config_loading import load_config
 from kelvin.evaluation.policies import parse_policy_specs
 from kelvin.evaluation.run import evaluate
 from kelvin.rundir import model_files
