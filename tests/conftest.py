@@ -1,4 +1,5 @@
-"""Shared fixtures: one real model and one real smoke training run per test session.
+"""Shared fixtures: one real model and one real smoke training run per test session, and the toy exports
+the export tests share (tests/export_helpers.py).
 
 Loading the GGUF costs ~20-40 s once; the smoke run (``configs/smoke.yaml``: 96 steps of real PPO on the
 real model, in a ``train.py`` subprocess) about a minute. Tests that need either are marked
@@ -11,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +56,30 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def dummy_export(tmp_path_factory):
+    """A learned-policy export of an untrained PPO with made-up normalisation statistics."""
+    from export_helpers import MAPPING, SPEC, V, dummy_ppo
+    from kelvin.export import export_learned
+
+    model = dummy_ppo(SPEC)
+    rng = np.random.default_rng(1)
+    norm = {"mean": rng.normal(size=SPEC.dim), "var": rng.uniform(0.2, 3.0, SPEC.dim), "clip": 5.0, "epsilon": 1e-8}
+    out = export_learned(model.policy, tmp_path_factory.mktemp("exp") / "learned", SPEC, MAPPING, {"top_k": 5},
+                         {"name": "toy", "vocab_size": V}, norm, torch.rand(V))
+    return out, model, norm
+
+
+@pytest.fixture
+def baseline_dir(tmp_path):
+    """A ``pid`` baseline export on the toy spec of tests/export_helpers.py."""
+    from export_helpers import MAPPING, SPEC, V
+    from kelvin.export import export_baseline
+    from policies.registry import make_policy
+
+    return export_baseline(make_policy("pid", SPEC, MAPPING), tmp_path / "pid", None, {"name": "toy", "vocab_size": V})
 
 
 def pytest_collection_modifyitems(config, items):
