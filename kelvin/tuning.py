@@ -159,7 +159,7 @@ def run_fixed(env, temperatures: Sequence[float], n_prompts: int, seed: int, cac
 def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
     """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
     in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
-    return of each episode (``reward`` a :class:`envs.rewards.RewardModel` or its config); ties go to the lower
+    return of each episode (``reward`` a :class:`envs.rewards.RewardFunction` or its config); ties go to the lower
     temperature. ``other`` (a category the runs did not see, or every prompt) gets the overall best."""
     config = getattr(reward, "config", reward)
     temps = sorted(episodes_by_t)

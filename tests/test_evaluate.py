@@ -146,7 +146,7 @@ def test_compare_hulls_on_fixed_numbers():
 
 
 def test_tables_are_tuned_per_category_and_lambda():
-    from envs.rewards import RewardConfig, RewardModel
+    from envs.rewards import RewardConfig, RewardFunction
     from kelvin.evaluation.families import tune_tables
 
     def ep(category, correct, semantic):
@@ -155,7 +155,7 @@ def test_tables_are_tuned_per_category_and_lambda():
         comps.update(correct=correct, group_semantic=semantic)
         return {"category": category, "reward_components": comps}
 
-    reward = RewardModel(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
+    reward = RewardFunction(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
     episodes = {0.0: [ep("math", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
                 1.0: [ep("math", 0.5, 0.5), ep("creative_writing", 0.0, 0.6)]}
     tables = tune_tables(episodes, [0.0, 1.0], reward)

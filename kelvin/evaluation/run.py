@@ -179,7 +179,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             progress: bool) -> tuple[dict[str, list[PolicyEntry]], dict, bool]:
     """The per-category table families, tuned on the validation split: ``({family: entries}, {family: {λ:
     table}}, interrupted)``."""
-    from envs.rewards import RewardModel
+    from envs.rewards import RewardFunction
     from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
 
     ev = config.evaluation
@@ -196,7 +196,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
     if train_truncation is not None and train_truncation.active:
         variants["table@train"] = train_truncation
     families, tables, interrupted = {}, {}, False
-    reward = RewardModel(replace(config.reward, group_baseline=False))
+    reward = RewardFunction(replace(config.reward, group_baseline=False))
     try:
         for family, truncation in variants.items():
             from policies.registry import make_policy
