@@ -211,7 +211,7 @@ class GenerationCore:
         ep.diversity[rows] = np.repeat(lam, self.G)
         cats = [self.spec.category_slot(self.prompts[i].category) for i in row_prompt]
         self.featurizer.reset(torch.as_tensor(rows, device=self.device), category=cats,
-                              diversity_weight=ep.diversity[rows])
+                              diversity=ep.diversity[rows])
         obs = self.featurizer.observe(self.logits)
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model
         return obs

@@ -99,9 +99,9 @@ class TunedBase:
                                 f"{', '.join(sorted(self.temperatures))}); tune it again (a new run)")
         lo, hi = diversity_bounds
         if len(self.lambdas) > 1 or lo != hi:
-            if not spec.include_diversity_weight:
+            if not spec.include_diversity:
                 raise BaseError(f"{owner}: a base tuned per λ reads λ from the observation "
-                                "(env.features.include_diversity_weight: true); set it, or use policy.base: none")
+                                "(env.features.include_diversity: true); set it, or use policy.base: none")
             if lo < self.lambdas[0] - 1e-9 or hi > self.lambdas[-1] + 1e-9:
                 raise BaseError(f"{owner}: λ range [{lo:g}, {hi:g}] is outside the range the base was tuned on "
                                 f"[{self.lambdas[0]:g}, {self.lambdas[-1]:g}]; keep env.diversity_range inside it "
@@ -118,7 +118,7 @@ class TunedBase:
             cat_start = -1
         temps = torch.tensor(rows, dtype=torch.float32)  # (R, L)
         actions = mapping.to_action(temps.reshape(-1)).reshape(temps.shape)  # (R, L)
-        lam_col = spec.index("diversity_weight") if spec.include_diversity_weight else -1
+        lam_col = spec.index("diversity") if spec.include_diversity else -1
         return BaseModule(torch.tensor(self.lambdas, dtype=torch.float32), actions, cat_start, lam_col)
 
 

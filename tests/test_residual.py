@@ -26,7 +26,7 @@ from policies.features import FeatureSettings, FeatureSpec
 from policies.tuned_base import BaseError, TunedBase, TunedBasePolicy
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
 
-SPEC = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, CATEGORIES)
+SPEC = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, CATEGORIES)
 TABLE = TunedBase(kind="table", lambdas=(0.0, 1.0, 2.0),
                   temperatures={**{c: (0.2, 0.6, 1.0) for c in CATEGORIES}, "math": (0.0, 0.0, 0.4),
                                 "other": (0.5, 0.5, 0.5)})
@@ -40,7 +40,7 @@ def _obs(categories: list[int], lams: list[float], spec: FeatureSpec = SPEC) -> 
         obs[:, start:start + len(spec.categories) + 1] = 0.0
         for row, c in enumerate(categories):
             obs[row, start + c] = 1.0
-    obs[:, spec.index("diversity_weight")] = torch.tensor(lams)
+    obs[:, spec.index("diversity")] = torch.tensor(lams)
     return obs
 
 
@@ -57,14 +57,14 @@ def test_base_module_picks_the_category_and_interpolates_in_lambda_by_hand():
 
 def test_fixed_base_reads_lambda_only():
     base = TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.0, 1.2)})
-    spec = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, ())
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
     out = base.module(spec, SYMMETRIC)(_obs([], [0.0, 1.0, 2.0], spec))
     torch.testing.assert_close(out, torch.tensor([0.0, 0.3, 0.6]), atol=1e-7, rtol=0)
 
 
 def _stub_env(seed=0):
     config = stub_config(batch_size=4, group_size=2, max_new_tokens=4, seed=seed,
-                         features=FeatureSettings(include_diversity_weight=True))
+                         features=FeatureSettings(include_diversity=True))
     return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
 
 
@@ -90,7 +90,7 @@ def test_zero_residual_is_exactly_the_base_in_the_actor_the_training_env_and_the
         active = torch.tensor([info["active"] for info in infos])
         torch.testing.assert_close(applied[active], t_actor[active], atol=1e-6, rtol=0)
         obs = obs_next
-    lam = obs[:, obs_col(env, "diversity_weight")]
+    lam = obs[:, obs_col(env, "diversity")]
     assert len(set(lam.round(6).tolist())) > 1  # the groups' λ differ: the interpolation is exercised
     out = export_learned(model.policy, tmp_path / "export", spec, mapping, model={"name": "stub", "vocab_size": 8},
                          diversity_range=(0.0, 2.0), base=base)

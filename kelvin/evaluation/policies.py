@@ -227,7 +227,7 @@ def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
     """The λ values a learned policy is evaluated at: ``evaluation.lambdas`` (each inside the range its run was
     trained on, else an :class:`EvaluationError`), else ``evaluation.n_lambdas`` values evenly over that range;
     ``[]`` for a policy that does not observe λ."""
-    if entry.run_dir is None or not entry.policy.feature_spec.include_diversity_weight:
+    if entry.run_dir is None or not entry.policy.feature_spec.include_diversity:
         return []
     ev = config.evaluation
     low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
