@@ -194,9 +194,9 @@ class GenerationCore:
         self.group_episodes[groups] += 1
         self.side.wait_prefetch()  # a prompt must not be prefilled here while the side thread prefills it
         if diversity is None:
-            lam = self._draw_diversity(groups.shape[0])
+            group_diversity = self._draw_diversity(groups.shape[0])
         else:
-            lam = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
+            group_diversity = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
         rows = self.group_rows(groups)  # (R,)
         row_prompt = np.repeat(prompt_idx, self.G)  # (R,)
         t_model = time.perf_counter()
@@ -208,7 +208,7 @@ class GenerationCore:
         ep = self.episode
         ep.reset(rows)
         ep.prompt[rows] = row_prompt
-        ep.diversity[rows] = np.repeat(lam, self.G)
+        ep.diversity[rows] = np.repeat(group_diversity, self.G)
         cats = [self.spec.category_slot(self.prompts[i].category) for i in row_prompt]
         self.featurizer.reset(torch.as_tensor(rows, device=self.device), category=cats,
                               diversity=ep.diversity[rows])

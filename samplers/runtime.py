@@ -96,18 +96,18 @@ def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float,
         raise ValueError(f"{owner}={value!r} was given, but this policy has no diversity dial (trained with "
                          "features.include_diversity=false); drop it")
     try:
-        lam = math.nan if isinstance(value, bool) else float(value)  # True is not λ = 1
+        diversity = math.nan if isinstance(value, bool) else float(value)  # True is not λ = 1
     except (TypeError, ValueError):
-        lam = math.nan
-    if not math.isfinite(lam) or lam < 0:
+        diversity = math.nan
+    if not math.isfinite(diversity) or diversity < 0:
         raise ValueError(f"{owner}={value!r} must be a finite number >= 0 (the weight of diversity in the reward the "
                          "policy was trained on)")
     if trained_range is not None:
         lo, hi = trained_range
-        if not lo - 1e-9 <= lam <= hi + 1e-9:
-            raise ValueError(f"{owner}={lam:g} is outside the range the policy was trained on [{lo:g}, {hi:g}]; "
-                             f"choose a value in it (or train with env.diversity_range covering {lam:g})")
-    return lam
+        if not lo - 1e-9 <= diversity <= hi + 1e-9:
+            raise ValueError(f"{owner}={diversity:g} is outside the range the policy was trained on [{lo:g}, {hi:g}]; "
+                             f"choose a value in it (or train with env.diversity_range covering {diversity:g})")
+    return diversity
 
 
 class PolicyRuntime:

@@ -486,8 +486,8 @@ def test_reward_headline_pairs_each_learned_lambda_with_its_rivals_by_hand():
 
     policy = make_policy("fixed:0.5", FeatureSpec(horizon=8), ActionMapping())
 
-    def entry(name, family, lam, run=None):
-        return PolicyEntry(name, name, family, policy, params={"n": name}, run_dir=run, diversity=lam)
+    def entry(name, family, diversity, run=None):
+        return PolicyEntry(name, name, family, policy, params={"n": name}, run_dir=run, diversity=diversity)
 
     learned = entry("learned@1", "learned", 1.0, "runA")
     rivals = {"table": [entry("table@0", "table", 0.0), entry("table@1", "table", 1.0)],

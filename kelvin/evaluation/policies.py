@@ -245,8 +245,8 @@ def _at_lambdas(entry: PolicyEntry, config: KelvinConfig) -> list[PolicyEntry]:
     grid = lambda_grid(entry, config)
     if not grid:
         return [entry]
-    return [replace(entry, name=f"{entry.name}@λ={lam:g}", label=f"{entry.label} λ={lam:g}", diversity=lam,
-                    params={**entry.params, "lambda": lam}) for lam in grid]
+    return [replace(entry, name=f"{entry.name}@λ={diversity:g}", label=f"{entry.label} λ={diversity:g}",
+                    diversity=diversity, params={**entry.params, "lambda": diversity}) for diversity in grid]
 
 
 def resolve_policies(specs: Sequence[str], config: KelvinConfig, run: str | None,
