@@ -70,10 +70,10 @@ class EnvConfig:
     negative temperatures mean "least likely of the plausible". Evaluation repeats fixed T under it."""
     include_category: StrictBool = True
     """Append the prompt category one-hot to the observation."""
-    features: FeatureSettings = Field(default_factory=lambda: FeatureSettings(include_diversity_weight=True))
+    features: FeatureSettings = Field(default_factory=lambda: FeatureSettings(include_diversity=True))
     """Feature settings ``{initial_temperature, ema_decay, repeat_window, anomaly_surprise, median_k,
-    include_diversity_weight, version}`` (policies/features.py). The env's default observes the diversity
-    dial λ (``include_diversity_weight: true``): one policy serves every setting of it."""
+    include_diversity, version}`` (policies/features.py). The env's default observes the diversity
+    dial λ (``include_diversity: true``): one policy serves every setting of it."""
     token_prior: StrictBool = True
     """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""
     discovered_anomalies: StrictBool = True
@@ -81,7 +81,7 @@ class EnvConfig:
     probed once per model when missing). Only with ``token_prior``."""
     diversity_range: tuple[Lambda, Lambda] = (0.0, 2.0)
     """The diversity dial λ of each group is drawn uniformly from ``[low, high]`` (the reward's diversity
-    weight, and an observation feature with ``features.include_diversity_weight``)."""
+    weight, and an observation feature with ``features.include_diversity``)."""
     diversity_values: Optional[list[Lambda]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
     seed: StrictInt = Field(0, ge=0, le=2**63 - 1)

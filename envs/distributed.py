@@ -190,7 +190,7 @@ class RayVecEnv(VecEnv):
                  prompts: Sequence[Prompt] | None = None):
         if reward is not None and not isinstance(reward, RewardConfig):
             raise TypeError(f"RayVecEnv(reward={type(reward).__name__}): pass a RewardConfig; every worker builds its "
-                            "own reward model from it")
+                            "own reward function from it")
         ray = _import_ray()
         self._ray = ray
         self.config = config

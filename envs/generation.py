@@ -45,7 +45,7 @@ class TemperatureVecEnv(VecEnv):
     ``Box(-inf, inf, (F,), float32)``: the raw features of ``policies/features.py`` (entropy,
     normalised entropy, varentropy, max prob, top-2 margin, logit std, median of the top
     probabilities, position, previous temperature, surprise, running quality, repetition,
-    anomaly, the category one-hot when ``include_category``, λ with ``include_diversity_weight``).
+    anomaly, the category one-hot when ``include_category``, λ with ``include_diversity``).
     Not normalised: the learned
     policy's normaliser (VecNormalize) belongs to the policy.
 

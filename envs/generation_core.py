@@ -19,7 +19,7 @@ from anomaly.prior import build_token_prior
 from envs.config import EnvConfig
 from envs.lm import CausalLM
 from envs.prompts import Prompt, load_prompts
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel, closes_repeated_ngram
+from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram
 from envs.side_threads import SideThreads
 from policies.features import Featurizer
 from samplers.core import sample
@@ -110,14 +110,14 @@ class GenerationCore:
     the λ and token streams are the shard's own, derived from the seed (shard 0 keeps the seed's own).
     """
 
-    def __init__(self, config: EnvConfig, lm: CausalLM, reward: RewardConfig | RewardModel | None = None,
+    def __init__(self, config: EnvConfig, lm: CausalLM, reward: RewardConfig | RewardFunction | None = None,
                  prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1)):
         self.config = config
         self.lm = lm
         self.device = lm.device
         self.mapping = config.action
         self.spec = config.feature_spec()
-        self.reward = reward if isinstance(reward, RewardModel) else RewardModel(reward or RewardConfig())
+        self.reward = reward if isinstance(reward, RewardFunction) else RewardFunction(reward or RewardConfig())
         self.prompts = list(prompts) if prompts is not None else load_prompts(
             config.prompts, split=config.split, categories=config.categories)
         self._prompt_ids = lm.encode([p.text for p in self.prompts])
@@ -194,9 +194,9 @@ class GenerationCore:
         self.group_episodes[groups] += 1
         self.side.wait_prefetch()  # a prompt must not be prefilled here while the side thread prefills it
         if diversity is None:
-            lam = self._draw_diversity(groups.shape[0])
+            group_diversity = self._draw_diversity(groups.shape[0])
         else:
-            lam = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
+            group_diversity = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
         rows = self.group_rows(groups)  # (R,)
         row_prompt = np.repeat(prompt_idx, self.G)  # (R,)
         t_model = time.perf_counter()
@@ -208,10 +208,10 @@ class GenerationCore:
         ep = self.episode
         ep.reset(rows)
         ep.prompt[rows] = row_prompt
-        ep.diversity[rows] = np.repeat(lam, self.G)
+        ep.diversity[rows] = np.repeat(group_diversity, self.G)
         cats = [self.spec.category_slot(self.prompts[i].category) for i in row_prompt]
         self.featurizer.reset(torch.as_tensor(rows, device=self.device), category=cats,
-                              diversity_weight=ep.diversity[rows])
+                              diversity=ep.diversity[rows])
         obs = self.featurizer.observe(self.logits)
         self.timings["env_s"] += time.perf_counter() - t0 - dt_model
         return obs

@@ -45,6 +45,7 @@ worth as much as a per-token component of weight 4 / L held for the whole episod
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -56,7 +57,7 @@ from anomaly.detector import AnomalyDetector
 from envs.answers import is_correct
 from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
-__all__ = ["RewardConfig", "RewardModel", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
+__all__ = ["RewardConfig", "RewardFunction", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
            "COMPONENTS", "closes_repeated_ngram", "leave_one_out_baseline"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
@@ -139,8 +140,10 @@ def leave_one_out_baseline(groups: Sequence[Sequence[int]], quality: np.ndarray)
     return out
 
 
-class RewardModel:
-    """Computes the components of :mod:`envs.rewards` for a batch and combines them with λ."""
+class RewardFunction:
+    """Computes the components of :mod:`envs.rewards` for a batch and combines them with λ.
+
+    A fixed scoring function of the generated tokens and texts (nothing in it is learned)."""
 
     def __init__(self, config: RewardConfig, embedder=None):
         self.config = config
@@ -249,3 +252,12 @@ class RewardModel:
             idx = list(members)
             out["group_semantic"][idx] = distance_to_others(emb[idx]).numpy()
         return out
+
+
+def __getattr__(name: str):
+    """``RewardModel``: the old name of :class:`RewardFunction` (it is a fixed function, not a learned model)."""
+    if name == "RewardModel":
+        warnings.warn("envs.rewards.RewardModel is now envs.rewards.RewardFunction: import RewardFunction",
+                      DeprecationWarning, stacklevel=2)
+        return RewardFunction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

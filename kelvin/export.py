@@ -218,10 +218,10 @@ def _base_spec(kind: str, feature_spec: FeatureSpec, action_mapping: ActionMappi
 def _diversity_block(kind: str, feature_spec: FeatureSpec, diversity_range: tuple[float, float] | None) -> dict | None:
     """``spec.json`` ``diversity``: the λ range a policy reading the diversity dial was trained on (samplers refuse
     a λ outside it); None for a policy without the dial, or a baseline given no range (baselines ignore λ)."""
-    if not feature_spec.include_diversity_weight or (kind == "baseline" and diversity_range is None):
+    if not feature_spec.include_diversity or (kind == "baseline" and diversity_range is None):
         return None
     if diversity_range is None:
-        raise ValueError("this policy reads the diversity dial (features.include_diversity_weight): give "
+        raise ValueError("this policy reads the diversity dial (features.include_diversity): give "
                          "diversity_range=(low, high), the λ range it was trained on (env.diversity_bounds)")
     lo, hi = float(diversity_range[0]), float(diversity_range[1])
     return {"range": [lo, hi]}
@@ -377,7 +377,7 @@ def export_baseline_spec(spec: str, out_dir: str | Path, config_path: str | Path
     lm = _load_lm(config, lm)
     return export_baseline(policy, out_dir, config.env.truncation, _model_info(config, lm), _token_prior(config, lm),
                            source={"config": str(config_path.resolve()), "spec": spec}, guard=guard,
-                           diversity_range=config.env.diversity_bounds if config.env.features.include_diversity_weight
+                           diversity_range=config.env.diversity_bounds if config.env.features.include_diversity
                            else None)
 
 

@@ -447,12 +447,12 @@ def _report(summary: dict, config: KelvinConfig) -> int:
     v = summary.get("validation")
     print(f"done: {steps} steps in {summary['wall_s']:.0f} s -> {run_dir}")
     if v:
-        grid = ", ".join(f"{lam:g}" for lam in v["diversity"])
+        grid = ", ".join(f"{diversity:g}" for diversity in v["diversity"])
         base = f" | vs its base {margin_text(v['margin_vs_base'])}" if v.get("margin_vs_base") else ""
         print(f"validation ({v['prompts']} prompts x {config.env.group_size} at λ = {grid}, paired 95% CI): learned "
               f"{v['learned']['reward']:.3f} | vs best fixed T={v['best_fixed_temperature']:g} "
               f"{margin_text(v['margin_vs_best_fixed'])}{base}")
         if v.get("margin_vs_base"):
-            print("  vs its base at each λ: " + ", ".join(f"λ={lam} {margin_text(at['margin_vs_base'])}"
-                                                      for lam, at in v["by_diversity"].items()))
+            print("  vs its base at each λ: " + ", ".join(f"λ={diversity} {margin_text(at['margin_vs_base'])}"
+                                                      for diversity, at in v["by_diversity"].items()))
     return 0

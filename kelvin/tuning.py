@@ -159,7 +159,7 @@ def run_fixed(env, temperatures: Sequence[float], n_prompts: int, seed: int, cac
 def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
     """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
     in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
-    return of each episode (``reward`` a :class:`envs.rewards.RewardModel` or its config); ties go to the lower
+    return of each episode (``reward`` a :class:`envs.rewards.RewardFunction` or its config); ties go to the lower
     temperature. ``other`` (a category the runs did not see, or every prompt) gets the overall best."""
     config = getattr(reward, "config", reward)
     temps = sorted(episodes_by_t)
@@ -169,14 +169,14 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
         parts[t] = (np.asarray([e["category"] for e in eps]), *quality_diversity(eps, config))
     categories = sorted({c for cats, _, _ in parts.values() for c in cats})
     tables: dict[float, dict[str, float]] = {}
-    for lam in lambdas:
+    for diversity in lambdas:
         def score(t: float, cat: str | None) -> float:
             cats, q, d = parts[t]
             mask = np.ones(len(cats), dtype=bool) if cat is None else cats == cat
-            return float(np.mean(q[mask] + lam * d[mask])) if mask.any() else -np.inf
+            return float(np.mean(q[mask] + diversity * d[mask])) if mask.any() else -np.inf
         table = {c: max(temps, key=lambda t, c=c: (score(t, c), -t)) for c in categories}
         table["other"] = max(temps, key=lambda t: (score(t, None), -t))
-        tables[float(lam)] = table
+        tables[float(diversity)] = table
     return tables
 
 
@@ -204,11 +204,11 @@ def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None
     lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_lambdas)
     tables = tune_tables(runs, lambdas, config.reward)
     if pc.base == "fixed":
-        rows = {ALL: tuple(tables[lam]["other"] for lam in lambdas)}
+        rows = {ALL: tuple(tables[diversity]["other"] for diversity in lambdas)}
     else:
         # a category the tuning prompts did not hold (a small base_prompts) gets the overall best, as "other" does
         names = sorted({c for table in tables.values() for c in table} | set(config.env.feature_spec().categories))
-        rows = {c: tuple(tables[lam].get(c, tables[lam]["other"]) for lam in lambdas) for c in names}
+        rows = {c: tuple(tables[diversity].get(c, tables[diversity]["other"]) for diversity in lambdas) for c in names}
     base = TunedBase(kind=pc.base, lambdas=lambdas, temperatures=rows)
     record = {"prompts": len(prompts), "answerable": sum(p.answerable for p in prompts),
               "temperatures": [float(t) for t in pc.base_temperatures], "lambdas": list(lambdas),

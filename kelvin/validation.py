@@ -84,11 +84,11 @@ def grid_rewards(episodes: list[dict], lambdas: Sequence[float], group_size: int
     on λ), scored at every λ from its components: ``quality + λ · diversity`` (``reward_config``'s weights)."""
     if rescore:
         q, d = quality_diversity(episodes, reward_config)
-        return np.stack([group_means(episodes, group_size, q + lam * d) for lam in lambdas])
+        return np.stack([group_means(episodes, group_size, q + diversity * d) for diversity in lambdas])
     n = len(episodes) // len(lambdas)
     blocks = [episodes[i * n:(i + 1) * n] for i in range(len(lambdas))]
-    if n * len(lambdas) != len(episodes) or any(not np.isclose(e["diversity"], lam)
-                                                for lam, block in zip(lambdas, blocks) for e in block):
+    if n * len(lambdas) != len(episodes) or any(not np.isclose(e["diversity"], diversity)
+                                                for diversity, block in zip(lambdas, blocks) for e in block):
         raise ValueError(f"{len(episodes)} validation episodes are not {len(lambdas)} blocks at λ = {list(lambdas)}")
     return np.stack([group_means(block, group_size, [e["episode"]["r"] for e in block]) for block in blocks])
 
@@ -126,20 +126,20 @@ class Validation:
     def action_mapping(self):
         return self.env.action_mapping
 
-    def _env_at(self, lam: float):
+    def _env_at(self, diversity: float):
         from envs.generation import TemperatureVecEnv
 
-        if lam not in self._envs:
-            self._envs[lam] = TemperatureVecEnv(replace(self._env_config, diversity_values=[lam]), lm=self.lm,
-                                                prompts=self.prompts, reward=self._reward)
-        return self._envs[lam]
+        if diversity not in self._envs:
+            config = replace(self._env_config, diversity_values=[diversity])
+            self._envs[diversity] = TemperatureVecEnv(config, lm=self.lm, prompts=self.prompts, reward=self._reward)
+        return self._envs[diversity]
 
     def _run_grid(self, policy: TemperaturePolicy, key: str | None) -> tuple[list[dict], int]:
         """``policy``'s episodes at every λ of the grid, λ by λ (each block ordered by (row, k)), and how many of
         the blocks came from the cache (``key`` None: none is cached)."""
         episodes, hits = [], 0
-        for lam in self.lambdas:
-            eps, hit = run_cached(self._env_at(lam), policy, None if key is None else f"{key}@{lam!r}",
+        for diversity in self.lambdas:
+            eps, hit = run_cached(self._env_at(diversity), policy, None if key is None else f"{key}@{diversity!r}",
                                   len(self.prompts), self.seed, self.cache, self.on_step)
             episodes += eps
             hits += hit
@@ -196,14 +196,14 @@ class Validation:
             record["base"] = {**summarize_episodes(self.base), "reward": float(base.mean())}
             record["margin_vs_base"] = paired_margin(ours.mean(0), base.mean(0), n, seed)
             record["base_vs_best_fixed"] = paired_margin(base.mean(0), fixed[best_t].mean(0), n, seed)
-        for i, lam in enumerate(self.lambdas):
+        for i, diversity in enumerate(self.lambdas):
             t_at = max(fixed, key=lambda t: (fixed[t][i].mean(), -t))
             at = {"learned_reward": float(ours[i].mean()), "best_fixed_temperature": t_at,
                   "best_fixed_reward": float(fixed[t_at][i].mean()),
                   "margin_vs_best_fixed": paired_margin(ours[i], fixed[t_at][i], n, seed)}
             if base is not None:
                 at.update(base_reward=float(base[i].mean()), margin_vs_base=paired_margin(ours[i], base[i], n, seed))
-            record["by_diversity"][f"{lam:g}"] = at
+            record["by_diversity"][f"{diversity:g}"] = at
         return record
 
     def close(self) -> None:
@@ -226,8 +226,8 @@ def scalars(record: dict) -> dict[str, float]:
                             f"margin_vs_{name}{suffix}_high": m["high"]})
 
     margins("", record)
-    for lam, at in record.get("by_diversity", {}).items():
-        margins(f"_at_{lam}", at)
+    for diversity, at in record.get("by_diversity", {}).items():
+        margins(f"_at_{diversity}", at)
     if record.get("base") is not None:
         out["base_reward"] = record["base"]["reward"]
     for key in ("temperature_mean", "temperature_std", "accuracy"):

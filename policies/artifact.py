@@ -50,7 +50,7 @@ import torch
 
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
-from policies.features import FeatureSpec, check_feature_version
+from policies.features import FeatureSpec, check_feature_version, upgrade_spec_dict
 from policies.guard import GuardSettings, resolve_guard
 from policies.learned import LearnedPolicy
 from samplers.core import Truncation
@@ -194,6 +194,7 @@ def _feature_spec(spec: dict, spec_path: Path) -> FeatureSpec:
         check_feature_version(d.get("version"))
     except ValueError as exc:
         raise ArtifactError(f"{spec_path}: {exc}") from None
+    d = upgrade_spec_dict(d)  # an older export's names (include_diversity_weight, ...): renamed, with a warning
     try:
         fs = FeatureSpec.from_dict(d)
     except (TypeError, ValueError) as exc:

@@ -25,7 +25,7 @@ Observation table, ``FEATURE_SPEC_VERSION = 1`` (column order is part of the spe
 |13 | quality          | mean_drawn_prob * (1 - repetition): the inference-time quality signal          | [0, 1]       |
 |14 | anomaly          | running mean (EMA) of the per-token anomaly indicator (see below)              | [0, 1]       |
 |15+| category_*       | one-hot of the prompt category (when ``include_category``), last slot "other"  | {0, 1}       |
-| + | diversity_weight | the reward's diversity weight (when ``include_diversity_weight``)              | >= 0         |
+| + | diversity        | the diversity dial λ, the reward's diversity weight (when ``include_diversity``) | >= 0         |
 
 Running means are exponential moving averages with decay ``ema_decay`` and bias correction
 (like Adam's), so the first token already gets its full value; before the first token they
@@ -41,16 +41,22 @@ The indicator is computed by the one anomaly detector, :class:`anomaly.detector.
 (T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
 because the median over a 49k vocabulary is ~1e-9 for every context (uninformative) and costs a
 full selection per row per step.
+
+Old names still load, with a warning that says where they moved (:data:`RENAMED_SETTINGS`,
+:data:`RENAMED_FEATURES`): ``include_diversity_weight`` is ``include_diversity`` and the feature
+``diversity_weight`` is ``diversity`` (a rename only: the layout and its version are unchanged).
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic_core import ArgsKwargs
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
@@ -58,7 +64,7 @@ from samplers.core import top_values
 from samplers.suggest import did_you_mean
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
-           "check_feature_version", "distribution_features"]
+           "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features", "upgrade_spec_dict"]
 
 FEATURE_SPEC_VERSION = 1
 
@@ -69,6 +75,47 @@ HISTORY_FEATURES = ("position", "prev_temperature", "last_surprise", "mean_surpr
 BASE_FEATURES = DISTRIBUTION_FEATURES + HISTORY_FEATURES
 OTHER_CATEGORY = "other"
 """The name of the category one-hot's final slot: any category outside :attr:`FeatureSpec.categories`."""
+RENAMED_SETTINGS = {"include_diversity_weight": "include_diversity"}
+"""Feature settings of older configs and exports and their names now (read with a warning)."""
+RENAMED_FEATURES = {"diversity_weight": "diversity"}
+"""Feature names of older exports (``spec.json`` ``names``) and their names now: the same column."""
+
+
+
+
+def _rename_settings(values: dict) -> dict:
+    """``values`` (keyword arguments of a feature settings class) with :data:`RENAMED_SETTINGS` renamed, one
+    warning per old name; giving an old name beside its new one is an error."""
+    out = dict(values)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"{old} and {new} are both given; {old} is the old name of {new}: keep {new}")
+            value = out.pop(old)
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            warnings.warn(f"env.features.{old} is now env.features.{new}: write `{new}: {shown}` in the YAML (the "
+                          "old name still loads, for now)", FutureWarning, stacklevel=4)
+            out[new] = value
+    return out
+
+
+def upgrade_spec_dict(d: dict) -> dict:
+    """A copy of a ``feature_spec`` mapping (an export's ``spec.json``) in today's names: old settings
+    (:data:`RENAMED_SETTINGS`) and feature names (:data:`RENAMED_FEATURES`) renamed, one warning for all."""
+    d = dict(d)
+    moved = {old: new for old, new in RENAMED_SETTINGS.items() if old in d}
+    names = d.get("names")
+    if isinstance(names, (list, tuple)):
+        moved.update({old: new for old, new in RENAMED_FEATURES.items() if old in names})
+        d["names"] = [RENAMED_FEATURES.get(n, n) if isinstance(n, str) else n for n in names]
+    for old, new in RENAMED_SETTINGS.items():
+        if old in d and new not in d:
+            d[new] = d.pop(old)
+    if moved:
+        warnings.warn("feature spec: " + "; ".join(f"{old} is now {new}" for old, new in moved.items())
+                      + " (an older export: it loads as is; export it again to write the new names)", FutureWarning,
+                      stacklevel=3)
+    return d
 
 
 def check_feature_version(version) -> None:
@@ -98,13 +145,28 @@ class FeatureSettings:
     """A drawn token with -ln p_base above this counts as anomalous (9.21 = ln 1e4)."""
     median_k: StrictInt = Field(64, ge=1)
     """``median_top_prob`` runs over this many most likely tokens."""
-    include_diversity_weight: StrictBool = False
-    """Append the reward's diversity weight (for policies conditioned on it)."""
+    include_diversity: StrictBool = False
+    """Append the diversity dial λ, the reward's diversity weight (for policies conditioned on it)."""
     version: StrictInt = FEATURE_SPEC_VERSION
     """The observation table's version (:data:`FEATURE_SPEC_VERSION`); another one is refused."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        """Old setting names (:data:`RENAMED_SETTINGS`) load as their new ones, with a warning."""
+        if isinstance(values, ArgsKwargs) and values.kwargs and any(k in values.kwargs for k in RENAMED_SETTINGS):
+            return ArgsKwargs(values.args, _rename_settings(values.kwargs))
+        if isinstance(values, dict) and any(k in values for k in RENAMED_SETTINGS):
+            return _rename_settings(values)
+        return values
+
     def __post_init__(self):
         check_feature_version(self.version)
+
+    @property
+    def include_diversity_weight(self) -> bool:
+        """Deprecated: the old name of :attr:`include_diversity`."""
+        return self.include_diversity
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -171,8 +233,8 @@ class FeatureSpec(FeatureSettings):
     def names(self) -> tuple[str, ...]:
         names = list(BASE_FEATURES)
         names += [f"category_{c}" for c in self.category_slots]
-        if self.include_diversity_weight:
-            names.append("diversity_weight")
+        if self.include_diversity:
+            names.append("diversity")
         return tuple(names)
 
     @property
@@ -180,6 +242,10 @@ class FeatureSpec(FeatureSettings):
         return len(self.names)
 
     def index(self, name: str) -> int:
+        if name in RENAMED_FEATURES:
+            warnings.warn(f"feature {name!r} is now {RENAMED_FEATURES[name]!r}: write index({RENAMED_FEATURES[name]!r})",
+                          FutureWarning, stacklevel=2)
+            name = RENAMED_FEATURES[name]
         if name not in self.names:
             raise KeyError(f"no feature named {name!r}; {did_you_mean(name, self.names)}")
         return self.names.index(name)
@@ -192,7 +258,7 @@ class FeatureSpec(FeatureSettings):
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
-        d = dict(d)
+        d = upgrade_spec_dict(d)
         d.pop("names", None)
         return cls(**d)
 
@@ -276,6 +342,20 @@ class TokenStats(NamedTuple):
     anomalous: torch.Tensor  # (B,) per-token anomaly indicator in [0, 1] (see the module doc)
 
 
+def _renamed_keyword(given: dict, old: str, new: str, value, owner: str):
+    """The value of keyword ``new`` of ``owner`` when its old name ``old`` came in ``given`` (``**kwargs``), with a
+    warning; a TypeError for any other keyword, or for both names at once."""
+    unknown = [k for k in given if k != old]
+    if unknown:
+        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
+    if old not in given:
+        return value
+    if value is not None:
+        raise TypeError(f"{owner}() got both {old}= and {new}=; {old} is the old name of {new}: keep {new}")
+    warnings.warn(f"{owner}({old}=...) is now {owner}({new}=...): write {new}=", FutureWarning, stacklevel=3)
+    return given[old]
+
+
 @dataclass
 class _RowState:
     """Per-row history, all tensors with a leading batch axis on the featurizer's device."""
@@ -290,7 +370,7 @@ class _RowState:
     ema_weight: torch.Tensor  # (B,) 1 - decay^n, for bias correction
     recent: torch.Tensor  # (B, W) long, -1 = empty
     category: torch.Tensor  # (B,) long, index into categories (+ other)
-    diversity_weight: torch.Tensor  # (B,)
+    diversity: torch.Tensor  # (B,) the diversity dial λ
 
 
 class Featurizer:
@@ -337,7 +417,7 @@ class Featurizer:
             recent=torch.full((batch_size, self.spec.repeat_window), -1, dtype=torch.long, device=self.device),
             category=torch.full((batch_size,), self.spec.category_slot(OTHER_CATEGORY), dtype=torch.long,
                                 device=self.device),
-            diversity_weight=z.clone(),
+            diversity=z.clone(),
         )
 
     @property
@@ -345,12 +425,14 @@ class Featurizer:
         return self.state.position.shape[0]
 
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None, category: torch.Tensor | Sequence[int] | None = None,
-              diversity_weight: torch.Tensor | Sequence[float] | float | None = None) -> None:
+              diversity: torch.Tensor | Sequence[float] | float | None = None, **renamed) -> None:
         """Start ``rows`` (indices or a (B,) bool mask; None = all) as fresh episodes.
 
         ``category`` gives their category indices (into ``spec.categories``; ``len`` = other) and
-        ``diversity_weight`` their conditioning weight, when the spec uses them.
+        ``diversity`` their diversity dial λ, when the spec uses them (``diversity_weight=``, its old name,
+        still works, with a warning).
         """
+        diversity = _renamed_keyword(renamed, "diversity_weight", "diversity", diversity, "Featurizer.reset")
         s = self.state
         if rows is None:
             idx = torch.arange(self.batch_size, device=self.device)
@@ -364,9 +446,8 @@ class Featurizer:
             getattr(s, name)[idx] = getattr(fresh, name)
         if category is not None:
             s.category[idx] = torch.as_tensor(category, dtype=torch.long, device=self.device).flatten()
-        if diversity_weight is not None:
-            s.diversity_weight[idx] = torch.as_tensor(diversity_weight, dtype=torch.float32,
-                                                      device=self.device).flatten()
+        if diversity is not None:
+            s.diversity[idx] = torch.as_tensor(diversity, dtype=torch.float32, device=self.device).flatten()
 
     def enter_rows(self, rows: torch.Tensor) -> tuple:
         """Narrow the featurizer to ``rows`` (R,) for a step on those rows alone (an engine that steps some
@@ -417,8 +498,8 @@ class Featurizer:
         parts = [dist, history]
         if self.spec.categories:
             parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.category_slots)).float())
-        if self.spec.include_diversity_weight:
-            parts.append(s.diversity_weight.view(-1, 1))
+        if self.spec.include_diversity:
+            parts.append(s.diversity.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)
 
     def update(self, tokens: torch.Tensor, temperatures: torch.Tensor,

@@ -56,20 +56,20 @@ class TunedBase:
     def __post_init__(self):
         if self.kind not in ("table", "fixed"):
             raise BaseError(f"base kind={self.kind!r} must be 'table' or 'fixed'")
-        lams = tuple(float(x) for x in self.lambdas)
-        if not lams or any(not math.isfinite(x) for x in lams) or any(b <= a for a, b in zip(lams, lams[1:])):
+        grid = tuple(float(x) for x in self.lambdas)
+        if not grid or any(not math.isfinite(x) for x in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
             raise BaseError(f"base lambdas={list(self.lambdas)} must be finite and strictly increasing")
         rows = {str(k): tuple(float(t) for t in v) for k, v in self.temperatures.items()}
         for name, temps in rows.items():
-            if len(temps) != len(lams) or not all(math.isfinite(t) for t in temps):
-                raise BaseError(f"base temperatures[{name!r}] must hold {len(lams)} finite temperatures (one per λ "
-                                f"of {list(lams)}); got {list(temps)}")
+            if len(temps) != len(grid) or not all(math.isfinite(t) for t in temps):
+                raise BaseError(f"base temperatures[{name!r}] must hold {len(grid)} finite temperatures (one per λ "
+                                f"of {list(grid)}); got {list(temps)}")
         wanted = {ALL} if self.kind == "fixed" else None
         if wanted is not None and set(rows) != wanted:
             raise BaseError(f"a fixed base has one row named {ALL!r}; got {sorted(rows)}")
         if self.kind == "table" and "other" not in rows:
             raise BaseError("a table base needs an 'other' row (the temperature of a category it does not know)")
-        object.__setattr__(self, "lambdas", lams)
+        object.__setattr__(self, "lambdas", grid)
         object.__setattr__(self, "temperatures", rows)
 
     # ------------------------------------------------------------------ JSON
@@ -99,9 +99,9 @@ class TunedBase:
                                 f"{', '.join(sorted(self.temperatures))}); tune it again (a new run)")
         lo, hi = diversity_bounds
         if len(self.lambdas) > 1 or lo != hi:
-            if not spec.include_diversity_weight:
+            if not spec.include_diversity:
                 raise BaseError(f"{owner}: a base tuned per λ reads λ from the observation "
-                                "(env.features.include_diversity_weight: true); set it, or use policy.base: none")
+                                "(env.features.include_diversity: true); set it, or use policy.base: none")
             if lo < self.lambdas[0] - 1e-9 or hi > self.lambdas[-1] + 1e-9:
                 raise BaseError(f"{owner}: λ range [{lo:g}, {hi:g}] is outside the range the base was tuned on "
                                 f"[{self.lambdas[0]:g}, {self.lambdas[-1]:g}]; keep env.diversity_range inside it "
@@ -118,25 +118,25 @@ class TunedBase:
             cat_start = -1
         temps = torch.tensor(rows, dtype=torch.float32)  # (R, L)
         actions = mapping.to_action(temps.reshape(-1)).reshape(temps.shape)  # (R, L)
-        lam_col = spec.index("diversity_weight") if spec.include_diversity_weight else -1
-        return BaseModule(torch.tensor(self.lambdas, dtype=torch.float32), actions, cat_start, lam_col)
+        diversity_col = spec.index("diversity") if spec.include_diversity else -1
+        return BaseModule(torch.tensor(self.lambdas, dtype=torch.float32), actions, cat_start, diversity_col)
 
 
 class BaseModule(torch.nn.Module):
     """Raw observations (B, F) -> the base's actions (B,): pick the category's row, interpolate in λ.
 
     ``actions`` (R, L) holds the base action of row r at ``lambdas[l]``; R = 1 (a ``fixed`` base, or
-    :meth:`zero`) reads no category. ``cat_start`` is the first one-hot column, ``lam_col`` the λ column
+    :meth:`zero`) reads no category. ``cat_start`` is the first one-hot column, ``diversity_col`` the λ column
     (-1: none, the first column of ``actions`` is used). TorchScript-able.
     """
 
-    def __init__(self, lambdas: torch.Tensor, actions: torch.Tensor, cat_start: int = -1, lam_col: int = -1):
+    def __init__(self, lambdas: torch.Tensor, actions: torch.Tensor, cat_start: int = -1, diversity_col: int = -1):
         super().__init__()
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32).reshape(-1).contiguous())
         self.register_buffer("actions", torch.as_tensor(actions, dtype=torch.float32).reshape(-1, self.lambdas.numel()))
         self.n_rows = int(self.actions.shape[0])
         self.cat_start = int(cat_start)
-        self.lam_col = int(lam_col)
+        self.diversity_col = int(diversity_col)
         if self.n_rows > 1 and self.cat_start < 0:
             raise BaseError("a base with several rows reads the category one-hot: give cat_start")
 
@@ -152,12 +152,12 @@ class BaseModule(torch.nn.Module):
         else:
             rows = self.actions.expand(x.shape[0], -1)  # (B, L)
         n = self.lambdas.shape[0]
-        if n == 1 or self.lam_col < 0:
+        if n == 1 or self.diversity_col < 0:
             return rows[:, 0]
-        lam = x[:, self.lam_col].contiguous()  # (B,)
-        hi = torch.searchsorted(self.lambdas, lam).clamp(1, n - 1)  # (B,) first grid point >= λ
+        diversity = x[:, self.diversity_col].contiguous()  # (B,)
+        hi = torch.searchsorted(self.lambdas, diversity).clamp(1, n - 1)  # (B,) first grid point >= λ
         lo = hi - 1
-        w = ((lam - self.lambdas[lo]) / (self.lambdas[hi] - self.lambdas[lo])).clamp(0.0, 1.0)  # (B,)
+        w = ((diversity - self.lambdas[lo]) / (self.lambdas[hi] - self.lambdas[lo])).clamp(0.0, 1.0)  # (B,)
         a_lo = rows.gather(1, lo.view(-1, 1)).view(-1)
         a_hi = rows.gather(1, hi.view(-1, 1)).view(-1)
         return (1.0 - w) * a_lo + w * a_hi  # exact at grid points (w = 0 or 1)

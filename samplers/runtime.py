@@ -90,24 +90,24 @@ def check_engine_model(exported: dict, engine_name: str | None, engine_vocab: in
 
 def check_diversity(value, spec: FeatureSpec | None, trained_range: tuple[float, float] | None, owner: str = "diversity") -> float:
     """The diversity dial λ as a float, or a ``ValueError`` naming ``owner`` and the fix: the policy must read λ
-    (``features.include_diversity_weight``; ``spec`` None: not checked), λ must be finite and >= 0, and inside
+    (``features.include_diversity``; ``spec`` None: not checked), λ must be finite and >= 0, and inside
     ``trained_range`` when that is known (a network is not to be trusted on inputs it never saw)."""
-    if spec is not None and not spec.include_diversity_weight:
+    if spec is not None and not spec.include_diversity:
         raise ValueError(f"{owner}={value!r} was given, but this policy has no diversity dial (trained with "
-                         "features.include_diversity_weight=false); drop it")
+                         "features.include_diversity=false); drop it")
     try:
-        lam = math.nan if isinstance(value, bool) else float(value)  # True is not λ = 1
+        diversity = math.nan if isinstance(value, bool) else float(value)  # True is not λ = 1
     except (TypeError, ValueError):
-        lam = math.nan
-    if not math.isfinite(lam) or lam < 0:
+        diversity = math.nan
+    if not math.isfinite(diversity) or diversity < 0:
         raise ValueError(f"{owner}={value!r} must be a finite number >= 0 (the weight of diversity in the reward the "
                          "policy was trained on)")
     if trained_range is not None:
         lo, hi = trained_range
-        if not lo - 1e-9 <= lam <= hi + 1e-9:
-            raise ValueError(f"{owner}={lam:g} is outside the range the policy was trained on [{lo:g}, {hi:g}]; "
-                             f"choose a value in it (or train with env.diversity_range covering {lam:g})")
-    return lam
+        if not lo - 1e-9 <= diversity <= hi + 1e-9:
+            raise ValueError(f"{owner}={diversity:g} is outside the range the policy was trained on [{lo:g}, {hi:g}]; "
+                             f"choose a value in it (or train with env.diversity_range covering {diversity:g})")
+    return diversity
 
 
 class PolicyRuntime:
@@ -224,7 +224,7 @@ class PolicyRuntime:
         cats = self.feature_spec.category_rows(self.category if category is None else category, batch_size)
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
         if cats is not None or dw is not None:
-            self.featurizer.reset(None, category=cats, diversity_weight=dw)
+            self.featurizer.reset(None, category=cats, diversity=dw)
         self.policy.reset(batch_size)
         self._last_t = torch.full((batch_size,), self.feature_spec.initial_temperature, device=device)
         self._episode_start = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -248,7 +248,7 @@ class PolicyRuntime:
         cat = self.category if category is None else category
         cats = None if cat is None else self.feature_spec.category_rows(cat, 1) * idx.numel()
         dw = self.diversity if diversity is None else self.check_diversity(diversity)
-        f.reset(idx, category=cats, diversity_weight=dw)
+        f.reset(idx, category=cats, diversity=dw)
         self._last_t[idx] = self.feature_spec.initial_temperature
         self._episode_start[idx] = True
 

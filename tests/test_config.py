@@ -130,7 +130,7 @@ def test_default_yaml_is_the_dataclass_defaults():
     a = dataclasses.asdict(config)
     assert (a["env"]["batch_size"], a["env"]["group_size"], a["env"]["max_new_tokens"]) == (32, 4, 16)
     assert a["env"]["truncation"] == {"top_k": 0, "top_p": 1.0, "min_p": 0.02, "top_n_sigma": None}
-    assert tuple(a["env"]["diversity_range"]) == (0.0, 2.0) and a["env"]["features"]["include_diversity_weight"]
+    assert tuple(a["env"]["diversity_range"]) == (0.0, 2.0) and a["env"]["features"]["include_diversity"]
     assert a["env"]["action"] == {"kind": "linear", "t_min": 0.0, "t_max": 2.4, "min_abs_temperature": 0.05,
                                   "max_delta": None}
     assert (a["train"]["total_timesteps"], a["train"]["checkpoint_every"], a["train"]["validate_every"],

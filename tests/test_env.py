@@ -18,7 +18,7 @@ from envs.config import EnvConfig
 from envs.generation import TemperatureEnv, TemperatureVecEnv
 from envs.generation_core import GenerationCore
 from envs.prompts import Prompt
-from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardModel, closes_repeated_ngram,
+from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram,
                           leave_one_out_baseline)
 from kelvin.config_loading import load_config
 from policies.actions import ActionMapping
@@ -245,7 +245,7 @@ def test_group_semantic_on_three_embeddings_with_known_cosines():
     Each sample's distance to the others: (1 + (1 - 0.70711)) / 2 = 0.64645 for e1 and e2,
     (1 - 0.70711) = 0.29289 for e3; a second group of one sample has no other: 0."""
     vectors = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [1, 1, 0], "d": [0, 0, 1], "p": [0, 0, 1]}
-    model = RewardModel(RewardConfig(coherence=1.0), embedder=_FixedEmbedder(vectors))
+    model = RewardFunction(RewardConfig(coherence=1.0), embedder=_FixedEmbedder(vectors))
     out = model.episode_components([[0, 1, 2], [3]], ["q", "q", "q", "r"], ["p"] * 4, [None] * 4,
                                    ["a", "b", "c", "d"], [[1], [2], [3], [4]])
     assert out["group_semantic"].tolist() == pytest.approx([0.646447, 0.646447, 0.292893, 0.0], abs=1e-6)
@@ -253,7 +253,7 @@ def test_group_semantic_on_three_embeddings_with_known_cosines():
 
 
 def test_group_ngram_counts_the_bigrams_no_other_sample_has():
-    model = RewardModel(NO_EMBEDDER)
+    model = RewardFunction(NO_EMBEDDER)
     tokens = [[1, 2, 3, 4], [1, 2, 5, 6], [7, 8], [9]]
     out = model.episode_components([[0, 1, 2], [3]], ["q"] * 4, ["p"] * 4, [None] * 4, ["x"] * 4, tokens)
     # sample 0: bigrams (1,2) (2,3) (3,4), (1,2) also in sample 1 -> 2/3; sample 1: (1,2) (2,5) (5,6) -> 2/3;
@@ -263,14 +263,14 @@ def test_group_ngram_counts_the_bigrams_no_other_sample_has():
 
 
 def test_correct_only_on_answerable_prompts():
-    model = RewardModel(NO_EMBEDDER)
+    model = RewardFunction(NO_EMBEDDER)
     out = model.episode_components([[0], [1], [2]], ["q1", "q2", "q3"], ["p"] * 3, [["12", "twelve"], ["Paris"], None],
                                    ["It is Twelve.", "It is Lyon.", "Twelve"], [[1]] * 3)
     assert out["correct"].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_identical_samples_have_no_diversity_on_the_real_embedder():
-    model = RewardModel(RewardConfig())
+    model = RewardFunction(RewardConfig())
     prompt = "How do volcanoes erupt?"
     a = "Magma rises through cracks in the crust and erupts as lava and ash."
     b = "My favourite pasta recipe uses garlic and basil."
@@ -283,7 +283,7 @@ def test_identical_samples_have_no_diversity_on_the_real_embedder():
 
 
 def test_coherence_prefers_the_on_topic_reply():
-    model = RewardModel(RewardConfig())
+    model = RewardFunction(RewardConfig())
     prompt = "How do volcanoes erupt?"
     on = "Magma rises through cracks in the crust and erupts as lava and ash."
     off = "My favourite pasta recipe uses garlic and basil."
@@ -295,7 +295,7 @@ def test_coherence_prefers_the_on_topic_reply():
 
 
 def test_text_anomaly_penalises_glitch_tokens():
-    model = RewardModel(NO_EMBEDDER)
+    model = RewardFunction(NO_EMBEDDER)
     glitch = ("MetaInfo Citizortunatelyemeteriesrossover Confuciforgettable]// advocroximately "
               "MetaInfoemeteries")
     prose = "Magma rises through cracks in the crust and erupts as lava and ash."
@@ -306,7 +306,7 @@ def test_text_anomaly_penalises_glitch_tokens():
 
 
 def test_step_components_clipping_and_entropy_cap():
-    model = RewardModel(RewardConfig(entropy=0.5))  # logprob_clip 10, entropy_cap 3
+    model = RewardFunction(RewardConfig(entropy=0.5))  # logprob_clip 10, entropy_cap 3
     tempered = torch.full((3, 64), -math.inf)
     tempered[0, :4] = 0.0  # uniform over 4 kept tokens: ln 4 nats
     tempered[1] = 0.0  # uniform over 64: ln 64 = 4.16 nats > cap
@@ -322,12 +322,12 @@ def test_step_components_clipping_and_entropy_cap():
     np_comps = {k: v.numpy() for k, v in comps.items()}
     expected = [-1.0 + 1 * 0.5 * math.log(4) / 3, -0.5 - 0.5 - 1.0 + 2 * 0.5, -0.5]
     assert model.combine(np_comps, np.array([1.0, 2.0, 0.0])).tolist() == pytest.approx(expected, abs=1e-6)
-    off = RewardModel(RewardConfig()).step_components(torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(3))
+    off = RewardFunction(RewardConfig()).step_components(torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(3))
     assert off["entropy"].tolist() == [0.0, 0.0, 0.0]  # off by default: no tempered logits needed
 
 
 def test_diversity_is_scaled_by_lambda_and_quality_is_not():
-    model = RewardModel(RewardConfig())  # correct 6, group_semantic 6, group_ngram 2, coherence 2
+    model = RewardFunction(RewardConfig())  # correct 6, group_semantic 6, group_ngram 2, coherence 2
     comps = {"correct": np.array([1.0, 1.0]), "group_semantic": np.array([0.5, 0.5]),
              "group_ngram": np.array([0.25, 0.25]), "coherence": np.array([0.5, 0.5])}
     # quality 6 * 1 + 2 * 0.5 = 7; diversity 6 * 0.5 + 2 * 0.25 = 3.5, times λ = 0 and 0.5
@@ -501,7 +501,7 @@ def test_group_size_must_divide_batch_size(batch_size, group_size):
 
 
 def test_leave_one_out_baseline_by_hand():
-    model = RewardModel(NO_EMBEDDER)  # quality weights: logprob 1, repetition 0.5, anomaly 1, coherence 0, text 4, correct 6
+    model = RewardFunction(NO_EMBEDDER)  # quality weights: logprob 1, repetition 0.5, anomaly 1, coherence 0, text 4, correct 6
     sums = {k: np.zeros(3) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
     sums["logprob"] = np.array([-1.0, -2.0, -4.0])
     sums["correct"] = np.array([1.0, 0.0, 1.0])

@@ -147,7 +147,7 @@ def test_compare_hulls_on_fixed_numbers():
 
 
 def test_tables_are_tuned_per_category_and_lambda():
-    from envs.rewards import RewardConfig, RewardModel
+    from envs.rewards import RewardConfig, RewardFunction
     from kelvin.evaluation.families import tune_tables
 
     def ep(category, correct, semantic):
@@ -156,7 +156,7 @@ def test_tables_are_tuned_per_category_and_lambda():
         comps.update(correct=correct, group_semantic=semantic)
         return {"category": category, "reward_components": comps}
 
-    reward = RewardModel(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
+    reward = RewardFunction(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
     episodes = {0.0: [ep("math", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
                 1.0: [ep("math", 0.5, 0.5), ep("creative_writing", 0.0, 0.6)]}
     tables = tune_tables(episodes, [0.0, 1.0], reward)
@@ -487,8 +487,8 @@ def test_reward_headline_pairs_each_learned_lambda_with_its_rivals_by_hand():
 
     policy = make_policy("fixed:0.5", FeatureSpec(horizon=8), ActionMapping())
 
-    def entry(name, family, lam, run=None):
-        return PolicyEntry(name, name, family, policy, params={"n": name}, run_dir=run, diversity=lam)
+    def entry(name, family, diversity, run=None):
+        return PolicyEntry(name, name, family, policy, params={"n": name}, run_dir=run, diversity=diversity)
 
     learned = entry("learned@1", "learned", 1.0, "runA")
     rivals = {"table": [entry("table@0", "table", 0.0), entry("table@1", "table", 1.0)],

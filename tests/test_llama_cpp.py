@@ -156,7 +156,7 @@ def test_llama_cpp_temperatures_equal_the_env_on_the_same_logits(which, llm, lm,
     from kelvin.rundir import RunDir
 
     spec, mapping = smoke_config.env.feature_spec(), smoke_config.env.action
-    assert spec.include_diversity_weight  # the smoke run reads the dial: the processor gets the env's λ
+    assert spec.include_diversity  # the smoke run reads the dial: the processor gets the env's λ
     if which == "learned":
         export = smoke_run.run_dir / "export"
         with open(smoke_run.run_dir / "vecnormalize.pkl", "rb") as fh:

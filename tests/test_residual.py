@@ -28,21 +28,21 @@ from policies.features import FeatureSettings, FeatureSpec
 from policies.tuned_base import BaseError, TunedBase, TunedBasePolicy
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
 
-SPEC = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, CATEGORIES)
+SPEC = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, CATEGORIES)
 TABLE = TunedBase(kind="table", lambdas=(0.0, 1.0, 2.0),
                   temperatures={**{c: (0.2, 0.6, 1.0) for c in CATEGORIES}, "math": (0.0, 0.0, 0.4),
                                 "other": (0.5, 0.5, 0.5)})
 
 
-def _obs(categories: list[int], lams: list[float], spec: FeatureSpec = SPEC) -> torch.Tensor:
+def _obs(categories: list[int], diversity_values: list[float], spec: FeatureSpec = SPEC) -> torch.Tensor:
     """Raw observations (B, F) with a category one-hot and λ, every other feature 0.3."""
-    obs = torch.full((len(lams), spec.dim), 0.3)
+    obs = torch.full((len(diversity_values), spec.dim), 0.3)
     if spec.categories:
         start = spec.index(f"category_{spec.categories[0]}")
         obs[:, start:start + len(spec.categories) + 1] = 0.0
         for row, c in enumerate(categories):
             obs[row, start + c] = 1.0
-    obs[:, spec.index("diversity_weight")] = torch.tensor(lams)
+    obs[:, spec.index("diversity")] = torch.tensor(diversity_values)
     return obs
 
 
@@ -59,14 +59,14 @@ def test_base_module_picks_the_category_and_interpolates_in_lambda_by_hand():
 
 def test_fixed_base_reads_lambda_only():
     base = TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.0, 1.2)})
-    spec = FeatureSpec.of(FeatureSettings(include_diversity_weight=True), 8, ())
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
     out = base.module(spec, SYMMETRIC)(_obs([], [0.0, 1.0, 2.0], spec))
     torch.testing.assert_close(out, torch.tensor([0.0, 0.3, 0.6]), atol=1e-7, rtol=0)
 
 
 def _stub_env(seed=0):
     config = stub_config(batch_size=4, group_size=2, max_new_tokens=4, seed=seed,
-                         features=FeatureSettings(include_diversity_weight=True))
+                         features=FeatureSettings(include_diversity=True))
     return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
 
 
@@ -92,8 +92,8 @@ def test_zero_residual_is_exactly_the_base_in_the_actor_the_training_env_and_the
         active = torch.tensor([info["active"] for info in infos])
         torch.testing.assert_close(applied[active], t_actor[active], atol=1e-6, rtol=0)
         obs = obs_next
-    lam = obs[:, obs_col(env, "diversity_weight")]
-    assert len(set(lam.round(6).tolist())) > 1  # the groups' λ differ: the interpolation is exercised
+    diversity = obs[:, obs_col(env, "diversity")]
+    assert len(set(diversity.round(6).tolist())) > 1  # the groups' λ differ: the interpolation is exercised
     out = export_learned(model.policy, tmp_path / "export", spec, mapping, model={"name": "stub", "vocab_size": 8},
                          diversity_range=(0.0, 2.0), base=base)
     assert json.loads((out / "spec.json").read_text())["base"] == base.to_dict()
@@ -147,10 +147,10 @@ def test_bad_bases_are_refused_with_one_line_naming_them():
         TunedBase.from_dict({"kind": "tabel", "lambdas": [0.0], "temperatures": {"all": [0.5]}})
 
 
-def _episode(category, quality_logprob, semantic, lam=0.0, row=0, k=0):
+def _episode(category, quality_logprob, semantic, diversity=0.0, row=0, k=0):
     comps = {"logprob": quality_logprob, "repetition": 0.0, "anomaly": 0.0, "entropy": 0.0, "coherence": 0.0,
              "text_anomaly": 0.0, "correct": 0.0, "group_semantic": semantic, "group_ngram": 0.0}
-    return {"category": category, "reward_components": comps, "diversity": lam, "row": row, "k": k}
+    return {"category": category, "reward_components": comps, "diversity": diversity, "row": row, "k": k}
 
 
 def test_tune_tables_by_hand():
@@ -160,10 +160,10 @@ def test_tune_tables_by_hand():
     runs = {0.0: [_episode("code", -1.0, 0.0), _episode("math", -0.5, 0.0)],
             1.0: [_episode("code", -3.0, 0.5), _episode("math", -4.0, 0.25)]}
     tables = tune_tables(runs, [0.0, 0.5, 1.0, 2.0], RewardConfig())
-    assert [tables[lam]["code"] for lam in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 1.0, 1.0]
-    assert [tables[lam]["math"] for lam in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 0.0, 0.0]
+    assert [tables[diversity]["code"] for diversity in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 1.0, 1.0]
+    assert [tables[diversity]["math"] for diversity in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.0, 0.0, 0.0]
     # other: mean over both prompts. T=0: -0.75; T=1: -3.5 + λ·6·0.375 = -3.5 + 2.25λ -> wins above λ = 11/9
-    assert [tables[lam]["other"] for lam in (0.0, 1.0, 2.0)] == [0.0, 0.0, 1.0]
+    assert [tables[diversity]["other"] for diversity in (0.0, 1.0, 2.0)] == [0.0, 0.0, 1.0]
     q, d = quality_diversity(runs[1.0], RewardConfig())
     np.testing.assert_allclose(q + 2.0 * d, [-3.0 + 6.0, -4.0 + 3.0])  # the reward at λ = 2, by hand
 
@@ -185,17 +185,17 @@ def test_validation_interval_by_hand():
 def test_validation_grid_by_hand():
     """The validation's λ grid: a fixed temperature's one run is scored at every λ from its components
     (quality + λ · diversity with the reward's weights), a policy's runs are one block per λ at its own λ."""
-    def episode(row, logprob, semantic, lam=0.0, r=0.0):
+    def episode(row, logprob, semantic, diversity=0.0, r=0.0):
         components = {k: 0.0 for k in RewardConfig().weights()}
         components.update(logprob=logprob, group_semantic=semantic)
-        return {"row": row, "k": 0, "diversity": lam, "episode": {"r": r}, "reward_components": components}
+        return {"row": row, "k": 0, "diversity": diversity, "episode": {"r": r}, "reward_components": components}
 
     # K = 2: rows 0-1 are group 0, rows 2-3 group 1. Weights: logprob 1, group_semantic 6.
     fixed = [episode(0, -1.0, 0.5), episode(1, -3.0, 0.5), episode(2, -2.0, 0.0), episode(3, -2.0, 0.25)]
     # group 0: q = -2, d = 3 -> λ=0: -2, λ=2: 4; group 1: q = -2, d = 0.75 -> λ=0: -2, λ=2: -0.5
     np.testing.assert_allclose(grid_rewards(fixed, (0.0, 2.0), 2, RewardConfig(), rescore=True),
                                [[-2.0, -2.0], [4.0, -0.5]])
-    learned = [episode(r, 0, 0, lam, r=10 * lam + r) for lam in (0.0, 2.0) for r in range(4)]
+    learned = [episode(r, 0, 0, diversity, r=10 * diversity + r) for diversity in (0.0, 2.0) for r in range(4)]
     np.testing.assert_allclose(grid_rewards(learned, (0.0, 2.0), 2), [[0.5, 2.5], [20.5, 22.5]])
     with pytest.raises(ValueError, match="not 2 blocks"):
         grid_rewards(learned[::-1], (0.0, 2.0), 2)

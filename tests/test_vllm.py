@@ -31,7 +31,7 @@ from samplers.hf import PolicyLogitsProcessor
 from samplers.vllm import (KelvinLegacyLogitsProcessor, KelvinLogitsProcessor, make_logits_processor,
                            request_options)
 
-SPEC = FeatureSpec(horizon=8, categories=("code", "creative"), include_diversity_weight=True)
+SPEC = FeatureSpec(horizon=8, categories=("code", "creative"), include_diversity=True)
 MAPPING = ActionMapping(kind="linear", t_min=-2.0, t_max=2.0, max_delta=0.75)
 V = 50
 PROMPT = [7, 8, 9]
@@ -280,7 +280,7 @@ def test_v2_request_options(tmp_path, pid_export):
     assert torch.equal(out[0], z[0])  # an opted-out request's logits are untouched
     state = runner.proc.slots.runtime.featurizer.state
     slot = runner.slot["dial"]
-    assert float(state.diversity_weight[slot]) == 0.75 and int(state.category[slot]) == SPEC.categories.index("code")
+    assert float(state.diversity[slot]) == 0.75 and int(state.category[slot]) == SPEC.categories.index("code")
     assert int(state.category[runner.slot["on"]]) == len(SPEC.categories)  # "other"
     opts = request_options(_params(kelvin="false"))
     assert opts.enabled is False

@@ -110,13 +110,13 @@ def table_entries(tables: dict[float, dict[str, float]], family: str, truncation
     """One ``table`` entry per λ (``tables``: λ -> category -> T)."""
     entries = []
     names = config.env.feature_spec().category_slots
-    for lam, tuned in sorted(tables.items()):
+    for diversity, tuned in sorted(tables.items()):
         table = {c: tuned.get(c, tuned["other"]) for c in names}  # a category validation did not see: as "other"
         spec = "table:" + ",".join(f"{c}={_g(t)}" for c, t in table.items())
-        entry = _entry(family, spec, f"λ={_g(lam)}", truncation, config)
+        entry = _entry(family, spec, f"λ={_g(diversity)}", truncation, config)
         entry.params["table"] = dict(table)
-        entry.params["lambda"] = float(lam)
-        entry.diversity = float(lam)  # its reward is scored at its λ (the headline); its tokens do not depend on λ
+        entry.params["lambda"] = float(diversity)
+        entry.diversity = float(diversity)  # its reward is scored at its λ (the headline); its tokens ignore λ
         entries.append(entry)
     return entries
 
@@ -126,12 +126,12 @@ def tuned_fixed_entries(tables: dict[float, dict[str, float]], family: str, trun
     """One ``fixed-tuned`` entry per λ: the single temperature with the best validation reward at that λ over all
     prompts (the tables' ``other``), scored at that λ; the headline's fixed-T rival, tuned with the table's runs."""
     entries = []
-    for lam, tuned in sorted(tables.items()):
+    for diversity, tuned in sorted(tables.items()):
         t = tuned["other"]
         entry = _entry("fixed", f"fixed:{_g(t)}", f"T={_g(t)}", truncation, config)
-        entry.name, entry.family = f"{family}:λ={_g(lam)}", family
-        entry.label = f"{FAMILY_TITLES[family]}: T={_g(t)} at λ={_g(lam)}"
-        entry.params.update(t=float(t), **{"lambda": float(lam)})
-        entry.diversity = float(lam)
+        entry.name, entry.family = f"{family}:λ={_g(diversity)}", family
+        entry.label = f"{FAMILY_TITLES[family]}: T={_g(t)} at λ={_g(diversity)}"
+        entry.params.update(t=float(t), **{"lambda": float(diversity)})
+        entry.diversity = float(diversity)
         entries.append(entry)
     return entries

@@ -27,7 +27,7 @@ RIVAL_FAMILIES = {"fixed-tuned": "best fixed T (tuned on validation at λ)", "ta
                   "table@train": "per-category table at the learned truncation", "base": "its tuned base (residual 0)"}
 
 
-def _lam(entry) -> float | None:
+def _diversity_of(entry) -> float | None:
     return None if entry.diversity is None else round(float(entry.diversity), 9)
 
 
@@ -38,11 +38,11 @@ def reward_headline(results: dict, main: list, fams: dict, n_resamples: int, see
     rivals += [e for e in main if e.family == "base"]
     rows = []
     for e in main:
-        if e.family != "learned" or _lam(e) is None:
+        if e.family != "learned" or _diversity_of(e) is None:
             continue
         ours = results[e.cache_key].per_prompt["reward"]
         for r in rivals:
-            if _lam(r) != _lam(e) or (r.family == "base" and r.run_dir != e.run_dir):
+            if _diversity_of(r) != _diversity_of(e) or (r.family == "base" and r.run_dir != e.run_dir):
                 continue
             theirs = results[r.cache_key].per_prompt["reward"]
             mean, low, high = paired_bootstrap_ci(ours, theirs, n_resamples=n_resamples, seed=seed)

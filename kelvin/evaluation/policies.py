@@ -228,7 +228,7 @@ def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
     """The λ values a learned policy is evaluated at: ``evaluation.lambdas`` (each inside the range its run was
     trained on, else an :class:`EvaluationError`), else ``evaluation.n_lambdas`` values evenly over that range;
     ``[]`` for a policy that does not observe λ."""
-    if entry.run_dir is None or not entry.policy.feature_spec.include_diversity_weight:
+    if entry.run_dir is None or not entry.policy.feature_spec.include_diversity:
         return []
     ev = config.evaluation
     low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
@@ -246,8 +246,8 @@ def _at_lambdas(entry: PolicyEntry, config: KelvinConfig) -> list[PolicyEntry]:
     grid = lambda_grid(entry, config)
     if not grid:
         return [entry]
-    return [replace(entry, name=f"{entry.name}@λ={lam:g}", label=f"{entry.label} λ={lam:g}", diversity=lam,
-                    params={**entry.params, "lambda": lam}) for lam in grid]
+    return [replace(entry, name=f"{entry.name}@λ={diversity:g}", label=f"{entry.label} λ={diversity:g}",
+                    diversity=diversity, params={**entry.params, "lambda": diversity}) for diversity in grid]
 
 
 def resolve_policies(specs: Sequence[str], config: KelvinConfig, run: str | None,

@@ -200,7 +200,7 @@ def _tables_tuned_section(data: dict) -> list[str]:
     lines = ["## Per-category tables (tuned on the validation split for each λ)\n"]
     for fam, by_lambda in tables.items():
         cats = list(next(iter(by_lambda.values())))
-        rows = [[f"λ={lam}"] + [f"{t[c]:g}" for c in cats] for lam, t in by_lambda.items()]
+        rows = [[f"λ={diversity}"] + [f"{t[c]:g}" for c in cats] for diversity, t in by_lambda.items()]
         lines += [f"**{fam}**\n", _table(["λ"] + cats, rows), ""]
     return lines
 

@@ -101,9 +101,9 @@ class Runner:
 
         cfg = self.config.env
         truncation = entry.truncation if entry.truncation is not None else cfg.truncation
-        lam = 0.0 if entry.diversity is None else entry.diversity
-        env_cfg = replace(cfg, action=entry.policy.action_mapping, truncation=truncation, diversity_values=[lam])
-        key = json.dumps([asdict(env_cfg.action), truncation.to_dict(), lam], sort_keys=True)
+        diversity = 0.0 if entry.diversity is None else entry.diversity
+        env_cfg = replace(cfg, action=entry.policy.action_mapping, truncation=truncation, diversity_values=[diversity])
+        key = json.dumps([asdict(env_cfg.action), truncation.to_dict(), diversity], sort_keys=True)
         if key not in self.envs:
             self.envs[key] = TemperatureVecEnv(env_cfg, lm=self.lm, prompts=self.prompts,
                                                reward=replace(self.config.reward, group_baseline=False))  # absolute
@@ -179,7 +179,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             progress: bool) -> tuple[dict[str, list[PolicyEntry]], dict, bool]:
     """The per-category table families, tuned on the validation split: ``({family: entries}, {family: {λ:
     table}}, interrupted)``."""
-    from envs.rewards import RewardModel
+    from envs.rewards import RewardFunction
     from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
 
     ev = config.evaluation
@@ -196,7 +196,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
     if train_truncation is not None and train_truncation.active:
         variants["table@train"] = train_truncation
     families, tables, interrupted = {}, {}, False
-    reward = RewardModel(replace(config.reward, group_baseline=False))
+    reward = RewardFunction(replace(config.reward, group_baseline=False))
     try:
         for family, truncation in variants.items():
             from policies.registry import make_policy
@@ -315,7 +315,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     main = resolve_policies(parse_policy_specs(policies), config, run, warnings)
     learned = [e for e in main if e.family == "learned"]
     train_truncation = learned[0].truncation if learned else None
-    lambdas = sorted({lam for e in learned for lam in lambda_grid(e, config)}) or (list(ev.lambdas or [0.0]))
+    lambdas = sorted({d for e in learned for d in lambda_grid(e, config)}) or (list(ev.lambdas or [0.0]))
 
     interrupted = False
     fams: dict[str, list[PolicyEntry]] = {}
@@ -357,7 +357,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
         "paired_differences": {"reference": reference.name, "baselines": paired},
         "families": {f: {"title": FAMILY_TITLES[f], "points": {e.name: _policy_block(e, results) for e in es}}
                      for f, es in fams.items()},
-        "tables": {f: {f"{lam:g}": t for lam, t in ts.items()} for f, ts in tables.items()},
+        "tables": {f: {f"{diversity:g}": t for diversity, t in ts.items()} for f, ts in tables.items()},
         "fronts": fronts,
         "headline": reward_headline(results, main, {**fams, **rivals}, ev.bootstrap, seed),
         "dial": dial_check(results, main),
