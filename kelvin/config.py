@@ -6,7 +6,7 @@ A config has seven blocks, each mirroring the constructor it feeds (rl-zoo style
 |----------|---------------------------------------------|--------------------------------------------------|
 | `model`  | :class:`envs.lm.ModelConfig`                | :func:`envs.lm.load_causal_lm`                   |
 | `env`    | :class:`envs.config.EnvConfig`, nesting `action` (:class:`policies.actions.ActionMapping`), `truncation` (:class:`samplers.core.Truncation`) and `features` (:class:`policies.features.FeatureSettings`) | :class:`envs.generation.TemperatureVecEnv` |
-| `reward` | :class:`envs.rewards.RewardConfig`          | :class:`envs.rewards.RewardModel`                |
+| `reward` | :class:`envs.rewards.RewardConfig`          | :class:`envs.rewards.RewardFunction`             |
 | `ppo`    | :class:`PPOConfig`: exactly keyword arguments of ``stable_baselines3.PPO`` | ``PPO(**config.ppo.kwargs())`` |
 | `train`  | :class:`TrainConfig`                        | :func:`kelvin.training.train`                    |
 | `evaluation` | :class:`EvaluationConfig`               | :func:`kelvin.evaluation.run.evaluate`           |
@@ -280,9 +280,9 @@ class KelvinConfig:
             raise ValueError("policy.base='table' tunes one temperature per category, but env.include_category is "
                              "false: use policy.base: fixed (one per λ) or none")
         lo, hi = self.env.diversity_bounds
-        if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity_weight:
+        if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
-                             "env.features.include_diversity_weight is false: set it true, or policy.base: none")
+                             "env.features.include_diversity is false: set it true, or policy.base: none")
 
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the

@@ -89,7 +89,7 @@ def test_a_gsde_policy_exports_its_mean_action(tmp_path):
     np.testing.assert_allclose(a_exp, a_ref, atol=1e-6, rtol=0)
 
 
-DIAL = FeatureSpec(horizon=8, categories=("code", "creative"), include_diversity_weight=True)
+DIAL = FeatureSpec(horizon=8, categories=("code", "creative"), include_diversity=True)
 
 
 def test_the_trained_lambda_range_is_in_the_artifact_and_a_lambda_outside_it_is_refused(tmp_path):

@@ -411,7 +411,7 @@ def test_parity_with_the_env(which, smoke_run, parity_env, lm, tmp_path):
     # guard=False: training runs the policy without guard rails, and this checks the policy line itself
     proc = PolicyLogitsProcessor.from_pretrained(export, category=[p.category for p in prompts], guard=False,
                                                  diversity=PARITY_LAMBDA)
-    assert env.feature_spec.include_diversity_weight and proc.runtime.diversity == PARITY_LAMBDA
+    assert env.feature_spec.include_diversity and proc.runtime.diversity == PARITY_LAMBDA
     assert proc.runtime.token_prior is not None
     torch.testing.assert_close(proc.runtime.token_prior, env.core.featurizer.token_prior.cpu())
     trace = _replay(proc, lm, prompts, length, rec)

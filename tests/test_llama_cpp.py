@@ -30,7 +30,7 @@ except ImportError:
     pytest.skip("llama-cpp-python is not installed (scripts/setup.sh installs it unless KELVIN_LLAMA=0)",
                 allow_module_level=True)
 
-import envs.generation
+import envs.generation_core
 from envs.lm import EMBEDDED_MODELS
 from envs.prompts import Prompt
 from policies.actions import ActionMapping
@@ -117,7 +117,7 @@ def env_temperatures(monkeypatch, config, lm, policy, prompt: Prompt, rec: Recor
     forced = [*rec.drawn(), int(np.argmax(logits[-1]))]  # the last draw is never read by a temperature
     assert len(logits) <= config.env.max_new_tokens  # (its max_new_tokens is the feature spec's horizon)
     env_config = replace(config.env, batch_size=1, group_size=1, diversity_values=[DIAL])
-    core = envs.generation.GenerationCore(env_config, ReplayLM(lm, logits), RewardConfig(coherence=0.0, group_semantic=0.0),
+    core = envs.generation_core.GenerationCore(env_config, ReplayLM(lm, logits), RewardConfig(coherence=0.0, group_semantic=0.0),
                                           prompts=[prompt])
     step = {"k": 0}
 
@@ -127,7 +127,7 @@ def env_temperatures(monkeypatch, config, lm, policy, prompt: Prompt, rec: Recor
         step["k"] += 1
         return (token, drawn[1]) if return_tempered else token
 
-    monkeypatch.setattr(envs.generation, "sample", draw_forced)
+    monkeypatch.setattr(envs.generation_core, "sample", draw_forced)
     obs = core.reset_groups(prompt_indices=[0]).cpu().numpy()
     if hasattr(policy, "reset"):
         policy.reset(1)

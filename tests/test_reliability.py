@@ -225,11 +225,11 @@ def test_model_setting_changes_lists_only_what_binds_the_model():
                                "reward.coherence=1.0"])
     assert model_setting_changes(saved, free) == []
     bound = load_config(SMOKE, ["model.name=/models/other.gguf", "env.max_new_tokens=16",
-                                "env.features.include_diversity_weight=false", "train.normalize_obs=false",
+                                "env.features.include_diversity=false", "train.normalize_obs=false",
                                 "ppo.policy_kwargs.net_arch=[32]", "policy.base=none"])
     assert model_setting_changes(saved, bound) == [
         "model.name: smollm2-135m-instruct -> /models/other.gguf", "env.max_new_tokens: 8 -> 16",
-        "env.features.include_diversity_weight: true -> false", "train.normalize_obs: true -> false",
+        "env.features.include_diversity: true -> false", "train.normalize_obs: true -> false",
         "ppo.policy_kwargs.net_arch: [64, 64] -> [32]", "policy.base: table -> none"]
 
 
