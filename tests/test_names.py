@@ -20,7 +20,7 @@ MOVED_SETTING = r"env\.features\.include_diversity_weight is now env\.features\.
 
 
 def test_an_old_yaml_key_loads_as_the_new_one_with_a_note(tmp_path):
-    from kelvin.config import load_config
+    from kelvin.config_loading import load_config
 
     old = tmp_path / "old.yaml"
     old.write_text("env:\n  features:\n    include_diversity_weight: false\npolicy:\n  base: none\n")
@@ -35,7 +35,8 @@ def test_an_old_yaml_key_loads_as_the_new_one_with_a_note(tmp_path):
 
 
 def test_the_old_and_the_new_key_together_are_refused(tmp_path):
-    from kelvin.config import ConfigError, load_config
+    from kelvin.config import ConfigError
+    from kelvin.config_loading import load_config
 
     both = tmp_path / "both.yaml"
     both.write_text("env:\n  features:\n    include_diversity: true\n    include_diversity_weight: false\n")
