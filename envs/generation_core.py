@@ -325,7 +325,8 @@ class GenerationCore:
         if done_rows.size and self.reward.config.group_baseline:
             totals = {k: v[done_rows] for k, v in ep.components.items()}  # whole episodes, this step included
             reward = reward.copy()
-            reward[done_rows] += self.reward.group_baseline(self._groups_of(len(done_rows)), totals).astype(np.float32)
+            reward[done_rows] += self.reward.group_baseline(self._groups_of(len(done_rows)), totals,
+                                                             ep.diversity[done_rows]).astype(np.float32)
         return reward
 
     def _count(self, t0: float, dt_model: float, active: np.ndarray) -> None:

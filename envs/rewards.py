@@ -58,13 +58,15 @@ from envs.answers import is_correct
 from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
 __all__ = ["RewardConfig", "RewardFunction", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
-           "COMPONENTS", "closes_repeated_ngram", "leave_one_out_baseline"]
+           "COMPONENTS", "GROUP_DIVERSITY_COMPONENTS", "closes_repeated_ngram", "leave_one_out_baseline"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
 COMPONENTS = STEP_COMPONENTS + EPISODE_COMPONENTS
 DIVERSITY_COMPONENTS = ("entropy", "group_semantic", "group_ngram")
 """Components scaled by the group's diversity dial λ (the rest are quality, unscaled)."""
+GROUP_DIVERSITY_COMPONENTS = ("group_semantic", "group_ngram")
+"""Diversity components measured across a group's samples (``reward.group_diversity_credit`` scales them in training)."""
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -107,6 +109,13 @@ class RewardConfig:
     the expected policy gradient does not change (the other samples' quality does not depend on this
     sample's actions), and its variance drops. Diversity is not baselined (each sample's diversity
     depends on the others' tokens). Validation and evaluation report absolute returns (off there)."""
+    group_diversity_credit: StrictFloat = Field(1.0, ge=0, allow_inf_nan=False)
+    """Training signal (with ``group_baseline``): at the end of a group, each sample's group diversity return
+    (``group_semantic``, ``group_ngram``, times λ) counts this many times. A sample's diversity is its distance
+    to the others, but its tokens also move the others' distance to it, which their rewards carry, not its own:
+    for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
+    diversity is exactly twice its own term. 1 (the plain return) under-credits diversity, which pulls PPO
+    cooler than the optimum of the absolute return; 2 credits a sample with all of it."""
 
     @property
     def needs_embedder(self) -> bool:
@@ -208,10 +217,18 @@ class RewardFunction:
             total = term if total is None else total + term
         return np.zeros(len(next(iter(episode_sums.values())))) if total is None else total
 
-    def group_baseline(self, groups: Sequence[Sequence[int]], episode_sums: dict[str, np.ndarray]) -> np.ndarray:
+    def group_baseline(self, groups: Sequence[Sequence[int]], episode_sums: dict[str, np.ndarray],
+                       diversity: np.ndarray | None = None) -> np.ndarray:
         """The ``group_baseline`` term of R finished episodes (their component totals, (R,) each): minus the mean
-        quality return of the other members of each one's group (``groups`` partitions ``range(R)``): (R,)."""
-        return leave_one_out_baseline(groups, self.quality_return(episode_sums))
+        quality return of the other members of each one's group (``groups`` partitions ``range(R)``), plus
+        ``group_diversity_credit - 1`` times each one's group diversity return at its λ (``diversity``, (R,)): (R,)."""
+        out = leave_one_out_baseline(groups, self.quality_return(episode_sums))
+        extra = self.config.group_diversity_credit - 1.0
+        if extra != 0.0 and diversity is not None:
+            spread = sum(self.config.weights()[k] * np.asarray(episode_sums[k], dtype=np.float64)
+                         for k in GROUP_DIVERSITY_COMPONENTS)
+            out = out + extra * np.asarray(diversity, dtype=np.float64) * spread
+        return out
 
     # ------------------------------------------------------------------ per completion
     def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],

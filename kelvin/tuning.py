@@ -84,11 +84,14 @@ class EpisodeCache:
         """Hash of everything a run's episodes depend on: model, prompts, env and reward settings, seed, policy."""
         core = env.core
         cfg = {k: v for k, v in asdict(env.config).items() if k not in ("overlap", "workers", "ray_address", "seed")}
+        reward = asdict(core.reward.config)
+        if not reward["group_baseline"]:  # the training signal's credit changes no absolute return
+            reward.pop("group_diversity_credit", None)
         lm = core.lm
         payload = {"version": CACHE_VERSION, "model": [getattr(lm, "name", None), str(lm.device),
                                                        str(getattr(getattr(lm, "model", None), "dtype", ""))],
                    "prompts": [[p.id, p.text, p.category, p.answers] for p in core.prompts],
-                   "env": cfg, "reward": asdict(core.reward.config), "seed": int(seed),
+                   "env": cfg, "reward": reward, "seed": int(seed),
                    "episodes_per_row": int(episodes_per_row), "policy": policy_key}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -101,7 +101,7 @@ def test_the_trained_lambda_range_is_in_the_artifact_and_a_lambda_outside_it_is_
     assert load_artifact(out).diversity_range == (0.0, 2.0)
     proc = PolicyLogitsProcessor.from_pretrained(out, diversity=1.5)
     proc.runtime.start(3)
-    col = DIAL.index("diversity_weight")
+    col = DIAL.index("diversity")
     obs = proc.runtime.featurizer.observe(torch.randn(3, V))
     assert obs[:, col].tolist() == [1.5] * 3  # λ is what the policy observes
     proc.runtime.reset_rows([1], diversity=0.25)
