@@ -109,13 +109,13 @@ class RewardConfig:
     the expected policy gradient does not change (the other samples' quality does not depend on this
     sample's actions), and its variance drops. Diversity is not baselined (each sample's diversity
     depends on the others' tokens). Validation and evaluation report absolute returns (off there)."""
-    group_diversity_credit: StrictFloat = Field(1.0, ge=0, allow_inf_nan=False)
+    group_diversity_credit: StrictFloat = Field(2.0, ge=0, allow_inf_nan=False)
     """Training signal (with ``group_baseline``): at the end of a group, each sample's group diversity return
     (``group_semantic``, ``group_ngram``, times λ) counts this many times. A sample's diversity is its distance
     to the others, but its tokens also move the others' distance to it, which their rewards carry, not its own:
     for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
     diversity is exactly twice its own term. 1 (the plain return) under-credits diversity, which pulls PPO
-    cooler than the optimum of the absolute return; 2 credits a sample with all of it."""
+    cooler than the optimum of the absolute return; 2 (the default) credits a sample with all of it."""
 
     @property
     def needs_embedder(self) -> bool:

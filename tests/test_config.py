@@ -52,7 +52,7 @@ CASES = {
                       "(e.g. ppo.policy_kwargs.net_arch: [64, 64])"),
     "seed word": ("train:\n  seed: abc\n", None, "train.seed='abc': must be an integer in [0, 4294967295] (e.g. train.seed: 0)"),
     "negative lr": ("ppo:\n  learning_rate: -1\n", None,
-                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0001)"),
+                    "ppo.learning_rate=-1: must be a finite number > 0 (e.g. ppo.learning_rate: 0.0003)"),
     "infinite t_max": ("env:\n  action:\n    t_max: .inf\n", None,
                        "env.action.t_max=inf: must be a finite number (e.g. env.action.t_max: 2.4)"),
     "top_p above 1": ("env:\n  truncation:\n    top_p: 1.5\n", None,
@@ -139,7 +139,7 @@ def test_default_yaml_is_the_dataclass_defaults():
                            "base_lambdas": 5}
     assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (32, 256, 1.0)
     assert (a["ppo"]["use_sde"], a["ppo"]["sde_sample_freq"]) == (True, -1)
-    assert a["ppo"]["policy_kwargs"] == {"net_arch": [64, 64], "log_std_init": -3.0, "ortho_init": True}
+    assert a["ppo"]["policy_kwargs"] == {"net_arch": [64, 64], "log_std_init": -4.0, "ortho_init": True}
     assert a["reward"]["entropy"] == 0.0 and a["reward"]["group_baseline"]  # #12: nothing a constant T optimises
 
 
