@@ -9,6 +9,7 @@ real model, in a ``train.py`` subprocess) about a minute. Tests that need either
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 SLOW_FIXTURES = {"lm", "smoke_run"}
+
+
+def wait_until(ready, proc: subprocess.Popen | None = None, timeout: float = 600.0) -> bool:
+    """Wait until ``ready()`` (a file appears, a process is gone), ``proc`` exits or ``timeout`` seconds pass; returns
+    ``ready()``. The one place a test waits on another process: a readiness condition, checked every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while not ready() and (proc is None or proc.poll() is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(ready())
 
 
 def run_train(args: list[str], **kwargs) -> subprocess.CompletedProcess:

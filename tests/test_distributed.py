@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMOKE, run_train
+from conftest import ROOT, SMOKE, run_train, wait_until
 from ray import cloudpickle
 
 import stub_lm
@@ -79,9 +78,7 @@ def _tagged(tag: str) -> set[int]:
 
 def _gone(pids: set[int], timeout: float = 30.0) -> set[int]:
     """``pids`` still alive after waiting up to ``timeout`` seconds for them to exit."""
-    deadline = time.time() + timeout
-    while _live(pids) and time.time() < deadline:
-        time.sleep(0.25)
+    wait_until(lambda: not _live(pids), timeout=timeout)
     return _live(pids)
 
 
@@ -208,10 +205,8 @@ def _start_train(args: list[str], tag: str) -> subprocess.Popen:
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, after: int, tag: str) -> list[int]:
     """Wait until the run saves a checkpoint past step ``after``; returns its 2 Ray workers' pids."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not any(
-            int(p.stem.split("_")[1]) > after for p in (run_dir / "checkpoints").glob("step_*.zip")):
-        time.sleep(0.5)
+    wait_until(lambda: any(int(p.stem.split("_")[1]) > after for p in (run_dir / "checkpoints").glob("step_*.zip")),
+               proc)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     started = _tagged(tag)
     workers = [p for p in started if b"ShardWorker" in Path(f"/proc/{p}/cmdline").read_bytes()]

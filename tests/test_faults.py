@@ -17,13 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMOKE, run_train
+from conftest import ROOT, SMOKE, run_train, wait_until
 
 from kelvin.atomic import RunDirError, SaveError, write_atomic
 from kelvin.rundir import RunDir
@@ -42,9 +41,7 @@ def _popen_train(args: list[str]) -> subprocess.Popen:
 def _wait_for_first_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     """Until ``checkpoints/step_32.zip`` exists (it appears whole: written by rename), the process still running."""
     target = run_dir / "checkpoints" / f"step_{STEPS_PER_ROLLOUT}.zip"
-    deadline = time.time() + timeout
-    while time.time() < deadline and not target.is_file() and proc.poll() is None:
-        time.sleep(0.1)
+    wait_until(target.is_file, proc, timeout)
     assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.communicate()[1][-3000:]}"
     assert target.is_file(), "no first checkpoint in time"
 

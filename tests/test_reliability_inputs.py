@@ -6,10 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import SMOKE
+from conftest import SMOKE, wait_until
 
 from kelvin.rundir import RunDir
 
@@ -188,8 +187,7 @@ def test_sigterm_while_starting_saves_nothing_and_says_so(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (run_dir / "train.lock").exists() and proc.poll() is None:  # the lock: the signal handlers are in place
-        time.sleep(0.05)
+    wait_until((run_dir / "train.lock").exists, proc)  # the lock: the signal handlers are in place
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-3000:]

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE, run_train
+from conftest import ROOT, SMOKE, run_train, wait_until
 
 from envs.prompts import CATEGORIES
 
@@ -151,9 +150,7 @@ def test_ctrl_c_leaves_a_loadable_model(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE), "--run-dir", str(run_dir),
                              "--set", "train.total_timesteps=100000", "--set", "train.validate_every=0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_*.zip")):
-        time.sleep(0.5)
+    wait_until(lambda: bool(list((run_dir / "checkpoints").glob("step_*.zip"))), proc, timeout=300)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
