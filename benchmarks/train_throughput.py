@@ -75,7 +75,7 @@ def _config(args):
         overrides += ["env.batch_size=4", "env.group_size=2", "env.max_new_tokens=3", "ppo.n_steps=4",
                       "ppo.batch_size=16", "ppo.n_epochs=1", "train.validation_prompts=2",
                       "train.validation_temperatures=[0.7]", "policy.base_prompts=2", "policy.base_temperatures=[0.0,1.0]",
-                      "policy.base_lambdas=2"]
+                      "policy.base_diversity_points=2"]
     cfg = load_config(args.config, overrides)
     rollout = cfg.ppo.n_steps * cfg.env.batch_size
     updates = args.updates or -(-cfg.train.total_timesteps // rollout)

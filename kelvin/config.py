@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from envs.config import MAX_SEED, EnvConfig
 from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
+from samplers.suggest import renamed
 
 __all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MODEL_SETTINGS", "PPOConfig", "PolicyKwargs",
            "TrainConfig", "model_setting_changes"]
@@ -206,8 +207,14 @@ class PolicyConfig:
     """The temperature grid the base is chosen from (each runs once on the tuning prompts; cached)."""
     base_prompts: StrictInt = Field(32, ge=1)
     """Train-split prompts the base is tuned on, round-robin over categories (K = env.group_size samples each)."""
-    base_lambdas: StrictInt = Field(5, ge=1)
-    """λ grid points over env.diversity_range the base is tuned at; linear in between."""
+    base_diversity_points: StrictInt = Field(5, ge=1)
+    """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
+    (formerly ``base_lambdas``, which still loads)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        return renamed(values, {"base_lambdas": "base_diversity_points"}, "policy")
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -222,11 +229,11 @@ class EvaluationConfig:
     """Use this many prompts of the split (round-robin over categories); None = all."""
     batch_size: StrictInt = Field(64, ge=2)
     """Rows decoded together (a multiple of samples; raise it on a GPU)."""
-    lambdas: Optional[list[NonNegFloat]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
-    """Diversity settings λ a λ-conditioned learned policy is evaluated at (its front); None =
-    ``n_lambdas`` values evenly spread over the range it was trained on."""
-    n_lambdas: StrictInt = Field(5, ge=1)
-    """How many λ values when ``lambdas`` is None."""
+    diversity: Optional[list[NonNegFloat]] = Field(None, min_length=1, examples=[[0.0, 0.5, 1.0]])
+    """Diversity dial values λ a λ-conditioned learned policy is evaluated at (its front); None =
+    ``diversity_points`` values evenly spread over the range it was trained on (formerly ``lambdas``)."""
+    diversity_points: StrictInt = Field(5, ge=1)
+    """How many λ values when ``diversity`` is None (formerly ``n_lambdas``)."""
     fixed: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5])
     """Fixed T, no truncation. T = 0 (greedy) and T = 1.0 always run: 1.0 is the fronts' reference point and the
     rival of the diversity goal."""
@@ -255,6 +262,11 @@ class EvaluationConfig:
     """Validation prompts per category the tables are tuned on."""
     bootstrap: StrictInt = Field(2000, ge=10)
     """Bootstrap resamples over prompts for every interval."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        return renamed(values, {"lambdas": "diversity", "n_lambdas": "diversity_points"}, "evaluation")
 
     def __post_init__(self):
         if self.batch_size % self.samples:

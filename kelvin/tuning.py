@@ -204,7 +204,7 @@ def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None
         runs, hits = run_fixed(env, pc.base_temperatures, len(prompts), config.train.seed + 20_011, cache, on_step)
     finally:
         env.close()
-    lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_lambdas)
+    lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_diversity_points)
     tables = tune_tables(runs, lambdas, config.reward)
     if pc.base == "fixed":
         rows = {ALL: tuple(tables[diversity]["other"] for diversity in lambdas)}

@@ -56,12 +56,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
-from pydantic_core import ArgsKwargs
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from anomaly.detector import AnomalyDetector
 from samplers.core import top_values
-from samplers.suggest import did_you_mean
+from samplers.suggest import did_you_mean, renamed
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
            "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features", "upgrade_spec_dict"]
@@ -81,22 +80,6 @@ RENAMED_FEATURES = {"diversity_weight": "diversity"}
 """Feature names of older exports (``spec.json`` ``names``) and their names now: the same column."""
 
 
-
-
-def _rename_settings(values: dict) -> dict:
-    """``values`` (keyword arguments of a feature settings class) with :data:`RENAMED_SETTINGS` renamed, one
-    warning per old name; giving an old name beside its new one is an error."""
-    out = dict(values)
-    for old, new in RENAMED_SETTINGS.items():
-        if old in out:
-            if new in out:
-                raise ValueError(f"{old} and {new} are both given; {old} is the old name of {new}: keep {new}")
-            value = out.pop(old)
-            shown = str(value).lower() if isinstance(value, bool) else repr(value)
-            warnings.warn(f"env.features.{old} is now env.features.{new}: write `{new}: {shown}` in the YAML (the "
-                          "old name still loads, for now)", FutureWarning, stacklevel=4)
-            out[new] = value
-    return out
 
 
 def upgrade_spec_dict(d: dict) -> dict:
@@ -154,11 +137,7 @@ class FeatureSettings:
     @classmethod
     def _renamed(cls, values):
         """Old setting names (:data:`RENAMED_SETTINGS`) load as their new ones, with a warning."""
-        if isinstance(values, ArgsKwargs) and values.kwargs and any(k in values.kwargs for k in RENAMED_SETTINGS):
-            return ArgsKwargs(values.args, _rename_settings(values.kwargs))
-        if isinstance(values, dict) and any(k in values for k in RENAMED_SETTINGS):
-            return _rename_settings(values)
-        return values
+        return renamed(values, RENAMED_SETTINGS, "env.features")
 
     def __post_init__(self):
         check_feature_version(self.version)

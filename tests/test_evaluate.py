@@ -375,7 +375,7 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
     data = json.loads((out / "metrics.json").read_text())
-    learned = [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=2"]  # smoke: n_lambdas 2 over λ in [0, 2]
+    learned = [f"learned:{run_dir}@λ=0", f"learned:{run_dir}@λ=2"]  # smoke: diversity_points 2 over λ in [0, 2]
     assert list(data["policies"]) == [*learned, "pid"]
     assert data["reference"] == learned[-1]
     for name, block in data["policies"].items():

@@ -133,3 +133,19 @@ def test_featurizer_reset_takes_diversity_and_its_old_keyword():
         f.reset([1], diversity=1.0, diversity_weight=1.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'diversty'"):
         f.reset([1], diversty=1.0)
+
+
+def test_old_lambda_keys_of_the_policy_and_evaluation_blocks_load_as_the_new_ones(tmp_path):
+    """policy.base_lambdas, evaluation.lambdas and evaluation.n_lambdas (an older config or run directory) load
+    as base_diversity_points, diversity and diversity_points, each with one note naming the new key."""
+    from kelvin.config_loading import load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("policy:\n  base_lambdas: 3\nevaluation:\n  lambdas: [0.0, 1.0]\n  n_lambdas: 4\n")
+    with pytest.warns(FutureWarning) as notes:
+        config = load_config(old)
+    assert config.policy.base_diversity_points == 3
+    assert config.evaluation.diversity == [0.0, 1.0] and config.evaluation.diversity_points == 4
+    assert sorted(str(n.message).split(":")[0] for n in notes) == [
+        "evaluation.lambdas is now evaluation.diversity", "evaluation.n_lambdas is now evaluation.diversity_points",
+        "policy.base_lambdas is now policy.base_diversity_points"]

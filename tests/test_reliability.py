@@ -259,7 +259,7 @@ def test_two_models_of_one_run_are_two_runs_of_the_evaluation(tmp_path):
     from kelvin.evaluation.policies import resolve_policies
 
     run = _learned_run(tmp_path)
-    config = load_config(SMOKE, ["evaluation.lambdas=[0.5]"])
+    config = load_config(SMOKE, ["evaluation.diversity=[0.5]"])
     final, checkpoint = resolve_policies([f"learned:{run}", f"learned:{run}/checkpoints/step_32.zip"], config, None, [])
     assert final.cache_key != checkpoint.cache_key  # each row shows its own model's numbers
     shutil.copy(run / "checkpoints" / "step_32.zip", run / "model.zip")  # the same files: the same run (and cache)
@@ -291,8 +291,8 @@ def test_evaluation_refuses_a_lambda_outside_the_trained_range(tmp_path):
 
     run = _learned_run(tmp_path)
     with pytest.raises(EvaluationError) as err:
-        evaluate(load_config(SMOKE, ["evaluation.lambdas=[0.0, 50.0]"]), tmp_path / "out", [f"learned:{run}"])
-    assert str(err.value) == (f"learned:{run}: evaluation.lambdas entry=50 is outside the range the policy was trained "
+        evaluate(load_config(SMOKE, ["evaluation.diversity=[0.0, 50.0]"]), tmp_path / "out", [f"learned:{run}"])
+    assert str(err.value) == (f"learned:{run}: evaluation.diversity entry=50 is outside the range the policy was trained "
                               "on [0, 2]; choose a value in it (or train with env.diversity_range covering 50)")
 
 

@@ -225,20 +225,20 @@ def _entry(spec: str, config: KelvinConfig, run: str | None, warnings: list[str]
 
 
 def lambda_grid(entry: PolicyEntry, config: KelvinConfig) -> list[float]:
-    """The λ values a learned policy is evaluated at: ``evaluation.lambdas`` (each inside the range its run was
-    trained on, else an :class:`EvaluationError`), else ``evaluation.n_lambdas`` values evenly over that range;
+    """The λ values a learned policy is evaluated at: ``evaluation.diversity`` (each inside the range its run was
+    trained on, else an :class:`EvaluationError`), else ``evaluation.diversity_points`` values evenly over that range;
     ``[]`` for a policy that does not observe λ."""
     if entry.run_dir is None or not entry.policy.feature_spec.include_diversity:
         return []
     ev = config.evaluation
     low, high = RunDir(entry.run_dir).load_config().env.diversity_bounds
-    if ev.lambdas is not None:
+    if ev.diversity is not None:
         try:  # a network is not to be trusted on a λ it never saw: the samplers' own check
-            return [check_diversity(v, None, (low, high), owner=f"{entry.name}: evaluation.lambdas entry")
-                    for v in ev.lambdas]
+            return [check_diversity(v, None, (low, high), owner=f"{entry.name}: evaluation.diversity entry")
+                    for v in ev.diversity]
         except ValueError as exc:
             raise EvaluationError(str(exc)) from None
-    return [float(v) for v in np.linspace(low, high, ev.n_lambdas)] if high > low else [float(low)]
+    return [float(v) for v in np.linspace(low, high, ev.diversity_points)] if high > low else [float(low)]
 
 
 def _at_lambdas(entry: PolicyEntry, config: KelvinConfig) -> list[PolicyEntry]:

@@ -315,7 +315,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     main = resolve_policies(parse_policy_specs(policies), config, run, warnings)
     learned = [e for e in main if e.family == "learned"]
     train_truncation = learned[0].truncation if learned else None
-    lambdas = sorted({d for e in learned for d in lambda_grid(e, config)}) or (list(ev.lambdas or [0.0]))
+    lambdas = sorted({d for e in learned for d in lambda_grid(e, config)}) or (list(ev.diversity or [0.0]))
 
     interrupted = False
     fams: dict[str, list[PolicyEntry]] = {}
