@@ -225,7 +225,7 @@ class RewardFunction:
         out = leave_one_out_baseline(groups, self.quality_return(episode_sums))
         extra = self.config.group_diversity_credit - 1.0
         if extra != 0.0 and diversity is not None:
-            spread = sum(self.config.weights()[k] * np.asarray(episode_sums[k], dtype=np.float64)
+            spread = sum(self._diversity.get(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64)
                          for k in GROUP_DIVERSITY_COMPONENTS)
             out = out + extra * np.asarray(diversity, dtype=np.float64) * spread
         return out
