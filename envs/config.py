@@ -86,11 +86,12 @@ class EnvConfig:
     """Draw λ from these values instead of ``diversity_range`` (one value = a fixed λ)."""
     seed: StrictInt = Field(0, ge=0, le=2**63 - 1)
     """Seed of the prompt order, the λ draws and the token draws."""
-    overlap: StrictBool = True
+    overlap: StrictBool = False
     """Run the work the model does not wait for on a second thread while the model decodes: scoring the groups
     that end at a step (MiniLM embeddings, text checks) and prefilling, into the prompt cache, the prompt each
-    group starts next. Same tokens and rewards either way; it hides that work where a core is idle (one torch
-    thread per process on a 2-core CPU, or the CPU beside a GPU)."""
+    group starts next. Same tokens and rewards either way. Off by default: at torch's own thread count on a
+    2-core CPU the model already uses both cores and the env ran 4-17% slower with it (docs/speed.md). Turn it
+    on where a core is idle: one torch thread per process, or the CPU beside a GPU."""
     workers: StrictInt = Field(1, ge=1)
     """Model copies generating in parallel: 1 = one in-process env; N > 1 = N Ray actors of ``batch_size`` rows
     each behind one VecEnv (envs/distributed.py; needs the ``ray`` extra)."""
