@@ -327,8 +327,6 @@ class GenerationCore:
             reward = reward.copy()
             reward[done_rows] += self.reward.group_baseline(self._groups_of(len(done_rows)), totals,
                                                              ep.diversity[done_rows]).astype(np.float32)
-        if self.reward.config.group_baseline:  # the training signal
-            reward = self.reward.balanced(reward, ep.diversity)
         return reward
 
     def _count(self, t0: float, dt_model: float, active: np.ndarray) -> None:

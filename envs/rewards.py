@@ -116,14 +116,6 @@ class RewardConfig:
     for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
     diversity is exactly twice its own term. 1 (the plain return) under-credits diversity, which pulls PPO
     cooler than the optimum of the absolute return; 2 (the default) credits a sample with all of it."""
-    dial_balance: StrictFloat = Field(0.0, ge=0, allow_inf_nan=False)
-    """Training signal (with ``group_baseline``): every reward of an episode at dial λ is divided by
-    ``1 + dial_balance * λ``. λ is fixed within an episode and observed, so at each λ this only rescales the
-    objective (the best policy at each λ is the same). What it changes is the weight each λ gets in PPO's
-    batch: a return's spread grows with λ (the diversity terms are λ times theirs; on the default run's
-    validation prompts the std of a sample's training return is 2.6 / 3.3 / 6.7 at λ = 0 / 1 / 2), so without
-    it the high-λ episodes drive the shared network and the low-λ ones are left with what suits the others.
-    0 (the default) leaves rewards as they are."""
 
     @property
     def needs_embedder(self) -> bool:
@@ -237,14 +229,6 @@ class RewardFunction:
                          for k in GROUP_DIVERSITY_COMPONENTS)
             out = out + extra * np.asarray(diversity, dtype=np.float64) * spread
         return out
-
-    def balanced(self, reward: np.ndarray, diversity: np.ndarray) -> np.ndarray:
-        """``reward`` (B,) of rows at dial λ = ``diversity`` (B,) divided by ``1 + dial_balance * λ``: (B,)."""
-        k = self.config.dial_balance
-        if k == 0.0:
-            return reward
-        return (np.asarray(reward, dtype=np.float32)
-                / (1.0 + k * np.asarray(diversity, dtype=np.float32))).astype(np.float32)
 
     # ------------------------------------------------------------------ per completion
     def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],

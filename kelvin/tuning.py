@@ -87,7 +87,6 @@ class EpisodeCache:
         reward = asdict(core.reward.config)
         if not reward["group_baseline"]:  # the training signal's credit changes no absolute return
             reward.pop("group_diversity_credit", None)
-            reward.pop("dial_balance", None)
         lm = core.lm
         payload = {"version": CACHE_VERSION, "model": [getattr(lm, "name", None), str(lm.device),
                                                        str(getattr(getattr(lm, "model", None), "dtype", ""))],

@@ -514,45 +514,26 @@ def test_leave_one_out_baseline_by_hand():
     assert model.group_baseline([[0, 1], [2]], sums).tolist() == pytest.approx([2.0, -5.0, 0.0])
 
 
-def _first_returns(diversity: float, **reward_kwargs) -> list[float]:
-    """The first episode return of each of 4 stub rows (2 groups of 2, rows of 2 / 4 and 3 / 1 tokens) at λ
-    ``diversity``, with the reward's coherence and semantic terms off and ``reward_kwargs``."""
-    prompts = [stub_prompt(0, "len=2,4 go"), stub_prompt(1, "len=3,1 go")]
-    reward = RewardConfig(coherence=0.0, group_semantic=0.0, **reward_kwargs)
-    config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, token_prior=False, seed=0,
-                       diversity_values=[diversity])
-    env = TemperatureVecEnv(config, lm=StubLM(), reward=reward, prompts=prompts)
-    env.reset()
-    ends = {}
-    for _ in range(8):
-        _, _, dones, infos = env.step(np.full((4, 1), 0.25, dtype=np.float32))
-        for r in np.flatnonzero(dones):
-            ends.setdefault(int(r), infos[r]["episode"]["r"])
-    assert sorted(ends) == [0, 1, 2, 3]
-    return [ends[r] for r in range(4)]
-
-
 def test_group_returns_are_relative_in_quality():
     """With λ = 0 every group's episode returns sum to zero: each sample is paid its quality minus the mean
     quality of the others; without the baseline the same episodes pay their absolute quality."""
-    returns = {baseline: _first_returns(0.0, group_baseline=baseline) for baseline in (True, False)}
+    prompts = [stub_prompt(0, "len=2,4 go"), stub_prompt(1, "len=3,1 go")]
+    returns = {}
+    for baseline in (True, False):
+        reward = RewardConfig(coherence=0.0, group_semantic=0.0, group_baseline=baseline)
+        config = EnvConfig(batch_size=4, group_size=2, max_new_tokens=6, token_prior=False, seed=0,
+                           diversity_values=[0.0])
+        env = TemperatureVecEnv(config, lm=StubLM(), reward=reward, prompts=prompts)
+        env.reset()
+        ends = {}
+        for _ in range(8):
+            _, _, dones, infos = env.step(np.full((4, 1), 0.25, dtype=np.float32))
+            for r in np.flatnonzero(dones):
+                ends.setdefault(r, infos[r]["episode"]["r"])
+        returns[baseline] = ends
+    assert sorted(returns[True]) == [0, 1, 2, 3]
     assert returns[True][0] + returns[True][1] == pytest.approx(0.0, abs=1e-5)
     assert returns[True][2] + returns[True][3] == pytest.approx(0.0, abs=1e-5)
     # relative = own absolute minus the other's absolute
     assert returns[True][0] == pytest.approx(returns[False][0] - returns[False][1], abs=1e-5)
     assert returns[False][0] != pytest.approx(returns[False][1])  # the rows really differ (2 vs 4 tokens)
-
-
-def test_dial_balance_divides_training_returns_by_one_plus_k_lambda():
-    """reward.dial_balance k: an episode at λ is paid its training return / (1 + k λ), every step of it; the
-    absolute returns (group_baseline off: validation, evaluation) are left alone."""
-    def returns(**reward_kwargs):
-        return _first_returns(1.5, **reward_kwargs)
-
-    plain = returns(group_baseline=True)
-    assert any(abs(r) > 0.1 for r in plain)  # the rows really earn something (n-gram diversity at λ = 1.5)
-    assert returns(group_baseline=True, dial_balance=2.0) == pytest.approx([r / 4.0 for r in plain], abs=1e-5)
-    absolute = returns(group_baseline=False)
-    assert returns(group_baseline=False, dial_balance=2.0) == pytest.approx(absolute, abs=1e-6)
-    with pytest.raises(ValueError, match="dial_balance"):
-        load_config(None, ["reward.dial_balance=-1"])
