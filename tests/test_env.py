@@ -413,8 +413,8 @@ def test_next_prompts_are_prefilled_beside_the_decode(lm):
                Prompt("What is 2 + 2?", "math", "two", answers=("4",))]
     kept, lm.prompt_cache = lm.prompt_cache, PromptCache(2**30)
     try:
-        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
-                                prompts=prompts)
+        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3, overlap=True), lm=lm,
+                                reward=NO_EMBEDDER, prompts=prompts)
         cache = lm.prompt_cache
         cache.clear()
         cache.misses = 0
