@@ -90,8 +90,9 @@ class EnvConfig:
     """Run the work the model does not wait for on a second thread while the model decodes: scoring the groups
     that end at a step (MiniLM embeddings, text checks) and prefilling, into the prompt cache, the prompt each
     group starts next. Same tokens and rewards either way. Off by default: at torch's own thread count on a
-    2-core CPU the model already uses both cores and the env ran 4-17% slower with it (docs/speed.md). Turn it
-    on where a core is idle: one torch thread per process, or the CPU beside a GPU."""
+    2-core CPU the model already uses both cores; side by side the env with it ran 4% slower and 14% faster at
+    B = 16, 17% and 7% slower at B = 64 (docs/speed.md). Turn it on where a core is idle: one torch thread per
+    process, or the CPU beside a GPU."""
     workers: StrictInt = Field(1, ge=1)
     """Model copies generating in parallel: 1 = one in-process env; N > 1 = N Ray actors of ``batch_size`` rows
     each behind one VecEnv (envs/distributed.py; needs the ``ray`` extra)."""
