@@ -210,6 +210,9 @@ class PolicyConfig:
     base_diversity_points: StrictInt = Field(5, ge=1)
     """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
     (formerly ``base_lambdas``, which still loads)."""
+    diversity_heads: StrictBool = False
+    """One residual output per λ of that grid, interpolated in λ as the base is (:mod:`kelvin.heads`), in place of
+    one output for every λ: a row's λ picks which outputs it trains. Needs env.features.include_diversity."""
 
     @model_validator(mode="before")
     @classmethod
@@ -298,6 +301,9 @@ class KelvinConfig:
         if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
+        if self.policy.diversity_heads and not self.env.features.include_diversity:
+            raise ValueError("policy.diversity_heads reads λ from the observation, but env.features.include_diversity "
+                             "is false: set it true, or policy.diversity_heads: false")
 
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the
@@ -335,7 +341,7 @@ class KelvinConfig:
 
 
 MODEL_SETTINGS = ("model.name", "env.max_new_tokens", "env.include_category", "env.features", "env.action",
-                  "train.normalize_obs", "ppo.policy_kwargs", "policy.base")
+                  "train.normalize_obs", "ppo.policy_kwargs", "policy.base", "policy.diversity_heads")
 """Settings a trained model is bound to: the LM whose logits its features describe, the observation layout
 (``env.features``, the horizon ``env.max_new_tokens``, the category one-hot), what its actions mean
 (``env.action``), whether it sees normalised observations, its network's shape, and the kind of base its

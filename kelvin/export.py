@@ -109,12 +109,15 @@ def actor_module(sb3_policy, normalization: dict | None = None, base: BaseModule
         raise ArtifactError(f"{name}: the actor must start with a Linear layer (net_arch with at least one layer, "
                             "or a bare action_net)")
     net = torch.nn.Sequential(*layers).eval()
+    grid = getattr(sb3_policy, "heads", None)  # kelvin.heads.DiversityHeadsPolicy: one output per λ of the grid
+    heads = dict(base=base, heads=None if grid is None else torch.tensor(grid, dtype=torch.float32),
+                 diversity_col=getattr(sb3_policy, "diversity_col", -1))
     if normalization is None:
-        return ActorModule(net, None, None, base=base).eval()
+        return ActorModule(net, None, None, **heads).eval()
     return ActorModule(net, torch.as_tensor(np.asarray(normalization["mean"], dtype=np.float32)),
                        torch.as_tensor(np.asarray(normalization["var"], dtype=np.float32)),
                        float(normalization.get("clip", 10.0)), float(normalization.get("epsilon", 1e-8)),
-                       base=base).eval()
+                       **heads).eval()
 
 
 def learned_policy(model, vec_normalize, feature_spec: FeatureSpec, action_mapping: ActionMapping,

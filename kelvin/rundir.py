@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from kelvin.atomic import (_TEMP_PREFIX, RunDirError, SaveError, _commit, _create_exclusive, _save_message, _stage,
                            unusable_output_dir)
 
@@ -468,5 +470,7 @@ def normalization_stats(vec_normalize) -> dict | None:
     """``{"mean", "var", "clip", "epsilon"}`` of a VecNormalize that normalised observations, else None."""
     if vec_normalize is None or not getattr(vec_normalize, "norm_obs", False):
         return None
-    return {"mean": vec_normalize.obs_rms.mean, "var": vec_normalize.obs_rms.var, "clip": vec_normalize.clip_obs,
-            "epsilon": vec_normalize.epsilon}
+    mean, var = np.array(vec_normalize.obs_rms.mean, dtype=np.float64), np.array(vec_normalize.obs_rms.var, dtype=np.float64)
+    raw = vars(vec_normalize).get("raw_columns", [])  # kelvin.heads.PartialVecNormalize: these pass unchanged
+    mean[raw], var[raw] = 0.0, 1.0 - vec_normalize.epsilon
+    return {"mean": mean, "var": var, "clip": vec_normalize.clip_obs, "epsilon": vec_normalize.epsilon}

@@ -50,6 +50,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
+from kelvin.heads import DiversityHeadsPolicy, PartialVecNormalize, head_grid
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
 from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
                               updates)
@@ -285,11 +286,17 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     """A PPO model (and its normaliser) at step 0; ``start_at_base``: the actor's last layer is zero, so the
     deterministic policy starts as the base and PPO learns only the correction."""
     tc = config.train
-    vec = None
+    vec, policy, kwargs = None, "MlpPolicy", config.ppo.kwargs()
+    grid = head_grid(config)
+    raw = [] if grid is None else [config.env.feature_spec().index("diversity")]  # the heads read λ itself
+    if grid is not None:
+        policy = DiversityHeadsPolicy
+        kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0]}
     if tc.normalize_obs or tc.normalize_reward:
-        vec = VecNormalize(env, norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
-    model = PPO("MlpPolicy", vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
-                device=tc.policy_device, verbose=0, **config.ppo.kwargs())
+        normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
+        vec = PartialVecNormalize(env, raw_columns=raw, **normalize) if raw else VecNormalize(env, **normalize)
+    model = PPO(policy, vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
+                device=tc.policy_device, verbose=0, **kwargs)
     if start_at_base:
         with torch.no_grad():
             model.policy.action_net.weight.zero_()

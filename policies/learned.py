@@ -15,7 +15,7 @@ import torch
 from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
-from policies.tuned_base import BaseModule
+from policies.tuned_base import BaseModule, interpolation_weights
 
 __all__ = ["ActorModule", "LearnedPolicy"]
 
@@ -28,15 +28,26 @@ class ActorModule(torch.nn.Module):
     Gaussian mean, i.e. the deterministic action), then ``clamp(-1, 1)``. With a ``base``
     (:class:`~policies.tuned_base.BaseModule`, reading the raw observation) the result is the residual:
     ``clamp(base(obs) + residual, -1, 1)``.
+
+    ``heads`` (the λ grid, L points; ``policy.diversity_heads``): ``net`` ends in L outputs, one residual per
+    grid point, interpolated linearly at the row's raw λ (column ``diversity_col``) as the base is
+    (:func:`~policies.tuned_base.interpolation_weights`). A row at λ = 0 then reads only the λ = 0 head.
     """
 
     def __init__(self, net: torch.nn.Sequential, mean: torch.Tensor | None, var: torch.Tensor | None,
-                 clip: float = 10.0, epsilon: float = 1e-8, base: BaseModule | None = None):
+                 clip: float = 10.0, epsilon: float = 1e-8, base: BaseModule | None = None,
+                 heads: torch.Tensor | None = None, diversity_col: int = -1):
         super().__init__()
         self.has_base = base is not None
         self.base = base if base is not None else BaseModule.zero()
         dim = int(net[0].in_features)
         self.net = net
+        self.has_heads = heads is not None
+        self.register_buffer("heads", torch.zeros(1) if heads is None else
+                             torch.as_tensor(heads, dtype=torch.float32).reshape(-1).contiguous())
+        self.diversity_col = int(diversity_col)
+        if self.has_heads and self.diversity_col < 0:
+            raise ValueError("an actor with diversity heads reads λ from the observation: give diversity_col")
         self.normalize = mean is not None
         self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("var", torch.ones(dim) if var is None else torch.as_tensor(var, dtype=torch.float32))
@@ -47,7 +58,11 @@ class ActorModule(torch.nn.Module):
         x = obs.to(torch.float32)  # (B, F)
         if self.normalize:
             x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
-        a = torch.clamp(self.net(x), -1.0, 1.0)  # (B, 1)
+        a = self.net(x)  # (B, 1), or (B, L) with heads
+        if self.has_heads:
+            w = interpolation_weights(self.heads, obs[:, self.diversity_col].to(torch.float32))  # (B, L)
+            a = (a * w).sum(1, keepdim=True)  # (B, 1)
+        a = torch.clamp(a, -1.0, 1.0)
         if self.has_base:
             a = torch.clamp(a + self.base(obs).view(-1, 1), -1.0, 1.0)  # (B, 1) base + residual
         return a

@@ -29,7 +29,7 @@ from policies.actions import ActionMapping
 from policies.base import TemperaturePolicy
 from policies.features import FeatureSpec
 
-__all__ = ["BASE_KINDS", "BaseModule", "TunedBase", "TunedBasePolicy"]
+__all__ = ["BASE_KINDS", "BaseModule", "TunedBase", "TunedBasePolicy", "interpolation_grid", "interpolation_weights"]
 
 BASE_KINDS = ("table", "fixed", "none")
 """``policy.base``: a per-category table, one temperature for every prompt, or no base (PPO from scratch)."""
@@ -151,16 +151,29 @@ class BaseModule(torch.nn.Module):
             rows = x[:, self.cat_start:self.cat_start + self.n_rows] @ self.actions  # (B, L): the one-hot picks a row
         else:
             rows = self.actions.expand(x.shape[0], -1)  # (B, L)
-        n = self.lambdas.shape[0]
-        if n == 1 or self.diversity_col < 0:
+        if self.lambdas.shape[0] == 1 or self.diversity_col < 0:
             return rows[:, 0]
-        diversity = x[:, self.diversity_col].contiguous()  # (B,)
-        hi = torch.searchsorted(self.lambdas, diversity).clamp(1, n - 1)  # (B,) first grid point >= λ
-        lo = hi - 1
-        w = ((diversity - self.lambdas[lo]) / (self.lambdas[hi] - self.lambdas[lo])).clamp(0.0, 1.0)  # (B,)
-        a_lo = rows.gather(1, lo.view(-1, 1)).view(-1)
-        a_hi = rows.gather(1, hi.view(-1, 1)).view(-1)
-        return (1.0 - w) * a_lo + w * a_hi  # exact at grid points (w = 0 or 1)
+        return (rows * interpolation_weights(self.lambdas, x[:, self.diversity_col])).sum(1)  # (B,)
+
+
+def interpolation_weights(grid: torch.Tensor, diversity: torch.Tensor) -> torch.Tensor:
+    """The weights (B, L) that interpolate values given at the L points of ``grid`` (increasing) linearly at each
+    λ of ``diversity`` (B,): two neighbours share 1, every other weight is exactly 0; constant outside the grid.
+
+    ``(values * weights).sum(1)`` is then exact at grid points. The base (:class:`BaseModule`) interpolates its
+    actions with it, and a policy with one residual head per grid point (``policy.diversity_heads``,
+    :class:`policies.learned.ActorModule`) its heads. TorchScript-able.
+    """
+    n = grid.shape[0]
+    if n == 1:
+        return torch.ones(diversity.shape[0], 1, dtype=diversity.dtype, device=diversity.device)
+    d = diversity.contiguous()
+    hi = torch.searchsorted(grid, d).clamp(1, n - 1)  # (B,) first grid point >= λ
+    lo = hi - 1
+    w = ((d - grid[lo]) / (grid[hi] - grid[lo])).clamp(0.0, 1.0)  # (B,)
+    out = torch.zeros(d.shape[0], n, dtype=d.dtype, device=d.device)
+    out.scatter_(1, lo.view(-1, 1), (1.0 - w).view(-1, 1))
+    return out.scatter_add(1, hi.view(-1, 1), w.view(-1, 1))
 
 
 class TunedBasePolicy(TemperaturePolicy):

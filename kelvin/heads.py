@@ -1,0 +1,111 @@
+"""Diversity heads: the actor's last layer has one residual output per λ of the base's grid, interpolated in λ.
+
+Why (``policy.diversity_heads``, docs/results.md): with one output, a PPO run learned the same correction at
+every λ (a hot first token, a cooler rest): it paid at λ = 1, and cost accuracy at λ = 0, where diversity earns
+nothing. A single MLP output has to *learn* the product of λ and the rest of the state from noisy returns.
+With heads, the product is built in: the mean action is ``sum_l w_l(λ) head_l(latent)`` with the base's own
+interpolation weights (:func:`policies.tuned_base.interpolation_weights`), so a row at λ = 0 moves only the
+λ = 0 head and its gradient never reaches the others' output weights (the hidden layers stay shared).
+
+Two pieces make SB3 train it:
+
+- :class:`DiversityHeadsPolicy`, an ``ActorCriticPolicy`` whose ``action_net`` has L outputs; its three
+  entry points that build the action distribution (``forward``, ``evaluate_actions``, ``get_distribution``)
+  weight them by the observation's λ column.
+- :class:`PartialVecNormalize`, a ``VecNormalize`` that leaves some columns raw (the λ column), so the weights
+  see λ itself. The export writes mean 0 / variance 1 for them (:func:`kelvin.rundir.normalization_stats`),
+  and :class:`policies.learned.ActorModule` applies the same heads.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from stable_baselines3.common.distributions import StateDependentNoiseDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import VecNormalize
+
+from policies.tuned_base import interpolation_weights
+
+__all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "head_grid"]
+
+
+class PartialVecNormalize(VecNormalize):
+    """``VecNormalize`` whose observation columns ``raw_columns`` pass through unchanged (statistics are still
+    kept for them, unused)."""
+
+    def __init__(self, venv, raw_columns: Sequence[int] = (), **kwargs):
+        super().__init__(venv, **kwargs)
+        self.raw_columns = [int(c) for c in raw_columns]
+
+    def _normalize_obs(self, obs: np.ndarray, obs_rms) -> np.ndarray:
+        out = super()._normalize_obs(obs, obs_rms)
+        out[..., self.raw_columns] = obs[..., self.raw_columns]
+        return out
+
+    def _unnormalize_obs(self, obs: np.ndarray, obs_rms) -> np.ndarray:
+        out = super()._unnormalize_obs(obs, obs_rms)
+        out[..., self.raw_columns] = obs[..., self.raw_columns]
+        return out
+
+
+class DiversityHeadsPolicy(ActorCriticPolicy):
+    """PPO's ``MlpPolicy`` with one action output per point of ``heads`` (the λ grid), mixed at the λ read from
+    observation column ``diversity_col`` (raw: see :class:`PartialVecNormalize`). One action dimension only."""
+
+    def __init__(self, *args, heads: Sequence[float], diversity_col: int, **kwargs):
+        self.heads = [float(x) for x in heads]
+        self.diversity_col = int(diversity_col)
+        super().__init__(*args, **kwargs)
+        if not self.share_features_extractor:
+            raise ValueError("DiversityHeadsPolicy needs share_features_extractor=True (PPO's default)")
+        if int(np.prod(self.action_space.shape)) != 1:
+            raise ValueError(f"DiversityHeadsPolicy acts in one dimension, not {self.action_space.shape}")
+
+    def _get_constructor_parameters(self) -> dict:
+        return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col}
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        # L outputs in place of 1, initialised as SB3 initialises action_net (orthogonal, gain 0.01); a residual
+        # policy zeroes it (kelvin.training), so at update 0 every head is 0 and the policy is the base
+        self.action_net = torch.nn.Linear(self.mlp_extractor.latent_dim_pi, len(self.heads))
+        if self.ortho_init:
+            self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
+        self.register_buffer("head_grid", torch.tensor(self.heads, dtype=torch.float32))
+        # the optimizer was built over the old action_net's parameters: rebuild it over the current ones
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _distribution(self, latent_pi: torch.Tensor, obs: torch.Tensor):
+        weights = interpolation_weights(self.head_grid, obs[:, self.diversity_col].float())  # (B, L)
+        mean = (self.action_net(latent_pi) * weights).sum(1, keepdim=True)  # (B, 1)
+        if isinstance(self.action_dist, StateDependentNoiseDistribution):
+            return self.action_dist.proba_distribution(mean, self.log_std, latent_pi)
+        return self.action_dist.proba_distribution(mean, self.log_std)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
+        distribution = self._distribution(latent_pi, obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: torch.Tensor, actions: torch.Tensor):
+        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
+        distribution = self._distribution(latent_pi, obs)
+        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: torch.Tensor):
+        return self._distribution(self.mlp_extractor.forward_actor(self.extract_features(obs)), obs)
+
+
+def head_grid(config) -> tuple[float, ...] | None:
+    """The λ grid of a run's diversity heads (the base's grid: ``policy.base_diversity_points`` values over
+    ``env.diversity_range``), or None when the run has one output (``policy.diversity_heads`` off, or one λ)."""
+    from policies.tuned_base import interpolation_grid
+
+    if not config.policy.diversity_heads:
+        return None
+    grid = interpolation_grid(config.env.diversity_bounds, config.policy.base_diversity_points)
+    return grid if len(grid) > 1 else None

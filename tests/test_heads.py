@@ -1,0 +1,118 @@
+"""Diversity heads (``policy.diversity_heads``): one residual output per λ of the base's grid, interpolated in λ.
+
+The interpolation weights by hand, the λ column left raw by the normaliser, SB3's deterministic action equal to the
+exported actor's (torch module and TorchScript) on raw observations, a row at λ = 0 training only its own head,
+the policy surviving save/load, and a config that cannot feed the heads refused. Stub LM only: fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from envs.generation import TemperatureVecEnv
+from envs.prompts import CATEGORIES
+from envs.residual import ResidualActionVecEnv
+from kelvin.config_loading import load_config
+from kelvin.export import export_learned, learned_policy
+from kelvin.heads import DiversityHeadsPolicy, PartialVecNormalize, head_grid
+from kelvin.rundir import normalization_stats
+from policies.artifact import load_policy
+from policies.features import FeatureSettings
+from policies.tuned_base import TunedBase, TunedBasePolicy, interpolation_weights
+from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, obs_col, stub_config
+
+GRID = (0.0, 1.0, 2.0)
+BASE = TunedBase(kind="table", lambdas=GRID, temperatures={**{c: (0.2, 0.6, 1.0) for c in CATEGORIES},
+                                                           "other": (0.4, 0.4, 0.4)})
+
+
+def test_interpolation_weights_by_hand():
+    w = interpolation_weights(torch.tensor(GRID), torch.tensor([0.0, 0.25, 1.0, 1.5, 2.0, 3.0, -1.0]))
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5],
+                             [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # constant outside the grid
+    assert torch.equal(w, expected)
+    assert torch.equal(interpolation_weights(torch.tensor([0.5]), torch.tensor([0.0, 2.0])), torch.ones(2, 1))
+
+
+def _heads_model(env, seed=0):
+    """A PPO model with diversity heads on ``env`` (under the residual wrapper and the partial normaliser)."""
+    col = obs_col(env, "diversity")
+    vec = PartialVecNormalize(ResidualActionVecEnv(env, BASE.module(env.feature_spec, env.action_mapping)),
+                              raw_columns=[col], norm_reward=False, gamma=1.0)
+    model = PPO(DiversityHeadsPolicy, vec, n_steps=4, batch_size=8, seed=seed, device="cpu", use_sde=True,
+                policy_kwargs={"heads": list(GRID), "diversity_col": col})
+    return model, vec, col
+
+
+def _env():
+    config = stub_config(batch_size=4, group_size=2, max_new_tokens=4, features=FeatureSettings(include_diversity=True))
+    return TemperatureVecEnv(config, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
+
+
+def test_sb3_action_equals_the_exported_actor_on_raw_observations(tmp_path):
+    env = _env()
+    model, vec, col = _heads_model(env)
+    spec, mapping = env.feature_spec, env.action_mapping
+    model.learn(16)  # the normaliser's statistics move off 0 / 1
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.copy_(torch.tensor([-0.2, 0.1, 0.3]))  # the three heads' residuals
+    raw = vec.get_original_obs().copy()
+    raw[:, col] = [0.0, 0.5, 1.5, 2.0]  # λ at, between and beyond grid points
+    norm = vec.normalize_obs(raw)
+    assert np.array_equal(norm[:, col], raw[:, col])  # the heads read λ itself
+    other = obs_col(env, "position")
+    assert norm[0, other] != raw[0, other]  # every other column is normalised
+    residual = torch.tensor([-0.2, -0.05, 0.2, 0.3])  # -0.2; (-0.2 + 0.1) / 2; (0.1 + 0.3) / 2; 0.3
+    sb3, _ = model.predict(norm, deterministic=True)
+    torch.testing.assert_close(torch.as_tensor(sb3[:, 0]), residual, atol=1e-6, rtol=0)
+    base = TunedBasePolicy(BASE, spec, mapping).actions(torch.as_tensor(raw))
+    expected = (base + residual).clamp(-1, 1)
+    actor = learned_policy(model, vec, spec, mapping, base=BASE)
+    torch.testing.assert_close(actor.actions(torch.as_tensor(raw)), expected, atol=1e-6, rtol=0)
+    out = export_learned(model.policy, tmp_path / "export", spec, mapping, model={"name": "stub", "vocab_size": 8},
+                         obs_normalization=normalization_stats(vec), diversity_range=(0.0, 2.0), base=BASE)
+    exported = load_policy(out)  # TorchScript: what every sampler runs
+    assert torch.equal(exported.actions(torch.as_tensor(raw)), actor.actions(torch.as_tensor(raw)))
+    env.close()
+
+
+def test_a_row_at_lambda_zero_trains_only_its_own_head():
+    env = _env()
+    model, vec, col = _heads_model(env)
+    obs = torch.as_tensor(vec.reset())
+    obs[:, col] = 0.0
+    _, log_prob, _ = model.policy.evaluate_actions(obs, torch.full((4, 1), 0.1))
+    log_prob.sum().backward()
+    grad_w, grad_b = model.policy.action_net.weight.grad, model.policy.action_net.bias.grad
+    assert grad_b[0] != 0 and torch.count_nonzero(grad_w[0]) > 0
+    assert torch.count_nonzero(grad_w[1:]) == 0 and torch.count_nonzero(grad_b[1:]) == 0
+    env.close()
+
+
+def test_heads_survive_save_and_load(tmp_path):
+    env = _env()
+    model, vec, col = _heads_model(env)
+    model.learn(16)
+    model.save(tmp_path / "model.zip")
+    vec.save(str(tmp_path / "vec.pkl"))
+    loaded = PPO.load(tmp_path / "model.zip", device="cpu")
+    assert isinstance(loaded.policy, DiversityHeadsPolicy) and loaded.policy.heads == list(GRID)
+    obs = vec.normalize_obs(vec.get_original_obs())
+    assert np.array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    again = PartialVecNormalize.load(str(tmp_path / "vec.pkl"), vec.venv)
+    assert again.raw_columns == [col]
+    stats = normalization_stats(again)
+    assert stats["mean"][col] == 0.0 and np.float32(stats["var"][col]) + np.float32(stats["epsilon"]) == 1.0
+    env.close()
+
+
+def test_the_grid_is_the_bases_and_a_config_without_lambda_is_refused(tmp_path):
+    config = load_config("configs/default.yaml", overrides=["policy.diversity_heads=true"])
+    assert head_grid(config) == (0.0, 0.5, 1.0, 1.5, 2.0)
+    assert head_grid(load_config("configs/default.yaml")) is None  # off: one output
+    with pytest.raises(Exception, match="policy.diversity_heads reads λ.*include_diversity"):
+        load_config("configs/default.yaml", overrides=["policy.diversity_heads=true", "policy.base=none",
+                                                      "env.features.include_diversity=false"])
