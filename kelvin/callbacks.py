@@ -254,7 +254,9 @@ class PeriodicValidation(BaseCallback):
             writer.add_text("validation/samples", "\n\n---\n\n".join(lines), self.model.num_timesteps)
         self.history.append({"step": v["step"], "updates": updates(self.config, v["step"]) - int(pending),
                              "learned_reward": v["learned"]["reward"], "margin_vs_best_fixed": v["margin_vs_best_fixed"],
-                             "margin_vs_base": v["margin_vs_base"]})
+                             "margin_vs_base": v["margin_vs_base"],
+                             "by_diversity": {k: {m: at.get(m) for m in ("margin_vs_best_fixed", "margin_vs_base")}
+                                              for k, at in v["by_diversity"].items()}})
         v["history"] = self.history  # the margins against the update number, this run's resumes included
         self.last_validation = v
         write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))

@@ -69,6 +69,8 @@ def test_smoke_run_writes_every_promised_file(smoke_run):
     assert val["episodes_per_policy"] == 2 * 2 * 2  # 2 prompts x 2 samples x 2 λ
     per_lam = [val["by_diversity"][k]["margin_vs_base"]["mean"] for k in ("0", "2")]
     assert val["margin_vs_base"]["mean"] == pytest.approx(sum(per_lam) / 2)
+    last = val["history"][-1]["by_diversity"]  # each validation keeps its margins per λ
+    assert [last[k]["margin_vs_base"] for k in ("0", "2")] == [val["by_diversity"][k]["margin_vs_base"] for k in ("0", "2")]
     base = json.loads((run_dir / "base.json").read_text())
     assert base["kind"] == "table" and base["lambdas"] == [0.0, 2.0] and base["tuning"]["prompts"] == 4
     assert set(base["temperatures"]) == {*CATEGORIES, "other"}
