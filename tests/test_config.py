@@ -134,7 +134,7 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert a["env"]["action"] == {"kind": "linear", "t_min": 0.0, "t_max": 2.4, "min_abs_temperature": 0.05,
                                   "max_delta": None}
     assert (a["train"]["total_timesteps"], a["train"]["checkpoint_every"], a["train"]["validate_every"],
-            a["train"]["validation_prompts"]) == (20480, 4096, 10, 32)
+            a["train"]["validation_prompts"]) == (20480, 4096, 20, 32)
     assert a["policy"] == {"base": "table", "base_temperatures": [0.0, 0.3, 0.6, 0.9, 1.2], "base_prompts": 32,
                            "base_diversity_points": 5, "diversity_heads": False}
     assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (32, 256, 1.0)
