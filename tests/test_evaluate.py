@@ -166,6 +166,42 @@ def test_tables_are_tuned_per_category_and_lambda():
     assert tables[1.0] == {"creative_writing": 1.0, "math": 0.0, "other": 1.0}
 
 
+@pytest.mark.parametrize("include_category", [True, False])
+def test_the_fixed_t_rival_is_tuned_with_or_without_the_category(include_category, tmp_path, monkeypatch):
+    """The headline's rival (the best fixed T at each λ) comes from the table's tuning runs; without the category
+    in the observation the table itself cannot run, but the rival must still be there (it was dropped once)."""
+    import kelvin.evaluation.run as run_module
+
+    def ep(category, correct, semantic):
+        comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
+                                  "correct", "group_semantic", "group_ngram")}
+        comps.update(correct=correct, group_semantic=semantic)
+        return {"category": category, "reward_components": comps}
+
+    by_t = {0.0: [ep("math", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
+            1.0: [ep("math", 0.5, 0.5), ep("creative_writing", 0.0, 0.6)]}  # the tables of the test above
+
+    class FakeRunner:  # the tuning runs without a model: each fixed T's episodes above
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    def fake_run(runner, points, label, progress):
+        return {e.cache_key: type("R", (), {"groups": [by_t[e.params["t"]]]})() for e in points}, False
+
+    monkeypatch.setattr(run_module, "Runner", FakeRunner)
+    monkeypatch.setattr(run_module, "_run_entries", fake_run)
+    config = load_config("configs/smoke.yaml", training=False, overrides=[
+        f"env.include_category={str(include_category).lower()}", "evaluation.table_temperatures=[0.0, 1.0]",
+        *([] if include_category else ["policy.base=fixed"])])
+    families, tables, interrupted = run_module._tables(config, [0.0, 1.0], None, 0, tmp_path, False, False)
+    assert not interrupted and tables["table"][1.0]["other"] == 1.0
+    assert sorted(families) == (["fixed-tuned", "table"] if include_category else ["fixed-tuned"])
+    assert [(e.diversity, e.params["t"]) for e in families["fixed-tuned"]] == [(0.0, 0.0), (1.0, 1.0)]
+
+
 def test_family_points_run_under_a_wide_mapping_with_their_truncation():
     from kelvin.evaluation.families import BASELINE_MAPPING, family_entries
     from samplers.core import Truncation

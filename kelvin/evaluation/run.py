@@ -177,8 +177,9 @@ def _run_entries(runner: Runner, entries: list[PolicyEntry], what: str, progress
 
 def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: int, out: Path, resume: bool,
             progress: bool) -> tuple[dict[str, list[PolicyEntry]], dict, bool]:
-    """The per-category table families, tuned on the validation split: ``({family: entries}, {family: {λ:
-    table}}, interrupted)``."""
+    """The per-category table families and the headline's fixed-T rivals (the best T at each λ), tuned by the same
+    fixed-T runs on the validation split: ``({family: entries}, {family: {λ: table}}, interrupted)``. Without the
+    category in the observation (``env.include_category`` false) only the rivals: a table cannot be applied."""
     from envs.rewards import RewardFunction
     from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
 
@@ -209,7 +210,8 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
                 break
             episodes = {e.params["t"]: [ep for g in done[e.cache_key].groups for ep in g] for e in points}
             tables[family] = tune_tables(episodes, lambdas, reward)
-            families[family] = table_entries(tables[family], family, truncation, config)
+            if config.env.include_category:  # a table reads the category one-hot; without it, only the fixed-T rival
+                families[family] = table_entries(tables[family], family, truncation, config)
             rival = "fixed-tuned" + family[len("table"):]  # the headline's fixed-T rival, tuned by the same runs
             families[rival] = tuned_fixed_entries(tables[family], rival, truncation, config)
     finally:
@@ -322,7 +324,7 @@ def evaluate(config: KelvinConfig, out_dir: str | Path, policies: Sequence[str],
     tables: dict = {}
     if families:
         fams = family_entries(config, train_truncation)
-        if ev.table_temperatures and config.env.include_category:
+        if ev.table_temperatures:
             table_fams, tables, interrupted = _tables(config, lambdas, train_truncation, seed, out, resume, progress)
             fams.update(table_fams)
     rivals = {f: fams.pop(f) for f in list(fams) if f.startswith("fixed-tuned")}  # the headline's, not a front
