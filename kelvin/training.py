@@ -50,13 +50,13 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
-from kelvin.heads import DiversityHeadsPolicy, PartialVecNormalize, head_grid
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
 from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
                               updates)
 from kelvin.config import KelvinConfig, model_setting_changes
 from kelvin.config_loading import load_config
 from kelvin.export import export_run
+from kelvin.heads import DiversityHeadsPolicy, PartialVecNormalize, head_grid
 from kelvin.rundir import RunDir, Snapshot, load_ppo, load_vecnormalize
 from kelvin.tuning import EpisodeCache, tune_base
 from kelvin.validation import Validation, margin_text
