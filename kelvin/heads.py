@@ -33,8 +33,8 @@ __all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "head_grid"]
 
 
 class PartialVecNormalize(VecNormalize):
-    """``VecNormalize`` whose observation columns ``raw_columns`` pass through unchanged (statistics are still
-    kept for them, unused)."""
+    """``VecNormalize`` whose observation columns ``raw_columns`` pass through unscaled, only clipped to
+    ``±clip_obs`` like the others (statistics are still kept for them, unused)."""
 
     def __init__(self, venv, raw_columns: Sequence[int] = (), **kwargs):
         super().__init__(venv, **kwargs)
@@ -42,7 +42,8 @@ class PartialVecNormalize(VecNormalize):
 
     def _normalize_obs(self, obs: np.ndarray, obs_rms) -> np.ndarray:
         out = super()._normalize_obs(obs, obs_rms)
-        out[..., self.raw_columns] = obs[..., self.raw_columns]
+        # clipped like every column, as the exported actor clips them (mean 0 / variance 1: normalization_stats)
+        out[..., self.raw_columns] = np.clip(obs[..., self.raw_columns], -self.clip_obs, self.clip_obs)
         return out
 
     def _unnormalize_obs(self, obs: np.ndarray, obs_rms) -> np.ndarray:

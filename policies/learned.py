@@ -30,7 +30,7 @@ class ActorModule(torch.nn.Module):
     ``clamp(base(obs) + residual, -1, 1)``.
 
     ``heads`` (the λ grid, L points; ``policy.diversity_heads``): ``net`` ends in L outputs, one residual per
-    grid point, interpolated linearly at the row's raw λ (column ``diversity_col``) as the base is
+    grid point, interpolated linearly at the row's λ (column ``diversity_col``, left unnormalised) as the base is
     (:func:`~policies.tuned_base.interpolation_weights`). A row at λ = 0 then reads only the λ = 0 head.
     """
 
@@ -60,7 +60,7 @@ class ActorModule(torch.nn.Module):
             x = torch.clamp((x - self.mean) / torch.sqrt(self.var + self.epsilon), -self.clip, self.clip)
         a = self.net(x)  # (B, 1), or (B, L) with heads
         if self.has_heads:
-            w = interpolation_weights(self.heads, obs[:, self.diversity_col].to(torch.float32))  # (B, L)
+            w = interpolation_weights(self.heads, x[:, self.diversity_col].contiguous())  # (B, L) λ, clipped as trained
             a = (a * w).sum(1, keepdim=True)  # (B, 1)
         a = torch.clamp(a, -1.0, 1.0)
         if self.has_base:
