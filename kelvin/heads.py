@@ -27,7 +27,7 @@ from stable_baselines3.common.distributions import StateDependentNoiseDistributi
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 
-from policies.tuned_base import interpolation_weights
+from policies.tuned_base import interpolation_grid, interpolation_weights
 
 __all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "head_grid"]
 
@@ -104,8 +104,6 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 def head_grid(config) -> tuple[float, ...] | None:
     """The λ grid of a run's diversity heads (the base's grid: ``policy.base_diversity_points`` values over
     ``env.diversity_range``), or None when the run has one output (``policy.diversity_heads`` off, or one λ)."""
-    from policies.tuned_base import interpolation_grid
-
     if not config.policy.diversity_heads:
         return None
     grid = interpolation_grid(config.env.diversity_bounds, config.policy.base_diversity_points)

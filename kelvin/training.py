@@ -286,11 +286,10 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     """A PPO model (and its normaliser) at step 0; ``start_at_base``: the actor's last layer is zero, so the
     deterministic policy starts as the base and PPO learns only the correction."""
     tc = config.train
-    vec, policy, kwargs = None, "MlpPolicy", config.ppo.kwargs()
+    vec, policy, kwargs, raw = None, "MlpPolicy", config.ppo.kwargs(), []
     grid = head_grid(config)
-    raw = [] if grid is None else [config.env.feature_spec().index("diversity")]  # the heads read λ itself
-    if grid is not None:
-        policy = DiversityHeadsPolicy
+    if grid is not None:  # one output per λ of the grid; they read λ itself, left unnormalised
+        policy, raw = DiversityHeadsPolicy, [config.env.feature_spec().index("diversity")]
         kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0]}
     if tc.normalize_obs or tc.normalize_reward:
         normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
