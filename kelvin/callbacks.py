@@ -1,6 +1,7 @@
 """The callbacks of a training run (:func:`kelvin.training.train`), one job each, run as one SB3 ``CallbackList``
 in this order: :class:`RolloutStats` (TensorBoard's rollout, reward, episode and perf tags),
-:class:`PeriodicValidation` (``validation/*``, ``validation.json``) and :class:`SnapshotCheckpoint` (the
+:class:`PeriodicValidation` (``validation/*``, ``validation.json``), :class:`ResidualPull` (a pull toward the base
+after each update, ``policy.residual_pull``) and :class:`SnapshotCheckpoint` (the
 snapshot of every completed PPO update, checkpoints, and the stop on a signal). :class:`TrainingStop` turns
 SIGINT and SIGTERM into that stop.
 """
@@ -29,7 +30,7 @@ from kelvin.validation import Validation
 from kelvin.validation import scalars as validation_scalars
 from policies.tuned_base import TunedBase
 
-__all__ = ["PeriodicValidation", "RolloutStats", "SnapshotCheckpoint", "TrainingStop", "ValidationStopped",
+__all__ = ["PeriodicValidation", "ResidualPull", "RolloutStats", "SnapshotCheckpoint", "TrainingStop", "ValidationStopped",
            "updates"]
 
 
@@ -261,6 +262,40 @@ class PeriodicValidation(BaseCallback):
         self.last_validation = v
         write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
         return v
+
+
+class ResidualPull(BaseCallback):
+    """After every PPO update, scales the actor's last layer (``action_net``: the residual on the base) by
+    ``1 - policy.residual_pull``: a decay toward the base, in update steps. A correction the advantages keep
+    pushing settles where the pull balances the push; one that noise drew (the λ = 0 drift of docs/results.md)
+    fades. It runs before :class:`SnapshotCheckpoint` takes the update's snapshot, so a run resumed from that
+    snapshot continues exactly as one that was never stopped; a rollout cut short by a stop has no update and
+    no pull. The optimizer's moments are left alone."""
+
+    def __init__(self, fraction: float):
+        super().__init__(verbose=0)
+        self.keep = 1.0 - float(fraction)
+        self._updating = False  # True between a rollout's end and the end of its PPO update
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._updating = True
+
+    def _on_rollout_start(self) -> None:
+        if self._updating:
+            self._pull()
+
+    def _on_training_end(self) -> None:
+        if self._updating:
+            self._pull()
+
+    def _pull(self) -> None:
+        self._updating = False
+        with torch.no_grad():
+            self.model.policy.action_net.weight.mul_(self.keep)
+            self.model.policy.action_net.bias.mul_(self.keep)
 
 
 class SnapshotCheckpoint(BaseCallback):

@@ -51,8 +51,8 @@ from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
-from kelvin.callbacks import (PeriodicValidation, RolloutStats, SnapshotCheckpoint, TrainingStop, ValidationStopped,
-                              updates)
+from kelvin.callbacks import (PeriodicValidation, ResidualPull, RolloutStats, SnapshotCheckpoint, TrainingStop,
+                              ValidationStopped, updates)
 from kelvin.config import KelvinConfig, model_setting_changes
 from kelvin.config_loading import load_config
 from kelvin.export import export_run
@@ -307,7 +307,8 @@ def _learn(s: _Session) -> Exception | None:
     """PPO up to ``train.total_timesteps``. Returns None when it ran to the end or a signal stopped it (a second
     signal interrupts it at once), else the error to report once the last snapshot is saved: a
     :class:`SaveError` (a checkpoint could not be written) or a crash (a Ray worker died...)."""
-    callbacks = CallbackList([s.stats, s.validation, s.checkpoint])  # this order: see kelvin.callbacks
+    pull = [ResidualPull(s.config.policy.residual_pull)] if s.config.policy.residual_pull > 0 else []
+    callbacks = CallbackList([s.stats, s.validation, *pull, s.checkpoint])  # this order: see kelvin.callbacks
     try:
         s.model.learn(total_timesteps=s.config.train.total_timesteps - s.model.num_timesteps, callback=callbacks,
                       tb_log_name=TB_NAME, reset_num_timesteps=s.point is None, progress_bar=s.config.train.progress_bar)

@@ -1,0 +1,90 @@
+"""``policy.residual_pull``: after every PPO update the actor's last layer (the residual on the base) is scaled by
+1 - pull, before the update's snapshot; a rollout cut short has no update and no pull. A small PPO on Pendulum
+(the callback only touches ``policy.action_net``): fast."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+
+from kelvin.callbacks import ResidualPull
+from kelvin.config_loading import load_config
+
+N_STEPS = 32
+
+
+def _last_layer(model) -> torch.Tensor:
+    net = model.policy.action_net
+    return torch.cat([net.weight.detach().flatten(), net.bias.detach()]).clone()
+
+
+class _Recorder(BaseCallback):
+    """Placed after the pull, where SnapshotCheckpoint is: the last layer as each update's snapshot sees it.
+    ``stop_at``: end learn() at this env step (a stop mid-rollout)."""
+
+    def __init__(self, stop_at: int | None = None):
+        super().__init__()
+        self.seen, self.stop_at, self._updating = [], stop_at, False
+
+    def _on_step(self) -> bool:
+        return self.stop_at is None or self.model.num_timesteps < self.stop_at
+
+    def _on_rollout_end(self) -> None:
+        self._updating = True
+
+    def _on_rollout_start(self) -> None:
+        if self._updating:
+            self._updating = False
+            self.seen.append(_last_layer(self.model))
+
+    def _on_training_end(self) -> None:
+        self._on_rollout_start()
+
+
+def _model_recording_updates():
+    model = PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=N_STEPS, batch_size=N_STEPS, n_epochs=2, seed=0,
+                learning_rate=1e-2, device="cpu")
+    after_update = []
+    train = model.train
+
+    def train_and_record():
+        train()
+        after_update.append(_last_layer(model))
+
+    model.train = train_and_record
+    return model, after_update
+
+
+def test_the_last_layer_is_scaled_after_every_update_before_its_snapshot():
+    model, after_update = _model_recording_updates()
+    recorder = _Recorder()
+    model.learn(3 * N_STEPS, callback=CallbackList([ResidualPull(0.25), recorder]))
+    assert len(after_update) == len(recorder.seen) == 3
+    for trained, snapshot in zip(after_update, recorder.seen):
+        assert not torch.equal(trained, torch.zeros_like(trained))
+        assert torch.equal(snapshot, trained * 0.75)  # exactly the update's weights, scaled once
+    assert torch.equal(_last_layer(model), recorder.seen[-1])
+    # the rest of the policy is PPO's alone
+    ref, ref_updates = _model_recording_updates()
+    ref.learn(N_STEPS)
+    assert torch.equal(ref_updates[0], after_update[0])
+
+
+def test_a_rollout_cut_short_is_not_pulled():
+    model, after_update = _model_recording_updates()
+    recorder = _Recorder(stop_at=N_STEPS + 5)  # the second rollout stops mid-way: no update, so no pull
+    model.learn(3 * N_STEPS, callback=CallbackList([ResidualPull(0.25), recorder]))
+    assert len(after_update) == len(recorder.seen) == 1
+    assert torch.equal(_last_layer(model), after_update[0] * 0.75)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["policy.residual_pull=0.05", "policy.base=none"], "policy.residual_pull pulls the residual toward the base"),
+    (["policy.residual_pull=1.0"], r"policy.residual_pull=1.0: must be a finite number in \[0, 1\)"),
+])
+def test_a_pull_without_a_base_or_out_of_range_is_refused(overrides, message):
+    with pytest.raises(Exception, match=message):
+        load_config("configs/default.yaml", overrides=overrides)
