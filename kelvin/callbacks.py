@@ -277,6 +277,12 @@ class ResidualPull(BaseCallback):
         self.keep = 1.0 - float(fraction)
         self._updating = False  # True between a rollout's end and the end of its PPO update
 
+    @classmethod
+    def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
+        """The run's pull as a list of callbacks: none when it is 0 or there is no base (``policy.base: none``)."""
+        pc = config.policy
+        return [cls(pc.residual_pull)] if pc.residual_pull > 0 and pc.base != "none" else []
+
     def _on_step(self) -> bool:
         return True
 

@@ -212,13 +212,15 @@ class PolicyConfig:
     base_diversity_points: StrictInt = Field(5, ge=1)
     """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
     (formerly ``base_lambdas``, which still loads)."""
-    diversity_heads: StrictBool = False
+    diversity_heads: StrictBool = True
     """One residual output per λ of that grid, interpolated in λ as the base is (:mod:`kelvin.heads`), in place of
-    one output for every λ: a row's λ picks which outputs it trains. Needs env.features.include_diversity."""
-    residual_pull: StrictFloat = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False, examples=[0.05])
+    one output for every λ: a row's λ picks which outputs it trains. Where the observation has no λ
+    (env.features.include_diversity false) or the range is one λ, the actor has one output."""
+    residual_pull: StrictFloat = Field(0.15, ge=0.0, lt=1.0, allow_inf_nan=False, examples=[0.05])
     """The fraction of the residual removed after every PPO update (the actor's last layer scaled by 1 - this): a
     pull toward the base, so a correction the reward keeps asking for stays and one that noise drew fades
-    (:class:`kelvin.callbacks.ResidualPull`). 0: off. Needs a base."""
+    (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results.md). 0: off. With policy.base: none there is no
+    base to pull toward, and no pull."""
 
     @model_validator(mode="before")
     @classmethod
@@ -307,12 +309,6 @@ class KelvinConfig:
         if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
-        if self.policy.diversity_heads and not self.env.features.include_diversity:
-            raise ValueError("policy.diversity_heads reads λ from the observation, but env.features.include_diversity "
-                             "is false: set it true, or policy.diversity_heads: false")
-        if self.policy.residual_pull > 0 and self.policy.base == "none":
-            raise ValueError("policy.residual_pull pulls the residual toward the base, but policy.base is 'none': "
-                             "set policy.base: table or fixed, or policy.residual_pull: 0")
 
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the

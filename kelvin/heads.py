@@ -103,8 +103,9 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 
 def head_grid(config) -> tuple[float, ...] | None:
     """The λ grid of a run's diversity heads (the base's grid: ``policy.base_diversity_points`` values over
-    ``env.diversity_range``), or None when the run has one output (``policy.diversity_heads`` off, or one λ)."""
-    if not config.policy.diversity_heads:
+    ``env.diversity_range``), or None when the run has one output (``policy.diversity_heads`` off, no λ in the
+    observation, or one λ)."""
+    if not (config.policy.diversity_heads and config.env.features.include_diversity):
         return None
     grid = interpolation_grid(config.env.diversity_bounds, config.policy.base_diversity_points)
     return grid if len(grid) > 1 else None

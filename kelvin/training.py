@@ -307,8 +307,7 @@ def _learn(s: _Session) -> Exception | None:
     """PPO up to ``train.total_timesteps``. Returns None when it ran to the end or a signal stopped it (a second
     signal interrupts it at once), else the error to report once the last snapshot is saved: a
     :class:`SaveError` (a checkpoint could not be written) or a crash (a Ray worker died...)."""
-    pull = [ResidualPull(s.config.policy.residual_pull)] if s.config.policy.residual_pull > 0 else []
-    callbacks = CallbackList([s.stats, s.validation, *pull, s.checkpoint])  # this order: see kelvin.callbacks
+    callbacks = CallbackList([s.stats, s.validation, *ResidualPull.of(s.config), s.checkpoint])  # this order: see kelvin.callbacks
     try:
         s.model.learn(total_timesteps=s.config.train.total_timesteps - s.model.num_timesteps, callback=callbacks,
                       tb_log_name=TB_NAME, reset_num_timesteps=s.point is None, progress_bar=s.config.train.progress_bar)

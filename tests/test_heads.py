@@ -2,12 +2,11 @@
 
 The interpolation weights by hand, the λ column left raw by the normaliser, SB3's deterministic action equal to the
 exported actor's (torch module and TorchScript) on raw observations, a row at λ = 0 training only its own head,
-the policy surviving save/load, and a config that cannot feed the heads refused. Stub LM only: fast."""
+the policy surviving save/load, and one output where the observation has no λ. Stub LM only: fast."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from stable_baselines3 import PPO
 
@@ -109,10 +108,10 @@ def test_heads_survive_save_and_load(tmp_path):
     env.close()
 
 
-def test_the_grid_is_the_bases_and_a_config_without_lambda_is_refused(tmp_path):
-    config = load_config("configs/default.yaml", overrides=["policy.diversity_heads=true"])
+def test_the_grid_is_the_bases_and_without_lambda_there_is_one_output(tmp_path):
+    config = load_config("configs/default.yaml")  # heads on by default
     assert head_grid(config) == (0.0, 0.5, 1.0, 1.5, 2.0)
-    assert head_grid(load_config("configs/default.yaml")) is None  # off: one output
-    with pytest.raises(Exception, match="policy.diversity_heads reads λ.*include_diversity"):
-        load_config("configs/default.yaml", overrides=["policy.diversity_heads=true", "policy.base=none",
-                                                      "env.features.include_diversity=false"])
+    assert head_grid(load_config("configs/default.yaml", overrides=["policy.diversity_heads=false"])) is None
+    no_lambda = load_config("configs/default.yaml", overrides=["policy.base=none", "env.features.include_diversity=false"])
+    assert no_lambda.policy.diversity_heads and head_grid(no_lambda) is None
+    assert head_grid(load_config("configs/default.yaml", overrides=["env.diversity_range=[1.0,1.0]"])) is None

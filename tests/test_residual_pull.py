@@ -1,6 +1,6 @@
 """``policy.residual_pull``: after every PPO update the actor's last layer (the residual on the base) is scaled by
 1 - pull, before the update's snapshot; a rollout cut short has no update and no pull. A small PPO on Pendulum
-(the callback only touches ``policy.action_net``): fast."""
+(the callback only touches ``policy.action_net``), and which configs pull: fast."""
 
 from __future__ import annotations
 
@@ -81,10 +81,13 @@ def test_a_rollout_cut_short_is_not_pulled():
     assert torch.equal(_last_layer(model), after_update[0] * 0.75)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["policy.residual_pull=0.05", "policy.base=none"], "policy.residual_pull pulls the residual toward the base"),
-    (["policy.residual_pull=1.0"], r"policy.residual_pull=1.0: must be a finite number in \[0, 1\)"),
-])
-def test_a_pull_without_a_base_or_out_of_range_is_refused(overrides, message):
-    with pytest.raises(Exception, match=message):
-        load_config("configs/default.yaml", overrides=overrides)
+def test_the_default_pulls_and_no_base_or_zero_means_no_pull():
+    (pull,) = ResidualPull.of(load_config("configs/default.yaml"))
+    assert pull.keep == pytest.approx(0.85)
+    assert ResidualPull.of(load_config("configs/default.yaml", overrides=["policy.base=none"])) == []
+    assert ResidualPull.of(load_config("configs/default.yaml", overrides=["policy.residual_pull=0"])) == []
+
+
+def test_a_pull_out_of_range_is_refused():
+    with pytest.raises(Exception, match=r"policy.residual_pull=1.0: must be a finite number in \[0, 1\)"):
+        load_config("configs/default.yaml", overrides=["policy.residual_pull=1.0"])
