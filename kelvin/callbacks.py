@@ -30,8 +30,8 @@ from kelvin.validation import Validation
 from kelvin.validation import scalars as validation_scalars
 from policies.tuned_base import TunedBase
 
-__all__ = ["PeriodicValidation", "ResidualPull", "RolloutStats", "SnapshotCheckpoint", "TrainingStop", "ValidationStopped",
-           "updates"]
+__all__ = ["AfterEachUpdate", "PeriodicValidation", "ResidualPull", "RolloutStats", "SnapshotCheckpoint",
+           "TrainingStop", "ValidationStopped", "updates"]
 
 
 class ValidationStopped(Exception):
@@ -264,24 +264,14 @@ class PeriodicValidation(BaseCallback):
         return v
 
 
-class ResidualPull(BaseCallback):
-    """After every PPO update, scales the actor's last layer (``action_net``: the residual on the base) by
-    ``1 - policy.residual_pull``: a decay toward the base, in update steps. A correction the advantages keep
-    pushing settles where the pull balances the push; one that noise drew (the λ = 0 drift of docs/results.md)
-    fades. It runs before :class:`SnapshotCheckpoint` takes the update's snapshot, so a run resumed from that
-    snapshot continues exactly as one that was never stopped; a rollout cut short by a stop has no update and
-    no pull. The optimizer's moments are left alone."""
+class AfterEachUpdate(BaseCallback):
+    """Calls :meth:`after_update` once per completed PPO update. SB3 runs a rollout's update between
+    ``on_rollout_end`` and the next ``on_rollout_start`` (after the last rollout, before ``on_training_end``); a
+    rollout cut short by a stop (``on_step`` returned False) has no update, and no call."""
 
-    def __init__(self, fraction: float):
+    def __init__(self):
         super().__init__(verbose=0)
-        self.keep = 1.0 - float(fraction)
         self._updating = False  # True between a rollout's end and the end of its PPO update
-
-    @classmethod
-    def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
-        """The run's pull as a list of callbacks: none when it is 0 or there is no base (``policy.base: none``)."""
-        pc = config.policy
-        return [cls(pc.residual_pull)] if pc.residual_pull > 0 and pc.base != "none" else []
 
     def _on_step(self) -> bool:
         return True
@@ -290,36 +280,58 @@ class ResidualPull(BaseCallback):
         self._updating = True
 
     def _on_rollout_start(self) -> None:
-        if self._updating:
-            self._pull()
+        self._update_ended()
 
     def _on_training_end(self) -> None:
-        if self._updating:
-            self._pull()
+        self._update_ended()
 
-    def _pull(self) -> None:
-        self._updating = False
+    def _update_ended(self) -> None:
+        if self._updating:
+            self._updating = False
+            self.after_update()
+
+    def after_update(self) -> None:
+        raise NotImplementedError
+
+
+class ResidualPull(AfterEachUpdate):
+    """After every PPO update, scales the actor's last layer (``action_net``: the residual on the base) by
+    ``1 - policy.residual_pull``: a decay toward the base, in update steps. A correction the advantages keep
+    pushing settles where the pull balances the push; one that noise drew (the λ = 0 drift of docs/results.md)
+    fades. It runs before :class:`SnapshotCheckpoint` takes the update's snapshot, so a run resumed from that
+    snapshot continues exactly as one that was never stopped; a rollout cut short by a stop has no update and
+    no pull. The optimizer's moments are left alone."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.keep = 1.0 - float(fraction)
+
+    @classmethod
+    def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
+        """The run's pull as a list of callbacks: none when it is 0 or there is no base (``policy.base: none``)."""
+        pc = config.policy
+        return [cls(pc.residual_pull)] if pc.residual_pull > 0 and pc.base != "none" else []
+
+    def after_update(self) -> None:
         with torch.no_grad():
             self.model.policy.action_net.weight.mul_(self.keep)
             self.model.policy.action_net.bias.mul_(self.keep)
 
 
-class SnapshotCheckpoint(BaseCallback):
+class SnapshotCheckpoint(AfterEachUpdate):
     """Takes a :class:`~kelvin.rundir.Snapshot` after every completed PPO update and writes it as a checkpoint
     every ``train.checkpoint_every`` steps; ends ``learn()`` after the current env step once a stop is requested.
 
-    ``snapshot`` is the state the last completed update left: what the run saves however it ends. SB3 runs the
-    update between ``on_rollout_end`` and the next ``on_rollout_start`` (and after the last rollout, before
-    ``on_training_end``). ``perf["ppo_s"]`` sums the updates' wall time.
+    ``snapshot`` is the state the last completed update left: what the run saves however it ends.
+    ``perf["ppo_s"]`` sums the updates' wall time.
     """
 
     def __init__(self, config: KelvinConfig, run: RunDir, vec_normalize: VecNormalize | None, stop: TrainingStop,
                  snapshot: Snapshot):
-        super().__init__(verbose=0)
+        super().__init__()
         self.config, self.run, self.stop = config, run, stop
         self.vec_normalize = vec_normalize
         self.snapshot = snapshot
-        self._updating = False  # True between a rollout's end and the end of its PPO update
         self._last_checkpoint = 0
         self._t_rollout_end: float | None = None
         self.perf = {"ppo_s": 0.0}
@@ -331,22 +343,16 @@ class SnapshotCheckpoint(BaseCallback):
         return not self.stop.requested  # False ends model.learn after this step (see TrainingStop)
 
     def _on_rollout_end(self) -> None:
-        self._updating = True  # SB3 runs this rollout's PPO update next
+        super()._on_rollout_end()
         self._t_rollout_end = time.perf_counter()
 
     def _on_rollout_start(self) -> None:
         if self._t_rollout_end is not None:  # SB3 ran the PPO update since the last rollout ended
             self.perf["ppo_s"] += time.perf_counter() - self._t_rollout_end
-        if self._updating:
-            self._update_done()
+        super()._on_rollout_start()
 
-    def _on_training_end(self) -> None:
-        if self._updating:  # learn() ran the last rollout's update, then ended
-            self._update_done()
-
-    def _update_done(self) -> None:
+    def after_update(self) -> None:
         """A PPO update has completed: take the snapshot, and write it as a checkpoint when one is due."""
-        self._updating = False
         self.snapshot = Snapshot.take(self.model, self.vec_normalize)
         every = self.config.train.checkpoint_every
         if every and self.snapshot.step - self._last_checkpoint >= every:

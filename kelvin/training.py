@@ -307,7 +307,8 @@ def _learn(s: _Session) -> Exception | None:
     """PPO up to ``train.total_timesteps``. Returns None when it ran to the end or a signal stopped it (a second
     signal interrupts it at once), else the error to report once the last snapshot is saved: a
     :class:`SaveError` (a checkpoint could not be written) or a crash (a Ray worker died...)."""
-    callbacks = CallbackList([s.stats, s.validation, *ResidualPull.of(s.config), s.checkpoint])  # this order: see kelvin.callbacks
+    # this order: see kelvin.callbacks (the pull before the update's snapshot)
+    callbacks = CallbackList([s.stats, s.validation, *ResidualPull.of(s.config), s.checkpoint])
     try:
         s.model.learn(total_timesteps=s.config.train.total_timesteps - s.model.num_timesteps, callback=callbacks,
                       tb_log_name=TB_NAME, reset_num_timesteps=s.point is None, progress_bar=s.config.train.progress_bar)

@@ -8,9 +8,9 @@ import gymnasium as gym
 import pytest
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import CallbackList
 
-from kelvin.callbacks import ResidualPull
+from kelvin.callbacks import AfterEachUpdate, ResidualPull
 from kelvin.config_loading import load_config
 
 N_STEPS = 32
@@ -21,27 +21,19 @@ def _last_layer(model) -> torch.Tensor:
     return torch.cat([net.weight.detach().flatten(), net.bias.detach()]).clone()
 
 
-class _Recorder(BaseCallback):
+class _Recorder(AfterEachUpdate):
     """Placed after the pull, where SnapshotCheckpoint is: the last layer as each update's snapshot sees it.
     ``stop_at``: end learn() at this env step (a stop mid-rollout)."""
 
     def __init__(self, stop_at: int | None = None):
         super().__init__()
-        self.seen, self.stop_at, self._updating = [], stop_at, False
+        self.seen, self.stop_at = [], stop_at
 
     def _on_step(self) -> bool:
         return self.stop_at is None or self.model.num_timesteps < self.stop_at
 
-    def _on_rollout_end(self) -> None:
-        self._updating = True
-
-    def _on_rollout_start(self) -> None:
-        if self._updating:
-            self._updating = False
-            self.seen.append(_last_layer(self.model))
-
-    def _on_training_end(self) -> None:
-        self._on_rollout_start()
+    def after_update(self) -> None:
+        self.seen.append(_last_layer(self.model))
 
 
 def _model_recording_updates():
