@@ -159,11 +159,18 @@ def run_fixed(env, temperatures: Sequence[float], n_prompts: int, seed: int, cac
     return runs, hits
 
 
-def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward) -> dict[float, dict[str, float]]:
+def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward,
+                prior_episodes: float = 0.0) -> dict[float, dict[str, float]]:
     """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
     in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
     return of each episode (``reward`` a :class:`envs.rewards.RewardFunction` or its config); ties go to the lower
-    temperature. ``other`` (a category the runs did not see, or every prompt) gets the overall best."""
+    temperature. ``other`` (a category the runs did not see, or every prompt) gets the overall best.
+
+    ``prior_episodes`` > 0 pools each category with every prompt (partial pooling): a category's score of T is
+    ``(n_c * mean_c(T) + prior * mean_all(T)) / (n_c + prior)`` with ``n_c`` its episodes, so a category seen on
+    a few prompts keeps the overall best unless its own episodes outweigh the prior. Why (docs/results.md, "The
+    base"): a table tuned on ~4 prompts a category lost 0.57 reward at λ = 1 to one T per λ on 166 held-out
+    prompts; pooled, it gains on it."""
     config = getattr(reward, "config", reward)
     temps = sorted(episodes_by_t)
     parts = {}  # T -> (categories (R,), quality (R,), diversity (R,))
@@ -175,8 +182,14 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     for diversity in lambdas:
         def score(t: float, cat: str | None) -> float:
             cats, q, d = parts[t]
-            mask = np.ones(len(cats), dtype=bool) if cat is None else cats == cat
-            return float(np.mean(q[mask] + diversity * d[mask])) if mask.any() else -np.inf
+            r = q + diversity * d
+            if cat is None:
+                return float(np.mean(r)) if len(r) else -np.inf
+            mask = cats == cat
+            n = int(mask.sum())
+            if n == 0:
+                return -np.inf
+            return float((r[mask].sum() + prior_episodes * np.mean(r)) / (n + prior_episodes))
         table = {c: max(temps, key=lambda t, c=c: (score(t, c), -t)) for c in categories}
         table["other"] = max(temps, key=lambda t: (score(t, None), -t))
         tables[float(diversity)] = table
@@ -205,7 +218,7 @@ def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None
     finally:
         env.close()
     lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_diversity_points)
-    tables = tune_tables(runs, lambdas, config.reward)
+    tables = tune_tables(runs, lambdas, config.reward, prior_episodes=pc.base_prior_prompts * config.env.group_size)
     if pc.base == "fixed":
         rows = {ALL: tuple(tables[diversity]["other"] for diversity in lambdas)}
     else:

@@ -168,6 +168,24 @@ def test_tune_tables_by_hand():
     np.testing.assert_allclose(q + 2.0 * d, [-3.0 + 6.0, -4.0 + 3.0])  # the reward at λ = 2, by hand
 
 
+
+def test_tune_tables_pooled_by_hand():
+    """The same runs pooled with one episode's worth of every prompt: a category's score of T is
+    (its reward + 1 · the mean over both prompts) / 2. math at λ = 2: T=0 (-0.5 - 0.75) / 2 = -0.625, T=1
+    (-4 + 3 + (-3.5 + 4.5)) / 2 = 0: T=1, where math alone keeps T=0. code at λ = 1: T=0 (-1 - 0.75) / 2 = -0.875,
+    T=1 (0 - 1.25) / 2 = -0.625: still T=1. An overwhelming prior gives every category the overall best."""
+    runs = {0.0: [_episode("code", -1.0, 0.0), _episode("math", -0.5, 0.0)],
+            1.0: [_episode("code", -3.0, 0.5), _episode("math", -4.0, 0.25)]}
+    lambdas = [0.0, 0.5, 1.0, 2.0]
+    pooled = tune_tables(runs, lambdas, RewardConfig(), prior_episodes=1.0)
+    assert [pooled[diversity]["code"] for diversity in lambdas] == [0.0, 0.0, 1.0, 1.0]
+    assert [pooled[diversity]["math"] for diversity in lambdas] == [0.0, 0.0, 0.0, 1.0]
+    flat = tune_tables(runs, lambdas, RewardConfig(), prior_episodes=1e9)
+    for diversity in lambdas:
+        assert flat[diversity]["code"] == flat[diversity]["math"] == flat[diversity]["other"]
+    assert [flat[diversity]["other"] for diversity in lambdas] == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_validation_interval_by_hand():
     """Two groups whose differences are 0 and 2: the bootstrap means are 0, 1, 2 with chances 1/4, 1/2, 1/4, so
     the 95% interval is [0, 2] around the mean 1; constant differences give a zero-width interval."""
