@@ -212,7 +212,8 @@ class PolicyConfig:
     base_prior_prompts: FiniteFloat = Field(8.0, ge=0.0, examples=[0.0])
     """With ``base: table``, how many prompts' worth of every category's episodes each category's choice is pooled
     with (:func:`kelvin.tuning.tune_tables`): a category tuned on a few prompts keeps the overall best T unless
-    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results.md, "The base"."""
+    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results.md, "Latest: the
+    pooled base"."""
     base_diversity_points: StrictInt = Field(5, ge=1)
     """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
     (formerly ``base_lambdas``, which still loads)."""
