@@ -168,7 +168,6 @@ def test_tune_tables_by_hand():
     np.testing.assert_allclose(q + 2.0 * d, [-3.0 + 6.0, -4.0 + 3.0])  # the reward at λ = 2, by hand
 
 
-
 def test_tune_tables_pooled_by_hand():
     """The same runs pooled with one episode's worth of every prompt: a category's score of T is
     (its reward + 1 · the mean over both prompts) / 2. math at λ = 2: T=0 (-0.5 - 0.75) / 2 = -0.625, T=1
