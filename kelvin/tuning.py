@@ -32,8 +32,8 @@ from kelvin.rollout import collect_episodes
 from kelvin.atomic import write_text_atomic
 from policies.tuned_base import ALL, TunedBase, interpolation_grid
 
-__all__ = ["CACHE_VERSION", "EpisodeCache", "compact_episode", "quality_diversity", "run_cached", "run_fixed", "tune_base",
-           "tune_tables"]
+__all__ = ["CACHE_VERSION", "EpisodeCache", "base_runs", "compact_episode", "quality_diversity", "run_cached",
+           "run_fixed", "tune_base", "tune_tables"]
 
 CACHE_VERSION = 1
 """Bump when a change of the env, sampler or reward code changes the episodes of the same inputs."""
@@ -180,18 +180,15 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     categories = sorted({c for cats, _, _ in parts.values() for c in cats})
     tables: dict[float, dict[str, float]] = {}
     for diversity in lambdas:
-        def score(t: float, cat: str | None) -> float:
-            cats, q, d = parts[t]
-            r = q + diversity * d
-            if cat is None:
-                return float(np.mean(r)) if len(r) else -np.inf
-            mask = cats == cat
+        rewards = {t: q + diversity * d for t, (_, q, d) in parts.items()}
+        overall = {t: float(np.mean(r)) if len(r) else -np.inf for t, r in rewards.items()}
+
+        def score(t: float, cat: str) -> float:
+            mask = parts[t][0] == cat
             n = int(mask.sum())
-            if n == 0:
-                return -np.inf
-            return float((r[mask].sum() + prior_episodes * np.mean(r)) / (n + prior_episodes))
+            return float((rewards[t][mask].sum() + prior_episodes * overall[t]) / (n + prior_episodes)) if n else -np.inf
         table = {c: max(temps, key=lambda t, c=c: (score(t, c), -t)) for c in categories}
-        table["other"] = max(temps, key=lambda t: (score(t, None), -t))
+        table["other"] = max(temps, key=lambda t: (overall[t], -t))
         tables[float(diversity)] = table
     return tables
 
@@ -202,21 +199,30 @@ def tuning_prompts(config) -> list[Prompt]:
     return select_prompts(prompts, config.policy.base_prompts)
 
 
+def base_runs(config, lm, prompts: Sequence[Prompt], cache: EpisodeCache | None,
+              on_step: Callable[[], None] | None = None, split: str | None = None) -> tuple[dict[float, list[dict]], int]:
+    """Every temperature of ``policy.base_temperatures`` on ``prompts`` (of ``split``, default the env's) with the
+    base tuning's env seed, random stream and reward (absolute returns): :func:`run_fixed`'s ``({T: episodes},
+    hits)``. :func:`tune_base` runs it on its prompts; ``scripts/base_pooling.py`` on more, and on held-out splits."""
+    from envs.generation import TemperatureVecEnv
+
+    env = TemperatureVecEnv(replace(config.env, split=split or config.env.split, seed=config.train.seed + 2), lm=lm,
+                            prompts=prompts, reward=replace(config.reward, group_baseline=False))
+    try:
+        return run_fixed(env, config.policy.base_temperatures, len(prompts), config.train.seed + 20_011, cache, on_step)
+    finally:
+        env.close()
+
+
 def tune_base(config, lm, cache: EpisodeCache | None, on_step: Callable[[], None] | None = None) -> tuple[TunedBase, dict]:
     """Tune the base of a residual policy (``config.policy.base``: ``table`` or ``fixed``) on the train split with
     the training reward (absolute returns): every temperature of ``policy.base_temperatures`` runs once on the
     same prompts and random stream, and each (category, λ) of the grid gets the best one. Returns the base and
     a record ``{prompts, answerable, temperatures, lambdas, wall_s, cached}``."""
-    from envs.generation import TemperatureVecEnv
     pc = config.policy
     t0 = time.perf_counter()
     prompts = tuning_prompts(config)
-    env = TemperatureVecEnv(replace(config.env, seed=config.train.seed + 2), lm=lm, prompts=prompts,
-                            reward=replace(config.reward, group_baseline=False))
-    try:
-        runs, hits = run_fixed(env, pc.base_temperatures, len(prompts), config.train.seed + 20_011, cache, on_step)
-    finally:
-        env.close()
+    runs, hits = base_runs(config, lm, prompts, cache, on_step)
     lambdas = interpolation_grid(config.env.diversity_bounds, pc.base_diversity_points)
     tables = tune_tables(runs, lambdas, config.reward, prior_episodes=pc.base_prior_prompts * config.env.group_size)
     if pc.base == "fixed":

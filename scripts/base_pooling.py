@@ -19,30 +19,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from envs.generation import TemperatureVecEnv  # noqa: E402
 from envs.lm import load_causal_lm  # noqa: E402
 from envs.prompts import load_prompts, select_prompts  # noqa: E402
 from envs.text_metrics import paired_bootstrap_ci  # noqa: E402
 from kelvin.config_loading import load_config  # noqa: E402
-from kelvin.tuning import EpisodeCache, quality_diversity, run_fixed, tune_tables  # noqa: E402
+from kelvin.tuning import EpisodeCache, base_runs, quality_diversity, tune_tables  # noqa: E402
 from policies.tuned_base import interpolation_grid  # noqa: E402
 
 
 def fixed_runs(config, lm, cache, split: str, n: int | None) -> dict[float, list[dict]]:
     prompts = select_prompts(load_prompts(config.env.prompts, split=split, categories=config.env.categories), n)
-    env = TemperatureVecEnv(replace(config.env, split=split, seed=config.train.seed + 2), lm=lm, prompts=prompts,
-                            reward=replace(config.reward, group_baseline=False))
-    try:
-        return run_fixed(env, config.policy.base_temperatures, len(prompts), config.train.seed + 20_011, cache)[0]
-    finally:
-        env.close()
+    return base_runs(config, lm, prompts, cache, split=split)[0]
 
 
 def prompt_rewards(runs: dict[float, list[dict]], reward, lambdas) -> tuple[list[str], list[str], np.ndarray]:
@@ -96,11 +89,11 @@ def main(argv=None) -> None:
         perm = rng.permutation(len(ids))
         tune, held = set(np.asarray(ids)[perm[:n_tune]]), perm[n_tune:]
         sub = {t: [e for e in eps if e["prompt_id"] in tune] for t, eps in train.items()}
+        held_cats, held_rewards = [cats[i] for i in held], rewards[:, :, held]
         for p in priors:
             tables = tune_tables(sub, lambdas, config.reward, prior_episodes=p * k)
-            held_cats = [cats[i] for i in held]
-            diff = (score(tables, temps, held_cats, rewards[:, :, held], lambdas, False)
-                    - score(tables, temps, held_cats, rewards[:, :, held], lambdas, True))
+            diff = (score(tables, temps, held_cats, held_rewards, lambdas, False)
+                    - score(tables, temps, held_cats, held_rewards, lambdas, True))
             gains[p].append(diff.mean())
     print(f"cross-validation on {len(ids)} train prompts: tune on {n_tune}, score on the other {len(ids) - n_tune}, "
           f"{args.repeats} repeats; table - one T per λ, mean over λ = {list(lambdas)}:")
@@ -108,9 +101,8 @@ def main(argv=None) -> None:
         g = np.asarray(gains[p])
         print(f"  base_prior_prompts {p:g}: {g.mean():+.3f} ± {g.std(ddof=1) / np.sqrt(len(g)):.3f}")
 
-    first = {e["prompt_id"] for e in select_prompts(
-        load_prompts(config.env.prompts, split=config.env.split, categories=config.env.categories), n_tune)
-        for e in [{"prompt_id": e.id}]}
+    first = {p.id for p in select_prompts(
+        load_prompts(config.env.prompts, split=config.env.split, categories=config.env.categories), n_tune)}
     sub = {t: [e for e in eps if e["prompt_id"] in first] for t, eps in train.items()}
     for split in filter(None, args.heldout.split(",")):
         hids, hcats, hrewards = prompt_rewards(fixed_runs(config, lm, cache, split, None), config.reward, lambdas)
