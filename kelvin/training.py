@@ -223,6 +223,7 @@ class _Session:
     checkpoint: SnapshotCheckpoint
     baselines: dict  # Validation.prepare()'s record
     tuning: dict | None  # the base tuning's record (None: no base, or the run's own base.json)
+    warm: dict  # the rollout env's warm_prompts() record
 
     def close(self) -> None:
         """Close the rollout and validation envs (idempotent)."""
@@ -254,6 +255,11 @@ def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None,
     print(f"validation baselines ({what}, {len(validator.prompts)} prompts): "
           + ("cached" if baselines["cached"] else f"computed in {baselines['wall_s']:.0f} s"), file=sys.stderr)
     _write_run_files(config, run, command, base, tuning, cache)
+    steps = -(-(tc.total_timesteps - (point.step if point is not None else 0)) // config.env.batch_size)
+    warm = env.warm_prompts(steps)  # the run's prompts, prefilled in batches: every rollout then runs on cached ones
+    if warm["prompts"]:
+        print(f"prompt cache: {warm['prompts']} {config.env.split} prompts prefilled in {warm['wall_s']:.1f} s",
+              file=sys.stderr)
     # PPO's action is the residual on the base (inside VecNormalize: the base reads raw observations)
     train_env = env if base is None else ResidualActionVecEnv(env, base.module(spec, mapping))
     if point is not None:
@@ -266,7 +272,8 @@ def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None,
     start = Snapshot.take(model, vec)
     return _Session(config, run, stop, point, env, validator, model, start, stats=RolloutStats(config, env),
                     validation=PeriodicValidation(config, run, vec, validator, base, stop),
-                    checkpoint=SnapshotCheckpoint(config, run, vec, stop, start), baselines=baselines, tuning=tuning)
+                    checkpoint=SnapshotCheckpoint(config, run, vec, stop, start), baselines=baselines, tuning=tuning,
+                    warm=warm)
 
 
 def _write_run_files(config: KelvinConfig, run: RunDir, command: str | None, base: TunedBase | None,
@@ -384,7 +391,7 @@ def _summary(s: _Session, saved: Snapshot, written: bool, validation: dict | Non
             "model_share": timings["model_s"] / wall, "env_share": timings["env_s"] / wall,
             "ppo_share": s.checkpoint.perf["ppo_s"] / wall, "validation_share": s.validation.perf["validation_s"] / wall,
             "baselines_s": s.baselines["wall_s"], "baselines_cached": s.baselines["cached"],
-            "base_tuning_s": None if s.tuning is None else s.tuning["wall_s"],
+            "base_tuning_s": None if s.tuning is None else s.tuning["wall_s"], "prompt_warm_s": s.warm["wall_s"],
             "waiting_share": timings["waiting_rows"] / max(timings["tokens"] + timings["waiting_rows"], 1)}
     return {"run_dir": str(s.run.path), "timesteps": saved.step, "resumed_finished": False,
             "completed": saved.step >= tc.total_timesteps, "saved": written, "updates": updates(s.config, saved.step),

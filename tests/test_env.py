@@ -434,6 +434,55 @@ def test_next_prompts_are_prefilled_beside_the_decode(lm):
         lm.prompt_cache = kept
 
 
+@pytest.mark.slow
+def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monkeypatch):
+    """warm_prompts(steps) prefills the prompts of every episode the next ``steps`` steps surely start (a group
+    restarts at least every max_new_tokens steps), in batched forward passes, so the restarts find them cached;
+    a batched entry gives the logits a lone prefill gives."""
+    import envs.generation_core as core_module
+    from envs.kv_cache import PromptCache
+
+    prompts = [Prompt(f"Write one sentence about {w}.", "creative_writing", w)
+               for w in ("the sea", "a red kite", "snow", "an old clock", "bread", "a violin")]
+    kept, lm.prompt_cache = lm.prompt_cache, PromptCache(2**30)
+    calls = []
+    real_prefetch = lm.prefetch
+    monkeypatch.setattr(lm, "prefetch", lambda ids: (calls.append(len(ids)), real_prefetch(ids)))
+    try:
+        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
+                                prompts=prompts)
+        order = env.core._order
+        # 2 groups; within 5 steps each starts episodes 0 and 1 (5 // 3 + 1 = 2): order[0..3] by the schedule
+        warm = env.warm_prompts(5)
+        expected = {tuple(env.core._prompt_ids[i]) for i in order[:4]}
+        assert warm["prompts"] == 4 and calls == [4]  # one forward pass for the four
+        assert set(lm.prompt_cache._entries) == expected and lm.prompt_cache.misses == 4
+        alone = PromptCache(2**30)
+        lm.prompt_cache, warmed = alone, lm.prompt_cache
+        key = tuple(env.core._prompt_ids[order[3]])
+        lm.prefetch([key])
+        torch.testing.assert_close(warmed.get(key).logits, alone.get(key).logits, atol=2e-4, rtol=0)
+        lm.prompt_cache = warmed
+        env.reset()
+        for _ in range(5):
+            env.step(np.zeros((4, 1), dtype=np.float32))
+        assert lm.prompt_cache.misses == 4  # both restarts of each group were prefilled ahead
+        assert env.warm_prompts(0)["prompts"] == 0
+        env.close()
+
+        # a cache that holds 2.5 of the 4 prompts: one prompt a pass (shortest first), it stops before the cache
+        # would evict its own
+        monkeypatch.setattr(core_module, "WARM_BATCH", 1)
+        sizes = sorted(warmed.get(k).nbytes for k in expected)
+        lm.prompt_cache = PromptCache(sizes[0] + sizes[1] + sizes[2] // 2)
+        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
+                                prompts=prompts)
+        assert env.warm_prompts(5)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls[2:] == [1, 1]
+        env.close()
+    finally:
+        lm.prompt_cache = kept
+
+
 # --------------------------------------------------------------------------- 6. bad input
 
 
