@@ -337,10 +337,10 @@ class RayVecEnv(VecEnv):
         if self.closed:
             raise RuntimeError("this RayVecEnv is closed (close() was called, or a worker failed); build a new one")
 
-    def warm_prompts(self, steps: int) -> dict[str, float]:
+    def warm_prompts(self, episodes: int) -> dict[str, float]:
         """Every shard's :meth:`TemperatureVecEnv.warm_prompts`, in parallel: prompts summed, the slowest shard's wall."""
         self._check_open()
-        replies = self._gather([a.env_method.remote("warm_prompts", (steps,), {}, [0]) for a in self._actors],
+        replies = self._gather([a.env_method.remote("warm_prompts", (episodes,), {}, [0]) for a in self._actors],
                                "warm_prompts")
         return {"prompts": sum(r[0]["prompts"] for r in replies), "wall_s": max(r[0]["wall_s"] for r in replies)}
 

@@ -113,9 +113,9 @@ class TemperatureVecEnv(VecEnv):
         tokens drawn) and ``waiting_rows`` (row-steps spent waiting for a group); the Ray env has the same."""
         return self.core.timings
 
-    def warm_prompts(self, steps: int) -> dict[str, float]:
-        """Prefill the prompts the next ``steps`` steps will start, batched (:meth:`GenerationCore.warm_prompts`)."""
-        return self.core.warm_prompts(steps)
+    def warm_prompts(self, episodes: int) -> dict[str, float]:
+        """Prefill the prompts of every group's next ``episodes`` episodes, batched (:meth:`GenerationCore.warm_prompts`)."""
+        return self.core.warm_prompts(episodes)
 
     def reset(self) -> np.ndarray:
         seed = self._seeds[0] if getattr(self, "_seeds", None) and self._seeds[0] is not None else None

@@ -177,21 +177,22 @@ class GenerationCore:
         self._prompt_ids.append(ids[0])
         return len(self.prompts) - 1
 
-    def warm_prompts(self, steps: int) -> dict[str, float]:
-        """Prefill into the LM's prompt cache the prompts of every episode the next ``steps`` env steps are sure to
-        start, :data:`WARM_BATCH` prompts per forward pass, as many as the cache holds: ``{prompts, wall_s}``.
+    def warm_prompts(self, episodes: int) -> dict[str, float]:
+        """Prefill into the LM's prompt cache the prompts of every group's next ``episodes`` episodes,
+        :data:`WARM_BATCH` prompts per forward pass, as many as the cache holds: ``{prompts, wall_s}``.
 
-        A group starts an episode at least every ``max_new_tokens`` steps. Why: a prompt prefilled alone when its
-        group restarts costs twice its share of a batched prefill (66 vs 31 ms a prompt on 2 CPU threads,
-        SmolLM2-135M), and a run whose prompts are new made its first rollouts 1.2-1.4x slower than its last,
-        where the schedule comes back to prompts it has cached (benchmarks/train_throughput.py).
+        Why: a prompt prefilled alone when its group restarts costs about three times its share of a batched
+        prefill (66 vs 21-25 ms on 2 CPU threads, SmolLM2-135M), and a training run on new prompts had its first
+        rollouts 1.4x slower than its last, where the schedule came back to prompts it had cached
+        (benchmarks/train_throughput.py). Training warms what its steps are sure to start; a run of a fixed
+        number of episodes (:func:`kelvin.rollout.collect_episodes`) warms exactly those.
         """
         t0 = time.perf_counter()
         cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to warm
-        if cache is None or cache.max_bytes <= 0 or steps <= 0:
+        if cache is None or cache.max_bytes <= 0 or episodes <= 0:
             return {"prompts": 0, "wall_s": 0.0}
         groups = np.arange(self.n_groups)
-        order = [i for ahead in range(steps // self.config.max_new_tokens + 1)
+        order = [i for ahead in range(episodes)
                  for i in self._next_prompt_indices(groups, ahead).tolist()]
         ids = [tuple(self._prompt_ids[i]) for i in dict.fromkeys(order)]
         ids = sorted((k for k in ids if cache.get(k) is None), key=len)  # similar lengths share a batch: less padding

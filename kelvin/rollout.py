@@ -32,6 +32,7 @@ def collect_episodes(env: TemperatureVecEnv, policy: TemperaturePolicy, episodes
     if episodes_per_row < 1:
         raise ValueError(f"episodes_per_row={episodes_per_row} must be >= 1")
     env.seed(seed)
+    env.warm_prompts(episodes_per_row)  # every prompt of the run, prefilled in batches
     obs = env.reset()
     policy.reset(env.num_envs)
     finished = np.zeros(env.num_envs, dtype=np.int64)

@@ -255,8 +255,10 @@ def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None,
     print(f"validation baselines ({what}, {len(validator.prompts)} prompts): "
           + ("cached" if baselines["cached"] else f"computed in {baselines['wall_s']:.0f} s"), file=sys.stderr)
     _write_run_files(config, run, command, base, tuning, cache)
+    # the prompts of every episode the run is sure to start (a group restarts at least every max_new_tokens steps),
+    # prefilled in batches: every rollout then runs on cached prompts
     steps = -(-(tc.total_timesteps - (point.step if point is not None else 0)) // config.env.batch_size)
-    warm = env.warm_prompts(steps)  # the run's prompts, prefilled in batches: every rollout then runs on cached ones
+    warm = env.warm_prompts(steps // config.env.max_new_tokens + 1)
     if warm["prompts"]:
         print(f"prompt cache: {warm['prompts']} {config.env.split} prompts prefilled in {warm['wall_s']:.1f} s",
               file=sys.stderr)

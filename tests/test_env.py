@@ -436,9 +436,8 @@ def test_next_prompts_are_prefilled_beside_the_decode(lm):
 
 @pytest.mark.slow
 def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monkeypatch):
-    """warm_prompts(steps) prefills the prompts of every episode the next ``steps`` steps surely start (a group
-    restarts at least every max_new_tokens steps), in batched forward passes, so the restarts find them cached;
-    a batched entry gives the logits a lone prefill gives."""
+    """warm_prompts(n) prefills the prompts of every group's next n episodes in batched forward passes, so the
+    restarts find them cached; a batched entry gives the logits a lone prefill gives."""
     import envs.generation_core as core_module
     from envs.kv_cache import PromptCache
 
@@ -452,8 +451,8 @@ def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monk
         env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
                                 prompts=prompts)
         order = env.core._order
-        # 2 groups; within 5 steps each starts episodes 0 and 1 (5 // 3 + 1 = 2): order[0..3] by the schedule
-        warm = env.warm_prompts(5)
+        # 2 groups, their next 2 episodes each: order[0..3] by the schedule
+        warm = env.warm_prompts(2)
         expected = {tuple(env.core._prompt_ids[i]) for i in order[:4]}
         assert warm["prompts"] == 4 and calls == [4]  # one forward pass for the four
         assert set(lm.prompt_cache._entries) == expected and lm.prompt_cache.misses == 4
@@ -464,9 +463,9 @@ def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monk
         torch.testing.assert_close(warmed.get(key).logits, alone.get(key).logits, atol=2e-4, rtol=0)
         lm.prompt_cache = warmed
         env.reset()
-        for _ in range(5):
+        for _ in range(5):  # each group restarts within 3 steps (max_new_tokens), on its second prompt
             env.step(np.zeros((4, 1), dtype=np.float32))
-        assert lm.prompt_cache.misses == 4  # both restarts of each group were prefilled ahead
+        assert lm.prompt_cache.misses == 4  # both episodes of each group were prefilled ahead
         assert env.warm_prompts(0)["prompts"] == 0
         env.close()
 
@@ -477,7 +476,7 @@ def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monk
         lm.prompt_cache = PromptCache(sizes[0] + sizes[1] + sizes[2] // 2)
         env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
                                 prompts=prompts)
-        assert env.warm_prompts(5)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls[2:] == [1, 1]
+        assert env.warm_prompts(2)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls[2:] == [1, 1]
         env.close()
     finally:
         lm.prompt_cache = kept
