@@ -13,7 +13,8 @@ Two variants, interleaved in one process (train, bare, train, bare, ...), on the
   prompts are prefilled once and copied from the prompt cache after that).
 
 ``ratio_train_over_bare`` (goal >= 0.80) is what the loop keeps of the model's speed; the rest goes
-to waiting rows (synchronised groups), the env's own work, PPO and validation, printed as shares.
+to waiting rows (synchronised groups), the env's own work, PPO, validation and the batched prefill of the
+run's prompts before its first rollout, printed as shares and seconds.
 The run's ``perf/tokens_per_s`` of its first and last training rollout (TensorBoard; each rollout's own wall
 time, without the set-up and the validations) are printed too, with their ratio (goal: within 10%). The
 headline runs at torch's own thread count (the README's commands); ``--threads N`` adds the same at N
@@ -178,8 +179,9 @@ def main(argv=None) -> dict:
     print("where the training wall time goes (median shares): " +
           ", ".join(f"{k.replace('_share', '')} {100 * v:.1f}%" for k, v in m["shares"].items()))
     setup = median((t["perf"].get("baselines_s") or 0.0) + (t["perf"].get("base_tuning_s") or 0.0) for t in runs["train"])
+    warm = median(t["perf"].get("prompt_warm_s") or 0.0 for t in runs["train"])
     print(f"before training, in the run's wall time: base tuning + fixed-T and base validation {setup:.1f} s "
-          "(cached after the first run: kelvin/tuning.py)")
+          f"(cached after the first run: kelvin/tuning.py); the run's prompts prefilled in batches {warm:.1f} s")
     print("perf/tokens_per_s of the first and last training rollout (the set-up and the validations are not in "
           "them): " + "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in m["first_last"])
           + f" (last/first {m['drift']:.3f}, goal within 10%); medians of the first and last quarter of the "
