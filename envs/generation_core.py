@@ -191,9 +191,9 @@ class GenerationCore:
         cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to warm
         if cache is None or cache.max_bytes <= 0 or episodes <= 0:
             return {"prompts": 0, "wall_s": 0.0}
+        self.side.wait_prefetch()  # env.overlap: nothing is prefilled twice at once
         groups = np.arange(self.n_groups)
-        order = [i for ahead in range(episodes)
-                 for i in self._next_prompt_indices(groups, ahead).tolist()]
+        order = [i for ahead in range(episodes) for i in self._next_prompt_indices(groups, ahead).tolist()]
         ids = [tuple(self._prompt_ids[i]) for i in dict.fromkeys(order)]
         ids = sorted((k for k in ids if cache.get(k) is None), key=len)  # similar lengths share a batch: less padding
         done, per_prompt = 0, 0.0
@@ -203,6 +203,8 @@ class GenerationCore:
                 break  # the cache is full: the rest are prefilled when their episodes start
             before = cache.nbytes
             self.lm.prefetch(chunk)
+            if cache.nbytes <= before:
+                break  # a cache too small to hold one of them: warming would only run the model twice
             done += len(chunk)
             per_prompt = max(per_prompt, (cache.nbytes - before) / len(chunk))
         wall = time.perf_counter() - t0

@@ -477,6 +477,8 @@ def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monk
         env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
                                 prompts=prompts)
         assert env.warm_prompts(2)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls[2:] == [1, 1]
+        lm.prompt_cache = PromptCache(sizes[0] // 2)  # holds none of them: one pass, then it stops
+        assert env.warm_prompts(2)["prompts"] == 0 and len(lm.prompt_cache) == 0 and calls[4:] == [1]
         env.close()
     finally:
         lm.prompt_cache = kept
