@@ -153,6 +153,8 @@ class GenerationCore:
         token_seed = seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
         self.generator = torch.Generator(device=self.device).manual_seed(token_seed)
         self.group_episodes = np.zeros(self.n_groups, dtype=np.int64)  # per group: how many episodes started
+        self._position = np.argsort(self._order)  # prompt index -> its place in the schedule
+        self._prefilled_chunks: set[int] = set()  # chunks of the schedule this env has prefilled (warm_prompts)
 
     def _next_prompt_indices(self, groups: np.ndarray, ahead: int = 0) -> np.ndarray:
         """The prompts of ``groups``' next episodes (``ahead`` > 0: the episodes that many after those)."""
@@ -178,38 +180,54 @@ class GenerationCore:
         return len(self.prompts) - 1
 
     def warm_prompts(self, episodes: int) -> dict[str, float]:
-        """Prefill into the LM's prompt cache the prompts of every group's next ``episodes`` episodes,
-        :data:`WARM_BATCH` prompts per forward pass, as many as the cache holds: ``{prompts, wall_s}``.
+        """Prefill into the LM's prompt cache the prompts of every group's next ``episodes`` episodes, in batched
+        forward passes, as many as the cache holds: ``{prompts, wall_s}`` (prompts: those prefilled now).
 
-        Why: a prompt prefilled alone when its group restarts costs about three times its share of a batched
-        prefill (66 vs 21-25 ms on 2 CPU threads, SmolLM2-135M), and a training run on new prompts had its first
-        rollouts 1.4x slower than its last, where the schedule came back to prompts it had cached
-        (benchmarks/train_throughput.py). Training warms what its steps are sure to start; a run of a fixed
-        number of episodes (:func:`kelvin.rollout.collect_episodes`) warms exactly those.
+        The schedule (``order``) is cut into chunks of :data:`WARM_BATCH` places, and a prompt is always prefilled
+        with the rest of its chunk, here or when an episode needs it first (:meth:`_prefill_chunks`): batched and
+        lone prefills differ in the last bits, so this keeps a run's numbers independent of how far ahead it warmed
+        (``train.total_timesteps``) and of what the cache held before.
+
+        Why warm at all: a prompt prefilled alone when its group restarts costs 66 ms on 2 CPU threads
+        (SmolLM2-135M) against ~25-30 ms in a batch of 16, and a training run on new prompts had its first rollouts
+        1.4x slower than its last, where the schedule came back to prompts it had cached
+        (benchmarks/train_throughput.py). Training warms what its steps are sure to start; a run of a fixed number
+        of episodes (:func:`kelvin.rollout.collect_episodes`) warms exactly those.
         """
         t0 = time.perf_counter()
-        cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to warm
-        if cache is None or cache.max_bytes <= 0 or episodes <= 0:
+        if episodes <= 0:
             return {"prompts": 0, "wall_s": 0.0}
         self.side.wait_prefetch()  # env.overlap: nothing is prefilled twice at once
         groups = np.arange(self.n_groups)
         order = [i for ahead in range(episodes) for i in self._next_prompt_indices(groups, ahead).tolist()]
-        ids = [tuple(self._prompt_ids[i]) for i in dict.fromkeys(order)]
-        ids = sorted((k for k in ids if cache.get(k) is None), key=len)  # similar lengths share a batch: less padding
-        done, per_prompt = 0, 0.0
-        for start in range(0, len(ids), WARM_BATCH):
-            chunk = ids[start:start + WARM_BATCH]
-            if per_prompt and cache.nbytes + per_prompt * len(chunk) > cache.max_bytes:
-                break  # the cache is full: the rest are prefilled when their episodes start
-            before = cache.nbytes
-            self.lm.prefetch(chunk)
-            if cache.nbytes <= before:
-                break  # a cache too small to hold one of them: warming would only run the model twice
-            done += len(chunk)
-            per_prompt = max(per_prompt, (cache.nbytes - before) / len(chunk))
+        done = self._prefill_chunks(order, stop_when_full=True)
         wall = time.perf_counter() - t0
         self.timings["model_s"] += wall
         return {"prompts": done, "wall_s": wall}
+
+    def _prefill_chunks(self, prompt_indices, stop_when_full: bool = False) -> int:
+        """Prefill the schedule chunks of ``prompt_indices`` that this env has not prefilled, or whose entries have
+        left the cache, each chunk in one forward pass (:meth:`CausalLM.prefill_together`); returns the prompts
+        prefilled. ``stop_when_full``: stop before a chunk the cache could not hold without evicting."""
+        cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) prefills as it goes
+        if cache is None or cache.max_bytes <= 0:
+            return 0
+        chunks = dict.fromkeys(int(self._position[i]) // WARM_BATCH for i in prompt_indices if i < len(self._order))
+        done, per_prompt = 0, 0.0
+        for c in chunks:
+            members = [tuple(self._prompt_ids[i]) for i in self._order[c * WARM_BATCH:(c + 1) * WARM_BATCH]]
+            if c in self._prefilled_chunks and all(cache.get(k) is not None for k in members):
+                continue
+            if stop_when_full and per_prompt and cache.nbytes + per_prompt * len(members) > cache.max_bytes:
+                break  # the cache is full: the rest are prefilled when their episodes start
+            before = cache.nbytes
+            self.lm.prefill_together(members)
+            self._prefilled_chunks.add(c)
+            if stop_when_full and cache.nbytes <= before and not all(cache.get(k) is not None for k in members):
+                break  # a cache too small to hold one of them: warming would only run the model twice
+            done += len(members)
+            per_prompt = max(per_prompt, max(cache.nbytes - before, 0) / len(members))
+        return done
 
     def group_rows(self, groups: np.ndarray) -> np.ndarray:
         """The rows of ``groups``, group by group: (len(groups) * G,)."""
@@ -240,6 +258,7 @@ class GenerationCore:
         rows = self.group_rows(groups)  # (R,)
         row_prompt = np.repeat(prompt_idx, self.G)  # (R,)
         t_model = time.perf_counter()
+        self._prefill_chunks(prompt_idx.tolist())  # each prompt with the rest of its chunk, as warm_prompts does
         self._prefill(rows, [self._prompt_ids[i] for i in row_prompt], fresh)
         dt_model = time.perf_counter() - t_model
         self.timings["model_s"] += dt_model
@@ -402,8 +421,7 @@ class GenerationCore:
         cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to prefetch
         if not self.config.overlap or cache is None or cache.max_bytes <= 0:
             return
-        ids = [self._prompt_ids[i] for i in dict.fromkeys(prompt_indices.tolist())]
-        self.side.prefetch(self.lm.prefetch, ids)
+        self.side.prefetch(self._prefill_chunks, prompt_indices.tolist())  # with the rest of their chunks
 
     def close(self) -> None:
         """Release the model state and stop the side threads (idempotent)."""

@@ -222,10 +222,14 @@ class PromptCache:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: tuple[int, ...], entry: PromptEntry) -> None:
+    def put(self, key: tuple[int, ...], entry: PromptEntry, replace: bool = False) -> None:
+        """Keep ``entry`` under ``key`` (``replace``: in place of one already there; else that one stays)."""
         with self._lock:
-            if key in self._entries or entry.nbytes > self.max_bytes:
+            if entry.nbytes > self.max_bytes or (key in self._entries and not replace):
                 return
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
             self._entries[key] = entry
             self.nbytes += entry.nbytes
             self._evict()

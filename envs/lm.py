@@ -415,6 +415,22 @@ class CausalLM:
         return [found[k] for k in keys]
 
     @torch.inference_mode()
+    def prefill_together(self, prompt_ids: Sequence[Sequence[int]]) -> None:
+        """Prefill these prompts in one forward pass, cached or not, and cache them all (replacing what was there).
+
+        Batched and lone prefills of a prompt differ in the last bits (the matrix products' shapes differ), and so
+        do the logits and everything after them. An env that always prefills a prompt together with the same
+        others (:meth:`envs.generation_core.GenerationCore.warm_prompts`) gets the same bits whatever the cache
+        held and however many prompts it warmed ahead.
+        """
+        keys = list(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids))
+        if not keys:
+            return
+        self.prompt_cache.misses += len(keys)
+        for key, entry in zip(keys, self._compute(keys)):
+            self.prompt_cache.put(key, entry, replace=True)
+
+    @torch.inference_mode()
     def prefetch(self, prompt_ids: Sequence[Sequence[int]]) -> None:
         """Prefill prompts into the prompt cache ahead of their episodes (those already there cost nothing).
 

@@ -435,50 +435,58 @@ def test_next_prompts_are_prefilled_beside_the_decode(lm):
 
 
 @pytest.mark.slow
-def test_warm_prompts_prefills_exactly_the_scheduled_prompts_in_batches(lm, monkeypatch):
-    """warm_prompts(n) prefills the prompts of every group's next n episodes in batched forward passes, so the
-    restarts find them cached; a batched entry gives the logits a lone prefill gives."""
+def test_warm_prompts_prefills_schedule_chunks_the_same_bits_however_far_ahead(lm, monkeypatch):
+    """warm_prompts(n) prefills the schedule chunks holding every group's next n episodes, one forward pass a
+    chunk, so the restarts find them cached. A prompt is always prefilled with the rest of its chunk, whether
+    warmed or needed first by an episode, so its cache entry is the same bit for bit however far ahead the env
+    warmed; and the cache's bound stops the warm-up."""
     import envs.generation_core as core_module
     from envs.kv_cache import PromptCache
 
+    monkeypatch.setattr(core_module, "WARM_BATCH", 2)
     prompts = [Prompt(f"Write one sentence about {w}.", "creative_writing", w)
                for w in ("the sea", "a red kite", "snow", "an old clock", "bread", "a violin")]
-    kept, lm.prompt_cache = lm.prompt_cache, PromptCache(2**30)
+    kept = lm.prompt_cache
     calls = []
-    real_prefetch = lm.prefetch
-    monkeypatch.setattr(lm, "prefetch", lambda ids: (calls.append(len(ids)), real_prefetch(ids)))
+    real = lm.prefill_together
+    monkeypatch.setattr(lm, "prefill_together", lambda ids: (calls.append(len(ids)), real(ids)))
+
+    def fresh_env():
+        return TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
+                                 prompts=prompts)
     try:
-        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
-                                prompts=prompts)
-        order = env.core._order
-        # 2 groups, their next 2 episodes each: order[0..3] by the schedule
-        warm = env.warm_prompts(2)
-        expected = {tuple(env.core._prompt_ids[i]) for i in order[:4]}
-        assert warm["prompts"] == 4 and calls == [4]  # one forward pass for the four
-        assert set(lm.prompt_cache._entries) == expected and lm.prompt_cache.misses == 4
-        alone = PromptCache(2**30)
-        lm.prompt_cache, warmed = alone, lm.prompt_cache
-        key = tuple(env.core._prompt_ids[order[3]])
-        lm.prefetch([key])
-        torch.testing.assert_close(warmed.get(key).logits, alone.get(key).logits, atol=2e-4, rtol=0)
-        lm.prompt_cache = warmed
+        lm.prompt_cache = far = PromptCache(2**30)
+        env = fresh_env()
+        ids = [tuple(env.core._prompt_ids[i]) for i in env.core._order]  # in schedule order
+        assert env.warm_prompts(3)["prompts"] == 6 and calls == [2, 2, 2]  # 2 groups x 3 episodes: three chunks
+        env.close()
+
+        lm.prompt_cache = near = PromptCache(2**30)
+        near.put(ids[1], far.get(ids[0]))  # a stale entry under a key of chunk 0: replaced, not trusted
+        env = fresh_env()
+        calls.clear()
+        assert env.warm_prompts(1)["prompts"] == 2 and calls == [2]  # next episode of each group: chunk 0
         env.reset()
-        for _ in range(5):  # each group restarts within 3 steps (max_new_tokens), on its second prompt
+        for _ in range(3):  # every group ends within max_new_tokens = 3 steps and restarts on chunk 1's prompts
             env.step(np.zeros((4, 1), dtype=np.float32))
-        assert lm.prompt_cache.misses == 4  # both episodes of each group were prefilled ahead
+        assert calls == [2, 2] and set(near._entries) == set(ids[:4])
+        for key in ids[:4]:  # warmed (chunk 0) or prefilled at a restart (chunk 1): the same bits as warmed far ahead
+            assert torch.equal(near.get(key).kv, far.get(key).kv) and torch.equal(near.get(key).logits, far.get(key).logits)
         assert env.warm_prompts(0)["prompts"] == 0
         env.close()
 
-        # a cache that holds 2.5 of the 4 prompts: one prompt a pass (shortest first), it stops before the cache
-        # would evict its own
+        # a cache that holds 2.5 of the first 3 chunks' prompts, one prompt a chunk: it stops before evicting its own
         monkeypatch.setattr(core_module, "WARM_BATCH", 1)
-        sizes = sorted(warmed.get(k).nbytes for k in expected)
+        sizes = [far.get(k).nbytes for k in ids[:3]]
         lm.prompt_cache = PromptCache(sizes[0] + sizes[1] + sizes[2] // 2)
-        env = TemperatureVecEnv(EnvConfig(batch_size=4, group_size=2, max_new_tokens=3), lm=lm, reward=NO_EMBEDDER,
-                                prompts=prompts)
-        assert env.warm_prompts(2)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls[2:] == [1, 1]
-        lm.prompt_cache = PromptCache(sizes[0] // 2)  # holds none of them: one pass, then it stops
-        assert env.warm_prompts(2)["prompts"] == 0 and len(lm.prompt_cache) == 0 and calls[4:] == [1]
+        env = fresh_env()
+        calls.clear()
+        assert env.warm_prompts(2)["prompts"] == 2 and len(lm.prompt_cache) == 2 and calls == [1, 1]
+        env.close()
+        lm.prompt_cache = PromptCache(min(sizes) // 2)  # holds none of them: one pass, then it stops
+        env = fresh_env()
+        calls.clear()
+        assert env.warm_prompts(2)["prompts"] == 0 and len(lm.prompt_cache) == 0 and calls == [1]
         env.close()
     finally:
         lm.prompt_cache = kept

@@ -291,7 +291,7 @@ def test_a_file_system_turning_read_only_is_one_true_line(read_only_able):
     subprocess.run(["mount", "-o", "remount,ro", str(read_only_able)], check=True)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1
-    progress = ("Loading weights", "tuned base (", "validation baselines (")  # start-up lines, before the failure
+    progress = ("Loading weights", "tuned base (", "validation baselines (", "prompt cache: ")  # start-up lines, before the failure
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(progress)]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(f"error: cannot write {run_dir}/") and "the file system is read-only" in lines[0]
