@@ -207,7 +207,7 @@ class PromptCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[tuple[int, ...], PromptEntry] = OrderedDict()
-        self._lock = CopyableLock()  # CausalLM.prefetch fills it from a second thread
+        self._lock = CopyableLock()  # CausalLM.prefill_together fills it from a second thread (env.overlap)
         self.nbytes = 0
         self.hits = 0
         self.misses = 0

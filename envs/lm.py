@@ -422,6 +422,10 @@ class CausalLM:
         do the logits and everything after them. An env that always prefills a prompt together with the same
         others (:meth:`envs.generation_core.GenerationCore.warm_prompts`) gets the same bits whatever the cache
         held and however many prompts it warmed ahead.
+
+        Safe on a second thread while this thread decodes (the env prefetches so with ``env.overlap``): it touches
+        no batch state, only the model's weights (read) and the cache (locked). A prompt being prefilled here should
+        not be prefilled on the other thread at the same time; the env waits for its prefetch first.
         """
         keys = list(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids))
         if not keys:
@@ -429,16 +433,6 @@ class CausalLM:
         self.prompt_cache.misses += len(keys)
         for key, entry in zip(keys, self._compute(keys)):
             self.prompt_cache.put(key, entry, replace=True)
-
-    @torch.inference_mode()
-    def prefetch(self, prompt_ids: Sequence[Sequence[int]]) -> None:
-        """Prefill prompts into the prompt cache ahead of their episodes (those already there cost nothing).
-
-        Safe on a second thread while this thread decodes (the env does so with ``env.overlap``): it
-        touches no batch state, only the model's weights (read) and the cache (locked). A prompt being
-        prefetched should not be prefilled here at the same time; the env waits for its prefetch first.
-        """
-        self._entries(prompt_ids)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]], extra_columns: int = 64) -> tuple[torch.Tensor, DecodeState]:
