@@ -26,10 +26,12 @@ from samplers.core import sample
 
 __all__ = ["EpisodeState", "GenerationCore", "StepResult", "WARM_BATCH"]
 
-WARM_BATCH = 16
-"""Places of the schedule prefilled together (:meth:`GenerationCore.warm_prompts`). On 2 CPU threads (SmolLM2-135M,
-the 313 train prompts of 34-92 tokens) a prompt prefilled alone costs 66 ms, 33 ms in a batch of 4 and 31 ms in 16
-(in schedule order); sorted by length the whole split took 8.3 / 6.9 / 7.1 / 8.4 s in batches of 8 / 16 / 32 / 64."""
+WARM_BATCH = 64
+"""Places of the schedule prefilled together (:meth:`GenerationCore.warm_prompts`), 16 a forward pass sorted by length
+(:meth:`envs.lm.CausalLM.prefill_together`). On 2 CPU threads (SmolLM2-135M) a prompt prefilled alone costs 66 ms;
+the 313 train prompts took 7.9-8.8 s in chunks of 64, 10.6-10.9 s in 32 and 13.1-14.2 s in 16 (their lengths,
+34-92 tokens, mix within a chunk: more padding), 6.5-8.0 s sorted by length over the whole split (which would
+make a prompt's batch depend on the whole set a run needs)."""
 
 
 @dataclass
@@ -189,7 +191,7 @@ class GenerationCore:
         (``train.total_timesteps``) and of what the cache held before.
 
         Why warm at all: a prompt prefilled alone when its group restarts costs 66 ms on 2 CPU threads
-        (SmolLM2-135M) against ~25-30 ms in a batch of 16, and a training run on new prompts had its first rollouts
+        (SmolLM2-135M) against ~25-28 ms in a chunk of 64, and a training run on new prompts had its first rollouts
         1.4x slower than its last, where the schedule came back to prompts it had cached
         (benchmarks/train_throughput.py). Training warms what its steps are sure to start; a run of a fixed number
         of episodes (:func:`kelvin.rollout.collect_episodes`) warms exactly those.

@@ -415,24 +415,25 @@ class CausalLM:
         return [found[k] for k in keys]
 
     @torch.inference_mode()
-    def prefill_together(self, prompt_ids: Sequence[Sequence[int]]) -> None:
+    def prefill_together(self, prompt_ids: Sequence[Sequence[int]], batch: int = 16) -> None:
         """Prefill these prompts in one forward pass, cached or not, and cache them all (replacing what was there).
 
         Batched and lone prefills of a prompt differ in the last bits (the matrix products' shapes differ), and so
         do the logits and everything after them. An env that always prefills a prompt together with the same
         others (:meth:`envs.generation_core.GenerationCore.warm_prompts`) gets the same bits whatever the cache
-        held and however many prompts it warmed ahead.
+        held and however many prompts it warmed ahead. The prompts run ``batch`` at a time, sorted by length (less
+        padding): which prompts share a pass depends on the set given and nothing else.
 
         Safe on a second thread while this thread decodes (the env prefetches so with ``env.overlap``): it touches
         no batch state, only the model's weights (read) and the cache (locked). A prompt being prefilled here should
         not be prefilled on the other thread at the same time; the env waits for its prefetch first.
         """
-        keys = list(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids))
-        if not keys:
-            return
+        keys = sorted(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids), key=lambda k: (len(k), k))
         self.prompt_cache.misses += len(keys)
-        for key, entry in zip(keys, self._compute(keys)):
-            self.prompt_cache.put(key, entry, replace=True)
+        for start in range(0, len(keys), batch):
+            part = keys[start:start + batch]
+            for key, entry in zip(part, self._compute(part)):
+                self.prompt_cache.put(key, entry, replace=True)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]], extra_columns: int = 64) -> tuple[torch.Tensor, DecodeState]:
