@@ -207,28 +207,35 @@ class GenerationCore:
         self.timings["model_s"] += wall
         return {"prompts": done, "wall_s": wall}
 
+    def _prompt_cache(self):
+        """The LM's prompt cache, or None when it keeps nothing (or a test stub LM has none)."""
+        cache = getattr(self.lm, "prompt_cache", None)
+        return cache if cache is not None and cache.max_bytes > 0 else None
+
     def _prefill_chunks(self, prompt_indices, stop_when_full: bool = False) -> int:
-        """Prefill the schedule chunks of ``prompt_indices`` that this env has not prefilled, or whose entries have
-        left the cache, each chunk in one forward pass (:meth:`CausalLM.prefill_together`); returns the prompts
-        prefilled. ``stop_when_full``: stop before a chunk the cache could not hold without evicting."""
-        cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) prefills as it goes
-        if cache is None or cache.max_bytes <= 0:
+        """Prefill the schedule chunk of each of ``prompt_indices`` unless this env prefilled it and the prompt is
+        still cached, each chunk in one call (:meth:`CausalLM.prefill_together`); returns the prompts prefilled.
+        ``stop_when_full``: stop before a chunk the cache could not hold without evicting."""
+        cache = self._prompt_cache()
+        if cache is None:
             return 0
-        chunks = dict.fromkeys(int(self._position[i]) // WARM_BATCH for i in prompt_indices if i < len(self._order))
         done, per_prompt = 0, 0.0
-        for c in chunks:
-            members = [tuple(self._prompt_ids[i]) for i in self._order[c * WARM_BATCH:(c + 1) * WARM_BATCH]]
-            if c in self._prefilled_chunks and all(cache.get(k) is not None for k in members):
+        for i in prompt_indices:
+            if i >= len(self._order):  # a prompt added after seeding (add_prompt) has no place in the schedule
                 continue
+            c = int(self._position[i]) // WARM_BATCH
+            if c in self._prefilled_chunks and cache.get(tuple(self._prompt_ids[i])) is not None:
+                continue
+            members = [tuple(self._prompt_ids[j]) for j in self._order[c * WARM_BATCH:(c + 1) * WARM_BATCH]]
             if stop_when_full and per_prompt and cache.nbytes + per_prompt * len(members) > cache.max_bytes:
                 break  # the cache is full: the rest are prefilled when their episodes start
-            before = cache.nbytes
             self.lm.prefill_together(members)
             self._prefilled_chunks.add(c)
-            if stop_when_full and cache.nbytes <= before and not all(cache.get(k) is not None for k in members):
+            sizes = [e.nbytes for e in map(cache.get, members) if e is not None]
+            if stop_when_full and not sizes:
                 break  # a cache too small to hold one of them: warming would only run the model twice
             done += len(members)
-            per_prompt = max(per_prompt, max(cache.nbytes - before, 0) / len(members))
+            per_prompt = max(per_prompt, sum(sizes) / len(members))
         return done
 
     def group_rows(self, groups: np.ndarray) -> np.ndarray:
@@ -420,8 +427,7 @@ class GenerationCore:
 
     def _prefetch(self, prompt_indices: np.ndarray) -> None:
         """Prefill ``prompt_indices`` into the prompt cache on the side thread (with ``env.overlap`` and a cache)."""
-        cache = getattr(self.lm, "prompt_cache", None)  # an LM without one (a test stub) has nothing to prefetch
-        if not self.config.overlap or cache is None or cache.max_bytes <= 0:
+        if not self.config.overlap or self._prompt_cache() is None:
             return
         self.side.prefetch(self._prefill_chunks, prompt_indices.tolist())  # with the rest of their chunks
 
