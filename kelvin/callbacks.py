@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -302,20 +303,28 @@ class ResidualPull(AfterEachUpdate):
     snapshot continues exactly as one that was never stopped; a rollout cut short by a stop has no update and
     no pull. The optimizer's moments are left alone."""
 
-    def __init__(self, fraction: float):
+    def __init__(self, fraction: float | Sequence[float]):
         super().__init__()
-        self.keep = 1.0 - float(fraction)
+        self.keep = 1.0 - float(fraction) if np.isscalar(fraction) else [1.0 - float(f) for f in fraction]
 
     @classmethod
     def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
-        """The run's pull as a list of callbacks: none when it is 0 or there is no base (``policy.base: none``)."""
+        """The run's pull as a list of callbacks: none when it is 0 (every head's) or there is no base
+        (``policy.base: none``)."""
         pc = config.policy
-        return [cls(pc.residual_pull)] if pc.residual_pull > 0 and pc.base != "none" else []
+        pulls = pc.residual_pull if isinstance(pc.residual_pull, list) else [pc.residual_pull]
+        return [cls(pc.residual_pull)] if any(p > 0 for p in pulls) and pc.base != "none" else []
 
     def after_update(self) -> None:
+        net = self.model.policy.action_net
         with torch.no_grad():
-            self.model.policy.action_net.weight.mul_(self.keep)
-            self.model.policy.action_net.bias.mul_(self.keep)
+            if isinstance(self.keep, list):  # one fraction per diversity head: row h of the layer is head h
+                keep = torch.tensor(self.keep, dtype=net.weight.dtype, device=net.weight.device)
+                net.weight.mul_(keep.view(-1, 1))
+                net.bias.mul_(keep)
+            else:
+                net.weight.mul_(self.keep)
+                net.bias.mul_(self.keep)
 
 
 class SnapshotCheckpoint(AfterEachUpdate):

@@ -192,6 +192,7 @@ class TrainConfig:
 
 
 NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+PullFraction = Annotated[StrictFloat, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -221,11 +222,12 @@ class PolicyConfig:
     """One residual output per λ of that grid, interpolated in λ as the base is (:mod:`kelvin.heads`), in place of
     one output for every λ: a row's λ picks which outputs it trains. Where the observation has no λ
     (env.features.include_diversity false) or the range is one λ, the actor has one output."""
-    residual_pull: StrictFloat = Field(0.15, ge=0.0, lt=1.0, allow_inf_nan=False, examples=[0.05])
+    residual_pull: Union[PullFraction, list[PullFraction]] = Field(0.15, examples=[0.05, [0.15, 0.03, 0.03, 0.03, 0.03]])
     """The fraction of the residual removed after every PPO update (the actor's last layer scaled by 1 - this): a
     pull toward the base, so a correction the reward keeps asking for stays and one that noise drew fades
     (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results.md). 0: off. With policy.base: none there is no
-    base to pull toward, and no pull."""
+    base to pull toward, and no pull. A list gives one fraction per diversity head (the λ grid of
+    ``base_diversity_points``, lowest λ first), so the heads can be held at different distances from the base."""
 
     @model_validator(mode="before")
     @classmethod
@@ -314,6 +316,15 @@ class KelvinConfig:
         if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
+        pull = self.policy.residual_pull
+        if isinstance(pull, list):
+            from kelvin.heads import head_grid
+
+            grid = head_grid(self)
+            if grid is None or len(pull) != len(grid):
+                heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
+                raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "
+                                 f"has {heads}: give one number, or one per head")
 
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the

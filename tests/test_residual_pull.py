@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gymnasium as gym
 import pytest
 import torch
@@ -83,3 +85,26 @@ def test_the_default_pulls_and_no_base_or_zero_means_no_pull():
 def test_a_pull_out_of_range_is_refused():
     with pytest.raises(Exception, match=r"policy.residual_pull=1.0: must be a finite number in \[0, 1\)"):
         load_config("configs/default.yaml", overrides=["policy.residual_pull=1.0"])
+
+
+def test_a_pull_per_head_scales_each_heads_row_by_its_own_fraction():
+    config = load_config("configs/default.yaml", overrides=["policy.residual_pull=[0.5, 0.25, 0, 0, 0.125]"])
+    (pull,) = ResidualPull.of(config)
+    net = torch.nn.Linear(3, 5)  # the actor's last layer with the default's 5 diversity heads, λ = 0 .. 2
+    with torch.no_grad():
+        net.weight.copy_(torch.arange(15.0).view(5, 3) + 1.0)
+        net.bias.copy_(torch.tensor([8.0, 8.0, 8.0, 8.0, 8.0]))
+    pull.model = SimpleNamespace(policy=SimpleNamespace(action_net=net))
+    pull.after_update()
+    assert torch.equal(net.weight, torch.tensor([[0.5, 1.0, 1.5], [3.0, 3.75, 4.5], [7.0, 8.0, 9.0],
+                                                 [10.0, 11.0, 12.0], [11.375, 12.25, 13.125]]))
+    assert torch.equal(net.bias, torch.tensor([4.0, 6.0, 8.0, 8.0, 7.0]))
+    assert ResidualPull.of(load_config("configs/default.yaml", overrides=["policy.residual_pull=[0, 0, 0, 0, 0]"])) == []
+
+
+def test_a_pull_list_must_have_one_value_per_head():
+    with pytest.raises(Exception, match=r"policy.residual_pull has 2 values, one per diversity head, but the actor has "
+                                        r"5 heads, λ = \[0.0, 0.5, 1.0, 1.5, 2.0\]"):
+        load_config("configs/default.yaml", overrides=["policy.residual_pull=[0.15, 0.03]"])
+    with pytest.raises(Exception, match=r"but the actor has one output \(no diversity heads\)"):
+        load_config("configs/default.yaml", overrides=["policy.diversity_heads=false", "policy.residual_pull=[0.1]"])
