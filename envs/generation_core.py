@@ -156,7 +156,6 @@ class GenerationCore:
         self.generator = torch.Generator(device=self.device).manual_seed(token_seed)
         self.group_episodes = np.zeros(self.n_groups, dtype=np.int64)  # per group: how many episodes started
         self._position = np.argsort(self._order)  # prompt index -> its place in the schedule
-        self._prefilled_chunks: set[int] = set()  # chunks of the schedule this env has prefilled (warm_prompts)
 
     def _next_prompt_indices(self, groups: np.ndarray, ahead: int = 0) -> np.ndarray:
         """The prompts of ``groups``' next episodes (``ahead`` > 0: the episodes that many after those)."""
@@ -213,24 +212,27 @@ class GenerationCore:
         return cache if cache is not None and cache.max_bytes > 0 else None
 
     def _prefill_chunks(self, prompt_indices, stop_when_full: bool = False) -> int:
-        """Prefill the schedule chunk of each of ``prompt_indices`` unless this env prefilled it and the prompt is
-        still cached, each chunk in one call (:meth:`CausalLM.prefill_together`); returns the prompts prefilled.
+        """Prefill the schedule chunk of each of ``prompt_indices`` unless the cache holds it as that chunk makes it
+        (:meth:`CausalLM.prefilled_together`), each chunk in one call (:meth:`CausalLM.prefill_together`); returns
+        the prompts prefilled.
         ``stop_when_full``: stop before a chunk the cache could not hold without evicting."""
         cache = self._prompt_cache()
         if cache is None:
             return 0
-        done, per_prompt = 0, 0.0
+        done, per_prompt, seen = 0, 0.0, set()
         for i in prompt_indices:
             if i >= len(self._order):  # a prompt added after seeding (add_prompt) has no place in the schedule
                 continue
             c = int(self._position[i]) // WARM_BATCH
-            if c in self._prefilled_chunks and cache.get(tuple(self._prompt_ids[i])) is not None:
+            if c in seen:
                 continue
+            seen.add(c)
             members = [tuple(self._prompt_ids[j]) for j in self._order[c * WARM_BATCH:(c + 1) * WARM_BATCH]]
+            if self.lm.prefilled_together(members):
+                continue  # cached as this chunk makes it (by this env, or an earlier one with the same chunk)
             if stop_when_full and per_prompt and cache.nbytes + per_prompt * len(members) > cache.max_bytes:
                 break  # the cache is full: the rest are prefilled when their episodes start
             self.lm.prefill_together(members)
-            self._prefilled_chunks.add(c)
             sizes = [e.nbytes for e in map(cache.get, members) if e is not None]
             if stop_when_full and not sizes:
                 break  # a cache too small to hold one of them: warming would only run the model twice

@@ -181,6 +181,7 @@ class PromptEntry:
     kv: torch.Tensor  # (layers, 2, H, L, D): the tokens after the prefix
     logits: torch.Tensor  # (V,) float32
     prefix: "PromptEntry | None" = None
+    made_with: tuple | None = None  # (the set's fingerprint, this prompt) when CausalLM.prefill_together made it
 
     @property
     def length(self) -> int:

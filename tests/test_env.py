@@ -439,7 +439,7 @@ def test_warm_prompts_prefills_schedule_chunks_the_same_bits_however_far_ahead(l
     """warm_prompts(n) prefills the schedule chunks holding every group's next n episodes, one forward pass a
     chunk, so the restarts find them cached. A prompt is always prefilled with the rest of its chunk, whether
     warmed or needed first by an episode, so its cache entry is the same bit for bit however far ahead the env
-    warmed; and the cache's bound stops the warm-up."""
+    warmed; a later env whose chunks are the same finds them cached; and the cache's bound stops the warm-up."""
     import envs.generation_core as core_module
     from envs.kv_cache import PromptCache
 
@@ -459,6 +459,10 @@ def test_warm_prompts_prefills_schedule_chunks_the_same_bits_however_far_ahead(l
         env = fresh_env()
         ids = [tuple(env.core._prompt_ids[i]) for i in env.core._order]  # in schedule order
         assert env.warm_prompts(3)["prompts"] == 6 and calls == [2, 2, 2]  # 2 groups x 3 episodes: three chunks
+        env.close()
+        env = fresh_env()  # the same prompts and seed (validation's next λ, the next run): the same chunks, cached
+        calls.clear()
+        assert env.warm_prompts(3)["prompts"] == 0 and calls == []
         env.close()
 
         lm.prompt_cache = near = PromptCache(2**30)
