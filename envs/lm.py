@@ -428,8 +428,7 @@ class CausalLM:
         no batch state, only the model's weights (read) and the cache (locked). A prompt being prefilled here should
         not be prefilled on the other thread at the same time; the env waits for its prefetch first.
         """
-        keys = _together_keys(prompt_ids)
-        sig = hash(tuple(keys))
+        keys, sig = _together_keys(prompt_ids)
         self.prompt_cache.misses += len(keys)
         for start in range(0, len(keys), batch):
             part = keys[start:start + batch]
@@ -440,8 +439,7 @@ class CausalLM:
     def prefilled_together(self, prompt_ids: Sequence[Sequence[int]]) -> bool:
         """Whether every one of these prompts is cached as :meth:`prefill_together` of exactly this set made it (the
         same bits a new call would make: the env then skips it, whichever env or run of the process made it)."""
-        keys = _together_keys(prompt_ids)
-        sig = hash(tuple(keys))
+        keys, sig = _together_keys(prompt_ids)
         for key in keys:
             entry = self.prompt_cache.get(key)
             if entry is None or entry.made_with is None or entry.made_with[0] != sig or entry.made_with[1] != key:
@@ -495,6 +493,8 @@ class CausalLM:
         return torch.stack([e.logits for e in entries])
 
 
-def _together_keys(prompt_ids: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """The distinct prompts of a :meth:`CausalLM.prefill_together` set, sorted by length then tokens (its passes)."""
-    return sorted(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids), key=lambda k: (len(k), k))
+def _together_keys(prompt_ids: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], int]:
+    """The distinct prompts of a :meth:`CausalLM.prefill_together` set, sorted by length then tokens (its passes),
+    and the set's fingerprint, which each entry it makes records."""
+    keys = sorted(dict.fromkeys(tuple(int(t) for t in ids) for ids in prompt_ids), key=lambda k: (len(k), k))
+    return keys, hash(tuple(keys))

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.lm import load_causal_lm  # noqa: E402
+from kelvin.evaluation.plots import mean_temperature_by_position  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
 from kelvin.rundir import RunDir  # noqa: E402
 from kelvin.validation import Validation, group_means, paired_margin, summarize_episodes  # noqa: E402
@@ -36,15 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: the run's train.validation_prompts)")
     p.add_argument("--positions", type=int, default=4, help="positions printed one by one before the rest's mean")
     return p
-
-
-def position_means(episodes: list[dict], horizon: int) -> np.ndarray:
-    """(horizon,) mean temperature at each token position over ``episodes`` (shorter episodes count where they ran)."""
-    t = np.full((len(episodes), horizon), np.nan)
-    for i, e in enumerate(episodes):
-        row = list(e["temperatures"])[:horizon]
-        t[i, :len(row)] = row
-    return np.nanmean(t, axis=0)
 
 
 def main(argv=None) -> int:
@@ -65,7 +57,7 @@ def main(argv=None) -> int:
         part = {name: eps[i * per:(i + 1) * per] for name, eps in runs.items()}
         cells = [f"λ={lam:g}"]
         for name, eps in part.items():
-            m = position_means(eps, horizon)
+            m = mean_temperature_by_position(eps, horizon)[1]
             acc = summarize_episodes(eps).get("accuracy", float("nan"))
             cells.append(f"{name} T " + " ".join(f"{x:.2f}" for x in m[:k]) + f" .. {np.nanmean(m[k:]):.2f}"
                          f" acc {acc:.3f}")

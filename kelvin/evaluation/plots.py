@@ -87,16 +87,20 @@ def _line_style(c: int, e, colors: list) -> dict:
     return dict(lw=1.4, color=colors[c % len(colors)])
 
 
-def _mean_trace(result, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions and the mean temperature at each, over every sample still running there."""
+def mean_temperature_by_position(episodes, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and the mean temperature at each, over every episode still running there (``episodes``: dicts
+    with ``temperatures``; scripts/position_temperatures.py reads a learned policy against its base with it)."""
     sums, counts = np.zeros(max_new_tokens), np.zeros(max_new_tokens)
-    for eps in result.groups:
-        for ep in eps:
-            t = np.asarray(ep["temperatures"])
-            sums[: len(t)] += t
-            counts[: len(t)] += 1
+    for ep in episodes:
+        t = np.asarray(ep["temperatures"], dtype=np.float64)[:max_new_tokens]
+        sums[: len(t)] += t
+        counts[: len(t)] += 1
     ok = counts > 0
     return np.flatnonzero(ok), sums[ok] / counts[ok]
+
+
+def _mean_trace(result, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    return mean_temperature_by_position((ep for eps in result.groups for ep in eps), max_new_tokens)
 
 
 def plot_trajectories(path: Path, results: dict, main: list, max_new_tokens: int, subtitle: str,
