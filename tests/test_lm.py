@@ -219,3 +219,24 @@ def test_bad_inputs_give_clear_errors(lm, tmp_path):
         sample(logits, torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match="dtype"):  # ModelConfig checks its fields (from a config: "model.dtype=...")
         load_causal_lm(ModelConfig(dtype="float8"))
+
+
+def test_gguf_cache_is_keyed_by_the_file_content_not_its_path(tmp_path):
+    """Each virtual environment installs its own copy of the embedded GGUF: the copies share one dequantised cache
+    (a path- or mtime-keyed cache dequantised each copy again, 0.5 GB a time); a changed byte gets its own."""
+    import os
+
+    from envs.lm import _gguf_cache_dir, _Source
+
+    payload = bytes(range(256)) * 4096
+    one, two = tmp_path / "venv1", tmp_path / "venv2"
+    for d in (one, two):
+        d.mkdir()
+        (d / "model.gguf").write_bytes(payload)
+    os.utime(two / "model.gguf", ns=(1, 1))
+    cache = str(tmp_path / "cache")
+    first = _gguf_cache_dir(_Source(one, "model.gguf", "m"), cache)
+    assert first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("model-")
+    assert _gguf_cache_dir(_Source(two, "model.gguf", "m"), cache) == first
+    (two / "model.gguf").write_bytes(payload[:-1] + b"\x00")
+    assert _gguf_cache_dir(_Source(two, "model.gguf", "m"), cache) != first
