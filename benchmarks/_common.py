@@ -8,6 +8,7 @@ measured next to each other drift much less.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 import json
@@ -25,6 +26,24 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+
+def benchmark_parser(doc: str, default_repeats: int) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first paragraph as the description, the rest of the docstring's
+    layout kept, and the arguments every benchmark takes (:func:`add_common_args`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, default_repeats)
+    return parser
+
+
+def fill_preset(args, defaults: dict, quick: dict, smoke: dict) -> None:
+    """Every argument of the preset left None on the command line takes the preset's value: ``smoke`` with --smoke,
+    else ``quick`` with --quick, else ``defaults``."""
+    preset = smoke if args.smoke else quick if args.quick else defaults
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def add_common_args(parser, default_repeats: int) -> None:

@@ -23,12 +23,11 @@ Nothing is asserted: the script only measures and prints.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import (add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json)
+from _common import (benchmark_parser, benchmark_prompt_ids, fill_preset, format_table, median, start, sync, write_json)
 
 DEFAULTS = {"batch_sizes": "1,8,32,64", "tokens": 32, "repeats": 3, "seq_max": 2}
 QUICK = {"batch_sizes": "1,8,16", "tokens": 16, "repeats": 2, "seq_max": 2}
@@ -36,9 +35,7 @@ SMOKE = {"batch_sizes": "2", "tokens": 3, "repeats": 1, "seq_max": 1}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULTS["repeats"])
+    p = benchmark_parser(__doc__, DEFAULTS["repeats"])
     p.add_argument("--batch-sizes", default=None, help=f"comma-separated (default {DEFAULTS['batch_sizes']}; "
                                                        f"--quick {QUICK['batch_sizes']})")
     p.add_argument("--tokens", type=int, default=None, help=f"new tokens per sequence T (default {DEFAULTS['tokens']})")
@@ -49,10 +46,7 @@ def parse_args(argv=None):
                    help="token choice of the batched loop: samplers.core.sample at T=1 (like generate's "
                         "do_sample) or argmax (default: %(default)s)")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
-    for key in ("batch_sizes", "tokens", "repeats", "seq_max"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_preset(args, DEFAULTS, QUICK, SMOKE)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         p.error("--batch-sizes needs positive integers")

@@ -43,7 +43,6 @@ the same batch (goal >= 0.90): what the env costs on top of the model, restarts 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import time
 from collections import defaultdict
@@ -52,7 +51,7 @@ from dataclasses import replace
 import _common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
-from _common import add_common_args, format_table, median, start, sync, torch_threads, write_json
+from _common import benchmark_parser, fill_preset, format_table, median, start, sync, torch_threads, write_json
 
 DEFAULTS = {"batch_sizes": "16", "group": 4, "max_new_tokens": 32, "steps": 100, "repeats": 3}
 QUICK = {"batch_sizes": "8", "group": 4, "max_new_tokens": 12, "steps": 30, "repeats": 2}
@@ -60,9 +59,7 @@ SMOKE = {"batch_sizes": "4", "group": 2, "max_new_tokens": 3, "steps": 4, "repea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULTS["repeats"])
+    p = benchmark_parser(__doc__, DEFAULTS["repeats"])
     p.add_argument("--batch-sizes", default=None,
                    help=f"comma-separated env batch sizes B (default {DEFAULTS['batch_sizes']}; --quick {QUICK['batch_sizes']})")
     p.add_argument("--group", type=int, default=None, help=f"rows per prompt group (default {DEFAULTS['group']})")
@@ -71,10 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help=f"env steps per timed run (default {DEFAULTS['steps']})")
     p.add_argument("--no-profile", action="store_true", help="skip the per-component profile pass")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
-    for key in ("batch_sizes", "group", "max_new_tokens", "steps", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_preset(args, DEFAULTS, QUICK, SMOKE)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         p.error("--batch-sizes needs positive integers")

@@ -24,13 +24,12 @@ spent inside the processor (timed around ``__call__``). Goal: ratio <= 1.05. Not
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import (add_common_args, benchmark_prompt_ids, format_table, median, start, sync, write_json)
+from _common import (benchmark_parser, benchmark_prompt_ids, fill_preset, format_table, median, start, sync, write_json)
 
 DEFAULTS = {"batch": 8, "tokens": 32, "repeats": 5}
 QUICK = {"batch": 8, "tokens": 16, "repeats": 3}
@@ -38,9 +37,7 @@ SMOKE = {"batch": 2, "tokens": 3, "repeats": 1}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULTS["repeats"])
+    p = benchmark_parser(__doc__, DEFAULTS["repeats"])
     p.add_argument("--batch", type=int, default=None, help=f"sequences per generate call (default {DEFAULTS['batch']})")
     p.add_argument("--tokens", type=int, default=None, help=f"new tokens per sequence (default {DEFAULTS['tokens']})")
     p.add_argument("--policy", default="pid",
@@ -49,10 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--plain-temperature", type=float, default=0.7,
                    help="temperature of the plain variant (default: %(default)s)")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
-    for key in ("batch", "tokens", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_preset(args, DEFAULTS, QUICK, SMOKE)
     if args.batch < 1 or args.tokens < 1 or args.repeats < 1:
         p.error("--batch, --tokens and --repeats must be >= 1")
     return args

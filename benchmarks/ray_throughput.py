@@ -29,12 +29,11 @@ With ``r`` the rollout seconds and ``l`` the update seconds per update of one wo
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import add_common_args, environment_info, format_table, median, print_environment, setup_torch, write_json
+from _common import benchmark_parser, fill_preset, environment_info, format_table, median, print_environment, setup_torch, write_json
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 
 DEFAULTS = {"batch_size": 8, "group_size": 4, "max_new_tokens": 16, "n_steps": 16, "updates": 2, "repeats": 2}
@@ -43,9 +42,7 @@ SMOKE = {"batch_size": 2, "group_size": 2, "max_new_tokens": 4, "n_steps": 4, "u
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULTS["repeats"])
+    p = benchmark_parser(__doc__, DEFAULTS["repeats"])
     p.add_argument("--workers", type=int, default=2, help="Ray workers of the distributed variant (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per worker, B (the in-process env runs workers x B) (default {DEFAULTS['batch_size']})")
@@ -59,10 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                    help="further config overrides, as train.py --set (env., reward., ppo.)")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_preset(args, DEFAULTS, QUICK, SMOKE)
     if args.workers < 2:
         p.error(f"--workers={args.workers}: the distributed variant needs at least 2 (1 is the in-process variant)")
     if min(args.updates, args.repeats, args.n_steps) < 1:

@@ -29,7 +29,6 @@ threads as a side line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import (REPO_ROOT, add_common_args, benchmark_prompt_ids, format_table, median, start, sync, torch_threads,
+from _common import (REPO_ROOT, benchmark_parser, benchmark_prompt_ids, fill_preset, format_table, median, start, sync, torch_threads,
                      write_json)
 
 DEFAULTS = {"updates": None, "validate_every": None, "repeats": 1}  # None: the config's own
@@ -46,9 +45,7 @@ SMOKE = {"updates": 1, "validate_every": 1, "repeats": 1}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULTS["repeats"])
+    p = benchmark_parser(__doc__, DEFAULTS["repeats"])
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="training config (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                    help="config overrides, as train.py --set")
@@ -57,10 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--validate-every", type=int, default=None,
                    help=f"validation every this many updates (default: the config's; --quick {QUICK['validate_every']})")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else QUICK if args.quick else DEFAULTS
-    for key in ("updates", "validate_every", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_preset(args, DEFAULTS, QUICK, SMOKE)
     if (args.updates is not None and args.updates < 1) or args.repeats < 1:
         p.error("--updates and --repeats must be >= 1")
     return args

@@ -28,16 +28,9 @@ def _write_jsonl(path, records) -> None:
 # --- the packaged set --------------------------------------------------------------
 
 
-def test_categories_fixed_order():
-    assert CATEGORIES == (
-        "creative_writing",
-        "explanation",
-        "code",
-        "brainstorming",
-        "factual_question",
-        "summarisation",
-        "math",
-    )
+def test_categories_fixed_order():  # the order of the observation's category one-hot: a trained policy depends on it
+    assert CATEGORIES == ("creative_writing", "explanation", "code", "brainstorming", "factual_question",
+                          "summarisation", "math")
 
 
 def test_packaged_size_and_balance(packaged):
@@ -192,32 +185,17 @@ def test_directory_is_not_a_file(tmp_path):
         load_prompts(tmp_path)
 
 
-def test_unsupported_extension(tmp_path):
-    path = tmp_path / "prompts.csv"
-    path.write_text("text\nhello\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"unsupported extension '\.csv'.*Accepted formats"):
-        load_prompts(path)
-
-
-@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.txt", "\n  \n")])
-def test_empty_file(tmp_path, name, content):
+@pytest.mark.parametrize("name,content,match", [
+    ("prompts.csv", "text\nhello\n", r"unsupported extension '\.csv'.*Accepted formats"),
+    ("empty.jsonl", "", "contains no prompts"),
+    ("blank.txt", "\n  \n", "contains no prompts"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: malformed JSON"),
+    ("list.jsonl", '["text", "hi"]\n', r"list\.jsonl:1: expected a JSON object"),
+])
+def test_a_bad_file_names_its_problem(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match="contains no prompts"):
-        load_prompts(path)
-
-
-def test_malformed_json_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n{"text": "broken"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
-        load_prompts(path)
-
-
-def test_line_not_an_object(tmp_path):
-    path = tmp_path / "list.jsonl"
-    path.write_text('["text", "hi"]\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object"):
+    with pytest.raises(ValueError, match=match):
         load_prompts(path)
 
 

@@ -1,0 +1,73 @@
+"""The reward's arithmetic (envs/rewards.py) on hand-made inputs: repetition, the diversity components on known
+vectors and bigrams, correctness, and the group's leave-one-out baseline. The same rewards inside the env:
+tests/test_env.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram,
+                          leave_one_out_baseline)
+from stub_lm import NO_EMBEDDER
+
+
+def test_closes_repeated_ngram_directly():
+    tokens = torch.tensor([[3, 4, 5, 3, 4, 5], [3, 4, 5, 6, 7, 1]])
+    closes = [closes_repeated_ngram(tokens, torch.tensor([p, p]), 3).tolist() for p in range(6)]
+    assert closes == [[False, False], [False, False], [False, False], [False, False], [False, False],
+                      [True, False]]
+
+
+class _FixedEmbedder:
+    """Embeds each text as the vector given for it (the reward's diversity maths on known cosines)."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return torch.nn.functional.normalize(torch.tensor([self.vectors[t] for t in texts], dtype=torch.float32), dim=-1)
+
+
+def test_group_semantic_on_three_embeddings_with_known_cosines():
+    """e1 = (1, 0, 0), e2 = (0, 1, 0), e3 = (1, 1, 0) / sqrt 2: cos12 = 0, cos13 = cos23 = 1/sqrt 2.
+    Each sample's distance to the others: (1 + (1 - 0.70711)) / 2 = 0.64645 for e1 and e2,
+    (1 - 0.70711) = 0.29289 for e3; a second group of one sample has no other: 0."""
+    vectors = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [1, 1, 0], "d": [0, 0, 1], "p": [0, 0, 1]}
+    model = RewardFunction(RewardConfig(coherence=1.0), embedder=_FixedEmbedder(vectors))
+    out = model.episode_components([[0, 1, 2], [3]], ["q", "q", "q", "r"], ["p"] * 4, [None] * 4,
+                                   ["a", "b", "c", "d"], [[1], [2], [3], [4]])
+    assert out["group_semantic"].tolist() == pytest.approx([0.646447, 0.646447, 0.292893, 0.0], abs=1e-6)
+    assert out["coherence"].tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0], abs=1e-6)  # cosine to "p"
+
+
+def test_group_ngram_counts_the_bigrams_no_other_sample_has():
+    model = RewardFunction(NO_EMBEDDER)
+    tokens = [[1, 2, 3, 4], [1, 2, 5, 6], [7, 8], [9]]
+    out = model.episode_components([[0, 1, 2], [3]], ["q"] * 4, ["p"] * 4, [None] * 4, ["x"] * 4, tokens)
+    # sample 0: bigrams (1,2) (2,3) (3,4), (1,2) also in sample 1 -> 2/3; sample 1: (1,2) (2,5) (5,6) -> 2/3;
+    # sample 2: (7,8) alone -> 1; sample 3: no bigram -> 0
+    assert out["group_ngram"].tolist() == pytest.approx([2 / 3, 2 / 3, 1.0, 0.0])
+    assert out["coherence"].tolist() == [0.0] * 4 and out["group_semantic"].tolist() == [0.0] * 4
+
+
+def test_correct_only_on_answerable_prompts():
+    model = RewardFunction(NO_EMBEDDER)
+    out = model.episode_components([[0], [1], [2]], ["q1", "q2", "q3"], ["p"] * 3, [["12", "twelve"], ["Paris"], None],
+                                   ["It is Twelve.", "It is Lyon.", "Twelve"], [[1]] * 3)
+    assert out["correct"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_leave_one_out_baseline_by_hand():
+    model = RewardFunction(NO_EMBEDDER)  # quality weights: logprob 1, repetition 0.5, anomaly 1, coherence 0, text 4, correct 6
+    sums = {k: np.zeros(3) for k in STEP_COMPONENTS + EPISODE_COMPONENTS}
+    sums["logprob"] = np.array([-1.0, -2.0, -4.0])
+    sums["correct"] = np.array([1.0, 0.0, 1.0])
+    sums["group_semantic"] = np.array([9.0, 9.0, 9.0])  # diversity: not part of the quality return
+    quality = model.quality_return(sums)
+    assert quality.tolist() == pytest.approx([5.0, -2.0, 2.0])
+    # group [0, 1] and a sample alone: minus the mean of the others, nothing for a group of one
+    assert leave_one_out_baseline([[0, 1], [2]], quality).tolist() == pytest.approx([2.0, -5.0, 0.0])
+    assert leave_one_out_baseline([[0, 1, 2]], quality).tolist() == pytest.approx([0.0, -3.5, -1.5])
+    assert model.group_baseline([[0, 1], [2]], sums).tolist() == pytest.approx([2.0, -5.0, 0.0])
