@@ -305,7 +305,8 @@ class ResidualPull(AfterEachUpdate):
 
     def __init__(self, fraction: float | Sequence[float]):
         super().__init__()
-        self.keep = 1.0 - float(fraction) if np.isscalar(fraction) else [1.0 - float(f) for f in fraction]
+        # (H,) one fraction per diversity head (row h of the layer is head h), or (1,) for every row alike
+        self.keep = 1.0 - torch.tensor(fraction, dtype=torch.float64).reshape(-1)
 
     @classmethod
     def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
@@ -317,14 +318,10 @@ class ResidualPull(AfterEachUpdate):
 
     def after_update(self) -> None:
         net = self.model.policy.action_net
+        keep = self.keep.to(dtype=net.weight.dtype, device=net.weight.device)
         with torch.no_grad():
-            if isinstance(self.keep, list):  # one fraction per diversity head: row h of the layer is head h
-                keep = torch.tensor(self.keep, dtype=net.weight.dtype, device=net.weight.device)
-                net.weight.mul_(keep.view(-1, 1))
-                net.bias.mul_(keep)
-            else:
-                net.weight.mul_(self.keep)
-                net.bias.mul_(self.keep)
+            net.weight.mul_(keep.view(-1, 1))
+            net.bias.mul_(keep)
 
 
 class SnapshotCheckpoint(AfterEachUpdate):

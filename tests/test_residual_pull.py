@@ -77,7 +77,7 @@ def test_a_rollout_cut_short_is_not_pulled():
 
 def test_the_default_pulls_and_no_base_or_zero_means_no_pull():
     (pull,) = ResidualPull.of(load_config("configs/default.yaml"))
-    assert pull.keep == pytest.approx(0.85)
+    assert pull.keep.tolist() == pytest.approx([0.85])
     assert ResidualPull.of(load_config("configs/default.yaml", overrides=["policy.base=none"])) == []
     assert ResidualPull.of(load_config("configs/default.yaml", overrides=["policy.residual_pull=0"])) == []
 
