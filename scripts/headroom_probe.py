@@ -1,0 +1,124 @@
+"""How much a hand-made, state-dependent change of a run's tuned base gains on held-out prompts.
+
+PPO's residual can only win what some state-dependent temperature wins over the base. This script measures the
+best shapes the validation probes found (docs/results.md), fixed by hand before they are run here, against the
+base alone, on any split with the same prompts and random stream for both (training's validation machinery):
+
+* ``hot2``: at λ >= 1, +0.25 action (0.3 T on the default [0, 2.4] range) on the first 2 tokens; at λ = 0,
+  -0.1 everywhere.
+* ``hot4``: at λ >= 1, +0.5 on the first 4 tokens and -0.1 after; at λ = 0, -0.1 everywhere.
+
+The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a check on the script itself. Usage:
+
+    .venv/bin/python scripts/headroom_probe.py runs/default --split test            # the whole test split
+    .venv/bin/python scripts/headroom_probe.py runs/default --split test --seeds 4    # 16 samples of each prompt
+    .venv/bin/python scripts/headroom_probe.py runs/default --split validation --prompts 80
+    .venv/bin/python scripts/headroom_probe.py runs/b64n64-s0 --split test --seeds 4 --learned
+
+With ``--learned`` the run's learned policy is measured the same way (``learned − base`` is what PPO adds).
+It prints, per λ, probe − base reward with its paired 95% interval over the prompts (a prompt's value: the mean
+over its samples of every seed), and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from envs.lm import load_causal_lm  # noqa: E402
+from envs.prompts import load_prompts  # noqa: E402
+from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
+from kelvin.rundir import RunDir  # noqa: E402
+from kelvin.validation import Validation, paired_margin, summarize_episodes  # noqa: E402
+from policies.base import TemperaturePolicy  # noqa: E402
+
+# (first tokens that get the boost, boost, offset after them) at λ >= 1; the offset at λ = 0 is LAMBDA0_OFFSET.
+SHAPES = {"hot2": (2, 0.25, 0.0), "hot4": (4, 0.5, -0.1)}
+LAMBDA0_OFFSET = -0.1
+
+
+def shaped_offset(position: torch.Tensor, diversity: torch.Tensor, shape: tuple[int, float, float]) -> torch.Tensor:
+    """The hand-made change (B,) in action units at token ``position`` (B,) and dial ``diversity`` (B,)."""
+    first, boost, after = shape
+    hot = torch.where(position < first, torch.full_like(diversity, boost), torch.full_like(diversity, after))
+    return torch.where(diversity >= 0.5, hot, torch.full_like(diversity, LAMBDA0_OFFSET))
+
+
+class ShapedBase(TemperaturePolicy):
+    """A tuned base plus :func:`shaped_offset`, clipped to the action range."""
+
+    name = "shaped-base"
+
+    def __init__(self, base: TemperaturePolicy, shape: tuple[int, float, float], horizon: int):
+        super().__init__(base.feature_spec, base.action_mapping)
+        self.base, self.shape, self.horizon = base, shape, horizon
+        self._diversity_col = base.feature_spec.index("diversity")
+
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        position = torch.round(obs[:, self._position_col] * self.horizon)
+        offset = shaped_offset(position, obs[:, self._diversity_col], self.shape)
+        return (self.base.actions(obs, episode_start) + offset).clamp(-1.0, 1.0)
+
+
+def prompt_means(episodes: list[dict], values) -> dict[str, float]:
+    """``values`` (one per episode) averaged over each prompt's episodes (its K samples, over every seed)."""
+    sums: dict[str, list[float]] = {}
+    for e, v in zip(episodes, values):
+        sums.setdefault(e["prompt_id"], []).append(float(v))
+    return {pid: float(np.mean(v)) for pid, v in sums.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a finished run directory with base.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="random streams (validation seeds 0..N-1): N x K samples of every prompt and policy")
+    p.add_argument("--learned", action="store_true",
+                   help="also the run's learned policy (what PPO adds, measured the same way)")
+    p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
+    args = p.parse_args(argv)
+    config = RunDir(args.run).load_config()
+    n = args.prompts or len(load_prompts(split=args.split))
+    warnings: list[str] = []
+    lm = load_causal_lm(config.model)
+    names = ("base", *SHAPES, *(("learned",) if args.learned else ()))
+    runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
+    for seed in range(args.seeds):
+        cfg = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n, seed=seed))
+        base, _ = load_base_policy(args.run, cfg, warnings)
+        validation = Validation(cfg, lm, None, None)
+        policies = {"base": base, **{name: ShapedBase(base, shape, cfg.env.max_new_tokens)
+                                     for name, shape in SHAPES.items()}}
+        if args.learned:
+            policies["learned"] = load_learned_policy(args.model or args.run, cfg, warnings)[0]
+        for name, policy in policies.items():
+            eps = validation.episodes(policy)
+            per = len(eps) // len(validation.lambdas)
+            blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
+            runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
+    print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x {args.seeds} seeds")
+    for i, lam in enumerate(validation.lambdas):
+        part = {name: runs[name][i] for name in names}
+        reward = {name: prompt_means(eps, [e["episode"]["r"] for e in eps]) for name, eps in part.items()}
+        ids = sorted(reward["base"])
+        vec = {name: np.asarray([reward[name][pid] for pid in ids]) for name in names}
+        cells = [f"λ={lam:g}", f"base {vec['base'].mean():.3f} acc {summarize_episodes(part['base'])['accuracy']:.3f}"]
+        for name in names[1:]:
+            d = paired_margin(vec[name], vec["base"], 2000, 0)
+            acc = summarize_episodes(part[name])["accuracy"]
+            cells.append(f"{name} − base {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] acc {acc:.3f}")
+        print(" | ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""scripts/headroom_probe.py: the hand-made change of the base it measures, on hand-computed rows (fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "headroom_probe.py"
+_spec = importlib.util.spec_from_file_location("headroom_probe", _PATH)
+headroom_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(headroom_probe)
+
+
+def test_the_shapes_boost_the_first_tokens_at_lambda_one_and_up_and_cool_lambda_zero():
+    position = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 0.0])
+    diversity = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 0.0])
+    hot2 = headroom_probe.shaped_offset(position, diversity, headroom_probe.SHAPES["hot2"])
+    hot4 = headroom_probe.shaped_offset(position, diversity, headroom_probe.SHAPES["hot4"])
+    torch.testing.assert_close(hot2, torch.tensor([0.25, 0.25, 0.0, 0.0, 0.0, 0.25, 0.0, -0.1]))
+    torch.testing.assert_close(hot4, torch.tensor([0.5, 0.5, 0.5, 0.5, -0.1, 0.5, -0.1, -0.1]))
+
+
+def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda():
+    from policies.actions import ActionMapping
+    from policies.features import FeatureSettings, FeatureSpec
+    from policies.tuned_base import TunedBase, TunedBasePolicy
+
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)  # T = 1.2 (action + 1)
+    base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
+    obs = torch.zeros(4, spec.dim)
+    obs[:, spec.index("position")] = torch.tensor([0.0, 1.0, 2.0, 0.0]) / 8  # tokens 0, 1, 2, 0 of 8
+    obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
+    shaped = headroom_probe.ShapedBase(base, headroom_probe.SHAPES["hot2"], horizon=8)
+    # base actions: λ = 2 -> T 1.2 -> action 0; λ = 0 -> T 0.6 -> action -0.5, then -0.1 everywhere
+    torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.25, 0.25, 0.0, -0.6]))
+    torch.testing.assert_close(shaped.temperatures(obs), torch.tensor([1.5, 1.5, 1.2, 0.48]))
