@@ -243,6 +243,10 @@ class EvaluationConfig:
 
     samples: StrictInt = Field(4, ge=2)
     """Samples per prompt K (diversity is measured across them)."""
+    streams: StrictInt = Field(1, ge=1)
+    """Independent random streams per policy: each prompt gets ``streams`` groups of K samples, every per-prompt
+    metric is their mean (pass@K and the set metrics per group of K), so intervals narrow where the samples'
+    own randomness, not the prompts, is the noise. ``streams`` times the cost."""
     max_prompts: Optional[StrictInt] = Field(None, ge=1, examples=[24])
     """Use this many prompts of the split (round-robin over categories); None = all."""
     batch_size: StrictInt = Field(64, ge=2)

@@ -28,6 +28,7 @@ from kelvin.evaluation import (
     hull_hypervolume,
     hypervolume_2d,
     main,
+    mean_over_streams,
     pareto_front,
     parse_policy_specs,
     prompt_metrics,
@@ -289,6 +290,46 @@ def test_accuracy_is_the_share_of_correct_samples_on_answerable_prompts_only():
     np.testing.assert_allclose(per["accuracy"], [1 / 3, 2 / 3])
 
 
+def test_pass_at_k_is_one_when_any_sample_is_right_on_answerable_prompts_only():
+    right = _episode([1, 2], [0.5, 0.5], [-1.0, -1.0], "A", correct=True)
+    wrong = _episode([3, 4], [0.5, 0.5], [-1.0, -1.0], "B", correct=False)
+    open_ = _episode([5, 6], [0.5, 0.5], [-1.0, -1.0], "A")
+    per = prompt_metrics([[wrong, wrong, right, wrong], [wrong] * 4, [right] * 4, [open_] * 4],
+                         _StubEmbedder({"A": [1.0, 0.0], "B": [0.0, 1.0]}), repetition_n=3)
+    np.testing.assert_array_equal(per["pass_at_k"], [1.0, 0.0, 1.0, np.nan])  # pass@4
+    np.testing.assert_array_equal(per["accuracy"], [0.25, 0.0, 1.0, np.nan])  # pass@1
+
+
+def test_streams_average_each_prompts_metrics_and_recompute_perplexity():
+    one = {"reward": np.array([1.0, 4.0]), "logprob": np.array([-1.0, -2.0]), "perplexity": np.array([0.0, 0.0]),
+           "pass_at_k": np.array([1.0, np.nan])}
+    two = {"reward": np.array([3.0, 0.0]), "logprob": np.array([-3.0, -2.0]), "perplexity": np.array([0.0, 0.0]),
+           "pass_at_k": np.array([0.0, np.nan])}
+    per = mean_over_streams([one, two])
+    np.testing.assert_array_equal(per["reward"], [2.0, 2.0])
+    np.testing.assert_array_equal(per["pass_at_k"], [0.5, np.nan])  # an open prompt stays without pass@K
+    np.testing.assert_allclose(per["perplexity"], [math.exp(2.0), math.exp(2.0)])  # exp(-mean logprob)
+
+
+@pytest.mark.slow
+def test_two_streams_are_the_mean_of_the_two_seeds_run_alone(run_dir, tmp_path):
+    from kelvin.evaluation.run import STREAM_SEED_STRIDE
+
+    config = load_config(SMOKE, ["evaluation.max_prompts=2", "evaluation.batch_size=4"])
+
+    def once(out, seed, streams):
+        cfg = replace(config, evaluation=replace(config.evaluation, streams=streams))
+        data = evaluate(cfg, out, ["fixed:0.9"], seed=seed, families=False, progress=False)
+        return data["setup"]["streams"], data["policies"]["fixed:0.9"]["metrics"]
+
+    (n, both), (_, first), (_, second) = (once(tmp_path / "ab", 3, 2), once(tmp_path / "a", 3, 1),
+                                          once(tmp_path / "b", 3 + STREAM_SEED_STRIDE, 1))
+    assert n == 2
+    for metric in ("reward", "semantic_distance", "logprob", "coherence"):
+        assert both[metric]["mean"] == pytest.approx((first[metric]["mean"] + second[metric]["mean"]) / 2), metric
+    assert first["reward"]["mean"] != second["reward"]["mean"]  # two streams, two different draws
+
+
 def test_group_by_prompt_pairs_rows_of_a_group_and_drops_wrapped_slots():
     # 3 prompts, K = 2, 2 groups, 2 episodes per row: slots 0..3 (slot = group + k * n_groups); slot 3 wraps.
     episodes = []
@@ -430,7 +471,12 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
     assert set(data["tables"]["table"]) == {"0", "2"}  # one tuned table per λ of the learned front
     for table in data["tables"]["table"].values():
         assert set(table.values()) <= {0.0, 1.0}  # each category's T is one of the tuned grid's
-    assert [f["name"] for f in data["fronts"]] == ["main", "open", "open_logprob", "open_ngram"]
+    assert [f["name"] for f in data["fronts"]] == ["main", "answerable", "open", "open_logprob", "open_ngram"]
+    pass_front = data["fronts"][1]
+    assert (pass_front["x"], pass_front["y"], pass_front["x_subset"], pass_front["y_subset"]) == (
+        "accuracy", "pass_at_k", "answerable", "answerable")
+    for fam, info in pass_front["families"].items():  # pass@K >= pass@1 at every point: any right >= share right
+        assert all(p["y"] >= p["x"] for p in info["points"]), fam
     main_front = data["fronts"][0]
     assert (main_front["x"], main_front["y"]) == ("accuracy", "semantic_distance")
     fixed_t1 = next(p for p in main_front["families"]["fixed"]["points"] if p["name"] == "fixed:T=1")
@@ -445,7 +491,8 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
         assert v["verdict"] == ("outside" if v["low"] > 0 else "inside" if v["high"] < 0 else "no difference"), fam
     goal = data["goals"][str(run_dir)]
     assert (goal["lowest_lambda"], goal["highest_lambda"]) == (0.0, 2.0)
-    assert goal["beats_every_family_on_main_front"] == all(v == "outside" for v in goal["main_front"].values())
+    for name in ("main", "answerable"):
+        assert goal[f"beats_every_family_on_{name}_front"] == all(v == "outside" for v in goal[f"{name}_front"].values())
 
     report = (out / "report.md").read_text()
     for needle in ["## Verdict", "95%", "fronts.png", "temperature_trajectories.png", "## Fronts and hulls",

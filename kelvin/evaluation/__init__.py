@@ -28,7 +28,7 @@ The parts: :mod:`~kelvin.evaluation.metrics` (the metric table, one value per pr
 
 from kelvin.evaluation.cli import main
 from kelvin.evaluation.fronts import FRONTS, hull_front, hull_gap, hull_hypervolume, hypervolume_2d, pareto_front
-from kelvin.evaluation.metrics import METRICS, group_by_prompt, prompt_metrics
+from kelvin.evaluation.metrics import METRICS, group_by_prompt, mean_over_streams, prompt_metrics
 from kelvin.evaluation.policies import EvaluationError, parse_policy_specs, resolve_policies
 from kelvin.evaluation.run import evaluate, select_prompts
 
@@ -43,6 +43,7 @@ __all__ = [
     "hull_hypervolume",
     "hypervolume_2d",
     "main",
+    "mean_over_streams",
     "pareto_front",
     "parse_policy_specs",
     "prompt_metrics",

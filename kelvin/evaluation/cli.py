@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         families=args.families, resume=args.resume, progress=not args.no_progress, command=command)
         print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
         for goal in data["goals"].values():
-            verdicts = goal.get("main_front", {})
-            beaten = sum(v == "outside" for v in verdicts.values())
-            print(f"{goal['label']}: outside the hull of {beaten} of {len(verdicts)} families on the main front")
+            counts = [f"{sum(v == 'outside' for v in goal[f'{name}_front'].values())} of {len(goal[f'{name}_front'])} "
+                      f"families on the {name} front" for name in ("main", "answerable") if f"{name}_front" in goal]
+            print(f"{goal['label']}: outside the hull of " + ", ".join(counts or ["no family (no front)"]))
         return 130 if data["interrupted"] else 0
 
     return run_cli(body, debug=args.debug)

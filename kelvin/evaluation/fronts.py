@@ -13,8 +13,9 @@ accuracy on answerable prompts, diversity on open ones) each set is resampled se
 family" means the interval is above zero.
 
 **Fronts** (:data:`FRONTS`): the main one, where one temperature cannot serve both axes, is accuracy on
-the answerable prompts (x) against semantic distance across the K samples of the open prompts (y);
-the open-prompt fronts put a quality of the open completions (coherence, base log-prob) against their
+the answerable prompts (x) against semantic distance across the K samples of the open prompts (y); the
+answerable front puts pass@1 (accuracy) against pass@K (any of the K samples right: what a best-of-K or
+majority-vote user gets from diverse samples); the open-prompt fronts put a quality of the open completions (coherence, base log-prob) against their
 diversity (semantic distance, distinct-2 across K): beating a hull there needs a per-token schedule,
 not only a per-task one.
 
@@ -52,6 +53,8 @@ class Front:
 FRONTS: list[Front] = [
     Front("main", "accuracy", "answerable", "semantic_distance", "open",
           "accuracy on answerable prompts vs semantic distance across samples of open prompts"),
+    Front("answerable", "accuracy", "answerable", "pass_at_k", "answerable",
+          "answerable prompts: pass@1 (accuracy) vs pass@K (any of the K samples correct)"),
     Front("open", "coherence", "open", "semantic_distance", "open",
           "open prompts: coherence vs semantic distance across samples"),
     Front("open_logprob", "logprob", "open", "semantic_distance", "open",
@@ -62,6 +65,7 @@ FRONTS: list[Front] = [
 
 AXIS_LABELS = {
     "accuracy": "accuracy on answerable prompts",
+    "pass_at_k": "pass@K on answerable prompts",
     "logprob": "base-model log-prob per token (nats)",
     "coherence": "coherence to the prompt (cosine)",
     "semantic_distance": "semantic distance across K samples (1 - cos)",

@@ -37,6 +37,10 @@ def learned_runs(main: list) -> OrderedDict:
     return runs
 
 
+VERDICT_FRONTS = ("main", "answerable")
+"""The fronts whose hull verdicts :func:`goals` reports per run (``<name>_front``)."""
+
+
 def _answerable(results: dict, any_key: str) -> np.ndarray:
     return np.array([bool(eps[0]["answerable"]) for eps in results[any_key].groups])
 
@@ -124,13 +128,13 @@ def _paired(a, b, metric: str, mask: np.ndarray, n_resamples: int, seed: int) ->
 
 def goals(results: dict, main: list, fams: dict, fronts: list[dict], n_resamples: int, seed: int) -> dict:
     """Per learned run: the lowest-λ accuracy goal, the highest-λ diversity-at-better-quality goal, and the
-    main front's verdict against each family (see the module doc)."""
+    verdicts of the main and the answerable front against each family (see the module doc)."""
     runs = learned_runs(main)
     fixed = [e for e in fams.get("fixed", [])]
     if not runs or not fixed:
         return {}
     answerable = _answerable(results, next(iter(runs.values()))[0].cache_key)
-    main_front = next((f for f in fronts if f["name"] == "main"), None)
+    verdict_fronts = [f for f in fronts if f["name"] in VERDICT_FRONTS]
     out = {}
     for run, es in runs.items():
         low, high = es[0], es[-1]
@@ -146,10 +150,11 @@ def goals(results: dict, main: list, fams: dict, fronts: list[dict], n_resamples
             met = (diffs["semantic_distance"]["verdict"] == "better" and diffs["logprob"]["verdict"] == "better"
                    and diffs["coherence"]["verdict"] != "worse")
             goal["diversity_at_highest_lambda"] = {"vs": t1.name, **diffs, "met": met}
-        if main_front is not None and run in main_front["learned"]:
-            vs = main_front["learned"][run]["vs"]
-            goal["main_front"] = {fam: v["verdict"] for fam, v in vs.items()}
-            goal["beats_every_family_on_main_front"] = all(v["verdict"] == "outside" for v in vs.values())
+        for front in verdict_fronts:
+            if run in front["learned"]:
+                vs = front["learned"][run]["vs"]
+                goal[f"{front['name']}_front"] = {fam: v["verdict"] for fam, v in vs.items()}
+                goal[f"beats_every_family_on_{front['name']}_front"] = all(v["verdict"] == "outside" for v in vs.values())
         out[run] = goal
     return out
 

@@ -21,7 +21,8 @@ from envs.text_metrics import (
     self_bleu,
 )
 
-__all__ = ["HEADLINE", "METRICS", "METRIC_BY_NAME", "NEAR_GREEDY", "Metric", "group_by_prompt", "prompt_metrics"]
+__all__ = ["HEADLINE", "METRICS", "METRIC_BY_NAME", "NEAR_GREEDY", "Metric", "group_by_prompt", "mean_over_streams",
+           "prompt_metrics"]
 
 NEAR_GREEDY = 0.05
 """|T| below this counts as near-greedy."""
@@ -61,6 +62,9 @@ METRICS: list[Metric] = [
            "exp(-logprob): base-model perplexity of the completions; interval = exp(-interval of logprob)"),
     Metric("accuracy", "quality", "fraction", +1,
            "share of the K samples that give an accepted answer (answerable prompts only: envs/answers.py)"),
+    Metric("pass_at_k", "quality", "fraction", +1,
+           "pass@K: 1 when any of the K samples gives an accepted answer, else 0 (answerable prompts only; "
+           "pass@1 is accuracy)"),
     Metric("coherence", "quality", "cosine", +1, "cosine(prompt, completion) with all-MiniLM-L6-v2"),
     Metric("repetition_rate", "quality", "fraction", -1,
            "share of the completion's token n-grams (n = reward.repetition_n) already seen earlier in it"),
@@ -86,7 +90,7 @@ METRICS: list[Metric] = [
 ]
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 
-HEADLINE = ["reward", "accuracy", "logprob", "perplexity", "coherence", "distinct2_across", "self_bleu", "semantic_distance",
+HEADLINE = ["reward", "accuracy", "pass_at_k", "logprob", "perplexity", "coherence", "distinct2_across", "self_bleu", "semantic_distance",
             "repetition_rate", "anomaly_rate", "temperature_mean", "tokens_per_s"]
 """Metrics in the report's first table and in the paired-difference table."""
 
@@ -118,6 +122,7 @@ def _sample_metrics(eps: list[dict], repetition_n: int) -> dict[str, float]:
         **{f"reward/{c}": v.mean() for c, v in comps.items()},
         "logprob": np.mean([np.mean(e["logprobs"]) for e in eps]),
         "accuracy": comps["correct"].mean() if eps[0]["answerable"] else np.nan,
+        "pass_at_k": float(comps["correct"].max() > 0.5) if eps[0]["answerable"] else np.nan,
         "coherence": comps["coherence"].mean(),
         "repetition_rate": np.mean([repeated_ngram_rate(t, repetition_n) for t in ids]),
         "anomaly_rate": np.mean(-comps["anomaly"] / np.maximum(lengths, 1)),
@@ -148,4 +153,12 @@ def prompt_metrics(groups: list[list[dict]], embedder, repetition_n: int) -> dic
         for name, value in _sample_metrics(eps, repetition_n).items():
             per[name][i] = value
     per["perplexity"] = np.exp(-per["logprob"])  # per prompt, for reference; the interval is derived from logprob
+    return per
+
+
+def mean_over_streams(per_stream: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each metric's per-prompt mean over independent streams (:func:`prompt_metrics` of each stream's groups of
+    K); perplexity is recomputed from the mean log-prob, as within a stream."""
+    per = {name: np.mean([p[name] for p in per_stream], axis=0) for name in per_stream[0]}
+    per["perplexity"] = np.exp(-per["logprob"])
     return per

@@ -92,13 +92,16 @@ _HULL_WORDS = {"outside": "✅ outside the hull", "inside": "❌ inside the hull
 
 def _goal_lines(goal: dict) -> list[str]:
     lines = [f"**{goal['label']}**\n"]
-    if "main_front" in goal:
-        beat = [f for f, v in goal["main_front"].items() if v == "outside"]
-        lost = [f for f, v in goal["main_front"].items() if v == "inside"]
-        tied = [f for f, v in goal["main_front"].items() if v == "no difference"]
-        head = ("beats every family on the main front" if goal["beats_every_family_on_main_front"] else
-                f"beats {len(beat)} of {len(goal['main_front'])} families on the main front")
-        lines.append(f"- Main front (HV of its hull minus each family's, 95% CI excluding 0): **{head}**"
+    for name, title in (("main", "Main front"), ("answerable", "Answerable front (pass@1 x pass@K)")):
+        verdicts = goal.get(f"{name}_front")
+        if verdicts is None:
+            continue
+        beat = [f for f, v in verdicts.items() if v == "outside"]
+        lost = [f for f, v in verdicts.items() if v == "inside"]
+        tied = [f for f, v in verdicts.items() if v == "no difference"]
+        head = (f"beats every family on the {name} front" if goal[f"beats_every_family_on_{name}_front"] else
+                f"beats {len(beat)} of {len(verdicts)} families on the {name} front")
+        lines.append(f"- {title} (HV of its hull minus each family's, 95% CI excluding 0): **{head}**"
                      + (f"; outside the hull of {', '.join(beat)}" if beat else "")
                      + (f"; no difference from {', '.join(tied)}" if tied else "")
                      + (f"; inside the hull of {', '.join(lost)}" if lost else "") + ".")

@@ -39,7 +39,8 @@ from kelvin.config import KelvinConfig
 from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
 from kelvin.evaluation.headline import dial_check, reward_headline
 from kelvin.evaluation.goals import category_tables, compute_fronts, goals
-from kelvin.evaluation.metrics import METRICS, group_by_prompt, prompt_metrics
+from envs.config import MAX_SEED
+from kelvin.evaluation.metrics import METRICS, group_by_prompt, mean_over_streams, prompt_metrics
 from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectories
 from kelvin.evaluation.policies import EvaluationError, PolicyEntry, lambda_grid, parse_policy_specs, resolve_policies
 from kelvin.evaluation.report import write_csv, write_report, write_samples, write_tensorboard
@@ -47,6 +48,10 @@ from kelvin.evaluation.statistics import PolicyResult, paired_differences, summa
 from policies.features import FEATURE_SPEC_VERSION
 
 __all__ = ["check_output_dir", "evaluate", "select_prompts"]
+
+
+STREAM_SEED_STRIDE = 1_000_003
+"""``evaluation.streams``: stream s of a policy runs with seed ``seed + s * STREAM_SEED_STRIDE`` (stream 0: the seed)."""
 
 
 def check_output_dir(out: Path) -> None:
@@ -93,6 +98,7 @@ class Runner:
         self.cache_dir, self.resume = cache_dir, resume
         self.signature = json.dumps({"model": config.model.name, "prompts": [p.id for p in prompts], "seed": seed,
                                      "k": self.k, "n_groups": self.n_groups, "tokens": config.env.max_new_tokens,
+                                     "streams": config.evaluation.streams,
                                      "reward": asdict(config.reward)}, sort_keys=True)
         self.reused = 0
 
@@ -130,17 +136,23 @@ class Runner:
             except (OSError, EOFError, pickle.UnpicklingError, KeyError):
                 pass  # an unreadable cache file runs again
         bar = self.bar
-        out = collect_episodes(self._env(entry), entry.policy, episodes_per_row=self.per_row, seed=self.seed,
-                               on_step=None if bar is None else (lambda: bar.update(1)))
-        groups = group_by_prompt(out["episodes"], len(self.prompts), self.k, self.n_groups)
-        per = prompt_metrics(groups, self.embedder, self.config.reward.repetition_n)
-        stats = summarize(per, out["tokens_per_s"], self.config.evaluation.bootstrap, self.seed)
-        result = PolicyResult(entry, groups, per, stats, out["tokens_per_s"], out["wall_s"])
+        groups, per_stream, tokens, wall = None, [], 0.0, 0.0
+        for stream in range(self.config.evaluation.streams):  # stream 0 is the plain seed
+            out = collect_episodes(self._env(entry), entry.policy, episodes_per_row=self.per_row,
+                                   seed=(self.seed + stream * STREAM_SEED_STRIDE) % (MAX_SEED + 1),
+                                   on_step=None if bar is None else (lambda: bar.update(1)))
+            stream_groups = group_by_prompt(out["episodes"], len(self.prompts), self.k, self.n_groups)
+            per_stream.append(prompt_metrics(stream_groups, self.embedder, self.config.reward.repetition_n))
+            groups = stream_groups if groups is None else [a + b for a, b in zip(groups, stream_groups)]
+            tokens, wall = tokens + out["tokens_per_s"] * out["wall_s"], wall + out["wall_s"]
+        per = mean_over_streams(per_stream)
+        tokens_per_s = tokens / wall if wall > 0 else 0.0
+        stats = summarize(per, tokens_per_s, self.config.evaluation.bootstrap, self.seed)
+        result = PolicyResult(entry, groups, per, stats, tokens_per_s, wall)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, pickle.dumps({"signature": self.signature, "key": entry.cache_key, "groups": groups,
-                                  "per_prompt": per, "stats": stats, "tokens_per_s": out["tokens_per_s"],
-                                  "wall_s": out["wall_s"]}))
+                                  "per_prompt": per, "stats": stats, "tokens_per_s": tokens_per_s, "wall_s": wall}))
         return result
 
     def close(self) -> None:
@@ -231,7 +243,7 @@ def _setup(config: KelvinConfig, prompts: list[Prompt], lm, split: str | None, p
         "prompt_source": prompts_file or "packaged prompt set", "n_prompts": len(prompts),
         "n_answerable": sum(p.answerable for p in prompts), "n_open": sum(not p.answerable for p in prompts),
         "prompt_ids": [p.id for p in prompts], "prompt_texts": {p.id: p.text for p in prompts},
-        "samples": env.group_size, "n_groups": env.batch_size // env.group_size, "batch_size": env.batch_size,
+        "samples": env.group_size, "streams": config.evaluation.streams, "n_groups": env.batch_size // env.group_size, "batch_size": env.batch_size,
         "max_new_tokens": env.max_new_tokens, "seed": seed, "n_resamples": config.evaluation.bootstrap, "alpha": 0.05,
         "action_mapping": asdict(env.action), "truncation": env.truncation.to_dict(),
         "feature_spec_version": FEATURE_SPEC_VERSION, "config": config.to_dict(),
@@ -273,8 +285,9 @@ def _write_outputs(out: Path, data: dict, config: KelvinConfig, main: list[Polic
     setup, env_cfg = data["setup"], config.env
     out.mkdir(parents=True, exist_ok=True)
     reference = next(e for e in main if e.name == data["reference"])
+    streams = f" x {setup['streams']} streams" if setup["streams"] > 1 else ""
     subtitle = (f"{config.model.name}, split {setup['split']}, {setup['n_prompts']} prompts x {setup['samples']} "
-                f"samples, {env_cfg.max_new_tokens} tokens, seed {setup['seed']}")
+                f"samples{streams}, {env_cfg.max_new_tokens} tokens, seed {setup['seed']}")
     figures: dict[str, Path] = {}
     if data["fronts"]:
         figures["fronts"] = out / "fronts.png"
