@@ -14,6 +14,7 @@ The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a c
     .venv/bin/python scripts/headroom_probe.py runs/default --split test --seeds 4    # 16 samples of each prompt
     .venv/bin/python scripts/headroom_probe.py runs/default --split validation --prompts 80
     .venv/bin/python scripts/headroom_probe.py runs/b64n64-s0 --split test --seeds 4 --learned
+    .venv/bin/python scripts/headroom_probe.py runs/hold0-s0 --split test --seeds 4 --learned --shapes ''
 
 With ``--learned`` the run's learned policy is measured the same way (``learned − base`` is what PPO adds).
 It prints, per λ, probe − base reward with its paired 95% interval over the prompts (a prompt's value: the mean
@@ -85,19 +86,25 @@ def main(argv=None) -> int:
     p.add_argument("--learned", action="store_true",
                    help="also the run's learned policy (what PPO adds, measured the same way)")
     p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated hand-made shapes to run (default {','.join(SHAPES)}; '' for none)")
     args = p.parse_args(argv)
+    chosen = [name.strip() for name in args.shapes.split(",") if name.strip()]
+    if set(chosen) - set(SHAPES):
+        p.error(f"--shapes takes names from {', '.join(SHAPES)}; got {args.shapes!r}")
+    shapes = {name: SHAPES[name] for name in chosen}
     config = RunDir(args.run).load_config()
     n = args.prompts or len(load_prompts(split=args.split))
     warnings: list[str] = []
     lm = load_causal_lm(config.model)
-    names = ("base", *SHAPES, *(("learned",) if args.learned else ()))
+    names = ("base", *shapes, *(("learned",) if args.learned else ()))
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
     for seed in range(args.seeds):
         cfg = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n, seed=seed))
         base, _ = load_base_policy(args.run, cfg, warnings)
         validation = Validation(cfg, lm, None, None)
         policies = {"base": base, **{name: ShapedBase(base, shape, cfg.env.max_new_tokens)
-                                     for name, shape in SHAPES.items()}}
+                                     for name, shape in shapes.items()}}
         if args.learned:
             policies["learned"] = load_learned_policy(args.model or args.run, cfg, warnings)[0]
         for name, policy in policies.items():
