@@ -98,15 +98,14 @@ def main(argv=None) -> int:
     warnings: list[str] = []
     lm = load_causal_lm(config.model)
     names = ("base", *shapes, *(("learned",) if args.learned else ()))
+    config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n))
+    base, _ = load_base_policy(args.run, config, warnings)
+    policies = {"base": base, **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
+    if args.learned:
+        policies["learned"] = load_learned_policy(args.model or args.run, config, warnings)[0]
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
-    for seed in range(args.seeds):
-        cfg = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n, seed=seed))
-        base, _ = load_base_policy(args.run, cfg, warnings)
-        validation = Validation(cfg, lm, None, None)
-        policies = {"base": base, **{name: ShapedBase(base, shape, cfg.env.max_new_tokens)
-                                     for name, shape in shapes.items()}}
-        if args.learned:
-            policies["learned"] = load_learned_policy(args.model or args.run, cfg, warnings)[0]
+    for seed in range(args.seeds):  # one Validation per random stream: its seed is train.seed's
+        validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
         for name, policy in policies.items():
             eps = validation.episodes(policy)
             per = len(eps) // len(validation.lambdas)

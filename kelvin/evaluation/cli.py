@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kelvin.config_loading import load_config
+from kelvin.evaluation.fronts import VERDICT_FRONTS
 from kelvin.evaluation.policies import parse_policy_specs
 from kelvin.evaluation.run import evaluate
 from kelvin.rundir import model_files
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}/report.md, metrics.json, metrics.csv, PNGs and tb/ ({data['setup']['wall_s']:.0f} s)")
         for goal in data["goals"].values():
             counts = [f"{sum(v == 'outside' for v in goal[f'{name}_front'].values())} of {len(goal[f'{name}_front'])} "
-                      f"families on the {name} front" for name in ("main", "answerable") if f"{name}_front" in goal]
+                      f"families on the {name} front" for name in VERDICT_FRONTS if f"{name}_front" in goal]
             print(f"{goal['label']}: outside the hull of " + ", ".join(counts or ["no family (no front)"]))
         return 130 if data["interrupted"] else 0
 

@@ -63,6 +63,9 @@ FRONTS: list[Front] = [
           "open prompts: coherence vs distinct-2 across samples"),
 ]
 
+VERDICT_FRONTS = ("main", "answerable")
+"""The fronts whose hull verdicts the goals, the report and the CLI give per run (``<name>_front``)."""
+
 AXIS_LABELS = {
     "accuracy": "accuracy on answerable prompts",
     "pass_at_k": "pass@K on answerable prompts",

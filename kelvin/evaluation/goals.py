@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 
 from envs.text_metrics import paired_bootstrap_ci
-from kelvin.evaluation.fronts import FRONTS, compare_hulls, hull_front, hull_gap, hull_hypervolume, reference_point, \
+from kelvin.evaluation.fronts import FRONTS, VERDICT_FRONTS, compare_hulls, hull_front, hull_gap, hull_hypervolume, reference_point, \
     subset_mask
 
 __all__ = ["category_tables", "compute_fronts", "goals", "learned_runs"]
@@ -35,10 +35,6 @@ def learned_runs(main: list) -> OrderedDict:
     for run, entries in runs.items():
         entries.sort(key=lambda e: -1.0 if e.diversity is None else e.diversity)
     return runs
-
-
-VERDICT_FRONTS = ("main", "answerable")
-"""The fronts whose hull verdicts :func:`goals` reports per run (``<name>_front``)."""
 
 
 def _answerable(results: dict, any_key: str) -> np.ndarray:

@@ -152,13 +152,16 @@ def prompt_metrics(groups: list[list[dict]], embedder, repetition_n: int) -> dic
     for i, eps in enumerate(groups):
         for name, value in _sample_metrics(eps, repetition_n).items():
             per[name][i] = value
-    per["perplexity"] = np.exp(-per["logprob"])  # per prompt, for reference; the interval is derived from logprob
+    return _with_perplexity(per)
+
+
+def _with_perplexity(per: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``per`` with each prompt's perplexity, exp(-logprob) (for reference; its interval is derived from logprob)."""
+    per["perplexity"] = np.exp(-per["logprob"])
     return per
 
 
 def mean_over_streams(per_stream: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Each metric's per-prompt mean over independent streams (:func:`prompt_metrics` of each stream's groups of
     K); perplexity is recomputed from the mean log-prob, as within a stream."""
-    per = {name: np.mean([p[name] for p in per_stream], axis=0) for name in per_stream[0]}
-    per["perplexity"] = np.exp(-per["logprob"])
-    return per
+    return _with_perplexity({name: np.mean([p[name] for p in per_stream], axis=0) for name in per_stream[0]})

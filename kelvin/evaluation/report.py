@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kelvin.evaluation.fronts import VERDICT_FRONTS
 from kelvin.evaluation.metrics import HEADLINE, METRIC_BY_NAME, METRICS
 from kelvin.atomic import write_text_atomic
 
@@ -92,7 +93,8 @@ _HULL_WORDS = {"outside": "✅ outside the hull", "inside": "❌ inside the hull
 
 def _goal_lines(goal: dict) -> list[str]:
     lines = [f"**{goal['label']}**\n"]
-    for name, title in (("main", "Main front"), ("answerable", "Answerable front (pass@1 x pass@K)")):
+    for name in VERDICT_FRONTS:
+        title = f"{name.capitalize()} front"
         verdicts = goal.get(f"{name}_front")
         if verdicts is None:
             continue

@@ -33,13 +33,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from envs.config import MAX_SEED
 from envs.prompts import Prompt, load_prompts, select_prompts
 from kelvin.atomic import unusable_output_dir, write_atomic, write_text_atomic
 from kelvin.config import KelvinConfig
 from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
 from kelvin.evaluation.headline import dial_check, reward_headline
 from kelvin.evaluation.goals import category_tables, compute_fronts, goals
-from envs.config import MAX_SEED
 from kelvin.evaluation.metrics import METRICS, group_by_prompt, mean_over_streams, prompt_metrics
 from kelvin.evaluation.plots import plot_hulls, plot_histograms, plot_trajectories
 from kelvin.evaluation.policies import EvaluationError, PolicyEntry, lambda_grid, parse_policy_specs, resolve_policies
