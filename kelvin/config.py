@@ -192,7 +192,7 @@ class TrainConfig:
 
 
 NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
-PullFraction = Annotated[StrictFloat, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+PullFraction = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -227,7 +227,9 @@ class PolicyConfig:
     pull toward the base, so a correction the reward keeps asking for stays and one that noise drew fades
     (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results.md). 0: off. With policy.base: none there is no
     base to pull toward, and no pull. A list gives one fraction per diversity head (the λ grid of
-    ``base_diversity_points``, lowest λ first), so the heads can be held at different distances from the base."""
+    ``base_diversity_points``, lowest λ first), so the heads can be held at different distances from the base. 1
+    holds a head at its base: its row is zeroed after every update, so at its own λ the learned policy is the
+    base (the λ = 0 head of docs/results.md, "λ = 0 held at its base")."""
 
     @model_validator(mode="before")
     @classmethod

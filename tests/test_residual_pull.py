@@ -83,8 +83,24 @@ def test_the_default_pulls_and_no_base_or_zero_means_no_pull():
 
 
 def test_a_pull_out_of_range_is_refused():
-    with pytest.raises(Exception, match=r"policy.residual_pull=1.0: must be a finite number in \[0, 1\)"):
-        load_config("configs/default.yaml", overrides=["policy.residual_pull=1.0"])
+    with pytest.raises(Exception, match=r"policy.residual_pull=1.5: must be a finite number in \[0, 1\]"):
+        load_config("configs/default.yaml", overrides=["policy.residual_pull=1.5"])
+    with pytest.raises(Exception, match=r"policy.residual_pull=-0.1: must be a finite number in \[0, 1\]"):
+        load_config("configs/default.yaml", overrides=["policy.residual_pull=-0.1"])
+
+
+def test_a_pull_of_one_holds_its_head_at_the_base():
+    config = load_config("configs/default.yaml", overrides=["policy.residual_pull=[1.0, 0.03, 0.03, 0.03, 0.03]"])
+    (pull,) = ResidualPull.of(config)
+    net = torch.nn.Linear(3, 5)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        net.bias.fill_(-4.0)
+    pull.model = SimpleNamespace(policy=SimpleNamespace(action_net=net))
+    pull.after_update()
+    assert torch.equal(net.weight[0], torch.zeros(3)) and net.bias[0].item() == 0.0  # λ = 0: the base exactly
+    assert torch.equal(net.weight[1:], torch.full((4, 3), 2.0 * 0.97))
+    assert torch.equal(net.bias[1:], torch.full((4,), -4.0 * 0.97))
 
 
 def test_a_pull_per_head_scales_each_heads_row_by_its_own_fraction():
