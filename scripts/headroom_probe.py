@@ -18,12 +18,19 @@ The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a c
 
 With ``--learned`` the run's learned policy is measured the same way (``learned − base`` is what PPO adds).
 It prints, per λ, probe − base reward with its paired 95% interval over the prompts (a prompt's value: the mean
-over its samples of every seed), and accuracy.
+over its samples of every seed), and accuracy. ``--save FILE`` also writes those per-prompt values as JSON;
+``--pool FILE FILE ...`` reads several (one per training seed, the same split and prompts) and prints each
+policy − its own run's base averaged over the runs, prompt by prompt, with the interval over the prompts:
+
+    .venv/bin/python scripts/headroom_probe.py runs/hold0-s1 --split test --seeds 4 --learned --shapes '' \
+        --save runs/hold0-s1/probe-test.json
+    .venv/bin/python scripts/headroom_probe.py --pool runs/hold0-s*/probe-test.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -76,9 +83,44 @@ def prompt_means(episodes: list[dict], values) -> dict[str, float]:
     return {pid: float(np.mean(v)) for pid, v in sums.items()}
 
 
+def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """Per λ (as saved) and policy, ``policy − base`` of each prompt averaged over the saved runs: {λ: {name: (P,)}}.
+    Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for lam in saved[0]["reward"]:
+        ids = sorted(saved[0]["reward"][lam]["base"])
+        names = [n for n in saved[0]["reward"][lam] if n != "base"]
+        for run in saved:
+            if sorted(run["reward"].get(lam, {}).get("base", {})) != ids:
+                raise ValueError(f"{run['run']}: its prompts at λ={lam} differ from {saved[0]['run']}'s; pool runs "
+                                 "probed on the same split and --prompts")
+        out[lam] = {n: np.mean([[r["reward"][lam][n][pid] - r["reward"][lam]["base"][pid] for pid in ids]
+                                for r in saved], axis=0) for n in names}
+    return out
+
+
+def pool(paths: list[str]) -> int:
+    saved = [json.loads(Path(path).read_text()) for path in paths]
+    print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
+    for lam, diffs in pooled_differences(saved).items():
+        cells = [f"λ={lam}"]
+        for name, d in diffs.items():
+            m = paired_margin(d, np.zeros_like(d), 2000, 0)
+            cells.append(f"{name} − base {m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
+        print(" | ".join(cells))
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--pool"]:
+        if len(argv) < 2:
+            raise SystemExit("--pool takes the JSON files that --save wrote, one per run")
+        return pool(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a finished run directory with base.json")
+    p.add_argument("--save", default=None, help="also write the per-prompt rewards to this JSON file")
     p.add_argument("--split", default="test")
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
     p.add_argument("--seeds", type=int, default=1,
@@ -112,17 +154,21 @@ def main(argv=None) -> int:
             blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
             runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
     print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x {args.seeds} seeds")
+    saved = {"run": args.run, "split": args.split, "seeds": args.seeds, "reward": {}}
     for i, lam in enumerate(validation.lambdas):
         part = {name: runs[name][i] for name in names}
         reward = {name: prompt_means(eps, [e["episode"]["r"] for e in eps]) for name, eps in part.items()}
         ids = sorted(reward["base"])
         vec = {name: np.asarray([reward[name][pid] for pid in ids]) for name in names}
+        saved["reward"][f"{lam:g}"] = reward
         cells = [f"λ={lam:g}", f"base {vec['base'].mean():.3f} acc {summarize_episodes(part['base'])['accuracy']:.3f}"]
         for name in names[1:]:
             d = paired_margin(vec[name], vec["base"], 2000, 0)
             acc = summarize_episodes(part[name])["accuracy"]
             cells.append(f"{name} − base {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] acc {acc:.3f}")
         print(" | ".join(cells), flush=True)
+    if args.save:
+        Path(args.save).write_text(json.dumps(saved, indent=1))
     return 0
 
 

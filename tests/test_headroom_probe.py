@@ -37,3 +37,29 @@ def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda()
     # base actions: λ = 2 -> T 1.2 -> action 0; λ = 0 -> T 0.6 -> action -0.5, then -0.1 everywhere
     torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.25, 0.25, 0.0, -0.6]))
     torch.testing.assert_close(shaped.temperatures(obs), torch.tensor([1.5, 1.5, 1.2, 0.48]))
+
+
+def _saved(run, base, learned):
+    return {"run": run, "reward": {"0": {"base": base, "learned": learned}}}
+
+
+def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_prompt(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import pytest
+
+    one = _saved("s0", {"a": 1.0, "b": 2.0, "c": 0.0}, {"a": 1.5, "b": 2.0, "c": 1.0})  # +0.5, 0, +1
+    two = _saved("s1", {"a": 3.0, "b": 0.0, "c": 1.0}, {"a": 3.5, "b": 1.0, "c": 1.0})  # +0.5, +1, 0
+    pooled = headroom_probe.pooled_differences([one, two])
+    np.testing.assert_array_equal(pooled["0"]["learned"], [0.5, 0.5, 0.5])
+    paths = []
+    for saved in (one, two):
+        paths.append(tmp_path / f"{saved['run']}.json")
+        paths[-1].write_text(json.dumps(saved))
+    assert headroom_probe.main(["--pool", *map(str, paths)]) == 0
+    # every prompt's pooled difference is +0.5, so is every resample's mean
+    assert "λ=0 | learned − base +0.500 [+0.500, +0.500]" in capsys.readouterr().out
+    other = _saved("s2", {"a": 1.0, "d": 2.0, "c": 0.0}, {"a": 1.0, "d": 2.0, "c": 0.0})
+    with pytest.raises(ValueError, match="s2: its prompts at λ=0 differ from s0's"):
+        headroom_probe.pooled_differences([one, other])
