@@ -112,14 +112,9 @@ def pool(paths: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--pool"]:
-        if len(argv) < 2:
-            raise SystemExit("--pool takes the JSON files that --save wrote, one per run")
-        return pool(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="a finished run directory with base.json")
+    p.add_argument("run", nargs="?", help="a finished run directory with base.json")
+    p.add_argument("--pool", nargs="+", metavar="FILE", help="pool the JSON files --save wrote, one per run")
     p.add_argument("--save", default=None, help="also write the per-prompt rewards to this JSON file")
     p.add_argument("--split", default="test")
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
@@ -131,6 +126,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help=f"comma-separated hand-made shapes to run (default {','.join(SHAPES)}; '' for none)")
     args = p.parse_args(argv)
+    if args.pool:
+        return pool(args.pool)
+    if args.run is None:
+        p.error("give a run directory, or --pool FILE ...")
     chosen = [name.strip() for name in args.shapes.split(",") if name.strip()]
     if set(chosen) - set(SHAPES):
         p.error(f"--shapes takes names from {', '.join(SHAPES)}; got {args.shapes!r}")
