@@ -45,7 +45,7 @@ from pydantic.dataclasses import dataclass as settings_dataclass
 from envs.config import MAX_SEED, EnvConfig
 from envs.lm import ModelConfig, check_device
 from envs.rewards import RewardConfig
-from samplers.suggest import renamed
+from samplers.suggest import did_you_mean, renamed
 
 __all__ = ["ConfigError", "EvaluationConfig", "KelvinConfig", "MODEL_SETTINGS", "PPOConfig", "PolicyKwargs",
            "TrainConfig", "model_setting_changes"]
@@ -231,6 +231,13 @@ class PolicyConfig:
     holds a head at its base: its row is zeroed after every update, so at its own λ the learned policy is the
     base (the λ = 0 head of docs/results.md, "λ = 0 held at its base")."""
 
+    actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
+    """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
+    ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The critic always reads all. Needs diversity
+    heads. Why: a residual that can only depend on position and λ has a handful of directions to learn where the
+    whole observation has dozens, so 4,096 noisy returns an update pin it down better (docs/results.md,
+    "A residual on position and λ")."""
+
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, values):
@@ -322,6 +329,7 @@ class KelvinConfig:
         if self.policy.base != "none" and hi > lo and not self.env.features.include_diversity:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
+        self.actor_columns()  # names it and says the fix before a run starts
         pull = self.policy.residual_pull
         if isinstance(pull, list):
             from kelvin.heads import head_grid
@@ -331,6 +339,25 @@ class KelvinConfig:
                 heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
                 raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "
                                  f"has {heads}: give one number, or one per head")
+
+    def actor_columns(self) -> list[int] | None:
+        """The observation columns of ``policy.actor_features`` (None: all). Raises ValueError naming an unknown
+        feature, or a restriction without diversity heads (the only actor that can mask its inputs)."""
+        names = self.policy.actor_features
+        if names is None:
+            return None
+        from kelvin.heads import head_grid
+
+        if head_grid(self) is None:
+            raise ValueError("policy.actor_features restricts the diversity heads' actor, but this run has one output "
+                             "(policy.diversity_heads false, env.features.include_diversity false or one λ): "
+                             "enable the heads or drop policy.actor_features")
+        spec = self.env.feature_spec()
+        unknown = [n for n in names if n not in spec.names]
+        if unknown:
+            raise ValueError(f"policy.actor_features: no feature named {unknown[0]!r}; "
+                             f"{did_you_mean(unknown[0], spec.names, always_list=True)}")
+        return sorted({spec.index(n) for n in names})
 
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the
@@ -368,11 +395,13 @@ class KelvinConfig:
 
 
 MODEL_SETTINGS = ("model.name", "env.max_new_tokens", "env.include_category", "env.features", "env.action",
-                  "train.normalize_obs", "ppo.policy_kwargs", "policy.base", "policy.diversity_heads")
+                  "train.normalize_obs", "ppo.policy_kwargs", "policy.base", "policy.diversity_heads",
+                  "policy.actor_features")
 """Settings a trained model is bound to: the LM whose logits its features describe, the observation layout
 (``env.features``, the horizon ``env.max_new_tokens``, the category one-hot), what its actions mean
-(``env.action``), whether it sees normalised observations, its network's shape, and the kind of base its
-actions are a residual on (``policy.base``; the run keeps its tuned ``base.json``)."""
+(``env.action``), whether it sees normalised observations, its network's shape and inputs
+(``policy.actor_features``), and the kind of base its actions are a residual on (``policy.base``; the run keeps
+its tuned ``base.json``)."""
 
 
 def _leaves(value, prefix: str) -> dict[str, Any]:

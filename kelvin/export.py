@@ -108,6 +108,10 @@ def actor_module(sb3_policy, normalization: dict | None = None, base: BaseModule
     if not isinstance(layers[0], torch.nn.Linear):
         raise ArtifactError(f"{name}: the actor must start with a Linear layer (net_arch with at least one layer, "
                             "or a bare action_net)")
+    mask = getattr(sb3_policy, "actor_mask", None)  # kelvin.heads: the columns the actor reads (policy.actor_features)
+    if mask is not None:  # x * mask then W is (W * mask) then x: the same products
+        with torch.no_grad():
+            layers[0].weight.mul_(mask.to(layers[0].weight))
     net = torch.nn.Sequential(*layers).eval()
     grid = getattr(sb3_policy, "heads", None)  # kelvin.heads.DiversityHeadsPolicy: one output per λ of the grid
     heads = dict(base=base, heads=None if grid is None else torch.tensor(grid, dtype=torch.float32),

@@ -29,7 +29,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from policies.tuned_base import interpolation_grid, interpolation_weights
 
-__all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "head_grid"]
+__all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "actor_mask", "head_grid"]
 
 
 class PartialVecNormalize(VecNormalize):
@@ -54,11 +54,18 @@ class PartialVecNormalize(VecNormalize):
 
 class DiversityHeadsPolicy(ActorCriticPolicy):
     """PPO's ``MlpPolicy`` with one action output per point of ``heads`` (the λ grid), mixed at the λ read from
-    observation column ``diversity_col`` (raw: see :class:`PartialVecNormalize`). One action dimension only."""
+    observation column ``diversity_col`` (raw: see :class:`PartialVecNormalize`). One action dimension only.
 
-    def __init__(self, *args, heads: Sequence[float], diversity_col: int, **kwargs):
+    ``actor_columns`` (``policy.actor_features``): the observation columns the actor reads; the others are
+    multiplied by 0 before its MLP, so the residual is a function of those columns alone (the critic reads them
+    all). None: every column. The export folds the mask into the first layer's weights (exactly the same
+    products), so an exported actor needs nothing new."""
+
+    def __init__(self, *args, heads: Sequence[float], diversity_col: int,
+                 actor_columns: Sequence[int] | None = None, **kwargs):
         self.heads = [float(x) for x in heads]
         self.diversity_col = int(diversity_col)
+        self.actor_columns = None if actor_columns is None else sorted(int(c) for c in actor_columns)
         super().__init__(*args, **kwargs)
         if not self.share_features_extractor:
             raise ValueError("DiversityHeadsPolicy needs share_features_extractor=True (PPO's default)")
@@ -66,7 +73,8 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
             raise ValueError(f"DiversityHeadsPolicy acts in one dimension, not {self.action_space.shape}")
 
     def _get_constructor_parameters(self) -> dict:
-        return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col}
+        return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col,
+                "actor_columns": self.actor_columns}
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
@@ -76,6 +84,9 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
         self.register_buffer("head_grid", torch.tensor(self.heads, dtype=torch.float32))
+        # not in the state dict (persistent=False): a run saved before actor_columns existed still loads
+        self.register_buffer("actor_mask", actor_mask(self.observation_space.shape[0], self.actor_columns),
+                             persistent=False)
         # the optimizer was built over the old action_net's parameters: rebuild it over the current ones
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
@@ -86,19 +97,31 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
             return self.action_dist.proba_distribution(mean, self.log_std, latent_pi)
         return self.action_dist.proba_distribution(mean, self.log_std)
 
+    def _latents(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.extract_features(obs)
+        return self.mlp_extractor.forward_actor(features * self.actor_mask), self.mlp_extractor.forward_critic(features)
+
     def forward(self, obs: torch.Tensor, deterministic: bool = False):
-        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
+        latent_pi, latent_vf = self._latents(obs)
         distribution = self._distribution(latent_pi, obs)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), distribution.log_prob(actions)
 
     def evaluate_actions(self, obs: torch.Tensor, actions: torch.Tensor):
-        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
+        latent_pi, latent_vf = self._latents(obs)
         distribution = self._distribution(latent_pi, obs)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs: torch.Tensor):
-        return self._distribution(self.mlp_extractor.forward_actor(self.extract_features(obs)), obs)
+        return self._distribution(self.mlp_extractor.forward_actor(self.extract_features(obs) * self.actor_mask), obs)
+
+
+def actor_mask(dim: int, columns: Sequence[int] | None) -> torch.Tensor:
+    """(dim,) float: 1 at ``columns`` (every column when None), 0 elsewhere."""
+    mask = torch.ones(dim) if columns is None else torch.zeros(dim)
+    if columns is not None:
+        mask[list(columns)] = 1.0
+    return mask
 
 
 def head_grid(config) -> tuple[float, ...] | None:

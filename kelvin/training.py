@@ -299,7 +299,8 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     grid = head_grid(config)
     if grid is not None:  # one output per λ of the grid; they read λ itself, left unnormalised
         policy, raw = DiversityHeadsPolicy, [config.env.feature_spec().index("diversity")]
-        kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0]}
+        kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0],
+                                   "actor_columns": config.actor_columns()}
     if tc.normalize_obs or tc.normalize_reward:
         normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
         vec = PartialVecNormalize(env, raw_columns=raw, **normalize) if raw else VecNormalize(env, **normalize)

@@ -7,6 +7,7 @@ the policy surviving save/load, and one output where the observation has no λ. 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from stable_baselines3 import PPO
 
@@ -115,3 +116,54 @@ def test_the_grid_is_the_bases_and_without_lambda_there_is_one_output(tmp_path):
     no_lambda = load_config("configs/default.yaml", overrides=["policy.base=none", "env.features.include_diversity=false"])
     assert no_lambda.policy.diversity_heads and head_grid(no_lambda) is None
     assert head_grid(load_config("configs/default.yaml", overrides=["env.diversity_range=[1.0,1.0]"])) is None
+
+
+def test_an_actor_on_position_and_lambda_ignores_every_other_column_and_exports_so(tmp_path):
+    env = _env()
+    col, position = obs_col(env, "diversity"), obs_col(env, "position")
+    vec = PartialVecNormalize(ResidualActionVecEnv(env, BASE.module(env.feature_spec, env.action_mapping)),
+                              raw_columns=[col], norm_reward=False, gamma=1.0)
+    model = PPO(DiversityHeadsPolicy, vec, n_steps=4, batch_size=8, seed=0, device="cpu", use_sde=True,
+                policy_kwargs={"heads": list(GRID), "diversity_col": col, "actor_columns": [position, col]})
+    model.learn(16)
+    with torch.no_grad():  # a residual that depends on its inputs (a zeroed last layer would hide the mask)
+        model.policy.action_net.weight.normal_(0.0, 0.5)
+    raw = vec.get_original_obs().copy()
+    raw[:, col] = [0.0, 0.5, 1.5, 2.0]
+    other = raw.copy()
+    keep = [position, col]
+    other[:, [c for c in range(raw.shape[1]) if c not in keep]] += 3.0  # every other feature moves
+    act = lambda obs: model.predict(vec.normalize_obs(obs), deterministic=True)[0][:, 0]  # noqa: E731
+    assert np.array_equal(act(raw), act(other))
+    moved = raw.copy()
+    moved[:, position] += 0.25
+    assert not np.array_equal(act(raw), act(moved))  # position does reach it
+    # the critic still reads everything
+    values = lambda obs: model.policy.predict_values(torch.as_tensor(vec.normalize_obs(obs)))  # noqa: E731
+    assert not torch.equal(values(raw), values(other))
+    actor = learned_policy(model, vec, env.feature_spec, env.action_mapping, base=BASE)
+    base = TunedBasePolicy(BASE, env.feature_spec, env.action_mapping).actions(torch.as_tensor(raw))
+    expected = (base + torch.as_tensor(act(raw)).clamp(-1, 1)).clamp(-1, 1)
+    torch.testing.assert_close(actor.actions(torch.as_tensor(raw)), expected, atol=1e-6, rtol=0)
+    out = export_learned(model.policy, tmp_path / "export", env.feature_spec, env.action_mapping,
+                         model={"name": "stub", "vocab_size": 8}, obs_normalization=normalization_stats(vec),
+                         diversity_range=(0.0, 2.0), base=BASE)
+    exported = load_policy(out)
+    assert torch.equal(exported.actions(torch.as_tensor(other)), actor.actions(torch.as_tensor(other)))
+    model.save(tmp_path / "model.zip")
+    loaded = PPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.policy.actor_columns == sorted(keep)
+    assert np.array_equal(loaded.predict(vec.normalize_obs(other), deterministic=True)[0][:, 0], act(raw))
+    env.close()
+
+
+def test_actor_features_are_named_and_need_heads():
+    config = load_config("configs/default.yaml", overrides=["policy.actor_features=[position,diversity]"])
+    spec = config.env.feature_spec()
+    assert config.actor_columns() == [spec.index("position"), spec.index("diversity")]
+    assert load_config("configs/default.yaml").actor_columns() is None
+    with pytest.raises(ValueError, match=r"policy.actor_features: no feature named 'postion'.*position"):
+        load_config("configs/default.yaml", overrides=["policy.actor_features=[postion]"])
+    with pytest.raises(ValueError, match=r"policy.actor_features .* one output .*drop policy.actor_features"):
+        load_config("configs/default.yaml", overrides=["policy.actor_features=[position]",
+                                                       "policy.diversity_heads=false"])

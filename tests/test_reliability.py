@@ -231,6 +231,8 @@ def test_model_setting_changes_lists_only_what_binds_the_model():
         "model.name: smollm2-135m-instruct -> /models/other.gguf", "env.max_new_tokens: 8 -> 16",
         "env.features.include_diversity: true -> false", "train.normalize_obs: true -> false",
         "ppo.policy_kwargs.net_arch: [64, 64] -> [32]", "policy.base: table -> none"]
+    narrowed = load_config(SMOKE, ["policy.actor_features=[position,diversity]"])
+    assert model_setting_changes(saved, narrowed) == ["policy.actor_features: null -> [position, diversity]"]
 
 
 # --------------------------------------------------------------------------- a learned policy is its files (C)
