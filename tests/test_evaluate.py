@@ -496,7 +496,7 @@ def test_cli_end_to_end_writes_every_output(run_dir, tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     for needle in ["## Verdict", "95%", "fronts.png", "temperature_trajectories.png", "## Fronts and hulls",
-                   "## Sample completions", "hull"]:
+                   "## Sample completions", "hull", "- Main front (HV", "- Answerable front (pass@1 x pass@K) (HV"]:
         assert needle in report, needle
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("kind,policy,label,metric,mean,low,high")

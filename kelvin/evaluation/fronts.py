@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["FRONTS", "Front", "compare_hulls", "dominates", "hull_front", "hull_gap", "hull_hypervolume",
+__all__ = ["FRONTS", "FRONT_BY_NAME", "Front", "compare_hulls", "dominates", "hull_front", "hull_gap", "hull_hypervolume",
            "hypervolume_2d", "pareto_front", "reference_point"]
 
 
@@ -48,13 +48,19 @@ class Front:
     y: str
     y_subset: str
     title: str
+    heading: str = ""  # the report's short name of a verdict front; "" = "<Name> front"
+
+    @property
+    def label(self) -> str:
+        return self.heading or f"{self.name.capitalize()} front"
 
 
 FRONTS: list[Front] = [
     Front("main", "accuracy", "answerable", "semantic_distance", "open",
           "accuracy on answerable prompts vs semantic distance across samples of open prompts"),
     Front("answerable", "accuracy", "answerable", "pass_at_k", "answerable",
-          "answerable prompts: pass@1 (accuracy) vs pass@K (any of the K samples correct)"),
+          "answerable prompts: pass@1 (accuracy) vs pass@K (any of the K samples correct)",
+          "Answerable front (pass@1 x pass@K)"),
     Front("open", "coherence", "open", "semantic_distance", "open",
           "open prompts: coherence vs semantic distance across samples"),
     Front("open_logprob", "logprob", "open", "semantic_distance", "open",
@@ -63,6 +69,7 @@ FRONTS: list[Front] = [
           "open prompts: coherence vs distinct-2 across samples"),
 ]
 
+FRONT_BY_NAME = {f.name: f for f in FRONTS}
 VERDICT_FRONTS = ("main", "answerable")
 """The fronts whose hull verdicts the goals, the report and the CLI give per run (``<name>_front``)."""
 

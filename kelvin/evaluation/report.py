@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kelvin.evaluation.fronts import VERDICT_FRONTS
+from kelvin.evaluation.fronts import FRONT_BY_NAME, VERDICT_FRONTS
 from kelvin.evaluation.metrics import HEADLINE, METRIC_BY_NAME, METRICS
 from kelvin.atomic import write_text_atomic
 
@@ -94,7 +94,7 @@ _HULL_WORDS = {"outside": "✅ outside the hull", "inside": "❌ inside the hull
 def _goal_lines(goal: dict) -> list[str]:
     lines = [f"**{goal['label']}**\n"]
     for name in VERDICT_FRONTS:
-        title = f"{name.capitalize()} front"
+        title = FRONT_BY_NAME[name].label
         verdicts = goal.get(f"{name}_front")
         if verdicts is None:
             continue
