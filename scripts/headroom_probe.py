@@ -8,7 +8,8 @@ base alone, on any split with the same prompts and random stream for both (train
   -0.1 everywhere.
 * ``hot4``: at λ >= 1, +0.5 on the first 4 tokens and -0.1 after; at λ = 0, -0.1 everywhere.
 
-The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a check on the script itself. Usage:
+The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a check on the script itself. Any other
+shape is ``FIRST:BOOST:AFTER`` (``--shapes 4:0.1:0,4:0.25:0``: the slope of the hot start near the base). Usage:
 
     .venv/bin/python scripts/headroom_probe.py runs/default --split test            # the whole test split
     .venv/bin/python scripts/headroom_probe.py runs/default --split test --seeds 4    # 16 samples of each prompt
@@ -50,6 +51,27 @@ from policies.base import TemperaturePolicy  # noqa: E402
 # (first tokens that get the boost, boost, offset after them) at λ >= 1; the offset at λ = 0 is LAMBDA0_OFFSET.
 SHAPES = {"hot2": (2, 0.25, 0.0), "hot4": (4, 0.5, -0.1)}
 LAMBDA0_OFFSET = -0.1
+
+
+def parse_shapes(text: str) -> dict[str, tuple[int, float, float]]:
+    """``--shapes``: comma-separated names of :data:`SHAPES` or ``FIRST:BOOST:AFTER`` (e.g. ``4:0.1:0``, the hot4
+    shape at a fifth of its boost: the slope near the base). Raises ValueError saying what it takes."""
+    shapes = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item in SHAPES:
+            shapes[item] = SHAPES[item]
+            continue
+        fields = item.split(":")
+        try:
+            if len(fields) != 3 or int(fields[0]) < 1:
+                raise ValueError
+            shapes[item] = (int(fields[0]), float(fields[1]), float(fields[2]))
+        except ValueError:
+            raise ValueError(f"--shapes takes names from {', '.join(SHAPES)} or FIRST:BOOST:AFTER (first tokens >= 1, "
+                             f"boost and offset after them in action units, e.g. 4:0.1:0); got {item!r}") from None
+    return shapes
 
 
 def shaped_offset(position: torch.Tensor, diversity: torch.Tensor, shape: tuple[int, float, float]) -> torch.Tensor:
@@ -124,16 +146,17 @@ def main(argv=None) -> int:
                    help="also the run's learned policy (what PPO adds, measured the same way)")
     p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
     p.add_argument("--shapes", default=",".join(SHAPES),
-                   help=f"comma-separated hand-made shapes to run (default {','.join(SHAPES)}; '' for none)")
+                   help=f"comma-separated hand-made shapes to run: names (default {','.join(SHAPES)}; '' for none) "
+                   "or FIRST:BOOST:AFTER, e.g. 4:0.1:0")
     args = p.parse_args(argv)
     if args.pool:
         return pool(args.pool)
     if args.run is None:
         p.error("give a run directory, or --pool FILE ...")
-    chosen = [name.strip() for name in args.shapes.split(",") if name.strip()]
-    if set(chosen) - set(SHAPES):
-        p.error(f"--shapes takes names from {', '.join(SHAPES)}; got {args.shapes!r}")
-    shapes = {name: SHAPES[name] for name in chosen}
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as exc:
+        p.error(str(exc))
     config = RunDir(args.run).load_config()
     n = args.prompts or len(load_prompts(split=args.split))
     warnings: list[str] = []

@@ -63,3 +63,14 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
     other = _saved("s2", {"a": 1.0, "d": 2.0, "c": 0.0}, {"a": 1.0, "d": 2.0, "c": 0.0})
     with pytest.raises(ValueError, match="s2: its prompts at λ=0 differ from s0's"):
         headroom_probe.pooled_differences([one, other])
+
+
+def test_shapes_are_names_or_first_boost_after():
+    import pytest
+
+    assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05") == {
+        "hot4": (4, 0.5, -0.1), "4:0.1:0": (4, 0.1, 0.0), "2:0.25:-0.05": (2, 0.25, -0.05)}
+    assert headroom_probe.parse_shapes("") == {}
+    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0"):
+        with pytest.raises(ValueError, match=r"FIRST:BOOST:AFTER .*got '" + bad):
+            headroom_probe.parse_shapes(bad)
