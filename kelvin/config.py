@@ -233,10 +233,10 @@ class PolicyConfig:
 
     actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
-    ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The critic always reads all. Needs diversity
-    heads. Why: a residual that can only depend on position and λ has a handful of directions to learn where the
-    whole observation has dozens, so 4,096 noisy returns an update pin it down better (docs/results.md,
-    "A residual on position and λ")."""
+    ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The
+    critic always reads all. Needs diversity heads. Why: a residual that can only depend on position and λ has a
+    handful of directions to learn where the whole observation has dozens (docs/results.md, "This round: a
+    residual on position and λ alone stays on its base": it stopped the losses, and gained nothing)."""
 
     @model_validator(mode="before")
     @classmethod

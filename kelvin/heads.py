@@ -97,9 +97,12 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
             return self.action_dist.proba_distribution(mean, self.log_std, latent_pi)
         return self.action_dist.proba_distribution(mean, self.log_std)
 
+    def _actor_latent(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp_extractor.forward_actor(features * self.actor_mask)  # only the actor's columns
+
     def _latents(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.extract_features(obs)
-        return self.mlp_extractor.forward_actor(features * self.actor_mask), self.mlp_extractor.forward_critic(features)
+        return self._actor_latent(features), self.mlp_extractor.forward_critic(features)
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False):
         latent_pi, latent_vf = self._latents(obs)
@@ -113,15 +116,14 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs: torch.Tensor):
-        return self._distribution(self.mlp_extractor.forward_actor(self.extract_features(obs) * self.actor_mask), obs)
+        return self._distribution(self._actor_latent(self.extract_features(obs)), obs)
 
 
 def actor_mask(dim: int, columns: Sequence[int] | None) -> torch.Tensor:
     """(dim,) float: 1 at ``columns`` (every column when None), 0 elsewhere."""
-    mask = torch.ones(dim) if columns is None else torch.zeros(dim)
-    if columns is not None:
-        mask[list(columns)] = 1.0
-    return mask
+    if columns is None:
+        return torch.ones(dim)
+    return torch.zeros(dim).index_fill_(0, torch.as_tensor(list(columns), dtype=torch.long), 1.0)
 
 
 def head_grid(config) -> tuple[float, ...] | None:

@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["FRONTS", "FRONT_BY_NAME", "Front", "compare_hulls", "dominates", "hull_front", "hull_gap", "hull_hypervolume",
-           "hypervolume_2d", "pareto_front", "reference_point"]
+__all__ = ["FRONTS", "FRONT_BY_NAME", "Front", "compare_hulls", "dominates", "hull_front", "hull_gap",
+           "hull_hypervolume", "hypervolume_2d", "pareto_front", "reference_point"]
 
 
 @dataclass(frozen=True)
