@@ -82,9 +82,11 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local instance's object store: the e
 
 
 def make_vec_env(config: EnvConfig, lm: CausalLM | None = None, reward: RewardConfig | None = None,
-                 prompts: Sequence[Prompt] | None = None, model: ModelSource | None = None) -> VecEnv:
+                 prompts: Sequence[Prompt] | None = None, model: ModelSource | None = None,
+                 twins: bool = False) -> VecEnv:
     """The VecEnv the ``env:`` block asks for: ``TemperatureVecEnv`` when ``config.workers == 1``, else
-    :class:`RayVecEnv` (``workers x batch_size`` rows).
+    :class:`RayVecEnv` (``workers x batch_size`` rows). ``twins``: twin groups (``train.twin_groups``, one
+    in-process env only: :class:`envs.generation_core.GenerationCore`).
 
     ``lm`` is used by the in-process env (default: load ``model``); Ray workers load their own copy from
     ``model`` (the run's ``model:`` block), so ``model`` is required when ``config.workers > 1``.
@@ -92,7 +94,10 @@ def make_vec_env(config: EnvConfig, lm: CausalLM | None = None, reward: RewardCo
     if config.workers == 1:
         if lm is None:
             lm = model() if callable(model) else load_causal_lm(model or ModelConfig())
-        return TemperatureVecEnv(config, lm=lm, reward=reward, prompts=prompts)
+        return TemperatureVecEnv(config, lm=lm, reward=reward, prompts=prompts, twins=twins)
+    if twins:
+        raise ValueError(f"train.twin_groups pairs the groups of one in-process env: set env.workers=1 "
+                         f"(it is {config.workers})")
     if model is None:
         raise ValueError(f"env.workers={config.workers}: every Ray worker loads its own model copy, so pass "
                          "make_vec_env(..., model=config.model) (the run's model block); a loaded lm is not shipped")

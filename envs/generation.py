@@ -84,10 +84,10 @@ class TemperatureVecEnv(VecEnv):
 
     def __init__(self, config: EnvConfig | None = None, lm: CausalLM | None = None,
                  reward: RewardConfig | None = None, model_config: ModelConfig | None = None,
-                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1)):
+                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1), twins: bool = False):
         config = config or EnvConfig()
         lm = lm or load_causal_lm(model_config or ModelConfig())
-        self.core = GenerationCore(config, lm, reward, prompts, shard=shard)
+        self.core = GenerationCore(config, lm, reward, prompts, shard=shard, twins=twins)
         self.config = config
         self.render_mode = None
         self._actions: np.ndarray | None = None

@@ -115,10 +115,17 @@ class GenerationCore:
     ``shard=(i, n)`` makes these rows shard ``i`` of ``n`` equal shards of one env of ``n * B`` rows
     (envs/distributed.py): the prompt schedule is that env's (its groups are ``i * n_groups ...``), and
     the λ and token streams are the shard's own, derived from the seed (shard 0 keeps the seed's own).
+
+    ``twins`` (``train.twin_groups``): the groups come in pairs, ``2t`` and ``2t + 1``, that share their prompt,
+    their λ and their random numbers (row ``k`` of one draws every token with row ``k`` of the other's uniform:
+    common random numbers); a pair starts and ends together. With the policy's exploration noise mirrored across
+    the pair (:class:`kelvin.heads.DiversityHeadsPolicy`), the two differ only in the sign of that noise, and
+    each row's training signal is its return minus its twin's (:meth:`RewardFunction.twin_baseline`): the
+    difference of an antithetic pair under common random numbers, where the shared text noise cancels.
     """
 
     def __init__(self, config: EnvConfig, lm: CausalLM, reward: RewardConfig | RewardFunction | None = None,
-                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1)):
+                 prompts: Sequence[Prompt] | None = None, shard: tuple[int, int] = (0, 1), twins: bool = False):
         self.config = config
         self.lm = lm
         self.device = lm.device
@@ -132,6 +139,15 @@ class GenerationCore:
         self.B = config.batch_size
         self.G = config.group_size
         self.n_groups = self.B // self.G
+        self.twins = bool(twins)
+        if self.twins and self.n_groups % 2:
+            raise ValueError(f"twin groups pair the batch's groups: env.batch_size={self.B} must be a multiple of "
+                             f"2 x env.group_size = {2 * self.G}")
+        self._unit = 2 if self.twins else 1  # groups that start and end together (a twin pair, or one group)
+        # row b draws with the uniform of row _uniform_rows[b]: a twin's rows with those of the pair's first group
+        rows = np.arange(self.B)
+        self._uniform_rows = (torch.as_tensor(rows - self.G * ((rows // self.G) % 2), device=self.device)
+                              if self.twins else None)
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard={shard}: expected (index, count) with 0 <= index < count")
@@ -161,8 +177,9 @@ class GenerationCore:
         """The prompts of ``groups``' next episodes (``ahead`` > 0: the episodes that many after those)."""
         index, count = self.shard
         k = self.group_episodes[groups] + ahead
-        slot = index * self.n_groups + groups  # the group's place in the schedule of all shards
-        return self._order[(slot + k * count * self.n_groups) % len(self.prompts)]
+        places = self.n_groups // self._unit  # places of the schedule a round (a twin pair takes one)
+        slot = index * places + groups // self._unit  # the group's place in the schedule of all shards
+        return self._order[(slot + k * count * places) % len(self.prompts)]
 
     def _draw_diversity(self, n: int) -> np.ndarray:
         c = self.config
@@ -199,7 +216,7 @@ class GenerationCore:
         if episodes <= 0:
             return {"prompts": 0, "wall_s": 0.0}
         self.side.wait_prefetch()  # env.overlap: nothing is prefilled twice at once
-        groups = np.arange(self.n_groups)
+        groups = np.arange(0, self.n_groups, self._unit)  # one group of a twin pair: both have its prompts
         order = [i for ahead in range(episodes) for i in self._next_prompt_indices(groups, ahead).tolist()]
         done = self._prefill_chunks(order, stop_when_full=True)
         wall = time.perf_counter() - t0
@@ -254,6 +271,9 @@ class GenerationCore:
         t0 = time.perf_counter()
         fresh = groups is None or self.state is None
         groups = np.arange(self.n_groups) if fresh else np.asarray(groups, dtype=np.int64).reshape(-1)
+        if self.twins and not (groups.size % 2 == 0 and (groups[0::2] % 2 == 0).all()
+                               and (groups[1::2] == groups[0::2] + 1).all()):
+            raise ValueError(f"reset_groups({groups.tolist()}): with twin groups, restart whole pairs (2t, 2t + 1)")
         if prompt_indices is None:
             prompt_idx = self._next_prompt_indices(groups)
         else:
@@ -263,7 +283,7 @@ class GenerationCore:
         self.group_episodes[groups] += 1
         self.side.wait_prefetch()  # a prompt must not be prefilled here while the side thread prefills it
         if diversity is None:
-            group_diversity = self._draw_diversity(groups.shape[0])
+            group_diversity = np.repeat(self._draw_diversity(groups.shape[0] // self._unit), self._unit)
         else:
             group_diversity = np.broadcast_to(np.asarray(diversity, dtype=np.float64), groups.shape).copy()
         rows = self.group_rows(groups)  # (R,)
@@ -311,7 +331,8 @@ class GenerationCore:
         repeated = closes_repeated_ngram(ep.tokens, pos, self.reward.config.repetition_n) & active_t
         comps = self.reward.step_components(stats.logp, repeated, stats.anomalous, tempered)
         newly_ended = self._end_rows(tokens, active, active_t)
-        done = np.repeat(ep.ended.reshape(self.n_groups, self.G).all(axis=1), self.G)  # (B,)
+        sync = self.G * self._unit  # rows that end together: a group, or a twin pair
+        done = np.repeat(ep.ended.reshape(-1, sync).all(axis=1), sync)  # (B,)
         done_rows = np.flatnonzero(done)
         # The completions of the groups that end here are final: score them while the model decodes.
         finished = self._score_groups(done_rows) if done_rows.size else None
@@ -335,7 +356,7 @@ class GenerationCore:
         temperature = self.mapping.to_temperature(actions, previous=f.prev_temperature, first_step=f.position == 0)
         need_tempered = self.reward.config.entropy != 0
         drawn = sample(self.logits, temperature, generator=self.generator, return_tempered=need_tempered,
-                       **self.config.truncation.to_dict())
+                       uniform_rows=self._uniform_rows, **self.config.truncation.to_dict())
         tokens, tempered = drawn if need_tempered else (drawn, None)  # (B,), (B, V) or None
         tokens = torch.where(active, tokens, self.lm.eos_token_ids[0])  # waiting rows feed EOS; nothing is kept
         return temperature, tokens, tempered
@@ -392,11 +413,16 @@ class GenerationCore:
         reward = self.reward.combine(components, ep.diversity)
         for k, v in components.items():
             ep.components[k] += v
-        if done_rows.size and self.reward.config.group_baseline:
+        if done_rows.size and (self.twins or self.reward.config.group_baseline):
             totals = {k: v[done_rows] for k, v in ep.components.items()}  # whole episodes, this step included
             reward = reward.copy()
-            reward[done_rows] += self.reward.group_baseline(self._groups_of(len(done_rows)), totals,
-                                                             ep.diversity[done_rows]).astype(np.float32)
+            if self.twins:
+                local = np.arange(len(done_rows))  # whole pairs in row order: a row's twin is G rows away
+                twin = local + np.where((local // self.G) % 2 == 0, self.G, -self.G)
+                baseline = self.reward.twin_baseline(twin, totals, ep.diversity[done_rows])
+            else:
+                baseline = self.reward.group_baseline(self._groups_of(len(done_rows)), totals, ep.diversity[done_rows])
+            reward[done_rows] += baseline.astype(np.float32)
         return reward
 
     def _count(self, t0: float, dt_model: float, active: np.ndarray) -> None:

@@ -223,12 +223,26 @@ class RewardFunction:
         quality return of the other members of each one's group (``groups`` partitions ``range(R)``), plus
         ``group_diversity_credit - 1`` times each one's group diversity return at its λ (``diversity``, (R,)): (R,)."""
         out = leave_one_out_baseline(groups, self.quality_return(episode_sums))
-        extra = self.config.group_diversity_credit - 1.0
-        if extra != 0.0 and diversity is not None:
-            spread = sum(self._diversity.get(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64)
-                         for k in GROUP_DIVERSITY_COMPONENTS)
-            out = out + extra * np.asarray(diversity, dtype=np.float64) * spread
-        return out
+        return out if diversity is None else out + self._extra_diversity_credit(episode_sums, diversity)
+
+    def _extra_diversity_credit(self, episode_sums: dict[str, np.ndarray], diversity: np.ndarray) -> np.ndarray:
+        """``group_diversity_credit - 1`` times each episode's group diversity return at its λ: (R,)."""
+        spread = sum(self._diversity.get(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64)
+                     for k in GROUP_DIVERSITY_COMPONENTS)
+        return (self.config.group_diversity_credit - 1.0) * np.asarray(diversity, dtype=np.float64) * spread
+
+    def twin_baseline(self, twin: np.ndarray, episode_sums: dict[str, np.ndarray], diversity: np.ndarray) -> np.ndarray:
+        """The end-of-episode term of twin groups (``train.twin_groups``) for R finished episodes: each one's extra
+        diversity credit (as :meth:`group_baseline`) minus its twin's whole training return (its return plus that
+        credit); ``twin`` (R,) is each one's twin among them. A row's training return is then its own minus its
+        twin's, so a pair's two sum to 0: the antithetic difference, in place of the group's leave-one-out
+        (the twin's return depends on this row's policy only through the mirrored noise, the point of the pair)."""
+        lam = np.asarray(diversity, dtype=np.float64)
+        spread = sum(self._diversity.get(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64)
+                     for k in DIVERSITY_COMPONENTS)
+        extra = self._extra_diversity_credit(episode_sums, lam)
+        training = self.quality_return(episode_sums) + lam * spread + extra
+        return extra - training[np.asarray(twin, dtype=np.int64)]
 
     # ------------------------------------------------------------------ per completion
     def episode_components(self, groups: Sequence[Sequence[int]], prompt_keys: Sequence[str],

@@ -186,6 +186,13 @@ class TrainConfig:
     """Show a progress bar while training."""
     policy_device: StrictStr = "cpu"
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
+    twin_groups: StrictBool = False
+    """Antithetic twins: the training env's groups come in pairs with the same prompt, λ and random numbers
+    (envs/generation_core.py), the policy's gSDE noise is mirrored across a pair (kelvin/heads.py), and a row's
+    training signal is its return minus its twin's (in place of ``reward.group_baseline``). The two differ only
+    in the sign of the exploration, so the text's own randomness, which swamps a small change of T, largely
+    cancels in the difference (docs/training.md). Needs the diversity heads, ``ppo.use_sde``, one env worker and
+    ``env.batch_size`` a multiple of 2 x ``env.group_size``. Off: each row explores on its own noise."""
 
     def __post_init__(self):
         check_device(self.policy_device, "policy_device")
@@ -367,6 +374,8 @@ class KelvinConfig:
         if self.ppo.batch_size > rollout:
             raise ConfigError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
                               f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")
+        if self.train.twin_groups:
+            self._check_twins()
         lo, hi = self.env.action.t_min, self.env.action.t_max
         grids = {"train.validation_temperatures": self.train.validation_temperatures}
         if self.policy.base != "none":
@@ -383,6 +392,22 @@ class KelvinConfig:
                 raise ConfigError(f"{name}={grid}: {', '.join(f'{t:g}' for t in outside)} outside env.action's range "
                                   f"[{lo:g}, {hi:g}]; drop them or widen env.action.t_min / env.action.t_max")
 
+    def _check_twins(self) -> None:
+        from kelvin.heads import head_grid
+
+        needs = []
+        if head_grid(self) is None:
+            needs.append("the diversity heads (policy.diversity_heads true, env.features.include_diversity true)")
+        if not self.ppo.use_sde:
+            needs.append("gSDE exploration (ppo.use_sde true): its noise is what the twins mirror")
+        if self.env.workers != 1:
+            needs.append(f"one env worker (env.workers=1, not {self.env.workers})")
+        if self.env.batch_size % (2 * self.env.group_size):
+            needs.append(f"env.batch_size a multiple of 2 x env.group_size = {2 * self.env.group_size} "
+                         f"(it is {self.env.batch_size})")
+        if needs:
+            raise ConfigError("train.twin_groups needs " + "; ".join(needs) + ", or set train.twin_groups false")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -396,12 +421,12 @@ class KelvinConfig:
 
 MODEL_SETTINGS = ("model.name", "env.max_new_tokens", "env.include_category", "env.features", "env.action",
                   "train.normalize_obs", "ppo.policy_kwargs", "policy.base", "policy.diversity_heads",
-                  "policy.actor_features")
+                  "policy.actor_features", "train.twin_groups")
 """Settings a trained model is bound to: the LM whose logits its features describe, the observation layout
 (``env.features``, the horizon ``env.max_new_tokens``, the category one-hot), what its actions mean
 (``env.action``), whether it sees normalised observations, its network's shape and inputs
-(``policy.actor_features``), and the kind of base its actions are a residual on (``policy.base``; the run keeps
-its tuned ``base.json``)."""
+(``policy.actor_features``), the kind of base its actions are a residual on (``policy.base``; the run keeps
+its tuned ``base.json``), and whether its exploration is mirrored across twin groups (``train.twin_groups``)."""
 
 
 def _leaves(value, prefix: str) -> dict[str, Any]:

@@ -59,10 +59,16 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
     ``actor_columns`` (``policy.actor_features``): the observation columns the actor reads; the others are
     multiplied by 0 before its MLP, so the residual is a function of those columns alone (the critic reads them
     all). None: every column. The export folds the mask into the first layer's weights (exactly the same
-    products), so an exported actor needs nothing new."""
+    products), so an exported actor needs nothing new.
+
+    ``twin_rows`` (``train.twin_groups``, the env's group size G): rows come in twin pairs of groups, 2G
+    contiguous rows, and :meth:`reset_noise` gives the second group of each pair minus the first one's gSDE
+    exploration matrices, so twins with the same state explore in opposite directions. The marginal noise of
+    every row is SB3's, so PPO's log-probabilities are unchanged. None: every row its own draw."""
 
     def __init__(self, *args, heads: Sequence[float], diversity_col: int,
-                 actor_columns: Sequence[int] | None = None, **kwargs):
+                 actor_columns: Sequence[int] | None = None, twin_rows: int | None = None, **kwargs):
+        self.twin_rows = None if twin_rows is None else int(twin_rows)
         self.heads = [float(x) for x in heads]
         self.diversity_col = int(diversity_col)
         self.actor_columns = None if actor_columns is None else sorted(int(c) for c in actor_columns)
@@ -74,7 +80,18 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col,
-                "actor_columns": self.actor_columns}
+                "actor_columns": self.actor_columns, "twin_rows": self.twin_rows}
+
+    def reset_noise(self, n_envs: int = 1) -> None:
+        super().reset_noise(n_envs)
+        g = self.twin_rows
+        if not g or n_envs % (2 * g) or not isinstance(self.action_dist, StateDependentNoiseDistribution):
+            return  # no twins, or a batch not laid out in twin pairs (SB3's own draw)
+        with torch.no_grad():
+            m = self.action_dist.exploration_matrices.detach().clone()  # (n_envs, latent, actions)
+            pairs = m.view(n_envs // (2 * g), 2, g, *m.shape[1:])
+            pairs[:, 1] = -pairs[:, 0]
+        self.action_dist.exploration_matrices = m
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)

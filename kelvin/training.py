@@ -239,7 +239,8 @@ def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None,
     torch.manual_seed(tc.seed)
     lm = load_causal_lm(config.model)
     # env.workers > 1: rollouts on Ray workers with a model copy each; validation stays in this process
-    env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model)
+    env = make_vec_env(replace(config.env, seed=tc.seed), lm=lm, reward=config.reward, model=config.model,
+                       twins=tc.twin_groups)
     held.callback(env.close)
     cache = EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model))
     spec, mapping = config.env.feature_spec(), config.env.action
@@ -300,7 +301,8 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     if grid is not None:  # one output per λ of the grid; they read λ itself, left unnormalised
         policy, raw = DiversityHeadsPolicy, [config.env.feature_spec().index("diversity")]
         kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0],
-                                   "actor_columns": config.actor_columns()}
+                                   "actor_columns": config.actor_columns(),
+                                   "twin_rows": config.env.group_size if tc.twin_groups else None}
     if tc.normalize_obs or tc.normalize_reward:
         normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
         vec = PartialVecNormalize(env, raw_columns=raw, **normalize) if raw else VecNormalize(env, **normalize)

@@ -493,6 +493,7 @@ def sample(
     top_n_sigma=None,
     eps: float = 1e-6,
     return_tempered: bool = False,
+    uniform_rows: Tensor | None = None,
 ):
     """Draw one token per row: truncate (base distribution), temper, draw (inverse CDF).
 
@@ -501,6 +502,11 @@ def sample(
     / argmin. Returns (B,) int64 token ids, or ``(tokens, tempered_logits)`` with
     ``return_tempered=True`` (the (B, V) logits the draw used, as :func:`apply_temperature`
     after :func:`truncate` returns them), so callers need not temper twice.
+
+    ``uniform_rows`` (B,) long: row b draws with the uniform of row ``uniform_rows[b]`` (one uniform per row is
+    drawn either way, so the stream advances the same): rows that name the same one share their random number
+    (common random numbers: two rows with the same logits and temperature draw the same token, and close
+    temperatures mostly do). None: every row its own.
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sample(generator={generator!r}): expected a torch.Generator (on the logits' device) or None, "
@@ -511,7 +517,7 @@ def sample(
     if limit is not None and limit[0] is None:
         tokens = limit[1].clone()  # every row greedy / limit: no draw needed
     else:
-        tokens = _inverse_cdf_draw(y, generator)  # (B,)
+        tokens = _inverse_cdf_draw(y, generator, uniform_rows)  # (B,)
         if limit is not None:
             rows, index = limit
             tokens = torch.where(rows, index, tokens)  # exact argmax / argmin
@@ -523,7 +529,7 @@ def sample(
     return (tokens, y) if return_tempered else tokens
 
 
-def _inverse_cdf_draw(y: Tensor, generator: torch.Generator | None) -> Tensor:
+def _inverse_cdf_draw(y: Tensor, generator: torch.Generator | None, uniform_rows: Tensor | None = None) -> Tensor:
     """One draw per row from softmax(y) by inverting the CDF with one uniform per row.
 
     ~10x faster than ``torch.multinomial`` on CPU for a 49k vocabulary (one cumsum and a
@@ -533,5 +539,8 @@ def _inverse_cdf_draw(y: Tensor, generator: torch.Generator | None) -> Tensor:
     """
     cdf = torch.exp(y).cumsum_(dim=-1)  # (B, V); row max of y is 0, so no overflow
     total = cdf[:, -1:]  # (B, 1)
-    u = (1.0 - torch.rand(total.shape, generator=generator, device=y.device, dtype=cdf.dtype)) * total  # (B, 1)
+    u = 1.0 - torch.rand(total.shape, generator=generator, device=y.device, dtype=cdf.dtype)  # (B, 1) in (0, 1]
+    if uniform_rows is not None:
+        u = u[uniform_rows]
+    u = u * total
     return torch.searchsorted(cdf, u).clamp_max(y.shape[1] - 1).squeeze(1)  # (B,)

@@ -233,6 +233,8 @@ def test_model_setting_changes_lists_only_what_binds_the_model():
         "ppo.policy_kwargs.net_arch: [64, 64] -> [32]", "policy.base: table -> none"]
     narrowed = load_config(SMOKE, ["policy.actor_features=[position,diversity]"])
     assert model_setting_changes(saved, narrowed) == ["policy.actor_features: null -> [position, diversity]"]
+    twins = load_config(SMOKE, ["train.twin_groups=true"])
+    assert model_setting_changes(saved, twins) == ["train.twin_groups: false -> true"]
 
 
 # --------------------------------------------------------------------------- a learned policy is its files (C)
