@@ -19,7 +19,8 @@ from anomaly.prior import build_token_prior
 from envs.config import EnvConfig
 from envs.lm import CausalLM
 from envs.prompts import Prompt, load_prompts
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram
+from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram,
+                          twin_of)
 from envs.side_threads import SideThreads
 from policies.features import Featurizer
 from samplers.core import sample
@@ -146,7 +147,7 @@ class GenerationCore:
         self._unit = 2 if self.twins else 1  # groups that start and end together (a twin pair, or one group)
         # row b draws with the uniform of row _uniform_rows[b]: a twin's rows with those of the pair's first group
         rows = np.arange(self.B)
-        self._uniform_rows = (torch.as_tensor(rows - self.G * ((rows // self.G) % 2), device=self.device)
+        self._uniform_rows = (torch.as_tensor(np.minimum(rows, twin_of(rows, self.G)), device=self.device)
                               if self.twins else None)
         index, count = shard
         if not 0 <= index < count:
@@ -417,8 +418,7 @@ class GenerationCore:
             totals = {k: v[done_rows] for k, v in ep.components.items()}  # whole episodes, this step included
             reward = reward.copy()
             if self.twins:
-                local = np.arange(len(done_rows))  # whole pairs in row order: a row's twin is G rows away
-                twin = local + np.where((local // self.G) % 2 == 0, self.G, -self.G)
+                twin = twin_of(np.arange(len(done_rows)), self.G)  # done rows are whole pairs, in row order
                 baseline = self.reward.twin_baseline(twin, totals, ep.diversity[done_rows])
             else:
                 baseline = self.reward.group_baseline(self._groups_of(len(done_rows)), totals, ep.diversity[done_rows])

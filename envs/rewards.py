@@ -69,6 +69,14 @@ GROUP_DIVERSITY_COMPONENTS = ("group_semantic", "group_ngram")
 """Diversity components measured across a group's samples (``reward.group_diversity_credit`` scales them in training)."""
 
 
+def twin_of(rows: np.ndarray, group_size: int) -> np.ndarray:
+    """The twin of each row (``train.twin_groups``): rows lie in groups of ``group_size``, groups in pairs
+    (2t, 2t + 1), and a row's twin is the row at its place in the pair's other group."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows + np.where((rows // group_size) % 2 == 0, group_size, -group_size)
+
+
+
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RewardConfig:
     """The ``reward:`` block: one weight per component (0 switches it off) and their parameters.

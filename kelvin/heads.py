@@ -27,6 +27,7 @@ from stable_baselines3.common.distributions import StateDependentNoiseDistributi
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 
+from envs.rewards import twin_of
 from policies.tuned_base import interpolation_grid, interpolation_weights
 
 __all__ = ["DiversityHeadsPolicy", "PartialVecNormalize", "actor_mask", "head_grid"]
@@ -89,8 +90,9 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
             return  # no twins, or a batch not laid out in twin pairs (SB3's own draw)
         with torch.no_grad():
             m = self.action_dist.exploration_matrices.detach().clone()  # (n_envs, latent, actions)
-            pairs = m.view(n_envs // (2 * g), 2, g, *m.shape[1:])
-            pairs[:, 1] = -pairs[:, 0]
+            rows = np.arange(n_envs)
+            second = rows[(rows // g) % 2 == 1]  # the rows of each pair's second group
+            m[second] = -m[twin_of(second, g)]
         self.action_dist.exploration_matrices = m
 
     def _build(self, lr_schedule) -> None:

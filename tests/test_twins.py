@@ -9,7 +9,7 @@ import torch
 from stable_baselines3 import PPO
 
 from envs.generation import TemperatureVecEnv
-from envs.rewards import COMPONENTS, RewardConfig, RewardFunction
+from envs.rewards import COMPONENTS, RewardConfig, RewardFunction, twin_of
 from kelvin.config import ConfigError
 from kelvin.config_loading import load_config
 from kelvin.heads import DiversityHeadsPolicy
@@ -30,6 +30,12 @@ def test_rows_naming_one_uniform_draw_the_same_token_and_the_stream_is_unchanged
     assert torch.equal(shared[[0, 2, 4]], own[[0, 2, 4]])  # the source rows draw exactly what they drew alone
     assert torch.equal(shared[[1, 3, 5]], shared[[0, 2, 4]])  # same logits, same uniform: same token
     assert not torch.equal(own[[0, 4]], own[[1, 5]])  # alone, rows 0 and 1 (4 and 5) draw differently
+
+
+def test_a_rows_twin_is_its_place_in_the_pairs_other_group():
+    # groups of 2: (0, 1) (2, 3) form pair 0, (4, 5) (6, 7) pair 1
+    assert twin_of(np.arange(8), 2).tolist() == [2, 3, 0, 1, 6, 7, 4, 5]
+    assert twin_of(np.arange(4), 1).tolist() == [1, 0, 3, 2]
 
 
 def test_twin_baseline_by_hand():
