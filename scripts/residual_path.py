@@ -1,0 +1,104 @@
+"""How a run's learned policy moved away from its tuned base during training: learned − base temperature at a few
+token positions and λ, read off the actor of every checkpoint (no language model, no text: seconds).
+
+Each state has the given position, λ and category and every other feature at 0. For an actor that reads only
+position and λ (``policy.actor_features: [position, diversity]``) that is exactly what the policy does there; for
+one that reads the distribution features it is a sketch at one arbitrary state, and the script says so. The
+mapping's rate limit is left out (the difference of the mapped actions). Update numbers are the checkpoint's
+timesteps over a rollout's samples (``ppo.n_steps`` x ``env.workers`` x ``env.batch_size``).
+
+    .venv/bin/python scripts/residual_path.py runs/twin-s0
+    .venv/bin/python scripts/residual_path.py runs/twin-s0 --lambdas 1,2 --positions 0,15 --category math --every 10
+
+(docs/results.md quotes it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kelvin.config import KelvinConfig  # noqa: E402
+from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
+from kelvin.rundir import RunDir  # noqa: E402
+from policies.base import TemperaturePolicy  # noqa: E402
+from policies.features import FeatureSpec  # noqa: E402
+
+_STEP = re.compile(r"step_(\d+)\.zip$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a run directory with base.json (a residual policy) and checkpoints/")
+    p.add_argument("--lambdas", default="0.5,1,1.5,2", help="comma-separated λ values (default 0.5,1,1.5,2)")
+    p.add_argument("--positions", default="0,15", help="comma-separated token positions (default 0,15)")
+    p.add_argument("--category", default="math", help="the category one-hot (default math; ignored without one)")
+    p.add_argument("--every", type=int, default=10, help="read every N-th update's checkpoint (default 10)")
+    return p
+
+
+def states(spec: FeatureSpec, lambdas: list[float], positions: list[int], category: str) -> torch.Tensor:
+    """Observations (len(lambdas) x len(positions), F), λ-major: each the given position (over the spec's
+    horizon), λ and category slot, every other feature 0."""
+    obs = torch.zeros(len(lambdas) * len(positions), spec.dim)
+    for i, (lam, pos) in enumerate((lam, pos) for lam in lambdas for pos in positions):
+        obs[i, spec.index("position")] = pos / spec.horizon
+        if "diversity" in spec.names:
+            obs[i, spec.index("diversity")] = lam
+        if spec.categories:
+            obs[i, spec.index(f"category_{spec.category_slots[spec.category_slot(category)]}")] = 1.0
+    return obs
+
+
+def mapped_temperatures(policy: TemperaturePolicy, obs: torch.Tensor) -> torch.Tensor:
+    """The policy's actions at ``obs`` through its action mapping, without the rate limit (B,)."""
+    with torch.no_grad():
+        return policy.action_mapping.to_temperature(policy.actions(obs))
+
+
+def checkpoints(run: Path, every: int, rollout: int) -> list[tuple[int, Path]]:
+    """(update, path) of every ``every``-th update's checkpoint, then the final model; sorted by update."""
+    found = sorted((int(m.group(1)) // rollout, p) for p in (run / "checkpoints").glob("step_*.zip")
+                   if (m := _STEP.search(p.name)))
+    chosen = [(u, p) for u, p in found if every <= 1 or u % every == 0]
+    return chosen + [(None, run)]
+
+
+def reads_only_position_and_lambda(config: KelvinConfig) -> bool:
+    return set(config.policy.actor_features or ()) <= {"position", "diversity"} and bool(config.policy.actor_features)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = Path(args.run)
+    config = RunDir(str(run)).load_config()
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+    positions = [int(x) for x in args.positions.split(",")]
+    warnings: list[str] = []
+    base, _ = load_base_policy(str(run), config, warnings)
+    obs = states(base.feature_spec, lambdas, positions, args.category)
+    base_t = mapped_temperatures(base, obs)
+    rollout = config.ppo.n_steps * config.env.workers * config.env.batch_size
+    if not reads_only_position_and_lambda(config):
+        print("note: this actor reads more than position and λ; the states below set every other feature to 0")
+    head = "  ".join(f"λ={lam:g} pos {pos:>2d}" for lam in lambdas for pos in positions)
+    print(f"{run}: learned − base T ({args.category}); base T " + "  ".join(f"{t:.3f}" for t in base_t.tolist()))
+    print(f"{'update':>8s}  {head}")
+    for update, path in checkpoints(run, args.every, rollout):
+        policy, _, _ = load_learned_policy(str(path), config, warnings)
+        diff = mapped_temperatures(policy, obs) - base_t
+        label = "final" if update is None else str(update)
+        print(f"{label:>8s}  " + "  ".join(f"{d:+11.3f}" for d in diff.tolist()), flush=True)
+    for w in dict.fromkeys(warnings):
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

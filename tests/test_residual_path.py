@@ -1,0 +1,59 @@
+"""scripts/residual_path.py: the states it reads the actor at, the checkpoints it picks, and its reading of a real
+smoke run (the last checkpoint and the final model are one policy)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from policies.actions import ActionMapping
+from policies.features import FeatureSettings, FeatureSpec
+from policies.tuned_base import TunedBase, TunedBasePolicy
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "residual_path.py"
+_spec = importlib.util.spec_from_file_location("residual_path", _PATH)
+residual_path = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(residual_path)
+
+
+def test_states_set_position_lambda_and_category_and_nothing_else():
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 16, ("math", "code"))
+    obs = residual_path.states(spec, [1.0, 2.0], [0, 8], "code")
+    assert obs.shape == (4, spec.dim)
+    torch.testing.assert_close(obs[:, spec.index("position")], torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    torch.testing.assert_close(obs[:, spec.index("diversity")], torch.tensor([1.0, 1.0, 2.0, 2.0]))
+    assert obs[:, spec.index("category_code")].tolist() == [1.0] * 4
+    assert obs.sum().item() == pytest.approx(1.0 + 6.0 + 4.0)  # positions 2 x 0.5, λ 1 + 1 + 2 + 2, 4 one-hots
+    other = residual_path.states(spec, [0.0], [0], "poetry")  # not a category of the spec: the "other" slot
+    assert other[0, spec.index("category_other")].item() == 1.0
+
+
+def test_mapped_temperatures_leave_out_the_rate_limit():
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4, max_delta=0.1)
+    base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
+    obs = residual_path.states(spec, [0.0, 1.0, 2.0], [4], "math")  # prev_temperature 0: the limit would clamp
+    torch.testing.assert_close(residual_path.mapped_temperatures(base, obs), torch.tensor([0.6, 0.9, 1.2]))
+
+
+def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for step in (64, 128, 192, 256, 320):
+        (tmp_path / "checkpoints" / f"step_{step}.zip").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step_64_vecnormalize.pkl").write_bytes(b"")
+    chosen = residual_path.checkpoints(tmp_path, every=2, rollout=64)
+    assert [u for u, _ in chosen] == [2, 4, None]
+    assert chosen[0][1].name == "step_128.zip" and chosen[-1][1] == tmp_path
+
+
+@pytest.mark.slow
+def test_on_the_smoke_run_the_last_checkpoint_reads_as_the_final_model(smoke_run, capsys):
+    assert residual_path.main([str(smoke_run.run_dir), "--every", "1", "--lambdas", "0,2", "--positions", "0,4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("note: this actor reads more than position and λ")  # the smoke actor reads them all
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.split()[0] == "update")) + 1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "final"]  # 96 steps of 32-sample rollouts, a checkpoint each
+    assert rows[2][1:] == rows[3][1:] and len(rows[3]) == 5
