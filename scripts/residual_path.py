@@ -63,11 +63,12 @@ def mapped_temperatures(policy: TemperaturePolicy, obs: torch.Tensor) -> torch.T
 
 
 def checkpoints(run: Path, every: int, rollout: int) -> list[tuple[int, Path]]:
-    """(update, path) of every ``every``-th update's checkpoint, then the final model; sorted by update."""
+    """(update, path) of every ``every``-th update's checkpoint, then the final model (None, the run) once the run
+    has one (so a run still training can be read)."""
     found = sorted((int(m.group(1)) // rollout, p) for p in (run / "checkpoints").glob("step_*.zip")
                    if (m := _STEP.search(p.name)))
     chosen = [(u, p) for u, p in found if every <= 1 or u % every == 0]
-    return chosen + [(None, run)]
+    return chosen + ([(None, run)] if (run / "model.zip").exists() else [])
 
 
 def reads_only_position_and_lambda(config: KelvinConfig) -> bool:

@@ -44,6 +44,8 @@ def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
     for step in (64, 128, 192, 256, 320):
         (tmp_path / "checkpoints" / f"step_{step}.zip").write_bytes(b"")
     (tmp_path / "checkpoints" / "step_64_vecnormalize.pkl").write_bytes(b"")
+    assert [u for u, _ in residual_path.checkpoints(tmp_path, every=2, rollout=64)] == [2, 4]  # still training
+    (tmp_path / "model.zip").write_bytes(b"")
     chosen = residual_path.checkpoints(tmp_path, every=2, rollout=64)
     assert [u for u, _ in chosen] == [2, 4, None]
     assert chosen[0][1].name == "step_128.zip" and chosen[-1][1] == tmp_path
