@@ -62,6 +62,20 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     return SmokeRun(run_dir, proc.stdout, proc.stderr)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _sb3_logs_in_the_sessions_tmp(tmp_path_factory):
+    """A PPO that learns without ``tensorboard_log`` (the tests that build one directly) makes its logger a folder,
+    by default a fresh ``SB3-<time>`` in the system's temp dir, left behind; ``SB3_LOGDIR`` puts them all in one
+    folder of this session's pytest tmp."""
+    old = os.environ.get("SB3_LOGDIR")
+    os.environ["SB3_LOGDIR"] = str(tmp_path_factory.mktemp("sb3-logs"))
+    yield
+    if old is None:
+        os.environ.pop("SB3_LOGDIR", None)
+    else:
+        os.environ["SB3_LOGDIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)
