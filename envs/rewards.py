@@ -76,7 +76,6 @@ def twin_of(rows: np.ndarray, group_size: int) -> np.ndarray:
     return rows + np.where((rows // group_size) % 2 == 0, group_size, -group_size)
 
 
-
 @settings_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RewardConfig:
     """The ``reward:`` block: one weight per component (0 switches it off) and their parameters.
