@@ -16,7 +16,6 @@ timesteps over a rollout's samples (``ppo.n_steps`` x ``env.workers`` x ``env.ba
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -24,14 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kelvin.callbacks import updates  # noqa: E402
 from kelvin.config import KelvinConfig  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
 from kelvin.rundir import RunDir  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 from policies.features import FeatureSpec  # noqa: E402
-
-_STEP = re.compile(r"step_(\d+)\.zip$")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,13 +59,12 @@ def mapped_temperatures(policy: TemperaturePolicy, obs: torch.Tensor) -> torch.T
         return policy.action_mapping.to_temperature(policy.actions(obs))
 
 
-def checkpoints(run: Path, every: int, rollout: int) -> list[tuple[int, Path]]:
+def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int | None, Path]]:
     """(update, path) of every ``every``-th update's checkpoint, then the final model (None, the run) once the run
     has one (so a run still training can be read)."""
-    found = sorted((int(m.group(1)) // rollout, p) for p in (run / "checkpoints").glob("step_*.zip")
-                   if (m := _STEP.search(p.name)))
+    found = [(updates(config, step), run.checkpoint_files(step)[0]) for step in run.checkpoints()]
     chosen = [(u, p) for u, p in found if every <= 1 or u % every == 0]
-    return chosen + ([(None, run)] if (run / "model.zip").exists() else [])
+    return chosen + ([(None, run.path)] if run.model_file.is_file() else [])
 
 
 def reads_only_position_and_lambda(config: KelvinConfig) -> bool:
@@ -77,21 +73,20 @@ def reads_only_position_and_lambda(config: KelvinConfig) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    run = Path(args.run)
-    config = RunDir(str(run)).load_config()
+    run = RunDir(args.run)
+    config = run.load_config()
     lambdas = [float(x) for x in args.lambdas.split(",")]
     positions = [int(x) for x in args.positions.split(",")]
     warnings: list[str] = []
-    base, _ = load_base_policy(str(run), config, warnings)
+    base, _ = load_base_policy(args.run, config, warnings)
     obs = states(base.feature_spec, lambdas, positions, args.category)
     base_t = mapped_temperatures(base, obs)
-    rollout = config.ppo.n_steps * config.env.workers * config.env.batch_size
     if not reads_only_position_and_lambda(config):
         print("note: this actor reads more than position and λ; the states below set every other feature to 0")
     head = "  ".join(f"λ={lam:g} pos {pos:>2d}" for lam in lambdas for pos in positions)
-    print(f"{run}: learned − base T ({args.category}); base T " + "  ".join(f"{t:.3f}" for t in base_t.tolist()))
+    print(f"{args.run}: learned − base T ({args.category}); base T " + "  ".join(f"{t:.3f}" for t in base_t.tolist()))
     print(f"{'update':>8s}  {head}")
-    for update, path in checkpoints(run, args.every, rollout):
+    for update, path in checkpoints(run, config, args.every):
         policy, _, _ = load_learned_policy(str(path), config, warnings)
         diff = mapped_temperatures(policy, obs) - base_t
         label = "final" if update is None else str(update)

@@ -40,13 +40,18 @@ def test_mapped_temperatures_leave_out_the_rate_limit():
 
 
 def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
+    from kelvin.config_loading import load_config
+    from kelvin.rundir import RunDir
+
+    config = load_config(None, ["env.batch_size=8", "env.group_size=4", "ppo.n_steps=8", "ppo.batch_size=64"])  # 64 an update
     (tmp_path / "checkpoints").mkdir()
     for step in (64, 128, 192, 256, 320):
         (tmp_path / "checkpoints" / f"step_{step}.zip").write_bytes(b"")
     (tmp_path / "checkpoints" / "step_64_vecnormalize.pkl").write_bytes(b"")
-    assert [u for u, _ in residual_path.checkpoints(tmp_path, every=2, rollout=64)] == [2, 4]  # still training
+    run = RunDir(str(tmp_path))
+    assert [u for u, _ in residual_path.checkpoints(run, config, every=2)] == [2, 4]  # still training
     (tmp_path / "model.zip").write_bytes(b"")
-    chosen = residual_path.checkpoints(tmp_path, every=2, rollout=64)
+    chosen = residual_path.checkpoints(run, config, every=2)
     assert [u for u, _ in chosen] == [2, 4, None]
     assert chosen[0][1].name == "step_128.zip" and chosen[-1][1] == tmp_path
 
