@@ -72,7 +72,7 @@ def _config(args):
                       "train.validation_temperatures=[0.7]", "policy.base_prompts=2", "policy.base_temperatures=[0.0,1.0]",
                       "policy.base_diversity_points=2"]
     cfg = load_config(args.config, overrides)
-    rollout = cfg.ppo.n_steps * cfg.env.batch_size
+    rollout = cfg.rollout_size
     updates = args.updates or -(-cfg.train.total_timesteps // rollout)
     cut = [f"train.total_timesteps={rollout * updates}"]
     if args.validate_every is not None:
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     config = _config(args)
     B, L = config.env.batch_size, config.env.max_new_tokens
     prompt_ids = benchmark_prompt_ids(lm, B, args.seed)
-    updates = config.train.total_timesteps // (config.ppo.n_steps * B)
+    updates = config.train.total_timesteps // config.rollout_size
     print(f"# train: B={B}, group {config.env.group_size}, max_new_tokens {L}, {updates} PPO updates of "
           f"{config.ppo.n_steps} steps, validation every {config.train.validate_every} and after the last; "
           f"{args.repeats} repeats, {torch.get_num_threads()} torch threads", flush=True)

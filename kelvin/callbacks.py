@@ -369,7 +369,7 @@ class SnapshotCheckpoint(AfterEachUpdate):
 def updates(config: KelvinConfig, step: int) -> int:
     """PPO updates behind ``step`` env steps: one per rollout (SB3's ``_n_updates`` counts epochs, fewer with
     ``target_kl``). At a periodic validation, the rollout just collected is not yet learned from."""
-    return int(step) // (config.ppo.n_steps * config.env.batch_size * config.env.workers)
+    return int(step) // config.rollout_size
 
 
 def _validation_history(run: RunDir) -> list[dict]:

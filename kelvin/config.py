@@ -366,11 +366,16 @@ class KelvinConfig:
                              f"{did_you_mean(unknown[0], spec.names, always_list=True)}")
         return sorted({spec.index(n) for n in names})
 
+    @property
+    def rollout_size(self) -> int:
+        """Env steps per PPO update: ``ppo.n_steps * env.workers * env.batch_size``."""
+        return self.ppo.n_steps * self.env.workers * self.env.batch_size
+
     def check_training(self) -> None:
         """The rules only training needs (a :class:`ConfigError`): the PPO minibatch fits in one rollout, and the
         validation's and the base's fixed temperatures lie in the action mapping's range. Not a build-time check:
         evaluation rebuilds the env block with its own batch and never runs PPO."""
-        rollout = self.ppo.n_steps * self.env.workers * self.env.batch_size
+        rollout = self.rollout_size
         if self.ppo.batch_size > rollout:
             raise ConfigError(f"ppo.batch_size={self.ppo.batch_size} exceeds the rollout size ppo.n_steps * "
                               f"env.workers * env.batch_size = {rollout}; lower ppo.batch_size or raise ppo.n_steps")

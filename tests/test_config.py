@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, SMOKE, run_train
 
 from envs.config import EnvConfig
+from kelvin.callbacks import updates
 from kelvin.config import ConfigError, KelvinConfig, PPOConfig
 from kelvin.config_loading import load_config
 
@@ -94,7 +95,9 @@ def test_cross_field_rules_are_checked_at_load(tmp_path):
     assert "env.action: t_min=3.0 must be below t_max=2.4" in _error(tmp_path, None, ["env.action.t_min=3"])
     assert ("ppo.batch_size=4096 exceeds the rollout size ppo.n_steps * env.workers * env.batch_size = 1024"
             in _error(tmp_path, None, ["ppo.batch_size=4096"]))
-    load_config(None, ["ppo.batch_size=4096", "env.workers=4"])  # 4 workers x 16 rows x 64 steps: the rollout fits
+    four = load_config(None, ["ppo.batch_size=4096", "env.workers=4"])  # 4 workers x 16 rows x 64 steps: it fits
+    assert four.rollout_size == 4096
+    assert updates(four, 4096 * 3 - 1) == 2 and updates(four, 4096 * 3) == 3
     assert "env: ray_address='auto' is used only with workers > 1" in _error(tmp_path, None, ["env.ray_address=auto"])
     assert "env.workers=0: must be an integer >= 1" in _error(tmp_path, None, ["env.workers=0"])
     assert "env.features: feature spec version 2 is not this Kelvin's featurizer" in _error(
