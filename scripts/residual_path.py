@@ -30,6 +30,7 @@ from kelvin.rundir import RunDir  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 from policies.features import FeatureSpec  # noqa: E402
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run directory with base.json (a residual policy) and checkpoints/")
