@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kelvin.config_loading import load_config
+from kelvin.rundir import RunDir
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec
 from policies.tuned_base import TunedBase, TunedBasePolicy
@@ -40,9 +42,6 @@ def test_mapped_temperatures_leave_out_the_rate_limit():
 
 
 def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
-    from kelvin.config_loading import load_config
-    from kelvin.rundir import RunDir
-
     config = load_config(None, ["env.batch_size=8", "env.group_size=4", "ppo.n_steps=8", "ppo.batch_size=64"])  # 64 an update
     (tmp_path / "checkpoints").mkdir()
     for step in (64, 128, 192, 256, 320):
