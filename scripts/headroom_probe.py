@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
     p.add_argument("--seeds", type=int, default=1,
                    help="random streams (validation seeds 0..N-1): N x K samples of every prompt and policy")
+    p.add_argument("--lambdas", default=None,
+                   help="comma-separated λ to probe (default: the run's validation grid, 0 / 1 / 2); each λ runs on "
+                   "its own seeded env, so a λ's figures do not depend on which others are probed")
     p.add_argument("--learned", action="store_true",
                    help="also the run's learned policy (what PPO adds, measured the same way)")
     p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
@@ -158,11 +161,21 @@ def main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     config = RunDir(args.run).load_config()
+    lambdas = None
+    if args.lambdas:
+        try:
+            lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"--lambdas: give comma-separated numbers, e.g. 2 or 1,2; got {args.lambdas!r}")
+        low, high = config.env.diversity_bounds
+        if not lambdas or any(not low <= v <= high for v in lambdas):
+            p.error(f"--lambdas {args.lambdas}: every λ must lie in the run's range [{low:g}, {high:g}]")
     n = args.prompts or len(load_prompts(split=args.split))
     warnings: list[str] = []
     lm = load_causal_lm(config.model)
     names = ("base", *shapes, *(("learned",) if args.learned else ()))
-    config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n))
+    config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n,
+                                           validation_diversity=lambdas or config.train.validation_diversity))
     base, _ = load_base_policy(args.run, config, warnings)
     policies = {"base": base, **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
     if args.learned:

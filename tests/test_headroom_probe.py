@@ -74,3 +74,15 @@ def test_shapes_are_names_or_first_boost_after():
     for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0"):
         with pytest.raises(ValueError, match=r"FIRST:BOOST:AFTER .*got '" + bad):
             headroom_probe.parse_shapes(bad)
+
+
+def test_lambdas_outside_the_runs_range_or_not_numbers_are_refused_before_any_model_loads(tmp_path, capsys):
+    import pytest
+
+    from kelvin.config_loading import load_config
+
+    load_config(None, ["env.diversity_values=[0.0,2.0]"]).dump(tmp_path / "config.yaml")
+    for bad, says in (("2.5", "every λ must lie in the run's range [0, 2]"), ("1,x", "comma-separated numbers")):
+        with pytest.raises(SystemExit):
+            headroom_probe.main([str(tmp_path), "--lambdas", bad])
+        assert says in capsys.readouterr().err
