@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
     p.add_argument("--seeds", type=int, default=1,
                    help="random streams (validation seeds 0..N-1): N x K samples of every prompt and policy")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="start the streams at this seed: --first-seed 4 --seeds 4 runs seeds 4..7, which --pool "
+                   "averages with a saved run of seeds 0..3 into the figures of --seeds 8")
     p.add_argument("--lambdas", default=None,
                    help="comma-separated λ to probe (default: the run's validation grid, 0 / 1 / 2); each λ runs on "
                    "its own seeded env, so a λ's figures do not depend on which others are probed")
@@ -181,15 +184,17 @@ def main(argv=None) -> int:
     if args.learned:
         policies["learned"] = load_learned_policy(args.model or args.run, config, warnings)[0]
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
-    for seed in range(args.seeds):  # one Validation per random stream: its seed is train.seed's
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:  # one Validation per random stream: its seed is train.seed's
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
         for name, policy in policies.items():
             eps = validation.episodes(policy)
             per = len(eps) // len(validation.lambdas)
             blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
             runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
-    print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x {args.seeds} seeds")
-    saved = {"run": args.run, "split": args.split, "seeds": args.seeds, "reward": {}}
+    print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x seeds {seeds.start}.."
+          f"{seeds.stop - 1}")
+    saved = {"run": args.run, "split": args.split, "seeds": args.seeds, "first_seed": args.first_seed, "reward": {}}
     for i, lam in enumerate(validation.lambdas):
         part = {name: runs[name][i] for name in names}
         reward = {name: prompt_means(eps, [e["episode"]["r"] for e in eps]) for name, eps in part.items()}

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+from kelvin.config_loading import load_config
+from policies.actions import ActionMapping
+from policies.features import FeatureSettings, FeatureSpec
+from policies.tuned_base import TunedBase, TunedBasePolicy
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "headroom_probe.py"
 _spec = importlib.util.spec_from_file_location("headroom_probe", _PATH)
@@ -23,10 +31,6 @@ def test_the_shapes_boost_the_first_tokens_at_lambda_one_and_up_and_cool_lambda_
 
 
 def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda():
-    from policies.actions import ActionMapping
-    from policies.features import FeatureSettings, FeatureSpec
-    from policies.tuned_base import TunedBase, TunedBasePolicy
-
     spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
     mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)  # T = 1.2 (action + 1)
     base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
@@ -44,11 +48,6 @@ def _saved(run, base, learned):
 
 
 def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_prompt(tmp_path, capsys):
-    import json
-
-    import numpy as np
-    import pytest
-
     one = _saved("s0", {"a": 1.0, "b": 2.0, "c": 0.0}, {"a": 1.5, "b": 2.0, "c": 1.0})  # +0.5, 0, +1
     two = _saved("s1", {"a": 3.0, "b": 0.0, "c": 1.0}, {"a": 3.5, "b": 1.0, "c": 1.0})  # +0.5, +1, 0
     pooled = headroom_probe.pooled_differences([one, two])
@@ -66,7 +65,6 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
 
 
 def test_shapes_are_names_or_first_boost_after():
-    import pytest
 
     assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05") == {
         "hot4": (4, 0.5, -0.1), "4:0.1:0": (4, 0.1, 0.0), "2:0.25:-0.05": (2, 0.25, -0.05)}
@@ -77,12 +75,27 @@ def test_shapes_are_names_or_first_boost_after():
 
 
 def test_lambdas_outside_the_runs_range_or_not_numbers_are_refused_before_any_model_loads(tmp_path, capsys):
-    import pytest
-
-    from kelvin.config_loading import load_config
 
     load_config(None, ["env.diversity_values=[0.0,2.0]"]).dump(tmp_path / "config.yaml")
     for bad, says in (("2.5", "every λ must lie in the run's range [0, 2]"), ("1,x", "comma-separated numbers")):
         with pytest.raises(SystemExit):
             headroom_probe.main([str(tmp_path), "--lambdas", bad])
         assert says in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_seeds_run_in_two_parts_pool_to_the_figures_of_one_run(smoke_run, tmp_path):
+    """--first-seed 1 --seeds 1 pooled with --seeds 1 gives, prompt by prompt, what --seeds 2 gives: the streams
+    are the validation seeds, each λ on its own seeded env (so --lambdas picks a λ without changing its figures)."""
+    run = str(smoke_run.run_dir)
+    common = [run, "--prompts", "2", "--shapes", "2:0.3:0", "--learned", "--lambdas", "2"]
+    for name, extra in (("both", ["--seeds", "2"]), ("first", ["--seeds", "1"]),
+                        ("second", ["--seeds", "1", "--first-seed", "1"])):
+        assert headroom_probe.main([*common, *extra, "--save", str(tmp_path / f"{name}.json")]) == 0
+    saved = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("both", "first", "second")}
+    assert list(saved["both"]["reward"]) == ["2"] and saved["second"]["first_seed"] == 1
+    whole = headroom_probe.pooled_differences([saved["both"]])
+    parts = headroom_probe.pooled_differences([saved["first"], saved["second"]])
+    for name in ("2:0.3:0", "learned"):
+        np.testing.assert_allclose(parts["2"][name], whole["2"][name], rtol=0, atol=1e-9)
+    assert saved["first"]["reward"]["2"]["base"] != saved["second"]["reward"]["2"]["base"]  # two different streams
