@@ -26,6 +26,13 @@ policy − its own run's base averaged over the runs, prompt by prompt, with the
     .venv/bin/python scripts/headroom_probe.py runs/hold0-s1 --split test --seeds 4 --learned --shapes '' \
         --save runs/hold0-s1/probe-test.json
     .venv/bin/python scripts/headroom_probe.py --pool runs/hold0-s*/probe-test.json
+
+``--lambdas 2`` probes part of the λ grid (each λ runs on its own seeded env, so its figures are those of the whole
+grid); ``--first-seed 4 --seeds 4`` runs the streams 4..7, which ``--pool`` averages with a saved run of streams
+0..3 into the figures of 32 samples a prompt:
+
+    .venv/bin/python scripts/headroom_probe.py runs/twin02-s0 --split test --lambdas 2 --first-seed 4 --seeds 4 \
+        --shapes 4:0.5:0 --save runs/twin02-s0/probe-4to7.json
 """
 
 from __future__ import annotations
