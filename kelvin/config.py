@@ -168,6 +168,12 @@ class TrainConfig:
     validation_prompts: StrictInt = Field(32, ge=1)
     """Validation prompts, taken round-robin over the split's categories (32: 8 of them answerable), each sampled
     group_size times; the same prompts, λ draws and random stream for every policy."""
+    validation_streams: StrictInt = Field(1, ge=1)
+    """Independent random streams: every policy runs ``validation_streams`` times on the validation prompts (the
+    n-th on seed + n; each stream cached on its own) and a prompt's value is the mean over its streams' groups.
+    At 4 samples a prompt the samples' own randomness is most of a margin's spread, and every check of a run, and
+    every run of one seed, reuses the one stream: a stream that favours a change reads as a win check after check
+    (docs/results.md: +0.48 [+0.02, +0.95] at λ = 2 on one stream, −0.02 [−0.18, +0.15] on 8). N times the cost."""
     validation_temperatures: list[FiniteFloat] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 1.0, 1.2],
                                                        min_length=1)
     """Fixed temperatures the learned policy is compared with; the best one is reported. Their episodes are

@@ -468,7 +468,8 @@ def _report(summary: dict, config: KelvinConfig) -> int:
     if v:
         grid = ", ".join(f"{diversity:g}" for diversity in v["diversity"])
         base = f" | vs its base {margin_text(v['margin_vs_base'])}" if v.get("margin_vs_base") else ""
-        print(f"validation ({v['prompts']} prompts x {config.env.group_size} at λ = {grid}, paired 95% CI): learned "
+        streams = f" x {v['streams']} streams" if v.get("streams", 1) > 1 else ""
+        print(f"validation ({v['prompts']} prompts x {config.env.group_size}{streams} at λ = {grid}, paired 95% CI): learned "
               f"{v['learned']['reward']:.3f} | vs best fixed T={v['best_fixed_temperature']:g} "
               f"{margin_text(v['margin_vs_best_fixed'])}{base}")
         if v.get("margin_vs_base"):

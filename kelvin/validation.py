@@ -60,13 +60,18 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
     return out
 
 
-def group_means(episodes: list[dict], group_size: int, values) -> np.ndarray:
+def group_means(episodes: list[dict], group_size: int, values, by_prompt: bool = False) -> np.ndarray:
     """``values`` (one per episode) averaged over each group (the K samples of one prompt episode): (G,), in the
-    order of ``(row // group_size, k)``, the same for every policy run with the same env and seed."""
-    sums: dict[tuple[int, int], list[float]] = {}
+    order of ``(row // group_size, k)``, the same for every policy run with the same env and seed.
+
+    ``by_prompt``: averaged over each prompt instead (every group of it, e.g. one per random stream, whose
+    seeded schedules put a prompt in different slots), in the order the prompts first appear."""
+    sums: dict[object, list[float]] = {}
     for e, v in zip(episodes, values):
-        sums.setdefault((int(e["row"]) // group_size, int(e["k"])), []).append(float(v))
-    return np.asarray([np.mean(sums[key]) for key in sorted(sums)], dtype=np.float64)
+        key = e["prompt_id"] if by_prompt else (int(e["row"]) // group_size, int(e["k"]))
+        sums.setdefault(key, []).append(float(v))
+    keys = list(sums) if by_prompt else sorted(sums)
+    return np.asarray([np.mean(sums[key]) for key in keys], dtype=np.float64)
 
 
 def paired_margin(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> dict[str, float]:
@@ -76,21 +81,22 @@ def paired_margin(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> 
 
 
 def grid_rewards(episodes: list[dict], lambdas: Sequence[float], group_size: int, reward_config=None,
-                 rescore: bool = False) -> np.ndarray:
-    """Each group's mean absolute return at each λ of ``lambdas``: (L, G).
+                 rescore: bool = False, by_prompt: bool = False) -> np.ndarray:
+    """Each group's (``by_prompt``: each prompt's, see :func:`group_means`) mean absolute return at each λ of
+    ``lambdas``: (L, G).
 
     ``rescore`` False: ``episodes`` are L blocks of equal length, one per λ in order, each at its own λ (the
     env's returns). ``rescore`` True: ``episodes`` is one run (a fixed temperature, whose tokens do not depend
     on λ), scored at every λ from its components: ``quality + λ · diversity`` (``reward_config``'s weights)."""
     if rescore:
         q, d = quality_diversity(episodes, reward_config)
-        return np.stack([group_means(episodes, group_size, q + diversity * d) for diversity in lambdas])
+        return np.stack([group_means(episodes, group_size, q + diversity * d, by_prompt) for diversity in lambdas])
     n = len(episodes) // len(lambdas)
     blocks = [episodes[i * n:(i + 1) * n] for i in range(len(lambdas))]
     if n * len(lambdas) != len(episodes) or any(not np.isclose(e["diversity"], diversity)
                                                 for diversity, block in zip(lambdas, blocks) for e in block):
         raise ValueError(f"{len(episodes)} validation episodes are not {len(lambdas)} blocks at λ = {list(lambdas)}")
-    return np.stack([group_means(block, group_size, [e["episode"]["r"] for e in block]) for block in blocks])
+    return np.stack([group_means(block, group_size, [e["episode"]["r"] for e in block], by_prompt) for block in blocks])
 
 
 class Validation:
@@ -134,15 +140,22 @@ class Validation:
             self._envs[diversity] = TemperatureVecEnv(config, lm=self.lm, prompts=self.prompts, reward=self._reward)
         return self._envs[diversity]
 
+    @property
+    def seeds(self) -> list[int]:
+        """The random streams' seeds (``train.validation_streams`` of them): every policy runs on each."""
+        return [self.seed + n for n in range(self.config.train.validation_streams)]
+
     def _run_grid(self, policy: TemperaturePolicy, key: str | None) -> tuple[list[dict], int]:
-        """``policy``'s episodes at every λ of the grid, λ by λ (each block ordered by (row, k)), and how many of
-        the blocks came from the cache (``key`` None: none is cached)."""
+        """``policy``'s episodes at every λ of the grid, λ by λ (each block the streams' runs one after the other,
+        each ordered by (row, k)), and how many of the runs came from the cache (``key`` None: none is cached)."""
         episodes, hits = [], 0
         for diversity in self.lambdas:
-            eps, hit = run_cached(self._env_at(diversity), policy, None if key is None else f"{key}@{diversity!r}",
-                                  len(self.prompts), self.seed, self.cache, self.on_step)
-            episodes += eps
-            hits += hit
+            for seed in self.seeds:
+                eps, hit = run_cached(self._env_at(diversity), policy,
+                                      None if key is None else f"{key}@{diversity!r}", len(self.prompts), seed,
+                                      self.cache, self.on_step)
+                episodes += eps
+                hits += hit
         return episodes, hits
 
     def episodes(self, policy: TemperaturePolicy) -> list[dict]:
@@ -152,14 +165,18 @@ class Validation:
     def prepare(self) -> dict:
         """Run (or read from the cache) every fixed temperature and the base; ``{wall_s, cached}``."""
         t0 = time.perf_counter()
-        self.fixed, hits = run_fixed(self.env, self.config.train.validation_temperatures, len(self.prompts), self.seed,
-                                     self.cache, self.on_step)
-        runs = len(self.fixed)
+        self.fixed, hits = {}, 0
+        for seed in self.seeds:  # a stream's episodes after the previous one's: group_means pools them by slot
+            runs, hit = run_fixed(self.env, self.config.train.validation_temperatures, len(self.prompts), seed,
+                                  self.cache, self.on_step)
+            self.fixed = {t: self.fixed.get(t, []) + eps for t, eps in runs.items()}
+            hits += hit
+        runs = len(self.fixed) * len(self.seeds)
         if self.base_policy is not None:
             key = "base:" + repr(sorted(self.base_policy.base.to_dict().items()))
             self.base, hit = self._run_grid(self.base_policy, key)
             hits += hit
-            runs += len(self.lambdas)
+            runs += len(self.lambdas) * len(self.seeds)
         self.baselines = {"wall_s": time.perf_counter() - t0, "cached": hits == runs}
         return self.baselines
 
@@ -169,11 +186,12 @@ class Validation:
         if not self.fixed:
             self.prepare()
         n, seed = self.config.train.validation_bootstrap, self.seed
-        g = self.config.env.group_size
-        ours = grid_rewards(learned, self.lambdas, g)
-        fixed = {t: grid_rewards(eps, self.lambdas, g, self._reward, rescore=True) for t, eps in self.fixed.items()}
+        g, by_prompt = self.config.env.group_size, len(self.seeds) > 1  # one stream: a prompt is one group
+        ours = grid_rewards(learned, self.lambdas, g, by_prompt=by_prompt)
+        fixed = {t: grid_rewards(eps, self.lambdas, g, self._reward, rescore=True, by_prompt=by_prompt)
+                 for t, eps in self.fixed.items()}
         best_t = max(fixed, key=lambda t: (fixed[t].mean(), -t))
-        base = None if self.base is None else grid_rewards(self.base, self.lambdas, g)
+        base = None if self.base is None else grid_rewards(self.base, self.lambdas, g, by_prompt=by_prompt)
         summaries = {}
         for t, eps in self.fixed.items():
             summaries[f"{t:g}"] = {**summarize_episodes(eps), "reward": float(fixed[t].mean())}  # over the grid
@@ -182,6 +200,7 @@ class Validation:
             "prompts": len(self.prompts),
             "answerable_prompts": sum(p.answerable for p in self.prompts),
             "diversity": list(self.lambdas),
+            "streams": len(self.seeds),
             "episodes_per_policy": len(learned),
             "learned": summarize_episodes(learned),
             "fixed": summaries,

@@ -21,12 +21,13 @@ from kelvin.config import ConfigError
 from kelvin.config_loading import load_config
 from kelvin.export import export_learned, learned_policy
 from kelvin.rundir import RunDir
-from kelvin.tuning import quality_diversity, tune_tables
-from kelvin.validation import grid_rewards, group_means, paired_margin
+from kelvin.tuning import EpisodeCache, quality_diversity, tune_tables
+from kelvin.validation import Validation, grid_rewards, group_means, paired_margin
 from policies.artifact import load_policy
 from policies.features import FeatureSettings, FeatureSpec
+from policies.registry import make_policy
 from policies.tuned_base import BaseError, TunedBase, TunedBasePolicy
-from stub_lm import NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
+from stub_lm import HORIZON, NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, obs_col, stub_config
 
 SPEC = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, CATEGORIES)
 TABLE = TunedBase(kind="table", lambdas=(0.0, 1.0, 2.0),
@@ -197,6 +198,41 @@ def test_validation_interval_by_hand():
     values = [10 * r + k for r in range(4) for k in range(2)]
     np.testing.assert_allclose(group_means(episodes, 2, values), [5.0, 6.0, 25.0, 26.0])
     assert not math.isnan(paired_margin(np.array([1.0, 3.0]), np.array([0.0, 0.0]), 50, 1)["low"])
+
+
+def _stub_validation(streams: int, cache=None) -> Validation:
+    config = load_config(None, ["env.batch_size=4", "env.group_size=2", f"env.max_new_tokens={HORIZON}",
+                                "env.token_prior=false", "reward.coherence=0.0", "reward.group_semantic=0.0",
+                                "ppo.batch_size=32", "policy.base=none", "train.validation_prompts=4",
+                                f"train.validation_streams={streams}", "train.validation_temperatures=[0.5,1.0]",
+                                "train.validation_diversity=[0.0,2.0]"])
+    return Validation(config, StubLM(), None, cache)
+
+
+def test_validation_streams_average_each_prompt_over_its_streams(tmp_path):
+    """train.validation_streams = 2: every policy runs on seed and seed + 1, stream 0 is the one-stream run, and a
+    prompt's value is the mean over both streams' groups of it (the seeded schedules put it in different slots)."""
+    one, two = _stub_validation(1), _stub_validation(2, EpisodeCache(tmp_path))
+    policy = make_policy("fixed:0.8", two.env.feature_spec, two.env.action_mapping)
+    single, both = one.episodes(policy), two.episodes(policy)  # λ = 0 block, then λ = 2; 4 prompts x K = 2 a stream
+    assert two.seeds == [one.seed, one.seed + 1] and len(both) == 2 * len(single) == 32
+    for block in (0, 1):
+        first = both[16 * block:16 * block + 8]
+        assert [(e["prompt_id"], e["episode"]["r"]) for e in first] == [
+            (e["prompt_id"], e["episode"]["r"]) for e in single[8 * block:8 * block + 8]]
+    at2 = both[16:]
+    assert [e["prompt_id"] for e in at2[:8:2]] != [e["prompt_id"] for e in at2[8::2]]  # the streams' slots differ
+    by_hand: dict[str, list[float]] = {}
+    for e in at2:
+        by_hand.setdefault(e["prompt_id"], []).append(e["episode"]["r"])
+    expected = [np.mean(v) for v in by_hand.values()]  # 4 returns a prompt, in order of first appearance
+    np.testing.assert_allclose(grid_rewards(both, (0.0, 2.0), 2, by_prompt=True)[1], expected)
+    record = two.compare(both, step=0)
+    assert record["streams"] == 2 and record["episodes_per_policy"] == 32
+    assert record["by_diversity"]["2"]["learned_reward"] == pytest.approx(np.mean(expected))
+    assert {t: len(eps) for t, eps in two.fixed.items()} == {0.5: 16, 1.0: 16}  # 8 episodes a stream
+    again = _stub_validation(2, EpisodeCache(tmp_path))
+    assert again.prepare()["cached"] and again.fixed == two.fixed  # each stream cached under its own seed
 
 
 def test_validation_grid_by_hand():
