@@ -166,7 +166,7 @@ class Validation:
         """Run (or read from the cache) every fixed temperature and the base; ``{wall_s, cached}``."""
         t0 = time.perf_counter()
         self.fixed, hits = {}, 0
-        for seed in self.seeds:  # a stream's episodes after the previous one's: group_means pools them by slot
+        for seed in self.seeds:  # a stream's episodes after the previous one's; compare() pools them by prompt
             runs, hit = run_fixed(self.env, self.config.train.validation_temperatures, len(self.prompts), seed,
                                   self.cache, self.on_step)
             self.fixed = {t: self.fixed.get(t, []) + eps for t, eps in runs.items()}

@@ -170,6 +170,8 @@ def main(argv=None) -> int:
         shapes = parse_shapes(args.shapes)
     except ValueError as exc:
         p.error(str(exc))
+    if args.seeds < 1 or args.first_seed < 0:
+        p.error(f"--seeds must be >= 1 and --first-seed >= 0; got {args.seeds} and {args.first_seed}")
     config = RunDir(args.run).load_config()
     lambdas = None
     if args.lambdas:
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     lm = load_causal_lm(config.model)
     names = ("base", *shapes, *(("learned",) if args.learned else ()))
     config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n,
-                                           validation_diversity=lambdas or config.train.validation_diversity))
+                                           validation_diversity=lambdas or config.train.validation_diversity,
+                                           validation_streams=1))  # the streams are this script's seeds
     base, _ = load_base_policy(args.run, config, warnings)
     policies = {"base": base, **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
     if args.learned:

@@ -74,13 +74,16 @@ def test_shapes_are_names_or_first_boost_after():
             headroom_probe.parse_shapes(bad)
 
 
-def test_lambdas_outside_the_runs_range_or_not_numbers_are_refused_before_any_model_loads(tmp_path, capsys):
+def test_bad_lambdas_and_seeds_are_refused_before_any_model_loads(tmp_path, capsys):
 
     load_config(None, ["env.diversity_values=[0.0,2.0]"]).dump(tmp_path / "config.yaml")
     for bad, says in (("2.5", "every λ must lie in the run's range [0, 2]"), ("1,x", "comma-separated numbers")):
         with pytest.raises(SystemExit):
             headroom_probe.main([str(tmp_path), "--lambdas", bad])
         assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        headroom_probe.main([str(tmp_path), "--seeds", "0"])
+    assert "--seeds must be >= 1 and --first-seed >= 0; got 0 and 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
