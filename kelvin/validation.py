@@ -37,7 +37,7 @@ from kelvin.tuning import EpisodeCache, quality_diversity, run_cached, run_fixed
 from policies.base import TemperaturePolicy
 from policies.tuned_base import interpolation_grid
 
-__all__ = ["Validation", "grid_rewards", "group_means", "margin_text", "paired_margin", "scalars", "summarize_episodes"]
+__all__ = ["Validation", "grid_rewards", "group_means", "margin_text", "paired_margin", "prompt_means", "scalars", "summarize_episodes"]
 
 
 def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
@@ -62,18 +62,27 @@ def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
     return out
 
 
+def prompt_means(episodes: list[dict], values) -> dict[str, float]:
+    """``values`` (one per episode) averaged over each prompt's episodes (its K samples on every random stream),
+    keyed by prompt id in sorted order: two runs on the same prompts pair key by key, whatever slots their
+    streams' schedules gave the prompts."""
+    sums: dict[str, list[float]] = {}
+    for e, v in zip(episodes, values):
+        sums.setdefault(str(e["prompt_id"]), []).append(float(v))
+    return {pid: float(np.mean(sums[pid])) for pid in sorted(sums)}
+
+
 def group_means(episodes: list[dict], group_size: int, values, by_prompt: bool = False) -> np.ndarray:
     """``values`` (one per episode) averaged over each group (the K samples of one prompt episode): (G,), in the
     order of ``(row // group_size, k)``, the same for every policy run with the same env and seed.
 
-    ``by_prompt``: averaged over each prompt instead (every group of it, e.g. one per random stream, whose
-    seeded schedules put a prompt in different slots), in the order the prompts first appear."""
-    sums: dict[object, list[float]] = {}
+    ``by_prompt``: averaged over each prompt instead (:func:`prompt_means`, in sorted prompt-id order)."""
+    if by_prompt:
+        return np.asarray(list(prompt_means(episodes, values).values()), dtype=np.float64)
+    sums: dict[tuple[int, int], list[float]] = {}
     for e, v in zip(episodes, values):
-        key = e["prompt_id"] if by_prompt else (int(e["row"]) // group_size, int(e["k"]))
-        sums.setdefault(key, []).append(float(v))
-    keys = list(sums) if by_prompt else sorted(sums)
-    return np.asarray([np.mean(sums[key]) for key in keys], dtype=np.float64)
+        sums.setdefault((int(e["row"]) // group_size, int(e["k"])), []).append(float(v))
+    return np.asarray([np.mean(sums[key]) for key in sorted(sums)], dtype=np.float64)
 
 
 def paired_margin(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> dict[str, float]:

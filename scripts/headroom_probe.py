@@ -52,7 +52,7 @@ from envs.lm import load_causal_lm  # noqa: E402
 from envs.prompts import load_prompts  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
 from kelvin.rundir import RunDir  # noqa: E402
-from kelvin.validation import Validation, paired_margin, summarize_episodes  # noqa: E402
+from kelvin.validation import Validation, paired_margin, prompt_means, summarize_episodes  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 
 # (first tokens that get the boost, boost, offset after them) at λ >= 1; the offset at λ = 0 is LAMBDA0_OFFSET.
@@ -102,14 +102,6 @@ class ShapedBase(TemperaturePolicy):
         position = torch.round(obs[:, self._position_col] * self.horizon)
         offset = shaped_offset(position, obs[:, self._diversity_col], self.shape)
         return (self.base.actions(obs, episode_start) + offset).clamp(-1.0, 1.0)
-
-
-def prompt_means(episodes: list[dict], values) -> dict[str, float]:
-    """``values`` (one per episode) averaged over each prompt's episodes (its K samples, over every seed)."""
-    sums: dict[str, list[float]] = {}
-    for e, v in zip(episodes, values):
-        sums.setdefault(e["prompt_id"], []).append(float(v))
-    return {pid: float(np.mean(v)) for pid, v in sums.items()}
 
 
 def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:

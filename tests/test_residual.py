@@ -225,7 +225,7 @@ def test_validation_streams_average_each_prompt_over_its_streams(tmp_path):
     by_hand: dict[str, list[float]] = {}
     for e in at2:
         by_hand.setdefault(e["prompt_id"], []).append(e["episode"]["r"])
-    expected = [np.mean(v) for v in by_hand.values()]  # 4 returns a prompt, in order of first appearance
+    expected = [np.mean(by_hand[pid]) for pid in sorted(by_hand)]  # 4 returns a prompt, in prompt-id order
     np.testing.assert_allclose(grid_rewards(both, (0.0, 2.0), 2, by_prompt=True)[1], expected)
     record = two.compare(both, step=0)
     assert record["streams"] == 2 and record["episodes_per_policy"] == 32
