@@ -21,10 +21,17 @@ import torch
 __all__ = ["CopyableLock", "SideThreads", "init_helper_thread"]
 
 
-def init_helper_thread(threads: int, nice: int = 0) -> None:
-    """Initialise a helper thread (env.overlap's side threads, training's validation baselines): the process's
-    torch thread count, and ``nice`` steps below the caller's scheduling priority (Linux; elsewhere none)."""
-    torch.set_num_threads(threads)
+def init_helper_thread(nice: int = 0) -> None:
+    """Initialise a helper thread: one torch thread, and ``nice`` steps below the caller's scheduling priority
+    (Linux; elsewhere none).
+
+    One thread, not the process's count: a helper that runs torch ops with N threads keeps its own OpenMP team
+    alive, and with more OpenMP threads than cores every team's workers stop spinning between parallel regions
+    and sleep, so each of the model's hundreds of small regions a step pays a wake-up. Measured on the 2-core
+    CPU at 2 torch threads, B = 64 (/work/notes figures quoted in docs/speed.md): an env whose side threads had
+    run once with 2 threads decoded 45% slower for the rest of the process (40 steps 7.0 s -> 10.1 s), even
+    with the threads idle; with 1 thread, no change (6.7-7.1 s)."""
+    torch.set_num_threads(1)
     if nice:
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
@@ -66,7 +73,7 @@ class SideThreads:
         if job not in self._pools:
             self._pools[job] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kelvin-side-{job}",
                                                   initializer=init_helper_thread,
-                                                  initargs=(torch.get_num_threads(), self.NICE[job]))
+                                                  initargs=(self.NICE[job],))
         return self._pools[job]
 
     def score(self, fn: Callable, *args) -> Future:

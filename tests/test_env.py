@@ -538,3 +538,23 @@ def test_group_returns_are_relative_in_quality():
     # relative = own absolute minus the other's absolute
     assert returns[True][0] == pytest.approx(returns[False][0] - returns[False][1], abs=1e-5)
     assert returns[False][0] != pytest.approx(returns[False][1])  # the rows really differ (2 vs 4 tokens)
+
+
+def test_side_threads_run_torch_on_one_thread_and_leave_the_callers_count():
+    """A side thread runs torch with one thread whatever the process uses, and the caller keeps its own count: a
+    side thread with the process's count keeps a second OpenMP team alive, and on a CPU with fewer cores than
+    OpenMP threads every team then sleeps between parallel regions (the model stepped 45% slower, docs/speed.md)."""
+    from envs.side_threads import SideThreads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    side = SideThreads()
+    try:
+        assert side.score(torch.get_num_threads).result() == 1
+        side.prefetch(lambda: None)
+        side.wait_prefetch()
+        assert side.score(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        side.close()
+        torch.set_num_threads(before)
