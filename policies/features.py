@@ -260,47 +260,62 @@ def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[tor
     function of its own row: the slices change nothing but the speed).
     """
     z = logits.float()  # (B, V)
+    k = min(median_k, z.shape[-1])
     rows = max(1, _SLICE_ELEMENTS // max(z.shape[-1], 1))
     if z.device.type != "cpu" or z.shape[0] <= rows:
-        return _distribution_features(z, median_k)
-    parts = [_distribution_features(part, median_k) for part in z.split(rows)]
-    return torch.cat([f for f, _ in parts]), torch.cat([shift for _, shift in parts])
+        return _features_of_sums(*_row_sums(z, k))
+    scratch = torch.empty((2, rows, z.shape[-1]), dtype=z.dtype)  # y and e of a slice, reused by every slice
+    parts = [_row_sums(part, k, scratch[:, :part.shape[0]]) for part in z.split(rows)]
+    return _features_of_sums(torch.cat([sums for sums, _ in parts]), torch.cat([top for _, top in parts]))
 
 
 # Logits per slice of rows in distribution_features on a CPU: 2 MiB of float32, which a core's cache holds.
 _SLICE_ELEMENTS = 2**19
 
 
-def _distribution_features(z: torch.Tensor, median_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`distribution_features` of float32 logits ``z`` (B, V), all rows at once."""
-    vocab = z.shape[-1]
+def _row_sums(z: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The passes over float32 logits ``z`` (B, V) that :func:`distribution_features` needs: ``sums`` (B, 7),
+    the columns ``max z, S0, S1, S2, sum y, sum y^2, n`` (n: the finite logits), and the ``k`` largest logits
+    (B, k), descending. ``scratch`` (2, B, V) is overwritten (None: allocated here): every (B, V) pass writes
+    into it in place, so no pass allocates (on a CPU a fresh (B, V) buffer costs about as much as the pass that
+    fills it). The (B,)-sized arithmetic is left to :func:`_features_of_sums`, once for all the slices."""
+    if scratch is None:
+        scratch = torch.empty((2,) + tuple(z.shape), dtype=z.dtype, device=z.device)
     zmax = z.amax(dim=-1, keepdim=True)  # (B, 1)
-    y = z - zmax  # (B, V), <= 0
-    e = y.exp()  # (B, V)
+    y = torch.sub(z, zmax, out=scratch[0])  # (B, V), <= 0
+    e = torch.exp(y, out=scratch[1])  # (B, V)
     s0 = e.sum(dim=-1)  # (B,) >= 1
-    s1 = torch.linalg.vecdot(y, e)  # (B,) NaN on rows with -inf
     sy = y.sum(dim=-1)
-    syy = torch.linalg.vecdot(y, y)
-    n = torch.full_like(s0, float(vocab))
+    n = torch.full_like(s0, float(z.shape[-1]))
+    ye = e.mul_(y)  # y * e in place (e is not needed again but on masked rows, recomputed there)
+    s1 = ye.sum(dim=-1)  # (B,) NaN on rows with -inf (0 * -inf)
+    s2 = ye.mul_(y).sum(dim=-1)  # y^2 e
+    syy = torch.mul(y, y, out=scratch[1]).sum(dim=-1)
     masked = ~torch.isfinite(s1)  # (B,) rows holding -inf (or a broken row, which the caller rejects)
-    em = e[masked] if bool(masked.any()) else None  # (M, V), before e is reused below
-    s2 = torch.linalg.vecdot(e.mul_(y), y)  # e becomes y * e in place: one (B, V) buffer fewer per call
-    if em is not None:
+    if bool(masked.any()):
         ym = y[masked]  # (M, V)
         finite = torch.isfinite(ym)
         yf = torch.where(finite, ym, torch.zeros_like(ym))
+        em = ym.exp()  # 0 on the masked tokens
         s1[masked] = torch.linalg.vecdot(yf, em)
         s2[masked] = torch.linalg.vecdot(yf * em, yf)
         sy[masked] = yf.sum(dim=-1)
         syy[masked] = torch.linalg.vecdot(yf, yf)
         n[masked] = finite.sum(dim=-1).float()
+    return torch.stack([zmax.squeeze(1), s0, s1, s2, sy, syy, n], dim=-1), top_values(z, k)
+
+
+def _features_of_sums(sums: torch.Tensor, top_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features 0-6 (B, 7) and the log-normaliser (B,) from :func:`_row_sums`' ``sums`` (B, 7) and top logits
+    (B, k)."""
+    zmax, s0, s1, s2, sy, syy, n = sums.unbind(dim=-1)
+    k = top_z.shape[-1]
     log_s0 = s0.log()
     mean_y = s1 / s0  # E_p[y]
     entropy = (log_s0 - mean_y).clamp_min(0.0)  # (B,)
     varentropy = (s2 / s0 - mean_y * mean_y).clamp_min(0.0)
     entropy_norm = torch.where(n > 1, entropy / torch.log(n.clamp_min(2.0)), torch.zeros_like(entropy)).clamp(0.0, 1.0)
-    k = min(median_k, vocab)
-    top = (top_values(z, k) - zmax).exp() / s0.unsqueeze(1)  # (B, k) largest probabilities, descending
+    top = (top_z - zmax.unsqueeze(1)).exp() / s0.unsqueeze(1)  # (B, k) largest probabilities, descending
     max_prob = 1.0 / s0  # the argmax has e = 1
     top2_margin = max_prob - top[:, 1] if k > 1 else max_prob
     # median over the k most likely (fewer when fewer tokens are finite): mean of the middle two
@@ -311,7 +326,7 @@ def _distribution_features(z: torch.Tensor, median_k: int) -> tuple[torch.Tensor
     mean = sy / n
     logit_std = (syy / n - mean * mean).clamp_min(0.0).sqrt()
     feats = torch.stack([entropy, entropy_norm, varentropy, max_prob, top2_margin, logit_std, median], dim=-1)
-    return feats, zmax.squeeze(1) + log_s0  # (B, 7), (B,)
+    return feats, zmax + log_s0  # (B, 7), (B,)
 
 
 class TokenStats(NamedTuple):
