@@ -9,7 +9,9 @@ base alone, on any split with the same prompts and random stream for both (train
 * ``hot4``: at λ >= 1, +0.5 on the first 4 tokens and -0.1 after; at λ = 0, -0.1 everywhere.
 
 The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a check on the script itself. Any other
-shape is ``FIRST:BOOST:AFTER`` (``--shapes 4:0.1:0,4:0.25:0``: the slope of the hot start near the base). Usage:
+shape is ``FIRST:BOOST:AFTER`` (``--shapes 4:0.1:0,4:0.25:0``: the slope of the hot start near the base), or
+``FIRST:BOOST:AFTER:CATEGORIES`` to change only the rows of some categories (``4:0.5:0:open``: the open prompts,
+every category but math and factual_question; ``:math+code``: those two). Usage:
 
     .venv/bin/python scripts/headroom_probe.py runs/default --split test            # the whole test split
     .venv/bin/python scripts/headroom_probe.py runs/default --split test --seeds 4    # 16 samples of each prompt
@@ -60,31 +62,43 @@ SHAPES = {"hot2": (2, 0.25, 0.0), "hot4": (4, 0.5, -0.1)}
 LAMBDA0_OFFSET = -0.1
 
 
-def parse_shapes(text: str) -> dict[str, tuple[int, float, float]]:
-    """``--shapes``: comma-separated names of :data:`SHAPES` or ``FIRST:BOOST:AFTER`` (e.g. ``4:0.1:0``, the hot4
-    shape at a fifth of its boost: the slope near the base). Raises ValueError saying what it takes."""
+# --shapes' category word for the open prompts: every category but the answerable ones
+ANSWERABLE = ("math", "factual_question")
+
+
+def parse_shapes(text: str) -> dict[str, tuple]:
+    """``--shapes``: comma-separated names of :data:`SHAPES` or ``FIRST:BOOST:AFTER[:CATEGORIES]`` (e.g.
+    ``4:0.1:0``, the hot4 shape at a fifth of its boost: the slope near the base; ``4:0.5:0:open``, the same
+    change only on prompts of a category outside :data:`ANSWERABLE`, or ``:math+code`` on those categories; the
+    other rows keep the base at λ >= 1). Raises ValueError saying what it takes."""
     shapes = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         if item in SHAPES:
-            shapes[item] = SHAPES[item]
+            shapes[item] = SHAPES[item] + ((),)
             continue
         fields = item.split(":")
         try:
-            if len(fields) != 3 or int(fields[0]) < 1:
+            if len(fields) not in (3, 4) or int(fields[0]) < 1 or (len(fields) == 4 and not fields[3]):
                 raise ValueError
-            shapes[item] = (int(fields[0]), float(fields[1]), float(fields[2]))
+            cats = tuple(fields[3].split("+")) if len(fields) == 4 else ()
+            shapes[item] = (int(fields[0]), float(fields[1]), float(fields[2]), cats)
         except ValueError:
-            raise ValueError(f"--shapes takes names from {', '.join(SHAPES)} or FIRST:BOOST:AFTER (first tokens >= 1, "
-                             f"boost and offset after them in action units, e.g. 4:0.1:0); got {item!r}") from None
+            raise ValueError(f"--shapes takes names from {', '.join(SHAPES)} or FIRST:BOOST:AFTER[:CATEGORIES] (first "
+                             f"tokens >= 1, boost and offset after them in action units, categories joined by + or "
+                             f"'open', e.g. 4:0.1:0 or 4:0.5:0:open); got {item!r}") from None
     return shapes
 
 
-def shaped_offset(position: torch.Tensor, diversity: torch.Tensor, shape: tuple[int, float, float]) -> torch.Tensor:
-    """The hand-made change (B,) in action units at token ``position`` (B,) and dial ``diversity`` (B,)."""
-    first, boost, after = shape
+def shaped_offset(position: torch.Tensor, diversity: torch.Tensor, shape: tuple,
+                  chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """The hand-made change (B,) in action units at token ``position`` (B,) and dial ``diversity`` (B,);
+    ``chosen`` (B,) bool: the rows of the shape's categories (None: every row)."""
+    first, boost, after = shape[:3]
     hot = torch.where(position < first, torch.full_like(diversity, boost), torch.full_like(diversity, after))
+    if chosen is not None:
+        hot = torch.where(chosen, hot, torch.zeros_like(hot))
     return torch.where(diversity >= 0.5, hot, torch.full_like(diversity, LAMBDA0_OFFSET))
 
 
@@ -93,14 +107,23 @@ class ShapedBase(TemperaturePolicy):
 
     name = "shaped-base"
 
-    def __init__(self, base: TemperaturePolicy, shape: tuple[int, float, float], horizon: int):
+    def __init__(self, base: TemperaturePolicy, shape: tuple, horizon: int):
         super().__init__(base.feature_spec, base.action_mapping)
         self.base, self.shape, self.horizon = base, shape, horizon
-        self._diversity_col = base.feature_spec.index("diversity")
+        spec = base.feature_spec
+        self._diversity_col = spec.index("diversity")
+        cats = shape[3] if len(shape) > 3 else ()
+        if cats == ("open",):
+            cats = tuple(c for c in spec.category_slots if c not in ANSWERABLE)
+        unknown = [c for c in cats if c not in spec.category_slots]
+        if unknown:
+            raise ValueError(f"--shapes: categories {unknown} are not the run's ({', '.join(spec.category_slots)})")
+        self._category_cols = [spec.index(f"category_{c}") for c in cats] or None
 
     def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
         position = torch.round(obs[:, self._position_col] * self.horizon)
-        offset = shaped_offset(position, obs[:, self._diversity_col], self.shape)
+        chosen = None if self._category_cols is None else obs[:, self._category_cols].sum(dim=-1) > 0.5
+        offset = shaped_offset(position, obs[:, self._diversity_col], self.shape, chosen)
         return (self.base.actions(obs, episode_start) + offset).clamp(-1.0, 1.0)
 
 

@@ -43,6 +43,23 @@ def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda()
     torch.testing.assert_close(shaped.temperatures(obs), torch.tensor([1.5, 1.5, 1.2, 0.48]))
 
 
+def test_a_category_shape_changes_only_its_categories_rows_at_lambda_one_and_up():
+    """``4:0.5:0:open`` raises the first tokens of the open prompts' rows only; an answerable row keeps its base
+    at λ >= 1 and every row gets the λ = 0 offset; an unknown category is refused."""
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ("creative_writing", "math"))
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)
+    base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
+    obs = torch.zeros(4, spec.dim)
+    obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
+    for row, slot in enumerate(["creative_writing", "math", "other", "math"]):
+        obs[row, spec.index(f"category_{slot}")] = 1.0
+    shaped = headroom_probe.ShapedBase(base, headroom_probe.parse_shapes("4:0.5:0:open")["4:0.5:0:open"], horizon=8)
+    # open = every slot but math and factual_question: creative_writing and other get +0.5; math keeps action 0
+    torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.5, 0.0, 0.5, -0.6]))
+    with pytest.raises(ValueError, match=r"categories \['poetry'\] are not the run's"):
+        headroom_probe.ShapedBase(base, (4, 0.5, 0.0, ("poetry",)), horizon=8)
+
+
 def _saved(run, base, learned):
     return {"run": run, "reward": {"0": {"base": base, "learned": learned}}}
 
@@ -66,11 +83,12 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
 
 def test_shapes_are_names_or_first_boost_after():
 
-    assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05") == {
-        "hot4": (4, 0.5, -0.1), "4:0.1:0": (4, 0.1, 0.0), "2:0.25:-0.05": (2, 0.25, -0.05)}
+    assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05,4:0.5:0:open,1:0.2:0:math+code") == {
+        "hot4": (4, 0.5, -0.1, ()), "4:0.1:0": (4, 0.1, 0.0, ()), "2:0.25:-0.05": (2, 0.25, -0.05, ()),
+        "4:0.5:0:open": (4, 0.5, 0.0, ("open",)), "1:0.2:0:math+code": (1, 0.2, 0.0, ("math", "code"))}
     assert headroom_probe.parse_shapes("") == {}
-    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0"):
-        with pytest.raises(ValueError, match=r"FIRST:BOOST:AFTER .*got '" + bad):
+    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0", "4:0.1:0:", "4:0.1:0:a:b"):
+        with pytest.raises(ValueError, match=r"FIRST:BOOST:AFTER.*got '" + bad):
             headroom_probe.parse_shapes(bad)
 
 
