@@ -248,7 +248,7 @@ class PolicyConfig:
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
     ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The
     critic always reads all. Needs diversity heads. Why: a residual that can only depend on position and λ has a
-    handful of directions to learn where the whole observation has dozens (docs/results.md, "This round: a
+    handful of directions to learn where the whole observation has dozens (docs/results.md, "Four rounds back: a
     residual on position and λ alone stays on its base": it stopped the losses, and gained nothing)."""
 
     @model_validator(mode="before")
