@@ -26,11 +26,10 @@ def init_helper_thread(nice: int = 0) -> None:
     (Linux; elsewhere none).
 
     One thread, not the process's count: a helper that runs torch ops with N threads keeps its own OpenMP team
-    alive, and with more OpenMP threads than cores every team's workers stop spinning between parallel regions
-    and sleep, so each of the model's hundreds of small regions a step pays a wake-up. Measured on the 2-core
-    CPU at 2 torch threads, B = 64 (/work/notes figures quoted in docs/speed.md): an env whose side threads had
-    run once with 2 threads decoded 45% slower for the rest of the process (40 steps 7.0 s -> 10.1 s), even
-    with the threads idle; with 1 thread, no change (6.7-7.1 s)."""
+    alive, and with more OpenMP threads than cores the workers stop spinning between parallel regions (most
+    likely: each of the model's hundreds of small regions a step then pays a wake-up). On the 2-core CPU at 2
+    torch threads, B = 64 (docs/speed.md): an env whose side threads had run once with 2 threads stepped 45%
+    slower for the rest of the process (40 steps 7.0 s -> 10.1 s), the threads idle; with 1 thread, no change."""
     torch.set_num_threads(1)
     if nice:
         with contextlib.suppress(AttributeError, OSError):
