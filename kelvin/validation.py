@@ -3,10 +3,9 @@
 Every policy runs through the same env code on the same ``train.validation_prompts`` prompts of the validation
 split (round-robin over categories: 32 prompts hold 8 answerable ones), K = ``env.group_size`` samples each,
 with the same random stream (:func:`kelvin.rollout.collect_episodes` with one seed; ``train.validation_streams`` N:
-N streams, each prompt's value the mean over its N groups, in the order the prompts first appear, which is the
-same for every policy because the first stream's seed is), at **every** λ of a fixed
-grid (``train.validation_diversity``, 0 / 1 / 2 by default). The returns are absolute (``reward.group_baseline``
-off).
+N streams, each prompt's value the mean over its N groups, in prompt-id order: :func:`prompt_means`), at
+**every** λ of a fixed grid (``train.validation_diversity``, 0 / 1 / 2 by default). The returns are absolute
+(``reward.group_baseline`` off).
 
 **Why a grid.** With λ drawn at random per group, the quantity a margin estimates changed with the draws: the
 same two policies re-validated on other streams gave margins 0.9 apart, wider than either interval, and a

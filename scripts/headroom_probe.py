@@ -57,8 +57,9 @@ from kelvin.rundir import RunDir  # noqa: E402
 from kelvin.validation import Validation, paired_margin, prompt_means, summarize_episodes  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 
-# (first tokens that get the boost, boost, offset after them) at λ >= 1; the offset at λ = 0 is LAMBDA0_OFFSET.
-SHAPES = {"hot2": (2, 0.25, 0.0), "hot4": (4, 0.5, -0.1)}
+# (first tokens that get the boost, boost, offset after them, categories: () = all) at λ >= 1; the offset at λ = 0
+# is LAMBDA0_OFFSET.
+SHAPES = {"hot2": (2, 0.25, 0.0, ()), "hot4": (4, 0.5, -0.1, ())}
 LAMBDA0_OFFSET = -0.1
 
 
@@ -76,7 +77,7 @@ def parse_shapes(text: str) -> dict[str, tuple]:
         if not item:
             continue
         if item in SHAPES:
-            shapes[item] = SHAPES[item] + ((),)
+            shapes[item] = SHAPES[item]
             continue
         fields = item.split(":")
         try:
@@ -112,9 +113,8 @@ class ShapedBase(TemperaturePolicy):
         self.base, self.shape, self.horizon = base, shape, horizon
         spec = base.feature_spec
         self._diversity_col = spec.index("diversity")
-        cats = shape[3] if len(shape) > 3 else ()
-        if cats == ("open",):
-            cats = tuple(c for c in spec.category_slots if c not in ANSWERABLE)
+        open_slots = [c for c in spec.category_slots if c not in ANSWERABLE]
+        cats = [slot for c in shape[3] for slot in (open_slots if c == "open" else [c])]
         unknown = [c for c in cats if c not in spec.category_slots]
         if unknown:
             raise ValueError(f"--shapes: categories {unknown} are not the run's ({', '.join(spec.category_slots)})")
