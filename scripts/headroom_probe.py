@@ -9,9 +9,11 @@ base alone, on any split with the same prompts and random stream for both (train
 * ``hot4``: at λ >= 1, +0.5 on the first 4 tokens and -0.1 after; at λ = 0, -0.1 everywhere.
 
 The λ = 0 part is the same in both, so their λ = 0 rows must be identical: a check on the script itself. Any other
-shape is ``FIRST:BOOST:AFTER`` (``--shapes 4:0.1:0,4:0.25:0``: the slope of the hot start near the base), or
-``FIRST:BOOST:AFTER:CATEGORIES`` to change only the rows of some categories (``4:0.5:0:open``: the open prompts,
-every category but math and factual_question; ``:math+code``: those two). Usage:
+shape is ``WHERE:BOOST:AFTER`` (``--shapes 4:0.1:0,4:0.25:0``: the slope of the hot start near the base), or
+``WHERE:BOOST:AFTER:CATEGORIES`` to change only the rows of some categories (``4:0.5:0:open``: the open prompts,
+every category but math and factual_question; ``:math+code``: those two). ``WHERE`` is a number of first tokens or a
+condition on one observed feature of the untempered distribution, ``FEATURE<VALUE`` or ``FEATURE>VALUE``
+(``max_prob<0.3:0.5:0``: +0.5 where the model's top token has less than 0.3 probability, the base elsewhere). Usage:
 
     .venv/bin/python scripts/headroom_probe.py runs/default --split test            # the whole test split
     .venv/bin/python scripts/headroom_probe.py runs/default --split test --seeds 4    # 16 samples of each prompt
@@ -57,8 +59,8 @@ from kelvin.rundir import RunDir  # noqa: E402
 from kelvin.validation import Validation, paired_margin, prompt_means, summarize_episodes  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 
-# (first tokens that get the boost, boost, offset after them, categories: () = all) at λ >= 1; the offset at λ = 0
-# is LAMBDA0_OFFSET.
+# (where: the first tokens that get the boost or a feature's test, boost, offset elsewhere, categories: () = all) at
+# λ >= 1; the offset at λ = 0 is LAMBDA0_OFFSET.
 SHAPES = {"hot2": (2, 0.25, 0.0, ()), "hot4": (4, 0.5, -0.1, ())}
 LAMBDA0_OFFSET = -0.1
 
@@ -68,10 +70,12 @@ ANSWERABLE = ("math", "factual_question")
 
 
 def parse_shapes(text: str) -> dict[str, tuple]:
-    """``--shapes``: comma-separated names of :data:`SHAPES` or ``FIRST:BOOST:AFTER[:CATEGORIES]`` (e.g.
+    """``--shapes``: comma-separated names of :data:`SHAPES` or ``WHERE:BOOST:AFTER[:CATEGORIES]`` (e.g.
     ``4:0.1:0``, the hot4 shape at a fifth of its boost: the slope near the base; ``4:0.5:0:open``, the same
     change only on prompts of a category outside :data:`ANSWERABLE`, or ``:math+code`` on those categories; the
-    other rows keep the base at λ >= 1). Raises ValueError saying what it takes."""
+    other rows keep the base at λ >= 1). ``WHERE`` is an int (the first tokens) or ``(FEATURE, '<' or '>', VALUE)``
+    from ``FEATURE<VALUE``; the feature's name is checked against the run's when the shape is built. Raises
+    ValueError saying what it takes."""
     shapes = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -81,23 +85,37 @@ def parse_shapes(text: str) -> dict[str, tuple]:
             continue
         fields = item.split(":")
         try:
-            if len(fields) not in (3, 4) or int(fields[0]) < 1 or (len(fields) == 4 and not fields[3]):
+            if len(fields) not in (3, 4) or (len(fields) == 4 and not fields[3]):
                 raise ValueError
-            cats = tuple(fields[3].split("+")) if len(fields) == 4 else ()
-            shapes[item] = (int(fields[0]), float(fields[1]), float(fields[2]), cats)
+            shapes[item] = (_parse_where(fields[0]), float(fields[1]), float(fields[2]),
+                            tuple(fields[3].split("+")) if len(fields) == 4 else ())
         except ValueError:
-            raise ValueError(f"--shapes takes names from {', '.join(SHAPES)} or FIRST:BOOST:AFTER[:CATEGORIES] (first "
-                             f"tokens >= 1, boost and offset after them in action units, categories joined by + or "
-                             f"'open', e.g. 4:0.1:0 or 4:0.5:0:open); got {item!r}") from None
+            raise ValueError(f"--shapes takes names from {', '.join(SHAPES)} or WHERE:BOOST:AFTER[:CATEGORIES] (WHERE: "
+                             f"first tokens >= 1 or FEATURE<VALUE / FEATURE>VALUE; boost and offset after them in "
+                             f"action units; categories joined by + or 'open'; e.g. 4:0.1:0, 4:0.5:0:open or "
+                             f"max_prob<0.3:0.5:0); got {item!r}") from None
     return shapes
 
 
-def shaped_offset(position: torch.Tensor, diversity: torch.Tensor, shape: tuple,
+def _parse_where(text: str) -> int | tuple[str, str, float]:
+    for op in "<>":
+        name, sep, value = text.partition(op)
+        if sep:
+            if not name.strip():
+                raise ValueError(text)
+            return (name.strip(), op, float(value))
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
+def shaped_offset(hit: torch.Tensor, diversity: torch.Tensor, shape: tuple,
                   chosen: torch.Tensor | None = None) -> torch.Tensor:
-    """The hand-made change (B,) in action units at token ``position`` (B,) and dial ``diversity`` (B,);
-    ``chosen`` (B,) bool: the rows of the shape's categories (None: every row)."""
-    first, boost, after = shape[:3]
-    hot = torch.where(position < first, torch.full_like(diversity, boost), torch.full_like(diversity, after))
+    """The hand-made change (B,) in action units given the rows where the shape's condition holds, ``hit`` (B,)
+    bool (the first tokens, or the feature's test), and the dial ``diversity`` (B,); ``chosen`` (B,) bool: the rows
+    of the shape's categories (None: every row)."""
+    boost, after = shape[1:3]
+    hot = torch.where(hit, torch.full_like(diversity, boost), torch.full_like(diversity, after))
     if chosen is not None:
         hot = torch.where(chosen, hot, torch.zeros_like(hot))
     return torch.where(diversity >= 0.5, hot, torch.full_like(diversity, LAMBDA0_OFFSET))
@@ -119,11 +137,22 @@ class ShapedBase(TemperaturePolicy):
         if unknown:
             raise ValueError(f"--shapes: categories {unknown} are not the run's ({', '.join(spec.category_slots)})")
         self._category_cols = [spec.index(f"category_{c}") for c in cats] or None
+        where = shape[0]
+        if not isinstance(where, int) and where[0] not in spec.names:
+            raise ValueError(f"--shapes: no feature named {where[0]!r}; the run observes {', '.join(spec.names)}")
+        self._where_col = None if isinstance(where, int) else spec.index(where[0])
+
+    def hit(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the rows where the shape's condition holds (its first tokens, or its feature's test)."""
+        where = self.shape[0]
+        if self._where_col is None:
+            return torch.round(obs[:, self._position_col] * self.horizon) < where
+        column = obs[:, self._where_col]
+        return column < where[2] if where[1] == "<" else column > where[2]
 
     def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
-        position = torch.round(obs[:, self._position_col] * self.horizon)
         chosen = None if self._category_cols is None else obs[:, self._category_cols].sum(dim=-1) > 0.5
-        offset = shaped_offset(position, obs[:, self._diversity_col], self.shape, chosen)
+        offset = shaped_offset(self.hit(obs), obs[:, self._diversity_col], self.shape, chosen)
         return (self.base.actions(obs, episode_start) + offset).clamp(-1.0, 1.0)
 
 
@@ -175,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help=f"comma-separated hand-made shapes to run: names (default {','.join(SHAPES)}; '' for none) "
-                   "or FIRST:BOOST:AFTER, e.g. 4:0.1:0")
+                   "or WHERE:BOOST:AFTER[:CATEGORIES], e.g. 4:0.1:0 or max_prob<0.3:0.5:0")
     args = p.parse_args(argv)
     if args.pool:
         return pool(args.pool)

@@ -24,8 +24,8 @@ _spec.loader.exec_module(headroom_probe)
 def test_the_shapes_boost_the_first_tokens_at_lambda_one_and_up_and_cool_lambda_zero():
     position = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 0.0])
     diversity = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 0.0])
-    hot2 = headroom_probe.shaped_offset(position, diversity, headroom_probe.SHAPES["hot2"])
-    hot4 = headroom_probe.shaped_offset(position, diversity, headroom_probe.SHAPES["hot4"])
+    hot2 = headroom_probe.shaped_offset(position < 2, diversity, headroom_probe.SHAPES["hot2"])
+    hot4 = headroom_probe.shaped_offset(position < 4, diversity, headroom_probe.SHAPES["hot4"])
     torch.testing.assert_close(hot2, torch.tensor([0.25, 0.25, 0.0, 0.0, 0.0, 0.25, 0.0, -0.1]))
     torch.testing.assert_close(hot4, torch.tensor([0.5, 0.5, 0.5, 0.5, -0.1, 0.5, -0.1, -0.1]))
 
@@ -60,6 +60,27 @@ def test_a_category_shape_changes_only_its_categories_rows_at_lambda_one_and_up(
         headroom_probe.ShapedBase(base, (4, 0.5, 0.0, ("poetry",)), horizon=8)
 
 
+def test_a_feature_shape_changes_the_rows_where_its_test_holds():
+    """``max_prob<0.3:0.5:-0.25`` adds +0.5 where the top token is under 0.3, -0.25 elsewhere (λ >= 1 only); an
+    unknown feature or a malformed condition is refused with the grammar."""
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)
+    base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
+    shapes = headroom_probe.parse_shapes("max_prob<0.3:0.5:-0.25,entropy>2:0.1:0")
+    assert shapes == {"max_prob<0.3:0.5:-0.25": (("max_prob", "<", 0.3), 0.5, -0.25, ()),
+                      "entropy>2:0.1:0": (("entropy", ">", 2.0), 0.1, 0.0, ())}
+    obs = torch.zeros(4, spec.dim)
+    obs[:, spec.index("max_prob")] = torch.tensor([0.1, 0.3, 0.9, 0.1])
+    obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
+    shaped = headroom_probe.ShapedBase(base, shapes["max_prob<0.3:0.5:-0.25"], horizon=8)
+    # λ = 2 base action 0: +0.5 at max_prob 0.1, -0.25 at 0.3 (not below) and 0.9; λ = 0: -0.5 - 0.1
+    torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.5, -0.25, -0.25, -0.6]))
+    with pytest.raises(ValueError, match="no feature named 'max_porb'"):
+        headroom_probe.ShapedBase(base, (("max_porb", "<", 0.3), 0.5, 0.0, ()), horizon=8)
+    with pytest.raises(ValueError, match="WHERE:BOOST:AFTER.*got '<0.3:0.5:0'"):
+        headroom_probe.parse_shapes("<0.3:0.5:0")
+
+
 def _saved(run, base, learned):
     return {"run": run, "reward": {"0": {"base": base, "learned": learned}}}
 
@@ -81,14 +102,14 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
         headroom_probe.pooled_differences([one, other])
 
 
-def test_shapes_are_names_or_first_boost_after():
+def test_shapes_are_names_or_where_boost_after():
 
     assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05,4:0.5:0:open,1:0.2:0:math+code") == {
         "hot4": (4, 0.5, -0.1, ()), "4:0.1:0": (4, 0.1, 0.0, ()), "2:0.25:-0.05": (2, 0.25, -0.05, ()),
         "4:0.5:0:open": (4, 0.5, 0.0, ("open",)), "1:0.2:0:math+code": (1, 0.2, 0.0, ("math", "code"))}
     assert headroom_probe.parse_shapes("") == {}
-    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0", "4:0.1:0:", "4:0.1:0:a:b"):
-        with pytest.raises(ValueError, match=r"FIRST:BOOST:AFTER.*got '" + bad):
+    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0", "4:0.1:0:", "4:0.1:0:a:b", "max_prob<x:0.1:0"):
+        with pytest.raises(ValueError, match=r"WHERE:BOOST:AFTER.*got '" + bad):
             headroom_probe.parse_shapes(bad)
 
 
