@@ -226,7 +226,7 @@ class PolicyConfig:
     base_prior_prompts: FiniteFloat = Field(8.0, ge=0.0, examples=[0.0])
     """With ``base: table``, how many prompts' worth of every category's episodes each category's choice is pooled
     with (:func:`kelvin.tuning.tune_tables`): a category tuned on a few prompts keeps the overall best T unless
-    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results.md, "Latest: the
+    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results.md, section "The
     pooled base"."""
     base_diversity_points: StrictInt = Field(5, ge=1)
     """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
@@ -248,7 +248,7 @@ class PolicyConfig:
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
     ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The
     critic always reads all. Needs diversity heads. Why: a residual that can only depend on position and λ has a
-    handful of directions to learn where the whole observation has dozens (docs/results.md, "Four rounds back: a
+    handful of directions to learn where the whole observation has dozens (docs/results.md, section "a
     residual on position and λ alone stays on its base": it stopped the losses, and gained nothing)."""
 
     @model_validator(mode="before")
