@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -98,10 +99,12 @@ def parse_shapes(text: str) -> dict[str, tuple]:
 
 
 def _parse_where(text: str) -> int | tuple[str, str, float]:
+    """A shape's ``WHERE``: ``4`` -> 4 (first tokens, >= 1); ``max_prob<0.3`` -> ("max_prob", "<", 0.3) (a finite
+    threshold). Raises ValueError otherwise."""
     for op in "<>":
         name, sep, value = text.partition(op)
         if sep:
-            if not name.strip():
+            if not name.strip() or not math.isfinite(float(value)):
                 raise ValueError(text)
             return (name.strip(), op, float(value))
     if int(text) < 1:
@@ -234,7 +237,11 @@ def main(argv=None) -> int:
                                            validation_diversity=lambdas or config.train.validation_diversity,
                                            validation_streams=1))  # the streams are this script's seeds
     base, _ = load_base_policy(args.run, config, warnings)
-    policies = {"base": base, **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
+    try:
+        policies = {"base": base,
+                    **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
+    except ValueError as exc:  # a category or feature this run does not observe
+        p.error(str(exc))
     if args.learned:
         policies["learned"] = load_learned_policy(args.model or args.run, config, warnings)[0]
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed

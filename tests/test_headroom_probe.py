@@ -108,7 +108,8 @@ def test_shapes_are_names_or_where_boost_after():
         "hot4": (4, 0.5, -0.1, ()), "4:0.1:0": (4, 0.1, 0.0, ()), "2:0.25:-0.05": (2, 0.25, -0.05, ()),
         "4:0.5:0:open": (4, 0.5, 0.0, ("open",)), "1:0.2:0:math+code": (1, 0.2, 0.0, ("math", "code"))}
     assert headroom_probe.parse_shapes("") == {}
-    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0", "4:0.1:0:", "4:0.1:0:a:b", "max_prob<x:0.1:0"):
+    for bad in ("hot3", "4:0.1", "0:0.1:0", "x:0.1:0", "4:0.1:0:", "4:0.1:0:a:b", "max_prob<x:0.1:0",
+                "max_prob<nan:0.1:0"):
         with pytest.raises(ValueError, match=r"WHERE:BOOST:AFTER.*got '" + bad):
             headroom_probe.parse_shapes(bad)
 
