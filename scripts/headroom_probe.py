@@ -140,10 +140,10 @@ class ShapedBase(TemperaturePolicy):
         if unknown:
             raise ValueError(f"--shapes: categories {unknown} are not the run's ({', '.join(spec.category_slots)})")
         self._category_cols = [spec.index(f"category_{c}") for c in cats] or None
-        where = shape[0]
-        if not isinstance(where, int) and where[0] not in spec.names:
-            raise ValueError(f"--shapes: no feature named {where[0]!r}; the run observes {', '.join(spec.names)}")
-        self._where_col = None if isinstance(where, int) else spec.index(where[0])
+        try:  # FeatureSpec.index names an unknown feature and the nearest ones
+            self._where_col = None if isinstance(shape[0], int) else spec.index(shape[0][0])
+        except KeyError as exc:
+            raise ValueError(f"--shapes: {exc.args[0]}") from None
 
     def hit(self, obs: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the rows where the shape's condition holds (its first tokens, or its feature's test)."""
