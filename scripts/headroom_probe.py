@@ -160,14 +160,14 @@ class ShapedBase(TemperaturePolicy):
 
 
 def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
-    """Per λ (as saved) and policy, ``policy − base`` of each prompt averaged over the saved runs: {λ: {name: (P,)}}.
-    Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
+    """Per λ and policy that every saved run probed, ``policy − base`` of each prompt averaged over the runs: {λ: {name:
+    (P,)}}. Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    for lam in saved[0]["reward"]:
+    for lam in [lam for lam in saved[0]["reward"] if all(lam in run["reward"] for run in saved)]:
         ids = sorted(saved[0]["reward"][lam]["base"])
-        names = [n for n in saved[0]["reward"][lam] if n != "base"]
+        names = [n for n in saved[0]["reward"][lam] if n != "base" and all(n in r["reward"][lam] for r in saved)]
         for run in saved:
-            if sorted(run["reward"].get(lam, {}).get("base", {})) != ids:
+            if sorted(run["reward"][lam]["base"]) != ids:
                 raise ValueError(f"{run['run']}: its prompts at λ={lam} differ from {saved[0]['run']}'s; pool runs "
                                  "probed on the same split and --prompts")
         out[lam] = {n: np.mean([[r["reward"][lam][n][pid] - r["reward"][lam]["base"][pid] for pid in ids]
@@ -178,7 +178,10 @@ def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
 def pool(paths: list[str]) -> int:
     saved = [json.loads(Path(path).read_text()) for path in paths]
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
-    for lam, diffs in pooled_differences(saved).items():
+    pooled = pooled_differences(saved)
+    for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
+        print(f"λ={lam} left out: not probed in {', '.join(s['run'] for s in saved if lam not in s['reward'])}")
+    for lam, diffs in pooled.items():
         cells = [f"λ={lam}"]
         for name, d in diffs.items():
             m = paired_margin(d, np.zeros_like(d), 2000, 0)

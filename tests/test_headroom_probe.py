@@ -102,6 +102,22 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
         headroom_probe.pooled_differences([one, other])
 
 
+def test_pooling_keeps_the_lambdas_and_shapes_every_run_probed(tmp_path, capsys):
+    one = _saved("s0", {"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 2.0})  # +0.5, 0
+    one["reward"]["0"]["hot4"] = {"a": 0.0, "b": 2.0}  # a shape only s0 probed
+    one["reward"]["2"] = {"base": {"a": 0.0, "b": 0.0}, "learned": {"a": 1.0, "b": 1.0}}  # a λ only s0 probed
+    two = _saved("s1", {"a": 3.0, "b": 0.0}, {"a": 3.5, "b": 1.0})  # +0.5, +1
+    pooled = headroom_probe.pooled_differences([one, two])
+    assert list(pooled) == ["0"] and list(pooled["0"]) == ["learned"]
+    np.testing.assert_array_equal(pooled["0"]["learned"], [0.5, 0.5])
+    paths = [tmp_path / "s0.json", tmp_path / "s1.json"]
+    for path, saved in zip(paths, (one, two)):
+        path.write_text(json.dumps(saved))
+    assert headroom_probe.main(["--pool", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "λ=2 left out: not probed in s1" in out and "λ=0 | learned − base +0.500" in out and "hot4" not in out
+
+
 def test_shapes_are_names_or_where_boost_after():
 
     assert headroom_probe.parse_shapes("hot4, 4:0.1:0,,2:0.25:-0.05,4:0.5:0:open,1:0.2:0:math+code") == {
