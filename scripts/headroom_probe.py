@@ -251,11 +251,14 @@ def main(argv=None) -> int:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:  # one Validation per random stream: its seed is train.seed's
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
-        for name, policy in policies.items():
-            eps = validation.episodes(policy)
-            per = len(eps) // len(validation.lambdas)
-            blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
-            runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
+        try:
+            for name, policy in policies.items():
+                eps = validation.episodes(policy)
+                per = len(eps) // len(validation.lambdas)
+                blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
+                runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
+        finally:  # each stream's env (its KV cache and prompt cache) goes before the next is built
+            validation.close()
     print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x seeds {seeds.start}.."
           f"{seeds.stop - 1}")
     saved = {"run": args.run, "split": args.split, "seeds": args.seeds, "first_seed": args.first_seed, "reward": {}}
