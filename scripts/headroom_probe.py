@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                 per = len(eps) // len(validation.lambdas)
                 blocks = [eps[i * per:(i + 1) * per] for i in range(len(validation.lambdas))]
                 runs[name] = [old + new for old, new in zip(runs[name], blocks)] if runs[name] else blocks
-        finally:  # each stream's env (its KV cache and prompt cache) goes before the next is built
+        finally:  # each stream's env releases its model state and side threads before the next is built
             validation.close()
     print(f"{args.run}, {args.split} split, {n} prompts x {config.env.group_size} samples x seeds {seeds.start}.."
           f"{seeds.stop - 1}")
