@@ -133,8 +133,8 @@ class RunDir:
 
     # ------------------------------------------------------------------ ownership
     OWN_ENTRIES = ("config.yaml", "command.txt", "model.zip", "vecnormalize.pkl", "checkpoints", "tb",
-                   "validation.json", "summary.json", "export", "train.lock")
-    """What a run directory holds (what ``--overwrite`` removes)."""
+                   "validation.json", "summary.json", "export", "base.json", "cache", "best", "train.lock")
+    """What a run directory holds (what ``--overwrite`` removes): every path property above."""
 
     def check_writable(self) -> None:
         """A :class:`RunDirError` when the run directory (or, for a new one, its nearest existing parent) is

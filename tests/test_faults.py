@@ -296,8 +296,17 @@ def test_overwrite_replaces_a_run_and_nothing_else(tmp_path):
         RunDir(run_dir).claim(overwrite=True)
     assert (run_dir / "model.zip").is_file()
     (run_dir / "notes.txt").unlink()
+    # what a run on a tuned base (the default) and with train.keep_best writes besides: replaced as well
+    for name in ["base.json", "cache/fixed.json", "best/model.zip", "best/best.json"]:
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        (run_dir / name).write_text("old")
     RunDir(run_dir).claim(overwrite=True)
     assert run_dir.is_dir() and not any(run_dir.iterdir())
+    # every path RunDir names lies under one of the entries --overwrite removes
+    run = RunDir(run_dir)
+    named = {getattr(run, attr).relative_to(run_dir).parts[0] for attr in dir(RunDir)
+             if isinstance(getattr(RunDir, attr), property)}
+    assert named == set(RunDir.OWN_ENTRIES)
 
 
 def test_read_only_run_directory(tmp_path):
