@@ -1,6 +1,7 @@
 """The callbacks of a training run (:func:`kelvin.training.train`), one job each, run as one SB3 ``CallbackList``
 in this order: :class:`RolloutStats` (TensorBoard's rollout, reward, episode and perf tags),
-:class:`PeriodicValidation` (``validation/*``, ``validation.json``), :class:`ResidualPull` (a pull toward the base
+:class:`PeriodicValidation` (``validation/*``, ``validation.json``; with ``train.keep_best`` it hands each validated
+policy to :class:`KeepBest`), :class:`ResidualPull` (a pull toward the base
 after each update, ``policy.residual_pull``) and :class:`SnapshotCheckpoint` (the
 snapshot of every completed PPO update, checkpoints, and the stop on a signal). :class:`TrainingStop` turns
 SIGINT and SIGTERM into that stop.
@@ -14,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from kelvin.validation import Validation
 from kelvin.validation import scalars as validation_scalars
 from policies.tuned_base import TunedBase
 
-__all__ = ["AfterEachUpdate", "PeriodicValidation", "ResidualPull", "RolloutStats", "SnapshotCheckpoint",
+__all__ = ["AfterEachUpdate", "KeepBest", "PeriodicValidation", "ResidualPull", "RolloutStats", "SnapshotCheckpoint",
            "TrainingStop", "ValidationStopped", "updates"]
 
 
@@ -197,9 +198,9 @@ class PeriodicValidation(BaseCallback):
     :meth:`validate`; ``history`` holds every validation of the run, its earlier parts (``--resume``) included."""
 
     def __init__(self, config: KelvinConfig, run: RunDir, vec_normalize: VecNormalize | None, validation: Validation,
-                 base: TunedBase | None, stop: TrainingStop):
+                 base: TunedBase | None, stop: TrainingStop, keep: KeepBest | None = None):
         super().__init__(verbose=0)
-        self.config, self.run, self.stop = config, run, stop
+        self.config, self.run, self.stop, self.keep = config, run, stop, keep
         self.vec_normalize, self.validation, self.base = vec_normalize, validation, base  # what _policy() needs
         self.n_rollouts = 0
         self.perf = {"validation_s": 0.0}
@@ -259,10 +260,60 @@ class PeriodicValidation(BaseCallback):
                              "margin_vs_base": v["margin_vs_base"],
                              "by_diversity": {k: {m: at.get(m) for m in ("margin_vs_best_fixed", "margin_vs_base")}
                                               for k, at in v["by_diversity"].items()}})
+        if self.keep is not None:  # the policy validated is the live model: snapshot it as it stands
+            self.keep.offer(v, self.history[-1]["updates"], lambda: Snapshot.take(self.model, self.vec_normalize))
+            v["kept"] = self.keep.record
+            self.logger.record("validation/kept_updates", v["kept"]["updates"])
         v["history"] = self.history  # the margins against the update number, this run's resumes included
         self.last_validation = v
         write_text_atomic(self.run.validation_file, json.dumps(v, indent=2))
         return v
+
+
+class KeepBest:
+    """``train.keep_best``: keeps the best validated policy of a run in ``run/best/`` (the model, its normaliser
+    and ``best.json``: which update, the criterion and its value). The criterion is the validation margin over the
+    λ grid against the run's base, or against the best fixed T when the run has none; a later policy replaces the
+    kept one only when it scores strictly higher. ``start``: the snapshot of a new run on a base, whose
+    deterministic policy **is** the base (margin 0 by construction), so a run that never beats its base keeps it;
+    it is written only when the first validation does not beat it (a run stopped before then keeps nothing).
+    A resumed run goes on from the ``best.json`` it left."""
+
+    def __init__(self, run: RunDir, start: Snapshot | None = None):
+        self.run = run
+        try:
+            self.record: dict | None = json.loads(run.best_record_file.read_text())
+        except (OSError, ValueError):
+            self.record = None
+        self._start = start if self.record is None else None
+
+    @staticmethod
+    def criterion(validation: dict) -> tuple[str, float]:
+        """``(name, value)`` a validation record is ranked by."""
+        m = validation.get("margin_vs_base")
+        name = "margin_vs_base" if m is not None else "margin_vs_best_fixed"
+        return name, float(validation[name]["mean"])
+
+    def offer(self, validation: dict, n_updates: int, take: Callable[[], Snapshot]) -> bool:
+        """Keep the validated policy (``take()`` snapshots it) if it beats the kept one; True when it did."""
+        name, value = self.criterion(validation)
+        start = self._start
+        self._start = None
+        best = self.record["value"] if self.record is not None else 0.0 if start is not None else -np.inf
+        if value > best:
+            self._keep(take(), {"updates": int(n_updates), "step": int(validation["step"]), "criterion": name,
+                                "value": value, "margin": validation[name], "what": "the validated policy"})
+            return True
+        if self.record is None:  # the first validation did not beat the base the run started from
+            self._keep(start, {"updates": 0, "step": 0, "criterion": name, "value": 0.0,
+                               "margin": None, "what": "the base (the residual at zero, as the run started)"})
+        return False
+
+    def _keep(self, snapshot: Snapshot, record: dict) -> None:
+        self.run.best_dir.mkdir(parents=True, exist_ok=True)
+        snapshot.write(self.run.best_model_file, self.run.best_normalizer_file)
+        write_text_atomic(self.run.best_record_file, json.dumps(record, indent=2))
+        self.record = record
 
 
 class AfterEachUpdate(BaseCallback):

@@ -182,6 +182,15 @@ class TrainConfig:
     """The diversity dial values λ every validation prompt is scored at (each prompt's group runs once per value);
     None: 3 values evenly over the env's λ range (0, 1, 2 by default). A fixed grid, not random draws: a margin
     is then the same quantity on every run, and the report gives it per λ too."""
+    keep_best: StrictBool = False
+    """Ship the best validated policy, not the last: after every validation whose margin (over the λ grid) against
+    the run's base (without a base: against the best fixed T) beats every earlier one of the run, that policy is
+    written to ``best/`` (``best.json`` says which update and why); the run's start counts as the base itself,
+    margin 0, so a run that never beats its base on validation ships the base. The export, ``evaluate.py`` and the
+    samplers then use ``best/model.zip``; ``model.zip`` stays the last update, which ``--resume`` continues. The
+    pick is made on the validation prompts, so its validation margin is optimistic: judge it on the test split.
+    Off: the last update (20 updates validate once, at the end: nothing to pick). SB3's ``EvalCallback`` keeps a
+    ``best_model.zip`` the same way; docs/results.md shows late updates undoing a λ = 1 gain."""
     validation_bootstrap: StrictInt = Field(2000, ge=10)
     """Bootstrap resamples over validation prompts for the margins' paired 95% intervals."""
     validation_split: Literal["train", "validation", "test"] = "validation"

@@ -87,6 +87,17 @@ class RunDir:
     base_file = property(lambda self: self.path / "base.json")  # the tuned base of a residual policy
     cache_dir = property(lambda self: self.path / "cache")  # the deterministic validation runs (kelvin.tuning)
     lock_file = property(lambda self: self.path / "train.lock")
+    best_dir = property(lambda self: self.path / "best")  # train.keep_best: the validated policy the run ships
+    best_model_file = property(lambda self: self.best_dir / "model.zip")
+    best_normalizer_file = property(lambda self: self.best_dir / "vecnormalize.pkl")
+    best_record_file = property(lambda self: self.best_dir / "best.json")
+
+    def policy_files(self) -> tuple[Path, Path]:
+        """The model the run ships, with its normaliser file: ``best/model.zip`` when the run kept its best
+        validated policy (``train.keep_best``), else ``model.zip`` (the last update, which ``--resume`` continues)."""
+        if self.best_model_file.is_file():
+            return self.best_model_file, self.best_normalizer_file
+        return self.model_file, self.normalizer_file
 
     def require(self) -> "RunDir":
         """Self, or a FileNotFoundError when the directory or its ``config.yaml`` is missing."""
@@ -225,7 +236,7 @@ class RunDir:
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete temporary files a killed save left behind (never a complete file); returns them."""
-        stale = [p for d in (self.path, self.checkpoint_dir, self.export_dir) if d.is_dir()
+        stale = [p for d in (self.path, self.checkpoint_dir, self.export_dir, self.best_dir) if d.is_dir()
                  for p in d.glob(_TEMP_PREFIX + "*")]
         for p in stale:
             p.unlink(missing_ok=True)
@@ -276,9 +287,10 @@ class RunDir:
         return None
 
     def model_for(self, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
-        """``model.zip`` (None) or a checkpoint (``step_N``, ``step_N.zip``, or a path) and its normaliser file."""
+        """The run's model (None: :meth:`policy_files`) or a checkpoint (``step_N``, ``step_N.zip``, or a path) and
+        its normaliser file."""
         if checkpoint is None:
-            return self.model_file, self.normalizer_file
+            return self.policy_files()
         model = Path(checkpoint)
         if not model.is_absolute() and not model.exists():
             model = self.checkpoint_dir / model
@@ -309,7 +321,8 @@ def _describe_holder(holder: dict) -> str:
 
 
 def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:
-    """``(run, model zip, normaliser or None)`` for a run directory (its ``model.zip``) or a model / checkpoint zip."""
+    """``(run, model zip, normaliser or None)`` for a run directory (the model it ships: :meth:`RunDir.policy_files`)
+    or a model / checkpoint zip."""
     path = Path(target).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{target}: no such run directory or model file; give the --run-dir of a train.py "
@@ -319,11 +332,11 @@ def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:
         if not run.model_file.is_file():
             raise FileNotFoundError(f"{run.model_file} is missing; is {path} a finished Kelvin run directory? "
                                     "(checkpoints/step_N.zip can be given directly)")
-        model, norm = run.model_file, run.normalizer_file
+        model, norm = run.policy_files()
     else:
         if path.suffix != ".zip":
             raise RunDirError(f"{target}: expected a run directory or a .zip model file")
-        run = RunDir(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+        run = RunDir(path.parent.parent if path.parent.name in ("checkpoints", "best") else path.parent)
         m = _STEP_RE.fullmatch(path.name)
         model = path
         norm = path.with_name(f"step_{m.group(1)}_vecnormalize.pkl") if m else path.with_name("vecnormalize.pkl")

@@ -51,7 +51,7 @@ from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
-from kelvin.callbacks import (PeriodicValidation, ResidualPull, RolloutStats, SnapshotCheckpoint, TrainingStop,
+from kelvin.callbacks import (KeepBest, PeriodicValidation, ResidualPull, RolloutStats, SnapshotCheckpoint, TrainingStop,
                               ValidationStopped, updates)
 from kelvin.config import KelvinConfig, model_setting_changes
 from kelvin.config_loading import load_config
@@ -273,8 +273,9 @@ def _build(config: KelvinConfig, run: RunDir, resume: bool, command: str | None,
         model, vec = _new_model(config, run, train_env, start_at_base=base is not None)
     model.tensorboard_log = str(run.tensorboard_dir)
     start = Snapshot.take(model, vec)
+    keep = KeepBest(run, start if point is None and base is not None else None) if tc.keep_best else None
     return _Session(config, run, stop, point, env, validator, model, start, stats=RolloutStats(config, env),
-                    validation=PeriodicValidation(config, run, vec, validator, base, stop),
+                    validation=PeriodicValidation(config, run, vec, validator, base, stop, keep),
                     checkpoint=SnapshotCheckpoint(config, run, vec, stop, start), baselines=baselines, tuning=tuning,
                     warm=warm)
 
@@ -340,12 +341,12 @@ def _finish(s: _Session, learned: bool, error: Exception | None, t0: float) -> d
         s.close()
         _raise_crash(s, error, saved, written)
     failure = error or save_error
-    export_dir = _export(run, s.validator.env) if written and failure is None else None  # in-process: holds the LM
     validation = None
     if learned and not stop.requested and failure is None:
-        validation = s.validation.validate()
+        validation = s.validation.validate()  # before the export: with train.keep_best it may pick this model
         if validation is not None:
             s.model.logger.dump(saved.step)
+    export_dir = _export(run, s.validator.env) if written and failure is None else None  # in-process: holds the LM
     s.close()
     if failure is not None:
         raise SaveError(f"{failure}. Training stopped at step {saved.step}; {_newest_loadable(run, s.config)} "
@@ -403,6 +404,7 @@ def _summary(s: _Session, saved: Snapshot, written: bool, validation: dict | Non
             "interrupted": stop.requested, "signal": stop.name,
             "discarded_steps": int(s.model.num_timesteps - saved.step), "wall_s": wall, "perf": perf,
             "validation": validation, "export": None if export_dir is None else str(export_dir),
+            "kept": None if s.validation.keep is None else s.validation.keep.record,
             "exit_code": stop.exit_code if stop.requested else 0}
 
 
@@ -475,4 +477,10 @@ def _report(summary: dict, config: KelvinConfig) -> int:
         if v.get("margin_vs_base"):
             print("  vs its base at each λ: " + ", ".join(f"λ={diversity} {margin_text(at['margin_vs_base'])}"
                                                       for diversity, at in v["by_diversity"].items()))
+    kept = summary.get("kept")
+    if kept:
+        how = "the base: no validated policy beat it" if kept["margin"] is None else \
+            f"{kept['criterion']} {margin_text(kept['margin'])} on the validation prompts it was picked on"
+        print(f"kept (train.keep_best): update {kept['updates']}, {how} -> {run_dir}/best/model.zip (exported; "
+              "model.zip is the last update)")
     return 0
