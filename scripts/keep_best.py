@@ -72,10 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="a train.py run directory with checkpoints")
     p.add_argument("--every", type=int, default=None,
                    help="validate the checkpoint of every N PPO updates (default: the run's train.validate_every)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="validate on N random streams (default: the run's train.validation_streams); the new "
+                        "streams' baselines are computed once and cached in the run")
     p.add_argument("--overwrite", action="store_true", help="replace the run's best/ if it has one")
     args = p.parse_args(argv)
     run = RunDir(args.run).require()
     config = run.load_config()
+    if args.streams is not None:
+        if args.streams < 1:
+            p.error(f"--streams {args.streams}: give a number of random streams >= 1")
+        config = replace(config, train=replace(config.train, validation_streams=args.streams))
     every = args.every or config.train.validate_every
     if every < 1:
         p.error(f"--every {every}: give a number of PPO updates >= 1")
