@@ -310,10 +310,15 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     model = PPO(policy, vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
                 device=tc.policy_device, verbose=0, **kwargs)
     if start_at_base:
-        with torch.no_grad():
-            model.policy.action_net.weight.zero_()
-            model.policy.action_net.bias.zero_()
+        zero_residual(model)
     return model, vec
+
+
+def zero_residual(model: PPO) -> None:
+    """Set the actor's last layer (the residual on the base) to zero: the deterministic policy is then the base."""
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.zero_()
 
 
 def _learn(s: _Session) -> Exception | None:

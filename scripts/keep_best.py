@@ -23,8 +23,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.lm import load_causal_lm  # noqa: E402
@@ -33,6 +31,7 @@ from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # 
 from kelvin.export import export_run  # noqa: E402
 from kelvin.atomic import write_text_atomic  # noqa: E402
 from kelvin.rundir import RunDir, Snapshot, load_ppo, saved_step  # noqa: E402
+from kelvin.training import zero_residual  # noqa: E402
 from kelvin.tuning import EpisodeCache  # noqa: E402
 from kelvin.validation import Validation, margin_text  # noqa: E402
 
@@ -60,9 +59,7 @@ def base_snapshot(model_file: Path, norm_file: Path) -> Snapshot:
     """The run's start: a saved model with its residual layer at zero (the deterministic policy is the base),
     with the normaliser saved beside it (its statistics then touch nothing)."""
     model = load_ppo(model_file)
-    with torch.no_grad():
-        model.policy.action_net.weight.zero_()
-        model.policy.action_net.bias.zero_()
+    zero_residual(model)
     snapshot = Snapshot.take(model)
     return replace(snapshot, normalizer=norm_file.read_bytes() if norm_file.is_file() else None)
 
