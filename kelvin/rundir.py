@@ -329,10 +329,10 @@ def model_files(target: str | Path) -> tuple[RunDir, Path, Path | None]:
                                 "run (holding model.zip and config.yaml) or a checkpoint .zip")
     if path.is_dir():
         run = RunDir(path)
-        if not run.model_file.is_file():
+        model, norm = run.policy_files()  # a run killed before its final save may still have kept a best policy
+        if not model.is_file():
             raise FileNotFoundError(f"{run.model_file} is missing; is {path} a finished Kelvin run directory? "
                                     "(checkpoints/step_N.zip can be given directly)")
-        model, norm = run.policy_files()
     else:
         if path.suffix != ".zip":
             raise RunDirError(f"{target}: expected a run directory or a .zip model file")

@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings: list[str] = []
     lm = load_causal_lm(config.model)
     base, _ = load_base_policy(str(run.path), config, warnings)
-    validation = Validation(config, lm, base, EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model)))
+    cache = EpisodeCache(run.cache_dir, EpisodeCache.default_dir(config.model))
+    validation = Validation(config, lm, base, cache)
     try:
         validation.prepare()
+        cache.keep_in(run.cache_dir)  # new streams' baselines go with the run, as training's do
         keep = KeepBest(run, base_snapshot(*found[0][1:]))
         scores = []
         for n, model_file, norm_file in found:
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ("  <- kept" if kept else ""), flush=True)
     finally:
         validation.close()
-    record = {**keep.record, "picked_by": "scripts/keep_best.py", "every": every, "validated": scores}
+    record = {**keep.record, "picked_by": "scripts/keep_best.py", "every": every,
+              "streams": config.train.validation_streams, "validated": scores}
     write_text_atomic(run.best_record_file, json.dumps(record, indent=2))
     export = export_run(run.path, run.export_dir, lm=lm)
     print(f"kept update {record['updates']} ({record['what']}) in {run.best_dir}; exported to {export}")

@@ -16,6 +16,7 @@ import torch
 from stable_baselines3 import PPO
 
 from kelvin.callbacks import KeepBest
+from kelvin.evaluation.policies import load_learned_policy
 from kelvin.rundir import RunDir, Snapshot, load_ppo, model_files
 from conftest import ROOT, SMOKE, run_train
 
@@ -83,6 +84,8 @@ def test_a_run_with_a_kept_policy_ships_it_and_a_checkpoint_still_loads_as_itsel
     assert model_files(tmp_path)[1] == run.best_model_file and run.model_for(None)[0] == run.best_model_file
     assert model_files(run.best_model_file)[0] == run  # best/model.zip given directly: the same run
     assert [step for step, *_ in run.saved_models()] == [900]  # --resume never continues the kept policy
+    run.model_file.unlink()  # a run killed before its final save still ships the policy it kept
+    assert model_files(tmp_path)[1] == run.best_model_file
 
 
 @pytest.mark.slow
@@ -117,3 +120,13 @@ def test_a_run_keeps_its_best_validated_policy_exports_it_and_the_script_agrees(
     assert again["picked_by"] == "scripts/keep_best.py"
     assert json.loads((run.export_dir / "spec.json").read_text())["source"]["model_file"] == \
         str(run.best_model_file.resolve())
+    config = run.load_config()
+    assert load_learned_policy(str(run_dir), config, [])[0].label == "learned (kept/best)"  # the pick, marked
+    cached = len(list(run.cache_dir.iterdir()))
+    finer = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_best.py"), str(run_dir), "--every", "2",
+                            "--streams", "2", "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finer.returncode == 0, finer.stderr[-2000:]
+    again = json.loads(run.best_record_file.read_text())
+    assert again["streams"] == 2 and [v["updates"] for v in again["validated"]] == [2]  # model.zip alone
+    assert len(list(run.cache_dir.iterdir())) > cached  # the second stream's baselines, computed and cached

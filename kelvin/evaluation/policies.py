@@ -164,7 +164,10 @@ def load_learned_policy(target: str, config: KelvinConfig,
         raise EvaluationError(
             f"learned policy {target!r} takes observations of shape {shape} but this feature spec has {spec.dim} "
             f"features ({', '.join(spec.names)}); it was trained with another observation layout")
-    name = run.path.name if model_path.name == "model.zip" else f"{run.path.name}/{model_path.stem}"
+    if model_path == run.best_model_file:
+        name = f"{run.path.name}/best"  # train.keep_best's pick, not the last update
+    else:
+        name = run.path.name if model_path.name == "model.zip" else f"{run.path.name}/{model_path.stem}"
     try:
         base = run.load_base()
         if base is not None:
