@@ -181,6 +181,10 @@ def pool(paths: list[str]) -> int:
     pooled = pooled_differences(saved)
     for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
         print(f"λ={lam} left out: not probed in {', '.join(s['run'] for s in saved if lam not in s['reward'])}")
+    if not any(pooled.values()):
+        print("error: --pool: no λ with a policy that every run probed; pool probes of the same --lambdas "
+              "(and --learned or --shapes)", file=sys.stderr)
+        return 2
     for lam, diffs in pooled.items():
         cells = [f"λ={lam}"]
         for name, d in diffs.items():

@@ -116,6 +116,11 @@ def test_pooling_keeps_the_lambdas_and_shapes_every_run_probed(tmp_path, capsys)
     assert headroom_probe.main(["--pool", *map(str, paths)]) == 0
     out = capsys.readouterr().out
     assert "λ=2 left out: not probed in s1" in out and "λ=0 | learned − base +0.500" in out and "hot4" not in out
+    apart = _saved("s2", {"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0})
+    apart["reward"] = {"1": apart["reward"]["0"]}  # probed at λ = 1 only: nothing in common with s0
+    (tmp_path / "s2.json").write_text(json.dumps(apart))
+    assert headroom_probe.main(["--pool", str(paths[0]), str(tmp_path / "s2.json")]) == 2
+    assert "no λ with a policy that every run probed" in capsys.readouterr().err
 
 
 def test_shapes_are_names_or_where_boost_after():
