@@ -7,6 +7,7 @@ prompts (:class:`PromptEntry`) by token ids, so each prompt is prefilled once.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,7 +32,9 @@ class _WindowLayer(DynamicLayer):
 
     def __init__(self, owner: "KVWindow", index: int):
         super().__init__()
-        self.owner = owner
+        # a weak reference: window -> cache -> layer -> window would be a cycle, and the window's buffers
+        # (hundreds of MB) would wait for the cyclic garbage collector, which counts objects, not bytes
+        self.owner = weakref.proxy(owner)
         self.index = index
         self.is_initialized = True
         self.device, self.dtype = owner.kv.device, owner.kv.dtype
