@@ -134,6 +134,9 @@ class ShapedBase(TemperaturePolicy):
         self.base, self.shape, self.horizon = base, shape, horizon
         spec = base.feature_spec
         self._diversity_col = spec.index("diversity")
+        if shape[3] and not spec.category_slots:  # "open" would name no slot and the shape would apply everywhere
+            raise ValueError(f"--shapes: categories {list(shape[3])} given, but the run's observations carry no "
+                             "category (env.include_category: false); drop the categories from the shape")
         open_slots = [c for c in spec.category_slots if c not in ANSWERABLE]
         cats = [slot for c in shape[3] for slot in (open_slots if c == "open" else [c])]
         unknown = [c for c in cats if c not in spec.category_slots]

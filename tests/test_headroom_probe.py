@@ -58,6 +58,10 @@ def test_a_category_shape_changes_only_its_categories_rows_at_lambda_one_and_up(
     torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.5, 0.0, 0.5, -0.6]))
     with pytest.raises(ValueError, match=r"categories \['poetry'\] are not the run's"):
         headroom_probe.ShapedBase(base, (4, 0.5, 0.0, ("poetry",)), horizon=8)
+    blind = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())  # a run without the category
+    blind_base = TunedBasePolicy(base.base, blind, mapping)
+    with pytest.raises(ValueError, match=r"categories \['open'\] given, but the run's observations carry no"):
+        headroom_probe.ShapedBase(blind_base, (4, 0.5, 0.0, ("open",)), horizon=8)  # it would apply to every row
 
 
 def test_a_feature_shape_changes_the_rows_where_its_test_holds():
