@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=None,
                    help="validate on N random streams (default: the run's train.validation_streams); the new "
                         "streams' baselines are computed once and cached in the run")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="validate on the first N validation prompts, taken round-robin over categories (default: "
+                        "the run's train.validation_prompts; more than the split holds takes all of it)")
     p.add_argument("--overwrite", action="store_true", help="replace the run's best/ if it has one")
     args = p.parse_args(argv)
     run = RunDir(args.run).require()
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.streams < 1:
             p.error(f"--streams {args.streams}: give a number of random streams >= 1")
         config = replace(config, train=replace(config.train, validation_streams=args.streams))
+    if args.prompts is not None:
+        if args.prompts < 1:
+            p.error(f"--prompts {args.prompts}: give a number of validation prompts >= 1")
+        config = replace(config, train=replace(config.train, validation_prompts=args.prompts))
     every = args.every or config.train.validate_every
     if every < 1:
         p.error(f"--every {every}: give a number of PPO updates >= 1")
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         validation.close()
     record = {**keep.record, "picked_by": "scripts/keep_best.py", "every": every,
-              "streams": config.train.validation_streams, "validated": scores}
+              "streams": config.train.validation_streams, "prompts": len(validation.prompts), "validated": scores}
     write_text_atomic(run.best_record_file, json.dumps(record, indent=2))
     export = export_run(run.path, run.export_dir, lm=lm)
     print(f"kept update {record['updates']} ({record['what']}) in {run.best_dir}; exported to {export}")

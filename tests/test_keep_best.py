@@ -124,9 +124,9 @@ def test_a_run_keeps_its_best_validated_policy_exports_it_and_the_script_agrees(
     assert load_learned_policy(str(run_dir), config, [])[0].label == "learned (kept/best)"  # the pick, marked
     cached = len(list(run.cache_dir.iterdir()))
     finer = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_best.py"), str(run_dir), "--every", "2",
-                            "--streams", "2", "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            "--streams", "2", "--prompts", "1", "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert finer.returncode == 0, finer.stderr[-2000:]
     again = json.loads(run.best_record_file.read_text())
-    assert again["streams"] == 2 and [v["updates"] for v in again["validated"]] == [2]  # model.zip alone
-    assert len(list(run.cache_dir.iterdir())) > cached  # the second stream's baselines, computed and cached
+    assert again["streams"] == 2 and again["prompts"] == 1 and [v["updates"] for v in again["validated"]] == [2]
+    assert len(list(run.cache_dir.iterdir())) > cached  # the new baselines (model.zip alone), computed and cached
