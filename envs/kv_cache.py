@@ -74,7 +74,17 @@ class KVWindow:
         self.kv = torch.zeros((n_layers, 2, batch, heads, capacity, head_dim), dtype=dtype, device=device)
         self.mask = torch.zeros((batch, capacity), dtype=torch.long, device=device)
         self.lo = self.hi = 0
-        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(n_layers)])
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> Cache:
+        return Cache(layers=[_WindowLayer(self, i) for i in range(self.kv.shape[0])])
+
+    def __getstate__(self) -> dict:  # a copy or a pickle gets a cache over its own buffers (a weak proxy pickles not)
+        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache = self._new_cache()
 
     @property
     def capacity(self) -> int:

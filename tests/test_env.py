@@ -564,7 +564,9 @@ def test_a_kv_window_is_freed_as_soon_as_it_is_dropped():
     """The window's buffers go with its last reference, not at the cyclic collector's next pass (its cache's
     layers point back at it weakly): validation runs drop one window of hundreds of MB per run, and the
     collector, which counts objects rather than bytes, let a checkpoint sweep grow by 2 GB a policy."""
+    import copy
     import gc
+    import pickle
     import weakref
 
     from envs.kv_cache import KVWindow
@@ -575,8 +577,12 @@ def test_a_kv_window_is_freed_as_soon_as_it_is_dropped():
         window.reserve(2)
         keys, _ = window.cache.layers[1].update(torch.ones(3, 1, 2, 4), torch.ones(3, 1, 2, 4))
         assert keys.shape == (3, 1, 2, 4) and window.kv[1, 0, :, :, :2].eq(1).all()  # written in place
+        for copied in (copy.deepcopy(window), pickle.loads(pickle.dumps(window))):  # a cache over its own buffers
+            assert copied.cache.layers[1].keys.data_ptr() == copied.kv[1, 0, :, :, 0:0].data_ptr()
+            copied.cache.layers[0].update(torch.full((3, 1, 2, 4), 2.0), torch.full((3, 1, 2, 4), 2.0))
+            assert copied.kv[0, 0, :, :, :2].eq(2).all() and window.kv[0].eq(0).all()
         freed = weakref.ref(window)
-        del window, keys
+        del window, keys, copied
         assert freed() is None
     finally:
         gc.enable()
