@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.lm import load_causal_lm  # noqa: E402
 from kelvin.callbacks import KeepBest, updates  # noqa: E402
+from kelvin.config import ConfigError  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
 from kelvin.export import export_run  # noqa: E402
 from kelvin.atomic import write_text_atomic  # noqa: E402
@@ -78,15 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the run's best/ if it has one")
     args = p.parse_args(argv)
     run = RunDir(args.run).require()
-    config = run.load_config()
-    if args.streams is not None:
-        if args.streams < 1:
-            p.error(f"--streams {args.streams}: give a number of random streams >= 1")
-        config = replace(config, train=replace(config.train, validation_streams=args.streams))
-    if args.prompts is not None:
-        if args.prompts < 1:
-            p.error(f"--prompts {args.prompts}: give a number of validation prompts >= 1")
-        config = replace(config, train=replace(config.train, validation_prompts=args.prompts))
+    overrides = [f"train.{field}={n}" for field, n in (("validation_streams", args.streams),
+                                                       ("validation_prompts", args.prompts)) if n is not None]
+    try:  # the config's own checks name a bad value
+        config = run.load_config(overrides)
+    except ConfigError as exc:
+        p.error(str(exc))
     every = args.every or config.train.validate_every
     if every < 1:
         p.error(f"--every {every}: give a number of PPO updates >= 1")
