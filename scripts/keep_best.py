@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         config = run.load_config(overrides)
     except ConfigError as exc:
         p.error(str(exc))
-    every = args.every or config.train.validate_every
+    every = config.train.validate_every if args.every is None else args.every
     if every < 1:
         p.error(f"--every {every}: give a number of PPO updates >= 1")
     if run.best_dir.exists():

@@ -130,3 +130,7 @@ def test_a_run_keeps_its_best_validated_policy_exports_it_and_the_script_agrees(
     again = json.loads(run.best_record_file.read_text())
     assert again["streams"] == 2 and again["prompts"] == 1 and [v["updates"] for v in again["validated"]] == [2]
     assert len(list(run.cache_dir.iterdir())) > cached  # the new baselines (model.zip alone), computed and cached
+    zero = subprocess.run([sys.executable, str(ROOT / "scripts" / "keep_best.py"), str(run_dir), "--every", "0",
+                           "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert zero.returncode == 2 and "--every 0: give a number of PPO updates >= 1" in zero.stderr  # not the default
+    assert run.best_record_file.exists()  # refused before anything was replaced
