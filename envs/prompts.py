@@ -174,14 +174,28 @@ def load_prompts(
     return prompts
 
 
-def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None) -> list[Prompt]:
-    """The first ``max_prompts`` prompts taken round-robin over categories (file order within each)."""
+def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None, mix: str = "equal") -> list[Prompt]:
+    """The first ``max_prompts`` prompts taken round-robin over categories (file order within each).
+
+    ``mix`` sets how many each category gives: ``"equal"``, as many as it can (a category out of prompts drops out
+    of the round); ``"split"``, its share of ``prompts`` (largest remainders, ties to the category met first), so
+    the selection's mean estimates the mean over all of ``prompts``: the validation split holds 29 factual
+    questions of 80, which give 4 of an equal 32 and 12 of a split-mixed 32."""
     prompts = list(prompts)
+    if mix not in ("equal", "split"):
+        raise ValueError(f"mix={mix!r}: use 'equal' (as many prompts per category) or 'split' (the split's shares)")
     if max_prompts is None or max_prompts >= len(prompts):
         return prompts
     by_cat: OrderedDict[str, list[Prompt]] = OrderedDict()
     for p in prompts:
         by_cat.setdefault(p.category, []).append(p)
+    if mix == "split":
+        shares = [max_prompts * len(items) for items in by_cat.values()]  # in units of 1 / len(prompts)
+        quota = [share // len(prompts) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda c: (-(shares[c] % len(prompts)), c))
+        for c in by_remainder[:max_prompts - sum(quota)]:
+            quota[c] += 1
+        by_cat = OrderedDict((cat, items[:q]) for (cat, items), q in zip(by_cat.items(), quota))
     out: list[Prompt] = []
     i = 0
     while len(out) < max_prompts:

@@ -1,7 +1,7 @@
 """Training's validation: the learned policy against the best fixed temperature and against its own tuned base.
 
 Every policy runs through the same env code on the same ``train.validation_prompts`` prompts of the validation
-split (round-robin over categories: 32 prompts hold 8 answerable ones), K = ``env.group_size`` samples each,
+split (round-robin over categories in the split's mix: 32 prompts hold 13 answerable ones), K = ``env.group_size`` samples each,
 with the same random stream (:func:`kelvin.rollout.collect_episodes` with one seed; ``train.validation_streams`` N:
 N streams, each prompt's value the mean over its N groups, in prompt-id order: :func:`prompt_means`), at
 **every** λ of a fixed grid (``train.validation_diversity``, 0 / 1 / 2 by default). The returns are absolute
@@ -120,7 +120,8 @@ class Validation:
         tc = config.train
         self.config, self.cache, self.on_step, self.lm = config, cache, on_step, lm
         self.prompts = select_prompts(load_prompts(config.env.prompts, split=tc.validation_split,
-                                                   categories=config.env.categories), tc.validation_prompts)
+                                                   categories=config.env.categories), tc.validation_prompts,
+                                      tc.validation_mix)
         self.lambdas = tuple(float(v) for v in (tc.validation_diversity
                                                 or interpolation_grid(config.env.diversity_bounds, 3)))
         self._env_config = replace(config.env, split=tc.validation_split, seed=tc.seed + 1)

@@ -76,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=None,
                    help="validate on the first N validation prompts, taken round-robin over categories (default: "
                         "the run's train.validation_prompts; more than the split holds takes all of it)")
+    p.add_argument("--mix", choices=("equal", "split"), default=None,
+                   help="how many validation prompts each category gives (default: the run's train.validation_mix)")
     p.add_argument("--overwrite", action="store_true", help="replace the run's best/ if it has one")
     args = p.parse_args(argv)
     run = RunDir(args.run).require()
     overrides = [f"train.{field}={n}" for field, n in (("validation_streams", args.streams),
-                                                       ("validation_prompts", args.prompts)) if n is not None]
+                                                       ("validation_prompts", args.prompts),
+                                                       ("validation_mix", args.mix)) if n is not None]
     try:  # the config's own checks name a bad value
         config = run.load_config(overrides)
     except ConfigError as exc:
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         validation.close()
     record = {**keep.record, "picked_by": "scripts/keep_best.py", "every": every,
-              "streams": config.train.validation_streams, "prompts": len(validation.prompts), "validated": scores}
+              "streams": config.train.validation_streams, "prompts": len(validation.prompts),
+              "mix": config.train.validation_mix, "validated": scores}
     write_text_atomic(run.best_record_file, json.dumps(record, indent=2))
     export = export_run(run.path, run.export_dir, lm=lm)
     print(f"kept update {record['updates']} ({record['what']}) in {run.best_dir}; exported to {export}")

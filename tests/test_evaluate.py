@@ -237,6 +237,17 @@ def test_select_prompts_round_robin_over_categories():
     assert len(select_prompts(ps, None)) == 6 and len(select_prompts(ps, 99)) == 6
 
 
+def test_select_prompts_in_the_splits_mix_gives_each_category_its_share():
+    ps = [Prompt(f"t{i}", c, f"{c}-{i}", "test") for c, n in (("a", 6), ("b", 3), ("c", 1)) for i in range(n)]
+    assert [p.id for p in select_prompts(ps, 5)] == ["a-0", "b-0", "c-0", "a-1", "b-1"]
+    # shares of 5: a 3.0, b 1.5, c 0.5; the one left over goes to b, whose remainder ties c's and comes first
+    assert [p.id for p in select_prompts(ps, 5, "split")] == ["a-0", "b-0", "a-1", "b-1", "a-2"]
+    assert [p.id for p in select_prompts(ps, 7, "split")] == ["a-0", "b-0", "c-0", "a-1", "b-1", "a-2", "a-3"]
+    assert len(select_prompts(ps, 10, "split")) == 10 and select_prompts(ps, None, "split") == ps
+    with pytest.raises(ValueError, match="mix='even'"):
+        select_prompts(ps, 5, "even")
+
+
 class _StubEmbedder:
     """Embeds text by a fixed table: orthogonal unit vectors, or the same one."""
 

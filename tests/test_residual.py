@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -233,6 +234,23 @@ def test_validation_streams_average_each_prompt_over_its_streams(tmp_path):
     assert {t: len(eps) for t, eps in two.fixed.items()} == {0.5: 16, 1.0: 16}  # 8 episodes a stream
     again = _stub_validation(2, EpisodeCache(tmp_path))
     assert again.prepare()["cached"] and again.fixed == two.fixed  # each stream cached under its own seed
+
+
+def test_validation_mix_split_takes_the_splits_share_of_each_category():
+    """train.validation_mix: the default takes 32 validation prompts as evenly as the categories allow (4 factual
+    questions, where the split holds 29 of 80); ``split`` takes each category's share (12 factual), like the test
+    split's mix, and a bad value is refused by the config with the field's name."""
+    def counts(mix):
+        config = load_config(None, ["env.batch_size=4", "env.group_size=2", "env.token_prior=false",
+                                    "ppo.batch_size=32", "policy.base=none", f"train.validation_mix={mix}"])
+        return Counter(p.category for p in Validation(config, StubLM(max_context=4096), None, None).prompts)
+
+    assert counts("equal") == {"creative_writing": 5, "explanation": 5, "code": 5, "brainstorming": 5,
+                               "factual_question": 4, "summarisation": 4, "math": 4}
+    assert counts("split") == {"factual_question": 12, "creative_writing": 4, "explanation": 4, "code": 4,
+                               "brainstorming": 4, "summarisation": 3, "math": 1}
+    with pytest.raises(ConfigError, match="validation_mix"):
+        counts("stratified")
 
 
 def test_validation_grid_by_hand():
