@@ -109,11 +109,16 @@ class RunDir:
 
     def load_config(self, overrides: list[str] | None = None):
         """The run's resolved :class:`~kelvin.config.KelvinConfig` (its ``config.yaml``). A run written before the
-        ``policy`` block existed was trained without a tuned base: it reads as ``policy.base: none``."""
+        ``policy`` block existed was trained without a tuned base: it reads as ``policy.base: none``; one written
+        before ``train.validation_mix`` existed validated on equal shares of the categories: ``equal`` (a
+        ``--resume`` or a re-pick then validates on the prompts its history did)."""
         from kelvin.config_loading import load_config
 
         text = self.require().config_file.read_text()
         legacy = [] if re.search(r"^policy:", text, flags=re.MULTILINE) else ["policy.base=none"]
+        if re.search(r"^train:", text, flags=re.MULTILINE) and not re.search(r"^\s+validation_mix:", text,
+                                                                             flags=re.MULTILINE):
+            legacy.append("train.validation_mix=equal")
         return load_config(self.config_file, legacy + list(overrides or []))
 
     def load_base(self):

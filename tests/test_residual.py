@@ -237,20 +237,30 @@ def test_validation_streams_average_each_prompt_over_its_streams(tmp_path):
 
 
 def test_validation_mix_split_takes_the_splits_share_of_each_category():
-    """train.validation_mix: the default takes 32 validation prompts as evenly as the categories allow (4 factual
-    questions, where the split holds 29 of 80); ``split`` takes each category's share (12 factual), like the test
-    split's mix, and a bad value is refused by the config with the field's name."""
+    """train.validation_mix: ``equal`` takes 32 validation prompts as evenly as the categories allow (4 factual
+    questions, where the split holds 29 of 80); ``split``, the default, takes each category's share (12 factual),
+    like the test split's mix, and a bad value is refused by the config with the field's name."""
     def counts(mix):
         config = load_config(None, ["env.batch_size=4", "env.group_size=2", "env.token_prior=false",
-                                    "ppo.batch_size=32", "policy.base=none", f"train.validation_mix={mix}"])
+                                    "ppo.batch_size=32", "policy.base=none"] + [f"train.validation_mix={mix}"] * bool(mix))
         return Counter(p.category for p in Validation(config, StubLM(max_context=4096), None, None).prompts)
 
+    assert counts(None) == counts("split")
     assert counts("equal") == {"creative_writing": 5, "explanation": 5, "code": 5, "brainstorming": 5,
                                "factual_question": 4, "summarisation": 4, "math": 4}
     assert counts("split") == {"factual_question": 12, "creative_writing": 4, "explanation": 4, "code": 4,
                                "brainstorming": 4, "summarisation": 3, "math": 1}
     with pytest.raises(ConfigError, match="validation_mix"):
         counts("stratified")
+
+
+def test_a_run_from_before_validation_mix_validates_on_the_equal_mix_it_was_trained_with(tmp_path):
+    old, new = RunDir(tmp_path / "old"), RunDir(tmp_path / "new")
+    for run, text in ((old, "train:\n  seed: 0\n"), (new, "train:\n  seed: 0\n  validation_mix: split\n")):
+        run.path.mkdir()
+        run.config_file.write_text(text + "policy:\n  base: none\n")
+    assert old.load_config().train.validation_mix == "equal" and new.load_config().train.validation_mix == "split"
+    assert old.load_config(["train.validation_mix=split"]).train.validation_mix == "split"  # an override wins
 
 
 def test_validation_grid_by_hand():
