@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=None,
                    help="validate on the first N validation prompts, taken round-robin over categories (default: "
                         "the run's train.validation_prompts; more than the split holds takes all of it)")
-    p.add_argument("--mix", choices=("equal", "split"), default=None,
-                   help="how many validation prompts each category gives (default: the run's train.validation_mix)")
+    p.add_argument("--mix", default=None,
+                   help="how many validation prompts each category gives, split or equal (default: the run's "
+                        "train.validation_mix)")
     p.add_argument("--overwrite", action="store_true", help="replace the run's best/ if it has one")
     args = p.parse_args(argv)
     run = RunDir(args.run).require()
