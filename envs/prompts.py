@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_CATEGORY",
     "SPLITS",
     "Prompt",
+    "category_shares",
     "load_prompts",
     "select_prompts",
 ]
@@ -172,6 +173,15 @@ def load_prompts(
             f"[{', '.join(present_categories)}]; ask for a combination that exists."
         )
     return prompts
+
+
+def category_shares(prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Each category's share of ``prompts`` ({category: count / len}, in order of first appearance): the weights
+    that make a score over equal shares of the categories answer for the split's mix."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for p in prompts:
+        counts[p.category] = counts.get(p.category, 0) + 1
+    return {c: n / len(prompts) for c, n in counts.items()}
 
 
 def select_prompts(prompts: Sequence[Prompt], max_prompts: int | None, mix: str = "equal") -> list[Prompt]:

@@ -160,7 +160,7 @@ def run_fixed(env, temperatures: Sequence[float], n_prompts: int, seed: int, cac
 
 
 def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float], reward,
-                prior_episodes: float = 0.0) -> dict[float, dict[str, float]]:
+                prior_episodes: float = 0.0, weights: dict[str, float] | None = None) -> dict[float, dict[str, float]]:
     """For each λ, the temperature of ``episodes_by_t`` (T -> end-of-episode infos) with the highest mean reward
     in each category: ``{λ: {category: T}}``. Reward = the absolute quality return + λ times the diversity
     return of each episode (``reward`` a :class:`envs.rewards.RewardFunction` or its config); ties go to the lower
@@ -170,7 +170,12 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     ``(n_c * mean_c(T) + prior * mean_all(T)) / (n_c + prior)`` with ``n_c`` its episodes, so a category seen on
     a few prompts keeps the overall best unless its own episodes outweigh the prior. Why (docs/results.md, section
     "The pooled base"): a table tuned on 4-5 prompts a category lost 0.63 / 0.53 reward at λ = 1 to one T per λ on
-    the validation / test split; pooled with 8 prompts' worth, no λ had an interval below 0."""
+    the validation / test split; pooled with 8 prompts' worth, no λ had an interval below 0.
+
+    ``weights`` ({category: share}, e.g. :func:`envs.prompts.category_shares` of a whole split) makes the overall
+    score of T (``other``, and the prior) the weighted mean of the categories' means (categories without episodes
+    drop out, the rest renormalised) instead of the mean over episodes: tuned on equal shares of the categories,
+    one T per λ then answers for the split's mix."""
     config = getattr(reward, "config", reward)
     temps = sorted(episodes_by_t)
     parts = {}  # T -> (categories (R,), quality (R,), diversity (R,))
@@ -181,7 +186,7 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     tables: dict[float, dict[str, float]] = {}
     for diversity in lambdas:
         rewards = {t: q + diversity * d for t, (_, q, d) in parts.items()}
-        overall = {t: float(np.mean(r)) if len(r) else -np.inf for t, r in rewards.items()}
+        overall = {t: _overall(rewards[t], parts[t][0], weights) for t in temps}
 
         def score(t: float, cat: str) -> float:
             mask = parts[t][0] == cat
@@ -191,6 +196,19 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
         table["other"] = max(temps, key=lambda t: (overall[t], -t))
         tables[float(diversity)] = table
     return tables
+
+
+def _overall(rewards: np.ndarray, categories: np.ndarray, weights: dict[str, float] | None) -> float:
+    """The mean of ``rewards``, or with ``weights`` the weighted mean of each category's mean (see tune_tables)."""
+    if not len(rewards):
+        return -np.inf
+    if weights is None:
+        return float(np.mean(rewards))
+    seen = [c for c in dict.fromkeys(categories.tolist()) if weights.get(c, 0.0) > 0]
+    if not seen:
+        raise ValueError(f"weights {weights} give no weight to any category tuned on ({sorted(set(categories))})")
+    total = sum(weights[c] for c in seen)
+    return float(sum(weights[c] * rewards[categories == c].mean() for c in seen) / total)
 
 
 def tuning_prompts(config) -> list[Prompt]:

@@ -14,7 +14,7 @@ import torch
 from stable_baselines3 import PPO
 
 from envs.generation import TemperatureVecEnv
-from envs.prompts import CATEGORIES
+from envs.prompts import CATEGORIES, category_shares, load_prompts
 from envs.residual import ResidualActionVecEnv
 from envs.rewards import RewardConfig
 from kelvin.atomic import RunDirError
@@ -185,6 +185,32 @@ def test_tune_tables_pooled_by_hand():
     for diversity in lambdas:
         assert flat[diversity]["code"] == flat[diversity]["math"] == flat[diversity]["other"]
     assert [flat[diversity]["other"] for diversity in lambdas] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_tune_tables_weighted_by_hand():
+    """Two code episodes and one math a temperature. T=0: code -1, math -0.5; T=1: code -3 + 3λ, math -4 + 1.5λ.
+    Over episodes T=1 wins where (-10 + 7.5λ) / 3 > -2.5 / 3, λ > 1; weighted code 0.2, math 0.8 it wins where
+    -3.8 + 1.8λ > -0.6, λ > 16/9; weighted on code alone, where code wins, λ > 2/3. The categories' own columns
+    do not move."""
+    runs = {0.0: [_episode("code", -1.0, 0.0), _episode("code", -1.0, 0.0), _episode("math", -0.5, 0.0)],
+            1.0: [_episode("code", -3.0, 0.5), _episode("code", -3.0, 0.5), _episode("math", -4.0, 0.25)]}
+    lambdas = [0.0, 0.9, 1.5, 1.7, 1.9]
+    plain = tune_tables(runs, lambdas, RewardConfig())
+    weighted = tune_tables(runs, lambdas, RewardConfig(), weights={"code": 0.2, "math": 0.8})
+    code_only = tune_tables(runs, lambdas, RewardConfig(), weights={"code": 0.5, "summarisation": 0.5})
+    assert [plain[diversity]["other"] for diversity in lambdas] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [weighted[diversity]["other"] for diversity in lambdas] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [code_only[diversity]["other"] for diversity in lambdas] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    for table in (weighted, code_only):
+        assert [table[d]["code"] for d in lambdas] == [plain[d]["code"] for d in lambdas] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="no weight to any category"):
+        tune_tables(runs, lambdas, RewardConfig(), weights={"summarisation": 1.0})
+
+
+def test_category_shares_of_the_validation_split():
+    shares = category_shares(load_prompts(None, split="validation"))
+    assert shares["factual_question"] == 29 / 80 and shares["math"] == 4 / 80
+    assert sum(shares.values()) == pytest.approx(1.0) and len(shares) == 7
 
 
 def test_validation_interval_by_hand():

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from envs.config import MAX_SEED
-from envs.prompts import Prompt, load_prompts, select_prompts
+from envs.prompts import Prompt, category_shares, load_prompts, select_prompts
 from kelvin.atomic import unusable_output_dir, write_atomic, write_text_atomic
 from kelvin.config import KelvinConfig
 from kelvin.evaluation.families import FAMILY_TITLES, family_entries, table_entries, tune_tables, tuned_fixed_entries
@@ -191,7 +191,10 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             progress: bool) -> tuple[dict[str, list[PolicyEntry]], dict, bool]:
     """The per-category table families and the headline's fixed-T rivals (the best T at each λ), tuned by the same
     fixed-T runs on the validation split: ``({family: entries}, {family: {λ: table}}, interrupted)``. Without the
-    category in the observation (``env.include_category`` false) only the rivals: a table cannot be applied."""
+    category in the observation (``env.include_category`` false) only the rivals: a table cannot be applied.
+    The runs take ``evaluation.table_prompts`` of each category; the rival (and the table's ``other``) is the best
+    T on the validation split's mix of categories (each category's mean weighted by its share of the split), not
+    on those equal shares, which held 6 factual questions of 42 where the split holds 29 of 80."""
     from envs.rewards import RewardFunction
     from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
 
@@ -221,7 +224,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             if interrupted:
                 break
             episodes = {e.params["t"]: [ep for g in done[e.cache_key].groups for ep in g] for e in points}
-            tables[family] = tune_tables(episodes, lambdas, reward)
+            tables[family] = tune_tables(episodes, lambdas, reward, weights=category_shares(pool))
             if config.env.include_category:  # a table reads the category one-hot; without it, only the fixed-T rival
                 families[family] = table_entries(tables[family], family, truncation, config)
             rival = "fixed-tuned" + family[len("table"):]  # the headline's fixed-T rival, tuned by the same runs
