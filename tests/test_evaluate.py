@@ -147,19 +147,21 @@ def test_compare_hulls_on_fixed_numbers():
     assert out[("A", "B")] == pytest.approx({"diff": 0.4, "low": 0.4, "high": 0.4})
 
 
+def _tuning_episode(category, correct, semantic):
+    """An end-of-episode info with only ``correct`` and ``group_semantic`` set: a tuning run's episode by hand."""
+    comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
+                              "correct", "group_semantic", "group_ngram")}
+    comps.update(correct=correct, group_semantic=semantic)
+    return {"category": category, "reward_components": comps}
+
+
 def test_tables_are_tuned_per_category_and_lambda():
     from envs.rewards import RewardConfig, RewardFunction
     from kelvin.evaluation.families import tune_tables
 
-    def ep(category, correct, semantic):
-        comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
-                                  "correct", "group_semantic", "group_ngram")}
-        comps.update(correct=correct, group_semantic=semantic)
-        return {"category": category, "reward_components": comps}
-
     reward = RewardFunction(RewardConfig(group_baseline=False))  # correct 6, group_semantic 6
-    episodes = {0.0: [ep("math", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
-                1.0: [ep("math", 0.5, 0.5), ep("creative_writing", 0.0, 0.6)]}
+    episodes = {0.0: [_tuning_episode("math", 1.0, 0.0), _tuning_episode("creative_writing", 0.0, 0.1)],
+                1.0: [_tuning_episode("math", 0.5, 0.5), _tuning_episode("creative_writing", 0.0, 0.6)]}
     tables = tune_tables(episodes, [0.0, 1.0], reward)
     # λ = 0: math 6 vs 3 -> T 0; creative 0 vs 0 -> the tie goes to the cooler T
     assert tables[0.0] == {"creative_writing": 0.0, "math": 0.0, "other": 0.0}
@@ -176,14 +178,8 @@ def test_the_fixed_t_rival_is_tuned_with_or_without_the_category(include_categor
     3.3 vs 3.6, T = 1; the split's shares: (29 · 6 + 9 · 0.6) / 38 = 4.72 vs 3.6, T = 0."""
     import kelvin.evaluation.run as run_module
 
-    def ep(category, correct, semantic):
-        comps = {c: 0.0 for c in ("logprob", "repetition", "anomaly", "entropy", "coherence", "text_anomaly",
-                                  "correct", "group_semantic", "group_ngram")}
-        comps.update(correct=correct, group_semantic=semantic)
-        return {"category": category, "reward_components": comps}
-
-    by_t = {0.0: [ep("factual_question", 1.0, 0.0), ep("creative_writing", 0.0, 0.1)],
-            1.0: [ep("factual_question", 0.5, 0.1), ep("creative_writing", 0.0, 0.6)]}
+    by_t = {0.0: [_tuning_episode("factual_question", 1.0, 0.0), _tuning_episode("creative_writing", 0.0, 0.1)],
+            1.0: [_tuning_episode("factual_question", 0.5, 0.1), _tuning_episode("creative_writing", 0.0, 0.6)]}
 
     class FakeRunner:  # the tuning runs without a model: each fixed T's episodes above
         def __init__(self, *args, **kwargs):
