@@ -194,7 +194,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
     category in the observation (``env.include_category`` false) only the rivals: a table cannot be applied.
     The runs take ``evaluation.table_prompts`` of each category; the rival (and the table's ``other``) is the best
     T on the validation split's mix of categories (each category's mean weighted by its share of the split), not
-    on those equal shares, which held 6 factual questions of 42 where the split holds 29 of 80."""
+    on those equal shares (configs/results.yaml: 6 factual questions of 40, where the split holds 29 of 80)."""
     from envs.rewards import RewardFunction
     from kelvin.evaluation.families import BASELINE_MAPPING, NO_TRUNCATION
 
