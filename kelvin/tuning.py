@@ -173,9 +173,9 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     the validation / test split; pooled with 8 prompts' worth, no λ had an interval below 0.
 
     ``weights`` ({category: share}, e.g. :func:`envs.prompts.category_shares` of a whole split) makes the overall
-    score of T (``other``, and the prior) the weighted mean of the categories' means (categories without episodes
-    drop out, the rest renormalised) instead of the mean over episodes: tuned on equal shares of the categories,
-    one T per λ then answers for the split's mix."""
+    score of T (``other``, and the prior) the weighted mean of the categories' means (a category without episodes
+    or without weight drops out, the rest are renormalised) instead of the mean over episodes: tuned on equal
+    shares of the categories, one T per λ then answers for the split's mix."""
     config = getattr(reward, "config", reward)
     temps = sorted(episodes_by_t)
     parts = {}  # T -> (categories (R,), quality (R,), diversity (R,))
