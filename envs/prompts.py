@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -178,9 +178,7 @@ def load_prompts(
 def category_shares(prompts: Sequence[Prompt]) -> dict[str, float]:
     """Each category's share of ``prompts`` ({category: count / len}, in order of first appearance): the weights
     that make a score over equal shares of the categories answer for the split's mix."""
-    counts: OrderedDict[str, int] = OrderedDict()
-    for p in prompts:
-        counts[p.category] = counts.get(p.category, 0) + 1
+    counts = Counter(p.category for p in prompts)
     return {c: n / len(prompts) for c, n in counts.items()}
 
 

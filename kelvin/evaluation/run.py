@@ -213,6 +213,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
         variants["table@train"] = train_truncation
     families, tables, interrupted = {}, {}, False
     reward = RewardFunction(replace(config.reward, group_baseline=False))
+    shares = category_shares(pool)  # the rival answers for the split's mix, not the runs' equal shares
     try:
         for family, truncation in variants.items():
             from policies.registry import make_policy
@@ -224,7 +225,7 @@ def _tables(config: KelvinConfig, lambdas: list[float], train_truncation, seed: 
             if interrupted:
                 break
             episodes = {e.params["t"]: [ep for g in done[e.cache_key].groups for ep in g] for e in points}
-            tables[family] = tune_tables(episodes, lambdas, reward, weights=category_shares(pool))
+            tables[family] = tune_tables(episodes, lambdas, reward, weights=shares)
             if config.env.include_category:  # a table reads the category one-hot; without it, only the fixed-T rival
                 families[family] = table_entries(tables[family], family, truncation, config)
             rival = "fixed-tuned" + family[len("table"):]  # the headline's fixed-T rival, tuned by the same runs
