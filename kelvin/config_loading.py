@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import types
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from kelvin.config import PPO_RESERVED, ConfigError, KelvinConfig, _yaml_value
+from policies.features import RENAMED_SETTINGS
 from samplers.suggest import did_you_mean
 
 __all__ = ["MOVED_KEYS", "apply_overrides", "load_config"]
@@ -236,12 +237,34 @@ def _build(raw, source: str) -> KelvinConfig:
                           f"got {bad[0]!r}")
     try:
         _check_keys(raw)
-        return KelvinConfig(**raw)
+        return KelvinConfig(**_onto_defaults(raw))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except ValidationError as exc:
         lines = [f"{source}: {_error_line(err, raw)}" for err in exc.errors()]
         raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def _onto_defaults(raw: dict) -> dict:
+    """``raw`` with every sub-block given as a mapping (``env.features: {position_bins: [4]}``, ``--set
+    env.truncation.top_k=20``) laid over that sub-block's default, so the settings it does not name keep their
+    defaults. Two defaults differ from their class's own (``env.features.include_diversity: true``,
+    ``env.truncation.min_p: 0.02``): built from the mapping alone they were silently lost."""
+    out = {}
+    for block, values in raw.items():
+        holder = _field_info(KelvinConfig, block) if isinstance(values, dict) else None
+        if holder is None:
+            out[block] = values
+            continue
+        values = dict(values)
+        for key, given in values.items():
+            info = _field_info(holder.default_factory().__class__, key) if holder.default_factory else None
+            default = None if info is None or info.default_factory is None else info.default_factory()
+            if isinstance(given, dict) and is_dataclass(default):
+                old_names = {new for old, new in RENAMED_SETTINGS.items() if old in given}
+                values[key] = {**{k: v for k, v in asdict(default).items() if k not in old_names}, **given}
+        out[block] = values
+    return out
 
 
 def _field_at(path: list[str]) -> FieldInfo | None:

@@ -161,6 +161,19 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == config
 
 
+def test_a_partial_sub_block_keeps_the_defaults_it_does_not_name(tmp_path):
+    """env.features and env.truncation have defaults of their own (include_diversity true, min-p 0.02): a sub-block
+    that names one setting lays it over them, in a file as with --set (built alone, the others were lost)."""
+    (tmp_path / "c.yaml").write_text("env:\n  features:\n    position_bins: [4]\n")
+    for config in (load_config(tmp_path / "c.yaml"), load_config(None, ["env.features.position_bins=[4]"])):
+        assert config.env.features == dataclasses.replace(EnvConfig().features, position_bins=(4,))
+    assert load_config(None, ["env.truncation.top_k=20"]).env.truncation.to_dict() == {
+        "top_k": 20, "top_p": 1.0, "min_p": 0.02, "top_n_sigma": None}
+    with pytest.warns(FutureWarning, match="include_diversity_weight is now"):  # an old name still wins
+        old = load_config(None, ["env.features.include_diversity_weight=false", "policy.base=none"])
+    assert not old.env.features.include_diversity
+
+
 def test_every_block_is_frozen():
     """A block is a value: change one with dataclasses.replace, never in place (a run's saved config stays what
     it ran with)."""
