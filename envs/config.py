@@ -72,7 +72,7 @@ class EnvConfig:
     """Append the prompt category one-hot to the observation."""
     features: FeatureSettings = Field(default_factory=lambda: FeatureSettings(include_diversity=True))
     """Feature settings ``{initial_temperature, ema_decay, repeat_window, anomaly_surprise, median_k,
-    include_diversity, version}`` (policies/features.py). The env's default observes the diversity
+    include_diversity, position_bins, version}`` (policies/features.py). The env's default observes the diversity
     dial λ (``include_diversity: true``): one policy serves every setting of it."""
     token_prior: StrictBool = True
     """Use the vocabulary's anomaly priors (anomaly/rules.py) in the featurizer's anomaly signal."""

@@ -25,6 +25,7 @@ Observation table, ``FEATURE_SPEC_VERSION = 1`` (column order is part of the spe
 |13 | quality          | mean_drawn_prob * (1 - repetition): the inference-time quality signal          | [0, 1]       |
 |14 | anomaly          | running mean (EMA) of the per-token anomaly indicator (see below)              | [0, 1]       |
 |15+| category_*       | one-hot of the prompt category (when ``include_category``), last slot "other"  | {0, 1}       |
+| + | position_bin_*   | one-hot of the position's bin among ``position_bins`` (when given, see below)  | {0, 1}       |
 | + | diversity        | the diversity dial λ, the reward's diversity weight (when ``include_diversity``) | >= 0         |
 
 Running means are exponential moving averages with decay ``ema_decay`` and bias correction
@@ -36,6 +37,14 @@ and the surprise test flags draws the base model gave less than exp(-anomaly_sur
 (default e^-9.21 = 1e-4): the collapse of the base probability that negative temperatures cause.
 The indicator is computed by the one anomaly detector, :class:`anomaly.detector.AnomalyDetector`
 (built from ``token_prior``, or passed as ``detector=``).
+
+``position_bins`` (token counts, increasing; empty by default, and then the table has no such columns) cut the
+tokens generated so far into ``len(position_bins) + 1`` bins: with ``(4, 8)`` column ``position_bin_0`` is 1 for
+the first 4 tokens, ``position_bin_1`` for tokens 5-8 and ``position_bin_2`` from token 9 on. ``position`` is one
+number, so a small actor reading it draws smooth curves; a step in the temperature where a bin ends (a hot start
+with a cooler finish, docs/results.md) is one weight of a bin column. The columns are optional and off by
+default, so every spec without them keeps its layout (no version change); an older Kelvin refuses a spec with
+them (an unknown setting), rather than reading it wrong.
 
 ``max_prob`` / ``entropy`` / ``median_top_prob`` are the inputs of the seed's confidence rules
 (T = a + b max(p), a + b H(p), a + b median(p)); the median runs over the 64 most likely tokens
@@ -130,6 +139,9 @@ class FeatureSettings:
     """``median_top_prob`` runs over this many most likely tokens."""
     include_diversity: StrictBool = False
     """Append the diversity dial λ, the reward's diversity weight (for policies conditioned on it)."""
+    position_bins: tuple[StrictInt, ...] = Field((), examples=[[4]])
+    """Token counts where a position bin ends (increasing, >= 1): appends the one-hot ``position_bin_*`` of
+    ``len + 1`` bins (see the module doc). Empty: no bin columns."""
     version: StrictInt = FEATURE_SPEC_VERSION
     """The observation table's version (:data:`FEATURE_SPEC_VERSION`); another one is refused."""
 
@@ -141,6 +153,10 @@ class FeatureSettings:
 
     def __post_init__(self):
         check_feature_version(self.version)
+        bins = list(self.position_bins)
+        if any(b < 1 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:])):
+            raise ValueError(f"env.features.position_bins={bins} must be increasing token counts >= 1, e.g. [4] "
+                             "(the first 4 tokens, then the rest)")
 
     @property
     def include_diversity_weight(self) -> bool:
@@ -212,6 +228,7 @@ class FeatureSpec(FeatureSettings):
     def names(self) -> tuple[str, ...]:
         names = list(BASE_FEATURES)
         names += [f"category_{c}" for c in self.category_slots]
+        names += [f"position_bin_{i}" for i in range(len(self.position_bins) + 1)] if self.position_bins else []
         if self.include_diversity:
             names.append("diversity")
         return tuple(names)
@@ -232,6 +249,7 @@ class FeatureSpec(FeatureSettings):
     def to_dict(self) -> dict:
         d = asdict(self)
         d["categories"] = list(self.categories)
+        d["position_bins"] = list(self.position_bins)
         d["names"] = list(self.names)
         return d
 
@@ -492,6 +510,10 @@ class Featurizer:
         parts = [dist, history]
         if self.spec.categories:
             parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.category_slots)).float())
+        if self.spec.position_bins:
+            edges = torch.tensor(self.spec.position_bins, dtype=torch.long, device=self.device)
+            bins = torch.bucketize(s.position, edges, right=True)  # (B,) i with edges[i-1] <= position < edges[i]
+            parts.append(torch.nn.functional.one_hot(bins, len(edges) + 1).float())
         if self.spec.include_diversity:
             parts.append(s.diversity.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)

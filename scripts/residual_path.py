@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def states(spec: FeatureSpec, lambdas: list[float], positions: list[int], category: str) -> torch.Tensor:
     """Observations (len(lambdas) x len(positions), F), λ-major: each the given position (over the spec's
-    horizon), λ and category slot, every other feature 0."""
+    horizon) and its position bin (``env.features.position_bins``), λ and category slot, every other feature 0."""
     obs = torch.zeros(len(lambdas) * len(positions), spec.dim)
     for i, (lam, pos) in enumerate((lam, pos) for lam in lambdas for pos in positions):
         obs[i, spec.index("position")] = pos / spec.horizon
+        if spec.position_bins:
+            obs[i, spec.index(f"position_bin_{sum(pos >= edge for edge in spec.position_bins)}")] = 1.0
         if "diversity" in spec.names:
             obs[i, spec.index("diversity")] = lam
         if spec.categories:
@@ -69,7 +71,8 @@ def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int
 
 
 def reads_only_position_and_lambda(config: KelvinConfig) -> bool:
-    return set(config.policy.actor_features or ()) <= {"position", "diversity"} and bool(config.policy.actor_features)
+    bins = {n for n in config.env.feature_spec().names if n.startswith("position_bin_")}
+    return set(config.policy.actor_features or ()) <= {"position", "diversity", *bins} and bool(config.policy.actor_features)
 
 
 def main(argv=None) -> int:

@@ -164,6 +164,37 @@ def test_exported_learned_policy_runs_in_the_processor(dummy_export):
         f.update(ids[:, 3 + step], t)
 
 
+def test_an_export_with_position_bins_runs_its_step_in_every_processor(tmp_path):
+    """A policy that reads the position bins (env.features.position_bins): the processors' featurizer builds the
+    same one-hot as the env's, so the temperatures equal SB3's own on the reference observations, in HF's and
+    in llama.cpp's processor."""
+    from export_helpers import dummy_ppo
+    from kelvin.export import export_learned
+
+    spec = replace(SPEC, position_bins=(2,))
+    model = dummy_ppo(spec)
+    with torch.no_grad():  # untrained actions are ~0.01: make every input move the temperature
+        model.policy.action_net.weight.mul_(100.0)
+    out = export_learned(model.policy, tmp_path / "bins", spec, MAPPING, {"top_k": 5}, {"name": "toy", "vocab_size": V},
+                         None, None)
+    assert read_spec(out)["feature_spec"]["position_bins"] == [2]
+    hf = PolicyLogitsProcessor.from_pretrained(out, guard=False)
+    llama = LlamaCppPolicyProcessor.from_pretrained(out, guard=False)
+    logits = _logit_stream(1, 4, seed=3)
+    ids = _drive(hf, torch.randint(0, V, (1, 3)), logits)
+    for step, z in enumerate(logits):
+        llama(ids[0, :3 + step].numpy().astype(np.intc), z[0].numpy())
+    f = Featurizer(spec, 1)
+    for step, z in enumerate(logits):
+        obs = f.observe(z)
+        assert obs[0, spec.index("position_bin_0")].item() == float(step < 2)
+        actions = torch.as_tensor(sb3_actions(model, obs.numpy(), None)).reshape(-1)
+        t = MAPPING.to_temperature(actions, previous=f.state.prev_temperature, first_step=f.state.position == 0)
+        torch.testing.assert_close(hf.temperature_trace()[:, step], t, atol=1e-5, rtol=0)
+        f.update(ids[:, 3 + step], t)
+    np.testing.assert_allclose(llama.temperature_trace(), hf.temperature_trace()[0].numpy(), atol=1e-6, rtol=0)
+
+
 # =========================================================================== guard rails, on by default
 class _Jumper(FixedTemperature):
     """Alternates T = -2, +2 every call: the policy a guard must hold to its rate limit."""

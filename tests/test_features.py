@@ -97,3 +97,28 @@ def test_distribution_features_in_row_slices_equal_all_rows_at_once(monkeypatch)
     monkeypatch.setattr(features, "_SLICE_ELEMENTS", 3 * 5000)  # slices of 3 rows: 3, 3, 3, 2
     sliced = features.distribution_features(z)
     assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[1], sliced[1])
+
+
+def test_position_bins_are_a_one_hot_of_the_tokens_generated_so_far():
+    spec = FeatureSpec(horizon=16, categories=("code",), include_diversity=True, position_bins=(2, 3))
+    assert spec.names[-6:] == ("category_code", "category_other", "position_bin_0", "position_bin_1",
+                               "position_bin_2", "diversity")
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["position_bins"] == [2, 3]
+    f = Featurizer(spec, 2)
+    f.reset(None, diversity=[0.5, 1.5])
+    cols = slice(spec.index("position_bin_0"), spec.index("position_bin_2") + 1)
+    seen = []
+    for _ in range(5):
+        obs = f.observe(torch.randn(2, 10))
+        assert torch.equal(obs[0, cols], obs[1, cols]) and obs[:, -1].tolist() == [0.5, 1.5]
+        seen.append(obs[0, cols].tolist())
+        f.update(torch.tensor([1, 2]), torch.tensor([1.0, 1.0]))
+    # tokens 1-2 in bin 0, token 3 in bin 1, tokens 4 on in bin 2
+    assert seen == [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
+    assert "position_bin_0" not in FeatureSpec(horizon=16).names  # off by default: the layout is unchanged
+
+
+@pytest.mark.parametrize("bins", [(0,), (4, 4), (8, 4)])
+def test_position_bins_must_increase_from_one(bins):
+    with pytest.raises(ValueError, match=r"env.features.position_bins=.* must be increasing token counts >= 1"):
+        FeatureSpec(horizon=16, position_bins=bins)

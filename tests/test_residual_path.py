@@ -33,6 +33,13 @@ def test_states_set_position_lambda_and_category_and_nothing_else():
     assert other[0, spec.index("category_other")].item() == 1.0
 
 
+def test_states_set_the_position_bin_of_each_position():
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True, position_bins=(4, 8)), 16, ())
+    obs = residual_path.states(spec, [1.0], [0, 3, 4, 8, 15], "math")
+    bins = obs[:, spec.index("position_bin_0"):spec.index("position_bin_2") + 1]
+    assert bins.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]  # tokens 1-4, 5-8, 9 on
+
+
 def test_mapped_temperatures_leave_out_the_rate_limit():
     spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
     mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4, max_delta=0.1)
