@@ -1,9 +1,10 @@
 """How a run's learned policy moved away from its tuned base during training: learned − base temperature at a few
 token positions and λ, read off the actor of every checkpoint (no language model, no text: seconds).
 
-Each state has the given position, λ and category and every other feature at 0. For an actor that reads only
-position and λ (``policy.actor_features: [position, diversity]``) that is exactly what the policy does there; for
-one that reads the distribution features it is a sketch at one arbitrary state, and the script says so. The
+Each state has the given position (and its bin, with ``env.features.position_bins``), λ and category and every
+other feature at 0. For an actor that reads only those (``policy.actor_features: [position, diversity]``, or the
+bins and the category one-hot) that is exactly what the policy does there; for one that reads the distribution
+features it is a sketch at one arbitrary state, and the script says so. The
 mapping's rate limit is left out (the difference of the mapped actions). Update numbers are the checkpoint's
 timesteps over a rollout's samples (``ppo.n_steps`` x ``env.workers`` x ``env.batch_size``).
 
@@ -70,9 +71,10 @@ def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int
     return chosen + ([(None, run.path)] if run.model_file.is_file() else [])
 
 
-def reads_only_position_and_lambda(config: KelvinConfig) -> bool:
-    bins = {n for n in config.env.feature_spec().names if n.startswith("position_bin_")}
-    return set(config.policy.actor_features or ()) <= {"position", "diversity", *bins} and bool(config.policy.actor_features)
+def reads_only_what_states_set(config: KelvinConfig) -> bool:
+    """Whether the actor reads nothing but what :func:`states` sets: position (and its bins), λ, the category."""
+    set_here = {n for n in config.env.feature_spec().names if n.startswith(("position_bin_", "category_"))}
+    return set(config.policy.actor_features or ()) <= {"position", "diversity", *set_here} and bool(config.policy.actor_features)
 
 
 def main(argv=None) -> int:
@@ -85,8 +87,9 @@ def main(argv=None) -> int:
     base, _ = load_base_policy(args.run, config, warnings)
     obs = states(base.feature_spec, lambdas, positions, args.category)
     base_t = mapped_temperatures(base, obs)
-    if not reads_only_position_and_lambda(config):
-        print("note: this actor reads more than position and λ; the states below set every other feature to 0")
+    if not reads_only_what_states_set(config):
+        print("note: this actor reads more than position, λ and the category; the states below set every other "
+              "feature to 0")
     head = "  ".join(f"λ={lam:g} pos {pos:>2d}" for lam in lambdas for pos in positions)
     print(f"{args.run}: learned − base T ({args.category}); base T " + "  ".join(f"{t:.3f}" for t in base_t.tolist()))
     print(f"{'update':>8s}  {head}")
