@@ -257,8 +257,9 @@ def _onto_defaults(raw: dict) -> dict:
             out[block] = values
             continue
         values = dict(values)
+        block_class = holder.default_factory().__class__ if holder.default_factory else None
         for key, given in values.items():
-            info = _field_info(holder.default_factory().__class__, key) if holder.default_factory else None
+            info = _field_info(block_class, key)
             default = None if info is None or info.default_factory is None else info.default_factory()
             if isinstance(given, dict) and is_dataclass(default):
                 old_names = {new for old, new in RENAMED_SETTINGS.items() if old in given}

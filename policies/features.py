@@ -410,6 +410,8 @@ class Featurizer:
                 )
             detector.to(self.device)
         self.detector = detector
+        self._bin_edges = (torch.tensor(spec.position_bins, dtype=torch.long, device=self.device)
+                           if spec.position_bins else None)  # (K,) where the position bins end
         self._observed: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, V), shift (B,)) of observe()
         self.state = self._fresh(batch_size)
 
@@ -510,10 +512,9 @@ class Featurizer:
         parts = [dist, history]
         if self.spec.categories:
             parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.category_slots)).float())
-        if self.spec.position_bins:
-            edges = torch.tensor(self.spec.position_bins, dtype=torch.long, device=self.device)
-            bins = torch.bucketize(s.position, edges, right=True)  # (B,) i with edges[i-1] <= position < edges[i]
-            parts.append(torch.nn.functional.one_hot(bins, len(edges) + 1).float())
+        if self._bin_edges is not None:
+            bins = torch.bucketize(s.position, self._bin_edges, right=True)  # (B,) i: edges[i-1] <= position < edges[i]
+            parts.append(torch.nn.functional.one_hot(bins, len(self._bin_edges) + 1).float())
         if self.spec.include_diversity:
             parts.append(s.diversity.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)
