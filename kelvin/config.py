@@ -383,6 +383,9 @@ class KelvinConfig:
                              "enable the heads or drop policy.actor_features")
         spec = self.env.feature_spec()
         unknown = [n for n in names if n not in spec.names]
+        if unknown and unknown[0].startswith("position_bin_") and not spec.position_bins:
+            raise ValueError(f"policy.actor_features: {unknown[0]!r} is a position bin, and this env has none; set "
+                             "env.features.position_bins (e.g. [4]: position_bin_0 and position_bin_1)")
         if unknown:
             raise ValueError(f"policy.actor_features: no feature named {unknown[0]!r}; "
                              f"{did_you_mean(unknown[0], spec.names, always_list=True)}")

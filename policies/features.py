@@ -155,7 +155,7 @@ class FeatureSettings:
         check_feature_version(self.version)
         bins = list(self.position_bins)
         if any(b < 1 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:])):
-            raise ValueError(f"env.features.position_bins={bins} must be increasing token counts >= 1, e.g. [4] "
+            raise ValueError(f"position_bins={bins} must be increasing token counts >= 1, e.g. [4] "
                              "(the first 4 tokens, then the rest)")
 
     @property

@@ -169,6 +169,10 @@ def test_a_partial_sub_block_keeps_the_defaults_it_does_not_name(tmp_path):
         assert config.env.features == dataclasses.replace(EnvConfig().features, position_bins=(4,))
     assert load_config(None, ["env.truncation.top_k=20"]).env.truncation.to_dict() == {
         "top_k": 20, "top_p": 1.0, "min_p": 0.02, "top_n_sigma": None}
+    with pytest.raises(ConfigError, match=r"^defaults: env.features: position_bins=\[4, 2\] must be increasing"):
+        load_config(None, ["env.features.position_bins=[4, 2]"])
+    with pytest.raises(ConfigError, match="'position_bin_0' is a position bin, and this env has none; set env.features"):
+        load_config(None, ["policy.actor_features=[position_bin_0,diversity]"])
     with pytest.warns(FutureWarning, match="include_diversity_weight is now"):  # an old name still wins
         old = load_config(None, ["env.features.include_diversity_weight=false", "policy.base=none"])
     assert not old.env.features.include_diversity

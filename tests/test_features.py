@@ -120,5 +120,5 @@ def test_position_bins_are_a_one_hot_of_the_tokens_generated_so_far():
 
 @pytest.mark.parametrize("bins", [(0,), (4, 4), (8, 4)])
 def test_position_bins_must_increase_from_one(bins):
-    with pytest.raises(ValueError, match=r"env.features.position_bins=.* must be increasing token counts >= 1"):
+    with pytest.raises(ValueError, match=r"position_bins=.* must be increasing token counts >= 1"):
         FeatureSpec(horizon=16, position_bins=bins)
