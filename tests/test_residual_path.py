@@ -66,7 +66,7 @@ def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
 def test_on_the_smoke_run_the_last_checkpoint_reads_as_the_final_model(smoke_run, capsys):
     assert residual_path.main([str(smoke_run.run_dir), "--every", "1", "--lambdas", "0,2", "--positions", "0,4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("note: this actor reads more than position and λ")  # the smoke actor reads them all
+    assert lines[0].startswith("note: this actor reads more than position, λ and the category")  # the smoke actor reads them all
     rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.split()[0] == "update")) + 1:]]
     assert [r[0] for r in rows] == ["1", "2", "3", "final"]  # 96 steps of 32-sample rollouts, a checkpoint each
     assert rows[2][1:] == rows[3][1:] and len(rows[3]) == 5
