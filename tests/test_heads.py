@@ -167,3 +167,27 @@ def test_actor_features_are_named_and_need_heads():
     with pytest.raises(ValueError, match=r"policy.actor_features .* one output .*drop policy.actor_features"):
         load_config("configs/default.yaml", overrides=["policy.actor_features=[position]",
                                                        "policy.diversity_heads=false"])
+
+
+def test_position_bins_reach_the_actor_unnormalised(tmp_path):
+    """A run with position bins (kelvin.training._new_model): the bins' one-hot columns pass the normaliser raw,
+    like λ, so a rare bin reads 1, not ~(1 - p) / sqrt(p (1 - p)), and the export's statistics leave them alone."""
+    from kelvin.rundir import RunDir
+    from kelvin.training import _new_model
+
+    config = load_config(None, ["env.features.position_bins=[2]", "env.max_new_tokens=6", "env.batch_size=4",
+                                "env.group_size=2", "env.token_prior=false", "ppo.n_steps=4", "ppo.batch_size=8"])
+    env = TemperatureVecEnv(config.env, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
+    model, vec = _new_model(config, RunDir(tmp_path), env, start_at_base=True)
+    names = config.env.feature_spec().names
+    bins = [names.index("position_bin_0"), names.index("position_bin_1")]
+    assert vec.raw_columns == [names.index("diversity"), *bins]
+    model.learn(16)  # the statistics now hold the bins' real shares (tokens 1-2 of 6: mean ~1/3)
+    assert 0.0 < vec.obs_rms.mean[bins[0]] < 1.0
+    obs = vec.get_original_obs()
+    assert sorted(np.unique(obs[:, bins]).tolist()) == [0.0, 1.0]  # both bins occur in this batch
+    assert np.array_equal(vec.normalize_obs(obs)[:, bins], obs[:, bins])
+    stats = normalization_stats(vec)
+    assert all(stats["mean"][c] == 0.0 and np.float32(stats["var"][c]) + np.float32(stats["epsilon"]) == 1.0
+               for c in bins)
+    env.close()
