@@ -187,8 +187,9 @@ class TrainConfig:
     cached (kelvin/tuning.py): a second run with the same settings does not recompute them."""
     validation_diversity: Optional[list[FiniteFloat]] = Field(None, min_length=1, examples=[[0.0, 1.0, 2.0]])
     """The diversity dial values λ every validation prompt is scored at (each prompt's group runs once per value);
-    None: 3 values evenly over the env's λ range (0, 1, 2 by default). A fixed grid, not random draws: a margin
-    is then the same quantity on every run, and the report gives it per λ too."""
+    None: 3 values evenly over the env's λ range (0, 1, 2 by default), each the nearest of ``env.diversity_values``
+    when the env draws from a list (``[0, 1]``: 0 and 1). A fixed grid, not random draws: a margin is then the same
+    quantity on every run, and the report gives it per λ too."""
     keep_best: StrictBool = False
     """Ship the best validated policy, not the last: after every validation whose margin (over the λ grid) against
     the run's base (without a base: against the best fixed T) beats every earlier one of the run, that policy is

@@ -36,7 +36,18 @@ from kelvin.tuning import EpisodeCache, quality_diversity, run_cached, run_fixed
 from policies.base import TemperaturePolicy
 from policies.tuned_base import interpolation_grid
 
-__all__ = ["Validation", "grid_rewards", "group_means", "margin_text", "paired_margin", "prompt_means", "scalars", "summarize_episodes"]
+__all__ = ["Validation", "default_lambdas", "grid_rewards", "group_means", "margin_text", "paired_margin", "prompt_means", "scalars", "summarize_episodes"]
+
+
+def default_lambdas(env_config) -> tuple[float, ...]:
+    """The validation's λ grid when ``train.validation_diversity`` is not set: 3 values evenly over the env's λ
+    range, each moved to the nearest λ the env trains on when it draws from ``env.diversity_values`` (once each):
+    ``[0, 1]`` validates at 0 and 1, not at an untrained 0.5 whose margin would read 0 and dilute the others."""
+    grid = interpolation_grid(env_config.diversity_bounds, 3)
+    values = sorted(set(float(v) for v in env_config.diversity_values or ()))
+    if not values:
+        return tuple(float(v) for v in grid)
+    return tuple(sorted({min(values, key=lambda v: (abs(v - g), v)) for g in grid}))
 
 
 def summarize_episodes(episodes: list[dict]) -> dict[str, float]:
@@ -122,8 +133,7 @@ class Validation:
         self.prompts = select_prompts(load_prompts(config.env.prompts, split=tc.validation_split,
                                                    categories=config.env.categories), tc.validation_prompts,
                                       tc.validation_mix)
-        self.lambdas = tuple(float(v) for v in (tc.validation_diversity
-                                                or interpolation_grid(config.env.diversity_bounds, 3)))
+        self.lambdas = tuple(float(v) for v in (tc.validation_diversity or default_lambdas(config.env)))
         self._env_config = replace(config.env, split=tc.validation_split, seed=tc.seed + 1)
         self._reward = replace(config.reward, group_baseline=False)
         # the fixed temperatures run here (their tokens do not depend on λ); each λ of the grid has its own env

@@ -306,3 +306,16 @@ def test_validation_grid_by_hand():
     np.testing.assert_allclose(grid_rewards(learned, (0.0, 2.0), 2), [[0.5, 2.5], [20.5, 22.5]])
     with pytest.raises(ValueError, match="not 2 blocks"):
         grid_rewards(learned[::-1], (0.0, 2.0), 2)
+
+
+def test_the_default_validation_grid_validates_only_lambdas_the_env_trains_on():
+    from envs.config import EnvConfig
+    from kelvin.validation import default_lambdas
+
+    assert default_lambdas(EnvConfig()) == (0.0, 1.0, 2.0)  # diversity_range [0, 2]: 3 values evenly
+    cases = {(0.0, 1.0): (0.0, 1.0),  # not 0.5, which no training row ever sees
+             (2.0, 1.0, 0.0, 1.0): (0.0, 1.0, 2.0), (0.5,): (0.5,),
+             (0.0, 0.2, 1.7, 2.0): (0.0, 1.7, 2.0),  # 1 is 0.7 from 1.7, 0.8 from 0.2
+             (0.0, 2.0): (0.0, 2.0)}  # 1 lies halfway: the lower, already in the grid
+    for values, grid in cases.items():
+        assert default_lambdas(EnvConfig(diversity_values=list(values))) == grid, values
