@@ -65,11 +65,19 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
     ``twin_rows`` (``train.twin_groups``, the env's group size G): rows come in twin pairs of groups, 2G
     contiguous rows, and :meth:`reset_noise` gives the second group of each pair minus the first one's gSDE
     exploration matrices, so twins with the same state explore in opposite directions. The marginal noise of
-    every row is SB3's, so PPO's log-probabilities are unchanged. None: every row its own draw."""
+    every row is SB3's, so PPO's log-probabilities are unchanged. None: every row its own draw.
+
+    ``noise_columns`` (the position bins' one-hot columns, raw): gSDE's noise is ``onehot(bin) @ W``, one weight
+    and one learned std per bin, in place of ``latent_pi @ W``. Exploration is still held over the tokens of a
+    bin, but the bins' noises are independent: through the shared latent they were correlated (-0.4 to -0.8 with
+    standardised bins, +0.4 to +0.7 raw), so the return of a hot start was credited to the finish too, and the
+    finish's learned direction followed the correlation's sign (docs/results.md). None: SB3's latent noise."""
 
     def __init__(self, *args, heads: Sequence[float], diversity_col: int,
-                 actor_columns: Sequence[int] | None = None, twin_rows: int | None = None, **kwargs):
+                 actor_columns: Sequence[int] | None = None, twin_rows: int | None = None,
+                 noise_columns: Sequence[int] | None = None, **kwargs):
         self.twin_rows = None if twin_rows is None else int(twin_rows)
+        self.noise_columns = None if not noise_columns else [int(c) for c in noise_columns]
         self.heads = [float(x) for x in heads]
         self.diversity_col = int(diversity_col)
         self.actor_columns = None if actor_columns is None else sorted(int(c) for c in actor_columns)
@@ -81,7 +89,7 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col,
-                "actor_columns": self.actor_columns, "twin_rows": self.twin_rows}
+                "actor_columns": self.actor_columns, "twin_rows": self.twin_rows, "noise_columns": self.noise_columns}
 
     def reset_noise(self, n_envs: int = 1) -> None:
         super().reset_noise(n_envs)
@@ -103,6 +111,10 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
         self.register_buffer("head_grid", torch.tensor(self.heads, dtype=torch.float32))
+        if self.noise_columns and isinstance(self.action_dist, StateDependentNoiseDistribution):
+            _, self.log_std = self.action_dist.proba_distribution_net(  # (bins, 1): one std per bin
+                latent_dim=self.mlp_extractor.latent_dim_pi, log_std_init=self.log_std_init,
+                latent_sde_dim=len(self.noise_columns))
         # not in the state dict (persistent=False): a run saved before actor_columns existed still loads
         self.register_buffer("actor_mask", actor_mask(self.observation_space.shape[0], self.actor_columns),
                              persistent=False)
@@ -113,7 +125,8 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
         weights = interpolation_weights(self.head_grid, obs[:, self.diversity_col].float())  # (B, L)
         mean = (self.action_net(latent_pi) * weights).sum(1, keepdim=True)  # (B, 1)
         if isinstance(self.action_dist, StateDependentNoiseDistribution):
-            return self.action_dist.proba_distribution(mean, self.log_std, latent_pi)
+            latent_sde = latent_pi if self.noise_columns is None else obs[:, self.noise_columns].float()
+            return self.action_dist.proba_distribution(mean, self.log_std, latent_sde)
         return self.action_dist.proba_distribution(mean, self.log_std)
 
     def _actor_latent(self, features: torch.Tensor) -> torch.Tensor:

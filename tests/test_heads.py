@@ -169,16 +169,22 @@ def test_actor_features_are_named_and_need_heads():
                                                        "policy.diversity_heads=false"])
 
 
-def test_position_bins_reach_the_actor_unnormalised(tmp_path):
-    """A run with position bins (kelvin.training._new_model): the bins' one-hot columns pass the normaliser raw,
-    like λ, so a rare bin reads 1, not ~(1 - p) / sqrt(p (1 - p)), and the export's statistics leave them alone."""
+def _bins_model(tmp_path, *settings):
+    """The training's own PPO model (kelvin.training._new_model) on a stub env with position bins [2]."""
     from kelvin.rundir import RunDir
     from kelvin.training import _new_model
 
     config = load_config(None, ["env.features.position_bins=[2]", "env.max_new_tokens=6", "env.batch_size=4",
-                                "env.group_size=2", "env.token_prior=false", "ppo.n_steps=4", "ppo.batch_size=8"])
+                                "env.group_size=2", "env.token_prior=false", "ppo.n_steps=4", "ppo.batch_size=8",
+                                *settings])
     env = TemperatureVecEnv(config.env, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
-    model, vec = _new_model(config, RunDir(tmp_path), env, start_at_base=True)
+    return (config, env, *_new_model(config, RunDir(tmp_path), env, start_at_base=True))
+
+
+def test_position_bins_reach_the_actor_unnormalised(tmp_path):
+    """A run with position bins (kelvin.training._new_model): the bins' one-hot columns pass the normaliser raw,
+    like λ, so a rare bin reads 1, not ~(1 - p) / sqrt(p (1 - p)), and the export's statistics leave them alone."""
+    config, env, model, vec = _bins_model(tmp_path)
     names = config.env.feature_spec().names
     bins = [names.index("position_bin_0"), names.index("position_bin_1")]
     assert vec.raw_columns == [names.index("diversity"), *bins]
@@ -191,3 +197,36 @@ def test_position_bins_reach_the_actor_unnormalised(tmp_path):
     assert all(stats["mean"][c] == 0.0 and np.float32(stats["var"][c]) + np.float32(stats["epsilon"]) == 1.0
                for c in bins)
     env.close()
+
+
+def test_with_position_bins_each_bin_explores_with_its_own_noise(tmp_path):
+    """gSDE on the bins' one-hot: a row's noise is its exploration matrix's entry for its bin, with that bin's std,
+    so the start's and the finish's noise are independent draws (through the shared latent they were not)."""
+    config, env, model, vec = _bins_model(tmp_path, "ppo.policy_kwargs.log_std_init=-2.0")
+    policy = model.policy
+    names = config.env.feature_spec().names
+    bins = [names.index("position_bin_0"), names.index("position_bin_1")]
+    assert policy.noise_columns == bins and tuple(policy.log_std.shape) == (2, 1)
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([[-2.0], [-1.0]]))
+    policy.reset_noise(4)
+    obs = torch.as_tensor(vec.reset()[:1].repeat(4, 0))  # one state, its bin set by hand below
+    obs[:, bins] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # rows 0, 2 start; 1, 3 finish
+    with torch.no_grad():
+        dist = policy.get_distribution(obs)
+        std = dist.distribution.stddev.flatten()
+        mean = dist.distribution.mean.flatten()
+        noise = policy.action_dist.get_noise(obs[:, bins]).flatten()
+        actions = dist.get_actions(deterministic=False).flatten()
+    torch.testing.assert_close(std, torch.exp(torch.tensor([-2.0, -1.0, -2.0, -1.0])), atol=1e-5, rtol=0)
+    m = policy.action_dist.exploration_matrices[:, :, 0]  # (4 rows, 2 bins)
+    torch.testing.assert_close(noise, torch.stack([m[0, 0], m[1, 1], m[2, 0], m[3, 1]]))
+    torch.testing.assert_close(actions, mean + noise)
+    loaded = PPO.load(_saved(model, tmp_path), device="cpu")  # the setting survives save / load
+    assert loaded.policy.noise_columns == bins and tuple(loaded.policy.log_std.shape) == (2, 1)
+    env.close()
+
+
+def _saved(model, tmp_path):
+    model.save(tmp_path / "bins.zip")
+    return tmp_path / "bins.zip"
