@@ -299,8 +299,8 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     tc = config.train
     vec, policy, kwargs = None, "MlpPolicy", config.ppo.kwargs()
     grid, names = head_grid(config), config.env.feature_spec().names
-    # position-bin one-hots pass unnormalised: standardised, a rare bin (tokens 1-4 of ~60) reads ~3.7, which
-    # swells the actor's latent there and with it gSDE's noise (std ~2.5x the finish's: docs/results.md)
+    # position-bin one-hots pass unnormalised: standardised ([4] of 16 tokens), the start read (+1.7, -1.7) and the
+    # finish (-0.59, +0.59), -2.9 times it: a larger latent at the start, and gSDE noise ~2.5x the finish's
     raw = [i for i, name in enumerate(names) if name.startswith("position_bin_")]
     if grid is not None:  # one output per λ of the grid; they read λ itself, left unnormalised
         policy, raw = DiversityHeadsPolicy, [names.index("diversity")] + raw
