@@ -10,6 +10,11 @@ timesteps over a rollout's samples (``ppo.n_steps`` x ``env.workers`` x ``env.ba
 
     .venv/bin/python scripts/residual_path.py runs/twin-s0
     .venv/bin/python scripts/residual_path.py runs/twin-s0 --lambdas 1,2 --positions 0,15 --category math --every 10
+    .venv/bin/python scripts/residual_path.py runs/l1bngl1-s0 --lambdas 1 --positions 0,8 --noise
+
+``--noise`` adds, under each checkpoint's line, the training's gSDE exploration at the same states: the action
+noise's std at each, and the correlation of the first and the last position's noise at each λ (one exploration
+matrix serves a whole rollout, so correlated noise credits one position's return to the other's action).
 
 (docs/results.md quotes it.)
 """
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kelvin.callbacks import updates  # noqa: E402
 from kelvin.config import KelvinConfig  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
-from kelvin.rundir import RunDir  # noqa: E402
+from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, model_files  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
 from policies.features import FeatureSpec  # noqa: E402
 
@@ -38,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambdas", default="0.5,1,1.5,2", help="comma-separated λ values (default 0.5,1,1.5,2)")
     p.add_argument("--positions", default="0,15", help="comma-separated token positions (default 0,15)")
     p.add_argument("--category", default="math", help="the category one-hot (default math; ignored without one)")
+    p.add_argument("--noise", action="store_true", help="also the gSDE exploration noise: std and correlation")
     p.add_argument("--every", type=int, default=10, help="read every N-th update's checkpoint (default 10)")
     return p
 
@@ -61,6 +67,32 @@ def mapped_temperatures(policy: TemperaturePolicy, obs: torch.Tensor) -> torch.T
     """The policy's actions at ``obs`` through its action mapping, without the rate limit (B,)."""
     with torch.no_grad():
         return policy.action_mapping.to_temperature(policy.actions(obs))
+
+
+def exploration(target: str | Path, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """gSDE's action noise of the model at ``target`` (a run or a checkpoint) at raw observations ``obs`` (B, F):
+    its std (B,) and correlation matrix (B, B) across the states (``latent @ W`` with one matrix W for all:
+    cov = latent diag(std_W²) latentᵀ; the latent is the actor's, or the bins' one-hot with ``noise_columns``).
+    None for a model without gSDE."""
+    _, model_file, norm_file = model_files(target)
+    model = load_ppo(model_file)
+    vec = None if norm_file is None else load_vecnormalize(norm_file, step=model.num_timesteps)
+    return exploration_of(model.policy, vec, obs)
+
+
+def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`exploration` of a loaded SB3 policy and its normaliser (None: no normalisation)."""
+    if not policy.use_sde:
+        return None
+    x = obs if vec is None else torch.as_tensor(vec.normalize_obs(obs.numpy()), dtype=torch.float32)
+    with torch.no_grad():
+        features = policy.extract_features(x) * getattr(policy, "actor_mask", 1.0)
+        columns = getattr(policy, "noise_columns", None)
+        latent = x[:, columns] if columns else policy.mlp_extractor.forward_actor(features)
+        var_w = policy.action_dist.get_std(policy.log_std)[:, 0] ** 2  # (latent,)
+        cov = (latent * var_w) @ latent.T
+    std = cov.diagonal().sqrt()
+    return std, cov / torch.outer(std, std)
 
 
 def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int | None, Path]]:
@@ -98,6 +130,12 @@ def main(argv=None) -> int:
         diff = mapped_temperatures(policy, obs) - base_t
         label = "final" if update is None else str(update)
         print(f"{label:>8s}  " + "  ".join(f"{d:+11.3f}" for d in diff.tolist()), flush=True)
+        noise = exploration(path, obs) if args.noise else None
+        if noise is not None:
+            std, corr = noise
+            ends = [(i * len(positions), (i + 1) * len(positions) - 1) for i in range(len(lambdas))]
+            print(f"{'noise':>8s}  " + "  ".join(f"{s:11.3f}" for s in std.tolist()) + "   corr(first, last): "
+                  + "  ".join(f"λ={lam:g} {corr[a, b]:+.2f}" for lam, (a, b) in zip(lambdas, ends)), flush=True)
     for w in dict.fromkeys(warnings):
         print(f"warning: {w}", file=sys.stderr)
     return 0

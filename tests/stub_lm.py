@@ -223,3 +223,18 @@ def check_exact_autoreset(env) -> None:
             n_tokens[r] = 0
             returns[r] = 0.0
     assert [episode[r] for r in range(4)] == [5, 5, 5, 5]
+
+
+def bins_model(tmp_path, *settings):
+    """(config, env, model, normaliser): the training's own PPO model (kelvin.training._new_model, diversity heads,
+    gSDE) on a 4-row stub env with position bins [2] over 6 tokens; ``settings`` are more ``--set`` lines."""
+    from envs.generation import TemperatureVecEnv
+    from kelvin.config_loading import load_config
+    from kelvin.rundir import RunDir
+    from kelvin.training import _new_model
+
+    config = load_config(None, ["env.features.position_bins=[2]", "env.max_new_tokens=6", "env.batch_size=4",
+                                "env.group_size=2", "env.token_prior=false", "ppo.n_steps=4", "ppo.batch_size=8",
+                                *settings])
+    env = TemperatureVecEnv(config.env, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
+    return (config, env, *_new_model(config, RunDir(tmp_path), env, start_at_base=True))

@@ -21,7 +21,7 @@ from kelvin.rundir import normalization_stats
 from policies.artifact import load_policy
 from policies.features import FeatureSettings
 from policies.tuned_base import TunedBase, TunedBasePolicy, interpolation_weights
-from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, obs_col, stub_config
+from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, bins_model, obs_col, stub_config
 
 GRID = (0.0, 1.0, 2.0)
 BASE = TunedBase(kind="table", lambdas=GRID, temperatures={**{c: (0.2, 0.6, 1.0) for c in CATEGORIES},
@@ -169,22 +169,10 @@ def test_actor_features_are_named_and_need_heads():
                                                        "policy.diversity_heads=false"])
 
 
-def _bins_model(tmp_path, *settings):
-    """The training's own PPO model (kelvin.training._new_model) on a stub env with position bins [2]."""
-    from kelvin.rundir import RunDir
-    from kelvin.training import _new_model
-
-    config = load_config(None, ["env.features.position_bins=[2]", "env.max_new_tokens=6", "env.batch_size=4",
-                                "env.group_size=2", "env.token_prior=false", "ppo.n_steps=4", "ppo.batch_size=8",
-                                *settings])
-    env = TemperatureVecEnv(config.env, lm=StubLM(), reward=NO_EMBEDDER, prompts=STUB_PROMPTS)
-    return (config, env, *_new_model(config, RunDir(tmp_path), env, start_at_base=True))
-
-
 def test_position_bins_reach_the_actor_unnormalised(tmp_path):
     """A run with position bins (kelvin.training._new_model): the bins' one-hot columns pass the normaliser raw,
     like λ, so a rare bin reads 1, not ~(1 - p) / sqrt(p (1 - p)), and the export's statistics leave them alone."""
-    config, env, model, vec = _bins_model(tmp_path)
+    config, env, model, vec = bins_model(tmp_path)
     names = config.env.feature_spec().names
     bins = [names.index("position_bin_0"), names.index("position_bin_1")]
     assert vec.raw_columns == [names.index("diversity"), *bins]
@@ -202,7 +190,7 @@ def test_position_bins_reach_the_actor_unnormalised(tmp_path):
 def test_with_position_bins_each_bin_explores_with_its_own_noise(tmp_path):
     """gSDE on the bins' one-hot: a row's noise is its exploration matrix's entry for its bin, with that bin's std,
     so the start's and the finish's noise are independent draws (through the shared latent they were not)."""
-    config, env, model, vec = _bins_model(tmp_path, "ppo.policy_kwargs.log_std_init=-2.0")
+    config, env, model, vec = bins_model(tmp_path, "ppo.policy_kwargs.log_std_init=-2.0")
     policy = model.policy
     names = config.env.feature_spec().names
     bins = [names.index("position_bin_0"), names.index("position_bin_1")]

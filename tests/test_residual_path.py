@@ -14,6 +14,7 @@ from kelvin.rundir import RunDir
 from policies.actions import ActionMapping
 from policies.features import FeatureSettings, FeatureSpec
 from policies.tuned_base import TunedBase, TunedBasePolicy
+from stub_lm import bins_model
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "residual_path.py"
 _spec = importlib.util.spec_from_file_location("residual_path", _PATH)
@@ -60,6 +61,36 @@ def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
     chosen = residual_path.checkpoints(run, config, every=2)
     assert [u for u, _ in chosen] == [2, 4, None]
     assert chosen[0][1].name == "step_128.zip" and chosen[-1][1] == tmp_path
+
+
+def test_exploration_per_bin_and_through_the_shared_latent(tmp_path):
+    """--noise: with position bins the noise is one draw per bin (std exp(log_std[bin]), the bins uncorrelated, two
+    states in one bin the same draw); with the actor's latent (bins off) the correlation is the latents' cosine
+    under diag(std²), by hand."""
+    config, env, model, vec = bins_model(tmp_path, "ppo.policy_kwargs.log_std_init=-2.0")
+    policy = model.policy
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([[-2.0], [-1.0]]))
+    vec.reset()
+    obs = residual_path.states(config.env.feature_spec(), [0.0, 1.0], [0, 1, 4], "math")  # bins 0, 0, 1 at each λ
+    std, corr = residual_path.exploration_of(policy, vec, obs)
+    e1, e2 = torch.exp(torch.tensor(-2.0)), torch.exp(torch.tensor(-1.0))
+    torch.testing.assert_close(std, torch.stack([e1, e1, e2] * 2))
+    torch.testing.assert_close(corr[:3, :3], torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    env.close()
+    config, env, model, vec = bins_model(tmp_path, "policy.diversity_heads=false")  # no heads: SB3's MlpPolicy
+    policy = model.policy
+    assert vec.raw_columns == [config.env.feature_spec().index(f"position_bin_{i}") for i in (0, 1)]
+    vec.reset()
+    std, corr = residual_path.exploration_of(policy, vec, obs[[0, 2]])
+    with torch.no_grad():
+        x = torch.as_tensor(vec.normalize_obs(obs[[0, 2]].numpy()))
+        latent = policy.mlp_extractor.forward_actor(policy.extract_features(x))
+        w = torch.exp(policy.log_std[:, 0]) ** 2
+    a, b = latent[0], latent[1]
+    torch.testing.assert_close(std, torch.stack([(a * a * w).sum().sqrt(), (b * b * w).sum().sqrt()]))
+    torch.testing.assert_close(corr[0, 1], (a * b * w).sum() / (std[0] * std[1]))
+    env.close()
 
 
 @pytest.mark.slow
