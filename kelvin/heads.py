@@ -69,8 +69,8 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 
     ``noise_columns`` (the position bins' one-hot columns, raw): gSDE's noise is ``onehot(bin) @ W``, one weight
     and one learned std per bin, in place of ``latent_pi @ W``. Exploration is still held over the tokens of a
-    bin, but the bins' noises are independent: through the shared latent they were correlated (-0.4 to -0.8 with
-    standardised bins, +0.4 to +0.7 raw), so the return of a hot start was credited to the finish too, and the
+    bin, but the bins' noises are independent: through the shared latent they were correlated (-0.3 to -0.8 with
+    standardised bins, +0.4 to +0.8 raw), so the return of a hot start was credited to the finish too, and the
     finish's learned direction followed the correlation's sign (docs/results.md). None: SB3's latent noise."""
 
     def __init__(self, *args, heads: Sequence[float], diversity_col: int,
