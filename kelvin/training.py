@@ -301,13 +301,13 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     grid, names = head_grid(config), config.env.feature_spec().names
     # position-bin one-hots pass unnormalised: standardised ([4] of 16 tokens), the start read (+1.7, -1.7) and the
     # finish (-0.59, +0.59), -2.9 times it: a larger latent at the start, and gSDE noise ~2.5x the finish's
-    raw = [i for i, name in enumerate(names) if name.startswith("position_bin_")]
+    raw = bins = [i for i, name in enumerate(names) if name.startswith("position_bin_")]
     if grid is not None:  # one output per λ of the grid; they read λ itself, left unnormalised
-        policy, raw = DiversityHeadsPolicy, [names.index("diversity")] + raw
+        policy, raw = DiversityHeadsPolicy, [names.index("diversity")] + bins
         kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0],
                                    "actor_columns": config.actor_columns(),
                                    "twin_rows": config.env.group_size if tc.twin_groups else None,
-                                   "noise_columns": raw[1:] if config.ppo.use_sde else None}
+                                   "noise_columns": bins if config.ppo.use_sde else None}
     if tc.normalize_obs or tc.normalize_reward:
         normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
         vec = PartialVecNormalize(env, raw_columns=raw, **normalize) if raw else VecNormalize(env, **normalize)

@@ -86,9 +86,7 @@ def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.
         return None
     x = obs if vec is None else torch.as_tensor(vec.normalize_obs(obs.numpy()), dtype=torch.float32)
     with torch.no_grad():
-        features = policy.extract_features(x) * getattr(policy, "actor_mask", 1.0)
-        columns = getattr(policy, "noise_columns", None)
-        latent = x[:, columns] if columns else policy.mlp_extractor.forward_actor(features)
+        latent = policy.get_distribution(x)._latent_sde  # the latent the policy's own noise reads (SB3 keeps it)
         var_w = policy.action_dist.get_std(policy.log_std)[:, 0] ** 2  # (latent,)
         cov = (latent * var_w) @ latent.T
     std = cov.diagonal().sqrt()
