@@ -40,7 +40,9 @@ from policies.features import FeatureSpec  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run directory with base.json (a residual policy) and checkpoints/")
-    p.add_argument("--lambdas", default="0.5,1,1.5,2", help="comma-separated λ values (default 0.5,1,1.5,2)")
+    p.add_argument("--lambdas", default=None,
+                   help="comma-separated λ values (default: the λ > 0 the run draws from env.diversity_values, "
+                        "else 0.5,1,1.5,2)")
     p.add_argument("--positions", default="0,15", help="comma-separated token positions (default 0,15)")
     p.add_argument("--category", default="math", help="the category one-hot (default math; ignored without one)")
     p.add_argument("--noise", action="store_true", help="also the gSDE exploration noise: std and correlation")
@@ -101,6 +103,13 @@ def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int
     return chosen + ([(None, run.path)] if run.model_file.is_file() else [])
 
 
+def default_lambdas(config: KelvinConfig) -> list[float]:
+    """The λ columns to read when none are given: the λ > 0 the run trained on (``env.diversity_values``; a λ it
+    never drew reads a head no update reached), else 0.5, 1, 1.5, 2 over a drawn range."""
+    drawn = sorted({float(v) for v in config.env.diversity_values or () if v > 0})
+    return drawn or [0.5, 1.0, 1.5, 2.0]
+
+
 def reads_only_what_states_set(config: KelvinConfig) -> bool:
     """Whether the actor reads nothing but what :func:`states` sets: position (and its bins), λ, the category."""
     set_here = {n for n in config.env.feature_spec().names if n.startswith(("position_bin_", "category_"))}
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = RunDir(args.run)
     config = run.load_config()
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else default_lambdas(config)
     positions = [int(x) for x in args.positions.split(",")]
     warnings: list[str] = []
     base, _ = load_base_policy(args.run, config, warnings)

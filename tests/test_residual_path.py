@@ -49,6 +49,12 @@ def test_mapped_temperatures_leave_out_the_rate_limit():
     torch.testing.assert_close(residual_path.mapped_temperatures(base, obs), torch.tensor([0.6, 0.9, 1.2]))
 
 
+def test_default_lambdas_are_the_positive_values_the_run_draws():
+    assert residual_path.default_lambdas(load_config(None, ["env.diversity_values=[2.0,0.0,1.0,1.0]"])) == [1.0, 2.0]
+    assert residual_path.default_lambdas(load_config(None, ["env.diversity_values=[0.0]"])) == [0.5, 1.0, 1.5, 2.0]
+    assert residual_path.default_lambdas(load_config(None)) == [0.5, 1.0, 1.5, 2.0]  # drawn from diversity_range
+
+
 def test_checkpoints_every_nth_update_then_the_final_model(tmp_path):
     config = load_config(None, ["env.batch_size=8", "env.group_size=4", "ppo.n_steps=8", "ppo.batch_size=64"])  # 64 an update
     (tmp_path / "checkpoints").mkdir()
