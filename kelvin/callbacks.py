@@ -372,7 +372,8 @@ class ResidualPull(AfterEachUpdate):
         keep = self.keep.to(dtype=net.weight.dtype, device=net.weight.device)
         with torch.no_grad():
             net.weight.mul_(keep.view(-1, 1))
-            net.bias.mul_(keep)
+            if net.bias is not None:  # policy.actor_bias false: none
+                net.bias.mul_(keep)
 
 
 class SnapshotCheckpoint(AfterEachUpdate):

@@ -267,6 +267,16 @@ class PolicyConfig:
     critic always reads all. Needs diversity heads. Why: a residual that can only depend on position and λ has a
     handful of directions to learn where the whole observation has dozens (docs/results.md, section "a
     residual on position and λ alone stays on its base": it stopped the losses, and gained nothing)."""
+    actor_bias: StrictBool = True
+    """Whether the actor's output layer (the diversity heads) has a bias. False, with ``ppo.policy_kwargs.net_arch:
+    {pi: [], vf: [64, 64]}`` and ``actor_features`` the position bins alone, makes the residual a table: one weight
+    per (bin, λ head), none shared, so the gradient of one bin or λ moves no other cell (through shared hidden
+    layers and biases it moves them all: docs/results.md). Needs diversity heads."""
+    actor_lr_scale: FiniteFloat = Field(1.0, gt=0.0, examples=[10.0])
+    """The actor's output layer learns at this multiple of ``ppo.learning_rate`` (the rest of the actor, its noise
+    and the critic at the rate itself). An Adam step moves one weight by about the rate, so a table (``actor_bias``)
+    moves its cells ~10-30x slower than an MLP moves its output; this gives it the pace without raising the
+    critic's rate. Needs diversity heads."""
 
     @model_validator(mode="before")
     @classmethod
@@ -360,6 +370,15 @@ class KelvinConfig:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
         self.actor_columns()  # names it and says the fix before a run starts
+        heads_only = [k for k, default in (("actor_bias", True), ("actor_lr_scale", 1.0))
+                      if getattr(self.policy, k) != default]
+        if heads_only:
+            from kelvin.heads import head_grid
+
+            if head_grid(self) is None:
+                raise ValueError(f"policy.{heads_only[0]} sets the diversity heads' output layer, but this run has one "
+                                 "output (policy.diversity_heads false, env.features.include_diversity false or one "
+                                 f"λ): enable the heads or drop policy.{heads_only[0]}")
         pull = self.policy.residual_pull
         if isinstance(pull, list):
             from kelvin.heads import head_grid

@@ -71,11 +71,22 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
     and one learned std per bin, in place of ``latent_pi @ W``. Exploration is still held over the tokens of a
     bin, but the bins' noises are independent: through the shared latent they were correlated (-0.3 to -0.8 with
     standardised bins, +0.4 to +0.8 raw), so the return of a hot start was credited to the finish too, and the
-    finish's learned direction followed the correlation's sign (docs/results.md). None: SB3's latent noise."""
+    finish's learned direction followed the correlation's sign (docs/results.md). None: SB3's latent noise.
+
+    ``action_bias`` (``policy.actor_bias``): whether ``action_net`` has a bias. With no hidden actor layers
+    (``net_arch: {pi: [], ...}``) and an actor that reads only the one-hot bins, the residual without a bias is
+    one weight per (bin, head): a table, in which one cell's gradient moves no other cell.
+
+    ``action_lr_scale`` (``policy.actor_lr_scale``): ``action_net`` learns at this multiple of the learning rate
+    (the other parameters at the rate itself). An Adam step moves a table's cell by about the rate, where an MLP's
+    output moves by the sum of many weights' steps, so a bare table needs a larger rate to move as far; the critic
+    keeps its own."""
 
     def __init__(self, *args, heads: Sequence[float], diversity_col: int,
                  actor_columns: Sequence[int] | None = None, twin_rows: int | None = None,
-                 noise_columns: Sequence[int] | None = None, **kwargs):
+                 noise_columns: Sequence[int] | None = None, action_bias: bool = True,
+                 action_lr_scale: float = 1.0, **kwargs):
+        self.action_bias, self.action_lr_scale = bool(action_bias), float(action_lr_scale)
         self.twin_rows = None if twin_rows is None else int(twin_rows)
         self.noise_columns = None if not noise_columns else [int(c) for c in noise_columns]
         self.heads = [float(x) for x in heads]
@@ -89,7 +100,8 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         return {**super()._get_constructor_parameters(), "heads": self.heads, "diversity_col": self.diversity_col,
-                "actor_columns": self.actor_columns, "twin_rows": self.twin_rows, "noise_columns": self.noise_columns}
+                "actor_columns": self.actor_columns, "twin_rows": self.twin_rows, "noise_columns": self.noise_columns,
+                "action_bias": self.action_bias, "action_lr_scale": self.action_lr_scale}
 
     def reset_noise(self, n_envs: int = 1) -> None:
         super().reset_noise(n_envs)
@@ -107,7 +119,7 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
         super()._build(lr_schedule)
         # L outputs in place of 1, initialised as SB3 initialises action_net (orthogonal, gain 0.01); a residual
         # policy zeroes it (kelvin.training), so at update 0 every head is 0 and the policy is the base
-        self.action_net = torch.nn.Linear(self.mlp_extractor.latent_dim_pi, len(self.heads))
+        self.action_net = torch.nn.Linear(self.mlp_extractor.latent_dim_pi, len(self.heads), bias=self.action_bias)
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
         self.register_buffer("head_grid", torch.tensor(self.heads, dtype=torch.float32))
@@ -120,6 +132,27 @@ class DiversityHeadsPolicy(ActorCriticPolicy):
                              persistent=False)
         # the optimizer was built over the old action_net's parameters: rebuild it over the current ones
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        if self.action_lr_scale != 1.0:
+            self._scale_action_lr()
+
+    def _scale_action_lr(self) -> None:
+        """action_net in its own parameter group, whose step runs at ``action_lr_scale`` times the group's lr (SB3
+        sets every group's lr to the schedule's value before each update; the hooks scale it for the step only)."""
+        head = {id(p) for p in self.action_net.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in head]},
+                  {"params": list(self.action_net.parameters()), "lr_scale": self.action_lr_scale}]
+        self.optimizer = self.optimizer_class(groups, lr=self.optimizer.defaults["lr"], **self.optimizer_kwargs)
+
+        def scale(optimizer, *_):
+            for group in optimizer.param_groups:
+                group["lr"] *= group.get("lr_scale", 1.0)
+
+        def unscale(optimizer, *_):
+            for group in optimizer.param_groups:
+                group["lr"] /= group.get("lr_scale", 1.0)
+
+        self.optimizer.register_step_pre_hook(scale)
+        self.optimizer.register_step_post_hook(unscale)
 
     def _distribution(self, latent_pi: torch.Tensor, obs: torch.Tensor):
         weights = interpolation_weights(self.head_grid, obs[:, self.diversity_col].float())  # (B, L)

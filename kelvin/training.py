@@ -307,7 +307,9 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
         kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "heads": list(grid), "diversity_col": raw[0],
                                    "actor_columns": config.actor_columns(),
                                    "twin_rows": config.env.group_size if tc.twin_groups else None,
-                                   "noise_columns": bins if config.ppo.use_sde else None}
+                                   "noise_columns": bins if config.ppo.use_sde else None,
+                                   "action_bias": config.policy.actor_bias,
+                                   "action_lr_scale": config.policy.actor_lr_scale}
     if tc.normalize_obs or tc.normalize_reward:
         normalize = dict(norm_obs=tc.normalize_obs, norm_reward=tc.normalize_reward, gamma=config.ppo.gamma)
         vec = PartialVecNormalize(env, raw_columns=raw, **normalize) if raw else VecNormalize(env, **normalize)
@@ -322,7 +324,8 @@ def zero_residual(model: PPO) -> None:
     """Set the actor's last layer (the residual on the base) to zero: the deterministic policy is then the base."""
     with torch.no_grad():
         model.policy.action_net.weight.zero_()
-        model.policy.action_net.bias.zero_()
+        if model.policy.action_net.bias is not None:  # policy.actor_bias false: none
+            model.policy.action_net.bias.zero_()
 
 
 def _learn(s: _Session) -> Exception | None:

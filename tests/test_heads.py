@@ -218,3 +218,85 @@ def test_with_position_bins_each_bin_explores_with_its_own_noise(tmp_path):
 def _saved(model, tmp_path):
     model.save(tmp_path / "bins.zip")
     return tmp_path / "bins.zip"
+
+
+TABLE = ("ppo.policy_kwargs.net_arch={pi: [], vf: [8]}", "policy.actor_features=[position_bin_0,position_bin_1]")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_without_a_bias_the_bare_actor_is_a_table_and_one_cell_moves_alone(tmp_path, bias):
+    """``policy.actor_bias: false`` with no hidden actor layers and the bins alone: the residual at (bin b, head h) is
+    the weight W[h, b], and a gradient step on one cell leaves every other cell where it was. With the bias, the
+    same step moves the other bin too (the coupling the table removes)."""
+    config, env, model, vec = bins_model(tmp_path, *TABLE, f"policy.actor_bias={str(bias).lower()}")
+    policy, names = model.policy, config.env.feature_spec().names
+    bins, grid = [names.index("position_bin_0"), names.index("position_bin_1")], policy.heads
+    assert (policy.action_net.bias is not None) == bias and not policy.action_net.weight.any()  # starts at the base
+    obs = torch.as_tensor(vec.reset()[:1].repeat(2 * len(grid), 0))
+    for i, (lam, b) in enumerate((lam, b) for lam in grid for b in range(2)):
+        obs[i, bins] = torch.tensor([1.0 - b, float(b)])
+        obs[i, policy.diversity_col] = lam
+    with torch.no_grad():
+        policy.action_net.weight.normal_()
+    mean = lambda: policy.get_distribution(obs).distribution.mean.flatten().detach()  # noqa: E731
+    before = mean()
+    if not bias:
+        torch.testing.assert_close(before, policy.action_net.weight[:, bins].flatten())  # row-major: head, bin
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    policy.get_distribution(obs[:1]).distribution.mean.sum().backward()  # raise the start at λ = grid[0] only
+    optimizer.step()
+    moved = (mean() - before).abs() > 1e-6
+    assert moved[0] and moved[1:].any() == bias
+    env.close()
+
+
+def test_a_table_without_a_bias_zeroes_pulls_exports_and_reloads(tmp_path):
+    config, env, model, vec = bins_model(tmp_path, *TABLE, "policy.actor_bias=false")
+    from kelvin.callbacks import ResidualPull
+
+    with torch.no_grad():
+        model.policy.action_net.weight.fill_(0.5)
+    pull = ResidualPull(0.2)
+    pull.init_callback(model)
+    pull.after_update()  # no bias to scale: the weights alone
+    torch.testing.assert_close(model.policy.action_net.weight, torch.full_like(model.policy.action_net.weight, 0.4))
+    vec.reset()
+    raw = vec.get_original_obs().copy()
+    raw[:, config.env.feature_spec().index("position_bin_1")] = [0.0, 1.0, 0.0, 1.0]  # two rows in each bin
+    raw[:, config.env.feature_spec().index("position_bin_0")] = [1.0, 0.0, 1.0, 0.0]
+    spec, mapping = env.feature_spec, env.action_mapping
+    sb3, _ = model.predict(vec.normalize_obs(raw), deterministic=True)
+    actor = learned_policy(model, vec, spec, mapping, base=BASE)
+    expected = (TunedBasePolicy(BASE, spec, mapping).actions(torch.as_tensor(raw)) + torch.as_tensor(sb3[:, 0]))
+    torch.testing.assert_close(actor.actions(torch.as_tensor(raw)), expected.clamp(-1, 1), atol=1e-6, rtol=0)
+    out = export_learned(model.policy, tmp_path / "export", spec, mapping, model={"name": "stub", "vocab_size": 8},
+                         obs_normalization=normalization_stats(vec), diversity_range=(0.0, 2.0), base=BASE)
+    assert torch.equal(load_policy(out).actions(torch.as_tensor(raw)), actor.actions(torch.as_tensor(raw)))
+    loaded = PPO.load(_saved(model, tmp_path), device="cpu")
+    assert loaded.policy.action_net.bias is None and not loaded.policy.action_bias
+    torch.testing.assert_close(loaded.policy.action_net.weight, model.policy.action_net.weight)
+    with pytest.raises(Exception, match="policy.actor_bias"):
+        load_config(None, ["policy.actor_bias=false", "policy.diversity_heads=false"])
+    env.close()
+
+
+def test_actor_lr_scale_steps_the_output_layer_at_its_multiple_of_the_rate(tmp_path):
+    """The training's own Adam, first step (each weight moves by the group's rate, whatever its gradient): the
+    output layer moves 10 x 0.01, every other parameter (critic, hidden layers, noise) 0.01; the rate SB3 sets is
+    back after the step, and the scale survives save / load."""
+    config, env, model, vec = bins_model(tmp_path, "policy.actor_lr_scale=10.0", "ppo.learning_rate=0.01")
+    policy = model.policy
+    for p in policy.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    policy.optimizer.step()
+    for name, p in policy.named_parameters():
+        expected = 0.1 if name.startswith("action_net.") else 0.01
+        torch.testing.assert_close((before[name] - p.detach()).abs(), torch.full_like(p, expected), rtol=1e-4, atol=0)
+    assert [g["lr"] for g in policy.optimizer.param_groups] == [0.01, 0.01]
+    loaded = PPO.load(_saved(model, tmp_path), device="cpu")
+    assert loaded.policy.action_lr_scale == 10.0 and len(loaded.policy.optimizer.param_groups) == 2
+    with pytest.raises(Exception, match="policy.actor_lr_scale"):
+        load_config(None, ["policy.actor_lr_scale=10.0", "policy.diversity_heads=false"])
+    env.close()
