@@ -15,6 +15,8 @@ timesteps over a rollout's samples (``ppo.n_steps`` x ``env.workers`` x ``env.ba
 ``--noise`` adds, under each checkpoint's line, the training's gSDE exploration at the same states: the action
 noise's std at each, and the correlation of the first and the last position's noise at each λ (one exploration
 matrix serves a whole rollout, so correlated noise credits one position's return to the other's action).
+``--coupling`` adds the cosine of the first and the last position's gradients of the mean action over the actor's
+parameters, at each λ: how far a step that moves one position moves the other (0 for a table residual).
 
 (docs/results.md quotes it.)
 """
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="0,15", help="comma-separated token positions (default 0,15)")
     p.add_argument("--category", default="math", help="the category one-hot (default math; ignored without one)")
     p.add_argument("--noise", action="store_true", help="also the gSDE exploration noise: std and correlation")
+    p.add_argument("--coupling", action="store_true",
+                   help="also the cosine of the first and last position's gradients over the actor's parameters")
     p.add_argument("--every", type=int, default=10, help="read every N-th update's checkpoint (default 10)")
     return p
 
@@ -95,6 +99,31 @@ def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.
     return std, cov / torch.outer(std, std)
 
 
+def coupling(target: str | Path, obs: torch.Tensor) -> torch.Tensor:
+    """:func:`coupling_of` the model at ``target`` (a run or a checkpoint)."""
+    _, model_file, norm_file = model_files(target)
+    model = load_ppo(model_file)
+    vec = None if norm_file is None else load_vecnormalize(norm_file, step=model.num_timesteps)
+    return coupling_of(model.policy, vec, obs)
+
+
+def coupling_of(policy, vec, obs: torch.Tensor) -> torch.Tensor:
+    """(B, B): the cosine between the states' gradients of the deterministic action over the actor's parameters
+    (its layers and output; not the critic's, not the noise). Near 1: a step that moves one state's action moves the
+    other's alike; 0: they move apart (a table's cells, or heads the states' λ do not mix)."""
+    x = obs if vec is None else torch.as_tensor(vec.normalize_obs(obs.numpy()), dtype=torch.float32)
+    params = [p for name, p in policy.named_parameters()
+              if name.startswith(("action_net.", "mlp_extractor.policy_net.", "pi_features_extractor."))]
+    rows = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(policy.get_distribution(x[i:i + 1]).distribution.mean.sum(), params,
+                                    allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel()) if g is None else g.flatten() for g, p in zip(grads, params)]))
+    g = torch.stack(rows)
+    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return g @ g.T
+
+
 def checkpoints(run: RunDir, config: KelvinConfig, every: int) -> list[tuple[int | None, Path]]:
     """(update, path) of every ``every``-th update's checkpoint, then the final model (None, the run) once the run
     has one (so a run still training can be read)."""
@@ -137,12 +166,16 @@ def main(argv=None) -> int:
         diff = mapped_temperatures(policy, obs) - base_t
         label = "final" if update is None else str(update)
         print(f"{label:>8s}  " + "  ".join(f"{d:+11.3f}" for d in diff.tolist()), flush=True)
+        ends = [(i * len(positions), (i + 1) * len(positions) - 1) for i in range(len(lambdas))]
         noise = exploration(path, obs) if args.noise else None
         if noise is not None:
             std, corr = noise
-            ends = [(i * len(positions), (i + 1) * len(positions) - 1) for i in range(len(lambdas))]
             print(f"{'noise':>8s}  " + "  ".join(f"{s:11.3f}" for s in std.tolist()) + "   corr(first, last): "
                   + "  ".join(f"λ={lam:g} {corr[a, b]:+.2f}" for lam, (a, b) in zip(lambdas, ends)), flush=True)
+        if args.coupling:
+            cos = coupling(path, obs)
+            print(f"{'coupling':>8s}  gradient cosine(first, last): "
+                  + "  ".join(f"λ={lam:g} {cos[a, b]:+.2f}" for lam, (a, b) in zip(lambdas, ends)), flush=True)
     for w in dict.fromkeys(warnings):
         print(f"warning: {w}", file=sys.stderr)
     return 0

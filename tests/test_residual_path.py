@@ -107,3 +107,20 @@ def test_on_the_smoke_run_the_last_checkpoint_reads_as_the_final_model(smoke_run
     rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.split()[0] == "update")) + 1:]]
     assert [r[0] for r in rows] == ["1", "2", "3", "final"]  # 96 steps of 32-sample rollouts, a checkpoint each
     assert rows[2][1:] == rows[3][1:] and len(rows[3]) == 5
+
+
+@pytest.mark.parametrize("bias, cosine", [(False, 0.0), (True, 0.5)])
+def test_coupling_of_a_bare_actor_by_hand(tmp_path, bias, cosine):
+    """--coupling on a bare output layer reading the bins alone: a state's gradient is its head's row of
+    [onehot(bin), 1 (the bias)], so the start and the finish at one λ have cosine 1/2 with a bias and 0 without
+    (a table); states at different λ heads share no parameter: 0."""
+    config, env, model, vec = bins_model(tmp_path, "ppo.policy_kwargs.net_arch={pi: [], vf: [8]}",
+                                         "policy.actor_features=[position_bin_0,position_bin_1]",
+                                         f"policy.actor_bias={str(bias).lower()}")
+    vec.reset()
+    obs = residual_path.states(config.env.feature_spec(), [1.0, 2.0], [0, 4], "math")  # bins 0, 1 at each λ
+    cos = residual_path.coupling_of(model.policy, vec, obs)
+    expected = torch.tensor([[1.0, cosine, 0.0, 0.0], [cosine, 1.0, 0.0, 0.0],
+                             [0.0, 0.0, 1.0, cosine], [0.0, 0.0, cosine, 1.0]])
+    torch.testing.assert_close(cos, expected, atol=1e-6, rtol=0)
+    env.close()
