@@ -275,8 +275,9 @@ class PolicyConfig:
     actor_lr_scale: FiniteFloat = Field(1.0, gt=0.0, examples=[10.0])
     """The actor's output layer learns at this multiple of ``ppo.learning_rate`` (the rest of the actor, its noise
     and the critic at the rate itself). An Adam step moves one weight by about the rate, so a table (``actor_bias``)
-    moves its cells ~10-30x slower than an MLP moves its output; this gives it the pace without raising the
-    critic's rate. Needs diversity heads."""
+    moves its cells far slower than an MLP, whose output sums many weights' steps; at 10 a table moved as far as the
+    MLP did in 128 updates (docs/results.md, "a table residual"), without raising the critic's rate. Needs
+    diversity heads."""
 
     @model_validator(mode="before")
     @classmethod

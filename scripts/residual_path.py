@@ -80,10 +80,14 @@ def exploration(target: str | Path, obs: torch.Tensor) -> tuple[torch.Tensor, to
     its std (B,) and correlation matrix (B, B) across the states (``latent @ W`` with one matrix W for all:
     cov = latent diag(std_W²) latentᵀ; the latent is the actor's, or the bins' one-hot with ``noise_columns``).
     None for a model without gSDE."""
+    return exploration_of(*_policy_and_normaliser(target), obs)
+
+
+def _policy_and_normaliser(target: str | Path):
+    """The SB3 policy of the model at ``target`` (a run or a checkpoint) and its normaliser (None: none)."""
     _, model_file, norm_file = model_files(target)
     model = load_ppo(model_file)
-    vec = None if norm_file is None else load_vecnormalize(norm_file, step=model.num_timesteps)
-    return exploration_of(model.policy, vec, obs)
+    return model.policy, None if norm_file is None else load_vecnormalize(norm_file, step=model.num_timesteps)
 
 
 def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -101,16 +105,14 @@ def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def coupling(target: str | Path, obs: torch.Tensor) -> torch.Tensor:
     """:func:`coupling_of` the model at ``target`` (a run or a checkpoint)."""
-    _, model_file, norm_file = model_files(target)
-    model = load_ppo(model_file)
-    vec = None if norm_file is None else load_vecnormalize(norm_file, step=model.num_timesteps)
-    return coupling_of(model.policy, vec, obs)
+    return coupling_of(*_policy_and_normaliser(target), obs)
 
 
 def coupling_of(policy, vec, obs: torch.Tensor) -> torch.Tensor:
     """(B, B): the cosine between the states' gradients of the deterministic action over the actor's parameters
     (its layers and output; not the critic's, not the noise). Near 1: a step that moves one state's action moves the
-    other's alike; 0: they move apart (a table's cells, or heads the states' λ do not mix)."""
+    other's alike; 0: a step for one leaves the other where it is (a table's cells, or heads the states' λ do not
+    mix)."""
     x = obs if vec is None else torch.as_tensor(vec.normalize_obs(obs.numpy()), dtype=torch.float32)
     params = [p for name, p in policy.named_parameters()
               if name.startswith(("action_net.", "mlp_extractor.policy_net.", "pi_features_extractor."))]
