@@ -371,20 +371,17 @@ class KelvinConfig:
             raise ValueError(f"policy.base={self.policy.base!r} is tuned per λ and reads λ from the observation, but "
                              "env.features.include_diversity is false: set it true, or policy.base: none")
         self.actor_columns()  # names it and says the fix before a run starts
+        from kelvin.heads import head_grid
+
+        grid = head_grid(self)
         heads_only = [k for k, default in (("actor_bias", True), ("actor_lr_scale", 1.0))
                       if getattr(self.policy, k) != default]
-        if heads_only:
-            from kelvin.heads import head_grid
-
-            if head_grid(self) is None:
-                raise ValueError(f"policy.{heads_only[0]} sets the diversity heads' output layer, but this run has one "
-                                 "output (policy.diversity_heads false, env.features.include_diversity false or one "
-                                 f"λ): enable the heads or drop policy.{heads_only[0]}")
+        if heads_only and grid is None:
+            raise ValueError(f"policy.{heads_only[0]} sets the diversity heads' output layer, but this run has one "
+                             "output (policy.diversity_heads false, env.features.include_diversity false or one λ): "
+                             f"enable the heads or drop policy.{heads_only[0]}")
         pull = self.policy.residual_pull
         if isinstance(pull, list):
-            from kelvin.heads import head_grid
-
-            grid = head_grid(self)
             if grid is None or len(pull) != len(grid):
                 heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
                 raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "

@@ -75,14 +75,6 @@ def mapped_temperatures(policy: TemperaturePolicy, obs: torch.Tensor) -> torch.T
         return policy.action_mapping.to_temperature(policy.actions(obs))
 
 
-def exploration(target: str | Path, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """gSDE's action noise of the model at ``target`` (a run or a checkpoint) at raw observations ``obs`` (B, F):
-    its std (B,) and correlation matrix (B, B) across the states (``latent @ W`` with one matrix W for all:
-    cov = latent diag(std_W²) latentᵀ; the latent is the actor's, or the bins' one-hot with ``noise_columns``).
-    None for a model without gSDE."""
-    return exploration_of(*_policy_and_normaliser(target), obs)
-
-
 def _policy_and_normaliser(target: str | Path):
     """The SB3 policy of the model at ``target`` (a run or a checkpoint) and its normaliser (None: none)."""
     _, model_file, norm_file = model_files(target)
@@ -91,7 +83,10 @@ def _policy_and_normaliser(target: str | Path):
 
 
 def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`exploration` of a loaded SB3 policy and its normaliser (None: no normalisation)."""
+    """gSDE's action noise of a loaded SB3 policy and its normaliser (None: none) at raw observations ``obs``
+    (B, F): its std (B,) and correlation matrix (B, B) across the states (``latent @ W`` with one matrix W for all:
+    cov = latent diag(std_W²) latentᵀ; the latent is the actor's, or the bins' one-hot with ``noise_columns``).
+    None for a model without gSDE."""
     if not policy.use_sde:
         return None
     x = obs if vec is None else torch.as_tensor(vec.normalize_obs(obs.numpy()), dtype=torch.float32)
@@ -101,11 +96,6 @@ def exploration_of(policy, vec, obs: torch.Tensor) -> tuple[torch.Tensor, torch.
         cov = (latent * var_w) @ latent.T
     std = cov.diagonal().sqrt()
     return std, cov / torch.outer(std, std)
-
-
-def coupling(target: str | Path, obs: torch.Tensor) -> torch.Tensor:
-    """:func:`coupling_of` the model at ``target`` (a run or a checkpoint)."""
-    return coupling_of(*_policy_and_normaliser(target), obs)
 
 
 def coupling_of(policy, vec, obs: torch.Tensor) -> torch.Tensor:
@@ -169,13 +159,14 @@ def main(argv=None) -> int:
         label = "final" if update is None else str(update)
         print(f"{label:>8s}  " + "  ".join(f"{d:+11.3f}" for d in diff.tolist()), flush=True)
         ends = [(i * len(positions), (i + 1) * len(positions) - 1) for i in range(len(lambdas))]
-        noise = exploration(path, obs) if args.noise else None
+        loaded = _policy_and_normaliser(path) if args.noise or args.coupling else None  # once for both
+        noise = exploration_of(*loaded, obs) if args.noise else None
         if noise is not None:
             std, corr = noise
             print(f"{'noise':>8s}  " + "  ".join(f"{s:11.3f}" for s in std.tolist()) + "   corr(first, last): "
                   + "  ".join(f"λ={lam:g} {corr[a, b]:+.2f}" for lam, (a, b) in zip(lambdas, ends)), flush=True)
         if args.coupling:
-            cos = coupling(path, obs)
+            cos = coupling_of(*loaded, obs)
             print(f"{'coupling':>8s}  gradient cosine(first, last): "
                   + "  ".join(f"λ={lam:g} {cos[a, b]:+.2f}" for lam, (a, b) in zip(lambdas, ends)), flush=True)
     for w in dict.fromkeys(warnings):
