@@ -54,7 +54,8 @@ class TemperatureVecEnv(VecEnv):
     log-probability, repetition, anomaly (and tempered entropy, off by default). At the end of the
     group: coherence to the prompt, text anomaly, correctness on answerable prompts, and the diversity
     of each sample against the other samples of its group (semantic distance, novel bigrams). Every
-    component is in the step ``info`` (``reward_components``).
+    component is in the step ``info`` (``reward_components``), with the training signal's credit terms
+    (``CREDIT_TERMS``: what a sample's tokens did to the others' diversity; no weight in the reward).
 
     ## Starting State
     The rows come in groups of ``group_size``: K samples of one prompt from the configured split

@@ -19,8 +19,8 @@ from anomaly.prior import build_token_prior
 from envs.config import EnvConfig
 from envs.lm import CausalLM
 from envs.prompts import Prompt, load_prompts
-from envs.rewards import (EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction, closes_repeated_ngram,
-                          twin_of)
+from envs.rewards import (CREDIT_TERMS, EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction,
+                          closes_repeated_ngram, twin_of)
 from envs.side_threads import SideThreads
 from policies.features import Featurizer
 from samplers.core import sample
@@ -78,7 +78,7 @@ class EpisodeState:
             temps=torch.zeros((batch, width), device=device), logps=torch.zeros((batch, width), device=device),
             ended=np.zeros(batch, dtype=bool), ended_by_eos=np.zeros(batch, dtype=bool),
             held_obs=torch.zeros((batch, obs_dim), device=device), ep_return=np.zeros(batch, dtype=np.float64),
-            components={k: np.zeros(batch) for k in STEP_COMPONENTS + EPISODE_COMPONENTS},
+            components={k: np.zeros(batch) for k in STEP_COMPONENTS + EPISODE_COMPONENTS + CREDIT_TERMS},
             waited=np.zeros(batch, dtype=np.int64), start=np.full(batch, time.perf_counter()),
         )
 
@@ -401,7 +401,7 @@ class GenerationCore:
                     finished: Future | None) -> dict[str, np.ndarray]:
         """Every component of this step (B,) float32: per token on active rows, per completion on ``done_rows``."""
         components = {k: np.where(active, v.detach().cpu().numpy(), 0.0).astype(np.float32) for k, v in step.items()}
-        for k in EPISODE_COMPONENTS:
+        for k in EPISODE_COMPONENTS + CREDIT_TERMS:
             components[k] = np.zeros(self.B, dtype=np.float32)
         if finished is not None:
             for k, v in finished.result().items():

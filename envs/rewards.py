@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ from envs.answers import is_correct
 from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
 __all__ = ["RewardConfig", "RewardFunction", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
-           "COMPONENTS", "GROUP_DIVERSITY_COMPONENTS", "closes_repeated_ngram", "leave_one_out_baseline"]
+           "COMPONENTS", "GROUP_DIVERSITY_COMPONENTS", "CREDIT_TERMS", "closes_repeated_ngram",
+           "leave_one_out_baseline", "ngram_effect_on_others"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
@@ -67,6 +68,10 @@ DIVERSITY_COMPONENTS = ("entropy", "group_semantic", "group_ngram")
 """Components scaled by the group's diversity dial λ (the rest are quality, unscaled)."""
 GROUP_DIVERSITY_COMPONENTS = ("group_semantic", "group_ngram")
 """Diversity components measured across a group's samples (``reward.group_diversity_credit`` scales them in training)."""
+CREDIT_TERMS = ("group_ngram_effect",)
+"""Per-completion terms of the training signal only (no reward weight; summed per episode like the components):
+``group_ngram_effect`` is what a completion's tokens did to the other samples' ``group_ngram``
+(:func:`ngram_effect_on_others`), read by ``reward.group_diversity_credit: exact``."""
 
 
 def twin_of(rows: np.ndarray, group_size: int) -> np.ndarray:
@@ -116,13 +121,23 @@ class RewardConfig:
     the expected policy gradient does not change (the other samples' quality does not depend on this
     sample's actions), and its variance drops. Diversity is not baselined (each sample's diversity
     depends on the others' tokens). Validation and evaluation report absolute returns (off there)."""
-    group_diversity_credit: StrictFloat = Field(2.0, ge=0, allow_inf_nan=False)
-    """Training signal (with ``group_baseline``): at the end of a group, each sample's group diversity return
-    (``group_semantic``, ``group_ngram``, times λ) counts this many times. A sample's diversity is its distance
-    to the others, but its tokens also move the others' distance to it, which their rewards carry, not its own:
-    for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
+    group_diversity_credit: Union[Literal["exact"], StrictFloat] = 2.0
+    """Training signal (with ``group_baseline`` or twins): at the end of a group, each sample's group diversity
+    return (``group_semantic``, ``group_ngram``, times λ) counts this many times. A sample's diversity is its
+    distance to the others, but its tokens also move the others' distance to it, which their rewards carry, not
+    its own: for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
     diversity is exactly twice its own term. 1 (the plain return) under-credits diversity, which pulls PPO
-    cooler than the optimum of the absolute return; 2 (the default) credits a sample with all of it."""
+    cooler than the optimum of the absolute return; 2 (the default) credits ``group_semantic`` with all of it,
+    but ``group_ngram`` is not symmetric: a completion's tokens change the others' share of unshared bigrams by
+    less than its own (0.38 of it, measured on one run's base at λ = 1), so 2 over-credits it and pulls PPO
+    hotter than that optimum. ``exact``: its own terms plus what its tokens did to the others' (``group_semantic``
+    its own term again, ``group_ngram`` :func:`ngram_effect_on_others`): the gradient of the group's total."""
+
+    def __post_init__(self):
+        credit = self.group_diversity_credit
+        if credit != "exact" and not (math.isfinite(credit) and credit >= 0):
+            raise ValueError(f"reward.group_diversity_credit={credit!r}: give a number >= 0 (2 credits a sample's "
+                             "group diversity twice) or 'exact'")
 
     @property
     def needs_embedder(self) -> bool:
@@ -153,6 +168,23 @@ def leave_one_out_baseline(groups: Sequence[Sequence[int]], quality: np.ndarray)
         if idx.size > 1:
             q = quality[idx]
             out[idx] = -(q.sum() - q) / (idx.size - 1)
+    return out
+
+
+def ngram_effect_on_others(group: Sequence[Sequence[int]], n: int = 2) -> np.ndarray:
+    """What each sample's tokens did to the other samples' ``group_ngram`` (K,): ``sum over j != i of
+    novel(j | the others) - novel(j | the others but i)``. Never positive (a sample can only share bigrams
+    another would otherwise have alone); the subtracted term does not depend on sample i, so as i's training
+    credit it adds no bias. Eg. a = (1 2 3), b = (2 3 4), c = (5 6): a takes b's bigram (2 3), which only a
+    shares, from b's 2: effect of a = -1/2, of b = -1/2, of c = 0."""
+    k = len(group)
+    out = np.zeros(k, dtype=np.float32)
+    for i in range(k):
+        for j in range(k):
+            if j != i:
+                others = [group[m] for m in range(k) if m != j]
+                without_i = [group[m] for m in range(k) if m not in (i, j)]
+                out[i] += novel_ngram_fraction(group[j], others, n) - novel_ngram_fraction(group[j], without_i, n)
     return out
 
 
@@ -233,9 +265,14 @@ class RewardFunction:
         return out if diversity is None else out + self._extra_diversity_credit(episode_sums, diversity)
 
     def _extra_diversity_credit(self, episode_sums: dict[str, np.ndarray], diversity: np.ndarray) -> np.ndarray:
-        """``group_diversity_credit - 1`` times each episode's group diversity return at its λ: (R,)."""
-        spread = sum(self._diversity.get(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64)
-                     for k in GROUP_DIVERSITY_COMPONENTS)
+        """``group_diversity_credit - 1`` times each episode's group diversity return at its λ, or with ``exact``
+        what its tokens did to the others' group diversity at its λ: (R,)."""
+        weight = self._diversity.get
+        if self.config.group_diversity_credit == "exact":
+            others = (weight("group_semantic", 0.0) * np.asarray(episode_sums["group_semantic"], dtype=np.float64)
+                      + weight("group_ngram", 0.0) * np.asarray(episode_sums["group_ngram_effect"], dtype=np.float64))
+            return np.asarray(diversity, dtype=np.float64) * others
+        spread = sum(weight(k, 0.0) * np.asarray(episode_sums[k], dtype=np.float64) for k in GROUP_DIVERSITY_COMPONENTS)
         return (self.config.group_diversity_credit - 1.0) * np.asarray(diversity, dtype=np.float64) * spread
 
     def twin_baseline(self, twin: np.ndarray, episode_sums: dict[str, np.ndarray], diversity: np.ndarray) -> np.ndarray:
@@ -271,11 +308,14 @@ class RewardFunction:
             "coherence": np.zeros(r, dtype=np.float32),
             "group_semantic": np.zeros(r, dtype=np.float32),
             "group_ngram": np.zeros(r, dtype=np.float32),
+            "group_ngram_effect": np.zeros(r, dtype=np.float32),
         }
         for members in groups:
-            for i in members:
-                others = [completion_tokens[j] for j in members if j != i]
-                out["group_ngram"][i] = novel_ngram_fraction(completion_tokens[i], others, 2)
+            members = list(members)
+            tokens = [completion_tokens[i] for i in members]
+            out["group_ngram_effect"][members] = ngram_effect_on_others(tokens)
+            for n, i in enumerate(members):
+                out["group_ngram"][i] = novel_ngram_fraction(tokens[n], tokens[:n] + tokens[n + 1:], 2)
         if not c.needs_embedder or r == 0:
             return out
         emb = self.embedder.encode(list(completions))  # (R, D), unit norm

@@ -24,7 +24,7 @@ import torch
 from envs.config import EnvConfig
 from envs.lm import CausalLM
 from envs.prompts import CATEGORIES, Prompt
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig
+from envs.rewards import CREDIT_TERMS, EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig
 from policies.actions import ActionMapping
 
 V = 8
@@ -190,7 +190,7 @@ def check_exact_autoreset(env) -> None:
         for r in range(4):
             info = infos[r]
             old_prompt = prompt_of(r)
-            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS)
+            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS + CREDIT_TERMS)
             if not dones[r]:  # the row goes on, untouched by the others' resets
                 assert "terminal_observation" not in info and "episode" not in info
                 assert "TimeLimit.truncated" not in info
