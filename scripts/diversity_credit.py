@@ -1,0 +1,162 @@
+"""Does the training signal credit a sample with what its tokens did to its group? A check on real rollouts.
+
+A sample's reward carries its own diversity terms (``group_semantic``, ``group_ngram``: its distance to the other
+samples of its group), but its tokens also move the others' terms, which their rewards carry. The training return
+adds that through ``reward.group_diversity_credit``: ``2`` counts the sample's own terms twice (exact for a
+symmetric pairwise measure), ``exact`` adds what its tokens did to the others (envs/rewards.py). This script
+measures which is right, on a run's tuned base and any split: one row of every group (row % K == 0) deviates from
+the base by ``--delta`` action units on its first ``--first`` tokens, the other rows keep the base, and with the
+env's per-row uniforms their tokens stay what they were. Per group it compares the deviating sample's change in
+quality and in its own diversity terms with the change in the others' terms, and prints, with paired 95% intervals
+over the groups, each credit's training signal for the deviation against the group's true change (the change of
+the sum of its samples' absolute returns, the objective validation scores):
+
+    .venv/bin/python scripts/diversity_credit.py runs/trisnr-s1 --split train --prompts 86 --seeds 4 --lam 1
+
+A credit that over-counts what the deviation does to the others steers PPO past the optimum in the direction that
+raises the sample's own diversity (hotter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from envs.rewards import GROUP_DIVERSITY_COMPONENTS  # noqa: E402
+from kelvin.tuning import quality_diversity  # noqa: E402
+from kelvin.validation import paired_margin  # noqa: E402
+from policies.base import TemperaturePolicy  # noqa: E402
+
+
+class OneRowDeviation(TemperaturePolicy):
+    """A policy plus ``delta`` action units on the first ``first`` tokens of one row per group (row % K == 0)."""
+
+    name = "one-row-deviation"
+
+    def __init__(self, policy: TemperaturePolicy, delta: float, first: int, group_size: int, horizon: int):
+        super().__init__(policy.feature_spec, policy.action_mapping)
+        self.policy, self.delta, self.first, self.group_size, self.horizon = policy, delta, first, group_size, horizon
+
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        act = self.policy.actions(obs, episode_start)
+        row = torch.arange(obs.shape[0], device=obs.device) % self.group_size == 0
+        early = torch.round(obs[:, self._position_col] * self.horizon) < self.first
+        return (act + torch.where(row & early, self.delta, 0.0)).clamp(-1.0, 1.0)
+
+
+def deviation_terms(before: list[dict], after: list[dict], group_size: int, reward_config) -> dict[str, np.ndarray]:
+    """Per group (G,): the deviating sample's (row % K == 0) change in weighted quality (``quality_own``) and
+    weighted diversity (``diversity_own``), the others' summed changes (``quality_others``, ``diversity_others``),
+    the same for each group component (``group_semantic_own`` ...), and the change of its ``group_ngram_effect``
+    credit term. ``before`` / ``after``: the same env and seed's episodes of the base and of
+    :class:`OneRowDeviation`, row for row."""
+    if [(e["row"], e["k"], e["prompt_id"]) for e in before] != [(e["row"], e["k"], e["prompt_id"]) for e in after]:
+        raise ValueError("the two runs' episodes differ in rows or prompts: run both on the same env and seed")
+    q0, d0 = quality_diversity(before, reward_config)
+    q1, d1 = quality_diversity(after, reward_config)
+    weights = reward_config.weights()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, e in enumerate(before):
+        groups.setdefault((int(e["row"]) // group_size, int(e["k"])), []).append(n)
+    names = ["quality_own", "quality_others", "diversity_own", "diversity_others", "ngram_effect_own",
+             *[f"{c}_{who}" for c in GROUP_DIVERSITY_COMPONENTS for who in ("own", "others")]]
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for key in sorted(groups):
+        members = groups[key]
+        own = [n for n in members if int(before[n]["row"]) % group_size == 0]
+        others = [n for n in members if int(before[n]["row"]) % group_size != 0]
+        if len(own) != 1 or len(others) != group_size - 1:
+            raise ValueError(f"group {key}: {len(members)} episodes, not one deviating row and {group_size - 1} others")
+        i = own[0]
+        out["quality_own"].append(q1[i] - q0[i])
+        out["quality_others"].append(sum(q1[n] - q0[n] for n in others))
+        out["diversity_own"].append(d1[i] - d0[i])
+        out["diversity_others"].append(sum(d1[n] - d0[n] for n in others))
+        effect = [e["reward_components"].get("group_ngram_effect", np.nan) for e in (before[i], after[i])]
+        out["ngram_effect_own"].append(weights["group_ngram"] * (effect[1] - effect[0]))
+        for c in GROUP_DIVERSITY_COMPONENTS:
+            change = [after[n]["reward_components"][c] - before[n]["reward_components"][c] for n in members]
+            out[f"{c}_own"].append(weights[c] * change[members.index(i)])
+            out[f"{c}_others"].append(weights[c] * (sum(change) - change[members.index(i)]))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def credit_signals(terms: dict[str, np.ndarray], lam: float) -> dict[str, np.ndarray]:
+    """Per group: the deviating sample's training signal for its deviation under each credit (``credit 1``,
+    ``credit 2``, ``exact``) and the group's true change (``group``: every sample's absolute return summed)."""
+    own = terms["quality_own"]
+    semantic = terms["group_semantic_own"]
+    return {
+        "credit 1": own + lam * terms["diversity_own"],
+        "credit 2": own + 2.0 * lam * terms["diversity_own"],
+        "exact": own + lam * (terms["diversity_own"] + semantic + terms["ngram_effect_own"]),
+        "group": own + terms["quality_others"] + lam * (terms["diversity_own"] + terms["diversity_others"]),
+    }
+
+
+def _interval(values: np.ndarray) -> str:
+    m = paired_margin(values, np.zeros_like(values), 2000, 0)
+    return f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a finished run directory with base.json")
+    p.add_argument("--split", default="train")
+    p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
+    p.add_argument("--seeds", type=int, default=2, help="random streams (validation seeds 0..N-1)")
+    p.add_argument("--lam", type=float, default=1.0, help="the dial λ of every group")
+    p.add_argument("--delta", type=float, default=0.5, help="the deviation, in action units")
+    p.add_argument("--first", type=int, default=4, help="the deviation's first tokens")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.first < 1:
+        p.error(f"--seeds and --first must be >= 1; got {args.seeds} and {args.first}")
+
+    from envs.lm import load_causal_lm
+    from envs.prompts import load_prompts
+    from kelvin.evaluation.policies import load_base_policy
+    from kelvin.rundir import RunDir
+    from kelvin.validation import Validation
+
+    config = RunDir(args.run).load_config()
+    low, high = config.env.diversity_bounds
+    if not low <= args.lam <= high:
+        p.error(f"--lam {args.lam:g}: must lie in the run's range [{low:g}, {high:g}]")
+    k = config.env.group_size
+    n = args.prompts or len(load_prompts(split=args.split))
+    config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n,
+                                           validation_diversity=(args.lam,), validation_streams=1))
+    lm = load_causal_lm(config.model)
+    base, _ = load_base_policy(args.run, config, [])
+    deviation = OneRowDeviation(base, args.delta, args.first, k, config.env.max_new_tokens)
+    parts: list[dict[str, np.ndarray]] = []
+    for seed in range(args.seeds):
+        validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
+        try:
+            parts.append(deviation_terms(validation.episodes(base), validation.episodes(deviation), k, config.reward))
+        finally:
+            validation.close()
+    terms = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    print(f"{args.run}, {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
+          f"row 0 of each group {args.delta:+g} action on its first {args.first} tokens ({len(terms['quality_own'])} "
+          "groups); changes, weighted:")
+    for name, values in terms.items():
+        print(f"  {name:24s} {_interval(values)}")
+    for c in GROUP_DIVERSITY_COMPONENTS:
+        own, others = terms[f"{c}_own"].mean(), terms[f"{c}_others"].mean()
+        print(f"  {c}: the others' change / the sample's own = {others / own:+.2f} (credit 2 assumes +1)")
+    print("training signal of the deviation vs the group's true change:")
+    for name, values in credit_signals(terms, args.lam).items():
+        print(f"  {name:10s} {_interval(values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
