@@ -5,7 +5,8 @@ samples of its group), but its tokens also move the others' terms, which their r
 adds that through ``reward.group_diversity_credit``: ``2`` counts the sample's own terms twice (exact for a
 symmetric pairwise measure), ``exact`` adds what its tokens did to the others (envs/rewards.py). This script
 measures which is right, on a run's tuned base and any split: one row of every group (row % K == 0) deviates from
-the base by ``--delta`` action units on its first ``--first`` tokens, the other rows keep the base, and with the
+the base by ``--delta`` action units on the tokens ``--tokens A:B`` (positions A..B-1, default the first 4), the
+other rows keep the base, and with the
 env's per-row uniforms their tokens stay what they were. Per group it compares the deviating sample's change in
 quality and in its own diversity terms with the change in the others' terms, and prints, with paired 95% intervals
 over the groups, each credit's training signal for the deviation against the group's true change (the change of
@@ -36,19 +37,22 @@ from policies.base import TemperaturePolicy  # noqa: E402
 
 
 class OneRowDeviation(TemperaturePolicy):
-    """A policy plus ``delta`` action units on the first ``first`` tokens of one row per group (row % K == 0)."""
+    """A policy plus ``delta`` action units on the tokens at positions ``tokens`` = (A, B), A..B-1, of one row per
+    group (row % K == 0)."""
 
     name = "one-row-deviation"
 
-    def __init__(self, policy: TemperaturePolicy, delta: float, first: int, group_size: int, horizon: int):
+    def __init__(self, policy: TemperaturePolicy, delta: float, tokens: tuple[int, int], group_size: int,
+                 horizon: int):
         super().__init__(policy.feature_spec, policy.action_mapping)
-        self.policy, self.delta, self.first, self.group_size, self.horizon = policy, delta, first, group_size, horizon
+        self.policy, self.delta, self.tokens, self.group_size, self.horizon = policy, delta, tokens, group_size, horizon
 
     def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
         act = self.policy.actions(obs, episode_start)
         row = torch.arange(obs.shape[0], device=obs.device) % self.group_size == 0
-        early = torch.round(obs[:, self._position_col] * self.horizon) < self.first
-        return (act + torch.where(row & early, self.delta, 0.0)).clamp(-1.0, 1.0)
+        position = torch.round(obs[:, self._position_col] * self.horizon)
+        inside = (position >= self.tokens[0]) & (position < self.tokens[1])
+        return (act + torch.where(row & inside, self.delta, 0.0)).clamp(-1.0, 1.0)
 
 
 def deviation_terms(before: list[dict], after: list[dict], group_size: int, reward_config) -> dict[str, np.ndarray]:
@@ -114,10 +118,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="random streams (validation seeds 0..N-1)")
     p.add_argument("--lam", type=float, default=1.0, help="the dial λ of every group")
     p.add_argument("--delta", type=float, default=0.5, help="the deviation, in action units")
-    p.add_argument("--first", type=int, default=4, help="the deviation's first tokens")
+    p.add_argument("--tokens", default="0:4", help="A:B, the deviation's token positions A..B-1 (0:4 the first 4)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.first < 1:
-        p.error(f"--seeds and --first must be >= 1; got {args.seeds} and {args.first}")
+    try:
+        tokens = tuple(int(v) for v in args.tokens.split(":"))
+        if len(tokens) != 2 or not 0 <= tokens[0] < tokens[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--tokens takes A:B with 0 <= A < B (4:16: every token after the first 4); got {args.tokens!r}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1; got {args.seeds}")
 
     from envs.lm import load_causal_lm
     from envs.prompts import load_prompts
@@ -135,7 +145,7 @@ def main(argv=None) -> int:
                                            validation_diversity=(args.lam,), validation_streams=1))
     lm = load_causal_lm(config.model)
     base, _ = load_base_policy(args.run, config, [])
-    deviation = OneRowDeviation(base, args.delta, args.first, k, config.env.max_new_tokens)
+    deviation = OneRowDeviation(base, args.delta, tokens, k, config.env.max_new_tokens)
     parts: list[dict[str, np.ndarray]] = []
     for seed in range(args.seeds):
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
             validation.close()
     terms = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     print(f"{args.run}, {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
-          f"row 0 of each group {args.delta:+g} action on its first {args.first} tokens ({len(terms['quality_own'])} "
+          f"row 0 of each group {args.delta:+g} action on tokens {tokens[0]}..{tokens[1] - 1} ({len(terms['quality_own'])} "
           "groups); changes, weighted:")
     for name, values in terms.items():
         print(f"  {name:24s} {_interval(values)}")

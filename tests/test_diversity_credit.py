@@ -30,11 +30,13 @@ def test_one_row_of_each_group_deviates_on_its_first_tokens():
     spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
     mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)  # T = 1.2 (action + 1): T 0.6 is action -0.5
     base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 0.6)}), spec, mapping)
-    obs = torch.zeros(4, spec.dim)
-    obs[:, spec.index("position")] = torch.tensor([0.0, 0.0, 3.0, 4.0]) / 8
-    deviation = diversity_credit.OneRowDeviation(base, 0.25, first=4, group_size=2, horizon=8)
-    # rows 0 and 2 lead their groups of 2; row 2 is at token 3 (inside the first 4), row 1 follows row 0
-    torch.testing.assert_close(deviation.actions(obs), torch.tensor([-0.25, -0.5, -0.25, -0.5]))
+    obs = torch.zeros(6, spec.dim)
+    obs[:, spec.index("position")] = torch.tensor([0.0, 0.0, 3.0, 4.0, 4.0, 2.0]) / 8
+    first = diversity_credit.OneRowDeviation(base, 0.25, tokens=(0, 4), group_size=2, horizon=8)
+    # rows 0, 2 and 4 lead their groups of 2; row 2 is at token 3 (inside the first 4), row 4 at token 4 (outside)
+    torch.testing.assert_close(first.actions(obs), torch.tensor([-0.25, -0.5, -0.25, -0.5, -0.5, -0.5]))
+    later = diversity_credit.OneRowDeviation(base, 0.25, tokens=(4, 8), group_size=2, horizon=8)
+    torch.testing.assert_close(later.actions(obs), torch.tensor([-0.5, -0.5, -0.5, -0.5, -0.25, -0.5]))
 
 
 def test_credit_signals_by_hand():
