@@ -121,17 +121,18 @@ class RewardConfig:
     the expected policy gradient does not change (the other samples' quality does not depend on this
     sample's actions), and its variance drops. Diversity is not baselined (each sample's diversity
     depends on the others' tokens). Validation and evaluation report absolute returns (off there)."""
-    group_diversity_credit: Union[Literal["exact"], StrictFloat] = 2.0
+    group_diversity_credit: Union[Literal["exact"], StrictFloat] = "exact"
     """Training signal (with ``group_baseline`` or twins): at the end of a group, each sample's group diversity
     return (``group_semantic``, ``group_ngram``, times λ) counts this many times. A sample's diversity is its
     distance to the others, but its tokens also move the others' distance to it, which their rewards carry, not
     its own: for a symmetric pairwise measure (``group_semantic``) the sample's whole effect on its group's total
     diversity is exactly twice its own term. 1 (the plain return) under-credits diversity, which pulls PPO
-    cooler than the optimum of the absolute return; 2 (the default) credits ``group_semantic`` with all of it,
-    but ``group_ngram`` is not symmetric: a completion's tokens change the others' share of unshared bigrams by
-    less than its own (0.38 of it, measured on one run's base at λ = 1), so 2 over-credits it and pulls PPO
-    hotter than that optimum. ``exact``: its own terms plus what its tokens did to the others' (``group_semantic``
-    its own term again, ``group_ngram`` :func:`ngram_effect_on_others`): the gradient of the group's total."""
+    cooler than the optimum of the absolute return; 2 (the default until Dec 6) credits ``group_semantic`` with
+    all of it, but ``group_ngram`` is not symmetric: a completion's tokens change the others' share of unshared
+    bigrams by less than its own (0.38 of it, measured on one run's base at λ = 1), so 2 over-credits it and pulls
+    PPO hotter than that optimum. ``exact`` (the default): its own terms plus what its tokens did to the others'
+    (``group_semantic`` its own term again, ``group_ngram`` :func:`ngram_effect_on_others`): the gradient of the
+    group's total (scripts/diversity_credit.py measures both on real rollouts)."""
 
     def __post_init__(self):
         credit = self.group_diversity_credit

@@ -14,6 +14,8 @@ the sum of its samples' absolute returns, the objective validation scores):
 
     .venv/bin/python scripts/diversity_credit.py runs/trisnr-s1 --split train --prompts 86 --seeds 4 --lam 1
 
+``--at learned`` deviates from the run's learned policy instead: the slope PPO follows where it ended.
+
 A credit that over-counts what the deviation does to the others steers PPO past the optimum in the direction that
 raises the sample's own diversity (hotter).
 """
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="random streams (validation seeds 0..N-1)")
     p.add_argument("--lam", type=float, default=1.0, help="the dial λ of every group")
     p.add_argument("--delta", type=float, default=0.5, help="the deviation, in action units")
+    p.add_argument("--at", choices=("base", "learned"), default="base",
+                   help="the policy the row deviates from: the run's tuned base or its learned policy")
     p.add_argument("--tokens", default="0:4", help="A:B, the deviation's token positions A..B-1 (0:4 the first 4)")
     args = p.parse_args(argv)
     try:
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
 
     from envs.lm import load_causal_lm
     from envs.prompts import load_prompts
-    from kelvin.evaluation.policies import load_base_policy
+    from kelvin.evaluation.policies import load_base_policy, load_learned_policy
     from kelvin.rundir import RunDir
     from kelvin.validation import Validation
 
@@ -144,17 +148,19 @@ def main(argv=None) -> int:
     config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n,
                                            validation_diversity=(args.lam,), validation_streams=1))
     lm = load_causal_lm(config.model)
-    base, _ = load_base_policy(args.run, config, [])
-    deviation = OneRowDeviation(base, args.delta, tokens, k, config.env.max_new_tokens)
+    load = load_base_policy if args.at == "base" else load_learned_policy
+    policy = load(args.run, config, [])[0]
+    deviation = OneRowDeviation(policy, args.delta, tokens, k, config.env.max_new_tokens)
     parts: list[dict[str, np.ndarray]] = []
     for seed in range(args.seeds):
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
         try:
-            parts.append(deviation_terms(validation.episodes(base), validation.episodes(deviation), k, config.reward))
+            parts.append(deviation_terms(validation.episodes(policy), validation.episodes(deviation), k,
+                                         config.reward))
         finally:
             validation.close()
     terms = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    print(f"{args.run}, {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
+    print(f"{args.run} ({args.at}), {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
           f"row 0 of each group {args.delta:+g} action on tokens {tokens[0]}..{tokens[1] - 1} ({len(terms['quality_own'])} "
           "groups); changes, weighted:")
     for name, values in terms.items():
