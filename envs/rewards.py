@@ -176,8 +176,8 @@ def ngram_effect_on_others(group: Sequence[Sequence[int]], n: int = 2) -> np.nda
     """What each sample's tokens did to the other samples' ``group_ngram`` (K,): ``sum over j != i of
     novel(j | the others) - novel(j | the others but i)``. Never positive (a sample can only share bigrams
     another would otherwise have alone); the subtracted term does not depend on sample i, so as i's training
-    credit it adds no bias. Eg. a = (1 2 3), b = (2 3 4), c = (5 6): a takes b's bigram (2 3), which only a
-    shares, from b's 2: effect of a = -1/2, of b = -1/2, of c = 0."""
+    credit it adds no bias. E.g. a = (1 2 3) and b = (2 3 4) share (2 3), which c = (5 6) lacks: each costs the
+    other one of its 2 bigrams, so the effects are -1/2, -1/2 and 0."""
     k = len(group)
     out = np.zeros(k, dtype=np.float32)
     for i in range(k):
