@@ -61,7 +61,7 @@ def deviation_terms(before: list[dict], after: list[dict], group_size: int, rewa
     """Per group (G,): the deviating sample's (row % K == 0) change in weighted quality (``quality_own``) and
     weighted diversity (``diversity_own``), the others' summed changes (``quality_others``, ``diversity_others``),
     the same for each group component (``group_semantic_own`` ...), and the change of its ``group_ngram_effect``
-    credit term. ``before`` / ``after``: the same env and seed's episodes of the base and of
+    credit term. ``before`` / ``after``: the same env and seed's episodes of a policy and of its
     :class:`OneRowDeviation`, row for row."""
     if [(e["row"], e["k"], e["prompt_id"]) for e in before] != [(e["row"], e["k"], e["prompt_id"]) for e in after]:
         raise ValueError("the two runs' episodes differ in rows or prompts: run both on the same env and seed")
@@ -101,7 +101,7 @@ def credit_signals(terms: dict[str, np.ndarray], lam: float) -> dict[str, np.nda
     semantic = terms["group_semantic_own"]
     return {
         "credit 1": own + lam * terms["diversity_own"],
-        "credit 2": own + 2.0 * lam * terms["diversity_own"],
+        "credit 2": own + lam * (terms["diversity_own"] + semantic + terms["group_ngram_own"]),
         "exact": own + lam * (terms["diversity_own"] + semantic + terms["ngram_effect_own"]),
         "group": own + terms["quality_others"] + lam * (terms["diversity_own"] + terms["diversity_others"]),
     }
