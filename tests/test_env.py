@@ -18,7 +18,7 @@ from envs.config import EnvConfig
 from envs.generation import TemperatureEnv, TemperatureVecEnv
 from envs.generation_core import GenerationCore
 from envs.prompts import Prompt
-from envs.rewards import EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction
+from envs.rewards import CREDIT_TERMS, EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction
 from kelvin.config_loading import load_config
 from policies.actions import ActionMapping
 from stub_lm import (HORIZON, NO_EMBEDDER, STUB_PROMPTS, SYMMETRIC, StubLM, check_exact_autoreset, obs_col, stub_config,
@@ -150,7 +150,7 @@ def test_real_model_vecenv_contract(lm):
             assert term.shape == (dim,) and term.dtype == np.float32
             assert term[pos] == pytest.approx(n_tokens[r] / 6)
             assert obs[r, pos] == 0.0
-            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS)
+            assert set(info["reward_components"]) == set(STEP_COMPONENTS + EPISODE_COMPONENTS + CREDIT_TERMS)
             assert all(math.isfinite(v) for v in info["reward_components"].values())
             assert isinstance(info["completion"], str)
             if info["TimeLimit.truncated"]:
