@@ -179,13 +179,13 @@ def ngram_effect_on_others(group: Sequence[Sequence[int]], n: int = 2) -> np.nda
     credit it adds no bias. E.g. a = (1 2 3) and b = (2 3 4) share (2 3), which c = (5 6) lacks: each costs the
     other one of its 2 bigrams, so the effects are -1/2, -1/2 and 0."""
     k = len(group)
+    with_all = [novel_ngram_fraction(group[j], [group[m] for m in range(k) if m != j], n) for j in range(k)]
     out = np.zeros(k, dtype=np.float32)
     for i in range(k):
         for j in range(k):
             if j != i:
-                others = [group[m] for m in range(k) if m != j]
                 without_i = [group[m] for m in range(k) if m not in (i, j)]
-                out[i] += novel_ngram_fraction(group[j], others, n) - novel_ngram_fraction(group[j], without_i, n)
+                out[i] += with_all[j] - novel_ngram_fraction(group[j], without_i, n)
     return out
 
 
