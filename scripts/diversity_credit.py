@@ -15,6 +15,8 @@ the sum of its samples' absolute returns, the objective validation scores):
     .venv/bin/python scripts/diversity_credit.py runs/trisnr-s1 --split train --prompts 86 --seeds 4 --lam 1
 
 ``--at learned`` deviates from the run's learned policy instead: the slope PPO follows where it ended.
+``--noise SIGMA`` adds exploration noise to every row, deviating or not, as PPO's samples carry it (the same
+draws in both runs): the slope of the noisy policy PPO measures, which may differ from the deterministic one's.
 
 A credit that over-counts what the deviation does to the others steers PPO past the optimum in the direction that
 raises the sample's own diversity (hotter).
@@ -55,6 +57,40 @@ class OneRowDeviation(TemperaturePolicy):
         position = torch.round(obs[:, self._position_col] * self.horizon)
         inside = (position >= self.tokens[0]) & (position < self.tokens[1])
         return (act + torch.where(row & inside, self.delta, 0.0)).clamp(-1.0, 1.0)
+
+
+class EpisodeNoise(TemperaturePolicy):
+    """A policy plus exploration noise as PPO's gSDE draws it in the position-bin recipes: per row and episode one
+    N(0, ``sigma``²) action offset for each position bin, held for the episode. Row r's e-th episode gets the same
+    offsets in every run built with the same ``seed``, whatever the other rows do."""
+
+    name = "episode-noise"
+
+    def __init__(self, policy: TemperaturePolicy, sigma: float, bins: tuple[int, ...], horizon: int, seed: int):
+        super().__init__(policy.feature_spec, policy.action_mapping)
+        self.policy, self.sigma, self.horizon = policy, sigma, horizon
+        self.edges = torch.tensor(bins, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.table = torch.zeros(0, 0, len(bins) + 1)  # (rows, episodes, bins)
+        self.episode: torch.Tensor | None = None  # (B,) the episode index of each row
+
+    def _offsets(self, rows: int, episodes: int) -> None:
+        while self.table.shape[0] < rows or self.table.shape[1] < episodes:
+            grown = torch.randn(max(rows, self.table.shape[0]), 2 * max(episodes, 8, self.table.shape[1]),
+                                self.table.shape[2], generator=self.generator) * self.sigma
+            grown[:self.table.shape[0], :self.table.shape[1]] = self.table
+            self.table = grown
+
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        act = self.policy.actions(obs, episode_start)
+        position = torch.round(obs[:, self._position_col] * self.horizon).long().cpu()
+        if self.episode is None or self.episode.shape[0] != obs.shape[0]:
+            self.episode = torch.full((obs.shape[0],), -1, dtype=torch.long)
+        self.episode += (position == 0).long()
+        self._offsets(obs.shape[0], int(self.episode.max()) + 1)
+        rows = torch.arange(obs.shape[0])
+        noise = self.table[rows, self.episode.clamp(min=0), torch.bucketize(position, self.edges, right=True)]
+        return (act + noise.to(act)).clamp(-1.0, 1.0)
 
 
 def deviation_terms(before: list[dict], after: list[dict], group_size: int, reward_config) -> dict[str, np.ndarray]:
@@ -123,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--at", choices=("base", "learned"), default="base",
                    help="the policy the row deviates from: the run's tuned base or its learned policy")
     p.add_argument("--tokens", default="0:4", help="A:B, the deviation's token positions A..B-1 (0:4 the first 4)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="every row explores as PPO does: per episode and position bin one N(0, NOISE^2) action "
+                        "offset (the same draws in both runs); 0 (default): deterministic rows")
     args = p.parse_args(argv)
     try:
         tokens = tuple(int(v) for v in args.tokens.split(":"))
@@ -132,6 +171,8 @@ def main(argv=None) -> int:
         p.error(f"--tokens takes A:B with 0 <= A < B (4:16: every token after the first 4); got {args.tokens!r}")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1; got {args.seeds}")
+    if not args.noise >= 0.0:
+        p.error(f"--noise must be >= 0 (action units, e.g. 0.22 for log std -1.5); got {args.noise}")
 
     from envs.lm import load_causal_lm
     from envs.prompts import load_prompts
@@ -150,24 +191,31 @@ def main(argv=None) -> int:
     lm = load_causal_lm(config.model)
     load = load_base_policy if args.at == "base" else load_learned_policy
     policy = load(args.run, config, [])[0]
-    deviation = OneRowDeviation(policy, args.delta, tokens, k, config.env.max_new_tokens)
+    horizon, bins = config.env.max_new_tokens, tuple(config.env.features.position_bins)
+
+    def explored(seed: int) -> TemperaturePolicy:
+        return EpisodeNoise(policy, args.noise, bins, horizon, seed) if args.noise > 0 else policy
+
     parts: list[dict[str, np.ndarray]] = []
     for seed in range(args.seeds):
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
+        deviation = OneRowDeviation(explored(seed), args.delta, tokens, k, horizon)
         try:
-            parts.append(deviation_terms(validation.episodes(policy), validation.episodes(deviation), k,
+            parts.append(deviation_terms(validation.episodes(explored(seed)), validation.episodes(deviation), k,
                                          config.reward))
         finally:
             validation.close()
     terms = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    print(f"{args.run} ({args.at}), {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
+    noise = f", every row ± N(0, {args.noise:g}²) per episode and bin" if args.noise > 0 else ""
+    print(f"{args.run} ({args.at}{noise}), {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
           f"row 0 of each group {args.delta:+g} action on tokens {tokens[0]}..{tokens[1] - 1} ({len(terms['quality_own'])} "
           "groups); changes, weighted:")
     for name, values in terms.items():
         print(f"  {name:24s} {_interval(values)}")
     for c in GROUP_DIVERSITY_COMPONENTS:
         own, others = terms[f"{c}_own"].mean(), terms[f"{c}_others"].mean()
-        print(f"  {c}: the others' change / the sample's own = {others / own:+.2f} (credit 2 assumes +1)")
+        ratio = f"{others / own:+.2f}" if own != 0 else "n/a (its own did not move)"
+        print(f"  {c}: the others' change / the sample's own = {ratio} (credit 2 assumes +1)")
     print("training signal of the deviation vs the group's true change:")
     for name, values in credit_signals(terms, args.lam).items():
         print(f"  {name:10s} {_interval(values)}")

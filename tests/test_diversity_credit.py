@@ -59,3 +59,34 @@ def test_credit_signals_by_hand():
                                                           "group": pytest.approx([2.6])}
     with pytest.raises(ValueError, match="same env and seed"):
         diversity_credit.deviation_terms(before, after[::-1], 2, RewardConfig())
+
+
+def test_episode_noise_is_held_per_episode_and_bin_and_replays_by_seed():
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)
+    base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 0.6)}), spec, mapping)
+
+    def run(seed, positions):  # positions: one list of 3 rows' token positions per step
+        noisy = diversity_credit.EpisodeNoise(base, 0.1, bins=(4,), horizon=8, seed=seed)
+        out = []
+        for step in positions:
+            obs = torch.zeros(3, spec.dim)
+            obs[:, spec.index("position")] = torch.tensor(step, dtype=torch.float32) / 8
+            out.append(noisy.actions(obs) + 0.5)  # the noise alone (the base's action is -0.5)
+        return torch.stack(out), noisy.table
+
+    # two 8-token episodes for rows 0 and 1; row 2 starts its second episode one step late
+    steps = [[p, p, p] for p in range(8)] + [[p, p, max(p - 1, 0) if p else 7] for p in range(8)]
+    noise, table = run(0, steps)
+    for row in range(2):
+        for episode in range(2):
+            block = noise[8 * episode:8 * episode + 8, row]
+            torch.testing.assert_close(block[:4], table[row, episode, 0].expand(4))  # tokens 0-3: bin 0
+            torch.testing.assert_close(block[4:], table[row, episode, 1].expand(4))  # tokens 4-7: bin 1
+    torch.testing.assert_close(noise[9, 2], table[2, 1, 0])  # row 2's second episode starts at step 9
+    torch.testing.assert_close(noise[8, 2], table[2, 0, 1])  # ...and step 8 is still its first episode's last token
+    assert len(set(table[:3, :2].flatten().tolist())) == 12  # independent draws
+    again, _ = run(0, steps)
+    torch.testing.assert_close(again, noise)
+    other, _ = run(1, steps)
+    assert not torch.equal(other, noise)
