@@ -376,6 +376,44 @@ class ResidualPull(AfterEachUpdate):
                 net.bias.mul_(keep)
 
 
+class LogStdSchedule(AfterEachUpdate):
+    """``train.log_std_final``: the policy's log std (every entry: one per gSDE noise column) set from the env steps
+    done, linear from ``start`` at step 0 to ``final`` at ``over`` steps, then held; frozen, so PPO's updates do
+    not move it. Set at the start of training (a resumed run continues on the schedule) and after every update,
+    before the update's snapshot and before the next rollout draws its noise. A rollout cut short by a stop has
+    no update and no change."""
+
+    def __init__(self, start: float, final: float, over: int):
+        super().__init__()
+        self.start, self.final, self.over = float(start), float(final), max(int(over), 1)
+
+    @classmethod
+    def of(cls, config: KelvinConfig) -> list["LogStdSchedule"]:
+        """The run's schedule as a list of callbacks: none without ``train.log_std_final``."""
+        t = config.train
+        if t.log_std_final is None:
+            return []
+        start = config.ppo.policy_kwargs.log_std_init
+        return [cls(start, t.log_std_final, round(t.log_std_anneal * t.total_timesteps))]
+
+    def value(self, step: int) -> float:
+        """The log std after ``step`` env steps."""
+        return self.start + (self.final - self.start) * min(step / self.over, 1.0)
+
+    def _set(self) -> None:
+        with torch.no_grad():
+            self.model.policy.log_std.fill_(self.value(self.model.num_timesteps))
+        if self.model.use_sde:  # SB3 drew the next rollout's noise weights before on_rollout_start: redraw them
+            self.model.policy.reset_noise(self.model.get_env().num_envs)
+
+    def _on_training_start(self) -> None:
+        self.model.policy.log_std.requires_grad_(False)
+        self._set()
+
+    def after_update(self) -> None:
+        self._set()
+
+
 class SnapshotCheckpoint(AfterEachUpdate):
     """Takes a :class:`~kelvin.rundir.Snapshot` after every completed PPO update and writes it as a checkpoint
     every ``train.checkpoint_every`` steps; ends ``learn()`` after the current env step once a stop is requested.

@@ -209,6 +209,15 @@ class TrainConfig:
     """Show a progress bar while training."""
     policy_device: StrictStr = "cpu"
     """Device of the PPO networks (a small MLP: the CPU is usually fastest)."""
+    log_std_final: Optional[FiniteFloat] = Field(None, examples=[-3.0])
+    """An exploration schedule: the policy's log std (gSDE's noise scale, ``ppo.policy_kwargs.log_std_init`` at the
+    start) moves linearly to this value over the first ``log_std_anneal`` of ``total_timesteps``, then holds; it is
+    set after every PPO update and no longer learned (:class:`kelvin.callbacks.LogStdSchedule`). None: PPO learns
+    it from its initial value. Why: PPO climbs the noisy policy's reward, the deterministic one is judged; wide
+    noise finds the λ = 2 gain but prefers a hotter λ = 1 finish than the deterministic policy does, narrow noise
+    keeps the two together but moves slowly (docs/results.md): wide first, narrow to finish."""
+    log_std_anneal: FiniteFloat = Field(1.0, gt=0.0, le=1.0, examples=[0.5])
+    """The fraction of ``total_timesteps`` over which ``log_std_final`` is reached."""
     twin_groups: StrictBool = False
     """Antithetic twins: the training env's groups come in pairs with the same prompt, λ and random numbers
     (envs/generation_core.py), the policy's gSDE noise is mirrored across a pair (kelvin/heads.py), and a row's

@@ -51,8 +51,8 @@ from envs.distributed import make_vec_env
 from envs.lm import load_causal_lm
 from envs.residual import ResidualActionVecEnv
 from kelvin.atomic import RunDirError, SaveError, write_failure, write_text_atomic
-from kelvin.callbacks import (KeepBest, PeriodicValidation, ResidualPull, RolloutStats, SnapshotCheckpoint, TrainingStop,
-                              ValidationStopped, updates)
+from kelvin.callbacks import (KeepBest, LogStdSchedule, PeriodicValidation, ResidualPull, RolloutStats,
+                              SnapshotCheckpoint, TrainingStop, ValidationStopped, updates)
 from kelvin.config import KelvinConfig, model_setting_changes
 from kelvin.config_loading import load_config
 from kelvin.export import export_run
@@ -333,7 +333,8 @@ def _learn(s: _Session) -> Exception | None:
     signal interrupts it at once), else the error to report once the last snapshot is saved: a
     :class:`SaveError` (a checkpoint could not be written) or a crash (a Ray worker died...)."""
     # this order: see kelvin.callbacks (the pull before the update's snapshot)
-    callbacks = CallbackList([s.stats, s.validation, *ResidualPull.of(s.config), s.checkpoint])
+    callbacks = CallbackList([s.stats, s.validation, *ResidualPull.of(s.config), *LogStdSchedule.of(s.config),
+                              s.checkpoint])
     try:
         s.model.learn(total_timesteps=s.config.train.total_timesteps - s.model.num_timesteps, callback=callbacks,
                       tb_log_name=TB_NAME, reset_num_timesteps=s.point is None, progress_bar=s.config.train.progress_bar)

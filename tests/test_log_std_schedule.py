@@ -1,0 +1,69 @@
+"""``train.log_std_final``: the exploration noise's log std follows a linear schedule set after every PPO update,
+frozen against PPO's own updates, and the next rollout's gSDE weights are drawn with the new value. A small PPO
+on Pendulum with gSDE (the callback only touches ``policy.log_std``), and which configs schedule: fast."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+
+from kelvin.callbacks import LogStdSchedule
+from kelvin.config_loading import load_config
+
+N_STEPS = 32
+
+
+class _AtRolloutStart(BaseCallback):
+    """After the schedule: the log std and the std of the gSDE weights the coming rollout explores with."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        policy = self.model.policy
+        self.seen.append((policy.log_std.detach().clone(), policy.action_dist.weights_dist.scale.clone()))
+
+
+def test_the_log_std_follows_the_schedule_is_frozen_and_the_noise_is_redrawn_with_it():
+    model = PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=N_STEPS, batch_size=N_STEPS, n_epochs=2, seed=0,
+                learning_rate=1e-2, use_sde=True, device="cpu")
+    trained = []
+    train = model.train
+
+    def train_and_record():
+        train()
+        trained.append(model.policy.log_std.detach().clone())
+
+    model.train = train_and_record
+    at_start = _AtRolloutStart()
+    # -1 at step 0, -3 from step 64 on: -2 after the first update (32 steps), -3 after the second and third
+    model.learn(3 * N_STEPS, callback=CallbackList([LogStdSchedule(-1.0, -3.0, over=2 * N_STEPS), at_start]))
+    assert [float(log_std.unique()) for log_std, _ in at_start.seen] == [-1.0, -2.0, -3.0]
+    for log_std, scale in at_start.seen:  # the rollout's noise weights were drawn with the scheduled std
+        assert torch.allclose(scale, torch.exp(log_std).expand_as(scale))
+    # PPO's updates left it where the schedule put it before each update: not learned
+    assert [float(log_std.unique()) for log_std in trained] == [-1.0, -2.0, -3.0]
+    assert not model.policy.log_std.requires_grad
+    assert float(model.policy.log_std.unique()) == -3.0
+
+
+def test_the_schedule_values_and_which_configs_have_one():
+    schedule = LogStdSchedule(-1.5, -3.0, over=1000)
+    assert [schedule.value(s) for s in (0, 250, 1000, 5000)] == [-1.5, -1.875, -3.0, -3.0]
+    assert LogStdSchedule.of(load_config("configs/default.yaml")) == []
+    (from_config,) = LogStdSchedule.of(load_config("configs/default.yaml", overrides=[
+        "train.log_std_final=-3.0", "train.log_std_anneal=0.5", "train.total_timesteps=4096",
+        "ppo.policy_kwargs.log_std_init=-1.5"]))
+    assert (from_config.start, from_config.final, from_config.over) == (-1.5, -3.0, 2048)
+    assert math.isclose(from_config.value(1024), -2.25)
+    with pytest.raises(Exception, match=r"train.log_std_anneal"):
+        load_config("configs/default.yaml", overrides=["train.log_std_anneal=0"])
