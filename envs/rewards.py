@@ -59,7 +59,7 @@ from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
 __all__ = ["RewardConfig", "RewardFunction", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
            "COMPONENTS", "GROUP_DIVERSITY_COMPONENTS", "CREDIT_TERMS", "closes_repeated_ngram",
-           "leave_one_out_baseline", "ngram_effect_on_others"]
+           "leave_one_out_baseline", "ngram_effect_on_others", "group_ngram_terms"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
@@ -178,15 +178,22 @@ def ngram_effect_on_others(group: Sequence[Sequence[int]], n: int = 2) -> np.nda
     another would otherwise have alone); the subtracted term does not depend on sample i, so as i's training
     credit it adds no bias. E.g. a = (1 2 3) and b = (2 3 4) share (2 3), which c = (5 6) lacks: each costs the
     other one of its 2 bigrams, so the effects are -1/2, -1/2 and 0."""
+    return group_ngram_terms(group, n)[1]
+
+
+def group_ngram_terms(group: Sequence[Sequence[int]], n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's ``group_ngram`` (its share of n-grams no other sample has) and its
+    :func:`ngram_effect_on_others`, (K,) float32 each; the first is the second's ``novel(j | the others)``, so it
+    is computed once."""
     k = len(group)
     with_all = [novel_ngram_fraction(group[j], [group[m] for m in range(k) if m != j], n) for j in range(k)]
-    out = np.zeros(k, dtype=np.float32)
+    effect = np.zeros(k, dtype=np.float32)
     for i in range(k):
         for j in range(k):
             if j != i:
                 without_i = [group[m] for m in range(k) if m not in (i, j)]
-                out[i] += with_all[j] - novel_ngram_fraction(group[j], without_i, n)
-    return out
+                effect[i] += with_all[j] - novel_ngram_fraction(group[j], without_i, n)
+    return np.asarray(with_all, dtype=np.float32), effect
 
 
 class RewardFunction:
@@ -314,9 +321,7 @@ class RewardFunction:
         for members in groups:
             members = list(members)
             tokens = [completion_tokens[i] for i in members]
-            out["group_ngram_effect"][members] = ngram_effect_on_others(tokens)
-            for n, i in enumerate(members):
-                out["group_ngram"][i] = novel_ngram_fraction(tokens[n], tokens[:n] + tokens[n + 1:], 2)
+            out["group_ngram"][members], out["group_ngram_effect"][members] = group_ngram_terms(tokens)
         if not c.needs_embedder or r == 0:
             return out
         emb = self.embedder.encode(list(completions))  # (R, D), unit norm

@@ -102,6 +102,11 @@ class TemperaturePolicy(abc.ABC):
         (stateful policies reset those rows first); stateless policies ignore it.
         """
 
+    def tokens_done(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B,) float: the tokens each row has generated so far (its ``position`` column times the horizon), the
+        index of the token the action is for."""
+        return torch.round(obs[:, self._position_col] * self.feature_spec.horizon)
+
     # ------------------------------------------------------------------ derived once
     def temperatures(self, obs, episode_start=None) -> torch.Tensor:
         """The (B,) temperatures the env and the samplers apply for this policy on raw observations (B, F).

@@ -500,7 +500,7 @@ class HotColdSchedule(BaselinePolicy):
         self.hot, self.n, self.cold = hot, n, cold
 
     def _temperatures(self, obs, episode_start=None):  # noqa: ARG002 (the protocol; stateless)
-        token = torch.round(self.column(obs, "position") * self.feature_spec.horizon)  # (B,) index of the next token
+        token = self.tokens_done(obs)  # (B,) index of the next token
         return torch.where(token < self.n, _full(obs, self.hot), _full(obs, self.cold))
 
 

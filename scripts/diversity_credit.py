@@ -46,32 +46,34 @@ class OneRowDeviation(TemperaturePolicy):
 
     name = "one-row-deviation"
 
-    def __init__(self, policy: TemperaturePolicy, delta: float, tokens: tuple[int, int], group_size: int,
-                 horizon: int):
+    def __init__(self, policy: TemperaturePolicy, delta: float, tokens: tuple[int, int], group_size: int):
         super().__init__(policy.feature_spec, policy.action_mapping)
-        self.policy, self.delta, self.tokens, self.group_size, self.horizon = policy, delta, tokens, group_size, horizon
+        self.policy, self.delta, self.tokens, self.group_size = policy, delta, tokens, group_size
 
     def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
         act = self.policy.actions(obs, episode_start)
         row = torch.arange(obs.shape[0], device=obs.device) % self.group_size == 0
-        position = torch.round(obs[:, self._position_col] * self.horizon)
+        position = self.tokens_done(obs)
         inside = (position >= self.tokens[0]) & (position < self.tokens[1])
         return (act + torch.where(row & inside, self.delta, 0.0)).clamp(-1.0, 1.0)
 
 
 class EpisodeNoise(TemperaturePolicy):
     """A policy plus exploration noise as PPO's gSDE draws it in the position-bin recipes: per row and episode one
-    N(0, ``sigma``²) action offset for each position bin, held for the episode. Row r's e-th episode gets the same
-    offsets in every run built with the same ``seed``, whatever the other rows do."""
+    N(0, ``sigma``²) action offset for each position bin (the observation's ``position_bin_*`` one-hot; one bin
+    without ``env.features.position_bins``), held for the episode. Row r's e-th episode gets the same offsets in
+    every run built with the same ``seed``, whatever the other rows do."""
 
     name = "episode-noise"
 
-    def __init__(self, policy: TemperaturePolicy, sigma: float, bins: tuple[int, ...], horizon: int, seed: int):
+    def __init__(self, policy: TemperaturePolicy, sigma: float, seed: int):
         super().__init__(policy.feature_spec, policy.action_mapping)
-        self.policy, self.sigma, self.horizon = policy, sigma, horizon
-        self.edges = torch.tensor(bins, dtype=torch.long)
+        self.policy, self.sigma = policy, sigma
+        spec = policy.feature_spec
+        self.bin_cols = [spec.index(f"position_bin_{i}") for i in range(len(spec.position_bins) + 1)] \
+            if spec.position_bins else None
         self.generator = torch.Generator().manual_seed(seed)
-        self.table = torch.zeros(0, 0, len(bins) + 1)  # (rows, episodes, bins)
+        self.table = torch.zeros(0, 0, len(spec.position_bins) + 1)  # (rows, episodes, bins)
         self.episode: torch.Tensor | None = None  # (B,) the episode index of each row
 
     def _offsets(self, rows: int, episodes: int) -> None:
@@ -83,13 +85,14 @@ class EpisodeNoise(TemperaturePolicy):
 
     def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
         act = self.policy.actions(obs, episode_start)
-        position = torch.round(obs[:, self._position_col] * self.horizon).long().cpu()
+        position = self.tokens_done(obs).long().cpu()
         if self.episode is None or self.episode.shape[0] != obs.shape[0]:
             self.episode = torch.full((obs.shape[0],), -1, dtype=torch.long)
         self.episode += (position == 0).long()
         self._offsets(obs.shape[0], int(self.episode.max()) + 1)
         rows = torch.arange(obs.shape[0])
-        noise = self.table[rows, self.episode.clamp(min=0), torch.bucketize(position, self.edges, right=True)]
+        bins = torch.zeros_like(rows) if self.bin_cols is None else obs[:, self.bin_cols].argmax(1).cpu()
+        noise = self.table[rows, self.episode.clamp(min=0), bins]
         return (act + noise.to(act)).clamp(-1.0, 1.0)
 
 
@@ -191,15 +194,14 @@ def main(argv=None) -> int:
     lm = load_causal_lm(config.model)
     load = load_base_policy if args.at == "base" else load_learned_policy
     policy = load(args.run, config, [])[0]
-    horizon, bins = config.env.max_new_tokens, tuple(config.env.features.position_bins)
 
     def explored(seed: int) -> TemperaturePolicy:
-        return EpisodeNoise(policy, args.noise, bins, horizon, seed) if args.noise > 0 else policy
+        return EpisodeNoise(policy, args.noise, seed) if args.noise > 0 else policy
 
     parts: list[dict[str, np.ndarray]] = []
     for seed in range(args.seeds):
         validation = Validation(replace(config, train=replace(config.train, seed=seed)), lm, None, None)
-        deviation = OneRowDeviation(explored(seed), args.delta, tokens, k, horizon)
+        deviation = OneRowDeviation(explored(seed), args.delta, tokens, k)
         try:
             parts.append(deviation_terms(validation.episodes(explored(seed)), validation.episodes(deviation), k,
                                          config.reward))

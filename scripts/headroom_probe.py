@@ -129,9 +129,9 @@ class ShapedBase(TemperaturePolicy):
 
     name = "shaped-base"
 
-    def __init__(self, base: TemperaturePolicy, shape: tuple, horizon: int):
+    def __init__(self, base: TemperaturePolicy, shape: tuple):
         super().__init__(base.feature_spec, base.action_mapping)
-        self.base, self.shape, self.horizon = base, shape, horizon
+        self.base, self.shape = base, shape
         spec = base.feature_spec
         self._diversity_col = spec.index("diversity")
         if shape[3] and not spec.category_slots:  # "open" would name no slot and the shape would apply everywhere
@@ -152,7 +152,7 @@ class ShapedBase(TemperaturePolicy):
         """(B,) bool: the rows where the shape's condition holds (its first tokens, or its feature's test)."""
         where = self.shape[0]
         if self._where_col is None:
-            return torch.round(obs[:, self._position_col] * self.horizon) < where
+            return self.tokens_done(obs) < where
         column = obs[:, self._where_col]
         return column < where[2] if where[1] == "<" else column > where[2]
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     base, _ = load_base_policy(args.run, config, warnings)
     try:
         policies = {"base": base,
-                    **{name: ShapedBase(base, shape, config.env.max_new_tokens) for name, shape in shapes.items()}}
+                    **{name: ShapedBase(base, shape) for name, shape in shapes.items()}}
     except ValueError as exc:  # a category or feature this run does not observe
         p.error(str(exc))
     if args.learned:

@@ -32,10 +32,10 @@ def test_one_row_of_each_group_deviates_on_its_first_tokens():
     base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 0.6)}), spec, mapping)
     obs = torch.zeros(6, spec.dim)
     obs[:, spec.index("position")] = torch.tensor([0.0, 0.0, 3.0, 4.0, 4.0, 2.0]) / 8
-    first = diversity_credit.OneRowDeviation(base, 0.25, tokens=(0, 4), group_size=2, horizon=8)
+    first = diversity_credit.OneRowDeviation(base, 0.25, tokens=(0, 4), group_size=2)
     # rows 0, 2 and 4 lead their groups of 2; row 2 is at token 3 (inside the first 4), row 4 at token 4 (outside)
     torch.testing.assert_close(first.actions(obs), torch.tensor([-0.25, -0.5, -0.25, -0.5, -0.5, -0.5]))
-    later = diversity_credit.OneRowDeviation(base, 0.25, tokens=(4, 8), group_size=2, horizon=8)
+    later = diversity_credit.OneRowDeviation(base, 0.25, tokens=(4, 8), group_size=2)
     torch.testing.assert_close(later.actions(obs), torch.tensor([-0.5, -0.5, -0.5, -0.5, -0.25, -0.5]))
 
 
@@ -62,16 +62,19 @@ def test_credit_signals_by_hand():
 
 
 def test_episode_noise_is_held_per_episode_and_bin_and_replays_by_seed():
-    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True, position_bins=(4,)), 8, ())
     mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)
     base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 0.6)}), spec, mapping)
 
     def run(seed, positions):  # positions: one list of 3 rows' token positions per step
-        noisy = diversity_credit.EpisodeNoise(base, 0.1, bins=(4,), horizon=8, seed=seed)
+        noisy = diversity_credit.EpisodeNoise(base, 0.1, seed=seed)
         out = []
         for step in positions:
             obs = torch.zeros(3, spec.dim)
-            obs[:, spec.index("position")] = torch.tensor(step, dtype=torch.float32) / 8
+            position = torch.tensor(step)
+            obs[:, spec.index("position")] = position.float() / 8
+            obs[:, spec.index("position_bin_0")] = (position < 4).float()  # the featurizer's one-hot: tokens 0-3
+            obs[:, spec.index("position_bin_1")] = (position >= 4).float()
             out.append(noisy.actions(obs) + 0.5)  # the noise alone (the base's action is -0.5)
         return torch.stack(out), noisy.table
 

@@ -37,7 +37,7 @@ def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda()
     obs = torch.zeros(4, spec.dim)
     obs[:, spec.index("position")] = torch.tensor([0.0, 1.0, 2.0, 0.0]) / 8  # tokens 0, 1, 2, 0 of 8
     obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
-    shaped = headroom_probe.ShapedBase(base, headroom_probe.SHAPES["hot2"], horizon=8)
+    shaped = headroom_probe.ShapedBase(base, headroom_probe.SHAPES["hot2"])
     # base actions: λ = 2 -> T 1.2 -> action 0; λ = 0 -> T 0.6 -> action -0.5, then -0.1 everywhere
     torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.25, 0.25, 0.0, -0.6]))
     torch.testing.assert_close(shaped.temperatures(obs), torch.tensor([1.5, 1.5, 1.2, 0.48]))
@@ -53,15 +53,15 @@ def test_a_category_shape_changes_only_its_categories_rows_at_lambda_one_and_up(
     obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
     for row, slot in enumerate(["creative_writing", "math", "other", "math"]):
         obs[row, spec.index(f"category_{slot}")] = 1.0
-    shaped = headroom_probe.ShapedBase(base, headroom_probe.parse_shapes("4:0.5:0:open")["4:0.5:0:open"], horizon=8)
+    shaped = headroom_probe.ShapedBase(base, headroom_probe.parse_shapes("4:0.5:0:open")["4:0.5:0:open"])
     # open = every slot but math and factual_question: creative_writing and other get +0.5; math keeps action 0
     torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.5, 0.0, 0.5, -0.6]))
     with pytest.raises(ValueError, match=r"categories \['poetry'\] are not the run's"):
-        headroom_probe.ShapedBase(base, (4, 0.5, 0.0, ("poetry",)), horizon=8)
+        headroom_probe.ShapedBase(base, (4, 0.5, 0.0, ("poetry",)))
     blind = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())  # a run without the category
     blind_base = TunedBasePolicy(base.base, blind, mapping)
     with pytest.raises(ValueError, match=r"categories \['open'\] given, but the run's observations carry no"):
-        headroom_probe.ShapedBase(blind_base, (4, 0.5, 0.0, ("open",)), horizon=8)  # it would apply to every row
+        headroom_probe.ShapedBase(blind_base, (4, 0.5, 0.0, ("open",)))  # it would apply to every row
 
 
 def test_a_feature_shape_changes_the_rows_where_its_test_holds():
@@ -76,11 +76,11 @@ def test_a_feature_shape_changes_the_rows_where_its_test_holds():
     obs = torch.zeros(4, spec.dim)
     obs[:, spec.index("max_prob")] = torch.tensor([0.1, 0.3, 0.9, 0.1])
     obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 0.0])
-    shaped = headroom_probe.ShapedBase(base, shapes["max_prob<0.3:0.5:-0.25"], horizon=8)
+    shaped = headroom_probe.ShapedBase(base, shapes["max_prob<0.3:0.5:-0.25"])
     # λ = 2 base action 0: +0.5 at max_prob 0.1, -0.25 at 0.3 (not below) and 0.9; λ = 0: -0.5 - 0.1
     torch.testing.assert_close(shaped.actions(obs), torch.tensor([0.5, -0.25, -0.25, -0.6]))
     with pytest.raises(ValueError, match="no feature named 'max_porb'"):
-        headroom_probe.ShapedBase(base, (("max_porb", "<", 0.3), 0.5, 0.0, ()), horizon=8)
+        headroom_probe.ShapedBase(base, (("max_porb", "<", 0.3), 0.5, 0.0, ()))
     with pytest.raises(ValueError, match="WHERE:BOOST:AFTER.*got '<0.3:0.5:0'"):
         headroom_probe.parse_shapes("<0.3:0.5:0")
 

@@ -10,7 +10,8 @@ import torch
 
 from envs.generation import TemperatureVecEnv
 from envs.rewards import (CREDIT_TERMS, EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction,
-                          closes_repeated_ngram, leave_one_out_baseline, ngram_effect_on_others)
+                          closes_repeated_ngram, group_ngram_terms, leave_one_out_baseline,
+                          ngram_effect_on_others)
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, stub_config
 
 
@@ -77,6 +78,9 @@ def test_leave_one_out_baseline_by_hand():
 def test_ngram_effect_on_others_by_hand():
     # a = (1 2 3) and b = (2 3 4) share (2 3), which no one else has: each halves the other's novel share; c alone
     assert ngram_effect_on_others([(1, 2, 3), (2, 3, 4), (5, 6)]).tolist() == [-0.5, -0.5, 0.0]
+    # and their own novel shares, from the same pass: 1 of 2 bigrams each for a and b, c's one bigram
+    novel, effect = group_ngram_terms([(1, 2, 3), (2, 3, 4), (5, 6)])
+    assert (novel.tolist(), effect.tolist()) == ([0.5, 0.5, 1.0], [-0.5, -0.5, 0.0])
     model = RewardFunction(NO_EMBEDDER)
     tokens = [[1, 2, 3, 4], [1, 2, 5, 6], [7, 8], [9]]
     out = model.episode_components([[0, 1, 2], [3]], ["q"] * 4, ["p"] * 4, [None] * 4, ["x"] * 4, tokens)
