@@ -17,6 +17,7 @@ the sum of its samples' absolute returns, the objective validation scores):
 ``--at learned`` deviates from the run's learned policy instead: the slope PPO follows where it ended.
 ``--noise SIGMA`` adds exploration noise to every row, deviating or not, as PPO's samples carry it (the same
 draws in both runs): the slope of the noisy policy PPO measures, which may differ from the deterministic one's.
+``--group-noise`` gives a group's samples one draw: the slope without the spread per-row noise gives a group.
 
 A credit that over-counts what the deviation does to the others steers PPO past the optimum in the direction that
 raises the sample's own diversity (hotter).
@@ -62,13 +63,14 @@ class EpisodeNoise(TemperaturePolicy):
     """A policy plus exploration noise as PPO's gSDE draws it in the position-bin recipes: per row and episode one
     N(0, ``sigma``²) action offset for each position bin (the observation's ``position_bin_*`` one-hot; one bin
     without ``env.features.position_bins``), held for the episode. Row r's e-th episode gets the same offsets in
-    every run built with the same ``seed``, whatever the other rows do."""
+    every run built with the same ``seed``, whatever the other rows do. ``group_size`` G > 1: the G rows of a
+    group (contiguous) share one draw, row r that of row G * (r // G)."""
 
     name = "episode-noise"
 
-    def __init__(self, policy: TemperaturePolicy, sigma: float, seed: int):
+    def __init__(self, policy: TemperaturePolicy, sigma: float, seed: int, group_size: int = 1):
         super().__init__(policy.feature_spec, policy.action_mapping)
-        self.policy, self.sigma = policy, sigma
+        self.policy, self.sigma, self.group_size = policy, sigma, group_size
         spec = policy.feature_spec
         self.bin_cols = [spec.index(f"position_bin_{i}") for i in range(len(spec.position_bins) + 1)] \
             if spec.position_bins else None
@@ -92,7 +94,7 @@ class EpisodeNoise(TemperaturePolicy):
         self._offsets(obs.shape[0], int(self.episode.max()) + 1)
         rows = torch.arange(obs.shape[0])
         bins = torch.zeros_like(rows) if self.bin_cols is None else obs[:, self.bin_cols].argmax(1).cpu()
-        noise = self.table[rows, self.episode.clamp(min=0), bins]
+        noise = self.table[rows // self.group_size * self.group_size, self.episode.clamp(min=0), bins]
         return (act + noise.to(act)).clamp(-1.0, 1.0)
 
 
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.0,
                    help="every row explores as PPO does: per episode and position bin one N(0, NOISE^2) action "
                         "offset (the same draws in both runs); 0 (default): deterministic rows")
+    p.add_argument("--group-noise", action="store_true",
+                   help="with --noise: a group's samples share one draw, not one each")
     args = p.parse_args(argv)
     try:
         tokens = tuple(int(v) for v in args.tokens.split(":"))
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
     policy = load(args.run, config, [])[0]
 
     def explored(seed: int) -> TemperaturePolicy:
-        return EpisodeNoise(policy, args.noise, seed) if args.noise > 0 else policy
+        shared = k if args.group_noise else 1
+        return EpisodeNoise(policy, args.noise, seed, group_size=shared) if args.noise > 0 else policy
 
     parts: list[dict[str, np.ndarray]] = []
     for seed in range(args.seeds):
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
         finally:
             validation.close()
     terms = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    noise = f", every row ± N(0, {args.noise:g}²) per episode and bin" if args.noise > 0 else ""
+    noise = f", every {'group' if args.group_noise else 'row'} ± N(0, {args.noise:g}²) per episode and bin" \
+        if args.noise > 0 else ""
     print(f"{args.run} ({args.at}{noise}), {args.split} split, {n} prompts x {k} samples x seeds 0..{args.seeds - 1}, λ = {args.lam:g}: "
           f"row 0 of each group {args.delta:+g} action on tokens {tokens[0]}..{tokens[1] - 1} ({len(terms['quality_own'])} "
           "groups); changes, weighted:")

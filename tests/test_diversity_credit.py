@@ -66,8 +66,8 @@ def test_episode_noise_is_held_per_episode_and_bin_and_replays_by_seed():
     mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)
     base = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 0.6)}), spec, mapping)
 
-    def run(seed, positions):  # positions: one list of 3 rows' token positions per step
-        noisy = diversity_credit.EpisodeNoise(base, 0.1, seed=seed)
+    def run(seed, positions, group_size=1):  # positions: one list of 3 rows' token positions per step
+        noisy = diversity_credit.EpisodeNoise(base, 0.1, seed=seed, group_size=group_size)
         out = []
         for step in positions:
             obs = torch.zeros(3, spec.dim)
@@ -93,3 +93,6 @@ def test_episode_noise_is_held_per_episode_and_bin_and_replays_by_seed():
     torch.testing.assert_close(again, noise)
     other, _ = run(1, steps)
     assert not torch.equal(other, noise)
+    shared, table = run(0, [[p, p, p] for p in range(8)], group_size=3)  # one group of 3: row 0's draws for all
+    torch.testing.assert_close(shared, shared[:, :1].expand(8, 3))
+    torch.testing.assert_close(shared[0, 0], table[0, 0, 0])
