@@ -148,6 +148,18 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert a["reward"]["entropy"] == 0.0 and a["reward"]["group_baseline"]  # #12: nothing a constant T optimises
 
 
+def test_every_shipped_config_loads_and_the_position_recipe_is_the_published_command():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path).check_training()
+    # configs/position.yaml is the results' recipe of --set flags (docs/results.md, runs/sched-s*), value for value
+    flags = ["train.total_timesteps=131072", "train.validate_every=25", "policy.residual_pull=[1.0,0.0,0.0,0.0,0.0]",
+             "env.features.position_bins=[4]", "policy.actor_features=[position_bin_0,position_bin_1,diversity]",
+             "train.twin_groups=true", "env.diversity_values=[0.0,1.0,2.0]", "ppo.gae_lambda=1.0",
+             "ppo.policy_kwargs.log_std_init=-1.5", "ppo.sde_sample_freq=16", "train.log_std_final=-3.0",
+             "train.log_std_anneal=0.5"]
+    assert load_config(ROOT / "configs" / "position.yaml") == load_config(DEFAULT, flags)
+
+
 def test_the_default_env_has_no_greedy_cliff():
     """The default mapping is linear on [0, 2.4]: greedy is its lower edge (a residual exploring around a T = 0 base
     is clipped to greedy, never flipped to the argmin side), and PPO's action 0 without a base is T = 1.2."""
