@@ -215,7 +215,8 @@ class TrainConfig:
     set after every PPO update and no longer learned (:class:`kelvin.callbacks.LogStdSchedule`). None: PPO learns
     it from its initial value. Why: PPO climbs the noisy policy's reward, the deterministic one is judged; wide
     noise finds the λ = 2 gain but prefers a hotter λ = 1 finish than the deterministic policy does, narrow noise
-    keeps the two together but moves slowly (docs/results.md): wide first, narrow to finish."""
+    keeps the two together but moves slowly; wide first, narrow to finish. Measured (-1.5 to -3 by mid-run, three
+    seeds): worse than a constant -3, the narrow phase does not undo the wide one's drift (docs/results.md)."""
     log_std_anneal: FiniteFloat = Field(1.0, gt=0.0, le=1.0, examples=[0.5])
     """The fraction of ``total_timesteps`` over which ``log_std_final`` is reached."""
     twin_groups: StrictBool = False

@@ -151,12 +151,11 @@ def test_default_yaml_is_the_dataclass_defaults():
 def test_every_shipped_config_loads_and_the_position_recipe_is_the_published_command():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path).check_training()
-    # configs/position.yaml is the results' recipe of --set flags (docs/results.md, runs/sched-s*), value for value
+    # configs/position.yaml is the results' recipe of --set flags (docs/results.md, runs/lsd3-s*), value for value
     flags = ["train.total_timesteps=131072", "train.validate_every=25", "policy.residual_pull=[1.0,0.0,0.0,0.0,0.0]",
              "env.features.position_bins=[4]", "policy.actor_features=[position_bin_0,position_bin_1,diversity]",
              "train.twin_groups=true", "env.diversity_values=[0.0,1.0,2.0]", "ppo.gae_lambda=1.0",
-             "ppo.policy_kwargs.log_std_init=-1.5", "ppo.sde_sample_freq=16", "train.log_std_final=-3.0",
-             "train.log_std_anneal=0.5"]
+             "ppo.policy_kwargs.log_std_init=-3.0", "ppo.sde_sample_freq=16"]
     assert load_config(ROOT / "configs" / "position.yaml") == load_config(DEFAULT, flags)
 
 
