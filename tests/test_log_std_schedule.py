@@ -14,6 +14,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from kelvin.callbacks import LogStdSchedule
 from kelvin.config_loading import load_config
+from ppo_helpers import record_after_train
 
 N_STEPS = 32
 
@@ -36,14 +37,7 @@ class _AtRolloutStart(BaseCallback):
 def test_the_log_std_follows_the_schedule_is_frozen_and_the_noise_is_redrawn_with_it():
     model = PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=N_STEPS, batch_size=N_STEPS, n_epochs=2, seed=0,
                 learning_rate=1e-2, use_sde=True, device="cpu")
-    trained = []
-    train = model.train
-
-    def train_and_record():
-        train()
-        trained.append(model.policy.log_std.detach().clone())
-
-    model.train = train_and_record
+    trained = record_after_train(model, lambda m: m.policy.log_std.detach().clone())
     at_start = _AtRolloutStart()
     # -1 at step 0, -3 from step 64 on: -2 after the first update (32 steps), -3 after the second and third
     model.learn(3 * N_STEPS, callback=CallbackList([LogStdSchedule(-1.0, -3.0, over=2 * N_STEPS), at_start]))

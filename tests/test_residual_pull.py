@@ -14,6 +14,7 @@ from stable_baselines3.common.callbacks import CallbackList
 
 from kelvin.callbacks import AfterEachUpdate, ResidualPull
 from kelvin.config_loading import load_config
+from ppo_helpers import record_after_train
 
 N_STEPS = 32
 
@@ -41,15 +42,7 @@ class _Recorder(AfterEachUpdate):
 def _model_recording_updates():
     model = PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=N_STEPS, batch_size=N_STEPS, n_epochs=2, seed=0,
                 learning_rate=1e-2, device="cpu")
-    after_update = []
-    train = model.train
-
-    def train_and_record():
-        train()
-        after_update.append(_last_layer(model))
-
-    model.train = train_and_record
-    return model, after_update
+    return model, record_after_train(model, _last_layer)
 
 
 def test_the_last_layer_is_scaled_after_every_update_before_its_snapshot():
