@@ -59,7 +59,7 @@ from envs.text_metrics import distance_to_others, novel_ngram_fraction
 
 __all__ = ["RewardConfig", "RewardFunction", "STEP_COMPONENTS", "EPISODE_COMPONENTS", "DIVERSITY_COMPONENTS",
            "COMPONENTS", "GROUP_DIVERSITY_COMPONENTS", "CREDIT_TERMS", "closes_repeated_ngram",
-           "leave_one_out_baseline", "ngram_effect_on_others", "group_ngram_terms"]
+           "leave_one_out_baseline", "group_ngram_terms"]
 
 STEP_COMPONENTS = ("logprob", "repetition", "anomaly", "entropy")
 EPISODE_COMPONENTS = ("coherence", "text_anomaly", "correct", "group_semantic", "group_ngram")
@@ -71,7 +71,7 @@ GROUP_DIVERSITY_COMPONENTS = ("group_semantic", "group_ngram")
 CREDIT_TERMS = ("group_ngram_effect",)
 """Per-completion terms of the training signal only (no reward weight; summed per episode like the components):
 ``group_ngram_effect`` is what a completion's tokens did to the other samples' ``group_ngram``
-(:func:`ngram_effect_on_others`), read by ``reward.group_diversity_credit: exact``."""
+(the second array of :func:`group_ngram_terms`), read by ``reward.group_diversity_credit: exact``."""
 
 
 def twin_of(rows: np.ndarray, group_size: int) -> np.ndarray:
@@ -131,7 +131,7 @@ class RewardConfig:
     all of it, but ``group_ngram`` is not symmetric: a completion's tokens change the others' share of unshared
     bigrams by less than its own (0.38 of it, measured on one run's base at λ = 1), so 2 over-credits it and pulls
     PPO hotter than that optimum. ``exact`` (the default): its own terms plus what its tokens did to the others'
-    (``group_semantic`` its own term again, ``group_ngram`` :func:`ngram_effect_on_others`): the gradient of the
+    (``group_semantic`` its own term again, ``group_ngram`` the effect of :func:`group_ngram_terms`): the gradient of the
     group's total (scripts/diversity_credit.py measures both on real rollouts)."""
 
     def __post_init__(self):
@@ -172,19 +172,14 @@ def leave_one_out_baseline(groups: Sequence[Sequence[int]], quality: np.ndarray)
     return out
 
 
-def ngram_effect_on_others(group: Sequence[Sequence[int]], n: int = 2) -> np.ndarray:
-    """What each sample's tokens did to the other samples' ``group_ngram`` (K,): ``sum over j != i of
-    novel(j | the others) - novel(j | the others but i)``. Never positive (a sample can only share bigrams
-    another would otherwise have alone); the subtracted term does not depend on sample i, so as i's training
-    credit it adds no bias. E.g. a = (1 2 3) and b = (2 3 4) share (2 3), which c = (5 6) lacks: each costs the
-    other one of its 2 bigrams, so the effects are -1/2, -1/2 and 0."""
-    return group_ngram_terms(group, n)[1]
-
-
 def group_ngram_terms(group: Sequence[Sequence[int]], n: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's ``group_ngram`` (its share of n-grams no other sample has) and its
-    :func:`ngram_effect_on_others`, (K,) float32 each; the first is the second's ``novel(j | the others)``, so it
-    is computed once."""
+    """Each sample's ``group_ngram`` (its share of n-grams no other sample has) and what its tokens did to the
+    other samples' ``group_ngram``, (K,) float32 each. The effect of sample i is ``sum over j != i of
+    novel(j | the others) - novel(j | the others but i)``: never positive (a sample can only share bigrams another
+    would otherwise have alone), and the subtracted term does not depend on sample i, so as i's training credit
+    it adds no bias. The first array is the effect's ``novel(j | the others)``, so both come from one pass. E.g.
+    a = (1 2 3) and b = (2 3 4) share (2 3), which c = (5 6) lacks: each costs the other one of its 2 bigrams,
+    so the effects are -1/2, -1/2 and 0."""
     k = len(group)
     with_all = [novel_ngram_fraction(group[j], [group[m] for m in range(k) if m != j], n) for j in range(k)]
     effect = np.zeros(k, dtype=np.float32)

@@ -403,15 +403,17 @@ class LogStdSchedule(AfterEachUpdate):
     def _set(self) -> None:
         with torch.no_grad():
             self.model.policy.log_std.fill_(self.value(self.model.num_timesteps))
-        if self.model.use_sde:  # SB3 drew the next rollout's noise weights before on_rollout_start: redraw them
-            self.model.policy.reset_noise(self.model.get_env().num_envs)
 
-    def _on_training_start(self) -> None:
+    def _on_training_start(self) -> None:  # the first rollout draws its noise weights after this
         self.model.policy.log_std.requires_grad_(False)
         self._set()
 
     def after_update(self) -> None:
         self._set()
+        # SB3 drew the next rollout's noise weights before on_rollout_start: redraw them, unless its first step
+        # redraws them anyway (ppo.sde_sample_freq > 0)
+        if self.model.use_sde and self.model.sde_sample_freq <= 0:
+            self.model.policy.reset_noise(self.model.get_env().num_envs)
 
 
 class SnapshotCheckpoint(AfterEachUpdate):

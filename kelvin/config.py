@@ -218,7 +218,9 @@ class TrainConfig:
     keeps the two together but moves slowly; wide first, narrow to finish. Measured (-1.5 to -3 by mid-run, three
     seeds): worse than a constant -3, the narrow phase does not undo the wide one's drift (docs/results.md)."""
     log_std_anneal: FiniteFloat = Field(1.0, gt=0.0, le=1.0, examples=[0.5])
-    """The fraction of ``total_timesteps`` over which ``log_std_final`` is reached."""
+    """The fraction of ``total_timesteps`` over which ``log_std_final`` is reached. A run resumed with a larger
+    ``total_timesteps`` follows the schedule of its new total from the steps already done (its log std moves back
+    toward the start where the new end of the anneal lies beyond them)."""
     twin_groups: StrictBool = False
     """Antithetic twins: the training env's groups come in pairs with the same prompt, λ and random numbers
     (envs/generation_core.py), the policy's gSDE noise is mirrored across a pair (kelvin/heads.py), and a row's

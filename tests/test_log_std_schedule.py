@@ -20,23 +20,26 @@ N_STEPS = 32
 
 
 class _AtRolloutStart(BaseCallback):
-    """After the schedule: the log std and the std of the gSDE weights the coming rollout explores with."""
+    """After the schedule: the log std and the std of the gSDE weights the rollout's first step explored with."""
 
     def __init__(self):
         super().__init__()
-        self.seen = []
-
-    def _on_step(self) -> bool:
-        return True
+        self.seen, self.first = [], False
 
     def _on_rollout_start(self) -> None:
-        policy = self.model.policy
-        self.seen.append((policy.log_std.detach().clone(), policy.action_dist.weights_dist.scale.clone()))
+        self.first = True
+
+    def _on_step(self) -> bool:
+        if self.first:
+            policy, self.first = self.model.policy, False
+            self.seen.append((policy.log_std.detach().clone(), policy.action_dist.weights_dist.scale.clone()))
+        return True
 
 
-def test_the_log_std_follows_the_schedule_is_frozen_and_the_noise_is_redrawn_with_it():
+@pytest.mark.parametrize("sde_sample_freq", [-1, 16])  # the schedule redraws the weights / the rollout does
+def test_the_log_std_follows_the_schedule_is_frozen_and_the_noise_is_redrawn_with_it(sde_sample_freq):
     model = PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=N_STEPS, batch_size=N_STEPS, n_epochs=2, seed=0,
-                learning_rate=1e-2, use_sde=True, device="cpu")
+                learning_rate=1e-2, use_sde=True, sde_sample_freq=sde_sample_freq, device="cpu")
     trained = record_after_train(model, lambda m: m.policy.log_std.detach().clone())
     at_start = _AtRolloutStart()
     # -1 at step 0, -3 from step 64 on: -2 after the first update (32 steps), -3 after the second and third

@@ -10,8 +10,7 @@ import torch
 
 from envs.generation import TemperatureVecEnv
 from envs.rewards import (CREDIT_TERMS, EPISODE_COMPONENTS, STEP_COMPONENTS, RewardConfig, RewardFunction,
-                          closes_repeated_ngram, group_ngram_terms, leave_one_out_baseline,
-                          ngram_effect_on_others)
+                          closes_repeated_ngram, group_ngram_terms, leave_one_out_baseline)
 from stub_lm import NO_EMBEDDER, STUB_PROMPTS, StubLM, stub_config
 
 
@@ -75,10 +74,9 @@ def test_leave_one_out_baseline_by_hand():
     assert model.group_baseline([[0, 1], [2]], sums).tolist() == pytest.approx([2.0, -5.0, 0.0])
 
 
-def test_ngram_effect_on_others_by_hand():
-    # a = (1 2 3) and b = (2 3 4) share (2 3), which no one else has: each halves the other's novel share; c alone
-    assert ngram_effect_on_others([(1, 2, 3), (2, 3, 4), (5, 6)]).tolist() == [-0.5, -0.5, 0.0]
-    # and their own novel shares, from the same pass: 1 of 2 bigrams each for a and b, c's one bigram
+def test_group_ngram_terms_by_hand():
+    # a = (1 2 3) and b = (2 3 4) share (2 3), which no one else has: each halves the other's novel share, c alone;
+    # their own novel shares from the same pass: 1 of 2 bigrams each for a and b, c's one bigram
     novel, effect = group_ngram_terms([(1, 2, 3), (2, 3, 4), (5, 6)])
     assert (novel.tolist(), effect.tolist()) == ([0.5, 0.5, 1.0], [-0.5, -0.5, 0.0])
     model = RewardFunction(NO_EMBEDDER)
@@ -138,7 +136,7 @@ def test_the_env_pays_the_exact_credit_at_a_groups_end():
         rewards[credit], infos[credit] = np.stack(steps), info
     tokens = [infos["exact"][r]["token_ids"] for r in range(4)]
     assert tokens == [infos[1.0][r]["token_ids"] for r in range(4)]
-    effect = ngram_effect_on_others(tokens)
+    effect = group_ngram_terms(tokens)[1]
     assert effect[:2].tolist() == [-1.0, -1.0]  # the two greedy samples share every bigram, only with each other
     assert rewards["exact"][:-1] == pytest.approx(rewards[1.0][:-1])
     assert rewards["exact"][-1] == pytest.approx(rewards[1.0][-1] + 1.5 * 2.0 * effect, abs=1e-5)
