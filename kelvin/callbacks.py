@@ -403,17 +403,19 @@ class LogStdSchedule(AfterEachUpdate):
     def _set(self) -> None:
         with torch.no_grad():
             self.model.policy.log_std.fill_(self.value(self.model.num_timesteps))
+        # SB3 drew the next rollout's noise weights before on_rollout_start: redraw them. Needed only with
+        # ppo.sde_sample_freq <= 0 after an update (else the rollout's first step redraws them, and the first
+        # rollout draws after training start), but kept always: the published schedule runs (docs/results.md)
+        # replay draw for draw only with these draws in the random stream.
+        if self.model.use_sde:
+            self.model.policy.reset_noise(self.model.get_env().num_envs)
 
-    def _on_training_start(self) -> None:  # the first rollout draws its noise weights after this
+    def _on_training_start(self) -> None:
         self.model.policy.log_std.requires_grad_(False)
         self._set()
 
     def after_update(self) -> None:
         self._set()
-        # SB3 drew the next rollout's noise weights before on_rollout_start: redraw them, unless its first step
-        # redraws them anyway (ppo.sde_sample_freq > 0)
-        if self.model.use_sde and self.model.sde_sample_freq <= 0:
-            self.model.policy.reset_noise(self.model.get_env().num_envs)
 
 
 class SnapshotCheckpoint(AfterEachUpdate):
