@@ -72,7 +72,8 @@ from samplers.core import top_values
 from samplers.suggest import did_you_mean, renamed
 
 __all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
-           "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features", "upgrade_spec_dict"]
+           "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features", "position_bin_onehot",
+           "upgrade_spec_dict"]
 
 FEATURE_SPEC_VERSION = 1
 
@@ -258,6 +259,12 @@ class FeatureSpec(FeatureSettings):
         d = upgrade_spec_dict(d)
         d.pop("names", None)
         return cls(**d)
+
+
+def position_bin_onehot(position: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The ``position_bin_*`` columns (B, K + 1): the one-hot of each row's bin, given the tokens done ``position``
+    (B,) and the ``position_bins`` ``edges`` (K,) as a long tensor; bin i holds edges[i-1] <= position < edges[i]."""
+    return torch.nn.functional.one_hot(torch.bucketize(position, edges, right=True), len(edges) + 1).float()
 
 
 def distribution_features(logits: torch.Tensor, median_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,8 +520,7 @@ class Featurizer:
         if self.spec.categories:
             parts.append(torch.nn.functional.one_hot(s.category, len(self.spec.category_slots)).float())
         if self._bin_edges is not None:
-            bins = torch.bucketize(s.position, self._bin_edges, right=True)  # (B,) i: edges[i-1] <= position < edges[i]
-            parts.append(torch.nn.functional.one_hot(bins, len(self._bin_edges) + 1).float())
+            parts.append(position_bin_onehot(s.position, self._bin_edges))
         if self.spec.include_diversity:
             parts.append(s.diversity.view(-1, 1))
         return torch.cat(parts, dim=-1)  # (B, F)

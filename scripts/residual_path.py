@@ -36,7 +36,7 @@ from kelvin.config import KelvinConfig  # noqa: E402
 from kelvin.evaluation.policies import load_base_policy, load_learned_policy  # noqa: E402
 from kelvin.rundir import RunDir, load_ppo, load_vecnormalize, model_files  # noqa: E402
 from policies.base import TemperaturePolicy  # noqa: E402
-from policies.features import FeatureSpec  # noqa: E402
+from policies.features import FeatureSpec, position_bin_onehot  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,9 @@ def states(spec: FeatureSpec, lambdas: list[float], positions: list[int], catego
     for i, (lam, pos) in enumerate((lam, pos) for lam in lambdas for pos in positions):
         obs[i, spec.index("position")] = pos / spec.horizon
         if spec.position_bins:
-            obs[i, spec.index(f"position_bin_{sum(pos >= edge for edge in spec.position_bins)}")] = 1.0
+            first = spec.index("position_bin_0")
+            obs[i, first:first + len(spec.position_bins) + 1] = position_bin_onehot(
+                torch.tensor([pos]), torch.tensor(spec.position_bins))[0]
         if "diversity" in spec.names:
             obs[i, spec.index("diversity")] = lam
         if spec.categories:

@@ -10,7 +10,7 @@ import torch
 
 from envs.rewards import COMPONENTS, CREDIT_TERMS, RewardConfig
 from policies.actions import ActionMapping
-from policies.features import FeatureSettings, FeatureSpec
+from policies.features import FeatureSettings, FeatureSpec, position_bin_onehot
 from policies.tuned_base import TunedBase, TunedBasePolicy
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "diversity_credit.py"
@@ -73,8 +73,8 @@ def test_episode_noise_is_held_per_episode_and_bin_and_replays_by_seed():
             obs = torch.zeros(3, spec.dim)
             position = torch.tensor(step)
             obs[:, spec.index("position")] = position.float() / 8
-            obs[:, spec.index("position_bin_0")] = (position < 4).float()  # the featurizer's one-hot: tokens 0-3
-            obs[:, spec.index("position_bin_1")] = (position >= 4).float()
+            obs[:, spec.index("position_bin_0"):spec.index("position_bin_1") + 1] = position_bin_onehot(
+                position, torch.tensor(spec.position_bins))  # the featurizer's one-hot: tokens 0-3, then the rest
             out.append(noisy.actions(obs) + 0.5)  # the noise alone (the base's action is -0.5)
         return torch.stack(out), noisy.table
 
