@@ -255,8 +255,8 @@ class PolicyConfig:
     base_prior_prompts: FiniteFloat = Field(8.0, ge=0.0, examples=[0.0])
     """With ``base: table``, how many prompts' worth of every category's episodes each category's choice is pooled
     with (:func:`kelvin.tuning.tune_tables`): a category tuned on a few prompts keeps the overall best T unless
-    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results.md, section "The
-    pooled base"."""
+    its own prompts outweigh this. 0: each category on its own prompts only. Why 8: docs/results-earlier.md,
+    section "The pooled base"."""
     base_diversity_points: StrictInt = Field(5, ge=1)
     """Values of the diversity dial λ, evenly over env.diversity_range, the base is tuned at; linear in between
     (formerly ``base_lambdas``, which still loads)."""
@@ -267,11 +267,11 @@ class PolicyConfig:
     residual_pull: Union[PullFraction, list[PullFraction]] = Field(0.15, examples=[0.05, [0.15, 0.03, 0.03, 0.03, 0.03]])
     """The fraction of the residual removed after every PPO update (the actor's last layer scaled by 1 - this): a
     pull toward the base, so a correction the reward keeps asking for stays and one that noise drew fades
-    (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results.md). 0: off. With policy.base: none there is no
-    base to pull toward, and no pull. A list gives one fraction per diversity head (the λ grid of
+    (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results-earlier.md). 0: off. With policy.base: none
+    there is no base to pull toward, and no pull. A list gives one fraction per diversity head (the λ grid of
     ``base_diversity_points``, lowest λ first), so the heads can be held at different distances from the base. 1
     holds a head at its base: its row is zeroed after every update, so at its own λ the learned policy is the
-    base (the λ = 0 head of docs/results.md, "λ = 0 held at its base")."""
+    base (the λ = 0 head of docs/results-earlier.md, "The λ = 0 head held at its base")."""
 
     actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,

@@ -1,6 +1,6 @@
 """Diversity heads: the actor's last layer has one residual output per λ of the base's grid, interpolated in λ.
 
-Why (``policy.diversity_heads``, docs/results.md): with one output, a PPO run learned the same correction at
+Why (``policy.diversity_heads``, docs/results-earlier.md): with one output, a PPO run learned the same correction at
 every λ (a hot first token, a cooler rest): it paid at λ = 1, and cost accuracy at λ = 0, where diversity earns
 nothing. A single MLP output has to *learn* the product of λ and the rest of the state from noisy returns.
 With heads, the product is built in: the mean action is ``sum_l w_l(λ) head_l(latent)`` with the base's own
