@@ -71,9 +71,9 @@ from anomaly.detector import AnomalyDetector
 from samplers.core import top_values
 from samplers.suggest import did_you_mean, renamed
 
-__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer", "TokenStats",
-           "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features", "position_bin_onehot",
-           "upgrade_spec_dict"]
+__all__ = ["FEATURE_SPEC_VERSION", "BASE_FEATURES", "OTHER_CATEGORY", "FeatureSettings", "FeatureSpec", "Featurizer",
+           "TokenStats", "RENAMED_FEATURES", "RENAMED_SETTINGS", "check_feature_version", "distribution_features",
+           "position_bin_onehot", "upgrade_spec_dict"]
 
 FEATURE_SPEC_VERSION = 1
 
