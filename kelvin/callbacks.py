@@ -349,10 +349,10 @@ class AfterEachUpdate(BaseCallback):
 class ResidualPull(AfterEachUpdate):
     """After every PPO update, scales the actor's last layer (``action_net``: the residual on the base) by
     ``1 - policy.residual_pull``: a decay toward the base, in update steps. A correction the advantages keep
-    pushing settles where the pull balances the push; one that noise drew (the λ = 0 drift of docs/results-earlier.md)
-    fades. It runs before :class:`SnapshotCheckpoint` takes the update's snapshot, so a run resumed from that
-    snapshot continues exactly as one that was never stopped; a rollout cut short by a stop has no update and
-    no pull. The optimizer's moments are left alone."""
+    pushing settles where the pull balances the push; one that noise drew (the λ = 0 drift of
+    docs/results-earlier.md) fades. It runs before :class:`SnapshotCheckpoint` takes the update's snapshot, so a
+    run resumed from that snapshot continues exactly as one that was never stopped; a rollout cut short by a stop
+    has no update and no pull. The optimizer's moments are left alone."""
 
     def __init__(self, fraction: float | Sequence[float]):
         super().__init__()

@@ -170,7 +170,8 @@ def tune_tables(episodes_by_t: dict[float, list[dict]], lambdas: Sequence[float]
     ``(n_c * mean_c(T) + prior * mean_all(T)) / (n_c + prior)`` with ``n_c`` its episodes, so a category seen on
     a few prompts keeps the overall best unless its own episodes outweigh the prior. Why
     (docs/results-earlier.md, section "The pooled base"): a table tuned on 4-5 prompts a category lost 0.63 /
-    0.53 reward at λ = 1 to one T per λ on the validation / test split; pooled with 8 prompts' worth, no λ had an interval below 0.
+    0.53 reward at λ = 1 to one T per λ on the validation / test split; pooled with 8 prompts' worth, no λ had an
+    interval below 0.
 
     ``weights`` ({category: share}, e.g. :func:`envs.prompts.category_shares` of a whole split) makes the overall
     score of T (``other``, and the prior) the weighted mean of the categories' means (a category without episodes
