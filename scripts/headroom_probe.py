@@ -31,6 +31,13 @@ policy − its own run's base averaged over the runs, prompt by prompt, with the
         --save runs/hold0-s1/probe-test.json
     .venv/bin/python scripts/headroom_probe.py --pool runs/hold0-s*/probe-test.json
 
+``--against FILE ...`` (one per ``--pool`` file, in the same order: the same run before more training, say) puts
+each of those runs' learned policy in the base's place, so the figures are what the later policy adds over the earlier
+one, prompt by prompt; the two probes must share their base's rewards (the same base, split, prompts and streams):
+
+    .venv/bin/python scripts/headroom_probe.py --pool runs/lsd3long-s*/probe-test-l12.json \
+        --against runs/lsd3-s0/probe-test-l2.json runs/lsd3-s1/probe-test-l2.json runs/lsd3-s2/probe-test-l2.json
+
 ``--lambdas 2`` probes part of the λ grid (each λ runs on its own seeded env, so its figures are those of the whole
 grid); ``--first-seed 4 --seeds 4`` runs the streams 4..7, which ``--pool`` averages with a saved run of streams
 0..3 into the figures of 32 samples a prompt:
@@ -178,8 +185,31 @@ def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def pool(paths: list[str]) -> int:
+def against_earlier(later: dict, earlier: dict) -> dict:
+    """``later`` with ``earlier``'s learned policy as its base, at each λ both probed (the base's rewards must agree:
+    the same base, prompts and streams), so pooling it measures later − earlier prompt by prompt."""
+    out = {**later, "reward": {}}
+    for lam, rewards in later["reward"].items():
+        if lam not in earlier["reward"] or "learned" not in earlier["reward"][lam]:
+            continue
+        base, before = earlier["reward"][lam]["base"], earlier["reward"][lam]["learned"]
+        if sorted(base) != sorted(rewards["base"]) or any(abs(base[k] - rewards["base"][k]) > 1e-9 for k in base):
+            raise ValueError(f"--against: {later['run']} and {earlier['run']} differ in their base's rewards at "
+                             f"λ={lam}; compare probes of the same base, split, --prompts and --seeds")
+        out["reward"][lam] = {**{n: r for n, r in rewards.items() if n != "base"}, "base": before}
+    return out
+
+
+def pool(paths: list[str], against: list[str] | None = None) -> int:
     saved = [json.loads(Path(path).read_text()) for path in paths]
+    if against is not None:
+        if len(against) != len(paths):
+            print(f"error: --against takes one file per --pool file ({len(paths)}); got {len(against)}",
+                  file=sys.stderr)
+            return 2
+        earlier = [json.loads(Path(path).read_text()) for path in against]
+        saved = [against_earlier(s, e) for s, e in zip(saved, earlier)]
+        print(f"base replaced by the learned policy of: {', '.join(e['run'] for e in earlier)}")
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
     pooled = pooled_differences(saved)
     for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
@@ -201,6 +231,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", help="a finished run directory with base.json")
     p.add_argument("--pool", nargs="+", metavar="FILE", help="pool the JSON files --save wrote, one per run")
+    p.add_argument("--against", nargs="+", metavar="FILE",
+                   help="with --pool: one saved probe per pooled file whose learned policy takes the base's place")
     p.add_argument("--save", default=None, help="also write the per-prompt rewards to this JSON file")
     p.add_argument("--split", default="test")
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
@@ -219,8 +251,10 @@ def main(argv=None) -> int:
                    help=f"comma-separated hand-made shapes to run: names (default {','.join(SHAPES)}; '' for none) "
                    "or WHERE:BOOST:AFTER[:CATEGORIES], e.g. 4:0.1:0 or max_prob<0.3:0.5:0")
     args = p.parse_args(argv)
+    if args.against and not args.pool:
+        p.error("--against compares pooled probes: give --pool FILE ... with it")
     if args.pool:
-        return pool(args.pool)
+        return pool(args.pool, args.against)
     if args.run is None:
         p.error("give a run directory, or --pool FILE ...")
     try:

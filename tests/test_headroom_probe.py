@@ -106,6 +106,30 @@ def test_pooling_averages_each_runs_difference_from_its_own_base_prompt_by_promp
         headroom_probe.pooled_differences([one, other])
 
 
+def test_pooling_against_an_earlier_probe_measures_later_minus_earlier_learned(tmp_path, capsys):
+    base = {"a": 1.0, "b": 2.0}
+    later = [_saved("long-s0", base, {"a": 2.0, "b": 2.5}), _saved("long-s1", base, {"a": 1.0, "b": 3.0})]
+    earlier = [_saved("s0", base, {"a": 1.5, "b": 2.5}), _saved("s1", base, {"a": 1.0, "b": 2.0})]
+    paths = {}
+    for saved in later + earlier:
+        paths[saved["run"]] = tmp_path / f"{saved['run']}.json"
+        paths[saved["run"]].write_text(json.dumps(saved))
+    # later − earlier: s0 +0.5, 0; s1 0, +1; pooled per prompt +0.25, +0.5 (not the +0.5, +0.5 against the base)
+    pooled = headroom_probe.pooled_differences([headroom_probe.against_earlier(a, b) for a, b in zip(later, earlier)])
+    np.testing.assert_array_equal(pooled["0"]["learned"], [0.25, 0.5])
+    argv = ["--pool", str(paths["long-s0"]), str(paths["long-s1"]), "--against", str(paths["s0"]), str(paths["s1"])]
+    assert headroom_probe.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "base replaced by the learned policy of: s0, s1" in out and "λ=0 | learned − base +0.375" in out
+    assert headroom_probe.main(argv[:-1]) == 2  # one file short
+    assert "--against takes one file per --pool file (2); got 1" in capsys.readouterr().err
+    other_base = _saved("s9", {"a": 1.0, "b": 2.5}, {"a": 1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="long-s0 and s9 differ in their base's rewards at λ=0"):
+        headroom_probe.against_earlier(later[0], other_base)
+    with pytest.raises(SystemExit):
+        headroom_probe.main(["--against", str(paths["s0"])])
+
+
 def test_pooling_keeps_the_lambdas_and_shapes_every_run_probed(tmp_path, capsys):
     one = _saved("s0", {"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 2.0})  # +0.5, 0
     one["reward"]["0"]["hot4"] = {"a": 0.0, "b": 2.0}  # a shape only s0 probed
