@@ -38,6 +38,9 @@ one, prompt by prompt; the two probes must share their base's rewards (the same 
     .venv/bin/python scripts/headroom_probe.py --pool runs/lsd3long-s*/probe-test-l12.json \
         --against runs/lsd3-s0/probe-test-l2.json runs/lsd3-s1/probe-test-l2.json runs/lsd3-s2/probe-test-l2.json
 
+``--splice N`` also runs the learned policy on the first N tokens and the base after them ("learned-start"): with
+``--learned``, learned − learned-start is what the learned finish adds on top of its own start.
+
 ``--lambdas 2`` probes part of the λ grid (each λ runs on its own seeded env, so its figures are those of the whole
 grid); ``--first-seed 4 --seeds 4`` runs the streams 4..7, which ``--pool`` averages with a saved run of streams
 0..3 into the figures of 32 samples a prompt:
@@ -169,6 +172,23 @@ class ShapedBase(TemperaturePolicy):
         return (self.base.actions(obs, episode_start) + offset).clamp(-1.0, 1.0)
 
 
+class Spliced(TemperaturePolicy):
+    """``first``'s action on a row's first ``tokens`` tokens and ``then``'s after them: a learned start on its base's
+    finish, say. Both policies see every step (a stateful one keeps its state)."""
+
+    name = "spliced"
+
+    def __init__(self, first: TemperaturePolicy, then: TemperaturePolicy, tokens: int):
+        if first.feature_spec != then.feature_spec:
+            raise ValueError("--splice: the learned policy and the base read different observations")
+        super().__init__(then.feature_spec, then.action_mapping)
+        self.first, self.then, self.tokens = first, then, tokens
+
+    def actions(self, obs: torch.Tensor, episode_start: torch.Tensor | None = None) -> torch.Tensor:
+        early = self.tokens_done(obs) < self.tokens
+        return torch.where(early, self.first.actions(obs, episode_start), self.then.actions(obs, episode_start))
+
+
 def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """Per λ and policy that every saved run probed, ``policy − base`` of each prompt averaged over the runs: {λ: {name:
     (P,)}}. Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
@@ -246,6 +266,8 @@ def main(argv=None) -> int:
                    "its own seeded env, so a λ's figures do not depend on which others are probed")
     p.add_argument("--learned", action="store_true",
                    help="also the run's learned policy (what PPO adds, measured the same way)")
+    p.add_argument("--splice", type=int, default=None, metavar="N",
+                   help="also 'learned-start': the learned policy on the first N tokens, the base after them")
     p.add_argument("--model", default=None, help="with --learned: a checkpoint to read instead of the final model")
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help=f"comma-separated hand-made shapes to run: names (default {','.join(SHAPES)}; '' for none) "
@@ -261,6 +283,8 @@ def main(argv=None) -> int:
         shapes = parse_shapes(args.shapes)
     except ValueError as exc:
         p.error(str(exc))
+    if args.splice is not None and args.splice < 1:
+        p.error(f"--splice takes the first tokens to splice, >= 1; got {args.splice}")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds must be >= 1 and --first-seed >= 0; got {args.seeds} and {args.first_seed}")
     config = RunDir(args.run).load_config()
@@ -276,7 +300,7 @@ def main(argv=None) -> int:
     n = args.prompts or len(load_prompts(split=args.split))
     warnings: list[str] = []
     lm = load_causal_lm(config.model)
-    names = ("base", *shapes, *(("learned",) if args.learned else ()))
+    names = ("base", *shapes, *(("learned",) if args.learned else ()), *(("learned-start",) if args.splice else ()))
     config = replace(config, train=replace(config.train, validation_split=args.split, validation_prompts=n,
                                            validation_diversity=lambdas or config.train.validation_diversity,
                                            validation_streams=1))  # the streams are this script's seeds
@@ -286,8 +310,11 @@ def main(argv=None) -> int:
                     **{name: ShapedBase(base, shape) for name, shape in shapes.items()}}
     except ValueError as exc:  # a category or feature this run does not observe
         p.error(str(exc))
+    learned = load_learned_policy(args.model or args.run, config, warnings)[0] if args.learned or args.splice else None
     if args.learned:
-        policies["learned"] = load_learned_policy(args.model or args.run, config, warnings)[0]
+        policies["learned"] = learned
+    if args.splice:
+        policies["learned-start"] = Spliced(learned, base, args.splice)
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:  # one Validation per random stream: its seed is train.seed's

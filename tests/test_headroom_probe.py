@@ -43,6 +43,25 @@ def test_a_shaped_base_adds_the_offset_to_the_base_at_each_position_and_lambda()
     torch.testing.assert_close(shaped.temperatures(obs), torch.tensor([1.5, 1.5, 1.2, 0.48]))
 
 
+def test_a_spliced_policy_takes_the_first_policy_on_the_first_tokens_and_the_second_after(capsys):
+    spec = FeatureSpec.of(FeatureSettings(include_diversity=True), 8, ())
+    mapping = ActionMapping(kind="linear", t_min=0.0, t_max=2.4)  # T = 1.2 (action + 1)
+    hot = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (1.2, 1.8)}), spec, mapping)
+    cool = TunedBasePolicy(TunedBase(kind="fixed", lambdas=(0.0, 2.0), temperatures={"all": (0.6, 1.2)}), spec, mapping)
+    obs = torch.zeros(5, spec.dim)
+    obs[:, spec.index("position")] = torch.tensor([0.0, 3.0, 4.0, 7.0, 1.0]) / 8  # tokens 0, 3, 4, 7, 1 of 8
+    obs[:, spec.index("diversity")] = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0])
+    spliced = headroom_probe.Spliced(hot, cool, 4)
+    # tokens 0-3: hot (λ = 2 T 1.8 -> action 0.5; λ = 0 T 1.2 -> 0); tokens 4 on: cool (λ = 2 T 1.2 -> action 0)
+    torch.testing.assert_close(spliced.actions(obs), torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
+    other = FeatureSpec.of(FeatureSettings(include_diversity=True), 16, ())
+    with pytest.raises(ValueError, match="read different observations"):
+        headroom_probe.Spliced(TunedBasePolicy(cool.base, other, mapping), cool, 4)
+    with pytest.raises(SystemExit):  # refused before the run directory is read
+        headroom_probe.main(["runs/not-there", "--splice", "0"])
+    assert "--splice takes the first tokens to splice, >= 1; got 0" in capsys.readouterr().err
+
+
 def test_a_category_shape_changes_only_its_categories_rows_at_lambda_one_and_up():
     """``4:0.5:0:open`` raises the first tokens of the open prompts' rows only; an answerable row keeps its base
     at λ >= 1 and every row gets the λ = 0 offset; an unknown category is refused."""
