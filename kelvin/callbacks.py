@@ -354,23 +354,29 @@ class ResidualPull(AfterEachUpdate):
     run resumed from that snapshot continues exactly as one that was never stopped; a rollout cut short by a stop
     has no update and no pull. The optimizer's moments are left alone."""
 
-    def __init__(self, fraction: float | Sequence[float]):
+    def __init__(self, fraction: float | Sequence[float] | Sequence[Sequence[float]]):
         super().__init__()
-        # (H,) one fraction per diversity head (row h of the layer is head h), or (1,) for every row alike
-        self.keep = 1.0 - torch.tensor(fraction, dtype=torch.float64).reshape(-1)
+        # (H,) one fraction per diversity head (row h of the layer is head h), (1,) for every row alike, or (H, D)
+        # one per weight: a table residual's (head, observation column) cells (KelvinConfig.pull_cells)
+        keep = 1.0 - torch.tensor(fraction, dtype=torch.float64)
+        self.keep = keep if keep.dim() == 2 else keep.reshape(-1)
 
     @classmethod
     def of(cls, config: KelvinConfig) -> list["ResidualPull"]:
-        """The run's pull as a list of callbacks: none when it is 0 (every head's) or there is no base
-        (``policy.base: none``)."""
+        """The run's pull as a list of callbacks: none when it is 0 (every head's, every cell's) or there is no
+        base (``policy.base: none``)."""
         pc = config.policy
-        pulls = pc.residual_pull if isinstance(pc.residual_pull, list) else [pc.residual_pull]
-        return [cls(pc.residual_pull)] if any(p > 0 for p in pulls) and pc.base != "none" else []
+        fraction = config.pull_cells() or pc.residual_pull
+        pulls = torch.tensor(fraction, dtype=torch.float64).reshape(-1).tolist()
+        return [cls(fraction)] if any(p > 0 for p in pulls) and pc.base != "none" else []
 
     def after_update(self) -> None:
         net = self.model.policy.action_net
         keep = self.keep.to(dtype=net.weight.dtype, device=net.weight.device)
         with torch.no_grad():
+            if keep.dim() == 2:  # per cell: a table residual, no bias (checked by the config)
+                net.weight.mul_(keep)
+                return
             net.weight.mul_(keep.view(-1, 1))
             if net.bias is not None:  # policy.actor_bias false: none
                 net.bias.mul_(keep)

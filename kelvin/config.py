@@ -264,14 +264,19 @@ class PolicyConfig:
     """One residual output per λ of that grid, interpolated in λ as the base is (:mod:`kelvin.heads`), in place of
     one output for every λ: a row's λ picks which outputs it trains. Where the observation has no λ
     (env.features.include_diversity false) or the range is one λ, the actor has one output."""
-    residual_pull: Union[PullFraction, list[PullFraction]] = Field(0.15, examples=[0.05, [0.15, 0.03, 0.03, 0.03, 0.03]])
+    residual_pull: Union[PullFraction, list[PullFraction], list[list[PullFraction]]] = Field(
+        0.15, examples=[0.05, [0.15, 0.03, 0.03, 0.03, 0.03], [[1, 1], [0, 0], [0, 1], [0, 0], [0, 0]]])
     """The fraction of the residual removed after every PPO update (the actor's last layer scaled by 1 - this): a
     pull toward the base, so a correction the reward keeps asking for stays and one that noise drew fades
     (:class:`kelvin.callbacks.ResidualPull`; why 0.15: docs/results-earlier.md). 0: off. With policy.base: none
     there is no base to pull toward, and no pull. A list gives one fraction per diversity head (the λ grid of
     ``base_diversity_points``, lowest λ first), so the heads can be held at different distances from the base. 1
     holds a head at its base: its row is zeroed after every update, so at its own λ the learned policy is the
-    base (the λ = 0 head of docs/results-earlier.md, "The λ = 0 head held at its base")."""
+    base (the λ = 0 head of docs/results-earlier.md, "The λ = 0 head held at its base"). A list of lists gives one
+    fraction per (head, ``actor_features`` entry, in the order listed): a cell's own pull, for a table residual only
+    (``actor_bias`` false, ``ppo.policy_kwargs.net_arch`` with ``pi: []``), where one weight is one (head, feature)
+    cell; ``[[1, 1], [0, 0], [0, 1], [0, 0], [0, 0]]`` over the two position bins holds the λ = 0 head and the λ = 1
+    finish at the base and leaves the λ = 1 start free (docs/results.md, round 21)."""
 
     actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
@@ -393,11 +398,41 @@ class KelvinConfig:
                              "output (policy.diversity_heads false, env.features.include_diversity false or one λ): "
                              f"enable the heads or drop policy.{heads_only[0]}")
         pull = self.policy.residual_pull
-        if isinstance(pull, list):
+        if isinstance(pull, list) and pull and isinstance(pull[0], list):
+            self.pull_cells()  # names what is wrong before a run starts
+        elif isinstance(pull, list):
             if grid is None or len(pull) != len(grid):
                 heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
                 raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "
                                  f"has {heads}: give one number, or one per head")
+
+    def pull_cells(self) -> list[list[float]] | None:
+        """``policy.residual_pull`` given per (head, actor feature) cell, as an (heads, observation columns) array of
+        fractions (0 in the columns the actor does not read); None when the pull is one number or one per head.
+        Raises ValueError naming what is wrong: the residual is not a table, or the shape does not match."""
+        pull, pc = self.policy.residual_pull, self.policy
+        if not (isinstance(pull, list) and pull and isinstance(pull[0], list)):
+            return None
+        arch = self.ppo.policy_kwargs.net_arch
+        if pc.actor_bias or not (isinstance(arch, NetArch) and not arch.pi) or pc.actor_features is None:
+            raise ValueError("policy.residual_pull per (head, feature) cell needs a table residual, one weight per "
+                             "cell: policy.actor_bias false, ppo.policy_kwargs.net_arch {pi: [], vf: [...]} and "
+                             "policy.actor_features; or give one number, or one per head")
+        from kelvin.heads import head_grid
+
+        grid, names = head_grid(self), pc.actor_features
+        if grid is None or len(pull) != len(grid) or any(not isinstance(r, list) or len(r) != len(names) for r in pull):
+            heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
+            raise ValueError(f"policy.residual_pull per cell needs one row per diversity head ({heads}) of one value "
+                             f"per policy.actor_features entry ({len(names)}: {list(names)}); got "
+                             f"{[len(r) if isinstance(r, list) else r for r in pull]} values per row")
+        self.actor_columns()  # names an unknown feature
+        spec = self.env.feature_spec()
+        cells = [[0.0] * spec.dim for _ in pull]
+        for row, values in zip(cells, pull):
+            for name, value in zip(names, values):
+                row[spec.index(name)] = float(value)
+        return cells
 
     def actor_columns(self) -> list[int] | None:
         """The observation columns of ``policy.actor_features`` (None: all). Raises ValueError naming an unknown

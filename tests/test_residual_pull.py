@@ -117,3 +117,40 @@ def test_a_pull_list_must_have_one_value_per_head():
         load_config("configs/default.yaml", overrides=["policy.residual_pull=[0.15, 0.03]"])
     with pytest.raises(Exception, match=r"but the actor has one output \(no diversity heads\)"):
         load_config("configs/default.yaml", overrides=["policy.diversity_heads=false", "policy.residual_pull=[0.1]"])
+
+
+TABLE = ["env.features.position_bins=[4]", "ppo.policy_kwargs.net_arch={pi: [], vf: [64, 64]}",
+         "policy.actor_features=[position_bin_1,position_bin_0]", "policy.actor_bias=false"]
+
+
+def test_a_pull_per_cell_scales_each_table_cell_by_its_own_fraction():
+    # rows: the 5 heads (λ = 0, 0.5, 1, 1.5, 2); columns in actor_features' order: the finish bin, then the start
+    config = load_config("configs/default.yaml", overrides=[
+        *TABLE, "policy.residual_pull=[[1, 1], [0, 0], [1, 0], [0, 0], [0.5, 0.25]]"])
+    spec = config.env.feature_spec()
+    start, finish = spec.index("position_bin_0"), spec.index("position_bin_1")
+    (pull,) = ResidualPull.of(config)
+    net = torch.nn.Linear(spec.dim, 5, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    pull.model = SimpleNamespace(policy=SimpleNamespace(action_net=net))
+    pull.after_update()
+    expected = torch.full((5, spec.dim), 2.0)  # columns the actor does not read: not pulled (masked anyway)
+    expected[0, start] = expected[0, finish] = 0.0  # λ = 0: both bins at the base
+    expected[2, finish] = 0.0  # λ = 1: the finish at the base, the start free
+    expected[4, finish], expected[4, start] = 1.0, 1.5
+    assert torch.equal(net.weight, expected)
+    no_pull = load_config("configs/default.yaml", overrides=[*TABLE, "policy.residual_pull=[[0, 0], [0, 0], [0, 0], "
+                                                                     "[0, 0], [0, 0]]"])
+    assert ResidualPull.of(no_pull) == []
+
+
+def test_a_pull_per_cell_needs_a_table_and_one_value_per_head_and_feature():
+    with pytest.raises(ValueError, match=r"needs a table residual.*policy.actor_bias false"):
+        load_config("configs/default.yaml", overrides=[
+            *TABLE[:3], "policy.residual_pull=[[1, 1], [0, 0], [1, 0], [0, 0], [0, 0]]"])
+    with pytest.raises(ValueError, match=r"one row per diversity head \(5 heads.*2: \['position_bin_1', "
+                                         r"'position_bin_0'\]\); got \[2, 2, 2, 2\] values per row"):
+        load_config("configs/default.yaml", overrides=[*TABLE, "policy.residual_pull=[[1, 1], [0, 0], [1, 0], [0, 0]]"])
+    with pytest.raises(ValueError, match=r"got \[2, 2, 1, 2, 2\] values per row"):
+        load_config("configs/default.yaml", overrides=[*TABLE, "policy.residual_pull=[[1, 1], [0, 0], [1], [0, 0], [0, 0]]"])
