@@ -232,6 +232,7 @@ def pool(paths: list[str], against: list[str] | None = None) -> int:
         print(f"base replaced by the learned policy of: {', '.join(e['run'] for e in earlier)}")
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
     pooled = pooled_differences(saved)
+    reference = "earlier" if against is not None else "base"  # --against: the earlier probes' learned policy
     for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
         print(f"λ={lam} left out: not probed in {', '.join(s['run'] for s in saved if lam not in s['reward'])}")
     if not any(pooled.values()):
@@ -242,7 +243,7 @@ def pool(paths: list[str], against: list[str] | None = None) -> int:
         cells = [f"λ={lam}"]
         for name, d in diffs.items():
             m = paired_margin(d, np.zeros_like(d), 2000, 0)
-            cells.append(f"{name} − base {m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
+            cells.append(f"{name} − {reference} {m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
         print(" | ".join(cells))
     return 0
 
@@ -314,7 +315,10 @@ def main(argv=None) -> int:
     if args.learned:
         policies["learned"] = learned
     if args.splice:
-        policies["learned-start"] = Spliced(learned, base, args.splice)
+        try:
+            policies["learned-start"] = Spliced(learned, base, args.splice)
+        except ValueError as exc:  # a learned policy that reads other observations than its base
+            p.error(str(exc))
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}  # per policy, per λ: episodes of every seed
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:  # one Validation per random stream: its seed is train.seed's

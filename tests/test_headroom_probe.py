@@ -139,7 +139,7 @@ def test_pooling_against_an_earlier_probe_measures_later_minus_earlier_learned(t
     argv = ["--pool", str(paths["long-s0"]), str(paths["long-s1"]), "--against", str(paths["s0"]), str(paths["s1"])]
     assert headroom_probe.main(argv) == 0
     out = capsys.readouterr().out
-    assert "base replaced by the learned policy of: s0, s1" in out and "λ=0 | learned − base +0.375" in out
+    assert "base replaced by the learned policy of: s0, s1" in out and "λ=0 | learned − earlier +0.375" in out
     assert headroom_probe.main(argv[:-1]) == 2  # one file short
     assert "--against takes one file per --pool file (2); got 1" in capsys.readouterr().err
     other_base = _saved("s9", {"a": 1.0, "b": 2.5}, {"a": 1.0, "b": 2.0})
