@@ -357,7 +357,7 @@ class ResidualPull(AfterEachUpdate):
     def __init__(self, fraction: float | Sequence[float] | Sequence[Sequence[float]]):
         super().__init__()
         # (H,) one fraction per diversity head (row h of the layer is head h), (1,) for every row alike, or (H, D)
-        # one per weight: a table residual's (head, observation column) cells (KelvinConfig.pull_cells)
+        # one per weight: a table residual's (head, observation column) cells (KelvinConfig.table_cells)
         keep = 1.0 - torch.tensor(fraction, dtype=torch.float64)
         self.keep = keep if keep.dim() == 2 else keep.reshape(-1)
 
@@ -366,7 +366,7 @@ class ResidualPull(AfterEachUpdate):
         """The run's pull as a list of callbacks: none when it is 0 (every head's, every cell's) or there is no
         base (``policy.base: none``)."""
         pc = config.policy
-        fraction = config.pull_cells() or pc.residual_pull
+        fraction = config.table_cells("residual_pull") or pc.residual_pull
         pulls = torch.tensor(fraction, dtype=torch.float64).reshape(-1).tolist()
         return [cls(fraction)] if any(p > 0 for p in pulls) and pc.base != "none" else []
 

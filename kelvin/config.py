@@ -278,6 +278,14 @@ class PolicyConfig:
     cell; ``[[1, 1], [0, 0], [0, 1], [0, 0], [0, 0]]`` over the two position bins holds the λ = 0 head and the λ = 1
     finish at the base and leaves the λ = 1 start free (docs/results.md, round 21)."""
 
+    residual_init: Optional[list[list[FiniteFloat]]] = Field(None, examples=[[[0, 0], [0, 0], [0, -0.1], [0, 0], [0, 0]]])
+    """Where a table residual starts, in action units (the mapping's space, as the residual acts): one row per
+    diversity head and one value per ``actor_features`` entry, as a per-cell ``residual_pull``. None: at zero, so
+    at update 0 the policy is its base. A start off the base is a hand-made prior, and what PPO adds is then the
+    learned policy minus that start, not minus the base: the reason to have it is a reward with no slope at the
+    base, where λ = 1 gains from a hot start only together with a cooler finish (docs/results.md, round 21). A
+    residual pulled toward the base (``residual_pull``) is pulled from here too."""
+
     actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,
     ``category_<name>``, ``diversity``); the others are zeroed before its first layer. None: all of them. The
@@ -398,40 +406,44 @@ class KelvinConfig:
                              "output (policy.diversity_heads false, env.features.include_diversity false or one λ): "
                              f"enable the heads or drop policy.{heads_only[0]}")
         pull = self.policy.residual_pull
+        self.table_cells("residual_init")  # name what is wrong before a run starts
         if isinstance(pull, list) and pull and isinstance(pull[0], list):
-            self.pull_cells()  # names what is wrong before a run starts
+            self.table_cells("residual_pull")
         elif isinstance(pull, list):
             if grid is None or len(pull) != len(grid):
                 heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
                 raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "
                                  f"has {heads}: give one number, or one per head")
 
-    def pull_cells(self) -> list[list[float]] | None:
-        """``policy.residual_pull`` given per (head, actor feature) cell, as an (heads, observation columns) array of
-        fractions (0 in the columns the actor does not read); None when the pull is one number or one per head.
-        Raises ValueError naming what is wrong: the residual is not a table, or the shape does not match."""
-        pull, pc = self.policy.residual_pull, self.policy
-        if not (isinstance(pull, list) and pull and isinstance(pull[0], list)):
+    def table_cells(self, field: str) -> list[list[float]] | None:
+        """``policy.<field>`` (``residual_pull`` or ``residual_init``) given per (head, actor feature) cell, as an
+        (heads, observation columns) array (0 in the columns the actor does not read); None when the field is unset,
+        one number or one per head. Raises ValueError naming what is wrong: the residual is not a table, or the
+        shape does not match."""
+        value, pc = getattr(self.policy, field), self.policy
+        if not (isinstance(value, list) and value and isinstance(value[0], list)):
             return None
         arch = self.ppo.policy_kwargs.net_arch
         if pc.actor_bias or not (isinstance(arch, NetArch) and not arch.pi) or pc.actor_features is None:
-            raise ValueError("policy.residual_pull per (head, feature) cell needs a table residual, one weight per "
-                             "cell: policy.actor_bias false, ppo.policy_kwargs.net_arch {pi: [], vf: [...]} and "
-                             "policy.actor_features; or give one number, or one per head")
+            raise ValueError(f"policy.{field} per (head, feature) cell needs a table residual, one weight per cell: "
+                             "policy.actor_bias false, ppo.policy_kwargs.net_arch {pi: [], vf: [...]} and "
+                             f"policy.actor_features; or drop policy.{field}"
+                             + (", or give one number, or one per head" if field == "residual_pull" else ""))
         from kelvin.heads import head_grid
 
         grid, names = head_grid(self), pc.actor_features
-        if grid is None or len(pull) != len(grid) or any(not isinstance(r, list) or len(r) != len(names) for r in pull):
+        if grid is None or len(value) != len(grid) or any(not isinstance(r, list) or len(r) != len(names)
+                                                          for r in value):
             heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
-            raise ValueError(f"policy.residual_pull per cell needs one row per diversity head ({heads}) of one value "
+            raise ValueError(f"policy.{field} per cell needs one row per diversity head ({heads}) of one value "
                              f"per policy.actor_features entry ({len(names)}: {list(names)}); got "
-                             f"{[len(r) if isinstance(r, list) else r for r in pull]} values per row")
+                             f"{[len(r) if isinstance(r, list) else r for r in value]} values per row")
         self.actor_columns()  # names an unknown feature
         spec = self.env.feature_spec()
-        cells = [[0.0] * spec.dim for _ in pull]
-        for row, values in zip(cells, pull):
-            for name, value in zip(names, values):
-                row[spec.index(name)] = float(value)
+        cells = [[0.0] * spec.dim for _ in value]
+        for row, values in zip(cells, value):
+            for name, v in zip(names, values):
+                row[spec.index(name)] = float(v)
         return cells
 
     def actor_columns(self) -> list[int] | None:

@@ -316,16 +316,20 @@ def _new_model(config: KelvinConfig, run: RunDir, env: VecEnv, start_at_base: bo
     model = PPO(policy, vec or env, seed=tc.seed, tensorboard_log=str(run.tensorboard_dir),
                 device=tc.policy_device, verbose=0, **kwargs)
     if start_at_base:
-        zero_residual(model)
+        zero_residual(model, config.table_cells("residual_init"))
     return model, vec
 
 
-def zero_residual(model: PPO) -> None:
-    """Set the actor's last layer (the residual on the base) to zero: the deterministic policy is then the base."""
+def zero_residual(model: PPO, cells: list[list[float]] | None = None) -> None:
+    """Set the actor's last layer (the residual on the base) to zero, so the deterministic policy is the base; or,
+    with ``cells`` (``policy.residual_init``: a table residual's (heads, observation columns) weights), to those."""
     with torch.no_grad():
-        model.policy.action_net.weight.zero_()
-        if model.policy.action_net.bias is not None:  # policy.actor_bias false: none
-            model.policy.action_net.bias.zero_()
+        net = model.policy.action_net
+        net.weight.zero_()
+        if cells is not None:  # a table: no bias (checked by the config)
+            net.weight.copy_(torch.tensor(cells, dtype=net.weight.dtype))
+        if net.bias is not None:  # policy.actor_bias false: none
+            net.bias.zero_()
 
 
 def _learn(s: _Session) -> Exception | None:

@@ -140,7 +140,7 @@ def test_default_yaml_is_the_dataclass_defaults():
             a["train"]["validation_prompts"]) == (20480, 4096, 20, 32)
     assert a["policy"] == {"base": "table", "base_temperatures": [0.0, 0.3, 0.6, 0.9, 1.2], "base_prompts": 32,
                            "base_prior_prompts": 8.0, "base_diversity_points": 5, "diversity_heads": True,
-                           "residual_pull": 0.15, "actor_features": None, "actor_bias": True,
+                           "residual_pull": 0.15, "residual_init": None, "actor_features": None, "actor_bias": True,
                            "actor_lr_scale": 1.0}
     assert (a["ppo"]["n_steps"], a["ppo"]["batch_size"], a["ppo"]["gamma"]) == (32, 256, 1.0)
     assert (a["ppo"]["use_sde"], a["ppo"]["sde_sample_freq"]) == (True, -1)

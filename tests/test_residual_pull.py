@@ -154,3 +154,24 @@ def test_a_pull_per_cell_needs_a_table_and_one_value_per_head_and_feature():
         load_config("configs/default.yaml", overrides=[*TABLE, "policy.residual_pull=[[1, 1], [0, 0], [1, 0], [0, 0]]"])
     with pytest.raises(ValueError, match=r"got \[2, 2, 1, 2, 2\] values per row"):
         load_config("configs/default.yaml", overrides=[*TABLE, "policy.residual_pull=[[1, 1], [0, 0], [1], [0, 0], [0, 0]]"])
+
+
+def test_a_table_residual_starts_at_its_residual_init_cells():
+    from kelvin.training import zero_residual
+
+    config = load_config("configs/default.yaml", overrides=[
+        *TABLE, "policy.residual_init=[[0, 0], [0, 0], [-0.1, 0.5], [0, 0], [0.25, 0]]"])
+    spec = config.env.feature_spec()
+    start, finish = spec.index("position_bin_0"), spec.index("position_bin_1")
+    net = torch.nn.Linear(spec.dim, 5, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    zero_residual(SimpleNamespace(policy=SimpleNamespace(action_net=net)), config.table_cells("residual_init"))
+    expected = torch.zeros(5, spec.dim)
+    expected[2, finish], expected[2, start], expected[4, finish] = -0.1, 0.5, 0.25  # actor_features: finish, start
+    assert torch.equal(net.weight, expected)
+    assert load_config("configs/default.yaml", overrides=TABLE).table_cells("residual_init") is None
+    with pytest.raises(ValueError, match=r"policy.residual_init per \(head, feature\) cell needs a table residual.*"
+                                         r"or drop policy.residual_init$"):
+        load_config("configs/default.yaml", overrides=[
+            *TABLE[:3], "policy.residual_init=[[0, 0], [0, 0], [0, -0.1], [0, 0], [0, 0]]"])
