@@ -38,6 +38,10 @@ one, prompt by prompt; the two probes must share their base's rewards (the same 
     .venv/bin/python scripts/headroom_probe.py --pool runs/lsd3long-s*/probe-test-l12.json \
         --against runs/lsd3-s0/probe-test-l2.json runs/lsd3-s1/probe-test-l2.json runs/lsd3-s2/probe-test-l2.json
 
+``--reference NAME`` (with ``--pool``) puts a probed policy in the base's place instead, so each other policy is
+measured against it: the learned policy against the hand-made shape its residual started at, say
+(``--shapes 4:0:-0.1`` in the probe, ``--reference 4:0:-0.1`` in the pool).
+
 ``--splice N`` also runs the learned policy on the first N tokens and the base after them ("learned-start"): with
 ``--learned``, learned − learned-start is what the learned finish adds on top of its own start.
 
@@ -220,8 +224,22 @@ def against_earlier(later: dict, earlier: dict) -> dict:
     return out
 
 
-def pool(paths: list[str], against: list[str] | None = None) -> int:
+def rebased(saved: dict, name: str) -> dict:
+    """``saved`` with its policy ``name`` (a shape, say) in the base's place at each λ that probed it, so pooling it
+    measures every other policy − ``name`` prompt by prompt. Raises ValueError when no λ probed it."""
+    out = {**saved, "reward": {lam: {**{n: r for n, r in rewards.items() if n not in ("base", name)},
+                                     "base": rewards[name]}
+                               for lam, rewards in saved["reward"].items() if name in rewards}}
+    if not out["reward"]:
+        raise ValueError(f"--reference: {saved['run']} did not probe {name!r}; give a policy it probed "
+                         f"({', '.join(next(iter(saved['reward'].values())))})")
+    return out
+
+
+def pool(paths: list[str], against: list[str] | None = None, reference: str = "base") -> int:
     saved = [json.loads(Path(path).read_text()) for path in paths]
+    if reference != "base":
+        saved = [rebased(s, reference) for s in saved]
     if against is not None:
         if len(against) != len(paths):
             print(f"error: --against takes one file per --pool file ({len(paths)}); got {len(against)}",
@@ -232,7 +250,8 @@ def pool(paths: list[str], against: list[str] | None = None) -> int:
         print(f"base replaced by the learned policy of: {', '.join(e['run'] for e in earlier)}")
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
     pooled = pooled_differences(saved)
-    reference = "earlier" if against is not None else "base"  # --against: the earlier probes' learned policy
+    if against is not None:  # the earlier probes' learned policy
+        reference = "earlier"
     for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
         print(f"λ={lam} left out: not probed in {', '.join(s['run'] for s in saved if lam not in s['reward'])}")
     if not any(pooled.values()):
@@ -254,6 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--pool", nargs="+", metavar="FILE", help="pool the JSON files --save wrote, one per run")
     p.add_argument("--against", nargs="+", metavar="FILE",
                    help="with --pool: one saved probe per pooled file whose learned policy takes the base's place")
+    p.add_argument("--reference", default="base", metavar="NAME",
+                   help="with --pool: each policy minus this one of the same probe (a shape, e.g. 4:0:-0.1) in place "
+                        "of the base")
     p.add_argument("--save", default=None, help="also write the per-prompt rewards to this JSON file")
     p.add_argument("--split", default="test")
     p.add_argument("--prompts", type=int, default=None, help="prompts (default: every prompt of the split)")
@@ -274,10 +296,15 @@ def main(argv=None) -> int:
                    help=f"comma-separated hand-made shapes to run: names (default {','.join(SHAPES)}; '' for none) "
                    "or WHERE:BOOST:AFTER[:CATEGORIES], e.g. 4:0.1:0 or max_prob<0.3:0.5:0")
     args = p.parse_args(argv)
-    if args.against and not args.pool:
-        p.error("--against compares pooled probes: give --pool FILE ... with it")
+    if (args.against or args.reference != "base") and not args.pool:
+        p.error("--against and --reference compare pooled probes: give --pool FILE ... with them")
+    if args.against and args.reference != "base":
+        p.error("--against and --reference each replace the base: give one of them")
     if args.pool:
-        return pool(args.pool, args.against)
+        try:
+            return pool(args.pool, args.against, args.reference)
+        except ValueError as exc:  # a --reference some probe lacks, or --against probes of another base
+            p.error(str(exc))
     if args.run is None:
         p.error("give a run directory, or --pool FILE ...")
     try:

@@ -210,3 +210,24 @@ def test_seeds_run_in_two_parts_pool_to_the_figures_of_one_run(smoke_run, tmp_pa
     for name in ("2:0.3:0", "learned"):
         np.testing.assert_allclose(parts["2"][name], whole["2"][name], rtol=0, atol=1e-9)
     assert saved["first"]["reward"]["2"]["base"] != saved["second"]["reward"]["2"]["base"]  # two different streams
+
+
+def test_pooling_against_a_reference_policy_measures_each_policy_minus_it(tmp_path, capsys):
+    one = _saved("s0", {"a": 1.0, "b": 2.0}, {"a": 2.0, "b": 2.0})
+    one["reward"]["0"]["4:0:-0.1"] = {"a": 1.5, "b": 1.0}  # the shape the residual started at
+    two = _saved("s1", {"a": 0.0, "b": 0.0}, {"a": 1.0, "b": 3.0})
+    two["reward"]["0"]["4:0:-0.1"] = {"a": 1.0, "b": 2.0}
+    # learned − the shape: s0 +0.5, +1; s1 0, +1; pooled per prompt +0.25, +1
+    pooled = headroom_probe.pooled_differences([headroom_probe.rebased(s, "4:0:-0.1") for s in (one, two)])
+    assert list(pooled["0"]) == ["learned"]
+    np.testing.assert_array_equal(pooled["0"]["learned"], [0.25, 1.0])
+    paths = [tmp_path / "s0.json", tmp_path / "s1.json"]
+    for path, saved in zip(paths, (one, two)):
+        path.write_text(json.dumps(saved))
+    assert headroom_probe.main(["--pool", *map(str, paths), "--reference", "4:0:-0.1"]) == 0
+    assert "λ=0 | learned − 4:0:-0.1 +0.625" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a policy the probes did not run
+        headroom_probe.main(["--pool", *map(str, paths), "--reference", "hot4"])
+    assert "s0 did not probe 'hot4'; give a policy it probed (base, learned, 4:0:-0.1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # both replace the base
+        headroom_probe.main(["--pool", str(paths[0]), "--against", str(paths[1]), "--reference", "4:0:-0.1"])
