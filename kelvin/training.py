@@ -325,8 +325,9 @@ def zero_residual(model: PPO, cells: list[list[float]] | None = None) -> None:
     with ``cells`` (``policy.residual_init``: a table residual's (heads, observation columns) weights), to those."""
     with torch.no_grad():
         net = model.policy.action_net
-        net.weight.zero_()
-        if cells is not None:  # a table: no bias (checked by the config)
+        if cells is None:
+            net.weight.zero_()
+        else:  # a table: no bias (checked by the config)
             net.weight.copy_(torch.tensor(cells, dtype=net.weight.dtype))
         if net.bias is not None:  # policy.actor_bias false: none
             net.bias.zero_()
