@@ -412,9 +412,8 @@ class KelvinConfig:
             self.table_cells("residual_pull")
         elif isinstance(pull, list):
             if grid is None or len(pull) != len(grid):
-                heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
                 raise ValueError(f"policy.residual_pull has {len(pull)} values, one per diversity head, but the actor "
-                                 f"has {heads}: give one number, or one per head")
+                                 f"has {_heads_text(grid)}: give one number, or one per head")
 
     def table_cells(self, field: str) -> list[list[float]] | None:
         """``policy.<field>`` (``residual_pull`` or ``residual_init``) given per (head, actor feature) cell, as an
@@ -435,8 +434,7 @@ class KelvinConfig:
         grid, names = head_grid(self), pc.actor_features
         if grid is None or len(value) != len(grid) or any(not isinstance(r, list) or len(r) != len(names)
                                                           for r in value):
-            heads = "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"
-            raise ValueError(f"policy.{field} per cell needs one row per diversity head ({heads}) of one value "
+            raise ValueError(f"policy.{field} per cell needs one row per diversity head ({_heads_text(grid)}) of one value "
                              f"per policy.actor_features entry ({len(names)}: {list(names)}); got "
                              f"{[len(r) if isinstance(r, list) else r for r in value]} values per row")
         self.actor_columns()  # names an unknown feature
@@ -559,3 +557,8 @@ def model_setting_changes(saved: KelvinConfig, new: KelvinConfig) -> list[str]:
         changes += [f"{k}: {_yaml_value(old.get(k))} -> {_yaml_value(now.get(k))}" for k in dict.fromkeys([*old, *now])
                     if old.get(k) != now.get(k)]
     return changes
+
+
+def _heads_text(grid) -> str:
+    """The actor's outputs in an error message: the diversity heads' λ grid (``kelvin.heads.head_grid``) or one."""
+    return "one output (no diversity heads)" if grid is None else f"{len(grid)} heads, λ = {list(grid)}"

@@ -209,6 +209,12 @@ def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def with_base(rewards: dict, new_base: dict, promoted: str | None = None) -> dict:
+    """One λ's rewards ({policy: {prompt: reward}}) with ``new_base`` in the base's place; ``promoted``, the policy
+    that became the base, leaves the others' list."""
+    return {**{n: r for n, r in rewards.items() if n not in ("base", promoted)}, "base": new_base}
+
+
 def against_earlier(later: dict, earlier: dict) -> dict:
     """``later`` with ``earlier``'s learned policy as its base, at each λ both probed (the base's rewards must agree:
     the same base, prompts and streams), so pooling it measures later − earlier prompt by prompt."""
@@ -220,15 +226,14 @@ def against_earlier(later: dict, earlier: dict) -> dict:
         if sorted(base) != sorted(rewards["base"]) or any(abs(base[k] - rewards["base"][k]) > 1e-9 for k in base):
             raise ValueError(f"--against: {later['run']} and {earlier['run']} differ in their base's rewards at "
                              f"λ={lam}; compare probes of the same base, split, --prompts and --seeds")
-        out["reward"][lam] = {**{n: r for n, r in rewards.items() if n != "base"}, "base": before}
+        out["reward"][lam] = with_base(rewards, before)
     return out
 
 
 def rebased(saved: dict, name: str) -> dict:
     """``saved`` with its policy ``name`` (a shape, say) in the base's place at each λ that probed it, so pooling it
     measures every other policy − ``name`` prompt by prompt. Raises ValueError when no λ probed it."""
-    out = {**saved, "reward": {lam: {**{n: r for n, r in rewards.items() if n not in ("base", name)},
-                                     "base": rewards[name]}
+    out = {**saved, "reward": {lam: with_base(rewards, rewards[name], promoted=name)
                                for lam, rewards in saved["reward"].items() if name in rewards}}
     if not out["reward"]:
         raise ValueError(f"--reference: {saved['run']} did not probe {name!r}; give a policy it probed "
