@@ -25,7 +25,8 @@ With ``--learned`` the run's learned policy is measured the same way (``learned 
 It prints, per λ, probe − base reward with its paired 95% interval over the prompts (a prompt's value: the mean
 over its samples of every seed), and accuracy. ``--save FILE`` also writes those per-prompt values as JSON;
 ``--pool FILE FILE ...`` reads several (one per training seed, the same split and prompts) and prints each
-policy − its own run's base averaged over the runs, prompt by prompt, with the interval over the prompts:
+policy − its own run's base averaged over the runs, prompt by prompt, with the interval over the prompts, and each
+run's own mean with their standard deviation (that interval leaves out how far seeds differ; the SD shows it):
 
     .venv/bin/python scripts/headroom_probe.py runs/hold0-s1 --split test --seeds 4 --learned --shapes '' \
         --save runs/hold0-s1/probe-test.json
@@ -196,6 +197,11 @@ class Spliced(TemperaturePolicy):
 def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """Per λ and policy that every saved run probed, ``policy − base`` of each prompt averaged over the runs: {λ: {name:
     (P,)}}. Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
+    return {lam: {n: d.mean(axis=0) for n, d in diffs.items()} for lam, diffs in run_differences(saved).items()}
+
+
+def run_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`pooled_differences` before the average over runs: {λ: {name: (R, P)}}, row r the r-th run's."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for lam in [lam for lam in saved[0]["reward"] if all(lam in run["reward"] for run in saved)]:
         ids = sorted(saved[0]["reward"][lam]["base"])
@@ -204,8 +210,8 @@ def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
             if sorted(run["reward"][lam]["base"]) != ids:
                 raise ValueError(f"{run['run']}: its prompts at λ={lam} differ from {saved[0]['run']}'s; pool runs "
                                  "probed on the same split and --prompts")
-        out[lam] = {n: np.mean([[r["reward"][lam][n][pid] - r["reward"][lam]["base"][pid] for pid in ids]
-                                for r in saved], axis=0) for n in names}
+        out[lam] = {n: np.asarray([[r["reward"][lam][n][pid] - r["reward"][lam]["base"][pid] for pid in ids]
+                                   for r in saved], dtype=np.float64) for n in names}
     return out
 
 
@@ -254,6 +260,7 @@ def pool(paths: list[str], against: list[str] | None = None, reference: str = "b
         saved = [against_earlier(s, e) for s, e in zip(saved, earlier)]
         print(f"base replaced by the learned policy of: {', '.join(e['run'] for e in earlier)}")
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
+    by_run = run_differences(saved)
     pooled = pooled_differences(saved)
     if against is not None:  # the earlier probes' learned policy
         reference = "earlier"
@@ -269,6 +276,11 @@ def pool(paths: list[str], against: list[str] | None = None, reference: str = "b
             m = paired_margin(d, np.zeros_like(d), 2000, 0)
             cells.append(f"{name} − {reference} {m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
         print(" | ".join(cells))
+        if len(saved) > 1:  # the interval above is over prompts; how far the runs (seeds) themselves differ:
+            for name, d in by_run[lam].items():
+                means = d.mean(axis=1)  # (R,)
+                print(f"  {name} by run: {' / '.join(f'{x:+.3f}' for x in means)} (between runs, SD "
+                      f"{means.std(ddof=1):.3f})")
     return 0
 
 

@@ -140,6 +140,8 @@ def test_pooling_against_an_earlier_probe_measures_later_minus_earlier_learned(t
     assert headroom_probe.main(argv) == 0
     out = capsys.readouterr().out
     assert "base replaced by the learned policy of: s0, s1" in out and "λ=0 | learned − earlier +0.375" in out
+    # each run's own mean (s0 +0.25, s1 +0.5) and their spread: SD (ddof 1) = 0.25 / √2 = 0.177
+    assert "  learned by run: +0.250 / +0.500 (between runs, SD 0.177)" in out
     assert headroom_probe.main(argv[:-1]) == 2  # one file short
     assert "--against takes one file per --pool file (2); got 1" in capsys.readouterr().err
     other_base = _saved("s9", {"a": 1.0, "b": 2.5}, {"a": 1.0, "b": 2.0})
