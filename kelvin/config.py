@@ -283,9 +283,9 @@ class PolicyConfig:
     diversity head and one value per ``actor_features`` entry, as a per-cell ``residual_pull``. None: at zero, so
     at update 0 the policy is its base. A start off the base is a hand-made prior, and what PPO adds is then the
     learned policy minus that start, not minus the base (``scripts/headroom_probe.py --pool --reference``). Why:
-    at λ = 1 the slopes at the base are small (a cooler finish alone +0.055, a hot start alone +0.02) and PPO's
+    at λ = 1 the slopes at the base are small (a cooler finish alone +0.045, a hot start alone +0.02) and PPO's
     walk on this CPU's batch is larger, so a start at the finish's share tests whether PPO then builds on it
-    (docs/results.md, round 21). A residual pulled toward the base (``residual_pull``) is pulled from here too."""
+    (docs/results.md, rounds 21-22: it does not yet). A residual pulled toward the base (``residual_pull``) is pulled from here too."""
 
     actor_features: Optional[list[StrictStr]] = Field(None, min_length=1, examples=[["position", "diversity"]])
     """The observation features the actor (the residual) reads, by name (:data:`policies.features.BASE_FEATURES`,

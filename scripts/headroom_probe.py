@@ -197,7 +197,12 @@ class Spliced(TemperaturePolicy):
 def pooled_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """Per λ and policy that every saved run probed, ``policy − base`` of each prompt averaged over the runs: {λ: {name:
     (P,)}}. Each run's difference is against its own base; a prompt missing from any run is refused, not dropped."""
-    return {lam: {n: d.mean(axis=0) for n, d in diffs.items()} for lam, diffs in run_differences(saved).items()}
+    return mean_over_runs(run_differences(saved))
+
+
+def mean_over_runs(by_run: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`run_differences`' (R, P) arrays averaged over the runs: {λ: {name: (P,)}}."""
+    return {lam: {n: d.mean(axis=0) for n, d in diffs.items()} for lam, diffs in by_run.items()}
 
 
 def run_differences(saved: list[dict]) -> dict[str, dict[str, np.ndarray]]:
@@ -261,7 +266,7 @@ def pool(paths: list[str], against: list[str] | None = None, reference: str = "b
         print(f"base replaced by the learned policy of: {', '.join(e['run'] for e in earlier)}")
     print(f"{len(saved)} runs pooled: {', '.join(s['run'] for s in saved)}")
     by_run = run_differences(saved)
-    pooled = pooled_differences(saved)
+    pooled = mean_over_runs(by_run)
     if against is not None:  # the earlier probes' learned policy
         reference = "earlier"
     for lam in sorted({lam for s in saved for lam in s["reward"]} - set(pooled), key=float):
